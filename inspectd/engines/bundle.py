@@ -1,0 +1,246 @@
+"""The model bundle: a directory with model.onnx, manifest.json and golden/calibration images.
+
+The manifest lists every file of the bundle with its sha256; loading verifies schema and
+hashes and refuses a tampered or truncated bundle. JSON only, no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from inspectd import __version__
+from inspectd.engines.preprocess import InputSpec, sha256_file
+from inspectd.errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("score", "anomaly_map")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputInfo(_Strict):
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    color_mode: Literal["gray", "rgb"]
+    channels: int = Field(ge=1, le=3)
+    layout: Literal["NHWC"] = "NHWC"
+    dtype: Literal["uint8"] = "uint8"
+    resize: str
+
+
+class ModelInfo(_Strict):
+    file: str = MODEL_FILE
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input_name: str = INPUT_NAME
+    output_names: list[str] = list(OUTPUT_NAMES)
+    opset: int
+
+
+class BackboneInfo(_Strict):
+    name: str
+    taps: list[int]
+    tap_channels: list[int]
+    tap_strides: list[int]
+    weights: str
+
+
+class FlowInfo(_Strict):
+    steps: int
+    hidden_ratio: float
+    kernel_size: int
+    clamp: float
+
+
+class MapInfo(_Strict):
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    smoothing_sigma: float
+    # Fixed display range from held-out good images: heatmaps are never stretched per image.
+    display_lo: float
+    display_hi: float
+
+
+class ScoreInfo(_Strict):
+    reduction: str
+    good_mean: float
+    good_std: float = Field(gt=0)
+    good_quantiles: dict[str, float]
+    n_good: int
+    source: str
+
+
+class TrainingInfo(_Strict):
+    fingerprint: str
+    image_names: list[str]
+    n_train: int
+    n_holdout: int
+    skipped: int
+    config: dict[str, Any]
+    final_loss: float
+    seconds: float
+    device: str
+
+
+class GoldenInfo(_Strict):
+    good: list[str] = []
+    bad: list[str] = []
+    # ONNX Runtime CPU raw scores of the golden images at export time, same order.
+    good_scores: list[float] = []
+    bad_scores: list[float] = []
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1]
+    inspectd_version: str
+    bundle_id: str
+    created_utc: str
+    model: ModelInfo
+    backbone: BackboneInfo
+    flow: FlowInfo
+    input: InputInfo
+    map: MapInfo
+    score: ScoreInfo
+    training: TrainingInfo
+    golden: GoldenInfo = GoldenInfo()
+    calibration_images: list[str] = []
+    files: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model.file
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest.bundle_id
+
+    @property
+    def input_spec(self) -> InputSpec:
+        i = self.manifest.input
+        return InputSpec(height=i.height, width=i.width, color_mode=i.color_mode)
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        return (self.manifest.map.height, self.manifest.map.width)
+
+    def normalize(self, raw: np.ndarray | float) -> np.ndarray | float:
+        """Raw score -> standard units of the held-out good scores (0 = typical good part)."""
+        s = self.manifest.score
+        return (np.asarray(raw, dtype=np.float64) - s.good_mean) / s.good_std if isinstance(raw, np.ndarray) \
+            else (float(raw) - s.good_mean) / s.good_std
+
+    def heatmap_u8(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """Map -> uint8 with the bundle's fixed display range (never per-image min-max)."""
+        m = self.manifest.map
+        scaled = (anomaly_map - m.display_lo) / max(m.display_hi - m.display_lo, 1e-12)
+        return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+    def golden_images(self) -> tuple[list[Path], list[Path]]:
+        g = self.manifest.golden
+        return [self.path / p for p in g.good], [self.path / p for p in g.bad]
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Load and verify a bundle: schema, every listed file present with its sha256."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root}: no bundle here (not a directory)")
+    manifest_path = root / MANIFEST
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{root}: no {MANIFEST} (not a bundle, or an interrupted write)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{manifest_path}: manifest is not a JSON object")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{manifest_path}: schema_version {version!r} is not supported "
+                          f"(this inspectd {__version__} reads version {SCHEMA_VERSION})")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        raise BundleError(f"{manifest_path}: field {where}: {err['msg']}"
+                          + (f" ({len(exc.errors())} errors)" if len(exc.errors()) > 1 else "")) from None
+    if manifest.files.get(manifest.model.file) != manifest.model.sha256:
+        raise BundleError(f"{manifest_path}: model sha256 is not the one listed under files")
+    for rel, expected in sorted(manifest.files.items()):
+        target = (root / rel).resolve()
+        if root.resolve() not in target.parents:
+            raise BundleError(f"{manifest_path}: file entry {rel!r} points outside the bundle")
+        if not target.is_file():
+            raise BundleError(f"{root}: {rel} is missing (listed in the manifest)")
+        actual = sha256_file(target)
+        if actual != expected:
+            raise BundleError(f"{root}: {rel} does not match its sha256 in the manifest "
+                              f"(tampered or truncated: expected {expected[:12]}…, got {actual[:12]}…)")
+    return Bundle(path=root, manifest=manifest)
+
+
+def write_bundle(staging: Path, out: Path, manifest_fields: dict[str, Any], force: bool = False) -> Bundle:
+    """Finish a bundle built in `staging` (same filesystem as `out`): hash files, write the
+    manifest, then move it into place with a rename so `out` is never half-written."""
+    files = {str(p.relative_to(staging)): sha256_file(p)
+             for p in sorted(staging.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    fields = dict(manifest_fields)
+    fields["files"] = files
+    fields.setdefault("bundle_id", files[MODEL_FILE][:12])
+    manifest = Manifest.model_validate(fields)
+    tmp_manifest = staging / (MANIFEST + ".tmp")
+    tmp_manifest.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_manifest, staging / MANIFEST)
+    _fsync_tree(staging)
+    if out.exists():
+        if not force:
+            raise BundleError(f"{out}: already exists (use --force to replace it)")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+    return load_bundle(out)
+
+
+def refuse_existing(out: Path, force: bool) -> None:
+    """Refuse early (before any work) when `out` is taken and --force was not given."""
+    if out.exists() and not force:
+        what = "a bundle" if (out / MANIFEST).exists() else "a file or folder"
+        raise BundleError(f"{out}: already holds {what} (use --force to replace it)")
+
+
+def staging_dir(out: Path) -> Path:
+    """A temporary directory next to `out`, so the final rename stays on one filesystem."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
