@@ -86,6 +86,9 @@ class ScoreInfo(_Strict):
 class TrainingInfo(_Strict):
     fingerprint: str
     image_names: list[str]
+    # Per-file content hashes, so calibration can refuse images the model was trained on.
+    image_sha256: list[str]
+    holdout_names: list[str]
     n_train: int
     n_holdout: int
     skipped: int

@@ -1,0 +1,31 @@
+"""Daemon commands for the `inspectd` console script. One small function + one parser block per
+command; heavy imports (harvesters, onnxruntime, zmq) happen inside the command functions."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+# ------------------------------------------------------------------------------ check-config
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from inspectd.daemon.config import load_config, summary
+
+    config = load_config(args.config, validate_paths=not args.skip_paths)
+    print(f"{args.config}: OK ({summary(config)})")
+    return 0
+
+
+def _register_check_config(sub: Any) -> None:
+    p = sub.add_parser("check-config", help="validate a daemon config file (exit 2 on the first problem)",
+                       description="Validate a daemon YAML config: schema, unknown keys, value ranges and "
+                                   "(unless --skip-paths) that bundles, .cti files and inputs exist.")
+    p.add_argument("config", metavar="FILE", help="daemon config (YAML)")
+    p.add_argument("--skip-paths", action="store_true",
+                   help="do not check that referenced files and folders exist (e.g. on a build machine)")
+    p.set_defaults(func=cmd_check_config)
+
+
+def register(subparsers: Any) -> None:
+    """Add the daemon commands to the `inspectd` parser (called by inspectd.cli)."""
+    _register_check_config(subparsers)

@@ -1,0 +1,420 @@
+"""The daemon's one YAML configuration file and its schema.
+
+Every model forbids unknown keys, so a typo (`latency_budget`) is an error instead of a silently
+ignored setting. `load_config` turns any problem into one ConfigError line that names the file,
+the field path (`lines[1].latency_budget_ms`) and what was expected. Relative paths in the file
+resolve against the file's own folder, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+
+from inspectd.errors import ConfigError
+
+__all__ = ["DaemonConfig", "LineConfig", "GenicamSourceConfig", "ReplaySourceConfig", "SourceConfig",
+           "DeviceSelector", "TriggerConfig", "ThresholdFile", "ZmqConfig", "CurveConfig",
+           "MetricsConfig", "HeatmapConfig", "ArchiveConfig", "load_config", "config_from_dict"]
+
+LINE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+_ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    # The loader passes the config file's folder; without it (config built in code) paths stay as given.
+    value = value.expanduser()
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------- zmq, metrics
+class CurveConfig(_Strict):
+    """ZeroMQ CURVE encryption for the PUB socket: the server certificate (as written by
+    `zmq.auth.create_certificates`, holding public + secret key) and, optionally, a folder of
+    client public certificates allowed to connect (None = any client that knows the server key)."""
+
+    server_secret_key_file: ConfigPath
+    allowed_clients_dir: ConfigPath | None = None
+
+
+class ZmqConfig(_Strict):
+    endpoint: str = "tcp://127.0.0.1:5555"
+    sndhwm: int = Field(1000, ge=1)
+    linger_ms: int = Field(0, ge=0)
+    curve: CurveConfig | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_scheme(cls, value: str) -> str:
+        if not value.startswith(_ZMQ_SCHEMES) or len(value) <= value.index("://") + 3:
+            raise ValueError(f"expected a ZeroMQ endpoint like tcp://127.0.0.1:5555 or ipc:///run/x.sock, "
+                             f"got {value!r}")
+        return value
+
+
+class MetricsConfig(_Strict):
+    # 127.0.0.1 by default: metrics reveal line state, exposing them is a deliberate choice.
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)  # 0 = any free port (tests)
+
+
+# ---------------------------------------------------------------------------------------- sources
+class DeviceSelector(_Strict):
+    """Exactly one way to pick the camera among those the producer (.cti) lists."""
+
+    serial: str | None = None
+    id: str | None = None
+    index: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "DeviceSelector":
+        given = [k for k in ("serial", "id", "index") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("expected exactly one of serial, id, index"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+    def describe(self) -> str:
+        for key in ("serial", "id", "index"):
+            if getattr(self, key) is not None:
+                return f"{key} {getattr(self, key)!r}"
+        return "?"
+
+
+class TriggerConfig(_Strict):
+    mode: Literal["Off", "On"] = "Off"
+    source: str | None = None  # e.g. Software, Line0; written only when given
+
+
+class GenicamSourceConfig(_Strict):
+    type: Literal["genicam"]
+    cti: ConfigPath
+    device: DeviceSelector
+    pixel_format: str | None = None          # written and read back when given
+    exposure_us: float | None = Field(None, gt=0)
+    trigger: TriggerConfig | None = None
+    # Further GenICam features written (and read back) after the ones above, e.g. {Gain: 2.0}.
+    features: dict[str, Union[bool, int, float, str]] = Field(default_factory=dict)
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _feature_values(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                if not isinstance(item, (bool, int, float, str)):
+                    raise ValueError(f"feature {name!r}: expected a number, string or true/false, got {item!r}")
+        return value
+    fetch_timeout_s: float = Field(1.0, gt=0)
+    reconnect_backoff_s: tuple[float, float] = (0.5, 10.0)
+
+    @field_validator("reconnect_backoff_s")
+    @classmethod
+    def _backoff_order(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not (0 < low <= high) or not math.isfinite(high):
+            raise ValueError(f"expected [min, max] seconds with 0 < min <= max, got {list(value)}")
+        return value
+
+
+class ReplaySourceConfig(_Strict):
+    type: Literal["replay"]
+    path: ConfigPath                         # folder of images, or a video file
+    fps: float | None = Field(None, gt=0)    # None = as fast as the pipeline takes frames
+    loop: bool = False
+    # Label frames "good"/"bad" from good/ and bad/ subfolders or file names (Frame.meta["label"]).
+    labels_from_subfolders: bool = True
+    # auto: grey files give H x W frames, colour files RGB; or force one for every frame.
+    color: Literal["auto", "rgb", "gray"] = "auto"
+
+
+SourceConfig = Annotated[Union[GenicamSourceConfig, ReplaySourceConfig], Field(discriminator="type")]
+
+
+# ---------------------------------------------------------------------------------------- line
+class ThresholdFile(_Strict):
+    file: ConfigPath  # calibration output (JSON) holding the line's threshold
+
+
+class HeatmapConfig(_Strict):
+    publish: Literal["none", "ng", "all"] = "ng"
+    width: int = Field(64, ge=1, le=4096)
+    height: int = Field(64, ge=1, le=4096)
+    encoding: Literal["png", "raw"] = "png"
+
+
+class ArchiveConfig(_Strict):
+    enabled: bool = False
+    dir: ConfigPath = Path("/var/lib/inspectd/archive")
+    quota_mb: int = Field(1024, gt=0)
+    save: Literal["ng", "all"] = "ng"
+
+
+def _known_backends() -> tuple[str, ...]:
+    from inspectd.engines.runtime import BACKENDS  # no torch: the factory imports backends lazily
+    return tuple(BACKENDS)
+
+
+class LineConfig(_Strict):
+    id: str = Field(pattern=LINE_ID_PATTERN, max_length=64)
+    source: SourceConfig
+    roi: tuple[int, int, int, int] | None = None   # x, y, w, h in source pixels
+    bundle: ConfigPath
+    backends: list[str] = Field(default_factory=lambda: ["tensorrt", "onnxruntime"], min_length=1)
+    backend_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    threshold: Union[float, ThresholdFile]      # applies to the NORMALIZED score
+    latency_budget_ms: float = Field(50.0, gt=0)
+    on_deadline_miss: Literal["NG", "OK", "SKIP"] = "NG"
+    queue_size: int = Field(4, ge=1, le=1024)
+    heatmap: HeatmapConfig = Field(default_factory=HeatmapConfig)
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold_shape(cls, value: Any) -> Any:
+        # One clear message instead of pydantic's per-union-member errors.
+        if isinstance(value, bool) or not isinstance(value, (int, float, dict, ThresholdFile)):
+            raise ValueError(f"expected a number or {{file: calib.json}}, got {value!r}")
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return value
+
+    @field_validator("roi", mode="before")
+    @classmethod
+    def _roi_shape(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if (not isinstance(value, (list, tuple)) or len(value) != 4
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"expected [x, y, w, h] (4 integers) or null, got {value!r}")
+        x, y, w, h = value
+        if x < 0 or y < 0 or w <= 0 or h <= 0:
+            raise ValueError(f"expected [x, y, w, h] with x, y >= 0 and w, h > 0, got {list(value)}")
+        return value
+
+    @field_validator("backends")
+    @classmethod
+    def _backends_known(cls, value: list[str]) -> list[str]:
+        known = _known_backends()
+        for name in value:
+            if name not in known:
+                raise ValueError(f"unknown backend {name!r} (known: {', '.join(known)})")
+        if len(set(value)) != len(value):
+            raise ValueError(f"backend listed twice in {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _options_for_listed_backends(self) -> "LineConfig":
+        extra = sorted(set(self.backend_options) - set(self.backends))
+        if extra:
+            raise ValueError(f"backend_options for {', '.join(extra)} which is not in backends {self.backends}")
+        return self
+
+
+class DaemonConfig(_Strict):
+    zmq: ZmqConfig = Field(default_factory=ZmqConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    lines: list[LineConfig] = Field(min_length=1)
+
+    @field_validator("lines")
+    @classmethod
+    def _unique_ids_and_cameras(cls, lines: list[LineConfig]) -> list[LineConfig]:
+        seen: dict[str, int] = {}
+        cameras: dict[tuple[str, str], str] = {}
+        for i, line in enumerate(lines):
+            if line.id in seen:
+                raise ValueError(f"line id {line.id!r} is used by lines[{seen[line.id]}] and lines[{i}]")
+            seen[line.id] = i
+            src = line.source
+            if isinstance(src, GenicamSourceConfig):
+                # A camera can be opened by one line only (GenTL: resource in use).
+                key = (str(src.cti), src.device.describe())
+                if key in cameras:
+                    raise ValueError(f"lines {cameras[key]!r} and {line.id!r} use the same camera "
+                                     f"({src.device.describe()} on {src.cti})")
+                cameras[key] = line.id
+        return lines
+
+    def line(self, line_id: str) -> LineConfig:
+        for line in self.lines:
+            if line.id == line_id:
+                return line
+        raise ConfigError(f"no line {line_id!r} (lines: {', '.join(l.id for l in self.lines)})")
+
+
+# ---------------------------------------------------------------------------------------- loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: YAML would silently keep the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+# Fields whose loc gets pydantic's name of a union member appended (not a key in the file).
+_UNION_FIELDS = ("source", "threshold")
+
+
+def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """('lines', 1, 'source', 'genicam', 'cti') -> ('lines', 1, 'source', 'cti')."""
+    out: list[Any] = []
+    skip_next = False
+    for i, part in enumerate(loc):
+        if skip_next:
+            skip_next = False
+            continue
+        out.append(part)
+        in_line = len(out) == 3 and out[0] == "lines"
+        if (in_line and part in _UNION_FIELDS) or (len(out) >= 2 and out[-2] == "features"):
+            skip_next = i + 1 < len(loc) and isinstance(loc[i + 1], str) and part != "features"
+    return tuple(out)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """('lines', 1, 'latency_budget_ms') -> 'lines[1].latency_budget_ms'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _pick_error(errors: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The error to report and how many distinct problems there are. A value that fails every
+    member of a union yields one error per member; they count as one problem, and a member's own
+    complaint (a `threshold: {fil: x}` typo) beats "Input should be a valid number"."""
+    by_path: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for err in errors:
+        loc = tuple(err["loc"])
+        key = loc[:3] if len(loc) > 3 and loc[0] == "lines" and loc[2] == "threshold" else _strip_union_tags(loc)
+        by_path.setdefault(key, []).append(err)
+    first_group = next(iter(by_path.values()))
+    chosen = next((e for e in first_group if not (len(e["loc"]) > 3 and e["loc"][3] == "float")), first_group[0])
+    return chosen, len(by_path)
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key (not part of the schema; check the spelling)"
+    if kind == "missing":
+        return "required field is missing"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        msg = "expected type: genicam or replay" + (f" (got {err['input'].get('type')!r})"
+                                                     if isinstance(err.get("input"), dict) and "type" in err["input"]
+                                                     else "")
+        return msg
+    else:
+        value = err.get("input")
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            msg += f" (got {value!r})"
+        elif isinstance(value, (list, dict)):
+            msg += f" (got a {'list' if isinstance(value, list) else 'mapping'})"
+    return msg
+
+
+def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | os.PathLike | None = None,
+                     validate_paths: bool = False) -> DaemonConfig:
+    """Validate an already-parsed mapping (tests, generated configs). Errors name `source`."""
+    if not isinstance(raw, dict):
+        kind = "empty" if raw is None else f"a {type(raw).__name__}, not a mapping"
+        raise ConfigError(f"{source}: the file is {kind} (expected keys such as zmq, metrics, lines)")
+    try:
+        config = DaemonConfig.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        first, count = _pick_error(exc.errors())
+        more = f" (and {count - 1} more error{'s' if count > 2 else ''})" if count > 1 else ""
+        where = _field_path(_strip_union_tags(tuple(first["loc"])))
+        raise ConfigError(f"{source}: {where}: {_describe_error(first)}{more}") from None
+    if validate_paths:
+        check_paths(config, source)
+    return config
+
+
+def load_config(path: str | os.PathLike, validate_paths: bool = False) -> DaemonConfig:
+    """Read and validate the daemon config. Every problem is one ConfigError line (exit code 2)
+    naming the file, the field path and what was expected. `validate_paths` also checks that
+    bundles, .cti files, threshold files and replay inputs exist."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    return config_from_dict(raw, source=str(path), base_dir=path.resolve().parent,
+                            validate_paths=validate_paths)
+
+
+def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
+    """ConfigError naming the field for the first referenced path that does not exist."""
+    for i, line in enumerate(config.lines):
+        where = f"lines[{i}]"
+        if not line.bundle.is_dir():
+            raise ConfigError(f"{source}: {where}.bundle: {line.bundle} is not a folder "
+                              f"({'does not exist' if not line.bundle.exists() else 'not a bundle'})")
+        src = line.source
+        if isinstance(src, GenicamSourceConfig) and not src.cti.is_file():
+            raise ConfigError(f"{source}: {where}.source.cti: {src.cti} does not exist (GenTL producer file)")
+        if isinstance(src, ReplaySourceConfig) and not src.path.exists():
+            raise ConfigError(f"{source}: {where}.source.path: {src.path} does not exist")
+        if isinstance(line.threshold, ThresholdFile) and not line.threshold.file.is_file():
+            raise ConfigError(f"{source}: {where}.threshold.file: {line.threshold.file} does not exist")
+    curve = config.zmq.curve
+    if curve is not None:
+        if not curve.server_secret_key_file.is_file():
+            raise ConfigError(f"{source}: zmq.curve.server_secret_key_file: "
+                              f"{curve.server_secret_key_file} does not exist")
+        if curve.allowed_clients_dir is not None and not curve.allowed_clients_dir.is_dir():
+            raise ConfigError(f"{source}: zmq.curve.allowed_clients_dir: {curve.allowed_clients_dir} "
+                              f"is not a folder")
+
+
+def summary(config: DaemonConfig) -> str:
+    """'2 lines: line1 (genicam), line2 (replay)' for check-config and the startup log."""
+    parts = [f"{line.id} ({line.source.type})" for line in config.lines]
+    return f"{len(parts)} line{'s' if len(parts) != 1 else ''}: {', '.join(parts)}"
+

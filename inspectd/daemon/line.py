@@ -1,0 +1,112 @@
+"""What one line needs besides its threads: its settings and its threshold (a value or a
+calibration file, reloaded atomically on SIGHUP)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inspectd.errors import ConfigError
+
+log = logging.getLogger("inspectd.line")
+
+FAIL_SAFE_VERDICTS = ("NG", "OK", "SKIP")
+HEATMAP_MODES = ("none", "ng", "all")
+
+
+@dataclass(frozen=True)
+class LineSettings:
+    """The pipeline's view of one line's configuration (built from the validated config)."""
+
+    line: str
+    latency_budget_ms: float
+    on_deadline_miss: str = "NG"          # fail-safe verdict: deadline miss, engine error, malformed, dropped
+    roi: tuple[int, int, int, int] | None = None
+    backend_preference: tuple[str, ...] = ("tensorrt", "onnxruntime")
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heatmap_mode: str = "none"            # none | ng | all
+    heatmap_size: tuple[int, int] | None = None   # (height, width); None = the model's map size
+    queue_size: int = 4
+    read_timeout_s: float = 0.2
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.on_deadline_miss not in FAIL_SAFE_VERDICTS:
+            raise ConfigError(f"line {self.line}: on_deadline_miss {self.on_deadline_miss!r} "
+                              f"(expected one of {', '.join(FAIL_SAFE_VERDICTS)})")
+        if self.heatmap_mode not in HEATMAP_MODES:
+            raise ConfigError(f"line {self.line}: heatmap mode {self.heatmap_mode!r} "
+                              f"(expected one of {', '.join(HEATMAP_MODES)})")
+        if not self.latency_budget_ms > 0:
+            raise ConfigError(f"line {self.line}: latency_budget_ms must be > 0")
+        if self.queue_size < 1:
+            raise ConfigError(f"line {self.line}: queue size must be >= 1")
+
+
+def read_threshold_file(path: Path) -> float:
+    """The `threshold` of a calibration JSON file; ConfigError naming the file and what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: threshold file does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable threshold file ({exc})") from None
+    if not isinstance(data, dict) or "threshold" not in data:
+        raise ConfigError(f"{path}: no \"threshold\" field (expected a calibration JSON object)")
+    value = data["threshold"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{path}: threshold {value!r} is not a finite number")
+    return float(value)
+
+
+class LineThreshold:
+    """The threshold on the normalized score. Readers get one float (a single attribute read, so
+    a reload is atomic for them); `reload()` re-reads the calibration file and keeps the old
+    value if the new one is bad."""
+
+    def __init__(self, line: str, value: float | None = None, path: str | Path | None = None) -> None:
+        if (value is None) == (path is None):
+            raise ConfigError(f"line {line}: threshold needs exactly one of a value or a calibration file")
+        self.line = line
+        self.path = Path(path) if path is not None else None
+        self._lock = threading.Lock()  # one reload at a time
+        if self.path is not None:
+            self._value = read_threshold_file(self.path)
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"line {line}: threshold {value!r} is not a finite number")
+            self._value = float(value)
+
+    @classmethod
+    def from_config(cls, line: str, spec: float | str | Path) -> "LineThreshold":
+        """A number, or a path to a calibration JSON file."""
+        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            return cls(line, value=float(spec))
+        return cls(line, path=spec)
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def reload(self) -> bool:
+        """Re-read the calibration file. True if the threshold changed."""
+        if self.path is None:
+            return False
+        with self._lock:
+            try:
+                new = read_threshold_file(self.path)
+            except ConfigError as exc:
+                log.error("line %s: threshold reload failed, keeping %.4g: %s", self.line, self._value, exc)
+                return False
+            old, self._value = self._value, new
+        if new != old:
+            log.info("line %s: threshold %.4g -> %.4g (from %s)", self.line, old, new, self.path)
+            return True
+        log.info("line %s: threshold unchanged at %.4g", self.line, new)
+        return False

@@ -1,0 +1,144 @@
+"""Prometheus metrics for the daemon: one CollectorRegistry per daemon, one HTTP endpoint.
+
+Every metric of docs/ARCHITECTURE.md is an attribute, e.g.
+`metrics.frames.labels(line="line1", verdict="OK").inc()`. The registry is private (not the
+prometheus_client global one) so tests and several daemons in one process never collide.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from inspectd.errors import InspectdError
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (.001, .002, .005, .01, .015, .02, .03, .05, .075, .1, .15, .2, .3, .5, 1.0)
+# Normalized scores: 0 = mean of good parts, units of good-part std; thresholds sit around 3..10.
+SCORE_BUCKETS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0, 100.0)
+
+VERDICTS = ("OK", "NG", "SKIP")
+DROP_REASONS = ("queue_full", "malformed", "engine_error")
+
+
+@dataclass
+class MetricsServer:
+    """A running /metrics endpoint; `port` is the bound port (useful when asked for port 0)."""
+
+    host: str
+    port: int
+    _server: object
+    _thread: threading.Thread
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop serving and release the port. Idempotent."""
+        self._server.shutdown()  # type: ignore[attr-defined]
+        self._server.server_close()  # type: ignore[attr-defined]
+        self._thread.join(timeout)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+
+class Metrics:
+    """All daemon metrics, registered in one registry (its own unless one is given)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.frames = Counter("inspectd_frames_total", "Frames given a verdict", ["line", "verdict"],
+                              registry=r)
+        self.deadline_misses = Counter("inspectd_deadline_misses_total",
+                                       "Frames resolved by the deadline (fail-safe verdict)", ["line"],
+                                       registry=r)
+        self.dropped_frames = Counter("inspectd_dropped_frames_total", "Frames dropped before a result",
+                                      ["line", "reason"], registry=r)
+        self.inference_seconds = Histogram("inspectd_inference_seconds", "Backend inference time",
+                                           ["line", "backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.end_to_end_seconds = Histogram("inspectd_end_to_end_seconds",
+                                            "Acquisition to verdict published", ["line"],
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.anomaly_score = Histogram("inspectd_anomaly_score", "Normalized anomaly score", ["line"],
+                                       buckets=SCORE_BUCKETS, registry=r)
+        self.threshold = Gauge("inspectd_threshold", "Line threshold on the normalized score", ["line"],
+                               registry=r)
+        self.camera_connected = Gauge("inspectd_camera_connected", "Camera connected (0/1)", ["line"],
+                                      registry=r)
+        self.camera_reconnects = Counter("inspectd_camera_reconnects_total", "Camera reconnects",
+                                         ["line"], registry=r)
+        self.incomplete_frames = Counter("inspectd_incomplete_frames_total",
+                                         "Incomplete frames reported by the camera", ["line"], registry=r)
+        self.engine_info = Gauge("inspectd_engine_info", "Active backend and bundle (value 1)",
+                                 ["line", "backend", "bundle_id"], registry=r)
+        self.last_frame_timestamp = Gauge("inspectd_last_frame_timestamp_seconds",
+                                          "Unix time of the last acquired frame", ["line"], registry=r)
+        self.backend_fallbacks = Counter("inspectd_backend_fallbacks_total",
+                                         "Backend fallbacks (to the labelled backend)", ["line", "backend"],
+                                         registry=r)
+        self.engine_errors = Counter("inspectd_engine_errors_total", "Engine errors", ["line"], registry=r)
+        self.archive_enabled = Gauge("inspectd_archive_enabled", "NG archive enabled (0/1)", ["line"],
+                                     registry=r)
+        self.archive_errors = Counter("inspectd_archive_errors_total", "NG archive errors", ["line"],
+                                      registry=r)
+        self.archive_dropped = Counter("inspectd_archive_dropped_total",
+                                       "NG archive items dropped (writer queue full)", ["line"], registry=r)
+        self.score_drift = Gauge("inspectd_score_drift",
+                                 "KS statistic of recent scores vs calibration good scores", ["line"],
+                                 registry=r)
+        self.queue_depth = Gauge("inspectd_queue_depth", "Frames waiting for inference", ["line"], registry=r)
+        self.up = Gauge("inspectd_up", "1 while the daemon runs", registry=r)
+        self._engine_lock = threading.Lock()
+        self._engine_labels: dict[str, tuple[str, str]] = {}
+
+    def init_line(self, line: str, threshold: float | None = None) -> None:
+        """Create the line's series at zero so dashboards and alerts see them before the first event."""
+        for verdict in VERDICTS:
+            self.frames.labels(line=line, verdict=verdict)
+        for reason in DROP_REASONS:
+            self.dropped_frames.labels(line=line, reason=reason)
+        for counter in (self.deadline_misses, self.camera_reconnects, self.incomplete_frames,
+                        self.engine_errors, self.archive_errors, self.archive_dropped):
+            counter.labels(line=line)
+        self.end_to_end_seconds.labels(line=line)
+        self.anomaly_score.labels(line=line)
+        self.queue_depth.labels(line=line).set(0)
+        self.camera_connected.labels(line=line).set(0)
+        if threshold is not None:
+            self.threshold.labels(line=line).set(threshold)
+
+    def set_engine(self, line: str, backend: str, bundle_id: str) -> None:
+        """Point inspectd_engine_info for `line` at (backend, bundle_id); the old series is removed so
+        there is exactly one active series per line (a fallback or bundle reload replaces it)."""
+        with self._engine_lock:
+            old = self._engine_labels.get(line)
+            if old is not None and old != (backend, bundle_id):
+                try:
+                    self.engine_info.remove(line, *old)
+                except KeyError:
+                    pass
+            self.engine_info.labels(line=line, backend=backend, bundle_id=bundle_id).set(1)
+            self._engine_labels[line] = (backend, bundle_id)
+
+    def observe_verdict(self, line: str, verdict: str, score: float | None, deadline_missed: bool) -> None:
+        """Count one published verdict (helper for the pipeline)."""
+        self.frames.labels(line=line, verdict=verdict).inc()
+        if deadline_missed:
+            self.deadline_misses.labels(line=line).inc()
+        if score is not None:
+            self.anomaly_score.labels(line=line).observe(score)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 9464) -> MetricsServer:
+        """Start the /metrics HTTP endpoint in a daemon thread. Port 0 picks a free port (see
+        `.port` of the result). Raises InspectdError when the address cannot be bound."""
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise InspectdError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
+        bound_port = int(server.server_address[1])
+        log.info("metrics on http://%s:%d/metrics", host, bound_port)
+        return MetricsServer(host=host, port=bound_port, _server=server, _thread=thread)

@@ -1,0 +1,30 @@
+"""Export the torch engine to ONNX (uint8 NHWC in; raw score and anomaly map out)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import torch
+
+from inspectd.engines.bundle import INPUT_NAME, OUTPUT_NAMES
+from inspectd.engines.model import AnomalyModel
+
+OPSET = 17
+
+
+def export_onnx(model: AnomalyModel, path: Path) -> None:
+    cfg = model.config
+    channels = 1 if cfg.color_mode == "gray" else 3
+    example = torch.zeros(1, cfg.image_size, cfg.image_size, channels, dtype=torch.uint8)
+    model = model.eval().cpu()
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: self-contained, no onnxscript dependency, batch axis dynamic.
+        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"},
+                                        OUTPUT_NAMES[1]: {0: "batch"}})
+    path.write_bytes(buf.getvalue())

@@ -1,0 +1,38 @@
+"""Shared fixtures: a generated textured-part dataset and a tiny bundle trained on it.
+
+Self-contained (no ../shared): the images come from inspectd.engines.synthetic, the backbone
+weights from the installed efficientnet-lite0 weights package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inspectd.engines.synthetic import SyntheticSet, make_dataset
+
+TINY_IMAGE_SIZE = 128
+
+
+@pytest.fixture(scope="session")
+def synthetic_parts(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSet:
+    """train_good/ (40), test_good/ (12), test_bad/ (12: scratches, spots, chips) + masks/, 128x128 grey PNGs."""
+    return make_dataset(tmp_path_factory.mktemp("parts"), n_train=40, n_test_good=12, n_test_bad=12,
+                        size=TINY_IMAGE_SIZE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: SyntheticSet) -> Path:
+    """A real bundle (Lite0 taps 4+10, 128 px grey, 64x64... map 32x32) trained for a few seconds.
+
+    Golden images: 4 held-out good + 4 bad. Treat it as read-only; copy it to modify it.
+    """
+    from inspectd.engines.model import ModelConfig
+    from inspectd.engines.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    cfg = TrainConfig(model=ModelConfig(image_size=TINY_IMAGE_SIZE, taps=[4, 10], map_size=32),
+                      epochs=12, views=2, seed=0)
+    train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
+    return out
