@@ -86,7 +86,9 @@ def check_line(config_path: str | os.PathLike, line_id: str) -> Any:
     """Fail early (before any scoring) when the config or the line is unusable; returns the
     line's current threshold setting."""
     _, data = read_config(config_path)
-    return find_line(data, line_id, config_path).get("threshold")
+    threshold = find_line(data, line_id, config_path).get("threshold")
+    _validate_with_daemon_schema(Path(config_path), data)
+    return threshold
 
 
 def calibration_file_name(line_id: str, stamp: str) -> str:
@@ -103,6 +105,7 @@ def update_line_threshold(config_path: str | os.PathLike, line_id: str, calibrat
         raise ConfigError("calibration summary needs a numeric threshold and a bundle_id")
     old_bytes, data = read_config(config)
     entry = find_line(data, line_id, config)
+    _validate_with_daemon_schema(config, data)
     old_threshold = entry.get("threshold")
     stamp = utc_stamp(now)
     folder = config.parent
@@ -119,11 +122,11 @@ def update_line_threshold(config_path: str | os.PathLike, line_id: str, calibrat
     new_text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
     if yaml.safe_load(new_text) != data:  # never write a config that does not read back as intended
         raise ConfigError(f"{config}: the updated config does not round-trip through YAML; not written")
+    _validate_with_daemon_schema(config, data)
 
     atomic_write(backup, old_bytes, mode=_mode(config))
     atomic_write(cal_path, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
     try:
-        _validate_with_daemon_schema(config, new_text)
         atomic_write(config, new_text.encode("utf-8"), mode=_mode(config))  # the commit point
     except BaseException:
         _unlink_quietly(cal_path)  # unreferenced; the backup stays (it equals the config)
@@ -151,19 +154,13 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
     _fsync_dir(path.parent)
 
 
-def _validate_with_daemon_schema(config: Path, text: str) -> None:
-    """If the daemon's config schema is available, refuse a config it would reject."""
+def _validate_with_daemon_schema(config: Path, data: dict[str, Any]) -> None:
+    """Refuse a config the daemon would reject (its schema, errors naming the file and field)."""
     try:
-        from inspectd.daemon.config import load_config
-    except ImportError:
+        from inspectd.daemon.config import config_from_dict
+    except ImportError:  # daemon part not installed/built: the YAML structure checks above still hold
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{config.name}.check.", suffix=".yaml", dir=config.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        load_config(tmp)  # ConfigError propagates with its one-line message
-    finally:
-        _unlink_quietly(Path(tmp))
+    config_from_dict(data, source=str(config), base_dir=config.resolve().parent)
 
 
 def _mode(path: Path) -> int | None:

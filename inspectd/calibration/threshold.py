@@ -64,13 +64,11 @@ def binom_cdf(x: int, n: int, p: float) -> float:
 
 def _log_cdf_terms(n: int, p: float, x: int) -> np.ndarray:
     """log P(Bin(n, p) = i) for i = 0..x."""
+    j = np.arange(1, x + 1, dtype=np.float64)
+    # log C(n, i) = sum_{j<=i} log((n - j + 1) / j): vectorized, no lgamma loop.
+    log_choose = np.concatenate([[0.0], np.cumsum(np.log((n - j + 1.0) / j))])
     i = np.arange(x + 1, dtype=np.float64)
-    log_choose = (math.lgamma(n + 1) - _lgamma_vec(i + 1) - _lgamma_vec(n - i + 1))
     return log_choose + i * math.log(p) + (n - i) * math.log1p(-p)
-
-
-def _lgamma_vec(a: np.ndarray) -> np.ndarray:
-    return np.fromiter((math.lgamma(v) for v in a), dtype=np.float64, count=a.size)
 
 
 def binom_cdf_all(n: int, p: float) -> np.ndarray:
@@ -143,7 +141,9 @@ def parse_rate(text: str, name: str = "rate", upper: float = 0.5) -> float:
         value = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
     except ValueError:
         raise ConfigError(f"{name} {text!r} is not a rate (write e.g. 0.5% or 0.005)") from None
-    return check_rate(value, name, upper)
+    if not math.isfinite(value) or not 0.0 < value < upper:
+        raise ConfigError(f"{name} {s} is outside (0, {upper:.0%})")
+    return value
 
 
 def _scores(values: Any, what: str) -> np.ndarray:

@@ -177,8 +177,10 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name="inspectd-publisher", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):
+            self._stopping = True  # refuse work: nothing may queue up behind a publisher that never ran
             raise InspectdError(f"ZeroMQ publisher on {self.endpoint} did not start within {timeout:.0f} s")
         if self._start_error is not None:
+            self._stopping = True
             self._thread.join(timeout)
             raise InspectdError(f"cannot bind ZeroMQ publisher to {self.endpoint}: {self._start_error}")
 

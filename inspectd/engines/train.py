@@ -271,6 +271,9 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
             raise DataError(f"exported ONNX disagrees with PyTorch on held-out images "
                             f"({ort_good.tolist()} vs {torch_good.tolist()}); not writing the bundle")
         mean, std = float(hold_scores.mean()), float(max(hold_scores.std(ddof=1) if len(hold_scores) > 1 else 0, 1e-6))
+        # Fixed heatmap range: 0 at the typical good pixel, full scale at twice the worst held-out good
+        # image's peak, so OK parts stay cool and NG parts stand out (never stretched per image).
+        display_lo = float(np.median(hold_maps))
         quantiles = {q: float(np.quantile(hold_scores, float(q))) for q in ("0.5", "0.9", "0.99", "1.0")}
         seconds = time.monotonic() - t0
         fields = {
@@ -286,7 +289,7 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
             "input": {"height": mc.image_size, "width": mc.image_size, "color_mode": mc.color_mode,
                       "channels": spec.channels, "resize": RESIZE_METHOD},
             "map": {"height": mc.map_size, "width": mc.map_size, "smoothing_sigma": mc.smoothing_sigma,
-                    "display_lo": float(np.median(hold_maps)), "display_hi": mean + 6 * std},
+                    "display_lo": display_lo, "display_hi": display_lo + 2 * (float(hold_scores.max()) - display_lo)},
             "score": {"reduction": mc.reduction if mc.reduction == "max" else f"top{mc.topk}-mean",
                       "good_mean": mean, "good_std": std, "good_quantiles": quantiles,
                       "n_good": len(hold_scores), "source": "held-out good images (not trained on)"},

@@ -1,0 +1,231 @@
+"""`inspectd calibrate`: score held-out images through the daemon's runtime path (ONNX Runtime,
+shared preprocessing), pick the line threshold, report, and write it into the config.
+
+Everything that can be checked before scoring is checked first (targets, config + line, folders,
+enough good images, bundle), and the config is the last thing written, so any error leaves it
+untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+import numpy as np
+
+from inspectd.calibration import threshold as th
+from inspectd.calibration.config_update import ConfigUpdate, check_line, update_line_threshold, utc_stamp
+from inspectd.calibration.report import format_summary, write_report
+from inspectd.engines.bundle import Bundle, load_bundle
+from inspectd.engines.preprocess import IMAGE_SUFFIXES, fingerprint, list_images, load_prepared, sha256_file
+from inspectd.errors import BundleError, DataError
+from inspectd.progress import Progress
+
+log = logging.getLogger("inspectd.calibration")
+
+# Golden images must score like they did at export time (same ORT CPU path), in normalized units.
+GOLDEN_TOLERANCE = 0.05
+
+
+@dataclass
+class CalibrationRequest:
+    bundle: Path
+    good: Path
+    line: str
+    config: Path
+    target_false_reject: float
+    bad: Path | None = None
+    target_escape: float | None = None
+    force_overlap: bool = False
+    report_dir: Path | None = None
+    confidence: float = th.DEFAULT_CONFIDENCE
+    batch_size: int = 8
+    threads: int = 0
+    write_config: bool = True
+
+
+@dataclass
+class CalibrationResult:
+    report: dict[str, Any]
+    report_files: dict[str, Path | None]
+    update: ConfigUpdate | None
+    good_scores: np.ndarray
+    bad_scores: np.ndarray | None
+    summary: str = field(default="")
+
+
+def calibrate(req: CalibrationRequest, progress_stream: TextIO | None = None) -> CalibrationResult:
+    th.check_rate(req.target_false_reject, "--target-false-reject")
+    if req.target_escape is not None:
+        th.check_rate(req.target_escape, "--target-escape", upper=1.0)
+    if req.target_escape is not None and req.bad is None:
+        raise DataError("--target-escape needs --bad images")
+    if req.write_config:
+        check_line(req.config, req.line)
+    good_paths = _images(req.good, "good")
+    bad_paths = _images(req.bad, "bad") if req.bad is not None else None
+    needed = th.needed_samples(req.target_false_reject, req.confidence)
+    if len(good_paths) < needed:
+        raise DataError(f"{req.good}: {len(good_paths)} good images cannot support a false-reject target of "
+                        f"{req.target_false_reject:.3%} at {req.confidence:.0%} confidence: need at least "
+                        f"{needed} good images not used in training")
+    bundle = load_bundle(req.bundle)
+    overlap = training_overlap(bundle, good_paths + (bad_paths or []))
+    if overlap["count"]:
+        what = (f"{overlap['count']} calibration images are in the bundle's training set "
+                f"(by {overlap['by']}: {', '.join(overlap['examples'])})")
+        if not req.force_overlap:
+            raise DataError(what + "; use images the bundle never saw, or --force-overlap")
+        log.warning("%s; continuing (--force-overlap): rates will be optimistic", what)
+
+    from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    with OnnxRuntimeBackend(bundle, threads=req.threads) as backend:
+        check_golden(bundle, backend)
+        good_raw = score_images(backend, bundle, good_paths, req.batch_size, "good", progress_stream)
+        bad_raw = (score_images(backend, bundle, bad_paths, req.batch_size, "bad", progress_stream)
+                   if bad_paths is not None else None)
+    good = np.asarray(bundle.normalize(good_raw), dtype=np.float64)
+    bad = np.asarray(bundle.normalize(bad_raw), dtype=np.float64) if bad_raw is not None else None
+
+    report = build_report(req, bundle, good_paths, good, bad_paths, bad, overlap)
+    stamp = utc_stamp()
+    report_dir = req.report_dir or (req.config.parent / "calibration-reports" / f"{req.line}-{stamp}")
+    files = write_report(report_dir, report, good, bad)
+    update = None
+    if req.write_config:
+        update = update_line_threshold(req.config, req.line, calibration_record(report, report_dir))
+    return CalibrationResult(report=report, report_files=files, update=update, good_scores=good,
+                             bad_scores=bad, summary=format_summary(report))
+
+
+def _images(folder: Path, what: str) -> list[Path]:
+    paths = list_images(folder)
+    if not paths:
+        raise DataError(f"{folder}: no {what} images (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def training_overlap(bundle: Bundle, paths: Sequence[Path]) -> dict[str, Any]:
+    """Calibration images the bundle was trained on. Exact by content when the manifest lists
+    per-file hashes (`training.image_sha256`); otherwise by file name, plus the aggregate
+    content fingerprint (which catches the whole training folder under other names)."""
+    training = bundle.manifest.training
+    hashes = getattr(training, "image_sha256", None)
+    if hashes:
+        known = set(hashes)
+        hits = [p.name for p in paths if sha256_file(p) in known]
+        by = "content hash"
+    else:
+        names = {Path(n).name for n in training.image_names}
+        hits = [p.name for p in paths if p.name in names]
+        by = "file name"
+        if not hits and paths and fingerprint(paths) == training.fingerprint:
+            hits, by = [p.name for p in paths], "training fingerprint"
+    return {"count": len(hits), "by": by, "examples": hits[:3], "names": hits}
+
+
+def check_golden(bundle: Bundle, backend: Any) -> None:
+    """The bundle's golden images must reproduce their export-time scores on this runtime."""
+    good, bad = bundle.golden_images()
+    g = bundle.manifest.golden
+    pairs = list(zip(good, g.good_scores)) + list(zip(bad, g.bad_scores))
+    if not pairs:
+        return
+    batch = np.stack([load_prepared(p, bundle.input_spec) for p, _ in pairs])
+    raw, _ = backend.infer(batch)
+    std = bundle.manifest.score.good_std
+    diffs = np.abs(raw.astype(np.float64) - np.asarray([s for _, s in pairs])) / std
+    worst = int(np.argmax(diffs))
+    if not np.isfinite(diffs).all() or diffs[worst] > GOLDEN_TOLERANCE:
+        raise BundleError(f"{bundle.path}: golden image {pairs[worst][0].name} scores {raw[worst]:.6g}, "
+                          f"export recorded {pairs[worst][1]:.6g} ({diffs[worst]:.3g} normalized units > "
+                          f"{GOLDEN_TOLERANCE}): the bundle fails its checks on this runtime")
+
+
+def score_images(backend: Any, bundle: Bundle, paths: Sequence[Path], batch_size: int, label: str,
+                 stream: TextIO | None = None) -> np.ndarray:
+    """Raw scores of `paths` (same preprocessing as the daemon), with a progress bar."""
+    bar = Progress(len(paths), label=f"scoring {label}", stream=stream or sys.stderr)
+    out = np.empty(len(paths), dtype=np.float64)
+    try:
+        for start in range(0, len(paths), max(1, batch_size)):
+            chunk = paths[start:start + max(1, batch_size)]
+            batch = np.stack([load_prepared(p, bundle.input_spec) for p in chunk])
+            raw, _ = backend.infer(batch)
+            bad = ~np.isfinite(raw)
+            if bad.any():
+                raise DataError(f"{chunk[int(np.argmax(bad))]}: the model gives a non-finite score")
+            out[start:start + len(chunk)] = raw
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return out
+
+
+def build_report(req: CalibrationRequest, bundle: Bundle, good_paths: Sequence[Path], good: np.ndarray,
+                 bad_paths: Sequence[Path] | None, bad: np.ndarray | None,
+                 overlap: dict[str, Any]) -> dict[str, Any]:
+    fr = th.false_reject_threshold(good, req.target_false_reject, req.confidence)
+    report: dict[str, Any] = {
+        "schema": 1,
+        "kind": "inspectd.calibration",
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "line": req.line,
+        "bundle": str(req.bundle),
+        "bundle_id": bundle.bundle_id,
+        "score": "normalized",
+        "decision": "NG if score > threshold",
+        "threshold": fr.threshold,
+        "false_reject": {**fr.as_dict(), "empirical_rate": fr.good_above / fr.n_good},
+        "good_dir": str(req.good),
+        "bad_dir": str(req.bad) if req.bad is not None else None,
+        "n_good": int(good.size),
+        "n_bad": int(bad.size) if bad is not None else 0,
+        "overlap": {**overlap, "forced": bool(req.force_overlap and overlap["count"])},
+        "escape_at_threshold": None,
+        "roc_auc": None,
+        "escape_target": None,
+    }
+    if bad is not None:
+        report["escape_at_threshold"] = th.escape_rate(bad, fr.threshold, req.confidence).as_dict()
+        report["roc_auc"] = th.roc_auc(good, bad)
+        if req.target_escape is not None:
+            report["escape_target"] = th.escape_threshold(bad, req.target_escape, good, req.confidence).as_dict()
+    report["images"] = {
+        "good": [[p.name, round(float(s), 6)] for p, s in zip(good_paths, good)],
+        "bad": [[p.name, round(float(s), 6)] for p, s in zip(bad_paths or [], bad if bad is not None else [])],
+    }
+    return report
+
+
+def calibration_record(report: dict[str, Any], report_dir: Path) -> dict[str, Any]:
+    """What the daemon reads (`threshold`, `bundle_id`) + the summary kept with it: counts,
+    target, bound, and the good scores for the drift watch."""
+    fr = report["false_reject"]
+    esc = report.get("escape_at_threshold")
+    return {
+        "threshold": report["threshold"],
+        "bundle_id": report["bundle_id"],
+        "line": report["line"],
+        "created_utc": report["created_utc"],
+        "score": "normalized",
+        "decision": report["decision"],
+        "target_false_reject": fr["target"],
+        "confidence": fr["confidence"],
+        "false_reject_bound": fr["bound"],
+        "k": fr["k"],
+        "n_good": report["n_good"],
+        "n_bad": report["n_bad"],
+        "escape_rate": esc["rate"] if esc else None,
+        "escape_ci": [esc["ci_low"], esc["ci_high"]] if esc else None,
+        "roc_auc": report["roc_auc"],
+        "overlap_forced": report["overlap"]["forced"],
+        "report": os.fspath(report_dir),
+        "good_scores": [s for _, s in report["images"]["good"]],
+    }

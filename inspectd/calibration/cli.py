@@ -1,0 +1,60 @@
+"""`inspectd calibrate`: registered by inspectd/cli.py. Heavy imports happen inside the command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "calibrate", help="set a line's threshold from held-out good (and bad) images",
+        description="Score held-out images through ONNX Runtime, choose the smallest threshold whose "
+                    "false-reject rate is below the target with 95%% confidence (order-statistic bound), "
+                    "report escape rate / ROC AUC with bad images, and write the threshold into the "
+                    "config atomically (old config kept as <config>.bak-<UTC timestamp>).")
+    p.add_argument("--bundle", required=True, type=Path, help="model bundle directory")
+    p.add_argument("--good", required=True, type=Path, help="folder of good images NOT used in training")
+    p.add_argument("--bad", type=Path, help="folder of defective images (escape rate, ROC AUC)")
+    p.add_argument("--line", required=True, help="line id in the config")
+    p.add_argument("--target-false-reject", required=True, metavar="RATE",
+                   help="e.g. 0.5%% or 0.005; must be in (0, 50%%)")
+    p.add_argument("--target-escape", metavar="RATE", help="also show the threshold meeting this escape rate")
+    p.add_argument("--config", required=True, type=Path, help="daemon config (lines.yaml)")
+    p.add_argument("--force-overlap", action="store_true",
+                   help="accept calibration images that were used in training (rates will be optimistic)")
+    p.add_argument("--report", type=Path, metavar="DIR",
+                   help="report folder (default: <config dir>/calibration-reports/<line>-<UTC time>)")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default 0.95)")
+    p.add_argument("--dry-run", action="store_true", help="report only, leave the config alone")
+    p.add_argument("--batch", type=int, default=8, help="images per inference batch")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from inspectd.calibration.calibrate import CalibrationRequest, calibrate
+    from inspectd.calibration.threshold import parse_rate
+    from inspectd.errors import ConfigError
+
+    if not 0.5 <= args.confidence < 1.0:
+        raise ConfigError(f"--confidence {args.confidence} is outside [0.5, 1)")
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch} must be >= 1")
+    req = CalibrationRequest(
+        bundle=args.bundle, good=args.good, bad=args.bad, line=args.line, config=args.config,
+        target_false_reject=parse_rate(args.target_false_reject, "--target-false-reject"),
+        target_escape=(parse_rate(args.target_escape, "--target-escape", upper=1.0)
+                       if args.target_escape is not None else None),
+        force_overlap=args.force_overlap, report_dir=args.report, confidence=args.confidence,
+        batch_size=args.batch, threads=args.threads, write_config=not args.dry_run)
+    result = calibrate(req)
+    print(result.summary)
+    print(f"report: {result.report_files['json']}"
+          + (f", {result.report_files['png']}" if result.report_files["png"] else " (no PNG: matplotlib missing)"))
+    if result.update is not None:
+        print(f"config: {result.update.config} line {args.line} threshold -> {result.update.new_threshold:.4f} "
+              f"via {result.update.calibration_file.name} (previous config: {result.update.backup.name})")
+    else:
+        print("config: not changed (--dry-run)")
+    return 0

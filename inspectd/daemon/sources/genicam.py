@@ -1,0 +1,372 @@
+"""GenICam camera source via harvesters (any GenTL producer: GigE Vision, USB3 Vision, simulators).
+
+What the camera is told is what it does: every configured node is written, read back and
+compared, so a camera that silently clamps an exposure or ignores a pixel format stops the line
+at start-up instead of producing scores on images the model was not calibrated for.
+
+GenTL allows one open System per producer file and process, and `Harvester.update()` makes every
+acquirer created before it obsolete. So all sources in a process that use the same .cti share one
+Harvester (reference-counted); device enumeration (`update()`) runs only when nobody else is
+using it. Limitation: a camera that comes back under a new identity while other cameras of the
+same producer are still open is found only once they have all closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from inspectd.daemon.frame import Frame
+from inspectd.daemon.sources.base import Source, SourceError, SourceLost, SourceStats
+
+log = logging.getLogger("inspectd.sources.genicam")
+
+__all__ = ["GenicamSource", "convert_pixels", "bytes_per_pixel", "SUPPORTED_PIXEL_FORMATS"]
+
+# pixel format -> (bytes per pixel, OpenCV conversion to RGB or None for Mono8).
+# OpenCV's two-letter Bayer names describe the second row; its four-letter names (RGGB = R at the
+# top-left, like GenICam's BayerRG8) say what they mean, so only those are used here.
+_FORMATS: dict[str, tuple[int, int | None]] = {
+    "Mono8": (1, None),
+    "RGB8": (3, None),                       # already RGB: copied
+    "BGR8": (3, cv2.COLOR_BGR2RGB),
+    "RGBa8": (4, cv2.COLOR_RGBA2RGB),
+    "BGRa8": (4, cv2.COLOR_BGRA2RGB),
+    "BayerRG8": (1, cv2.COLOR_BayerRGGB2RGB),
+    "BayerGR8": (1, cv2.COLOR_BayerGRBG2RGB),
+    "BayerGB8": (1, cv2.COLOR_BayerGBRG2RGB),
+    "BayerBG8": (1, cv2.COLOR_BayerBGGR2RGB),
+}
+SUPPORTED_PIXEL_FORMATS = tuple(_FORMATS)
+_FLOAT_REL_TOL = 0.01  # cameras quantize float features (exposure to line time); 1 % is "as asked"
+
+
+def bytes_per_pixel(pixel_format: str) -> int:
+    try:
+        return _FORMATS[pixel_format][0]
+    except KeyError:
+        raise SourceError(f"pixel format {pixel_format!r} is not supported "
+                          f"(supported: {', '.join(SUPPORTED_PIXEL_FORMATS)})") from None
+
+
+def convert_pixels(data: np.ndarray, pixel_format: str, width: int, height: int) -> np.ndarray:
+    """Camera buffer bytes -> an owned H x W (Mono8) or H x W x 3 RGB uint8 array.
+
+    `data` must hold exactly height * width * bytes-per-pixel bytes (callers check first)."""
+    bpp, code = _FORMATS.get(pixel_format, (0, None))
+    if bpp == 0:
+        raise SourceError(f"pixel format {pixel_format!r} is not supported "
+                          f"(supported: {', '.join(SUPPORTED_PIXEL_FORMATS)})")
+    flat = np.asarray(data, dtype=np.uint8).reshape(-1)
+    if flat.size != width * height * bpp:
+        raise SourceError(f"{pixel_format} buffer of {flat.size} bytes does not hold {width}x{height} pixels")
+    image = flat.reshape((height, width) if bpp == 1 else (height, width, bpp))
+    if code is None:
+        return image.copy()  # the camera buffer is requeued after this: never hand out a view
+    return cv2.cvtColor(image, code)  # a new array
+
+
+# ---------------------------------------------------------------------------------------- shared Harvester
+@dataclass
+class _SharedHarvester:
+    harvester: Any
+    users: int = 0
+
+
+_HARVESTERS: dict[str, _SharedHarvester] = {}
+_HARVESTERS_LOCK = threading.Lock()  # also serializes create()/destroy() on a shared Harvester
+
+
+def _genicam_errors() -> tuple[type[BaseException], ...]:
+    from genicam.genapi import GenericException as GenApiError
+    from genicam.gentl import GenericException as GenTLError
+    return (GenTLError, GenApiError)
+
+
+def _short(exc: BaseException) -> str:
+    # genicam messages carry "... : XException thrown in node 'X' while calling ... (file, line)".
+    text = str(exc).strip() or type(exc).__name__
+    parts = [p.split(" (Message from the source")[0].strip() for p in text.split(" : ")]
+    kept = [p for p in parts if p and "thrown in node" not in p and "thrown (file" not in p]
+    return ": ".join(kept or parts[:1])
+
+
+def _device_summary(index: int, info: Any) -> str:
+    def attr(name: str) -> str:
+        try:
+            return str(getattr(info, name))
+        except Exception:  # GenTL raises NotAvailable for optional fields
+            return "?"
+    return f"#{index} id {attr('id_')} serial {attr('serial_number')} ({attr('vendor')} {attr('model')})"
+
+
+class _IncompleteCounter:
+    """harvesters' INCOMPLETE_BUFFER callback: it discards the buffer itself; we only count."""
+
+    def __init__(self, stats: SourceStats) -> None:
+        self.stats = stats
+
+    def emit(self, context: object | None = None) -> None:
+        self.stats.incomplete_frames += 1
+
+
+class GenicamSource(Source):
+    """Frames from one GenICam camera. Configuration: GenicamSourceConfig (daemon/config.py)."""
+
+    def __init__(self, line: str, cti: str | Path, device: dict[str, Any] | Any,
+                 pixel_format: str | None = None, exposure_us: float | None = None,
+                 trigger_mode: str | None = None, trigger_source: str | None = None,
+                 features: dict[str, Any] | None = None) -> None:
+        super().__init__(line)
+        self.cti = Path(cti)
+        if not isinstance(device, dict):  # a DeviceSelector model
+            device = {k: getattr(device, k) for k in ("serial", "id", "index") if getattr(device, k) is not None}
+        if len(device) != 1 or next(iter(device)) not in ("serial", "id", "index"):
+            raise SourceError(f"line {line}: device must be exactly one of serial, id, index (got {device})")
+        self.device_key, self.device_value = next(iter(device.items()))
+        self.pixel_format = pixel_format
+        self.exposure_us = exposure_us
+        self.trigger_mode = trigger_mode
+        self.trigger_source = trigger_source
+        self.features = dict(features or {})
+        self._shared: _SharedHarvester | None = None
+        self._ia: Any = None
+        self._device_name = "?"
+        self._counter = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any, line: str) -> "GenicamSource":
+        trigger = cfg.trigger
+        return cls(line, cfg.cti, cfg.device, pixel_format=cfg.pixel_format, exposure_us=cfg.exposure_us,
+                   trigger_mode=trigger.mode if trigger else None,
+                   trigger_source=trigger.source if trigger else None, features=cfg.features)
+
+    def describe(self) -> str:
+        return f"genicam {self.cti.name} {self.device_key} {self.device_value!r} ({self._device_name})"
+
+    # ---- open / close ----------------------------------------------------------------------------
+    def open(self) -> None:
+        if self._ia is not None:
+            return
+        self.stats = SourceStats()
+        self._counter = 0
+        if not self.cti.is_file():
+            raise SourceError(f"line {self.line}: GenTL producer {self.cti} does not exist")
+        try:
+            with _HARVESTERS_LOCK:
+                self._shared = self._acquire_harvester()
+                index = self._find_device(self._shared.harvester.device_info_list)
+                try:
+                    self._ia = self._shared.harvester.create(index)
+                except _genicam_errors() as exc:
+                    raise SourceError(f"line {self.line}: cannot open camera {self._device_name}: "
+                                      f"{_short(exc)}") from None
+            from harvesters.core import ImageAcquirer
+            self._ia.add_callback(ImageAcquirer.Events.INCOMPLETE_BUFFER, _IncompleteCounter(self.stats))
+            self._configure(self._ia.remote_device.node_map)
+            try:
+                self._ia.start()
+            except _genicam_errors() as exc:
+                raise SourceError(f"line {self.line}: cannot start acquisition on {self._device_name}: "
+                                  f"{_short(exc)}") from None
+        except BaseException:
+            self.close()
+            raise
+        log.info("line %s: %s open", self.line, self.describe())
+
+    def close(self) -> None:
+        ia, self._ia = self._ia, None
+        if ia is not None:
+            with _HARVESTERS_LOCK:
+                for step in (ia.stop, ia.destroy):
+                    try:
+                        step()
+                    except Exception as exc:  # a lost device fails its own teardown; keep releasing
+                        log.debug("line %s: %s during close: %s", self.line, step.__name__, _short(exc))
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            self._release_harvester(shared)
+
+    def _acquire_harvester(self) -> _SharedHarvester:
+        from harvesters.core import Harvester
+
+        key = str(self.cti.resolve())
+        shared = _HARVESTERS.get(key)
+        if shared is None:
+            harvester = Harvester()
+            try:
+                harvester.add_file(key, check_existence=True)
+                harvester.update()
+            except Exception as exc:
+                harvester.reset()
+                raise SourceError(f"line {self.line}: cannot load GenTL producer {self.cti}: "
+                                  f"{_short(exc)}") from None
+            shared = _HARVESTERS[key] = _SharedHarvester(harvester)
+        shared.users += 1
+        return shared
+
+    def _release_harvester(self, shared: _SharedHarvester) -> None:
+        with _HARVESTERS_LOCK:
+            shared.users -= 1
+            if shared.users > 0:
+                return
+            for key, value in list(_HARVESTERS.items()):
+                if value is shared:
+                    del _HARVESTERS[key]
+        try:
+            shared.harvester.reset()
+        except Exception as exc:
+            log.debug("line %s: Harvester.reset: %s", self.line, _short(exc))
+
+    def _find_device(self, infos: list[Any]) -> int:
+        def field(info: Any, name: str) -> str | None:
+            try:
+                return str(getattr(info, name))
+            except Exception:
+                return None
+
+        found: int | None = None
+        if self.device_key == "index":
+            if 0 <= int(self.device_value) < len(infos):
+                found = int(self.device_value)
+        else:
+            attr = "serial_number" if self.device_key == "serial" else "id_"
+            for i, info in enumerate(infos):
+                if field(info, attr) == str(self.device_value):
+                    found = i
+                    break
+        if found is None:
+            available = "; ".join(_device_summary(i, info) for i, info in enumerate(infos)) or "none"
+            raise SourceError(f"line {self.line}: no camera with {self.device_key} {self.device_value!r} "
+                              f"on {self.cti.name} (available: {available})")
+        self._device_name = field(infos[found], "id_") or f"#{found}"
+        return found
+
+    # ---- node writes -----------------------------------------------------------------------------
+    def _configure(self, node_map: Any) -> None:
+        writes: list[tuple[tuple[str, ...], Any]] = []
+        if self.pixel_format is not None:
+            if self.pixel_format not in _FORMATS:  # refuse what we cannot convert before touching the camera
+                raise SourceError(f"line {self.line}: pixel format {self.pixel_format!r} is not supported "
+                                  f"(supported: {', '.join(SUPPORTED_PIXEL_FORMATS)})")
+            writes.append((("PixelFormat",), self.pixel_format))
+        if self.exposure_us is not None:
+            writes.append((("ExposureTime", "ExposureTimeAbs"), float(self.exposure_us)))
+        if self.trigger_source is not None:
+            writes.append((("TriggerSource",), self.trigger_source))
+        if self.trigger_mode is not None:
+            writes.append((("TriggerMode",), self.trigger_mode))
+        writes.extend(((name,), value) for name, value in self.features.items())
+        for names, value in writes:
+            self._write_node(node_map, names, value)
+
+    def _write_node(self, node_map: Any, names: tuple[str, ...], wanted: Any) -> None:
+        name = next((n for n in names if node_map.has_node(n)), None)
+        if name is None:
+            raise SourceError(f"line {self.line}: camera {self._device_name} has no node {names[0]} "
+                              f"(cannot set {names[0]} = {wanted!r})")
+        node = getattr(node_map, name)
+        try:
+            node.value = wanted
+        except _genicam_errors() as exc:
+            allowed = ""
+            try:
+                allowed = f" (allowed: {', '.join(node.symbolics)})"
+            except Exception:  # not an enumeration
+                try:
+                    allowed = f" (range {node.min} .. {node.max})"
+                except Exception:
+                    pass
+            raise SourceError(f"line {self.line}: camera {self._device_name}: writing {name} = {wanted!r} "
+                              f"failed: {_short(exc)}{allowed}") from None
+        try:
+            got = node.value
+        except _genicam_errors() as exc:
+            raise SourceError(f"line {self.line}: camera {self._device_name}: cannot read back {name}: "
+                              f"{_short(exc)}") from None
+        if not _same_value(wanted, got):
+            raise SourceError(f"line {self.line}: camera {self._device_name}: {name} reads back {got!r} "
+                              f"after writing {wanted!r} (the camera adjusted or ignored it)")
+        log.debug("line %s: %s = %r", self.line, name, got)
+
+    # ---- frames ----------------------------------------------------------------------------------
+    def read(self, timeout_s: float) -> Frame | None:
+        if self._ia is None:
+            raise SourceLost(f"line {self.line}: camera {self._device_name} is not open")
+        from genicam.gentl import TimeoutException
+
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        while True:
+            remaining = max(deadline - time.monotonic(), 0.001)  # harvesters: 0 would mean "wait forever"
+            try:
+                with self._ia.fetch(timeout=remaining) as buffer:
+                    acquired_ns = time.time_ns()
+                    acquired_mono = time.monotonic()
+                    image, frame_id = self._copy_out(buffer)
+            except TimeoutException:
+                self.stats.timeouts += 1
+                return None
+            except _genicam_errors() as exc:
+                raise SourceLost(f"line {self.line}: camera {self._device_name} lost: {_short(exc)}") from None
+            except IndexError as exc:
+                # harvesters' acquirer turned obsolete under us (device/producer gone).
+                raise SourceLost(f"line {self.line}: camera {self._device_name} lost "
+                                 f"({type(exc).__name__})") from None
+            if image is not None:
+                self.stats.frames += 1
+                return Frame(line=self.line, frame_id=frame_id, acquired_ns=acquired_ns,
+                             acquired_mono=acquired_mono, image=image,
+                             meta={"device": self._device_name})
+            if time.monotonic() >= deadline:
+                return None
+
+    def _copy_out(self, buffer: Any) -> tuple[np.ndarray | None, int]:
+        """Pixels copied out of the buffer (it is requeued after this), or None for a buffer that
+        is empty or of the wrong size (counted as incomplete)."""
+        self._counter += 1
+        try:
+            frame_id = int(buffer.module.frame_id)
+        except Exception:  # producers without block ids: our own counter
+            frame_id = self._counter
+        payload = buffer.payload
+        components = getattr(payload, "components", None) if payload is not None else None
+        if not components:
+            self.stats.incomplete_frames += 1
+            return None, frame_id
+        comp = components[0]
+        fmt = str(comp.data_format)
+        width, height = int(comp.width), int(comp.height)
+        bpp = bytes_per_pixel(fmt)  # SourceError for a format we cannot convert
+        data = comp.data
+        if data is None or width <= 0 or height <= 0:
+            self.stats.incomplete_frames += 1
+            return None, frame_id
+        data = np.asarray(data).view(np.uint8).reshape(-1)
+        row = width * bpp
+        padding = int(getattr(comp, "x_padding", 0) or 0)
+        if padding and data.size == (row + padding) * height:
+            data = data.reshape(height, row + padding)[:, :row].reshape(-1)
+        if data.size != row * height:
+            self.stats.incomplete_frames += 1
+            log.debug("line %s: %s buffer %d of %d bytes, expected %d x %d: skipped",
+                      self.line, fmt, frame_id, data.size, width, height)
+            return None, frame_id
+        return convert_pixels(data, fmt, width, height), frame_id
+
+
+def _same_value(wanted: Any, got: Any) -> bool:
+    if isinstance(wanted, bool) or isinstance(got, bool):
+        return bool(wanted) == bool(got) if isinstance(got, (bool, int)) else str(wanted) == str(got)
+    if isinstance(wanted, (int, float)) and isinstance(got, (int, float)):
+        if isinstance(wanted, int) and isinstance(got, int):
+            return wanted == got
+        return math.isclose(float(wanted), float(got), rel_tol=_FLOAT_REL_TOL, abs_tol=1e-9)
+    return str(wanted) == str(got)

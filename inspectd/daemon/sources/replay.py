@@ -1,0 +1,241 @@
+"""Replay source: a folder of images or a video file, as a camera would deliver them.
+
+Used for commissioning (run the line on recorded parts), demos and tests. Pacing follows an
+absolute monotonic schedule (frame i is due at start + i / fps), so it does not drift; when the
+consumer falls behind by more than one frame period the schedule restarts from now, the way a
+camera drops frames instead of bursting them.
+
+Unreadable image files are skipped, counted in `stats.skipped_files` and logged: one bad file in
+a recorded set should not stop a commissioning run. A whole pass without one readable image is an
+error (SourceError), so a folder of junk cannot look like an idle camera.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from inspectd.daemon.frame import Frame
+from inspectd.daemon.sources.base import Source, SourceError, SourceStats
+from inspectd.engines.preprocess import IMAGE_SUFFIXES, decode_image
+from inspectd.errors import DataError
+
+log = logging.getLogger("inspectd.sources.replay")
+
+__all__ = ["ReplaySource", "label_for"]
+
+_LABELS = ("good", "bad")
+
+
+def label_for(path: Path, root: Path | None = None) -> str | None:
+    """"good"/"bad" from a good/ or bad/ folder below `root`, else from a good/bad word in the
+    file name (bad_003.png, part-good-7.jpg); None if neither says."""
+    if root is not None:
+        try:
+            folders = path.relative_to(root).parts[:-1]
+        except ValueError:
+            folders = ()
+        for part in reversed(folders):
+            if part.lower() in _LABELS:
+                return part.lower()
+    words = set(re.split(r"[^a-z]+", path.stem.lower()))
+    found = [label for label in _LABELS if label in words]
+    return found[0] if len(found) == 1 else None
+
+
+class ReplaySource(Source):
+    """Frames from image files (sorted by relative path) or from a video file."""
+
+    def __init__(self, line: str, path: str | Path, fps: float | None = None, loop: bool = False,
+                 labels: bool = True, color: str = "auto") -> None:
+        super().__init__(line)
+        if fps is not None and not fps > 0:
+            raise SourceError(f"line {line}: replay fps must be > 0 (got {fps})")
+        if color not in ("auto", "rgb", "gray"):
+            raise SourceError(f"line {line}: replay color must be auto, rgb or gray (got {color!r})")
+        self.path = Path(path)
+        self.fps = fps
+        self.loop = loop
+        self.labels = labels
+        self.color = color
+        self._files: list[Path] = []
+        self._video: Any = None            # cv2.VideoCapture while open (video mode)
+        self._is_video = False
+        self._position = 0                 # next file index / next video frame number
+        self._good_this_pass = 0
+        self._frame_id = 0
+        self._schedule_start: float | None = None
+        self._scheduled = 0                # frames released on the current schedule
+        self._exhausted = False
+        self._open = False
+
+    @classmethod
+    def from_config(cls, cfg: Any, line: str) -> "ReplaySource":
+        return cls(line, cfg.path, fps=cfg.fps, loop=cfg.loop, labels=cfg.labels_from_subfolders,
+                   color=cfg.color)
+
+    def describe(self) -> str:
+        kind = "video" if self._is_video else f"{len(self._files)} images"
+        pace = f"{self.fps:g} fps" if self.fps else "as fast as taken"
+        return f"replay {self.path} ({kind}, {pace}{', loop' if self.loop else ''})"
+
+    @property
+    def exhausted(self) -> bool:
+        return self._exhausted
+
+    # ---- open / close ----------------------------------------------------------------------------
+    def open(self) -> None:
+        if self._open:
+            return
+        self.stats = SourceStats()
+        self._position = 0
+        self._good_this_pass = 0
+        self._frame_id = 0
+        self._schedule_start = None
+        self._scheduled = 0
+        self._exhausted = False
+        if not self.path.exists():
+            raise SourceError(f"line {self.line}: replay input {self.path} does not exist")
+        if self.path.is_dir():
+            self._is_video = False
+            self._files = sorted((p for p in self.path.rglob("*")
+                                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                                 key=lambda p: p.relative_to(self.path).as_posix())
+            if not self._files:
+                raise SourceError(f"line {self.line}: no images in {self.path} "
+                                  f"(looked for {', '.join(IMAGE_SUFFIXES)}, subfolders included)")
+        else:
+            self._is_video = True
+            self._video = self._open_video()
+        self._open = True
+        log.info("line %s: %s open", self.line, self.describe())
+
+    def close(self) -> None:
+        video, self._video = self._video, None
+        if video is not None:
+            video.release()
+        self._open = False
+
+    def _open_video(self) -> Any:
+        capture = cv2.VideoCapture(str(self.path))
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"line {self.line}: {self.path} is not a readable video "
+                              f"(and not a folder of images)")
+        return capture
+
+    # ---- frames ----------------------------------------------------------------------------------
+    def read(self, timeout_s: float) -> Frame | None:
+        if not self._open:
+            raise SourceError(f"line {self.line}: replay source read before open()")
+        if self._exhausted:
+            time.sleep(max(timeout_s, 0.0))  # behave like an idle camera, not a busy loop
+            return None
+        now = time.monotonic()
+        if self.fps is not None and self._schedule_start is not None:
+            due = self._schedule_start + self._scheduled / self.fps
+            if due - now > timeout_s:  # not due within this call: wait like a camera would
+                time.sleep(max(timeout_s, 0.0))
+                self.stats.timeouts += 1
+                return None
+        item = self._next_image()
+        if item is None:
+            self._exhausted = True
+            log.info("line %s: replay of %s finished (%d frames)", self.line, self.path, self.stats.frames)
+            return None
+        image, meta = item
+        self._wait_until_due()
+        self._frame_id += 1
+        self.stats.frames += 1
+        return Frame(line=self.line, frame_id=self._frame_id, acquired_ns=time.time_ns(),
+                     acquired_mono=time.monotonic(), image=image, meta=meta)
+
+    def _wait_until_due(self) -> None:
+        if self.fps is None:
+            return
+        now = time.monotonic()
+        if self._schedule_start is None:
+            self._schedule_start, self._scheduled = now, 0
+        due = self._schedule_start + self._scheduled / self.fps
+        if now - due > 1.0 / self.fps:
+            self._schedule_start, self._scheduled = now, 0  # fell behind: restart, do not burst
+        elif due > now:
+            time.sleep(due - now)
+        self._scheduled += 1
+
+    def _next_image(self) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """The next decodable image and its meta, wrapping around when looping; None at the end."""
+        while True:
+            item = self._next_video_frame() if self._is_video else self._next_file()
+            if item is not None:
+                self._good_this_pass += 1
+                return item
+            # End of one pass.
+            if self._good_this_pass == 0:
+                raise SourceError(f"line {self.line}: no readable image in {self.path} "
+                                  f"({self.stats.skipped_files} unreadable file(s) skipped)")
+            if not self.loop:
+                return None
+            self._position = 0
+            self._good_this_pass = 0
+            if self._is_video:
+                self._video.release()
+                self._video = self._open_video()
+
+    def _next_file(self) -> tuple[np.ndarray, dict[str, Any]] | None:
+        while self._position < len(self._files):
+            path = self._files[self._position]
+            self._position += 1
+            try:
+                image = self._decode(path)
+            except DataError as exc:
+                self.stats.skipped_files += 1
+                log.warning("line %s: replay skips %s", self.line, exc)
+                continue
+            meta: dict[str, Any] = {"path": str(path), "index": self._position - 1}
+            label = label_for(path, self.path) if self.labels else None
+            if label is not None:
+                meta["label"] = label
+            return image, meta
+        return None
+
+    def _decode(self, path: Path) -> np.ndarray:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        mode = self.color
+        if mode == "auto":
+            # Grey files stay grey (H x W), anything with colour becomes RGB.
+            probe = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+            if probe is None:
+                raise DataError(f"{path}: not a readable image")
+            mode = "gray" if probe.ndim == 2 or probe.shape[2] == 1 else "rgb"
+        image = decode_image(data, mode, name=str(path))
+        return image[:, :, 0] if mode == "gray" else image
+
+    def _next_video_frame(self) -> tuple[np.ndarray, dict[str, Any]] | None:
+        ok, bgr = self._video.read()
+        if not ok or bgr is None:
+            return None
+        number = self._position
+        self._position += 1
+        if bgr.ndim == 2:
+            image = bgr.copy()
+        else:
+            image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        if self.color == "gray" and image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        elif self.color == "rgb" and image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+        meta: dict[str, Any] = {"path": str(self.path), "video_frame": number}
+        label = label_for(self.path) if self.labels else None
+        if label is not None:
+            meta["label"] = label
+        return image, meta

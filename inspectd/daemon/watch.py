@@ -1,0 +1,90 @@
+"""`inspectd watch`: print the verdict stream of a running daemon, one line per verdict, and say
+loudly when messages are lost, heartbeats stop or the daemon restarts."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from typing import TextIO
+
+from inspectd.errors import ConfigError
+
+
+def _fmt_time(ns: object) -> str:
+    if not isinstance(ns, int):
+        return "--:--:--.---"
+    t = dt.datetime.fromtimestamp(ns / 1e9)
+    return t.strftime("%H:%M:%S.") + f"{t.microsecond // 1000:03d}"
+
+
+def _fmt_num(value: object, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def format_verdict(header: dict) -> str:
+    """One display line for a verdict header."""
+    text = (f"{_fmt_time(header.get('acquired_ns'))} {header.get('line', '?'):<10} "
+            f"frame {header.get('frame_id', '?'):>8} {header.get('verdict', '?'):<4} "
+            f"score {_fmt_num(header.get('score'), '8.3f')} thr {_fmt_num(header.get('threshold'), '.3f')} "
+            f"latency {_fmt_num(header.get('latency_ms'), '7.1f')} ms")
+    if header.get("deadline_missed"):
+        text += "  DEADLINE MISSED"
+    if header.get("error"):
+        text += f"  ({header['error']})"
+    return text
+
+
+def run_watch(endpoint: str, line: str | None = None, stream: TextIO = sys.stdout,
+              duration: float | None = None, heartbeat_timeout_s: float = 3.0) -> int:
+    """Print verdicts from `endpoint` (all lines, or one) until `duration` seconds pass or Ctrl-C.
+    Returns the number of verdicts shown."""
+    from inspectd.client import VerdictSubscriber  # keep `inspectd --help` light
+
+    def say(text: str) -> None:
+        stream.write(text + "\n")
+        stream.flush()
+
+    def on_gap(topic: str, expected: int, got: int) -> None:
+        n = got - expected
+        say(f"!! gap: {n} message{'s' if n != 1 else ''} lost on {topic}")
+
+    shown = 0
+    sub = VerdictSubscriber(
+        endpoint, lines=[line] if line else None, topics=("verdict", "heartbeat"),
+        heartbeat_timeout_s=heartbeat_timeout_s, on_gap=on_gap,
+        on_heartbeat_lost=lambda ln: say(f"!! heartbeat lost: {ln} (none for {heartbeat_timeout_s:g} s)"),
+        on_heartbeat_restored=lambda ln: say(f"!! heartbeat back: {ln}"),
+        on_restart=lambda ln: say(f"!! daemon restarted: {ln} (sequence numbers start again)"))
+    try:
+        for msg in sub.messages(poll_s=0.2, duration=duration):
+            if msg.kind == "verdict":
+                say(format_verdict(msg.header))
+                shown += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close()
+    return shown
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    if args.duration is not None and args.duration <= 0:
+        raise ConfigError(f"--duration must be > 0 s, got {args.duration}")
+    run_watch(args.endpoint, line=args.line, duration=args.duration,
+              heartbeat_timeout_s=args.heartbeat_timeout)
+    return 0
+
+
+def register_watch(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `inspectd watch --endpoint E [--line L]` (called from inspectd/daemon/cli.py)."""
+    p = subparsers.add_parser("watch", help="print the verdict stream of a running daemon",
+                              description="Subscribe to a daemon's verdicts and print one line per "
+                              "verdict; marks lost messages, heartbeat losses and restarts.")
+    p.add_argument("--endpoint", required=True, help="publisher endpoint, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--line", default=None, help="only this line (default: all lines)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--heartbeat-timeout", type=float, default=3.0,
+                   help="report a line as lost after this many seconds without heartbeat (default 3)")
+    p.set_defaults(func=_cmd_watch)
+    return p

@@ -1,0 +1,123 @@
+"""Subcommands of the model side: train, eval (+ build-engine, check-engine, bench from runtime_cli)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from inspectd.errors import ConfigError, DataError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model bundle from a folder of good images",
+                       description="Train the EfficientNet + normalizing-flow engine on good images only and "
+                       "write a verified bundle (model.onnx + manifest.json).")
+    p.add_argument("--good", required=True, help="folder of good images")
+    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--image-size", type=_positive_int, default=256, help="square input size (default 256)")
+    p.add_argument("--epochs", type=_positive_int, default=40, help="training epochs (default 40)")
+    p.add_argument("--augment", default="rotate,translate,scale",
+                   help="comma list of rotate,translate,scale, or 'none' (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", default="efficientnet-lite0", help="efficientnet-lite0..4 or efficientnet-b0..7")
+    p.add_argument("--weights", default=None, help="local backbone state dict (default: the installed package)")
+    p.add_argument("--taps", type=_int_list, default=[4, 10, 15], help="block indices to tap (default 4,10,15)")
+    p.add_argument("--color", choices=["auto", "gray", "rgb"], default="auto",
+                   help="colour mode of the bundle (auto: gray if the images are grey)")
+    p.add_argument("--steps", type=_positive_int, default=4, help="coupling steps per scale (default 4)")
+    p.add_argument("--hidden-ratio", type=float, default=1.0, help="subnet width / channels (default 1.0)")
+    p.add_argument("--views", type=_positive_int, default=4, help="cached augmented views per image (default 4)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--golden-bad", default=None, help="a few bad images to store as golden images (parity gate)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a bundle on good and bad images (ONNX Runtime)",
+                       description="Score good and bad folders through ONNX Runtime and write image/pixel ROC AUC, "
+                       "a per-image CSV, ROC and histogram PNGs and heatmap overlays.")
+    e.add_argument("--bundle", required=True)
+    e.add_argument("--good", required=True)
+    e.add_argument("--bad", required=True)
+    e.add_argument("--masks", default=None, help="folder of defect masks named like the bad images")
+    e.add_argument("--out", required=True, help="report folder")
+    e.add_argument("--threads", type=int, default=0)
+    e.set_defaults(func=_eval)
+
+    try:
+        runtime_cli = importlib.import_module("inspectd.engines.runtime_cli")
+    except ModuleNotFoundError as exc:
+        if exc.name != "inspectd.engines.runtime_cli":
+            raise
+    else:
+        runtime_cli.register(sub)
+
+
+def _detect_color(folder: str) -> str:
+    import numpy as np
+
+    from inspectd.engines.preprocess import list_images, read_image
+
+    for path in list_images(folder)[:8]:
+        try:
+            img = read_image(path, "rgb")
+        except DataError:
+            continue
+        if not (np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])):
+            return "rgb"
+    return "gray"
+
+
+def _train(args: argparse.Namespace) -> int:
+    from inspectd.engines.model import ModelConfig
+    from inspectd.engines.train import AUGMENTATIONS, TrainConfig, summary, train
+
+    augment = [] if args.augment.strip().lower() == "none" else [a.strip() for a in args.augment.split(",") if a.strip()]
+    unknown = [a for a in augment if a not in AUGMENTATIONS]
+    if unknown:
+        raise ConfigError(f"--augment: unknown augmentation {unknown[0]!r} (choose from {', '.join(AUGMENTATIONS)} "
+                          f"or none)")
+    if not Path(args.good).is_dir():
+        raise DataError(f"{args.good}: folder does not exist" if not Path(args.good).exists()
+                        else f"{args.good}: not a folder")
+    from inspectd.engines.bundle import refuse_existing
+
+    refuse_existing(Path(args.out), args.force)  # before any slow work
+    color = _detect_color(args.good) if args.color == "auto" else args.color
+    map_size = max(8, args.image_size // 4)
+    cfg = TrainConfig(model=ModelConfig(backbone=args.backbone, taps=args.taps, image_size=args.image_size,
+                                        color_mode=color, steps=args.steps, hidden_ratio=args.hidden_ratio,
+                                        map_size=map_size, seed=args.seed),
+                      epochs=args.epochs, augment=augment, views=args.views, batch_size=args.batch_size,
+                      seed=args.seed, weights=args.weights)
+    result = train(args.good, args.out, cfg, force=args.force, golden_bad_dir=args.golden_bad)
+    print(summary(result))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from inspectd.engines.evaluate import evaluate
+
+    report = evaluate(args.bundle, args.good, args.bad, args.out, masks_dir=args.masks, threads=args.threads)
+    print(json.dumps(report, indent=2))
+    print(f"report written to {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,155 @@
+"""`inspectd eval`: score good and bad folders through ONNX Runtime (the daemon's path) and write
+a report: image / pixel ROC AUC, per-image CSV, ROC curve, score histogram, heatmap overlays."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from inspectd.calibration.roc import roc_auc, roc_curve
+from inspectd.engines.bundle import Bundle, load_bundle
+from inspectd.engines.heatmap import overlay
+from inspectd.engines.preprocess import IMAGE_SUFFIXES, list_images, load_prepared
+from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from inspectd.errors import DataError
+from inspectd.progress import Progress
+
+N_OVERLAYS = 5
+
+
+@dataclass
+class Scored:
+    path: Path
+    label: int            # 0 good, 1 bad
+    score: float          # raw
+    amap: np.ndarray
+    image: np.ndarray
+
+
+def score_folder(backend: OnnxRuntimeBackend, bundle: Bundle, folder: str | os.PathLike, label: int,
+                 bar: Progress) -> tuple[list[Scored], int]:
+    items, skipped = [], 0
+    for p in list_images(folder):
+        try:
+            img = load_prepared(p, bundle.input_spec)
+        except DataError:
+            skipped += 1
+            bar.update(1)
+            continue
+        s, m = backend.infer(img[None])
+        items.append(Scored(p, label, float(s[0]), m[0], img))
+        bar.update(1)
+    return items, skipped
+
+
+def _mask_for(masks_dir: Path, image_path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    for suffix in IMAGE_SUFFIXES:
+        cand = masks_dir / (image_path.stem + suffix)
+        if cand.is_file():
+            m = cv2.imdecode(np.fromfile(str(cand), np.uint8), cv2.IMREAD_GRAYSCALE)
+            if m is None:
+                raise DataError(f"{cand}: not a readable mask")
+            return cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 127
+    return None
+
+
+def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir: str | os.PathLike,
+             out_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None,
+             threads: int = 0) -> dict[str, Any]:
+    bundle = load_bundle(bundle_dir)
+    out = Path(out_dir)
+    n_total = len(list_images(good_dir)) + len(list_images(bad_dir))
+    if len(list_images(good_dir)) == 0 or len(list_images(bad_dir)) == 0:
+        raise DataError("eval needs at least one image in each of --good and --bad")
+    out.mkdir(parents=True, exist_ok=True)
+    bar = Progress(n_total, "eval")
+    with OnnxRuntimeBackend(bundle, threads=threads) as backend:
+        good, skip_g = score_folder(backend, bundle, good_dir, 0, bar)
+        bad, skip_b = score_folder(backend, bundle, bad_dir, 1, bar)
+    bar.close()
+    if not good or not bad:
+        raise DataError("no readable images in --good or --bad")
+    items = good + bad
+    g = np.array([i.score for i in good])
+    b = np.array([i.score for i in bad])
+    report: dict[str, Any] = {
+        "bundle": str(bundle.path), "bundle_id": bundle.bundle_id,
+        "n_good": len(good), "n_bad": len(bad), "skipped": skip_g + skip_b,
+        "image_auroc": roc_auc(g, b),
+    }
+    if masks_dir is not None:
+        report.update(_pixel_auroc(items, Path(masks_dir), bundle))
+    with open(out / "scores.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label", "raw_score", "score"])
+        for i in items:
+            w.writerow([i.path.name, "bad" if i.label else "good", f"{i.score:.6f}",
+                        f"{float(bundle.normalize(i.score)):.6f}"])
+    _plots(g, b, out, report)
+    _overlays(bundle, good, bad, out)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _pixel_auroc(items: list[Scored], masks_dir: Path, bundle: Bundle) -> dict[str, Any]:
+    h, w = bundle.input_spec.height, bundle.input_spec.width
+    values, labels = [], []
+    for i in items:
+        mask = _mask_for(masks_dir, i.path, (h, w))
+        if mask is None:
+            if i.label == 1:
+                continue  # a bad image without a mask says nothing about pixels
+            mask = np.zeros((h, w), bool)
+        values.append(cv2.resize(i.amap, (w, h), interpolation=cv2.INTER_LINEAR).ravel())
+        labels.append(mask.ravel())
+    if not values:
+        return {"pixel_auroc": None}
+    v, lab = np.concatenate(values), np.concatenate(labels)
+    if not lab.any() or lab.all():
+        return {"pixel_auroc": None}
+    return {"pixel_auroc": roc_auc(v[~lab], v[lab]), "pixel_images": len(values)}
+
+
+def _plots(g: np.ndarray, b: np.ndarray, out: Path, report: dict[str, Any]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr, _ = roc_curve(g, b)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC {report['image_auroc']:.4f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false-reject rate (good judged NG)")
+    ax.set_ylabel("detection rate (bad judged NG)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "roc.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    bins = np.linspace(min(g.min(), b.min()), max(g.max(), b.max()), 40)
+    ax.hist(g, bins=bins, alpha=0.6, label=f"good (n={len(g)})", color="tab:green")
+    ax.hist(b, bins=bins, alpha=0.6, label=f"bad (n={len(b)})", color="tab:red")
+    ax.set_xlabel("raw anomaly score")
+    ax.set_ylabel("images")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "histogram.png")
+    plt.close(fig)
+
+
+def _overlays(bundle: Bundle, good: list[Scored], bad: list[Scored], out: Path) -> None:
+    folder = out / "overlays"
+    folder.mkdir(exist_ok=True)
+    worst_good = sorted(good, key=lambda i: -i.score)[:N_OVERLAYS]
+    best_bad = sorted(bad, key=lambda i: i.score)[:N_OVERLAYS]
+    for tag, chosen in (("worst-good", worst_good), ("best-bad", best_bad)):
+        for rank, i in enumerate(chosen):
+            img = overlay(i.image, bundle.heatmap_u8(i.amap))
+            cv2.imwrite(str(folder / f"{tag}-{rank}-{i.path.stem}.png"), img)

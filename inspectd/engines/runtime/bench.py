@@ -1,0 +1,214 @@
+"""Latency benchmark: every available backend side by side in one run, at batch 1 and batch K,
+warm-up excluded; preprocessing timed separately; the plain backbone too when the bundle
+carries a backbone-only ONNX (`backbone.onnx`), so the cost of the flow head is visible.
+
+Each timed call is the whole `Backend.infer` (host -> device copies, inference, device -> host
+copies and synchronisation included), measured with time.perf_counter.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from inspectd.engines.bundle import Bundle
+from inspectd.engines.preprocess import load_prepared, prepare, read_image
+from inspectd.engines.runtime import BACKENDS, backend_class
+from inspectd.errors import ConfigError, InspectdError
+
+BACKBONE_FILE = "backbone.onnx"
+
+
+@dataclass
+class LatencyStats:
+    name: str  # backend, "preprocess ..." or "backbone-only ..."
+    batch: int
+    iterations: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    images_per_s: float
+
+    @classmethod
+    def from_seconds(cls, name: str, batch: int, seconds: Sequence[float]) -> "LatencyStats":
+        s = np.asarray(seconds, dtype=np.float64)
+        if s.size == 0:
+            raise ValueError("no timings")
+        ms = s * 1e3
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        return cls(name=name, batch=batch, iterations=int(s.size), p50_ms=float(p50), p90_ms=float(p90),
+                   p99_ms=float(p99), max_ms=float(ms.max()), mean_ms=float(ms.mean()),
+                   images_per_s=float(batch * s.size / s.sum()) if s.sum() > 0 else float("inf"))
+
+
+@dataclass
+class BenchResult:
+    bundle_id: str
+    input_shape: tuple[int, int, int]
+    rows: list[LatencyStats] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bundle_id": self.bundle_id, "input_shape": list(self.input_shape),
+                "rows": [asdict(r) for r in self.rows], "skipped": dict(self.skipped),
+                "engines": self.engines, "environment": self.environment}
+
+    def row(self, name: str, batch: int) -> LatencyStats | None:
+        return next((r for r in self.rows if r.name == name and r.batch == batch), None)
+
+    def table(self) -> str:
+        h, w, c = self.input_shape
+        lines = [f"bundle {self.bundle_id}, input {h}x{w}x{c} uint8; latency per call in ms (warm-up excluded)",
+                 f"{'what':<34} {'batch':>5} {'n':>6} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'img/s':>9}"]
+        for r in self.rows:
+            lines.append(f"{r.name:<34} {r.batch:>5} {r.iterations:>6} {r.p50_ms:>8.3f} {r.p90_ms:>8.3f} "
+                         f"{r.p99_ms:>8.3f} {r.max_ms:>8.3f} {r.images_per_s:>9.1f}")
+        ratio = self.head_cost_ratio()
+        if ratio is not None:
+            lines.append(f"whole engine / backbone only (onnxruntime, batch 1, p50): {ratio:.2f}x")
+        for name, reason in self.skipped.items():
+            lines.append(f"skipped {name}: {reason}")
+        return "\n".join(lines)
+
+    def head_cost_ratio(self) -> float | None:
+        whole, backbone = self.row("onnxruntime", 1), self.row("backbone-only (onnxruntime)", 1)
+        if whole is None or backbone is None or backbone.p50_ms <= 0:
+            return None
+        return whole.p50_ms / backbone.p50_ms
+
+
+def time_calls(fn: Callable[[], Any], iterations: int, warmup: int) -> list[float]:
+    """Seconds per call for `iterations` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def sample_inputs(bundle: Bundle, n: int) -> np.ndarray:
+    """n prepared golden images (cycled), or seeded noise when the bundle has none."""
+    good, bad = bundle.golden_images()
+    paths = good + bad
+    if paths:
+        images = [load_prepared(p, bundle.input_spec) for p in paths]
+        return np.stack([images[i % len(images)] for i in range(n)])
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(n, *bundle.input_spec.shape), dtype=np.uint8)
+
+
+def sample_frame(bundle: Bundle) -> np.ndarray:
+    """A decoded camera-like frame: a golden image at its stored size, else 2x the input size."""
+    good, bad = bundle.golden_images()
+    if good or bad:
+        return read_image((good + bad)[0], "rgb" if bundle.input_spec.color_mode == "rgb" else "gray")
+    spec = bundle.input_spec
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 256, size=(spec.height * 2, spec.width * 2, spec.channels), dtype=np.uint8)
+
+
+def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations: int = 200, batch: int = 8,
+              warmup: int = 20, options: dict[str, dict[str, Any]] | None = None) -> BenchResult:
+    """Benchmark each requested backend (default: all known) that can run here."""
+    if iterations < 1 or warmup < 0 or batch < 1:
+        raise ConfigError(f"iterations ({iterations}) and batch ({batch}) must be >= 1, warmup ({warmup}) >= 0")
+    names = list(backends) if backends else list(BACKENDS)
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise ConfigError(f"unknown backend(s) {', '.join(unknown)} (known: {', '.join(BACKENDS)})")
+    options = options or {}
+    result = BenchResult(bundle_id=bundle.bundle_id, input_shape=bundle.input_spec.shape,
+                         environment=environment())
+    batch_sizes = sorted({1, batch})
+    inputs = sample_inputs(bundle, max(batch_sizes))
+
+    frame = sample_frame(bundle)
+    fh, fw = frame.shape[:2]
+    result.rows.append(LatencyStats.from_seconds(
+        f"preprocess (prepare {fw}x{fh} frame)", 1,
+        time_calls(lambda: prepare(frame, bundle.input_spec), iterations, warmup)))
+    good, bad = bundle.golden_images()
+    if good or bad:
+        path = (good + bad)[0]
+        result.rows.append(LatencyStats.from_seconds(
+            "preprocess (load_prepared file)", 1,
+            time_calls(lambda: load_prepared(path, bundle.input_spec), iterations, warmup)))
+
+    for name in names:
+        try:
+            backend = backend_class(name)(bundle, **options.get(name, {}))
+        except InspectdError as exc:
+            result.skipped[name] = str(exc)
+            continue
+        try:
+            result.engines[name] = backend.describe()
+            for k in batch_sizes:
+                x = np.ascontiguousarray(inputs[:k])
+                result.rows.append(LatencyStats.from_seconds(
+                    name, k, time_calls(lambda: backend.infer(x), iterations, warmup)))
+        finally:
+            backend.close()
+
+    backbone = bundle.path / BACKBONE_FILE
+    if backbone.is_file() and "onnxruntime" in names and "onnxruntime" not in result.skipped:
+        threads = int(options.get("onnxruntime", {}).get("threads", 0))
+        run = _ort_runner(backbone, threads)
+        for k in batch_sizes:
+            x = np.ascontiguousarray(inputs[:k])
+            result.rows.append(LatencyStats.from_seconds(
+                "backbone-only (onnxruntime)", k, time_calls(lambda: run(x), iterations, warmup)))
+    return result
+
+
+def _ort_runner(path: os.PathLike, threads: int) -> Callable[[np.ndarray], Any]:
+    """The backbone-only graph with the same session options as the reference backend."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's own exception types
+        raise InspectdError(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
+    input_name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {input_name: x})
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
+                           "cpu_count": os.cpu_count(), "cpu": _cpu_model()}
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,132 @@
+"""`inspectd build-engine`, `check-engine` and `bench`: engine building, the parity gate by
+hand, and the side-by-side latency benchmark. Heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from typing import Any
+
+from inspectd.errors import ConfigError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("build-engine", help="build a TensorRT engine for this GPU into the bundle's engine cache")
+    p.add_argument("--bundle", required=True, help="model bundle directory")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16")
+    p.add_argument("--workspace", type=int, default=1024, metavar="MB", help="builder workspace limit (MB)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch the engine accepts (profile max)")
+    p.add_argument("--calib-images", default=None, metavar="DIR",
+                   help="folder of good images for INT8 calibration (default: the bundle's calibration images)")
+    p.add_argument("--device", type=int, default=0, help="CUDA device index")
+    p.set_defaults(func=_build_engine)
+
+    p = subparsers.add_parser("check-engine", help="run the parity gate: a backend vs ONNX Runtime CPU on the "
+                                                   "bundle's golden images")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--backend", required=True, help="backend to check (tensorrt, torch, onnxruntime)")
+    p.add_argument("--threshold", type=float, default=None, help="line threshold (normalized score) for the "
+                                                                 "OK/NG comparison")
+    p.add_argument("--tolerance", type=float, default=None, help="max |normalized score diff| (default 0.05)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option, e.g. precision=int8, device=cpu (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_check_engine)
+
+    p = subparsers.add_parser("bench", help="latency of each available backend side by side, plus preprocessing")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--backend", action="append", default=None, metavar="NAME",
+                   help="backend to measure (repeatable; default: every known backend that runs here)")
+    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--batch", type=int, default=8, help="second batch size measured besides batch 1")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_bench)
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values that parse as JSON (numbers, true/false) are typed."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {item!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _build_engine(args: argparse.Namespace) -> int:
+    from inspectd.engines.bundle import load_bundle
+    from inspectd.engines.runtime.tensorrt_backend import build_engine
+
+    if args.workspace < 1 or args.max_batch < 1:
+        raise ConfigError("--workspace and --max-batch must be >= 1")
+    bundle = load_bundle(args.bundle)
+    path = build_engine(bundle, precision=args.precision, workspace_mb=args.workspace,
+                        calib_images=args.calib_images, max_batch=args.max_batch, device=args.device)
+    print(f"engine: {path}")
+    return 0
+
+
+def _check_engine(args: argparse.Namespace) -> int:
+    from inspectd.engines.bundle import load_bundle
+    from inspectd.engines.runtime import backend_class
+    from inspectd.engines.runtime.parity import SCORE_TOLERANCE, ParityError, parity_gate
+
+    tolerance = SCORE_TOLERANCE if args.tolerance is None else args.tolerance
+    if not tolerance > 0:
+        raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
+    options = parse_options(args.option)
+    bundle = load_bundle(args.bundle)
+    cls = backend_class(args.backend) if not (args.backend == "torch" and options.get("device") == "cpu") \
+        else _torch_cpu_class()
+    try:
+        inspect.signature(cls).bind(bundle, **options)
+    except TypeError as exc:
+        raise ConfigError(f"--option for backend {args.backend}: {exc}") from None
+    backend = cls(bundle, **options)
+    try:
+        report = parity_gate(backend, bundle, threshold=args.threshold, tolerance=tolerance)
+    except ParityError as exc:
+        if exc.report is not None and exc.report.rows:
+            print(json.dumps(exc.report.as_dict(), indent=2) if args.json else exc.report.table())
+        raise
+    finally:
+        backend.close()
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
+def _torch_cpu_class() -> Any:
+    # The factory refuses torch without CUDA (not a line configuration); by hand, CPU is allowed.
+    from inspectd.engines.runtime.torch_backend import TorchBackend, unavailable_reason
+    from inspectd.errors import BackendUnavailable
+
+    reason = unavailable_reason("cpu")
+    if reason:
+        raise BackendUnavailable(reason)
+    return TorchBackend
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from inspectd.engines.bundle import load_bundle
+    from inspectd.engines.runtime.bench import run_bench
+
+    if args.iterations < 1 or args.batch < 1 or args.warmup < 0 or args.threads < 0:
+        raise ConfigError("--iterations and --batch must be >= 1, --warmup and --threads >= 0")
+    bundle = load_bundle(args.bundle)
+    options = {"onnxruntime": {"threads": args.threads}} if args.threads else {}
+    result = run_bench(bundle, backends=args.backend, iterations=args.iterations, batch=args.batch,
+                       warmup=args.warmup, options=options)
+    if args.json:
+        json.dump(result.as_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(result.table())
+    return 0

@@ -1,0 +1,154 @@
+"""Atomic config update: new threshold file + YAML pointing at it, byte-exact backup, and a crash
+at the commit point (in-process failure, and a real SIGKILL of a child process) leaves the old
+config intact and loadable by the daemon's own config loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from inspectd.calibration import config_update as cu
+from inspectd.daemon.config import load_config
+from inspectd.errors import ConfigError
+
+CONFIG = """\
+# production lines (this comment is not kept by re-dumping; the .bak keeps it)
+zmq: {endpoint: "tcp://127.0.0.1:5555"}
+lines:
+  - id: line1
+    source: {type: replay, path: frames/}
+    bundle: bundles/tiny
+    threshold: 3.0
+    latency_budget_ms: 50
+  - id: line2
+    source: {type: replay, path: frames2/}
+    bundle: bundles/tiny
+    threshold: 2.5
+"""
+
+CALIBRATION = {"threshold": 1.75, "bundle_id": "abc123def456", "n_good": 600, "target_false_reject": 0.005,
+               "false_reject_bound": 0.00499, "good_scores": [0.1, 0.2]}
+
+
+@pytest.fixture()
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "lines.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def _siblings(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_update_writes_calibration_file_backup_and_config(config: Path) -> None:
+    upd = cu.update_line_threshold(config, "line1", CALIBRATION)
+    # The daemon's loader accepts the new config and resolves the file next to it.
+    daemon_cfg = load_config(config, validate_paths=False)
+    line1 = daemon_cfg.line("line1")
+    assert Path(line1.threshold.file) == upd.calibration_file.resolve()
+    record = json.loads(upd.calibration_file.read_text())
+    assert record["threshold"] == 1.75 and record["bundle_id"] == "abc123def456"
+    assert record["previous_threshold"] == 3.0 and record["n_good"] == 600
+    # Backup is the old file byte for byte (comments included); other content is preserved.
+    assert upd.backup.read_text() == CONFIG
+    assert upd.backup.name.startswith("lines.yaml.bak-")
+    data = yaml.safe_load(config.read_text())
+    assert data["lines"][1]["threshold"] == 2.5 and data["zmq"]["endpoint"] == "tcp://127.0.0.1:5555"
+    assert data["lines"][0]["latency_budget_ms"] == 50
+    assert not [n for n in _siblings(config.parent) if n.endswith(".tmp")]
+
+
+def test_second_calibration_keeps_both_records(config: Path) -> None:
+    first = cu.update_line_threshold(config, "line1", CALIBRATION)
+    second = cu.update_line_threshold(config, "line1", {**CALIBRATION, "threshold": 2.0})
+    assert first.calibration_file != second.calibration_file and first.calibration_file.exists()
+    assert second.old_threshold == {"file": first.calibration_file.name}
+    assert yaml.safe_load(second.backup.read_text())["lines"][0]["threshold"] == {"file": first.calibration_file.name}
+    assert load_config(config).line("line1").threshold.file.name == second.calibration_file.name
+
+
+def test_failure_at_commit_point_leaves_old_config_intact(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_replace = os.replace
+
+    def failing_replace(src: str, dst: str | os.PathLike) -> None:
+        if Path(dst) == config:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)  # only this test: simulate the crash
+    with pytest.raises(OSError):
+        cu.update_line_threshold(config, "line1", CALIBRATION)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert config.read_text() == CONFIG
+    assert load_config(config).line("line1").threshold == 3.0
+    names = _siblings(config.parent)
+    assert not [n for n in names if n.endswith(".tmp")]            # temp file cleaned up
+    assert not [n for n in names if ".calibration-" in n]          # unreferenced record removed
+
+
+def test_sigkill_of_writer_at_commit_point_leaves_old_config_intact(config: Path) -> None:
+    """A real crash: a child process is SIGKILLed right before the config rename."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from pathlib import Path
+        from inspectd.calibration import config_update as cu
+        config = Path({str(config)!r})
+        real = os.replace
+        def dying_replace(src, dst):
+            if Path(dst) == config:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(src, dst)
+        os.replace = dying_replace
+        cu.update_line_threshold(config, "line1", {{"threshold": 9.0, "bundle_id": "x"}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert config.read_text() == CONFIG
+    assert load_config(config).line("line1").threshold == 3.0
+    # The complete new YAML sat in a temp file (fsynced) that never replaced the config.
+    temps = [p for p in config.parent.iterdir() if p.name.endswith(".tmp")]
+    assert len(temps) == 1 and yaml.safe_load(temps[0].read_text())["lines"][0]["threshold"]["file"]
+
+
+def test_unknown_line_is_refused_with_known_ids_and_nothing_written(config: Path) -> None:
+    before = _siblings(config.parent)
+    with pytest.raises(ConfigError, match=r"line 'line9' is not in the config \(lines: line1, line2\)"):
+        cu.update_line_threshold(config, "line9", CALIBRATION)
+    assert _siblings(config.parent) == before and config.read_text() == CONFIG
+
+
+@pytest.mark.parametrize("text,match", [
+    ("lines: [\n  - id: x\n", "YAML syntax error"),
+    ("- just\n- a list\n", "not a mapping"),
+    ("zmq: {}\n", "no `lines:` list"),
+])
+def test_broken_configs_give_one_line_errors(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "lines.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        cu.check_line(path, "x")
+    assert "\n" not in str(err.value)
+    assert path.read_text() == text
+
+
+def test_config_the_daemon_rejects_is_not_touched(tmp_path: Path) -> None:
+    path = tmp_path / "lines.yaml"
+    text = CONFIG.replace("latency_budget_ms: 50", "latency_budget: 50")  # typo: daemon rejects it
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="latency_budget"):
+        cu.update_line_threshold(path, "line1", CALIBRATION)
+    assert path.read_text() == text and _siblings(tmp_path) == {"lines.yaml"}
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        cu.check_line(tmp_path / "nope.yaml", "line1")

@@ -1,0 +1,412 @@
+"""VerdictSubscriber and `inspectd watch` against the real Publisher (or, to craft exact sequence
+numbers, a plain ZeroMQ PUB socket) over ipc sockets in tmp_path."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from inspectd.client import Message, VerdictSubscriber
+from inspectd.daemon.frame import Verdict
+from inspectd.daemon.publish import Publisher
+from inspectd.daemon.watch import format_verdict, register_watch, run_watch
+from inspectd.errors import ConfigError, InspectdError
+
+
+def make_verdict(frame_id: int, line: str = "line1", verdict: str = "OK", **kw) -> Verdict:
+    fields = dict(line=line, frame_id=frame_id, acquired_ns=time.time_ns(), verdict=verdict, score=0.5,
+                  raw_score=-1.0, threshold=4.0, latency_ms=9.0, deadline_missed=False,
+                  backend="onnxruntime-cpu", bundle_id="b1")
+    fields.update(kw)
+    return Verdict(**fields)
+
+
+class Events:
+    """Thread-safe record of callbacks, with a wait."""
+
+    def __init__(self):
+        self.items: list[tuple] = []
+        self.cond = threading.Condition()
+
+    def add(self, *item):
+        with self.cond:
+            self.items.append(item)
+            self.cond.notify_all()
+
+    def of(self, kind):
+        with self.cond:
+            return [i[1:] for i in self.items if i[0] == kind]
+
+    def wait(self, kind, n=1, timeout=5.0):
+        end = time.monotonic() + timeout
+        with self.cond:
+            while len([i for i in self.items if i[0] == kind]) < n:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"waited {timeout} s for {n} {kind}; got {self.items[-5:]}")
+                self.cond.wait(left)
+        return self.of(kind)
+
+
+def subscriber(endpoint, events: Events, **kw) -> VerdictSubscriber:
+    return VerdictSubscriber(
+        endpoint,
+        on_verdict=lambda m: events.add("verdict", m),
+        on_heatmap=lambda m: events.add("heatmap", m),
+        on_heartbeat=lambda m: events.add("heartbeat", m),
+        on_gap=lambda topic, expected, got: events.add("gap", topic, expected, got),
+        on_heartbeat_lost=lambda line: events.add("lost", line),
+        on_heartbeat_restored=lambda line: events.add("restored", line),
+        on_restart=lambda line: events.add("restart", line),
+        **kw)
+
+
+class RawPub:
+    """A plain PUB socket for crafted messages (exact seq numbers, garbage)."""
+
+    def __init__(self, endpoint):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+
+    def send(self, topic, header, payload=None):
+        parts = [topic.encode(), json.dumps(header).encode()] + ([payload] if payload is not None else [])
+        self.sock.send_multipart(parts)
+
+    def heartbeat(self, line, seq, start_ns=None):
+        h = {"schema": 1, "topic": f"heartbeat.{line}", "line": line, "seq": seq,
+             "published_ns": time.time_ns(), "status": {}, "interval_s": 0.05}
+        if start_ns is not None:
+            h["daemon_start_ns"] = start_ns
+        self.send(f"heartbeat.{line}", h)
+
+    def verdict(self, line, seq, start_ns=None, **kw):
+        h = {"schema": 1, "topic": f"verdict.{line}", "line": line, "seq": seq, "frame_id": seq,
+             "acquired_ns": time.time_ns(), "published_ns": time.time_ns(), "verdict": "OK", "score": 0.1,
+             "raw_score": 0.0, "threshold": 3.0, "latency_ms": 5.0, "deadline_missed": False,
+             "backend": "x", "bundle_id": "b", "error": None}
+        if start_ns is not None:
+            h["daemon_start_ns"] = start_ns
+        h.update(kw)
+        self.send(f"verdict.{line}", h)
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def sync_raw(pub: RawPub, sub: VerdictSubscriber, events: Events, line="line1"):
+    """Heartbeat until the subscription reached the raw publisher (slow joiner), seq 0.. on heartbeats."""
+    for seq in range(200):
+        pub.heartbeat(line, seq)
+        if sub.poll_once(0.05) is not None:
+            return seq
+    raise AssertionError("subscriber never connected")
+
+
+@pytest.fixture
+def endpoint(tmp_path):
+    return f"ipc://{tmp_path}/pub.sock"
+
+
+@pytest.fixture
+def publisher(endpoint):
+    pub = Publisher(endpoint, heartbeat_interval_s=0.05)
+    pub.register_line("line1")
+    pub.start()
+    yield pub
+    pub.stop(5)
+
+
+def test_thread_mode_receives_verdicts_and_heatmaps(endpoint, publisher):
+    events = Events()
+    sub = subscriber(endpoint, events, topics=("verdict", "heatmap", "heartbeat"))
+    sub.start()
+    try:
+        events.wait("heartbeat")
+        hm = np.full((4, 6), 200, np.uint8)
+        for i in range(5):
+            publisher.publish_verdict(make_verdict(i, verdict="NG" if i == 3 else "OK", heatmap=hm))
+        publisher.publish_heatmap(make_verdict(3, verdict="NG", heatmap=hm), encoding="raw")
+        verdicts = events.wait("verdict", 5)
+        (heat,) = events.wait("heatmap", 1)[0]
+        with pytest.raises(InspectdError, match="own thread"):
+            sub.poll_once(0.01)  # the socket belongs to the subscriber thread
+    finally:
+        assert sub.stop(5)
+    msgs = [v[0] for v in verdicts]
+    assert all(isinstance(m, Message) and m.kind == "verdict" and m.line == "line1" for m in msgs)
+    assert [m.header["frame_id"] for m in msgs] == [0, 1, 2, 3, 4]
+    assert [m.header["verdict"] for m in msgs] == ["OK", "OK", "OK", "NG", "OK"]
+    assert heat.topic == "heatmap.line1" and heat.header["shape"] == [4, 6]
+    np.testing.assert_array_equal(heat.heatmap_image(), hm)
+    assert events.of("gap") == [] and events.of("restart") == []
+    assert sub.received >= 6 and sub.malformed == 0
+
+
+def test_gap_detected_with_exact_numbers(endpoint):
+    pub = RawPub(endpoint)
+    events = Events()
+    sub = subscriber(endpoint, events, heartbeat_timeout_s=None)
+    try:
+        sync_raw(pub, sub, events)
+        for seq in (0, 1, 4, 5, 9):
+            pub.verdict("line1", seq)
+        got = []
+        while len(got) < 5:
+            m = sub.poll_once(5)
+            assert m is not None
+            if m.kind == "verdict":
+                got.append(m.header["seq"])
+    finally:
+        sub.close()
+        pub.close()
+    assert got == [0, 1, 4, 5, 9]
+    assert events.of("gap") == [("verdict.line1", 2, 4), ("verdict.line1", 6, 9)]
+    assert sub.lost == 5
+
+
+def test_real_loss_at_high_water_mark_is_reported(endpoint):
+    # A subscriber that does not read while the daemon publishes big heatmaps loses messages (PUB
+    # drops at the HWM); the seq gap must tell it how many.
+    pub = Publisher(endpoint, sndhwm=2, heartbeat_interval_s=0.05)
+    pub.register_line("line1")
+    pub.start()
+    events = Events()
+    sub = subscriber(endpoint, events, topics=("heatmap", "heartbeat"), rcvhwm=2, heartbeat_timeout_s=None)
+    try:
+        while sub.poll_once(1.0) is None:
+            pass
+        big = np.random.default_rng(0).integers(0, 255, (512, 512), dtype=np.uint8)
+        n = 200
+        for i in range(n):
+            pub.publish_heatmap(make_verdict(i, heatmap=big), encoding="raw")
+        end = time.monotonic() + 20
+        while pub.sent.get("heatmap.line1", 0) < n and time.monotonic() < end:
+            time.sleep(0.05)
+        heatmaps = []
+        while True:
+            m = sub.poll_once(1.0)
+            if m is None:
+                break
+            if m.kind == "heatmap":
+                heatmaps.append(m.header["seq"])
+    finally:
+        sub.close()
+        pub.stop(5)
+    assert pub.sent["heatmap.line1"] == n
+    assert 0 < len(heatmaps) < n
+    gaps = events.of("gap")
+    assert gaps, "messages were dropped but no gap was reported"
+    # Every message is accounted for: received + reported lost (+ those before the first received).
+    assert len(heatmaps) + sub.lost + heatmaps[0] == heatmaps[-1] + 1
+
+
+def test_restart_detected_by_daemon_start(endpoint):
+    events = Events()
+    sub = subscriber(endpoint, events, heartbeat_timeout_s=None)
+    sub.start()
+    try:
+        first = Publisher(endpoint, heartbeat_interval_s=0.05, daemon_start_ns=1000)
+        first.register_line("line1")
+        first.start()
+        events.wait("heartbeat", 3)
+        first.publish_verdict(make_verdict(1))
+        events.wait("verdict", 1)
+        first.stop(5)
+        second = Publisher(endpoint, heartbeat_interval_s=0.05, daemon_start_ns=2000)
+        second.register_line("line1")
+        second.start()
+        try:
+            events.wait("restart", 1, timeout=10)
+            n = len(events.of("heartbeat"))
+            events.wait("heartbeat", n + 3)
+        finally:
+            second.stop(5)
+    finally:
+        sub.stop(5)
+    assert events.of("restart") == [("line1",)]  # once per restart, not once per topic
+    # The new daemon's messages were not mistaken for gaps.
+    assert events.of("gap") == []
+
+
+def test_restart_detected_by_seq_going_back(endpoint):
+    pub = RawPub(endpoint)
+    events = Events()
+    sub = subscriber(endpoint, events, heartbeat_timeout_s=None)
+    try:
+        sync_raw(pub, sub, events)
+        for seq in (0, 1, 2, 0, 1):   # no daemon_start_ns in these headers: seq going back is the sign
+            pub.verdict("line1", seq)
+        n = 0
+        while n < 5:
+            m = sub.poll_once(5)
+            assert m is not None
+            n += m.kind == "verdict"
+    finally:
+        sub.close()
+        pub.close()
+    assert events.of("restart") == [("line1",)]
+    assert events.of("gap") == []
+
+
+def test_heartbeat_lost_and_restored(endpoint):
+    events = Events()
+    sub = subscriber(endpoint, events, heartbeat_timeout_s=0.5)
+    sub.start()
+    try:
+        pub = Publisher(endpoint, heartbeat_interval_s=0.05)
+        pub.register_line("line1")
+        pub.start()
+        events.wait("heartbeat", 3)
+        assert not sub.heartbeat_lost("line1")
+        pub.stop(5)
+        stopped = time.monotonic()
+        events.wait("lost", 1, timeout=5)
+        # Generous bound: the loss is reported soon after the 0.5 s timeout, not at some later time.
+        assert time.monotonic() - stopped < 0.5 + 2.0
+        assert sub.heartbeat_lost("line1")
+        pub = Publisher(endpoint, heartbeat_interval_s=0.05, daemon_start_ns=pub.daemon_start_ns)
+        pub.register_line("line1")
+        pub.start()
+        try:
+            events.wait("restored", 1, timeout=10)
+        finally:
+            pub.stop(5)
+    finally:
+        sub.stop(5)
+    assert events.of("lost") == [("line1",)]  # once per loss, not on every poll
+    assert events.of("restored") == [("line1",)]
+
+
+def test_expected_line_never_heard_from_is_lost(endpoint):
+    # A reject consumer started before (or without) the daemon must fail safe.
+    events = Events()
+    sub = subscriber(endpoint, events, lines=["line7"], heartbeat_timeout_s=0.3)
+    try:
+        end = time.monotonic() + 5
+        while not events.of("lost") and time.monotonic() < end:
+            sub.poll_once(0.1)
+    finally:
+        sub.close()
+    assert events.of("lost") == [("line7",)]
+
+
+def test_lines_filter_is_exact(endpoint):
+    pub = RawPub(endpoint)
+    events = Events()
+    sub = subscriber(endpoint, events, lines=["line1"], heartbeat_timeout_s=None)
+    try:
+        sync_raw(pub, sub, events)
+        pub.verdict("line10", 0)   # shares the prefix "verdict.line1"
+        pub.verdict("line2", 0)
+        pub.verdict("line1", 0)
+        m = None
+        while m is None or m.kind != "verdict":
+            m = sub.poll_once(5)
+            assert m is not None
+    finally:
+        sub.close()
+        pub.close()
+    assert m.line == "line1"
+    assert [v[0].line for v in events.of("verdict")] == ["line1"]
+
+
+def test_malformed_messages_are_skipped(endpoint):
+    pub = RawPub(endpoint)
+    events = Events()
+    sub = subscriber(endpoint, events, heartbeat_timeout_s=None)
+    try:
+        sync_raw(pub, sub, events)
+        pub.sock.send_multipart([b"verdict.line1", b"{not json"])
+        pub.sock.send_multipart([b"verdict.line1", b"[1,2]"])
+        pub.sock.send_multipart([b"verdict.line1", json.dumps({"seq": "x"}).encode()])
+        pub.sock.send_multipart([b"verdict.line1"])
+        pub.sock.send_multipart([b"verdict.line1", b"\xff\xfe"])
+        pub.verdict("line1", 0)
+        m = None
+        while m is None:
+            m = sub.poll_once(5) if sub.malformed < 5 else sub.poll_once(5)
+            if m is not None and m.kind != "verdict":
+                m = None
+    finally:
+        sub.close()
+        pub.close()
+    assert m.header["seq"] == 0
+    assert sub.malformed == 5
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="endpoint"):
+        VerdictSubscriber("127.0.0.1:5556")
+    with pytest.raises(ConfigError, match="topics"):
+        VerdictSubscriber("tcp://127.0.0.1:5556", topics=("verdicts",))
+    with pytest.raises(ConfigError, match="heartbeat timeout"):
+        VerdictSubscriber("tcp://127.0.0.1:5556", heartbeat_timeout_s=0)
+    sub = VerdictSubscriber("tcp://no-such-host.invalid:x")
+    with pytest.raises(InspectdError, match="cannot connect"):
+        sub.poll_once(0)
+
+
+def test_watch_prints_verdicts_gaps_and_losses(endpoint):
+    out = io.StringIO()
+    pub = RawPub(endpoint)
+    stop = threading.Event()
+
+    def feed():
+        seq = 0
+        # Heartbeats until the watcher is surely subscribed, then verdicts, then silence.
+        for _ in range(20):
+            pub.heartbeat("line1", seq)
+            seq += 1
+            time.sleep(0.05)
+        pub.verdict("line1", 0, frame_id=41, verdict="OK", score=0.25, latency_ms=8.0)
+        pub.verdict("line1", 1, frame_id=42, verdict="NG", score=9.5, latency_ms=12.5)
+        pub.verdict("line1", 5, frame_id=46, verdict="SKIP", score=None, deadline_missed=True,
+                     error="deadline")
+        stop.wait(10)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        shown = run_watch(endpoint, line="line1", stream=out, duration=3.0, heartbeat_timeout_s=1.0)
+    finally:
+        stop.set()
+        feeder.join(10)
+        pub.close()
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert shown == 3
+    verdict_lines = [ln for ln in lines if " frame " in ln]
+    assert len(verdict_lines) == 3
+    assert "line1" in verdict_lines[1] and "42" in verdict_lines[1] and " NG " in verdict_lines[1]
+    assert "9.500" in verdict_lines[1] and "12.5 ms" in verdict_lines[1]
+    assert "DEADLINE MISSED" in verdict_lines[2] and "DEADLINE MISSED" not in verdict_lines[1]
+    assert "!! gap: 3 messages lost on verdict.line1" in lines
+    assert any(ln.startswith("!! heartbeat lost: line1") for ln in lines)
+
+
+def test_format_verdict_handles_missing_fields():
+    text = format_verdict({"line": "l", "frame_id": 3, "verdict": "SKIP", "score": None})
+    assert "SKIP" in text and "score        -" in text
+
+
+def test_register_watch_parser():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    register_watch(sub)
+    args = parser.parse_args(["watch", "--endpoint", "tcp://127.0.0.1:5556", "--line", "line2"])
+    assert args.endpoint == "tcp://127.0.0.1:5556" and args.line == "line2" and callable(args.func)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["watch"])  # --endpoint is required
+    bad = parser.parse_args(["watch", "--endpoint", "tcp://127.0.0.1:5556", "--duration", "-1"])
+    with pytest.raises(ConfigError, match="duration"):
+        bad.func(bad)

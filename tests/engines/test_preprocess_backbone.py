@@ -1,0 +1,81 @@
+"""Shared preprocessing and the backbone's weights handling."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from inspectd.engines.backbone import EfficientNetFeatures, block_specs, default_weights_path, load_backbone
+from inspectd.engines.preprocess import InputSpec, convert_color, prepare, read_image
+from inspectd.errors import DataError
+
+
+def test_grey_frames_become_three_channels_explicitly():
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rgb = convert_color(grey, "rgb")
+    assert rgb.shape == (3, 4, 3) and all(np.array_equal(rgb[..., c], grey) for c in range(3))
+    back = convert_color(rgb, "gray")
+    assert back.shape == (3, 4, 1) and np.array_equal(back[..., 0], grey)
+
+
+def test_read_image_is_rgb_order_and_handles_unicode_paths(tmp_path):
+    bgr = np.zeros((8, 8, 3), np.uint8)
+    bgr[..., 2] = 200  # red in OpenCV's BGR
+    path = tmp_path / "prüfteil.png"
+    ok, data = cv2.imencode(".png", bgr)
+    path.write_bytes(data.tobytes())
+    img = read_image(path, "rgb")
+    assert img[0, 0].tolist() == [200, 0, 0]
+
+
+def test_prepare_crops_converts_and_resizes():
+    frame = np.zeros((100, 200, 3), np.uint8)
+    frame[10:60, 20:120] = 255
+    out = prepare(frame, InputSpec(32, 32, "gray"), roi=(20, 10, 100, 50))
+    assert out.shape == (32, 32, 1) and out.min() == 255
+    with pytest.raises(DataError, match="ROI .* lies outside the 200x100 frame"):
+        prepare(frame, InputSpec(32, 32, "gray"), roi=(150, 0, 100, 50))
+    with pytest.raises(DataError, match="not uint8"):
+        prepare(frame.astype(np.float32), InputSpec(32, 32, "gray"))
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(DataError, match="x.png: not a readable image"):
+        read_image(bad, "gray")
+    with pytest.raises(DataError, match="cannot read"):
+        read_image(tmp_path / "missing.png", "gray")
+
+
+def test_variant_tables():
+    assert len(block_specs("efficientnet-lite0")) == 16
+    assert len(block_specs("efficientnet-b0")) == 16
+    assert len(block_specs("efficientnet-b5")) == 39
+    assert len(block_specs("efficientnet-b7")) == 55
+    net = EfficientNetFeatures("efficientnet-b3", taps=[5, 17])
+    feats = net(torch.zeros(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == net.tap_channels and net.tap_strides == [8, 16]
+
+
+def test_packaged_weights_load_and_give_features():
+    net = load_backbone("efficientnet-lite0", [4, 10, 15])
+    feats = net(torch.zeros(1, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in feats] == [(40, 8, 8), (112, 4, 4), (320, 2, 2)]
+    assert all(not p.requires_grad for p in net.parameters())
+
+
+def test_missing_and_mismatching_weights_name_the_file_and_keys(tmp_path):
+    with pytest.raises(DataError, match=r"weights .*none\.pth: file not found"):
+        load_backbone("efficientnet-lite0", [4], tmp_path / "none.pth")
+    # Lite2 is wider than Lite0: its weights must be refused with the offending key and shapes.
+    with pytest.raises(DataError, match=r"do not fit efficientnet-lite0: shape mismatch at _conv_stem|"
+                                        r"do not fit efficientnet-lite0: shape mismatch at _blocks"):
+        load_backbone("efficientnet-lite0", [15], default_weights_path("efficientnet-lite2"))
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(DataError, match=r"missing keys \['_conv_stem.weight'"):
+        load_backbone("efficientnet-lite0", [4], tmp_path / "other.pth")
+    with pytest.raises(DataError, match="no packaged ImageNet weights for efficientnet-b5"):
+        default_weights_path("efficientnet-b5")

@@ -1,0 +1,110 @@
+"""`inspectd train` bad input: one-line errors, non-zero exit, nothing half-written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from inspectd.cli import main
+
+FAST = ["--image-size", "64", "--epochs", "1", "--views", "1", "--taps", "4"]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(["train", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name]
+
+
+def test_missing_folder(capsys, tmp_path):
+    code, err = _run(capsys, "--good", str(tmp_path / "none"), "--out", str(tmp_path / "b"), *FAST)
+    assert code == 1 and "folder does not exist" in err and not (tmp_path / "b").exists()
+
+
+def test_empty_folder(capsys, tmp_path):
+    (tmp_path / "good").mkdir()
+    code, err = _run(capsys, "--good", str(tmp_path / "good"), "--out", str(tmp_path / "b"), *FAST)
+    assert code == 1 and "folder is empty" in err
+    assert not (tmp_path / "b").exists() and not _leftovers(tmp_path)
+
+
+def test_too_few_images(capsys, tmp_path, synthetic_parts):
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in sorted(synthetic_parts.train_good.iterdir())[:3]:
+        shutil.copy(p, good)
+    code, err = _run(capsys, "--good", str(good), "--out", str(tmp_path / "b"), *FAST)
+    assert code == 1 and "3 readable good images, at least 8 are needed" in err
+    assert not (tmp_path / "b").exists() and not _leftovers(tmp_path)
+
+
+def test_too_many_unreadable_files_refused(capsys, tmp_path, synthetic_parts):
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in sorted(synthetic_parts.train_good.iterdir())[:10]:
+        shutil.copy(p, good)
+    for i in range(4):
+        (good / f"broken_{i}.png").write_bytes(b"not a png at all")
+    (good / "notes.txt").write_text("operator notes")
+    code, err = _run(capsys, "--good", str(good), "--out", str(tmp_path / "b"), *FAST)
+    assert code == 1 and "5 of 15 files are not readable images" in err
+    assert not (tmp_path / "b").exists() and not _leftovers(tmp_path)
+
+
+def test_a_few_unreadable_files_are_skipped_and_counted(capsys, tmp_path, synthetic_parts):
+    good = tmp_path / "good"
+    shutil.copytree(synthetic_parts.train_good, good)
+    (good / "broken.png").write_bytes(b"\x89PNG truncated")
+    code = main(["train", "--good", str(good), "--out", str(tmp_path / "b"), *FAST])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "1 skipped" in out.out
+    assert (tmp_path / "b" / "manifest.json").exists() and not _leftovers(tmp_path)
+
+
+def test_existing_bundle_needs_force(capsys, tmp_path, tiny_bundle, synthetic_parts):
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    before = (out / "manifest.json").read_bytes()
+    code, err = _run(capsys, "--good", str(synthetic_parts.train_good), "--out", str(out), *FAST)
+    assert code == 1 and "already holds a bundle (use --force to replace it)" in err
+    assert (out / "manifest.json").read_bytes() == before
+    code = main(["train", "--good", str(synthetic_parts.train_good), "--out", str(out), "--force", *FAST])
+    assert code == 0
+    assert (out / "manifest.json").read_bytes() != before and not _leftovers(tmp_path)
+
+
+def test_unknown_augmentation_is_a_usage_error(capsys, tmp_path, synthetic_parts):
+    code, err = _run(capsys, "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"),
+                     "--augment", "rotate,shear", *FAST)
+    assert code == 2 and "unknown augmentation 'shear'" in err
+
+
+def test_training_is_reproducible_with_a_seed(capsys, tmp_path, synthetic_parts):
+    shas = []
+    for name in ("a", "b"):
+        assert main(["train", "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / name),
+                     "--seed", "7", *FAST]) == 0
+        from inspectd.engines.bundle import load_bundle
+        shas.append(load_bundle(tmp_path / name).manifest.model.sha256)
+    assert shas[0] == shas[1]
+
+
+def test_colour_images_make_an_rgb_bundle(capsys, tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        img = np.full((64, 64, 3), (30, 120, 200), np.uint8) + rng.integers(0, 20, (64, 64, 3), dtype=np.uint8)
+        cv2.imwrite(str(good / f"{i}.png"), img)
+    assert main(["train", "--good", str(good), "--out", str(tmp_path / "b"), *FAST]) == 0
+    from inspectd.engines.bundle import load_bundle
+    assert load_bundle(tmp_path / "b").manifest.input.color_mode == "rgb"
