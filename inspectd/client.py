@@ -4,7 +4,9 @@
 headers and watches the stream's health:
 
 * **gaps**: `seq` counts per topic from 0 since daemon start; a jump means messages were lost
-  (slow consumer, network) and `on_gap(topic, expected, got)` is called;
+  (slow consumer, network) and `on_gap(topic, expected, got)` is called (`got - expected` lost).
+  Heartbeats carry the last seq sent per data topic, so a loss at the end of a burst is reported
+  at the next heartbeat (then `got` is the seq the next message will have);
 * **restarts**: `daemon_start_ns` changes or `seq` goes back -> `on_restart(line)`;
 * **heartbeat loss**: no heartbeat for a line within `heartbeat_timeout_s` ->
   `on_heartbeat_lost(line)` (once per loss; `on_heartbeat_restored(line)` when it returns).
@@ -349,10 +351,31 @@ class VerdictSubscriber:
         # Any sign of a line starts its heartbeat clock (lines=None: lines are learnt as they appear).
         self._last_heartbeat.setdefault(msg.line, time.monotonic())
         if msg.kind == "heartbeat":
+            self._check_tail_loss(msg)
             self._last_heartbeat[msg.line] = time.monotonic()
             if msg.line in self._heartbeat_lost:
                 self._heartbeat_lost.discard(msg.line)
                 self._call(self.on_heartbeat_restored, msg.line)
+
+    def _check_tail_loss(self, msg: Message) -> None:
+        """Compare the heartbeat's `last_seq` with what arrived: messages lost at the end of a burst
+        show up here rather than waiting for the next verdict."""
+        last_seq = msg.header.get("last_seq")
+        if not isinstance(last_seq, dict):
+            return  # a publisher without the field: gaps are found on the next data message only
+        for kind in self.topics:
+            if kind == "heartbeat":
+                continue
+            topic = f"{kind}.{msg.line}"
+            sent = last_seq.get(topic, -1)   # absent: nothing sent on it since the daemon started
+            if not isinstance(sent, int) or isinstance(sent, bool):
+                continue
+            seen = self._last_seq.get(topic)
+            if seen is not None and sent > seen:
+                self.lost += sent - seen
+                self._call(self.on_gap, topic, seen + 1, sent + 1)
+            if seen is None or sent > seen:
+                self._last_seq[topic] = sent
 
     def _check_heartbeats(self) -> None:
         if self.heartbeat_timeout_s is None:

@@ -75,7 +75,7 @@ def histogram_png(good_scores: Sequence[float], bad_scores: Sequence[float] | No
     ax.set_xlabel("normalized anomaly score (NG if > threshold)")
     ax.set_ylabel("images")
     ax.set_yscale("log")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="best", framealpha=0.85)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -50,7 +50,7 @@ DEFAULT_CONFIDENCE = 0.95
 
 
 def binom_cdf(x: int, n: int, p: float) -> float:
-    """P(Bin(n, p) <= x), summed in log space (exact up to float64 rounding, no scipy)."""
+    """P(Bin(n, p) <= x): terms in log space, then summed (float64-exact here; no scipy)."""
     if x < 0:
         return 0.0
     if x >= n:

@@ -29,3 +29,28 @@ def _register_check_config(sub: Any) -> None:
 def register(subparsers: Any) -> None:
     """Add the daemon commands to the `inspectd` parser (called by inspectd.cli)."""
     _register_check_config(subparsers)
+    _register_run(subparsers)
+    _register_watch(subparsers)
+
+
+# ------------------------------------------------------------------------------ run
+def cmd_run(args: argparse.Namespace) -> int:
+    from inspectd.daemon.run import run
+
+    return run(args.config)
+
+
+def _register_run(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the inspection daemon for the lines of a config file",
+                       description="Acquire frames, score them within each line's latency budget and "
+                                   "publish verdicts over ZeroMQ, with Prometheus metrics. SIGTERM/SIGINT "
+                                   "stop cleanly (in-flight frames resolved), SIGHUP reloads thresholds.")
+    p.add_argument("--config", required=True, metavar="FILE", help="daemon config (YAML)")
+    p.set_defaults(func=cmd_run)
+
+
+# ------------------------------------------------------------------------------ watch
+def _register_watch(sub: Any) -> None:
+    from inspectd.daemon.watch import register_watch  # light: zmq is imported inside the command
+
+    register_watch(sub)

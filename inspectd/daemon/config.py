@@ -32,7 +32,7 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     value = value.expanduser()
     base = (info.context or {}).get("base_dir")
     if base is not None and not value.is_absolute():
-        value = Path(base) / value
+        value = Path(os.path.normpath(Path(base) / value))  # readable in errors: no "dir/../x"
     return value
 
 
@@ -318,7 +318,9 @@ def _pick_error(errors: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
         key = loc[:3] if len(loc) > 3 and loc[0] == "lines" and loc[2] == "threshold" else _strip_union_tags(loc)
         by_path.setdefault(key, []).append(err)
     first_group = next(iter(by_path.values()))
-    chosen = next((e for e in first_group if not (len(e["loc"]) > 3 and e["loc"][3] == "float")), first_group[0])
+    members = [e for e in first_group if not (len(e["loc"]) > 3 and e["loc"][3] == "float")] or first_group
+    # A misspelt key explains a "missing" one next to it: report the misspelling.
+    chosen = next((e for e in members if e["type"] == "extra_forbidden"), members[0])
     return chosen, len(by_path)
 
 
@@ -394,8 +396,11 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
     for i, line in enumerate(config.lines):
         where = f"lines[{i}]"
         if not line.bundle.is_dir():
-            raise ConfigError(f"{source}: {where}.bundle: {line.bundle} is not a folder "
-                              f"({'does not exist' if not line.bundle.exists() else 'not a bundle'})")
+            raise ConfigError(f"{source}: {where}.bundle: {line.bundle} "
+                              f"{'does not exist' if not line.bundle.exists() else 'is not a folder'}")
+        from inspectd.engines.bundle import MANIFEST
+        if not (line.bundle / MANIFEST).is_file():
+            raise ConfigError(f"{source}: {where}.bundle: {line.bundle} is not a bundle (no {MANIFEST})")
         src = line.source
         if isinstance(src, GenicamSourceConfig) and not src.cti.is_file():
             raise ConfigError(f"{source}: {where}.source.cti: {src.cti} does not exist (GenTL producer file)")

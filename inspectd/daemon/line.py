@@ -30,7 +30,6 @@ class LineSettings:
     backend_preference: tuple[str, ...] = ("tensorrt", "onnxruntime")
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     heatmap_mode: str = "none"            # none | ng | all
-    heatmap_size: tuple[int, int] | None = None   # (height, width); None = the model's map size
     queue_size: int = 4
     read_timeout_s: float = 0.2
     reconnect_min_s: float = 0.5

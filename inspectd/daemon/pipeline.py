@@ -15,7 +15,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import cv2
 import numpy as np
 
 from inspectd.daemon.deadline import DeadlineKeeper
@@ -80,6 +79,8 @@ class LinePipeline:
         self.engine_errors = 0
         self.last_error: str | None = None
         self.failed: str | None = None      # the line cannot infer at all (backend failed to open)
+        self.last_worker_progress_mono = time.monotonic()
+        self._started = False
         self._incomplete_seen = 0
         self._emit_lock = threading.Lock()  # verdict counters from two threads
 
@@ -89,6 +90,7 @@ class LinePipeline:
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> "LinePipeline":
+        self._started = True
         self._keeper.start()
         self._worker_thread.start()
         self._acq_thread.start()
@@ -101,14 +103,18 @@ class LinePipeline:
         return (self.engine_ready.wait(max(0.0, end - time.monotonic()))
                 and self.source_ready.wait(max(0.0, end - time.monotonic())))
 
-    def stop_acquisition(self, timeout_s: float = 2.0) -> None:
+    def request_stop(self) -> None:
+        """Stop acquiring new frames (returns at once; `stop()` waits for the rest)."""
         self._stop_acquisition.set()
-        self._acq_thread.join(timeout_s)
 
     def stop(self, timeout_s: float = 3.0) -> None:
         """Stop acquiring, let in-flight frames resolve (result or deadline), then stop the rest."""
+        if not self._started:
+            self._close_source()
+            return
         end = time.monotonic() + timeout_s
-        self.stop_acquisition(min(2.0, timeout_s))
+        self._stop_acquisition.set()
+        self._acq_thread.join(min(2.0, timeout_s))
         # Every frame already registered resolves by its deadline at the latest.
         self._keeper.stop(timeout_s=max(0.0, min(end - time.monotonic(), self._budget_s + 0.5)))
         self._stop_worker.set()
@@ -136,6 +142,18 @@ class LinePipeline:
                 "engine_errors": self.engine_errors, "late_results": self.late_results,
                 "ready": self.engine_ready.is_set() and self.source_ready.is_set(),
                 "failed": self.failed, "last_error": self.last_error}
+
+    def healthy(self, stale_s: float | None = None) -> bool:
+        """For the systemd watchdog: frames flow or the source is healthily waiting, and the worker
+        is not stuck on a frame. A lost camera or a hung thread makes the line unhealthy."""
+        if stale_s is None:
+            stale_s = max(5.0, 3 * self.settings.read_timeout_s, 2 * self._budget_s)
+        now = time.monotonic()
+        if not (self._acq_thread.is_alive() and self._worker_thread.is_alive()):
+            return False
+        if not self.camera_connected or now - self.last_activity_mono > stale_s:
+            return False
+        return now - self.last_worker_progress_mono <= stale_s
 
     def summary(self) -> str:
         cam = "up" if self.camera_connected else "DOWN"
@@ -294,10 +312,12 @@ class LinePipeline:
     def _next_item(self) -> tuple[int, Frame] | None:
         with self._queue_cond:
             while not self._queue:
+                self.last_worker_progress_mono = time.monotonic()  # idle is not stuck
                 if self._stop_worker.is_set():
                     return None
                 self._queue_cond.wait(0.5)
             item = self._queue.popleft()
+            self.last_worker_progress_mono = time.monotonic()
             depth = len(self._queue)
         if self.metrics is not None:
             self.metrics.queue_depth.labels(line=self.line).set(depth)
@@ -356,20 +376,14 @@ class LinePipeline:
         heatmap = None
         mode = self.settings.heatmap_mode
         if mode == "all" or (mode == "ng" and verdict == "NG"):
-            heatmap = self._heatmap(maps[0])
+            # Fixed display range; resizing and encoding happen in the publisher thread.
+            heatmap = self.bundle.heatmap_u8(maps[0])
         self._publish(Verdict(
             line=self.line, frame_id=frame.frame_id, acquired_ns=frame.acquired_ns, verdict=verdict,
             score=score, raw_score=raw, threshold=threshold,
             latency_ms=(time.monotonic() - frame.acquired_mono) * 1000.0, deadline_missed=False,
             backend=self.backend_name, bundle_id=self.bundle.bundle_id, heatmap=heatmap, meta=frame.meta),
             frame)
-
-    def _heatmap(self, anomaly_map: np.ndarray) -> np.ndarray:
-        u8 = self.bundle.heatmap_u8(anomaly_map)
-        size = self.settings.heatmap_size
-        if size is not None and tuple(u8.shape[:2]) != tuple(size):
-            u8 = cv2.resize(u8, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-        return u8
 
     # ---- verdicts --------------------------------------------------------------------------------
 
@@ -403,8 +417,8 @@ class LinePipeline:
             if verdict.deadline_missed:
                 self.deadline_misses += 1
         if self.metrics is not None:
+            # end_to_end_seconds is observed when the message is really sent (Publisher on_sent).
             self.metrics.observe_verdict(self.line, verdict.verdict, verdict.score, verdict.deadline_missed)
-            self.metrics.end_to_end_seconds.labels(line=self.line).observe(verdict.latency_ms / 1000.0)
         try:
             self._emit_fn(verdict)
         except Exception:

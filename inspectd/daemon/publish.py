@@ -8,8 +8,9 @@ block on the network. Message format (docs/ARCHITECTURE.md): multipart
 stamped, like `published_ns`, when the message is actually sent, so a subscriber that sees a
 gap in seq knows messages were lost on the wire (PUB drops at the high-water mark).
 
-Every header also carries `daemon_start_ns` so a subscriber can tell a daemon restart from a
-gap on any topic, not only on heartbeats.
+Additions to the contract: every header also carries `daemon_start_ns`, so a subscriber can tell a
+daemon restart from a gap on any topic; heartbeats carry `last_seq` ({topic: last seq sent} for the
+line's verdict/heatmap topics), so a loss at the end of a burst is noticed at the next heartbeat.
 """
 
 from __future__ import annotations
@@ -345,6 +346,10 @@ class Publisher:
                 "status": status,
                 "interval_s": self.heartbeat_interval_s,
                 "daemon_start_ns": self.daemon_start_ns,
+                # Last seq sent on the line's data topics: lets a subscriber notice lost messages at
+                # the end of a burst, which no later verdict would reveal.
+                "last_seq": {t: self._seq[t] - 1 for t in (f"verdict.{line}", f"heatmap.{line}")
+                             if t in self._seq},
             }
             try:
                 self._send(sock, topic, header, None)

@@ -19,7 +19,9 @@ def _fmt_time(ns: object) -> str:
 
 
 def _fmt_num(value: object, fmt: str) -> str:
-    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, fmt)
+    return "-".rjust(len(format(0.0, fmt)))  # keep the columns aligned
 
 
 def format_verdict(header: dict) -> str:
@@ -50,6 +52,7 @@ def run_watch(endpoint: str, line: str | None = None, stream: TextIO = sys.stdou
         say(f"!! gap: {n} message{'s' if n != 1 else ''} lost on {topic}")
 
     shown = 0
+    say(f"watching {endpoint} ({'line ' + line if line else 'all lines'}); Ctrl-C to stop")
     sub = VerdictSubscriber(
         endpoint, lines=[line] if line else None, topics=("verdict", "heartbeat"),
         heartbeat_timeout_s=heartbeat_timeout_s, on_gap=on_gap,

@@ -13,7 +13,8 @@ from inspectd.errors import ConfigError
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("build-engine", help="build a TensorRT engine for this GPU into the bundle's engine cache")
+    p = subparsers.add_parser("build-engine",
+                              help="build a TensorRT engine for this GPU into the bundle's engine cache")
     p.add_argument("--bundle", required=True, help="model bundle directory")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16")
     p.add_argument("--workspace", type=int, default=1024, metavar="MB", help="builder workspace limit (MB)")
@@ -43,6 +44,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--batch", type=int, default=8, help="second batch size measured besides batch 1")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--frame", default="1280x1024", metavar="WxH",
+                   help="decoded camera frame size for the preprocessing timing (default 1280x1024)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_bench)
 
@@ -59,6 +62,18 @@ def parse_options(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def parse_frame(text: str) -> tuple[int, int]:
+    """'1280x1024' -> (1280, 1024)."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        size = (int(w), int(h))
+    except ValueError:
+        size = (0, 0)
+    if not sep or min(size) < 1:
+        raise ConfigError(f"--frame {text!r} is not WIDTHxHEIGHT with positive sizes")
+    return size
 
 
 def _build_engine(args: argparse.Namespace) -> int:
@@ -123,7 +138,7 @@ def _bench(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     options = {"onnxruntime": {"threads": args.threads}} if args.threads else {}
     result = run_bench(bundle, backends=args.backend, iterations=args.iterations, batch=args.batch,
-                       warmup=args.warmup, options=options)
+                       warmup=args.warmup, options=options, frame_size=parse_frame(args.frame))
     if args.json:
         json.dump(result.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

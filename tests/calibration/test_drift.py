@@ -112,3 +112,15 @@ def test_from_calibration_file_uses_ok_part_of_good_scores(tmp_path: Path) -> No
 def test_bad_parameters_are_refused() -> None:
     with pytest.raises(ConfigError):
         DriftWatch([0.0, 1.0], window=10, min_samples=20)
+
+
+def test_calibration_runtime_modules_never_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, inspectd.calibration.drift, inspectd.calibration.threshold, "
+            "inspectd.calibration.config_update, inspectd.calibration.calibrate, inspectd.calibration.cli; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

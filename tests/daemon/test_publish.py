@@ -117,6 +117,13 @@ def test_verdict_wire_format_and_contiguous_seq(endpoint, pub_factory):
         assert header["deadline_missed"] is False and header["error"] is None
         assert header["published_ns"] >= header["acquired_ns"]
         assert header["daemon_start_ns"] == pub.daemon_start_ns
+    # The next heartbeat tells which verdict seq was sent last (lets subscribers see tail losses).
+    sub2 = Sub(endpoint, prefixes=("heartbeat.",))
+    try:
+        _, hb = sub2.wait_for("heartbeat.line1")
+    finally:
+        sub2.close()
+    assert hb["last_seq"] == {"verdict.line1": 19}
     # on_sent saw the same headers (it feeds the end-to-end latency metric).
     assert [h["seq"] for t, h in sent if t == "verdict.line1"] == list(range(20))
     assert all(h["published_ns"] >= h["acquired_ns"] for _, h in sent)

@@ -170,6 +170,10 @@ class GenicamSource(Source):
                     raise SourceError(f"line {self.line}: cannot open camera {self._device_name}: "
                                       f"{_short(exc)}") from None
             from harvesters.core import ImageAcquirer
+            # harvesters polls GenTL in slices of this many ms while fetch() waits; 1 ms (default)
+            # means ~1000 wake-ups/s per idle camera. A slice returns early when a frame arrives.
+            self._ia.timeout_period_on_client_fetch_call = 0.1
+            self._ia.timeout_period_on_update_event_data_call = 10
             self._ia.add_callback(ImageAcquirer.Events.INCOMPLETE_BUFFER, _IncompleteCounter(self.stats))
             self._configure(self._ia.remote_device.node_map)
             try:

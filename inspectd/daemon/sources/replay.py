@@ -34,19 +34,21 @@ _LABELS = ("good", "bad")
 
 
 def label_for(path: Path, root: Path | None = None) -> str | None:
-    """"good"/"bad" from a good/ or bad/ folder below `root`, else from a good/bad word in the
-    file name (bad_003.png, part-good-7.jpg); None if neither says."""
+    """"good"/"bad" from the nearest folder below `root` whose name says so (good/, bad/,
+    test_good/), else from the file name (bad_003.png, part-good-7.jpg), else from the name of
+    `root` itself (replaying .../test_bad); None if nothing says."""
+    names: list[str] = []
     if root is not None:
         try:
-            folders = path.relative_to(root).parts[:-1]
+            names = list(reversed(path.relative_to(root).parts[:-1]))
         except ValueError:
-            folders = ()
-        for part in reversed(folders):
-            if part.lower() in _LABELS:
-                return part.lower()
-    words = set(re.split(r"[^a-z]+", path.stem.lower()))
-    found = [label for label in _LABELS if label in words]
-    return found[0] if len(found) == 1 else None
+            names = []
+    for name in [*names, path.stem, root.name if root is not None else ""]:
+        words = set(re.split(r"[^a-z]+", name.lower()))
+        found = [label for label in _LABELS if label in words]
+        if len(found) == 1:
+            return found[0]
+    return None
 
 
 class ReplaySource(Source):

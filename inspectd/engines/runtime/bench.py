@@ -12,8 +12,10 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import cv2
 import numpy as np
 
 from inspectd.engines.bundle import Bundle
@@ -22,6 +24,7 @@ from inspectd.engines.runtime import BACKENDS, backend_class
 from inspectd.errors import ConfigError, InspectdError
 
 BACKBONE_FILE = "backbone.onnx"
+DEFAULT_FRAME = (1280, 1024)  # width, height: a common GenICam sensor size
 
 
 @dataclass
@@ -109,19 +112,27 @@ def sample_inputs(bundle: Bundle, n: int) -> np.ndarray:
     return rng.integers(0, 256, size=(n, *bundle.input_spec.shape), dtype=np.uint8)
 
 
-def sample_frame(bundle: Bundle) -> np.ndarray:
-    """A decoded camera-like frame: a golden image at its stored size, else 2x the input size."""
+def sample_frame(bundle: Bundle, size: tuple[int, int] = DEFAULT_FRAME) -> np.ndarray:
+    """A decoded camera-like frame of `size` (width, height): a golden image scaled up (real
+    content for the resize), mono as H x W like a Mono8 camera, else H x W x 3 RGB."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise ConfigError(f"frame size {width}x{height} must be positive")
     good, bad = bundle.golden_images()
+    rgb = bundle.input_spec.color_mode == "rgb"
     if good or bad:
-        return read_image((good + bad)[0], "rgb" if bundle.input_spec.color_mode == "rgb" else "gray")
-    spec = bundle.input_spec
-    rng = np.random.default_rng(1)
-    return rng.integers(0, 256, size=(spec.height * 2, spec.width * 2, spec.channels), dtype=np.uint8)
+        image = read_image((good + bad)[0], "rgb" if rgb else "gray")
+        frame = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    else:
+        frame = np.random.default_rng(1).integers(0, 256, size=(height, width, 3 if rgb else 1), dtype=np.uint8)
+    return np.ascontiguousarray(frame if rgb else frame.reshape(height, width))
 
 
 def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations: int = 200, batch: int = 8,
-              warmup: int = 20, options: dict[str, dict[str, Any]] | None = None) -> BenchResult:
-    """Benchmark each requested backend (default: all known) that can run here."""
+              warmup: int = 20, options: dict[str, dict[str, Any]] | None = None,
+              frame_size: tuple[int, int] = DEFAULT_FRAME, backbone_onnx: os.PathLike | None = None) -> BenchResult:
+    """Benchmark each requested backend (default: all known) that can run here. The backbone
+    alone is timed from `backbone_onnx` (default: `backbone.onnx` in the bundle, if present)."""
     if iterations < 1 or warmup < 0 or batch < 1:
         raise ConfigError(f"iterations ({iterations}) and batch ({batch}) must be >= 1, warmup ({warmup}) >= 0")
     names = list(backends) if backends else list(BACKENDS)
@@ -134,7 +145,7 @@ def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations:
     batch_sizes = sorted({1, batch})
     inputs = sample_inputs(bundle, max(batch_sizes))
 
-    frame = sample_frame(bundle)
+    frame = sample_frame(bundle, frame_size)
     fh, fw = frame.shape[:2]
     result.rows.append(LatencyStats.from_seconds(
         f"preprocess (prepare {fw}x{fh} frame)", 1,
@@ -161,7 +172,7 @@ def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations:
         finally:
             backend.close()
 
-    backbone = bundle.path / BACKBONE_FILE
+    backbone = Path(backbone_onnx) if backbone_onnx is not None else bundle.path / BACKBONE_FILE
     if backbone.is_file() and "onnxruntime" in names and "onnxruntime" not in result.skipped:
         threads = int(options.get("onnxruntime", {}).get("threads", 0))
         run = _ort_runner(backbone, threads)

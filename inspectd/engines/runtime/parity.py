@@ -149,7 +149,12 @@ def parity_gate(backend: Backend, bundle: Bundle, threshold: float | None = None
         for path, kind in images:
             x = load_prepared(path, bundle.input_spec)[None]
             ref_raw, ref_map = reference.infer(x)
-            raw, amap = backend.infer(x)
+            try:
+                raw, amap = backend.infer(x)
+            except Exception as exc:  # a backend that crashes on a golden image is refused, not fatal
+                raise ParityError(f"backend {backend.name} failed on golden image {path.name}: "
+                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                  report) from None
             ref_score, score = float(bundle.normalize(float(ref_raw[0]))), float(bundle.normalize(float(raw[0])))
             if amap.shape != ref_map.shape:
                 raise ParityError(f"backend {backend.name}: anomaly map of shape {amap.shape} for {path.name}, "

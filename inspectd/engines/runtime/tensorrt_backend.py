@@ -177,10 +177,15 @@ class TensorRTBackend(Backend):
     # -- worker thread: owns the CUDA context and every TensorRT object
 
     def _run(self) -> None:
-        import pycuda.driver as cuda
-        import tensorrt as trt
+        try:
+            import pycuda.driver as cuda
+            import tensorrt as trt
 
-        ctx = cuda.Device(self._device).make_context()  # created and made current on this thread
+            ctx = cuda.Device(self._device).make_context()  # created and made current on this thread
+        except BaseException as exc:  # e.g. out of device memory: the constructor must not wait forever
+            self._started.error = exc
+            self._started.done.set()
+            return
         state: dict[str, Any] = {}
         try:
             try:

@@ -1,0 +1,329 @@
+"""NG archive: keep the image, heatmap and verdict header of rejected parts for later review.
+
+Layout: <root>/<line>/<YYYY-MM-DD>/<HHMMSSmmm>_f<frame_id>{.png, _heatmap.png, .json}
+(local date/time of acquisition, so names sort chronologically). Each file is written to a
+temp file in the same directory, fsynced and renamed into place: a crash never leaves a
+half-written image under a real name, and the JSON sidecar is written last, so its presence
+marks a complete record.
+
+The archive is a side job: it runs in its own thread behind a bounded queue (full -> the item is
+dropped and counted), `save()` never raises, and any OSError (disk full, read-only, permission)
+switches archiving off for the rest of the run (metric archive_enabled=0, one log line) instead
+of disturbing inspection. The quota is enforced by deleting the oldest records; the directory
+is scanned once at start and the total is tracked from then on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import os
+import queue
+import re
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inspectd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+_DAY_DIR = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_SUFFIXES = ("_heatmap.png", ".png", ".json")  # longest first: "_heatmap.png" also ends with ".png"
+
+
+@dataclass
+class _Record:
+    stem: Path                     # <day dir>/<name without suffix>
+    paths: list[Path] = field(default_factory=list)
+    size: int = 0
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _encode_png(image: np.ndarray, rgb: bool) -> bytes:
+    import cv2
+
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
+        raise ValueError(f"expected a uint8 H x W or H x W x 3 image, got {image.dtype} {image.shape}")
+    if rgb and image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)  # frames are RGB, OpenCV writes BGR
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)  # makes the renames themselves durable
+    finally:
+        os.close(fd)
+
+
+_STOP = object()
+
+
+class NgArchive:
+    """Archive of NG parts for one line. `start()` it, `save()` from any thread, `stop()` at the end."""
+
+    def __init__(self, root: str | os.PathLike, quota_bytes: int, line: str, metrics: Any = None,
+                 queue_size: int = 32) -> None:
+        if not isinstance(quota_bytes, int) or quota_bytes <= 0:
+            raise ConfigError(f"archive quota must be a positive number of bytes, got {quota_bytes!r}")
+        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", line or ""):
+            raise ConfigError(f"line name must be 1-64 of A-Z a-z 0-9 _ -, got {line!r}")
+        if queue_size < 1:
+            raise ConfigError(f"archive queue size must be >= 1, got {queue_size}")
+        self.root = Path(root)
+        self.line_dir = self.root / line
+        self.quota_bytes = quota_bytes
+        self.line = line
+        self.metrics = metrics
+        self.enabled = True
+        self.saved = 0
+        self.dropped = 0         # queue full
+        self.errors = 0
+        self.deleted = 0         # records removed for the quota
+        self.total_bytes = 0     # bytes of archived records (worker thread writes, others read)
+        self._records: deque[_Record] = deque()
+        self._stems: set[Path] = set()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self._scanned = threading.Event()
+        self._stopping = False
+        if metrics is not None:
+            metrics.archive_enabled.labels(line=line).set(1)
+            metrics.archive_errors.labels(line=line)
+
+    # ---- any thread --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=f"inspectd-archive-{self.line}", daemon=True)
+        self._thread.start()
+
+    def save(self, frame_image: np.ndarray, heatmap_u8: np.ndarray | None, header_dict: dict) -> bool:
+        """Queue one NG record; True when queued. Never raises. The arrays must not be modified
+        afterwards (they are written later, by the archive thread)."""
+        try:
+            if not self.enabled or self._stopping:
+                return False
+            self._queue.put_nowait((frame_image, heatmap_u8, dict(header_dict)))
+            return True
+        except queue.Full:
+            self.dropped += 1
+            if self.metrics is not None and hasattr(self.metrics, "archive_dropped"):
+                self.metrics.archive_dropped.labels(line=self.line).inc()
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning("NG archive %s: writer busy, %d records dropped so far", self.line, self.dropped)
+            return False
+        except Exception:
+            log.exception("NG archive %s: save failed", self.line)
+            return False
+
+    def submit(self, frame: Any, verdict: Any) -> bool:
+        """Archive a Frame with its Verdict (what LinePipeline calls for NG parts). Never raises."""
+        try:
+            header = {
+                "line": verdict.line, "frame_id": verdict.frame_id, "acquired_ns": verdict.acquired_ns,
+                "verdict": verdict.verdict, "score": verdict.score, "raw_score": verdict.raw_score,
+                "threshold": verdict.threshold, "latency_ms": verdict.latency_ms,
+                "deadline_missed": verdict.deadline_missed, "backend": verdict.backend,
+                "bundle_id": verdict.bundle_id, "error": verdict.error,
+                "meta": {k: v for k, v in getattr(frame, "meta", {}).items() if isinstance(v, (str, int, float))},
+            }
+            return self.save(frame.image, verdict.heatmap, header)
+        except Exception:
+            log.exception("NG archive %s: submit failed", self.line)
+            return False
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until the start-up scan is done and everything queued is written (or discarded)."""
+        end = time.monotonic() + timeout
+        if not self._scanned.wait(timeout):
+            return False
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(left)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Write what is queued, then end the thread. True when it ended within `timeout`."""
+        self._stopping = True
+        if self._thread is None:
+            return True
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            return False
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ---- archive thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._scan()
+            self._enforce_quota()
+        except OSError as exc:
+            self._disable(exc)
+        finally:
+            self._scanned.set()
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if self.enabled:
+                    self._write(*item)
+            finally:
+                self._queue.task_done()
+
+    def _disable(self, exc: OSError) -> None:
+        self.errors += 1
+        if self.metrics is not None:
+            self.metrics.archive_errors.labels(line=self.line).inc()
+        if self.enabled:
+            self.enabled = False
+            if self.metrics is not None:
+                self.metrics.archive_enabled.labels(line=self.line).set(0)
+            log.error("NG archive %s disabled: %s", self.line, exc)
+
+    def _scan(self) -> None:
+        """Rebuild the record list from disk (previous runs), oldest first; drop stale temp files."""
+        self.line_dir.mkdir(parents=True, exist_ok=True)
+        by_stem: dict[Path, _Record] = {}
+        for day in sorted(p for p in self.line_dir.iterdir() if p.is_dir() and _DAY_DIR.match(p.name)):
+            for path in day.iterdir():
+                if path.name.startswith(TMP_PREFIX):
+                    with contextlib.suppress(OSError):
+                        path.unlink()  # left by a crash mid-write
+                    continue
+                if not path.is_file():
+                    continue
+                suffix = next((s for s in _SUFFIXES if path.name.endswith(s)), None)
+                if suffix is None:
+                    continue  # not ours: neither counted nor deleted
+                stem = day / path.name[: -len(suffix)]
+                rec = by_stem.setdefault(stem, _Record(stem))
+                rec.paths.append(path)
+                rec.size += path.stat().st_size
+        for stem in sorted(by_stem, key=lambda s: (s.parent.name, s.name)):
+            self._add(by_stem[stem])
+
+    def _add(self, rec: _Record) -> None:
+        self._records.append(rec)
+        self._stems.add(rec.stem)
+        self.total_bytes += rec.size
+
+    def _enforce_quota(self) -> None:
+        # The newest record stays even when it alone is over the quota: it is the one just asked for.
+        while self.total_bytes > self.quota_bytes and len(self._records) > 1:
+            rec = self._records.popleft()
+            for path in rec.paths:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            self._stems.discard(rec.stem)
+            self.total_bytes -= rec.size
+            self.deleted += 1
+            day = rec.stem.parent
+            if day != self._records[0].stem.parent:
+                with contextlib.suppress(OSError):
+                    day.rmdir()  # only succeeds once the day is empty
+
+    def _stem_for(self, header: dict) -> Path:
+        acquired_ns = header.get("acquired_ns")
+        ns = acquired_ns if isinstance(acquired_ns, int) and acquired_ns > 0 else time.time_ns()
+        t = dt.datetime.fromtimestamp(ns / 1e9)
+        frame_id = header.get("frame_id")
+        fid = f"{int(frame_id):010d}" if isinstance(frame_id, (int, np.integer)) else "unknown"
+        name = f"{t:%H%M%S}{t.microsecond // 1000:03d}_f{fid}"
+        stem = self.line_dir / f"{t:%Y-%m-%d}" / name
+        n = 1
+        while stem in self._stems:  # same ms and frame id (e.g. after a restart): keep both
+            n += 1
+            stem = stem.with_name(f"{name}-{n}")
+        return stem
+
+    def _write(self, image: np.ndarray, heatmap: np.ndarray | None, header: dict) -> None:
+        try:
+            stem = self._stem_for(header)
+            files: list[tuple[Path, bytes]] = [(stem.with_name(stem.name + ".png"), _encode_png(image, rgb=True))]
+            if heatmap is not None:
+                files.append((stem.with_name(stem.name + "_heatmap.png"), _encode_png(heatmap, rgb=False)))
+            sidecar = dict(_json_value(header))
+            sidecar["image_file"] = files[0][0].name
+            sidecar["heatmap_file"] = files[1][0].name if heatmap is not None else None
+            files.append((stem.with_name(stem.name + ".json"),
+                          json.dumps(sidecar, allow_nan=False, indent=1).encode()))
+        except (ValueError, TypeError) as exc:  # a bad item, not a bad disk: skip it, stay enabled
+            self.errors += 1
+            if self.metrics is not None:
+                self.metrics.archive_errors.labels(line=self.line).inc()
+            log.error("NG archive %s: record skipped: %s", self.line, exc)
+            return
+        rec = _Record(stem)
+        try:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            for path, data in files:
+                _atomic_write(path, data)
+                rec.paths.append(path)
+                rec.size += len(data)
+            _fsync_dir(stem.parent)
+        except OSError as exc:
+            for path in rec.paths:  # no half records: they would confuse review and quota
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            self._disable(exc)
+            return
+        self._add(rec)
+        self.saved += 1
+        try:
+            self._enforce_quota()
+        except OSError as exc:
+            self._disable(exc)

@@ -1,0 +1,269 @@
+"""`inspectd run --config lines.yaml`: metrics endpoint, publisher, one pipeline per line, systemd
+notifications, and the signals (SIGTERM/SIGINT stop cleanly, SIGHUP reloads thresholds)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from inspectd.daemon.config import DaemonConfig, LineConfig, ThresholdFile, load_config, summary
+from inspectd.daemon.frame import Verdict
+from inspectd.daemon.line import LineSettings, LineThreshold
+from inspectd.daemon.metrics import Metrics, MetricsServer
+from inspectd.daemon.pipeline import LinePipeline
+from inspectd.daemon.publish import CurveServerKeys, Publisher
+from inspectd.daemon.systemd import SystemdNotifier
+from inspectd.errors import ConfigError
+
+log = logging.getLogger("inspectd.run")
+
+STOP_BUDGET_S = 4.0          # SIGTERM -> exit within 5 s, with a margin for the interpreter exit
+ENGINE_READY_TIMEOUT_S = 120.0
+SOURCE_READY_TIMEOUT_S = 10.0
+
+
+def line_settings(cfg: LineConfig) -> LineSettings:
+    src = cfg.source
+    low, high = getattr(src, "reconnect_backoff_s", (0.5, 10.0))
+    return LineSettings(line=cfg.id, latency_budget_ms=cfg.latency_budget_ms,
+                        on_deadline_miss=cfg.on_deadline_miss, roi=cfg.roi,
+                        backend_preference=tuple(cfg.backends), backend_options=dict(cfg.backend_options),
+                        heatmap_mode=cfg.heatmap.publish, queue_size=cfg.queue_size,
+                        reconnect_min_s=low, reconnect_max_s=high)
+
+
+def line_threshold(cfg: LineConfig) -> LineThreshold:
+    if isinstance(cfg.threshold, ThresholdFile):
+        return LineThreshold(cfg.id, path=cfg.threshold.file)
+    return LineThreshold(cfg.id, value=float(cfg.threshold))
+
+
+def _curve_keys(config: DaemonConfig) -> CurveServerKeys | None:
+    curve = config.zmq.curve
+    if curve is None:
+        return None
+    if curve.allowed_clients_dir is not None:
+        # The publisher owns its own ZeroMQ context, so no ZAP authenticator can guard it yet;
+        # refusing beats silently accepting every client.
+        raise ConfigError("zmq.curve.allowed_clients_dir: client allow-lists are not supported by this "
+                          "daemon yet (remove it: CURVE then encrypts, any key holder may subscribe)")
+    import zmq.auth
+
+    try:
+        public, secret = zmq.auth.load_certificate(str(curve.server_secret_key_file))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"zmq.curve.server_secret_key_file: {curve.server_secret_key_file}: {exc}") from None
+    if not secret:
+        raise ConfigError(f"zmq.curve.server_secret_key_file: {curve.server_secret_key_file} holds no secret key")
+    return CurveServerKeys(public_key=public, secret_key=secret)
+
+
+class Daemon:
+    """All lines of one config, their publisher and metrics. `start()`, `reload_thresholds()`, `stop()`."""
+
+    def __init__(self, config: DaemonConfig, notifier: SystemdNotifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or SystemdNotifier()
+        self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
+        self.publisher: Publisher | None = None
+        self.lines: dict[str, LinePipeline] = {}
+        self._line_cfgs = {c.id: c for c in config.lines}
+        self._stop_supervisor = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._last_status = ""
+
+    # ---- start -----------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Everything that can fail on bad input, before any thread starts (errors are one line)."""
+        from inspectd.daemon.sources import make_source
+        from inspectd.engines.bundle import load_bundle
+
+        curve = _curve_keys(self.config)
+        for cfg in self.config.lines:
+            settings = line_settings(cfg)
+            threshold = line_threshold(cfg)
+            bundle = load_bundle(cfg.bundle)
+            source = make_source(cfg)
+            drift = self._drift_for(cfg)
+            self.lines[cfg.id] = LinePipeline(settings, source, bundle, threshold,
+                                              emit=self._emitter(cfg), metrics=self.metrics,
+                                              archive=None, drift=drift)
+            self.metrics.archive_enabled.labels(line=cfg.id).set(0)
+            if cfg.archive.enabled:
+                log.warning("line %s: NG archive requested but not wired in this build; archiving is off",
+                            cfg.id)
+        z = self.config.zmq
+        self.publisher = Publisher(z.endpoint, sndhwm=z.sndhwm, linger_ms=z.linger_ms,
+                                   heartbeat_interval_s=self.config.heartbeat_interval_s, curve=curve,
+                                   on_sent=self._on_sent)
+        for line_id in self.lines:
+            self.publisher.register_line(line_id)
+
+    def start(self, stop_requested: threading.Event | None = None) -> bool:
+        """Start serving; returns False if a stop was requested during warm-up."""
+        stop_requested = stop_requested or threading.Event()
+        m = self.config.metrics
+        self.metrics_server = self.metrics.serve(m.host, m.port)
+        if self.publisher is None:
+            raise RuntimeError("Daemon.build() must run before start()")
+        self.publisher.start()
+        for pipeline in self.lines.values():
+            self.publisher.set_line_status(pipeline.line, pipeline.status())
+            pipeline.start()
+        log.info("started %s; publishing on %s", summary(self.config), self.publisher.bound_endpoint)
+        self.notifier.status("warming up engines")
+        # READY only after every engine is warm; a camera that is not there yet does not block
+        # READY for long: its line reports the camera down and keeps reconnecting.
+        if not self._wait(lambda p: p.engine_ready.is_set(), ENGINE_READY_TIMEOUT_S, stop_requested):
+            return False
+        self._wait(lambda p: p.source_ready.is_set(), SOURCE_READY_TIMEOUT_S, stop_requested)
+        if stop_requested.is_set():
+            return False
+        self.metrics.up.set(1)
+        self._supervisor.start()
+        status = self.status_line()
+        self.notifier.ready(status)
+        log.info("ready: %s", status)
+        return True
+
+    def _wait(self, cond: Any, timeout_s: float, stop_requested: threading.Event) -> bool:
+        end = time.monotonic() + timeout_s
+        while not all(cond(p) for p in self.lines.values()):
+            if stop_requested.wait(0.05):
+                return False
+            if time.monotonic() > end:
+                pending = [p.line for p in self.lines.values() if not cond(p)]
+                log.warning("not ready after %.0f s: %s", timeout_s, ", ".join(pending))
+                return True
+        return True
+
+    def _drift_for(self, cfg: LineConfig) -> Any:
+        if not isinstance(cfg.threshold, ThresholdFile):
+            return None
+        from inspectd.calibration.drift import DriftWatch
+
+        try:
+            return DriftWatch.from_calibration(cfg.threshold.file)
+        except Exception as exc:  # drift is a diagnostic: its absence never stops a line
+            log.info("line %s: no score drift metric (%s)", cfg.id, exc)
+            return None
+
+    def _emitter(self, cfg: LineConfig) -> Any:
+        encoding = cfg.heatmap.encoding
+        size = (cfg.heatmap.width, cfg.heatmap.height)
+
+        def emit(verdict: Verdict) -> None:
+            publisher = self.publisher
+            if publisher is None:
+                return
+            publisher.publish_verdict(verdict)
+            if verdict.heatmap is not None:
+                publisher.publish_heatmap(verdict, encoding=encoding, size=size)
+        return emit
+
+    def _on_sent(self, topic: str, header: dict) -> None:
+        if topic.startswith("verdict."):
+            latency_s = (header["published_ns"] - header["acquired_ns"]) / 1e9
+            self.metrics.end_to_end_seconds.labels(line=header["line"]).observe(max(latency_s, 0.0))
+
+    # ---- running ---------------------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        return "; ".join(p.summary() for p in self.lines.values())
+
+    def healthy(self) -> bool:
+        return all(p.healthy() for p in self.lines.values())
+
+    def _supervise(self) -> None:
+        """Heartbeat status, STATUS=, and WATCHDOG=1 only while every line's frames flow or its
+        source is healthily waiting (a stuck worker or a lost camera stops the pings)."""
+        interval = min(self.config.heartbeat_interval_s, 1.0)
+        wd = self.notifier.watchdog_interval_s()
+        if wd is not None:
+            interval = min(interval, wd)
+        while not self._stop_supervisor.wait(interval):
+            try:
+                for pipeline in self.lines.values():
+                    if self.publisher is not None:
+                        self.publisher.set_line_status(pipeline.line, pipeline.status())
+                if wd is not None and self.healthy():
+                    self.notifier.watchdog()
+                status = self.status_line()
+                if status != self._last_status:
+                    self.notifier.status(status)
+                    self._last_status = status
+            except Exception:
+                log.exception("supervisor tick failed")
+
+    def reload_thresholds(self) -> None:
+        log.info("SIGHUP: reloading thresholds")
+        for pipeline in self.lines.values():
+            pipeline.threshold.reload()
+            self.metrics.threshold.labels(line=pipeline.line).set(pipeline.threshold.value)
+
+    # ---- stop ------------------------------------------------------------------------------------
+
+    def stop(self, budget_s: float = STOP_BUDGET_S) -> None:
+        """Stop acquisition, resolve in-flight frames (result or deadline), publish them, close."""
+        end = time.monotonic() + budget_s
+        self.notifier.stopping()
+        self._stop_supervisor.set()
+        for pipeline in self.lines.values():
+            pipeline.request_stop()
+        for pipeline in self.lines.values():
+            pipeline.stop(timeout_s=max(0.2, end - time.monotonic() - 0.5))
+        if self._supervisor.is_alive():
+            self._supervisor.join(1.0)
+        self.metrics.up.set(0)
+        if self.publisher is not None:
+            # Verdicts resolved above are queued before the stop marker: they go out first.
+            if not self.publisher.stop(timeout=max(0.2, end - time.monotonic())):
+                log.warning("publisher did not stop in time")
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown(timeout=1.0)
+        self.notifier.close()
+        log.info("stopped")
+
+
+def run(config_path: str | Path) -> int:
+    config = load_config(config_path, validate_paths=True)
+    logging.getLogger().setLevel(config.log_level)
+    stop_requested = threading.Event()
+    reload_requested = threading.Event()
+
+    def on_stop(signum: int, _frame: Any) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop_requested.set()
+
+    def on_hup(_signum: int, _frame: Any) -> None:
+        reload_requested.set()
+
+    # Handlers only set flags; the main thread does the work (a handler may interrupt anything).
+    old = {s: signal.signal(s, h) for s, h in
+           ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup))}
+    daemon = Daemon(config)
+    try:
+        daemon.build()
+        try:
+            daemon.start(stop_requested)
+            while not stop_requested.wait(0.1):
+                if reload_requested.is_set():
+                    reload_requested.clear()
+                    daemon.reload_thresholds()
+        finally:
+            daemon.stop()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return run(args.config)

@@ -1,0 +1,206 @@
+"""`inspectd calibrate` end to end on the real tiny bundle (ONNX Runtime), generated images and a
+real daemon config: threshold = the order statistic of the normalized good scores, report + PNG,
+config updated atomically; every bad input gives a one-line error and leaves the config alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from inspectd.calibration.drift import DriftWatch
+from inspectd.cli import main
+from inspectd.daemon.config import load_config
+from inspectd.engines.bundle import load_bundle
+from inspectd.engines.preprocess import list_images, load_prepared
+from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from inspectd.engines.synthetic import render_part
+
+N_GOOD = 60  # 5% target at 95% needs 59
+
+
+@pytest.fixture(scope="module")
+def held_out_good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Good parts from the training distribution that the bundle never saw (own seed, own names)."""
+    folder = tmp_path_factory.mktemp("cal_good")
+    rng = np.random.default_rng(1234)
+    for i in range(N_GOOD):
+        cv2.imwrite(str(folder / f"cal_good_{i:04d}.png"), render_part(rng, 128)[0])
+    return folder
+
+
+@pytest.fixture()
+def config(tmp_path: Path, tiny_bundle: Path) -> Path:
+    path = tmp_path / "lines.yaml"
+    path.write_text(yaml.safe_dump({"lines": [
+        {"id": "line1", "source": {"type": "replay", "path": "frames"}, "bundle": str(tiny_bundle),
+         "threshold": 3.0},
+        {"id": "line2", "source": {"type": "replay", "path": "frames"}, "bundle": str(tiny_bundle),
+         "threshold": 4.0},
+    ]}, sort_keys=False))
+    return path
+
+
+def _normalized_scores(bundle_path: Path, folder: Path) -> np.ndarray:
+    bundle = load_bundle(bundle_path)
+    with OnnxRuntimeBackend(bundle) as backend:
+        raw, _ = backend.infer(np.stack([load_prepared(p, bundle.input_spec) for p in list_images(folder)]))
+    return np.asarray(bundle.normalize(raw))
+
+
+def _untouched(config: Path, before: str) -> None:
+    assert config.read_text() == before
+    assert not list(config.parent.glob("*.bak-*")) and not list(config.parent.glob("*.calibration-*"))
+
+
+def test_calibrate_writes_threshold_report_and_config(tiny_bundle: Path, synthetic_parts, held_out_good: Path,
+                                                      config: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    before = config.read_text()
+    report_dir = tmp_path / "report"
+    rc = main(["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good),
+               "--bad", str(synthetic_parts.test_bad), "--line", "line1", "--target-false-reject", "5%",
+               "--target-escape", "10%", "--config", str(config), "--report", str(report_dir)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "scoring good" in out.err  # the progress bar
+    good = _normalized_scores(tiny_bundle, held_out_good)
+    bad = _normalized_scores(tiny_bundle, synthetic_parts.test_bad)
+
+    # Config: line1 now points at a calibration file whose threshold is the largest good score
+    # (n = 60, target 5%: only k = 1 keeps P(Bin(60, 0.05) <= k-1) <= 0.05); line2 untouched.
+    cfg = load_config(config)
+    record = json.loads(Path(cfg.line("line1").threshold.file).read_text())
+    assert record["threshold"] == pytest.approx(good.max(), abs=1e-6)
+    assert record["k"] == 1 and record["n_good"] == N_GOOD and record["n_bad"] == 12
+    assert record["bundle_id"] == load_bundle(tiny_bundle).bundle_id
+    assert record["target_false_reject"] == 0.05 and record["false_reject_bound"] <= 0.05
+    assert len(record["good_scores"]) == N_GOOD
+    assert cfg.line("line2").threshold == 4.0
+    (backup,) = config.parent.glob("lines.yaml.bak-*")
+    assert backup.read_text() == before
+
+    report = json.loads((report_dir / "report.json").read_text())
+    esc = report["escape_at_threshold"]
+    assert esc["escapes"] == int((bad <= record["threshold"]).sum()) and esc["n_bad"] == 12
+    assert esc["ci_low"] <= esc["rate"] <= esc["ci_high"]
+    diff = bad[:, None] - good[None, :]
+    assert report["roc_auc"] == pytest.approx(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+    assert report["escape_target"]["threshold"] is None  # 12 bad images cannot give 95% confidence
+    assert report["escape_target"]["needed_bad"] == 29
+    assert report["overlap"]["count"] == 0
+    png = cv2.imread(str(report_dir / "histogram.png"))
+    assert png is not None and png.shape[0] > 100 and png.shape[1] > 100
+    assert "threshold" in out.out and "escape" in out.out
+
+    # The daemon's drift watch reads the same file: quiet on good parts, loud on defective ones.
+    quiet = DriftWatch.from_calibration(cfg.line("line1").threshold.file, window=60, min_samples=12)
+    for s in good[good <= record["threshold"]]:
+        quiet.update(s)
+    loud = DriftWatch.from_calibration(cfg.line("line1").threshold.file, window=60, min_samples=12)
+    for s in bad:
+        loud.update(s)
+    assert quiet.value() is not None and quiet.value() < 0.15
+    assert loud.value() is not None and loud.value() > 0.5
+
+
+def test_too_few_good_images_refused_before_scoring(tiny_bundle: Path, held_out_good: Path, config: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    before = config.read_text()
+    rc = main(["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
+               "--target-false-reject", "0.5%", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "60 good images cannot support a false-reject target of 0.500%" in err
+    assert "need at least 598 good images" in err and "scoring" not in err
+    _untouched(config, before)
+
+
+def test_training_images_are_refused_unless_forced(tiny_bundle: Path, synthetic_parts, config: Path,
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = config.read_text()
+    args = ["calibrate", "--bundle", str(tiny_bundle), "--good", str(synthetic_parts.train_good),
+            "--line", "line1", "--target-false-reject", "10%", "--config", str(config)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "calibration images are in the bundle's training set (by content hash" in err
+    assert "--force-overlap" in err
+    _untouched(config, before)
+
+    assert main(args + ["--force-overlap", "--report", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["overlap"]["forced"] and report["overlap"]["count"] > 0
+    assert "optimistic" in capsys.readouterr().out
+
+
+def _run_bad(args: list[str], config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    before = config.read_text()
+    rc = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    _untouched(config, before)
+    return rc, err[-1] if err else ""
+
+
+def test_bad_inputs_give_one_line_errors_and_leave_config(tiny_bundle: Path, held_out_good: Path,
+                                                          config: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
+            "--target-false-reject", "5%", "--config", str(config)]
+
+    rc, err = _run_bad(["calibrate", *base[:-2], "--config", str(config), "--line", "nope"], config, capsys)
+    assert rc == 2 and "line 'nope' is not in the config (lines: line1, line2)" in err
+
+    rc, err = _run_bad(["calibrate", *base[:6], "--target-false-reject", "50%", *base[8:]], config, capsys)
+    assert rc == 2 and "--target-false-reject 50% is outside (0, 50%)" in err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, err = _run_bad(["calibrate", *base[:2], "--good", str(empty), *base[4:]], config, capsys)
+    assert rc == 1 and f"{empty}: no good images" in err
+
+    rc, err = _run_bad(["calibrate", *base[:2], "--good", str(tmp_path / "missing"), *base[4:]], config, capsys)
+    assert rc == 1 and "folder does not exist" in err
+
+    broken = tmp_path / "broken"
+    shutil.copytree(held_out_good, broken)
+    (broken / "cal_good_0007.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rc, err = _run_bad(["calibrate", *base[:2], "--good", str(broken), *base[4:]], config, capsys)
+    assert rc == 1 and "cal_good_0007.png: not a readable image" in err
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle, tampered)
+    with open(tampered / "model.onnx", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01\x02")
+    rc, err = _run_bad(["calibrate", "--bundle", str(tampered), *base[2:]], config, capsys)
+    assert rc == 1 and "model.onnx does not match its sha256" in err
+
+
+def test_bundle_whose_golden_scores_do_not_reproduce_is_refused(tiny_bundle: Path, held_out_good: Path,
+                                                                config: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tiny_bundle, wrong)
+    manifest = json.loads((wrong / "manifest.json").read_text())
+    std = manifest["score"]["good_std"]
+    manifest["golden"]["good_scores"][0] += 5 * std  # export-time record no longer matches the model
+    (wrong / "manifest.json").write_text(json.dumps(manifest))
+    rc, err = _run_bad(["calibrate", "--bundle", str(wrong), "--good", str(held_out_good), "--line", "line1",
+                        "--target-false-reject", "5%", "--config", str(config)], config, capsys)
+    assert rc == 1 and "fails its checks" in err and "golden image" in err
+
+
+def test_dry_run_reports_without_touching_config(tiny_bundle: Path, held_out_good: Path, config: Path,
+                                                 tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = config.read_text()
+    rc = main(["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
+               "--target-false-reject", "5%", "--config", str(config), "--dry-run",
+               "--report", str(tmp_path / "rep")])
+    assert rc == 0 and "not changed (--dry-run)" in capsys.readouterr().out
+    _untouched(config, before)
+    assert (tmp_path / "rep" / "report.json").is_file()

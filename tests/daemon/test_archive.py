@@ -1,0 +1,219 @@
+"""NG archive on the real filesystem: valid files, atomic names, quota, failure switches it off."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from inspectd.daemon.archive import NgArchive
+from inspectd.daemon.frame import Frame, Verdict
+from inspectd.daemon.metrics import Metrics
+from inspectd.errors import ConfigError
+
+DAY1 = int(dt.datetime(2024, 5, 1, 23, 59, 0).timestamp() * 1e9)
+DAY2 = int(dt.datetime(2024, 5, 2, 8, 0, 0).timestamp() * 1e9)
+
+
+def image(seed: int, color: bool = True) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (48, 64, 3) if color else (48, 64)
+    return rng.integers(0, 256, shape, dtype=np.uint8)  # noise: PNG size is stable and non-trivial
+
+
+def header(frame_id: int, acquired_ns: int) -> dict:
+    return {"line": "line1", "frame_id": frame_id, "acquired_ns": acquired_ns, "verdict": "NG",
+            "score": 7.5, "raw_score": np.float32(-1.5), "threshold": 4.0, "error": None}
+
+
+def all_files(root):
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def archives():
+    made = []
+
+    def make(*args, **kw):
+        a = NgArchive(*args, **kw)
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        a.stop(5)
+
+
+def test_record_files_are_valid(tmp_path, archives):
+    metrics = Metrics()
+    arc = archives(tmp_path, 10_000_000, "line1", metrics=metrics)
+    arc.start()
+    img, hm = image(1), image(2, color=False)
+    assert arc.save(img, hm, header(42, DAY1))
+    assert arc.save(image(3, color=False), None, header(43, DAY1 + 5_000_000))  # mono, no heatmap
+    assert arc.wait_idle(10)
+    day = tmp_path / "line1" / "2024-05-01"
+    names = sorted(p.name for p in day.iterdir())
+    assert names == ["235900000_f0000000042.json", "235900000_f0000000042.png",
+                     "235900000_f0000000042_heatmap.png", "235900005_f0000000043.json",
+                     "235900005_f0000000043.png"]
+    # Image stored in true colours (RGB frame -> PNG), read back bit-exact.
+    back = cv2.cvtColor(cv2.imread(str(day / "235900000_f0000000042.png")), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(back, img)
+    np.testing.assert_array_equal(cv2.imread(str(day / "235900000_f0000000042_heatmap.png"),
+                                             cv2.IMREAD_UNCHANGED), hm)
+    side = json.loads((day / "235900000_f0000000042.json").read_text())
+    assert side["frame_id"] == 42 and side["verdict"] == "NG" and side["raw_score"] == -1.5
+    assert side["image_file"] == "235900000_f0000000042.png"
+    assert side["heatmap_file"] == "235900000_f0000000042_heatmap.png"
+    assert json.loads((day / "235900005_f0000000043.json").read_text())["heatmap_file"] is None
+    assert not [p for p in day.iterdir() if p.name.startswith(".tmp-")]  # temp files were renamed
+    assert arc.total_bytes == sum(p.stat().st_size for p in all_files(tmp_path))
+    assert arc.saved == 2 and arc.enabled
+    assert metrics.registry.get_sample_value("inspectd_archive_enabled", {"line": "line1"}) == 1
+
+
+def test_quota_deletes_oldest_first(tmp_path, archives):
+    # Measure one record's size, then allow room for three.
+    probe = archives(tmp_path / "probe", 10_000_000, "line1")
+    probe.start()
+    probe.save(image(0), image(0, color=False), header(0, DAY1))
+    probe.wait_idle(10)
+    record = probe.total_bytes
+    arc = archives(tmp_path / "arc", 3 * record + record // 2, "line1")
+    arc.start()
+    stamps = [DAY1 + i * 1_000_000_000 for i in range(2)] + [DAY2 + i * 1_000_000_000 for i in range(4)]
+    for i, ns in enumerate(stamps):
+        assert arc.save(image(0), image(0, color=False), header(i, ns))
+        assert arc.wait_idle(10)  # one at a time: the writer queue is bounded
+    kept = sorted(p.name for p in all_files(tmp_path / "arc") if p.suffix == ".json")
+    assert kept == ["080001000_f0000000003.json", "080002000_f0000000004.json", "080003000_f0000000005.json"]
+    assert arc.deleted == 3
+    assert not (tmp_path / "arc" / "line1" / "2024-05-01").exists()  # emptied day removed
+    assert arc.total_bytes == sum(p.stat().st_size for p in all_files(tmp_path / "arc")) <= arc.quota_bytes
+
+
+def test_existing_archive_scanned_at_start(tmp_path, archives):
+    first = archives(tmp_path, 10_000_000, "line1")
+    first.start()
+    for i in range(5):
+        first.save(image(i), None, header(i, DAY2 + i * 1_000_000_000))
+    assert first.wait_idle(10)
+    record = first.total_bytes // 5
+    assert first.stop(5)
+    day = tmp_path / "line1" / "2024-05-02"
+    (day / ".tmp-crashed").write_bytes(b"x" * 100)     # left by a crash mid-write
+    (day / "notes.txt").write_text("operator notes")     # not ours: kept, not counted
+    second = archives(tmp_path, 2 * record + record // 2, "line1")
+    second.start()
+    assert second.wait_idle(10)
+    kept = sorted(p.name for p in day.iterdir())
+    assert kept == ["080003000_f0000000003.json", "080003000_f0000000003.png",
+                    "080004000_f0000000004.json", "080004000_f0000000004.png", "notes.txt"]
+    assert second.total_bytes == sum(p.stat().st_size for p in day.iterdir() if p.name != "notes.txt")
+
+
+def test_unwritable_root_disables_without_raising(tmp_path, archives, caplog):
+    # Works as root too: a directory path that is really a regular file cannot be created.
+    blocker = tmp_path / "archive"
+    blocker.write_text("not a directory")
+    metrics = Metrics()
+    arc = archives(blocker, 1_000_000, "line1", metrics=metrics)
+    arc.start()
+    assert arc.wait_idle(10)
+    assert not arc.enabled
+    assert arc.save(image(1), None, header(1, DAY1)) is False
+    assert metrics.registry.get_sample_value("inspectd_archive_enabled", {"line": "line1"}) == 0
+    assert metrics.registry.get_sample_value("inspectd_archive_errors_total", {"line": "line1"}) == 1
+    assert len([r for r in caplog.records if "NG archive line1 disabled" in r.getMessage()]) == 1
+    assert blocker.read_text() == "not a directory"
+
+
+def test_failure_mid_run_disables_and_leaves_no_partial_record(tmp_path, archives, caplog):
+    metrics = Metrics()
+    arc = archives(tmp_path, 10_000_000, "line1", metrics=metrics)
+    arc.start()
+    assert arc.save(image(1), None, header(1, DAY1))
+    assert arc.wait_idle(10)
+    # The disk "goes away" under the archive: the line directory is replaced by a file.
+    shutil.rmtree(tmp_path / "line1")
+    (tmp_path / "line1").write_text("x")
+    assert arc.save(image(2), image(2, color=False), header(2, DAY2))
+    assert arc.wait_idle(10)
+    assert not arc.enabled
+    for _ in range(3):
+        assert arc.save(image(3), None, header(3, DAY2)) is False  # no raise, nothing queued
+    assert metrics.registry.get_sample_value("inspectd_archive_errors_total", {"line": "line1"}) == 1
+    assert metrics.registry.get_sample_value("inspectd_archive_enabled", {"line": "line1"}) == 0
+    assert len([r for r in caplog.records if "disabled" in r.getMessage()]) == 1
+
+
+def test_bad_image_is_skipped_archive_stays_on(tmp_path, archives):
+    arc = archives(tmp_path, 10_000_000, "line1")
+    arc.start()
+    assert arc.save(np.zeros((4, 4), np.float32), None, header(1, DAY1))  # not uint8
+    assert arc.save(image(2), None, header(2, DAY1))
+    assert arc.wait_idle(10)
+    assert arc.enabled and arc.errors == 1 and arc.saved == 1
+    assert len(list((tmp_path / "line1" / "2024-05-01").glob("*.json"))) == 1
+
+
+def test_full_queue_drops_and_counts(tmp_path, archives):
+    metrics = Metrics()
+    arc = archives(tmp_path, 10_000_000, "line1", metrics=metrics, queue_size=2)
+    # Not started yet: the writer is "busy", the queue fills.
+    assert arc.save(image(1), None, header(1, DAY1))
+    assert arc.save(image(2), None, header(2, DAY1 + 1_000_000))
+    assert arc.save(image(3), None, header(3, DAY1 + 2_000_000)) is False
+    assert arc.dropped == 1
+    assert metrics.registry.get_sample_value("inspectd_archive_dropped_total", {"line": "line1"}) == 1
+    arc.start()
+    assert arc.wait_idle(10)
+    assert arc.saved == 2  # the queued ones were not lost
+
+
+def test_same_millisecond_and_frame_keeps_both(tmp_path, archives):
+    arc = archives(tmp_path, 10_000_000, "line1")
+    arc.start()
+    assert arc.save(image(1), None, header(7, DAY1))
+    assert arc.save(image(2), None, header(7, DAY1))  # e.g. frame ids restarted with the daemon
+    assert arc.wait_idle(10)
+    assert len(list(tmp_path.rglob("*.json"))) == 2
+
+
+def test_bad_settings():
+    with pytest.raises(ConfigError, match="quota"):
+        NgArchive("/tmp/x", 0, "line1")
+    with pytest.raises(ConfigError, match="line name"):
+        NgArchive("/tmp/x", 100, "../etc")
+
+
+def test_stop_writes_what_is_queued(tmp_path):
+    arc = NgArchive(tmp_path, 10_000_000, "line1", queue_size=8)
+    for i in range(5):
+        assert arc.save(image(i), None, header(i, DAY1 + i * 1_000_000))
+    arc.start()
+    assert arc.stop(10)
+    assert len(list(tmp_path.rglob("*.json"))) == 5
+    assert arc.save(image(9), None, header(9, DAY1)) is False  # stopped
+
+
+def test_submit_frame_and_verdict(tmp_path, archives):
+    # The call LinePipeline makes for NG parts.
+    arc = archives(tmp_path, 10_000_000, "line1")
+    arc.start()
+    img, hm = image(5), image(6, color=False)
+    frame = Frame(line="line1", frame_id=77, acquired_ns=DAY2, acquired_mono=0.0, image=img,
+                  meta={"path": "/data/part77.png", "array": np.zeros(3)})
+    verdict = Verdict(line="line1", frame_id=77, acquired_ns=DAY2, verdict="NG", score=9.0, raw_score=1.0,
+                      threshold=4.0, latency_ms=11.0, deadline_missed=False, backend="onnxruntime-cpu",
+                      bundle_id="b1", heatmap=hm)
+    assert arc.submit(frame, verdict)
+    assert arc.wait_idle(10)
+    side = json.loads((tmp_path / "line1" / "2024-05-02" / "080000000_f0000000077.json").read_text())
+    assert side["score"] == 9.0 and side["bundle_id"] == "b1" and side["meta"] == {"path": "/data/part77.png"}
+    assert side["heatmap_file"] == "080000000_f0000000077_heatmap.png"

@@ -1,0 +1,275 @@
+"""LinePipeline with real parts: ReplaySource on generated images, the tiny bundle on ONNX Runtime,
+the real Metrics registry. The only doubles are backends wrapping the real ORT backend to be slow
+or to return NaN (named as such), to drive the deadline and engine-error paths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inspectd.daemon.frame import Verdict
+from inspectd.daemon.line import LineSettings, LineThreshold
+from inspectd.daemon.metrics import Metrics
+from inspectd.daemon.pipeline import LinePipeline, default_backend_opener
+from inspectd.daemon.sources.replay import ReplaySource
+from inspectd.engines import preprocess
+from inspectd.engines.bundle import Bundle, load_bundle
+from inspectd.engines.runtime import Backend, EngineInfo, open_backend
+from inspectd.errors import ConfigError
+
+THRESHOLD = 5.0
+
+
+class Collector:
+    """The pipeline's emit(): records each verdict with its arrival time."""
+
+    def __init__(self) -> None:
+        self.verdicts: list[Verdict] = []
+        self.arrived_ns: list[int] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, v: Verdict) -> None:
+        with self._cond:
+            self.verdicts.append(v)
+            self.arrived_ns.append(time.time_ns())
+            self._cond.notify_all()
+
+    def wait_for(self, n: int, timeout_s: float = 20.0) -> list[Verdict]:
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while len(self.verdicts) < n:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"only {len(self.verdicts)} of {n} verdicts within {timeout_s} s")
+                self._cond.wait(left)
+            return list(self.verdicts)
+
+
+class SlowOrtBackend(Backend):
+    """TEST DOUBLE: the real ONNX Runtime backend plus a sleep after warm-up (a blocked engine)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, inner: Backend, delay_s: float, warmup_calls: int = 2) -> None:
+        super().__init__(inner.bundle)
+        self.inner, self.delay_s, self._free = inner, delay_s, warmup_calls
+        self.completed = 0
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.inner.infer(batch)
+        if self._free > 0:
+            self._free -= 1
+        else:
+            time.sleep(self.delay_s)
+            self.completed += 1
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class NanOrtBackend(SlowOrtBackend):
+    """TEST DOUBLE: the real ONNX Runtime backend whose scores turn NaN after warm-up."""
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = super().infer(batch)
+        return (np.full_like(scores, np.nan), maps) if self.completed else (scores, maps)
+
+
+def _opener(wrap: Any) -> Any:
+    def opener(bundle: Bundle, settings: LineSettings, on_fallback: Any) -> tuple[Backend, EngineInfo]:
+        backend, info = open_backend(bundle, ["onnxruntime"], on_fallback=on_fallback)
+        return wrap(backend), info
+    return opener
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle: Path) -> Bundle:
+    return load_bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def replay_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Any) -> Path:
+    """good/ and bad/ subfolders, so the replay source labels each frame."""
+    root = tmp_path_factory.mktemp("replay")
+    shutil.copytree(synthetic_parts.test_good, root / "good")
+    shutil.copytree(synthetic_parts.test_bad, root / "bad", ignore=shutil.ignore_patterns("masks"))
+    return root
+
+
+def _sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def _run_line(settings: LineSettings, source: Any, bundle: Bundle, n: int, threshold: float = THRESHOLD,
+              opener: Any = default_backend_opener, metrics: Metrics | None = None,
+              settle_s: float = 0.0) -> tuple[list[Verdict], Collector, LinePipeline]:
+    out = Collector()
+    pipe = LinePipeline(settings, source, bundle, LineThreshold(settings.line, value=threshold), out,
+                        metrics=metrics, backend_opener=opener).start()
+    try:
+        assert pipe.wait_ready(30.0)
+        verdicts = out.wait_for(n)
+        time.sleep(settle_s)  # late results / stray duplicates would show up here
+    finally:
+        pipe.stop(timeout_s=3.0)
+    return verdicts, out, pipe
+
+
+def test_replay_gives_the_engines_verdicts(bundle: Bundle, replay_dir: Path) -> None:
+    files = sorted(p for p in replay_dir.rglob("*.png"))
+    # Expected: the same engine called directly on the same files.
+    backend, _ = open_backend(bundle, ["onnxruntime"])
+    with backend:
+        expected = {}
+        for p in files:
+            raw = float(backend.infer(preprocess.load_prepared(p, bundle.input_spec)[None])[0][0])
+            expected[p.name + p.parent.name] = "NG" if bundle.normalize(raw) > THRESHOLD else "OK"
+    metrics = Metrics()
+    settings = LineSettings(line="L1", latency_budget_ms=2000, backend_preference=("onnxruntime",),
+                            heatmap_mode="ng", queue_size=64)
+    verdicts, _, pipe = _run_line(settings, ReplaySource("L1", replay_dir), bundle, len(files), metrics=metrics,
+                                  settle_s=0.3)
+    assert len(verdicts) == len(files)  # exactly one verdict per frame
+    assert [v.frame_id for v in verdicts] == list(range(1, len(files) + 1))
+    got = {Path(v.meta["path"]).name + Path(v.meta["path"]).parent.name: v.verdict for v in verdicts}
+    assert got == expected
+    by_label = {lab: [v.verdict for v in verdicts if v.meta.get("label") == lab] for lab in ("good", "bad")}
+    assert by_label["good"] and all(x == "OK" for x in by_label["good"])
+    assert sum(x == "NG" for x in by_label["bad"]) >= len(by_label["bad"]) // 2
+    for v in verdicts:
+        assert not v.deadline_missed and v.error is None and v.backend == "onnxruntime"
+        assert v.score == pytest.approx(float(bundle.normalize(v.raw_score)))
+        assert v.threshold == THRESHOLD and v.bundle_id == bundle.bundle_id
+        # heatmap per config: NG only, at the model's map size, fixed display range
+        assert (v.heatmap is not None) == (v.verdict == "NG")
+        if v.heatmap is not None:
+            assert v.heatmap.dtype == np.uint8 and v.heatmap.shape == bundle.map_shape
+    n_ng = sum(v.verdict == "NG" for v in verdicts)
+    assert _sample(metrics, "inspectd_frames_total", line="L1", verdict="NG") == n_ng
+    assert _sample(metrics, "inspectd_frames_total", line="L1", verdict="OK") == len(files) - n_ng
+    assert _sample(metrics, "inspectd_inference_seconds_count", line="L1", backend="onnxruntime") == len(files)
+    assert _sample(metrics, "inspectd_engine_info", line="L1", backend="onnxruntime",
+                   bundle_id=bundle.bundle_id) == 1
+    assert _sample(metrics, "inspectd_camera_connected", line="L1") == 0  # closed by stop()
+    assert _sample(metrics, "inspectd_deadline_misses_total", line="L1") == 0
+    assert pipe.status()["verdicts"] == len(files)
+
+
+def test_deadline_miss_verdicts_arrive_at_the_deadline_and_late_results_are_not_published(
+        bundle: Bundle, replay_dir: Path) -> None:
+    budget_ms = 150
+    slow: list[SlowOrtBackend] = []
+
+    def wrap(inner: Backend) -> Backend:
+        slow.append(SlowOrtBackend(inner, delay_s=0.6))
+        return slow[-1]
+
+    metrics = Metrics()
+    settings = LineSettings(line="slow", latency_budget_ms=budget_ms, on_deadline_miss="NG",
+                            backend_preference=("onnxruntime",), queue_size=16)
+    source = ReplaySource("slow", replay_dir / "good", fps=4)
+    verdicts, out, pipe = _run_line(settings, source, bundle, 3, opener=_opener(wrap), metrics=metrics,
+                                    settle_s=1.0)  # let the engine finish a frame after its deadline
+    first = verdicts[:3]
+    for v, arrived in zip(first, out.arrived_ns[:3]):
+        assert v.deadline_missed is True and v.verdict == "NG" and v.score is None
+        assert "no result within 150 ms" in (v.error or "")
+        late_by_ms = (arrived - v.acquired_ns) / 1e6
+        # Fired by the deadline thread while the engine sleeps 600 ms: at the budget, not after the engine.
+        assert budget_ms - 5 <= late_by_ms < budget_ms + 300, late_by_ms
+    assert slow[0].completed >= 1          # the engine did finish frames after their deadline ...
+    assert pipe.late_results >= 1          # ... and those results were counted, not published
+    ids = [v.frame_id for v in out.verdicts]
+    assert len(ids) == len(set(ids))       # never a second verdict for a frame
+    assert all(v.deadline_missed for v in out.verdicts)
+    assert _sample(metrics, "inspectd_deadline_misses_total", line="slow") == len(out.verdicts)
+    assert _sample(metrics, "inspectd_frames_total", line="slow", verdict="NG") == len(out.verdicts)
+
+
+def test_skip_policy_and_drop_oldest_when_the_queue_is_full(bundle: Bundle, replay_dir: Path) -> None:
+    metrics = Metrics()
+    settings = LineSettings(line="q", latency_budget_ms=5000, on_deadline_miss="SKIP",
+                            backend_preference=("onnxruntime",), queue_size=1)
+    source = ReplaySource("q", replay_dir / "bad")  # 12 frames as fast as the source goes
+    opener = _opener(lambda inner: SlowOrtBackend(inner, delay_s=0.15))
+    verdicts, out, _ = _run_line(settings, source, bundle, 12, opener=opener, metrics=metrics, settle_s=0.5)
+    assert sorted(v.frame_id for v in out.verdicts) == list(range(1, 13))  # every frame: one verdict
+    dropped = [v for v in out.verdicts if v.error and "queue full" in v.error]
+    assert dropped, "a 1-deep queue behind a 150 ms engine must drop"
+    assert all(v.verdict == "SKIP" and not v.deadline_missed for v in dropped)
+    assert _sample(metrics, "inspectd_dropped_frames_total", line="q", reason="queue_full") == len(dropped)
+    # drop oldest: the newest frame is never the one dropped
+    assert 12 not in {v.frame_id for v in dropped}
+
+
+def test_malformed_frames_and_engine_errors_get_fail_safe_verdicts(bundle: Bundle, replay_dir: Path) -> None:
+    metrics = Metrics()
+    # An ROI outside the 128x128 frames makes every frame malformed for this line.
+    bad_roi = LineSettings(line="roi", latency_budget_ms=2000, roi=(100, 100, 64, 64),
+                           backend_preference=("onnxruntime",), queue_size=16)
+    verdicts, _, _ = _run_line(bad_roi, ReplaySource("roi", replay_dir / "good"), bundle, 12, metrics=metrics)
+    assert all(v.verdict == "NG" and v.score is None and "malformed" in (v.error or "") for v in verdicts)
+    assert _sample(metrics, "inspectd_dropped_frames_total", line="roi", reason="malformed") == 12
+
+    nan = LineSettings(line="nan", latency_budget_ms=2000, on_deadline_miss="OK",
+                       backend_preference=("onnxruntime",), queue_size=16)
+    opener = _opener(lambda inner: NanOrtBackend(inner, delay_s=0.0))
+    verdicts, _, pipe = _run_line(nan, ReplaySource("nan", replay_dir / "good"), bundle, 12, opener=opener,
+                                  metrics=metrics)
+    assert all(v.verdict == "OK" and v.score is None and "non-finite" in (v.error or "") for v in verdicts)
+    assert _sample(metrics, "inspectd_engine_errors_total", line="nan") == 12
+    assert pipe.engine_errors == 12
+
+
+def test_a_line_without_a_backend_does_not_stop_another_line(bundle: Bundle, replay_dir: Path) -> None:
+    metrics = Metrics()
+    # TensorRT is not on this machine: the real factory fails, so this line can never infer.
+    broken = LineSettings(line="broken", latency_budget_ms=2000, backend_preference=("tensorrt",),
+                          queue_size=16)
+    healthy = LineSettings(line="healthy", latency_budget_ms=2000, backend_preference=("onnxruntime",),
+                           queue_size=16)
+    out_b, out_h = Collector(), Collector()
+    pipes = [LinePipeline(broken, ReplaySource("broken", replay_dir / "bad"), bundle,
+                          LineThreshold("broken", value=THRESHOLD), out_b, metrics=metrics).start(),
+             LinePipeline(healthy, ReplaySource("healthy", replay_dir / "bad"), bundle,
+                          LineThreshold("healthy", value=THRESHOLD), out_h, metrics=metrics).start()]
+    try:
+        broken_v = out_b.wait_for(12)
+        healthy_v = out_h.wait_for(12)
+    finally:
+        for p in pipes:
+            p.stop(timeout_s=3.0)
+    assert pipes[0].failed and "no backend" in pipes[0].failed
+    assert all(v.verdict == "NG" and v.score is None and "no backend" in (v.error or "") for v in broken_v), \
+        [v.error for v in broken_v]
+    assert all(v.score is not None and v.error is None for v in healthy_v)
+    assert _sample(metrics, "inspectd_dropped_frames_total", line="broken", reason="engine_error") == 12
+
+
+def test_threshold_file_reload_is_atomic_and_a_bad_file_keeps_the_old_value(tmp_path: Path) -> None:
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps({"threshold": 2.5, "good_scores": [0.1]}))
+    th = LineThreshold.from_config("L", path)
+    assert th.value == 2.5
+    path.write_text(json.dumps({"threshold": 4.0}))
+    assert th.reload() is True and th.value == 4.0
+    for bad in ("{not json", json.dumps({"thresh": 1.0}), json.dumps({"threshold": "high"}),
+                '{"threshold": Infinity}'):
+        path.write_text(bad)
+        assert th.reload() is False and th.value == 4.0
+    path.unlink()
+    assert th.reload() is False and th.value == 4.0
+    assert LineThreshold.from_config("L", 3).value == 3.0 and LineThreshold.from_config("L", 3).reload() is False
+    with pytest.raises(ConfigError, match="does not exist"):
+        LineThreshold.from_config("L", tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="on_deadline_miss"):
+        LineSettings(line="L", latency_budget_ms=10, on_deadline_miss="MAYBE")

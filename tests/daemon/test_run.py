@@ -1,0 +1,231 @@
+"""`inspectd run` as a real child process: bad configs exit 2, verdicts/heartbeats reach a real
+ZeroMQ subscriber with contiguous seq, metrics move on a real HTTP scrape, SIGHUP reloads the
+threshold, SIGTERM exits 0 within 5 s and the stream stops. Plus end to end on the GenTL
+simulator camera (viky.cti from the genicam wheel)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import genicam
+import pytest
+import yaml
+
+from inspectd.client import Message, VerdictSubscriber
+
+CTI = Path(genicam.__file__).parent / "viky.cti"
+# `python -m inspectd.cli` is the console script's module (works with or without inspectd/__main__.py).
+DAEMON = [sys.executable, "-m", "inspectd.cli", "run", "--config"]
+
+
+class Daemon:
+    """A `inspectd run` child process whose stderr is read by a thread (so it never blocks)."""
+
+    def __init__(self, config: Path) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("NOTIFY_SOCKET", None)
+        self.proc = subprocess.Popen(DAEMON + [str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_log(self, pattern: str, timeout_s: float = 60.0) -> re.Match:
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = end - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(f"no log line matching {pattern!r}; log:\n" + "\n".join(self.lines[-30:]))
+                self._cond.wait(min(left, 0.2))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def _collect(sub: VerdictSubscriber, seconds: float, until: Any = None) -> list[Message]:
+    got: list[Message] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        msg = sub.poll_once(0.1)
+        if msg is not None:
+            got.append(msg)
+            if until is not None and until(msg):
+                break
+    return got
+
+
+def _write_config(path: Path, lines: list[dict[str, Any]], endpoint: str) -> Path:
+    path.write_text(yaml.safe_dump({"zmq": {"endpoint": endpoint}, "metrics": {"port": 0},
+                                    "heartbeat_interval_s": 0.2, "lines": lines}))
+    return path
+
+
+def _contiguous(msgs: list[Message], kind: str) -> list[int]:
+    seqs = [m.header["seq"] for m in msgs if m.kind == kind]
+    assert seqs, f"no {kind} messages"
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+    return seqs
+
+
+def test_bad_configs_exit_2_naming_the_field(tmp_path: Path, tiny_bundle: Path) -> None:
+    good_line = {"id": "line1", "source": {"type": "replay", "path": str(tmp_path)}, "bundle": str(tiny_bundle),
+                 "threshold": 3.0}
+    cases = {
+        "lines[0].latency_budget_ms": dict(good_line, latency_budget_ms=-5),
+        "lines[0].on_deadline_miss": dict(good_line, on_deadline_miss="MAYBE"),
+        "lines[0].bundle": dict(good_line, bundle=str(tmp_path / "no-such-bundle")),
+    }
+    for field, line in cases.items():
+        cfg = _write_config(tmp_path / "bad.yaml", [line], f"ipc://{tmp_path}/x.sock")
+        proc = subprocess.run(DAEMON + [str(cfg)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        err = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("inspectd run: error:") and field in err[0], proc.stderr
+
+
+def test_run_publishes_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, tiny_bundle: Path,
+                                                              synthetic_parts: Any) -> None:
+    replay = tmp_path / "replay"
+    shutil.copytree(synthetic_parts.test_good, replay / "good")
+    shutil.copytree(synthetic_parts.test_bad, replay / "bad")
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps({"threshold": 5.0}))
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    cfg = _write_config(tmp_path / "lines.yaml", [{
+        "id": "line1", "source": {"type": "replay", "path": str(replay), "fps": 25, "loop": True},
+        "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": {"file": str(calib)},
+        "latency_budget_ms": 1000, "heatmap": {"publish": "ng", "encoding": "png", "width": 48, "height": 48},
+    }], endpoint)
+    daemon = Daemon(cfg)
+    sub = VerdictSubscriber(endpoint, lines=["line1"], topics=("verdict", "heatmap", "heartbeat"),
+                            heartbeat_timeout_s=None)
+    try:
+        port = int(daemon.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        daemon.wait_log(r"ready: line1: camera up, onnxruntime")
+        msgs = _collect(sub, 3.0)
+        verdicts = [m.header for m in msgs if m.kind == "verdict"]
+        assert len(verdicts) >= 10 and sum(m.kind == "heartbeat" for m in msgs) >= 5
+        _contiguous(msgs, "verdict")
+        _contiguous(msgs, "heartbeat")
+        assert sub.lost == 0
+        for h in verdicts:
+            assert h["threshold"] == 5.0 and not h["deadline_missed"] and h["backend"] == "onnxruntime"
+            assert h["verdict"] == ("NG" if h["score"] > 5.0 else "OK")
+        heatmaps = [m for m in msgs if m.kind == "heatmap"]
+        assert {m.header["frame_id"] for m in heatmaps} <= {h["frame_id"] for h in verdicts if h["verdict"] == "NG"}
+        if heatmaps:
+            assert heatmaps[0].heatmap_image().shape == (48, 48)
+        beat = [m.header for m in msgs if m.kind == "heartbeat"][-1]
+        assert beat["status"]["camera_connected"] is True and beat["status"]["backend"] == "onnxruntime"
+
+        before = _scrape(port)
+        time.sleep(1.0)
+        after = _scrape(port)
+        key_ok = 'inspectd_frames_total{line="line1",verdict="OK"}'
+        key_ng = 'inspectd_frames_total{line="line1",verdict="NG"}'
+        assert after[key_ok] + after[key_ng] > before[key_ok] + before[key_ng]
+        assert after["inspectd_up"] == 1 and after['inspectd_camera_connected{line="line1"}'] == 1
+        assert after['inspectd_end_to_end_seconds_count{line="line1"}'] > 0
+        assert after['inspectd_threshold{line="line1"}'] == 5.0
+
+        # SIGHUP: a new threshold from the calibration file, atomically.
+        tmp = calib.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"threshold": 1000.0}))
+        os.replace(tmp, calib)
+        daemon.proc.send_signal(signal.SIGHUP)
+        msgs = _collect(sub, 5.0, until=lambda m: m.kind == "verdict" and m.header["threshold"] == 1000.0)
+        assert msgs and msgs[-1].header["threshold"] == 1000.0, "threshold not reloaded"
+        later = [m.header for m in _collect(sub, 1.0) if m.kind == "verdict"]
+        assert later and all(h["threshold"] == 1000.0 and h["verdict"] == "OK" for h in later)
+        assert _scrape(port)['inspectd_threshold{line="line1"}'] == 1000.0
+
+        # A bad file keeps the old threshold and says why.
+        calib.write_text("{broken")
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"threshold reload failed, keeping 1000", timeout_s=5)
+        later = [m.header for m in _collect(sub, 0.5) if m.kind == "verdict"]
+        assert all(h["threshold"] == 1000.0 for h in later)
+        assert daemon.proc.poll() is None
+
+        # SIGTERM: exit 0 within 5 s; the stream (heartbeats included) stops.
+        t0 = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        rc = daemon.proc.wait(timeout=5.0)
+        assert rc == 0 and time.monotonic() - t0 < 5.0
+        _collect(sub, 1.0)               # drain whatever was sent before the socket closed
+        assert _collect(sub, 1.5) == []  # then nothing: no heartbeat after exit
+        assert any("stopped" in line for line in daemon.lines)
+    finally:
+        sub.close()
+        daemon.kill()
+
+
+@pytest.mark.skipif(not CTI.is_file(), reason="genicam wheel without viky.cti")
+def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/cam.sock"
+    cfg = _write_config(tmp_path / "cam.yaml", [{
+        "id": "cam1", "source": {"type": "genicam", "cti": str(CTI), "device": {"index": 0},
+                                 "pixel_format": "Mono8"},
+        "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0, "latency_budget_ms": 1000,
+    }], endpoint)
+    daemon = Daemon(cfg)
+    sub = VerdictSubscriber(endpoint, lines=["cam1"], heartbeat_timeout_s=None)
+    try:
+        port = int(daemon.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        daemon.wait_log(r"ready: cam1: camera up", timeout_s=60)
+        msgs = _collect(sub, 4.0)
+        verdicts = [m.header for m in msgs if m.kind == "verdict"]
+        assert len(verdicts) >= 5, daemon.lines[-10:]
+        _contiguous(msgs, "verdict")
+        for h in verdicts:
+            assert h["verdict"] in ("OK", "NG") and h["score"] is not None and h["error"] is None
+            assert h["acquired_ns"] <= h["published_ns"]
+        ids = [h["frame_id"] for h in verdicts]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        scraped = _scrape(port)
+        assert scraped['inspectd_camera_connected{line="cam1"}'] == 1
+        assert scraped['inspectd_frames_total{line="cam1",verdict="OK"}'] + \
+            scraped['inspectd_frames_total{line="cam1",verdict="NG"}'] >= len(verdicts)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=5.0) == 0
+    finally:
+        sub.close()
+        daemon.kill()

@@ -1,0 +1,249 @@
+"""GenicamSource against the real GenTL simulator (viky.cti from the genicam wheel, via
+harvesters: 3 devices, 400x400 RGBa8 or Mono8, ~20 fps), and the pixel converter on known images."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import genicam
+import numpy as np
+import pytest
+
+from inspectd.daemon.config import GenicamSourceConfig
+from inspectd.daemon.sources import make_source
+from inspectd.daemon.sources.base import SourceError, SourceLost
+from inspectd.daemon.sources.genicam import SUPPORTED_PIXEL_FORMATS, GenicamSource, convert_pixels
+
+CTI = Path(genicam.__file__).parent / "viky.cti"
+pytestmark = pytest.mark.skipif(not CTI.is_file(), reason="genicam wheel without viky.cti")
+
+
+# ---------------------------------------------------------------------------------------- converter
+def _smooth_rgb(h: int = 48, w: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    # Low-frequency content, so demosaicing can reconstruct it closely.
+    return cv2.resize(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+# GenICam Bayer names give the 2x2 tile from the top-left pixel: RG = R G / G B.
+_TILES = {"BayerRG8": "RGGB", "BayerGR8": "GRBG", "BayerGB8": "GBRG", "BayerBG8": "BGGR"}
+
+
+def _mosaic(rgb: np.ndarray, tile: str) -> np.ndarray:
+    channel = {"R": 0, "G": 1, "B": 2}
+    out = np.zeros(rgb.shape[:2], np.uint8)
+    for k, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        out[dy::2, dx::2] = rgb[dy::2, dx::2, channel[tile[k]]]
+    return out
+
+
+def test_converter_packed_formats_exact() -> None:
+    rgb = _smooth_rgb()
+    h, w = rgb.shape[:2]
+    alpha = np.full((h, w, 1), 9, np.uint8)
+    cases = {
+        "RGB8": rgb,
+        "BGR8": rgb[:, :, ::-1],
+        "RGBa8": np.concatenate([rgb, alpha], axis=2),
+        "BGRa8": np.concatenate([rgb[:, :, ::-1], alpha], axis=2),
+    }
+    for fmt, packed in cases.items():
+        buffer = np.ascontiguousarray(packed).reshape(-1)
+        out = convert_pixels(buffer, fmt, w, h)
+        assert out.shape == (h, w, 3) and out.dtype == np.uint8, fmt
+        np.testing.assert_array_equal(out, rgb, err_msg=fmt)
+        assert not np.shares_memory(out, buffer), fmt  # owned copy: the buffer gets requeued
+
+
+def test_converter_mono8_is_an_owned_2d_copy() -> None:
+    mono = _smooth_rgb()[:, :, 1].copy()
+    buffer = mono.reshape(-1)
+    out = convert_pixels(buffer, "Mono8", mono.shape[1], mono.shape[0])
+    assert out.shape == mono.shape and out.ndim == 2
+    np.testing.assert_array_equal(out, mono)
+    buffer[:] = 0  # the camera reuses its buffer: the frame must not change
+    assert out.any()
+
+
+@pytest.mark.parametrize("fmt", sorted(_TILES))
+def test_converter_bayer_patterns(fmt: str) -> None:
+    rgb = _smooth_rgb()
+    h, w = rgb.shape[:2]
+    out = convert_pixels(_mosaic(rgb, _TILES[fmt]).reshape(-1), fmt, w, h)
+    assert out.shape == (h, w, 3)
+    err = np.abs(out[4:-4, 4:-4].astype(int) - rgb[4:-4, 4:-4]).mean()
+    assert err < 6, f"{fmt}: mean error {err:.1f}"
+    # Decoding the same mosaic as any other pattern is far off: the pattern mapping matters.
+    for other in _TILES:
+        if other != fmt:
+            wrong = convert_pixels(_mosaic(rgb, _TILES[fmt]).reshape(-1), other, w, h)
+            assert np.abs(wrong[4:-4, 4:-4].astype(int) - rgb[4:-4, 4:-4]).mean() > 4 * err + 10
+
+
+def test_converter_rejects_unknown_format_and_wrong_size() -> None:
+    with pytest.raises(SourceError, match="Mono12.*not supported"):
+        convert_pixels(np.zeros(16, np.uint8), "Mono12", 4, 4)
+    with pytest.raises(SourceError, match="does not hold"):
+        convert_pixels(np.zeros(15, np.uint8), "Mono8", 4, 4)
+    assert set(SUPPORTED_PIXEL_FORMATS) >= {"Mono8", "RGB8", "BGR8", "RGBa8", "BGRa8", *_TILES}
+
+
+# ---------------------------------------------------------------------------------------- camera
+def _open(**kw) -> GenicamSource:
+    src = GenicamSource("cam", CTI, kw.pop("device", {"index": 0}), **kw)
+    src.open()
+    return src
+
+
+def test_reads_frames_with_increasing_ids_and_times() -> None:
+    src = _open()
+    try:
+        frames = [src.read(3.0) for _ in range(4)]
+    finally:
+        src.close()
+    assert all(f is not None for f in frames)
+    for f in frames:
+        assert f.image.shape == (400, 400, 3) and f.image.dtype == np.uint8
+        assert f.line == "cam" and f.meta["device"] == "VikyTL_DEV_red"
+    ids = [f.frame_id for f in frames]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    assert [f.acquired_ns for f in frames] == sorted(f.acquired_ns for f in frames)
+    assert [f.acquired_mono for f in frames] == sorted(f.acquired_mono for f in frames)
+    assert abs(frames[0].acquired_ns / 1e9 - time.time()) < 60
+    assert src.stats.frames == 4
+
+
+@pytest.mark.parametrize("device, name", [({"index": 1}, "VikyTL_DEV_green"),
+                                          ({"serial": "2"}, "VikyTL_DEV_blue"),
+                                          ({"id": "VikyTL_DEV_red"}, "VikyTL_DEV_red")])
+def test_device_selection(device: dict, name: str) -> None:
+    src = _open(device=device)
+    try:
+        frame = src.read(3.0)
+        assert frame is not None and frame.meta["device"] == name
+        assert name in src.describe()
+    finally:
+        src.close()
+
+
+def test_unknown_serial_lists_available_devices() -> None:
+    src = GenicamSource("cam", CTI, {"serial": "99"})
+    with pytest.raises(SourceError) as info:
+        src.open()
+    msg = str(info.value)
+    assert "serial '99'" in msg and "VikyTL_DEV_red" in msg and "VikyTL_DEV_blue" in msg
+    assert "\n" not in msg
+    src.close()
+    with pytest.raises(SourceError, match="index 7"):
+        GenicamSource("cam", CTI, {"index": 7}).open()
+
+
+def test_node_read_back_mismatch_names_node_wanted_and_got() -> None:
+    # The simulator rounds AcquisitionFrameRate to whole Hz: 2.6 reads back as 3.0.
+    src = GenicamSource("cam", CTI, {"index": 0}, features={"AcquisitionFrameRate": 2.6})
+    with pytest.raises(SourceError, match=r"AcquisitionFrameRate reads back 3\.0 after writing 2\.6"):
+        src.open()
+    src.close()
+
+
+def test_node_write_errors_are_clear() -> None:
+    with pytest.raises(SourceError, match="has no node ExposureTime"):  # the simulator has no exposure
+        GenicamSource("cam", CTI, {"index": 0}, exposure_us=500.0).open()
+    with pytest.raises(SourceError, match=r"writing PixelFormat = 'BayerRG8' failed.*allowed: .*Mono8"):
+        GenicamSource("cam", CTI, {"index": 0}, pixel_format="BayerRG8").open()
+    with pytest.raises(SourceError, match="Mono16.*not supported"):
+        GenicamSource("cam", CTI, {"index": 0}, pixel_format="Mono16").open()
+    # After failed opens the camera is free again.
+    src = _open()
+    assert src.read(3.0) is not None
+    src.close()
+
+
+def test_configured_pixel_format_and_features_apply() -> None:
+    src = _open(device={"index": 2}, pixel_format="Mono8", features={"Width": 320})
+    try:
+        frame = src.read(3.0)
+    finally:
+        src.close()
+    assert frame.image.shape == (400, 320) and frame.image.dtype == np.uint8
+
+
+def test_timeout_returns_none_and_counts() -> None:
+    src = _open(features={"AcquisitionFrameRate": 1.0})
+    try:
+        assert src.read(3.0) is not None
+        t0 = time.monotonic()
+        assert src.read(0.1) is None        # next frame is ~1 s away
+        assert time.monotonic() - t0 < 0.9
+        assert src.stats.timeouts == 1
+    finally:
+        src.close()
+
+
+def test_two_lines_share_the_producer_and_a_camera_opens_once() -> None:
+    a = _open(device={"index": 0})
+    b = _open(device={"index": 1})
+    try:
+        assert a.read(3.0) is not None and b.read(3.0) is not None
+        dup = GenicamSource("dup", CTI, {"index": 0})
+        with pytest.raises(SourceError, match="in use"):
+            dup.open()
+        dup.close()
+        a.close()
+        assert b.read(3.0) is not None      # closing one line leaves the other running
+    finally:
+        a.close()
+        b.close()
+
+
+def test_lost_device_raises_source_lost_and_reconnects() -> None:
+    src = _open()
+    try:
+        assert src.read(3.0) is not None
+        src._ia._device_proxy.module.close()  # pull the (simulated) device away under harvesters
+        with pytest.raises(SourceLost, match="lost"):
+            src.read(1.0)
+        src.close()
+        src.open()
+        frame = src.read(3.0)
+        assert frame is not None and frame.image.shape == (400, 400, 3)
+        assert src.stats.frames == 1        # stats restart on reopen
+    finally:
+        src.close()
+
+
+def test_reopen_many_times_without_leaks() -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    src = GenicamSource("cam", CTI, {"serial": "1"})
+    src.open()
+    assert src.read(3.0) is not None
+    src.close()
+    threads, files = threading.active_count(), fds()
+    for _ in range(5):
+        src.open()
+        assert src.read(3.0) is not None
+        src.close()
+        src.close()  # idempotent
+    assert threading.active_count() <= threads
+    assert fds() <= files
+    with pytest.raises(SourceLost):
+        src.read(0.1)  # closed: not a silent None
+
+
+def test_make_source_from_config() -> None:
+    cfg = GenicamSourceConfig(type="genicam", cti=CTI, device={"serial": "0"}, pixel_format="RGBa8",
+                              fetch_timeout_s=2.0)
+    src = make_source(cfg, "line7")
+    assert isinstance(src, GenicamSource)
+    src.open()
+    try:
+        frame = src.read(3.0)
+        assert frame.line == "line7" and frame.image.shape == (400, 400, 3)
+    finally:
+        src.close()

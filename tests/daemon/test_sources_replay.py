@@ -1,0 +1,205 @@
+"""ReplaySource on real files written with OpenCV in tmp_path: folders, labels, video, pacing, loop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from inspectd.daemon.config import ReplaySourceConfig
+from inspectd.daemon.sources import make_source
+from inspectd.daemon.sources.base import SourceError
+from inspectd.daemon.sources.replay import ReplaySource, label_for
+
+
+def _rgb(value: int, size: int = 32) -> np.ndarray:
+    img = np.zeros((size, size, 3), np.uint8)
+    img[:, :, 0] = value          # red channel carries the file's identity
+    img[:, :, 2] = 255 - value    # blue differs: catches an RGB/BGR swap
+    return img
+
+
+def _write_rgb(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def _drain(src: ReplaySource, limit: int = 100) -> list:
+    frames = []
+    for _ in range(limit):
+        frame = src.read(1.0)
+        if frame is None:
+            break
+        frames.append(frame)
+    return frames
+
+
+def test_folder_sorted_rgb_gray_and_labels(tmp_path: Path) -> None:
+    _write_rgb(tmp_path / "bad" / "b1.png", _rgb(200))
+    _write_rgb(tmp_path / "good" / "g1.png", _rgb(10))
+    _write_rgb(tmp_path / "good" / "g2.png", _rgb(20))
+    assert cv2.imwrite(str(tmp_path / "good" / "g3_gray.png"), np.full((16, 24), 77, np.uint8))
+    src = ReplaySource("l1", tmp_path)
+    src.open()
+    frames = _drain(src)
+    assert src.exhausted and src.read(0.01) is None
+    assert [Path(f.meta["path"]).name for f in frames] == ["b1.png", "g1.png", "g2.png", "g3_gray.png"]
+    assert [f.meta["label"] for f in frames] == ["bad", "good", "good", "good"]
+    assert [f.frame_id for f in frames] == [1, 2, 3, 4]
+    assert frames[0].image.shape == (32, 32, 3) and frames[0].image.dtype == np.uint8
+    assert tuple(frames[0].image[0, 0]) == (200, 0, 55)   # RGB order, not BGR
+    assert frames[3].image.shape == (16, 24) and frames[3].image[0, 0] == 77  # grey stays H x W
+    assert all(f.line == "l1" for f in frames)
+    monos = [f.acquired_mono for f in frames]
+    assert monos == sorted(monos) and all(f.acquired_ns > 0 for f in frames)
+    assert src.stats.frames == 4
+    src.close()
+    src.close()  # idempotent
+
+
+def test_labels_from_file_names_and_disabled(tmp_path: Path) -> None:
+    _write_rgb(tmp_path / "a_bad_01.png", _rgb(1))
+    _write_rgb(tmp_path / "b-good-02.png", _rgb(2))
+    _write_rgb(tmp_path / "c_03.png", _rgb(3))
+    with ReplaySource("l1", tmp_path) as src:
+        labels = [f.meta.get("label") for f in _drain(src)]
+    assert labels == ["bad", "good", None]
+    with ReplaySource("l1", tmp_path, labels=False) as src:
+        assert all("label" not in f.meta for f in _drain(src))
+    assert label_for(tmp_path / "good" / "x_bad.png", tmp_path) == "good"  # folder wins over name
+
+
+def test_forced_color_modes(tmp_path: Path) -> None:
+    _write_rgb(tmp_path / "a.png", _rgb(100))
+    with ReplaySource("l1", tmp_path, color="gray") as src:
+        frame = src.read(1.0)
+    assert frame.image.ndim == 2
+    with ReplaySource("l1", tmp_path, color="rgb") as src:
+        assert src.read(1.0).image.shape == (32, 32, 3)
+
+
+def test_loop_repeats_and_keeps_counting(tmp_path: Path) -> None:
+    for i in range(3):
+        _write_rgb(tmp_path / f"{i}.png", _rgb(i * 50))
+    with ReplaySource("l1", tmp_path, loop=True) as src:
+        frames = [src.read(1.0) for _ in range(7)]
+        assert not src.exhausted
+    assert [Path(f.meta["path"]).name for f in frames] == ["0.png", "1.png", "2.png"] * 2 + ["0.png"]
+    assert [f.frame_id for f in frames] == list(range(1, 8))
+
+
+def test_pacing_follows_fps_without_drift(tmp_path: Path) -> None:
+    for i in range(10):
+        _write_rgb(tmp_path / f"{i:02d}.png", _rgb(i))
+    with ReplaySource("l1", tmp_path, fps=50) as src:
+        t0 = time.monotonic()
+        frames = _drain(src)
+        elapsed = time.monotonic() - t0
+    assert len(frames) == 10
+    assert elapsed >= 0.17          # 9 intervals of 20 ms after the first frame
+    assert elapsed < 3.0            # generous: shared CI cores
+    stamps = [f.acquired_mono for f in frames]
+    assert stamps[-1] - stamps[0] >= 0.17
+
+
+def test_unpaced_is_fast_and_timeout_short_when_not_due(tmp_path: Path) -> None:
+    for i in range(2):
+        _write_rgb(tmp_path / f"{i}.png", _rgb(i))
+    with ReplaySource("l1", tmp_path, fps=1.0) as src:
+        assert src.read(1.0) is not None
+        t0 = time.monotonic()
+        assert src.read(0.05) is None   # next frame due in ~1 s: a short read returns None
+        assert time.monotonic() - t0 < 0.9
+        assert src.stats.timeouts == 1
+        assert src.read(2.0) is not None
+
+
+def test_video_file(tmp_path: Path) -> None:
+    path = tmp_path / "clip_bad.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (48, 32))
+    assert writer.isOpened()
+    for i in range(6):
+        writer.write(cv2.cvtColor(_rgb(40 * i, 32)[:, :, :].repeat(2, axis=1)[:, :48], cv2.COLOR_RGB2BGR))
+    writer.release()
+    src = make_source(ReplaySourceConfig(type="replay", path=path), "vid")
+    src.open()
+    frames = _drain(src)
+    assert len(frames) == 6 and src.exhausted
+    assert frames[0].image.shape == (32, 48, 3) and frames[0].image.dtype == np.uint8
+    assert [f.meta["video_frame"] for f in frames] == list(range(6))
+    assert all(f.meta["label"] == "bad" and f.meta["path"] == str(path) for f in frames)
+    # MJPG is lossy: red rises with the frame number, blue falls (RGB order preserved).
+    assert frames[5].image[..., 0].mean() > frames[1].image[..., 0].mean() + 100
+    assert frames[5].image[..., 2].mean() < frames[1].image[..., 2].mean() - 100
+    src.close()
+    with ReplaySource("vid", path, loop=True) as looping:
+        assert len([looping.read(1.0) for _ in range(9)]) == 9 and not looping.exhausted
+
+
+def test_unreadable_video_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.mp4"
+    path.write_bytes(b"this is not a video")
+    src = ReplaySource("l1", path)
+    with pytest.raises(SourceError, match="not a readable video"):
+        src.open()
+    src.close()
+
+
+def test_empty_and_missing_folder_errors(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(SourceError, match="no images in"):
+        ReplaySource("l1", tmp_path).open()
+    with pytest.raises(SourceError, match="does not exist"):
+        ReplaySource("l1", tmp_path / "nope").open()
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path: Path) -> None:
+    _write_rgb(tmp_path / "a.png", _rgb(1))
+    (tmp_path / "b.png").write_bytes(b"\x89PNG truncated")
+    _write_rgb(tmp_path / "c.png", _rgb(3))
+    with ReplaySource("l1", tmp_path) as src:
+        names = [Path(f.meta["path"]).name for f in _drain(src)]
+        assert names == ["a.png", "c.png"]
+        assert src.stats.skipped_files == 1
+
+
+def test_folder_of_only_corrupt_files_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"junk")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    with ReplaySource("l1", tmp_path, loop=True) as src:
+        with pytest.raises(SourceError, match="no readable image"):
+            src.read(1.0)
+        assert src.stats.skipped_files == 2
+
+
+def test_reopen_restarts_the_replay(tmp_path: Path) -> None:
+    for i in range(2):
+        _write_rgb(tmp_path / f"{i}.png", _rgb(i))
+    src = ReplaySource("l1", tmp_path)
+    src.open()
+    assert len(_drain(src)) == 2 and src.exhausted
+    src.close()
+    src.open()
+    assert not src.exhausted and src.stats.frames == 0
+    assert src.read(1.0).frame_id == 1
+    src.close()
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(SourceError, match="fps"):
+        ReplaySource("l1", ".", fps=0)
+    with pytest.raises(SourceError, match="color"):
+        ReplaySource("l1", ".", color="bgr")
+
+
+def test_replays_the_shared_synthetic_parts(synthetic_parts) -> None:
+    # The project's generated data set: grey PNGs in test_bad/ -> grey frames labelled "bad".
+    with ReplaySource("parts", synthetic_parts.test_bad) as src:
+        frames = _drain(src)
+    assert len(frames) == 12
+    assert all(f.image.ndim == 2 and f.image.dtype == np.uint8 for f in frames)
+    assert all(f.meta["label"] == "bad" for f in frames)
+    assert label_for(synthetic_parts.test_good / "x.png", synthetic_parts.root) == "good"
