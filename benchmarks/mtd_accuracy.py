@@ -16,6 +16,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--hidden-ratio", type=float, default=1.0)
     ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--fusion", default="separate", choices=["separate", "fused"])
+    ap.add_argument("--fused-size", type=int, default=8)
+    ap.add_argument("--kernel-size", type=int, default=3)
+    ap.add_argument("--reduction", default="max", choices=["max", "topk"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-baselines", action="store_true")
     args = ap.parse_args()
@@ -127,7 +132,9 @@ def main() -> None:
     dirs = prepare_split(Path(args.data), out / "split")
     taps = [int(t) for t in args.taps.split(",")]
     mc = ModelConfig(taps=taps, image_size=args.image_size, color_mode="gray", steps=args.steps,
-                     hidden_ratio=args.hidden_ratio, map_size=args.image_size // 4, seed=args.seed)
+                     hidden_ratio=args.hidden_ratio, map_size=args.image_size // 4, seed=args.seed,
+                     fusion=args.fusion, fused_size=args.fused_size, kernel_size=args.kernel_size,
+                     reduction=args.reduction)
     cfg = TrainConfig(model=mc, epochs=args.epochs, views=args.views, seed=args.seed)
     t0 = time.monotonic()
     result = train(dirs["train_good"], out / "bundle", cfg, force=True)
@@ -135,7 +142,8 @@ def main() -> None:
     t0 = time.monotonic()
     report = evaluate(out / "bundle", dirs["test_good"], dirs["test_bad"], out / "eval", masks_dir=dirs["masks"])
     eval_s = time.monotonic() - t0
-    rows = [{"method": f"flow ({args.steps} steps/scale, {args.epochs} epochs)", "image_auroc": report["image_auroc"],
+    rows = [{"method": f"flow ({args.fusion}{f' {args.fused_size}x{args.fused_size}' if args.fusion == 'fused' else ''}, "
+                       f"{args.steps} steps, k{args.kernel_size}, hidden x{args.hidden_ratio}, {args.epochs} epochs)", "image_auroc": report["image_auroc"],
              "pixel_auroc": report.get("pixel_auroc"), "train_s": round(train_s, 1)}]
     if not args.skip_baselines:
         spec = InputSpec(args.image_size, args.image_size, "gray")
@@ -145,7 +153,7 @@ def main() -> None:
         test_imgs = [load_prepared(p, spec) for p in test_paths]
         labels = np.array([0] * len(list_images(dirs["test_good"])) + [1] * len(list_images(dirs["test_bad"])))
         masks = _masks(test_paths, dirs["masks"], args.image_size)
-        model = build_model(mc).eval()
+        model = build_model(replace(mc, fusion="separate")).eval()  # baselines use the raw taps
         for name, (scores, maps) in baselines(model, train_imgs, test_imgs, args.image_size, args.seed).items():
             rows.append({"method": name, "image_auroc": roc_auc(scores[labels == 0], scores[labels == 1]),
                          "pixel_auroc": _pixel_auroc(maps, masks), "train_s": None})

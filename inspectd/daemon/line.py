@@ -29,8 +29,12 @@ class LineSettings:
     roi: tuple[int, int, int, int] | None = None
     backend_preference: tuple[str, ...] = ("tensorrt", "onnxruntime")
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    heatmap_mode: str = "none"            # none | ng | all
+    heatmap_mode: str = "none"            # none | ng | all (published heatmaps)
+    archive_save: str = "ng"              # ng | all: which verdicts go to the archive, if one is given
     queue_size: int = 4
+    # Replay "as fast as the pipeline takes": read the next frame only when the queue has room
+    # (a camera is never held back: it drops the oldest instead).
+    backpressure: bool = False
     read_timeout_s: float = 0.2
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 10.0

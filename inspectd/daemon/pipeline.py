@@ -20,6 +20,7 @@ import numpy as np
 from inspectd.daemon.deadline import DeadlineKeeper
 from inspectd.daemon.frame import Frame, Verdict
 from inspectd.daemon.line import LineSettings, LineThreshold
+from inspectd.daemon.sources.base import SourceError, SourceLost
 from inspectd.engines import preprocess
 from inspectd.engines.bundle import Bundle
 from inspectd.engines.runtime import Backend, EngineInfo, open_backend
@@ -164,8 +165,10 @@ class LinePipeline:
     # ---- acquisition -----------------------------------------------------------------------------
 
     def _acquire_loop(self) -> None:
-        from inspectd.daemon.sources.base import SourceError, SourceLost
-
+        # Frames taken during engine warm-up could only be dropped or fail-safed: wait for it.
+        while not self.engine_ready.wait(0.1):
+            if self._stop_acquisition.is_set():
+                return
         backoff = self.settings.reconnect_min_s
         connected_once = False
         while not self._stop_acquisition.is_set():
@@ -189,22 +192,38 @@ class LinePipeline:
                 else:
                     log.info("line %s: source open", self.line)
                 connected_once = True
-                backoff = self.settings.reconnect_min_s
                 self.source_ready.set()
+            if self.settings.backpressure and not self._wait_for_room():
+                continue
             try:
                 frame = self.source.read(self.settings.read_timeout_s)
-            except SourceLost as exc:
-                self._camera_lost(str(exc))
-                continue
-            except Exception as exc:  # an unexpected driver error: treat as a lost camera
-                self._camera_lost(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # SourceLost, or an unexpected driver error: treat it as a loss
+                self._camera_lost(str(exc) if isinstance(exc, SourceLost) else f"{type(exc).__name__}: {exc}")
+                # Back off before reopening too: a camera that opens and fails at once must not spin.
+                if self._stop_acquisition.wait(backoff):
+                    break
+                backoff = min(backoff * 2, self.settings.reconnect_max_s)
                 continue
             self.last_activity_mono = time.monotonic()  # a healthy wait counts as activity
             self._sync_incomplete()
-            if frame is not None:
+            if frame is None:
+                continue
+            backoff = self.settings.reconnect_min_s  # frames flow: the camera is really back
+            try:
                 self._enqueue(frame)
+            except Exception:  # a bug here must not end acquisition for the line
+                log.exception("line %s: frame %s could not be queued", self.line, frame.frame_id)
         self._close_source()
         self._set_camera(False)
+
+    def _wait_for_room(self) -> bool:
+        with self._queue_cond:
+            if len(self._queue) >= self.settings.queue_size:
+                self._queue_cond.wait(self.settings.read_timeout_s)
+            room = len(self._queue) < self.settings.queue_size
+        if not room:
+            self.last_activity_mono = time.monotonic()  # waiting on our own worker is not a stall
+        return room
 
     def _camera_lost(self, why: str) -> None:
         self.last_error = f"camera lost: {why}"
@@ -279,8 +298,7 @@ class LinePipeline:
 
     def _open_engine(self) -> Backend | None:
         def on_fallback(name: str, reason: str) -> None:
-            if self.metrics is not None:
-                self.metrics.backend_fallbacks.labels(line=self.line, backend=name).inc()
+            log.warning("line %s: backend %s not used: %s", self.line, name, reason)
 
         try:
             backend, info = self._backend_opener(self.bundle, self.settings, on_fallback)
@@ -293,6 +311,8 @@ class LinePipeline:
         self.backend_name = info.backend
         if self.metrics is not None:
             self.metrics.set_engine(self.line, info.backend, self.bundle.bundle_id)
+            if info.skipped:  # labelled with the backend the line fell back to
+                self.metrics.backend_fallbacks.labels(line=self.line, backend=info.backend).inc()
         try:
             # Warm-up: first inference allocates arenas / builds engines; keep it out of the budget.
             spec = self.bundle.input_spec
@@ -317,6 +337,7 @@ class LinePipeline:
                     return None
                 self._queue_cond.wait(0.5)
             item = self._queue.popleft()
+            self._queue_cond.notify_all()  # room for a back-pressured source
             self.last_worker_progress_mono = time.monotonic()
             depth = len(self._queue)
         if self.metrics is not None:
@@ -375,7 +396,8 @@ class LinePipeline:
         verdict = "NG" if score > threshold else "OK"
         heatmap = None
         mode = self.settings.heatmap_mode
-        if mode == "all" or (mode == "ng" and verdict == "NG"):
+        archived = self.archive is not None and (verdict == "NG" or self.settings.archive_save == "all")
+        if mode == "all" or (mode == "ng" and verdict == "NG") or archived:
             # Fixed display range; resizing and encoding happen in the publisher thread.
             heatmap = self.bundle.heatmap_u8(maps[0])
         self._publish(Verdict(
@@ -434,7 +456,7 @@ class LinePipeline:
                     self.metrics.score_drift.labels(line=self.line).set(drift)
             except Exception as exc:
                 log.debug("line %s: drift update failed: %s", self.line, exc)
-        if verdict.verdict == "NG" and self.archive is not None:
+        if self.archive is not None and (verdict.verdict == "NG" or self.settings.archive_save == "all"):
             try:
                 self.archive.submit(frame, verdict)
             except Exception as exc:

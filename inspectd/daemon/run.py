@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 
 from inspectd.daemon.config import DaemonConfig, LineConfig, ThresholdFile, load_config, summary
 from inspectd.daemon.frame import Verdict
+from inspectd.daemon.archive import NgArchive
 from inspectd.daemon.line import LineSettings, LineThreshold
 from inspectd.daemon.metrics import Metrics, MetricsServer
 from inspectd.daemon.pipeline import LinePipeline
@@ -25,6 +28,7 @@ log = logging.getLogger("inspectd.run")
 STOP_BUDGET_S = 4.0          # SIGTERM -> exit within 5 s, with a margin for the interpreter exit
 ENGINE_READY_TIMEOUT_S = 120.0
 SOURCE_READY_TIMEOUT_S = 10.0
+SWITCH_INTERVAL_S = float(os.environ.get("INSPECTD_SWITCH_INTERVAL_S", "0.0005"))
 
 
 def line_settings(cfg: LineConfig) -> LineSettings:
@@ -33,7 +37,9 @@ def line_settings(cfg: LineConfig) -> LineSettings:
     return LineSettings(line=cfg.id, latency_budget_ms=cfg.latency_budget_ms,
                         on_deadline_miss=cfg.on_deadline_miss, roi=cfg.roi,
                         backend_preference=tuple(cfg.backends), backend_options=dict(cfg.backend_options),
-                        heatmap_mode=cfg.heatmap.publish, queue_size=cfg.queue_size,
+                        heatmap_mode=cfg.heatmap.publish, archive_save=cfg.archive.save,
+                        queue_size=cfg.queue_size,
+                        backpressure=src.type == "replay" and getattr(src, "fps", None) is None,
                         reconnect_min_s=low, reconnect_max_s=high)
 
 
@@ -73,7 +79,7 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.publisher: Publisher | None = None
         self.lines: dict[str, LinePipeline] = {}
-        self._line_cfgs = {c.id: c for c in config.lines}
+        self.archives: list[NgArchive] = []
         self._stop_supervisor = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._last_status = ""
@@ -92,13 +98,15 @@ class Daemon:
             bundle = load_bundle(cfg.bundle)
             source = make_source(cfg)
             drift = self._drift_for(cfg)
-            self.lines[cfg.id] = LinePipeline(settings, source, bundle, threshold,
-                                              emit=self._emitter(cfg), metrics=self.metrics,
-                                              archive=None, drift=drift)
+            archive = None
             self.metrics.archive_enabled.labels(line=cfg.id).set(0)
             if cfg.archive.enabled:
-                log.warning("line %s: NG archive requested but not wired in this build; archiving is off",
-                            cfg.id)
+                archive = NgArchive(cfg.archive.dir, cfg.archive.quota_mb * 1024 * 1024, cfg.id,
+                                    metrics=self.metrics)
+                self.archives.append(archive)
+            self.lines[cfg.id] = LinePipeline(settings, source, bundle, threshold,
+                                              emit=self._emitter(cfg), metrics=self.metrics,
+                                              archive=archive, drift=drift)
         z = self.config.zmq
         self.publisher = Publisher(z.endpoint, sndhwm=z.sndhwm, linger_ms=z.linger_ms,
                                    heartbeat_interval_s=self.config.heartbeat_interval_s, curve=curve,
@@ -114,6 +122,8 @@ class Daemon:
         if self.publisher is None:
             raise RuntimeError("Daemon.build() must run before start()")
         self.publisher.start()
+        for archive in self.archives:
+            archive.start()
         for pipeline in self.lines.values():
             self.publisher.set_line_status(pipeline.line, pipeline.status())
             pipeline.start()
@@ -158,13 +168,15 @@ class Daemon:
     def _emitter(self, cfg: LineConfig) -> Any:
         encoding = cfg.heatmap.encoding
         size = (cfg.heatmap.width, cfg.heatmap.height)
+        mode = cfg.heatmap.publish
 
         def emit(verdict: Verdict) -> None:
             publisher = self.publisher
             if publisher is None:
                 return
             publisher.publish_verdict(verdict)
-            if verdict.heatmap is not None:
+            # The pipeline may make a heatmap for the archive only; publish per the line's setting.
+            if verdict.heatmap is not None and (mode == "all" or (mode == "ng" and verdict.verdict == "NG")):
                 publisher.publish_heatmap(verdict, encoding=encoding, size=size)
         return emit
 
@@ -222,6 +234,9 @@ class Daemon:
         if self._supervisor.is_alive():
             self._supervisor.join(1.0)
         self.metrics.up.set(0)
+        for archive in self.archives:
+            if not archive.stop(timeout=max(0.1, min(1.0, end - time.monotonic() - 0.5))):
+                log.warning("NG archive %s: records still queued at exit were not written", archive.line)
         if self.publisher is not None:
             # Verdicts resolved above are queued before the stop marker: they go out first.
             if not self.publisher.stop(timeout=max(0.2, end - time.monotonic())):
@@ -235,6 +250,9 @@ class Daemon:
 def run(config_path: str | Path) -> int:
     config = load_config(config_path, validate_paths=True)
     logging.getLogger().setLevel(config.log_level)
+    # Hand-offs between the acquisition, inference, deadline and publisher threads wait for the
+    # GIL; the default 5 ms switch interval would show up directly in the end-to-end latency.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     stop_requested = threading.Event()
     reload_requested = threading.Event()
 

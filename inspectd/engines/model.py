@@ -33,6 +33,10 @@ class ModelConfig:
     taps: list[int] = field(default_factory=lambda: [4, 10, 15])
     image_size: int = 256
     color_mode: str = "gray"
+    # "separate": one flow per tap at its own resolution. "fused": every tap average-pooled (or
+    # upsampled) to fused_size x fused_size and concatenated, one flow over the joint embedding.
+    fusion: str = "separate"
+    fused_size: int = 8
     steps: int = 4
     hidden_ratio: float = 1.0
     kernel_size: int = 3
@@ -107,31 +111,50 @@ class MapHead(nn.Module):
         return score, amap
 
 
+def _resample(f: torch.Tensor, size: int) -> torch.Tensor:
+    h = f.shape[-1]
+    if h > size:
+        k = h // size
+        return F.avg_pool2d(f, kernel_size=k, stride=k)  # local aggregation, like patch pooling
+    if h < size:
+        return F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False)
+    return f
+
+
 class AnomalyModel(nn.Module):
     def __init__(self, config: ModelConfig, backbone: EfficientNetFeatures) -> None:
         super().__init__()
+        if config.fusion not in ("separate", "fused"):
+            raise ValueError(f"fusion must be 'separate' or 'fused', not {config.fusion!r}")
         self.config = config
         self.adapter = InputAdapter(*backbone.norm)
         self.backbone = backbone
-        n = len(backbone.taps)
+        channels = (backbone.tap_channels if config.fusion == "separate" else [sum(backbone.tap_channels)])
         self.feat_mean = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1), requires_grad=False)
-                                          for c in backbone.tap_channels)
+                                          for c in channels)
         self.feat_std = nn.ParameterList(nn.Parameter(torch.ones(1, c, 1, 1), requires_grad=False)
-                                         for c in backbone.tap_channels)
+                                         for c in channels)
         self.flows = nn.ModuleList(
             ScaleFlow(c, config.steps, config.hidden_ratio, config.kernel_size, config.clamp, config.seed * 10 + i)
-            for i, c in enumerate(backbone.tap_channels))
-        self.head = MapHead(n, config.map_size, config.smoothing_sigma, config.reduction, config.topk)
+            for i, c in enumerate(channels))
+        self.head = MapHead(len(channels), config.map_size, config.smoothing_sigma, config.reduction, config.topk)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Raw backbone taps (before standardisation): what training caches."""
+        """Raw backbone taps."""
         return self.backbone(self.adapter(images))
 
-    def nll_maps(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [flow((f - m) / s) for f, m, s, flow in zip(feats, self.feat_mean, self.feat_std, self.flows)]
+    def embed(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Taps -> what the flows model (before standardisation): what training caches."""
+        if self.config.fusion == "separate":
+            return feats
+        size = self.config.fused_size
+        return [torch.cat([_resample(f, size) for f in feats], dim=1)]
+
+    def nll_maps(self, embedded: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [flow((f - m) / s) for f, m, s, flow in zip(embedded, self.feat_mean, self.feat_std, self.flows)]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.nll_maps(self.features(images)))
+        return self.head(self.nll_maps(self.embed(self.features(images))))
 
 
 def build_model(config: ModelConfig, weights: str | None = None) -> AnomalyModel:

@@ -124,16 +124,16 @@ class _FeatureGraph(torch.nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.features(images)
+        return self.model.embed(self.model.features(images))
 
 
 def extract_features(model: AnomalyModel, images: Sequence[np.ndarray], device: torch.device,
                      label: str, batch: int = 4) -> list[torch.Tensor]:
-    """Backbone taps for all images, stacked per tap, float16 on the CPU.
+    """Embedded backbone taps (what the flows model) for all images, float16 on the CPU.
 
     On a CPU the frozen backbone runs through ONNX Runtime (several times faster than eager
     PyTorch for depthwise convolutions, and the exact graph that is deployed)."""
-    out: list[list[torch.Tensor]] = [[] for _ in model.backbone.taps]
+    out: list[list[torch.Tensor]] = [[] for _ in model.flows]
     bar = Progress(len(images), label)
     if device.type == "cpu":
         import io
@@ -148,7 +148,7 @@ def extract_features(model: AnomalyModel, images: Sequence[np.ndarray], device: 
         sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
         run = lambda x: [torch.from_numpy(f) for f in sess.run(None, {"images": x})]  # noqa: E731
     else:
-        run = lambda x: [f.float().cpu() for f in model.features(torch.from_numpy(x).to(device))]  # noqa: E731
+        run = lambda x: [f.float().cpu() for f in model.embed(model.features(torch.from_numpy(x).to(device)))]  # noqa: E731
     with torch.no_grad():
         for sl in _batches(len(images), batch):
             for i, f in enumerate(run(np.stack(images[sl]))):

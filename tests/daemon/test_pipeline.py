@@ -4,6 +4,7 @@ or to return NaN (named as such), to drive the deadline and engine-error paths."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import threading
@@ -211,6 +212,19 @@ def test_skip_policy_and_drop_oldest_when_the_queue_is_full(bundle: Bundle, repl
     assert 12 not in {v.frame_id for v in dropped}
 
 
+def test_replay_as_fast_as_the_pipeline_takes_is_back_pressured_not_dropped(bundle: Bundle,
+                                                                             replay_dir: Path) -> None:
+    metrics = Metrics()
+    settings = LineSettings(line="bp", latency_budget_ms=5000, backend_preference=("onnxruntime",),
+                            queue_size=1, backpressure=True)
+    opener = _opener(lambda inner: SlowOrtBackend(inner, delay_s=0.05))
+    verdicts, out, _ = _run_line(settings, ReplaySource("bp", replay_dir / "bad"), bundle, 12, opener=opener,
+                                 metrics=metrics, settle_s=0.2)
+    assert [v.frame_id for v in out.verdicts] == list(range(1, 13))
+    assert all(v.score is not None and v.error is None for v in out.verdicts)
+    assert _sample(metrics, "inspectd_dropped_frames_total", line="bp", reason="queue_full") == 0
+
+
 def test_malformed_frames_and_engine_errors_get_fail_safe_verdicts(bundle: Bundle, replay_dir: Path) -> None:
     metrics = Metrics()
     # An ROI outside the 128x128 frames makes every frame malformed for this line.
@@ -231,11 +245,13 @@ def test_malformed_frames_and_engine_errors_get_fail_safe_verdicts(bundle: Bundl
 
 
 def test_a_line_without_a_backend_does_not_stop_another_line(bundle: Bundle, replay_dir: Path) -> None:
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: the tensorrt-only line would not fail")
     metrics = Metrics()
     # TensorRT is not on this machine: the real factory fails, so this line can never infer.
     broken = LineSettings(line="broken", latency_budget_ms=2000, backend_preference=("tensorrt",),
                           queue_size=16)
-    healthy = LineSettings(line="healthy", latency_budget_ms=2000, backend_preference=("onnxruntime",),
+    healthy = LineSettings(line="healthy", latency_budget_ms=2000, backend_preference=("tensorrt", "onnxruntime"),
                            queue_size=16)
     out_b, out_h = Collector(), Collector()
     pipes = [LinePipeline(broken, ReplaySource("broken", replay_dir / "bad"), bundle,
@@ -253,6 +269,9 @@ def test_a_line_without_a_backend_does_not_stop_another_line(bundle: Bundle, rep
         [v.error for v in broken_v]
     assert all(v.score is not None and v.error is None for v in healthy_v)
     assert _sample(metrics, "inspectd_dropped_frames_total", line="broken", reason="engine_error") == 12
+    # the healthy line fell back from tensorrt to onnxruntime, counted once
+    assert pipes[1].backend_name == "onnxruntime"
+    assert _sample(metrics, "inspectd_backend_fallbacks_total", line="healthy", backend="onnxruntime") == 1
 
 
 def test_threshold_file_reload_is_atomic_and_a_bad_file_keeps_the_old_value(tmp_path: Path) -> None:
@@ -273,3 +292,35 @@ def test_threshold_file_reload_is_atomic_and_a_bad_file_keeps_the_old_value(tmp_
         LineThreshold.from_config("L", tmp_path / "missing.json")
     with pytest.raises(ConfigError, match="on_deadline_miss"):
         LineSettings(line="L", latency_budget_ms=10, on_deadline_miss="MAYBE")
+
+
+def test_camera_loss_on_the_gentl_simulator_reconnects_with_backoff(bundle: Bundle) -> None:
+    import genicam
+
+    from inspectd.daemon.sources.genicam import GenicamSource
+
+    cti = Path(genicam.__file__).parent / "viky.cti"
+    if not cti.is_file():
+        pytest.skip("genicam wheel without viky.cti")
+    metrics = Metrics()
+    src = GenicamSource("cam", cti, {"serial": "2"}, pixel_format="Mono8")
+    settings = LineSettings(line="cam", latency_budget_ms=1000, backend_preference=("onnxruntime",),
+                            queue_size=4, reconnect_min_s=0.2, reconnect_max_s=1.0)
+    out = Collector()
+    pipe = LinePipeline(settings, src, bundle, LineThreshold("cam", value=THRESHOLD), out, metrics=metrics).start()
+    try:
+        assert pipe.wait_ready(30.0)
+        out.wait_for(3)
+        assert _sample(metrics, "inspectd_camera_connected", line="cam") == 1
+        src._ia._device_proxy.module.close()  # pull the (simulated) device away under harvesters
+        end = time.monotonic() + 20
+        while _sample(metrics, "inspectd_camera_reconnects_total", line="cam") < 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert _sample(metrics, "inspectd_camera_reconnects_total", line="cam") == 1
+        n = len(out.verdicts)
+        out.wait_for(n + 3)  # frames flow again after the reconnect
+        assert pipe.camera_connected and "camera lost" in (pipe.last_error or "")
+        assert _sample(metrics, "inspectd_camera_connected", line="cam") == 1
+    finally:
+        pipe.stop(timeout_s=3.0)
+    assert all(v.score is not None for v in out.verdicts)

@@ -5,6 +5,7 @@ simulator camera (viky.cti from the genicam wheel)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -25,8 +26,9 @@ import yaml
 from inspectd.client import Message, VerdictSubscriber
 
 CTI = Path(genicam.__file__).parent / "viky.cti"
-# `python -m inspectd.cli` is the console script's module (works with or without inspectd/__main__.py).
-DAEMON = [sys.executable, "-m", "inspectd.cli", "run", "--config"]
+# `python -m inspectd` once inspectd/__main__.py exists; until then the console script's own module.
+_MODULE = "inspectd" if importlib.util.find_spec("inspectd.__main__") is not None else "inspectd.cli"
+DAEMON = [sys.executable, "-m", _MODULE, "run", "--config"]
 
 
 class Daemon:
@@ -133,6 +135,7 @@ def test_run_publishes_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, ti
         "id": "line1", "source": {"type": "replay", "path": str(replay), "fps": 25, "loop": True},
         "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": {"file": str(calib)},
         "latency_budget_ms": 1000, "heatmap": {"publish": "ng", "encoding": "png", "width": 48, "height": 48},
+        "archive": {"enabled": True, "dir": str(tmp_path / "archive"), "quota_mb": 50},
     }], endpoint)
     daemon = Daemon(cfg)
     sub = VerdictSubscriber(endpoint, lines=["line1"], topics=("verdict", "heatmap", "heartbeat"),
@@ -149,10 +152,11 @@ def test_run_publishes_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, ti
         for h in verdicts:
             assert h["threshold"] == 5.0 and not h["deadline_missed"] and h["backend"] == "onnxruntime"
             assert h["verdict"] == ("NG" if h["score"] > 5.0 else "OK")
-        heatmaps = [m for m in msgs if m.kind == "heatmap"]
-        assert {m.header["frame_id"] for m in heatmaps} <= {h["frame_id"] for h in verdicts if h["verdict"] == "NG"}
-        if heatmaps:
-            assert heatmaps[0].heatmap_image().shape == (48, 48)
+        # Heatmaps (publish: ng) come for NG verdicts only, resized to the configured 48x48.
+        heatmaps = [m for m in msgs if m.kind == "heatmap" and m.header["frame_id"] >= verdicts[0]["frame_id"]]
+        ng_ids = {h["frame_id"] for h in verdicts if h["verdict"] == "NG"}
+        assert heatmaps and {m.header["frame_id"] for m in heatmaps} <= ng_ids
+        assert heatmaps[0].heatmap_image().shape == (48, 48)
         beat = [m.header for m in msgs if m.kind == "heartbeat"][-1]
         assert beat["status"]["camera_connected"] is True and beat["status"]["backend"] == "onnxruntime"
 
@@ -165,6 +169,7 @@ def test_run_publishes_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, ti
         assert after["inspectd_up"] == 1 and after['inspectd_camera_connected{line="line1"}'] == 1
         assert after['inspectd_end_to_end_seconds_count{line="line1"}'] > 0
         assert after['inspectd_threshold{line="line1"}'] == 5.0
+        assert after['inspectd_archive_enabled{line="line1"}'] == 1
 
         # SIGHUP: a new threshold from the calibration file, atomically.
         tmp = calib.with_suffix(".tmp")
@@ -193,6 +198,9 @@ def test_run_publishes_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, ti
         _collect(sub, 1.0)               # drain whatever was sent before the socket closed
         assert _collect(sub, 1.5) == []  # then nothing: no heartbeat after exit
         assert any("stopped" in line for line in daemon.lines)
+        # NG parts were archived (sidecar JSON last = complete record), nothing else.
+        sidecars = [json.loads(p.read_text()) for p in (tmp_path / "archive" / "line1").rglob("*.json")]
+        assert sidecars and all(h["verdict"] == "NG" and h["score"] > 5.0 for h in sidecars)
     finally:
         sub.close()
         daemon.kill()
@@ -229,3 +237,74 @@ def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: P
     finally:
         sub.close()
         daemon.kill()
+
+
+class NotifySocket:
+    """A real unix datagram socket standing where systemd's NOTIFY_SOCKET would be."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+
+    def drain(self, seconds: float) -> list[str]:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
+            except TimeoutError:
+                pass
+        return [m for _, m in self.messages]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_ready_after_warmup_and_watchdog_only_while_every_line_is_healthy(
+        tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from inspectd.daemon import run as run_mod
+    from inspectd.daemon.config import config_from_dict
+    from inspectd.daemon.systemd import SystemdNotifier
+
+    monkeypatch.setattr(run_mod, "SOURCE_READY_TIMEOUT_S", 1.0)  # do not wait 10 s for a missing camera
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}  # ping every 0.2 s
+
+    def line(line_id: str, path: Path) -> dict[str, Any]:
+        return {"id": line_id, "source": {"type": "replay", "path": str(path), "fps": 20, "loop": True},
+                "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0}
+
+    def start(lines: list[dict[str, Any]]) -> Any:
+        cfg = config_from_dict({"zmq": {"endpoint": f"ipc://{tmp_path}/wd.sock"}, "metrics": {"port": 0},
+                                "heartbeat_interval_s": 0.2, "lines": lines})
+        daemon = run_mod.Daemon(cfg, notifier=SystemdNotifier(environ=env))
+        daemon.build()
+        assert daemon.start()
+        return daemon
+
+    daemon = start([line("ok", synthetic_parts.test_good)])
+    try:
+        msgs = notify.drain(1.5)
+        ready = [m for m in msgs if m.startswith("READY=1")]
+        assert len(ready) == 1 and "STATUS=ok: camera up, onnxruntime" in ready[0]
+        assert msgs.index(ready[0]) > 0 and msgs[0].startswith("STATUS=warming up")  # READY after warm-up
+        assert msgs.count("WATCHDOG=1") >= 3  # frames flow: the watchdog is fed
+    finally:
+        daemon.stop()
+    assert "STOPPING=1" in notify.drain(0.3)
+
+    # A line whose source cannot open (camera down) starves the watchdog: systemd will act.
+    notify.messages.clear()
+    daemon = start([line("ok", synthetic_parts.test_good), line("down", tmp_path / "no-camera-here")])
+    try:
+        msgs = notify.drain(1.5)
+        assert any(m.startswith("READY=1") and "down: camera DOWN" in m for m in msgs)
+        assert "WATCHDOG=1" not in msgs
+        assert daemon.lines["ok"].verdicts > 0  # the healthy line keeps inspecting meanwhile
+    finally:
+        daemon.stop()
+        notify.close()

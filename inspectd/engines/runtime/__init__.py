@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from inspectd.engines.bundle import Bundle
 from inspectd.engines.runtime.base import Backend, InputShapeError
-from inspectd.errors import BackendUnavailable, InspectdError
+from inspectd.errors import BackendUnavailable, ConfigError, InspectdError
 
 log = logging.getLogger("inspectd.runtime")
 
@@ -69,9 +69,15 @@ def open_backend(bundle: Bundle, preference: Sequence[str] = DEFAULT_PREFERENCE,
     for name in preference:
         backend: Backend | None = None
         try:
-            backend = backend_class(name)(bundle, **options.get(name, {}))
+            cls = backend_class(name)
+            try:
+                backend = cls(bundle, **options.get(name, {}))
+            except TypeError as exc:  # an option the backend does not take: a config mistake
+                raise ConfigError(f"backend_options.{name}: {exc}") from None
             if gate is not None and name != REFERENCE:
                 gate(backend)
+        except ConfigError:
+            raise  # a wrong option is the integrator's mistake: refuse, don't fall back silently
         except InspectdError as exc:
             if backend is not None:
                 backend.close()

@@ -71,9 +71,9 @@ class BenchResult:
     def table(self) -> str:
         h, w, c = self.input_shape
         lines = [f"bundle {self.bundle_id}, input {h}x{w}x{c} uint8; latency per call in ms (warm-up excluded)",
-                 f"{'what':<34} {'batch':>5} {'n':>6} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'img/s':>9}"]
+                 f"{'what':<38} {'batch':>5} {'n':>6} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'img/s':>9}"]
         for r in self.rows:
-            lines.append(f"{r.name:<34} {r.batch:>5} {r.iterations:>6} {r.p50_ms:>8.3f} {r.p90_ms:>8.3f} "
+            lines.append(f"{r.name:<38} {r.batch:>5} {r.iterations:>6} {r.p50_ms:>8.3f} {r.p90_ms:>8.3f} "
                          f"{r.p99_ms:>8.3f} {r.max_ms:>8.3f} {r.images_per_s:>9.1f}")
         ratio = self.head_cost_ratio()
         if ratio is not None:
@@ -98,6 +98,20 @@ def time_calls(fn: Callable[[], Any], iterations: int, warmup: int) -> list[floa
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
+    return out
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], iterations: int, warmup: int) -> dict[str, list[float]]:
+    """Like time_calls for several functions, called in turn (a, b, a, b, ...)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(iterations):
+        for label, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[label].append(time.perf_counter() - t0)
     return out
 
 
@@ -157,6 +171,7 @@ def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations:
             "preprocess (load_prepared file)", 1,
             time_calls(lambda: load_prepared(path, bundle.input_spec), iterations, warmup)))
 
+    backbone = Path(backbone_onnx) if backbone_onnx is not None else bundle.path / BACKBONE_FILE
     for name in names:
         try:
             backend = backend_class(name)(bundle, **options.get(name, {}))
@@ -165,21 +180,19 @@ def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations:
             continue
         try:
             result.engines[name] = backend.describe()
+            timed: dict[str, Callable[[np.ndarray], Any]] = {name: backend.infer}
+            if name == "onnxruntime" and backbone.is_file():
+                # Timed interleaved with the whole engine, so the engine/backbone ratio is not
+                # skewed by load changing between two separate runs.
+                timed["backbone-only (onnxruntime)"] = _ort_runner(
+                    backbone, int(options.get("onnxruntime", {}).get("threads", 0)))
             for k in batch_sizes:
                 x = np.ascontiguousarray(inputs[:k])
-                result.rows.append(LatencyStats.from_seconds(
-                    name, k, time_calls(lambda: backend.infer(x), iterations, warmup)))
+                times = time_interleaved({label: (lambda fn=fn: fn(x)) for label, fn in timed.items()},
+                                         iterations, warmup)
+                result.rows.extend(LatencyStats.from_seconds(label, k, t) for label, t in times.items())
         finally:
             backend.close()
-
-    backbone = Path(backbone_onnx) if backbone_onnx is not None else bundle.path / BACKBONE_FILE
-    if backbone.is_file() and "onnxruntime" in names and "onnxruntime" not in result.skipped:
-        threads = int(options.get("onnxruntime", {}).get("threads", 0))
-        run = _ort_runner(backbone, threads)
-        for k in batch_sizes:
-            x = np.ascontiguousarray(inputs[:k])
-            result.rows.append(LatencyStats.from_seconds(
-                "backbone-only (onnxruntime)", k, time_calls(lambda: run(x), iterations, warmup)))
     return result
 
 

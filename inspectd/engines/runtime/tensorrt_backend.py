@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from inspectd.engines.bundle import Bundle
-from inspectd.engines.preprocess import list_images, load_prepared
+from inspectd.engines.preprocess import fingerprint, list_images, load_prepared
 from inspectd.engines.runtime.base import Backend
 from inspectd.engines.runtime.engine_cache import EngineCache, EngineKey
 from inspectd.errors import BackendUnavailable, DataError, InspectdError
@@ -344,10 +344,13 @@ def _build_serialized(trt: Any, bundle: Bundle, key: EngineKey, workspace_mb: in
         config.set_flag(trt.BuilderFlag.FP16)  # int8 layers fall back to fp16, not fp32
     if key.precision == "int8":
         images = _calibration_paths(bundle, calib_images)
-        calibrator = _make_calibrator(trt, bundle, images, cache_dir / f"calib_{key.onnx_sha256[:16]}.cache")
+        # Keyed by model and image set: another calibration folder must not reuse old scales.
+        calib_cache = cache_dir / f"calib_{key.onnx_sha256[:16]}_{fingerprint(images)[:16]}.cache"
+        calibrator = _make_calibrator(trt, bundle, images, calib_cache)
         config.set_flag(trt.BuilderFlag.INT8)
         config.int8_calibrator = calibrator
-        config.set_calibration_profile(profile)
+        # No set_calibration_profile (deprecated in 10): calibration runs at profile 0's opt
+        # shape, batch 1, which is why the calibrator feeds batches of one image.
     serialized = builder.build_serialized_network(network, config)
     if calibrator is not None:
         calibrator.release()
@@ -376,8 +379,10 @@ def _make_calibrator(trt: Any, bundle: Bundle, images: list[Path], cache_path: P
     class _EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
-            self.batch_size = min(8, len(images))
-            self.pending = list(images)
+            self.batch_size = 1  # = the profile's opt batch, the shape calibration runs at
+            # Decoded up front: a bad image is a clear DataError here, not an error swallowed
+            # inside a TensorRT callback.
+            self.pending = [load_prepared(p, bundle.input_spec) for p in images]
             shape = (self.batch_size, *bundle.input_spec.shape)
             self.host = np.zeros(shape, dtype=np.uint8)
             self.device = cuda.mem_alloc(self.host.nbytes)
@@ -387,10 +392,10 @@ def _make_calibrator(trt: Any, bundle: Bundle, images: list[Path], cache_path: P
 
         def get_batch(self, names: list[str]) -> list[int] | None:
             if len(self.pending) < self.batch_size:
-                return None  # a short last batch would change the calibration batch shape
+                return None  # no more data: calibration ends
             take, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
-            for i, path in enumerate(take):
-                self.host[i] = load_prepared(path, bundle.input_spec)
+            for i, image in enumerate(take):
+                self.host[i] = image
             cuda.memcpy_htod(self.device, self.host)
             return [int(self.device)]
 

@@ -1,0 +1,207 @@
+"""Engine-only vs daemon end-to-end, in one run, on the same images and bundle.
+
+    python benchmarks/daemon_latency.py --bundle BUNDLE [--images DIR] [--frames 10000]
+
+1. engine only: preprocess.prepare + Backend.infer (batch 1) on the decoded images, in a loop
+   -> latency p50/p99 and throughput;
+2. daemon latency: `inspectd run` (child process) on a replay of the same images, paced at about
+   half the engine's capacity, a real ZeroMQ subscriber -> acquired_ns to verdict received p50/p99;
+3. daemon throughput: the same replay as fast as the daemon takes frames, `--frames` verdicts
+   (dropped / fail-safe verdicts counted apart), then the daemon's resident memory (VmRSS).
+
+Targets (issue 4): daemon p99 <= engine p99 + 1 ms; daemon throughput >= 95 % of engine-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+import zmq
+
+from inspectd.engines import preprocess
+from inspectd.engines.bundle import load_bundle
+from inspectd.engines.runtime import open_backend
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def engine_only(bundle_path: Path, files: list[Path], n: int, backend_name: str) -> dict:
+    bundle = load_bundle(bundle_path)
+    spec = bundle.input_spec
+    # The frames a source would hand over: decoded once, H x W (grey) or H x W x 3.
+    frames = [preprocess.read_image(p, spec.color_mode)[..., 0] if spec.color_mode == "gray"
+              else preprocess.read_image(p, spec.color_mode) for p in files]
+    backend, _ = open_backend(bundle, [backend_name])
+    with backend:
+        for f in frames[:5]:
+            backend.infer(preprocess.prepare(f, spec)[None])
+        lat: list[float] = []
+        infer_only: list[float] = []
+        t_start = time.perf_counter()
+        for i in range(n):
+            t0 = time.perf_counter()
+            batch = preprocess.prepare(frames[i % len(frames)], spec)[None]
+            t1 = time.perf_counter()
+            backend.infer(batch)
+            t2 = time.perf_counter()
+            lat.append((t2 - t0) * 1000)
+            infer_only.append((t2 - t1) * 1000)
+        elapsed = time.perf_counter() - t_start
+    return {"p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "infer_p50_ms": _pct(infer_only, 50),
+            "infer_p99_ms": _pct(infer_only, 99), "fps": n / elapsed, "mean_ms": float(np.mean(lat))}
+
+
+class DaemonProcess:
+    def __init__(self, workdir: Path, bundle: Path, images: Path, fps: float | None, backend: str,
+                 queue_size: int) -> None:
+        self.endpoint = f"ipc://{workdir}/bench-{os.getpid()}-{int(time.time() * 1000)}.sock"
+        cfg = {"zmq": {"endpoint": self.endpoint, "sndhwm": 100000}, "metrics": {"port": 0},
+               "heartbeat_interval_s": 1.0,
+               "lines": [{"id": "bench", "bundle": str(bundle), "backends": [backend], "threshold": 5.0,
+                          "latency_budget_ms": 1000, "queue_size": queue_size,
+                          "heatmap": {"publish": "none"},
+                          "source": {"type": "replay", "path": str(images), "loop": True,
+                                     **({"fps": fps} if fps else {})}}]}
+        path = workdir / f"bench-{fps or 'max'}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd.cli", "--log-level", "INFO", "run",
+                                      "--config", str(path)], stderr=subprocess.PIPE, text=True)
+        self.ready = threading.Event()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line.rstrip())
+            if re.search(r" ready: ", line):
+                self.ready.set()
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+
+def daemon_run(workdir: Path, bundle: Path, images: Path, fps: float | None, n: int, backend: str,
+               queue_size: int, timeout_s: float) -> dict:
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 200000)
+    sub.setsockopt(zmq.SUBSCRIBE, b"verdict.bench")
+    daemon = DaemonProcess(workdir, bundle, images, fps, backend, queue_size)
+    try:
+        sub.connect(daemon.endpoint)
+        if not daemon.ready.wait(60):
+            raise SystemExit("daemon did not become ready:\n" + "\n".join(daemon.log[-20:]))
+        lat: list[float] = []
+        failsafe = 0
+        reasons: dict[str, int] = {}
+        first = last = None
+        end = time.monotonic() + timeout_s
+        while len(lat) + failsafe < n and time.monotonic() < end:
+            if not sub.poll(1000):
+                continue
+            parts = sub.recv_multipart()
+            received_ns = time.time_ns()
+            header = json.loads(parts[1])
+            if first is None:
+                first = time.perf_counter()
+                continue  # the clock starts at the first verdict (after start-up)
+            last = time.perf_counter()
+            if header["score"] is None:
+                failsafe += 1  # dropped (queue full) or deadline: not a result
+                reasons[(header.get("error") or "?").split(":")[0]] = \
+                    reasons.get((header.get("error") or "?").split(":")[0], 0) + 1
+            else:
+                lat.append((received_ns - header["acquired_ns"]) / 1e6)
+        rss = daemon.rss_mb()
+        elapsed = (last - first) if first is not None and last is not None else float("nan")
+    finally:
+        rc = daemon.stop()
+        sub.close(0)
+        ctx.term()
+    return {"p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "results": len(lat), "failsafe": failsafe,
+            "result_fps": len(lat) / elapsed if elapsed else float("nan"), "rss_mb": rss, "exit": rc,
+            "reasons": reasons}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", required=True, type=Path)
+    ap.add_argument("--images", type=Path, help="folder of images (default: generated synthetic parts)")
+    ap.add_argument("--frames", type=int, default=10000, help="daemon throughput run (RSS is read after it)")
+    ap.add_argument("--latency-frames", type=int, default=2000)
+    ap.add_argument("--engine-frames", type=int, default=2000)
+    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--timeout", type=float, default=900.0, help="per daemon run, seconds")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="inspectd-bench-") as tmp:
+        work = Path(tmp)
+        images = args.images
+        if images is None:
+            from inspectd.engines.synthetic import make_dataset
+
+            ds = make_dataset(work / "parts", n_train=0, n_test_good=24, n_test_bad=8,
+                              size=load_bundle(args.bundle).input_spec.height, seed=1)
+            images = work / "replay"
+            images.mkdir()
+            for d in (ds.test_good, ds.test_bad):
+                for p in preprocess.list_images(d):
+                    (images / f"{d.name}_{p.name}").write_bytes(p.read_bytes())
+        files = preprocess.list_images(images)
+        if not files:
+            raise SystemExit(f"{images}: no images")
+
+        eng = engine_only(args.bundle, files, args.engine_frames, args.backend)
+        paced_fps = max(1.0, 0.5 * 1000.0 / eng["mean_ms"])  # about half the engine's capacity
+        lat = daemon_run(work, args.bundle, images, paced_fps, args.latency_frames, args.backend,
+                         queue_size=4, timeout_s=args.timeout)
+        # As fast as possible: the replay is back-pressured by the queue, 2 deep keeps the worker busy.
+        thr = daemon_run(work, args.bundle, images, None, args.frames, args.backend, queue_size=2,
+                         timeout_s=args.timeout)
+
+    print(f"\ninspectd daemon benchmark: bundle {args.bundle}, {len(files)} images, backend {args.backend}, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'':34}{'p50 ms':>10}{'p99 ms':>10}{'frames/s':>12}")
+    print(f"{'engine only (prepare + infer)':34}{eng['p50_ms']:10.2f}{eng['p99_ms']:10.2f}{eng['fps']:12.1f}")
+    print(f"{'  of which infer':34}{eng['infer_p50_ms']:10.2f}{eng['infer_p99_ms']:10.2f}{'':12}")
+    print(f"{f'daemon end to end @ {paced_fps:.0f} fps':34}{lat['p50_ms']:10.2f}{lat['p99_ms']:10.2f}"
+          f"{lat['result_fps']:12.1f}")
+    print(f"{'daemon, replay as fast as possible':34}{thr['p50_ms']:10.2f}{thr['p99_ms']:10.2f}"
+          f"{thr['result_fps']:12.1f}")
+    print(f"\ndaemon p99 - engine p99 (paced): {lat['p99_ms'] - eng['p99_ms']:+.2f} ms (target <= +1 ms)")
+    print(f"daemon / engine throughput: {100 * thr['result_fps'] / eng['fps']:.1f} % (target >= 95 %)")
+    print(f"fail-safe verdicts: paced {lat['failsafe']} {lat['reasons'] or ''}, "
+          f"max rate {thr['failsafe']} {thr['reasons'] or ''}")
+    print(f"daemon RSS after {thr['results'] + thr['failsafe']} frames: {thr['rss_mb']:.0f} MiB; "
+          f"exit codes {lat['exit']}, {thr['exit']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m inspectd` runs the console script."""
+
+import sys
+
+from inspectd.cli import main
+
+sys.exit(main())

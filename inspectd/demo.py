@@ -1,0 +1,275 @@
+"""`inspectd demo`: the whole loop on one machine, no camera or GPU needed.
+
+generate parts -> train on good ones -> calibrate the threshold on held-out good parts -> run the
+daemon on a replay line mixing good and defective parts (or on the GenTL simulator camera) ->
+subscribe to the verdict stream like a reject consumer -> print a line per part, write heatmap
+overlays for NG parts, serve metrics -> summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from inspectd.errors import ConfigError, InspectdError
+
+DEMO_SIZE = 128
+TARGET_FALSE_REJECT = 0.05   # 5% at 95% confidence needs >= 59 held-out good parts
+CALIBRATION_GOOD = 80
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train, calibrate and run a simulated line end to end",
+                       description="Generate textured parts with defects, train a small model, calibrate the "
+                       "threshold, run the daemon on a replay line (or the GenTL simulator camera), and print the "
+                       "verdict stream as a reject consumer sees it.")
+    p.add_argument("--source", choices=["replay", "genicam"], default="replay",
+                   help="replay generated parts (default) or use the GenTL simulator camera (viky.cti)")
+    p.add_argument("--workdir", default=None,
+                   help="cache and output folder (default ~/.cache/inspectd/demo); data and model are reused")
+    p.add_argument("--parts", type=int, default=40, help="parts to inspect on the line (default 40)")
+    p.add_argument("--rate", type=float, default=10.0, help="line rate in parts per second (default 10)")
+    p.add_argument("--defect-rate", type=float, default=0.25, help="share of defective parts (default 0.25)")
+    p.add_argument("--budget-ms", type=float, default=150.0, help="latency budget per part (default 150 ms)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
+    p.add_argument("--retrain", action="store_true", help="train and calibrate again even if cached")
+    p.set_defaults(func=_run)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _step(n: int, text: str) -> None:
+    print(f"\n[{n}/5] {text}", flush=True)
+
+
+def make_line_parts(folder: Path, count: int, defect_rate: float, seed: int) -> list[tuple[str, str]]:
+    """`count` unseen parts in line order: (file name, "good"|"bad")."""
+    import cv2
+
+    from inspectd.engines.synthetic import DEFECTS, render_part
+
+    marker = folder / f".complete-{count}-{defect_rate}-{seed}"
+    rng = np.random.default_rng(seed)
+    labels = ["bad" if rng.random() < defect_rate else "good" for _ in range(count)]
+    names = [f"part_{i:04d}_{lab}.png" for i, lab in enumerate(labels)]
+    if not marker.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.png"):
+            old.unlink()
+        for i, (name, lab) in enumerate(zip(names, labels)):
+            img, _ = render_part(rng, DEMO_SIZE, defect=DEFECTS[i % len(DEFECTS)] if lab == "bad" else None)
+            cv2.imwrite(str(folder / name), img)
+        marker.touch()
+    return list(zip(names, labels))
+
+
+def _train_and_calibrate(work: Path, epochs: int, retrain: bool) -> tuple[Path, Path]:
+    from inspectd.engines.bundle import load_bundle
+    from inspectd.engines.model import ModelConfig
+    from inspectd.engines.synthetic import make_dataset
+    from inspectd.engines.train import TrainConfig, summary, train
+    from inspectd.errors import BundleError
+
+    _step(1, "generating textured parts (good ones to train on, held-out ones to calibrate on)")
+    data = make_dataset(work / "data", n_train=60, n_test_good=CALIBRATION_GOOD, n_test_bad=24,
+                        size=DEMO_SIZE, seed=0)
+    print(f"      {data.root}: 60 training parts, {CALIBRATION_GOOD} held-out good, 24 defective")
+    bundle_dir = work / "bundle"
+    _step(2, f"training the EfficientNet-Lite0 + normalizing-flow engine on good parts ({epochs} epochs)")
+    try:
+        if retrain:
+            raise BundleError("retrain requested")
+        bundle = load_bundle(bundle_dir)
+        print(f"      reusing {bundle_dir} (id {bundle.bundle_id}); --retrain to train again")
+    except BundleError:
+        cfg = TrainConfig(model=ModelConfig(image_size=DEMO_SIZE, taps=[4, 10], map_size=32),
+                          epochs=epochs, views=2, seed=0)
+        result = train(data.train_good, bundle_dir, cfg, force=True, golden_bad_dir=data.test_bad)
+        print("      " + summary(result))
+    return bundle_dir, data.test_good
+
+
+def _write_config(work: Path, bundle_dir: Path, source: dict[str, Any], budget_ms: float) -> tuple[Path, str, int]:
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    metrics_port = _free_port()
+    config = {
+        "zmq": {"endpoint": endpoint},
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "heartbeat_interval_s": 0.5,
+        "log_level": "WARNING",
+        "lines": [{
+            "id": "demo",
+            "source": source,
+            "bundle": str(bundle_dir),
+            "backends": ["onnxruntime"],
+            "threshold": 3.0,
+            "latency_budget_ms": budget_ms,
+            "on_deadline_miss": "NG",
+            "queue_size": 4,
+            "heatmap": {"publish": "ng", "width": 64, "height": 64, "encoding": "png"},
+            "archive": {"enabled": False},
+        }],
+    }
+    path = work / "lines.yaml"
+    path.write_text("# written by `inspectd demo`\n" + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path, endpoint, metrics_port
+
+
+def _calibrate(bundle_dir: Path, good: Path, config: Path) -> float:
+    from inspectd.calibration.calibrate import CalibrationRequest, calibrate
+
+    _step(3, f"calibrating the line threshold on {CALIBRATION_GOOD} held-out good parts "
+             f"(false-reject target {TARGET_FALSE_REJECT:.0%} at 95% confidence)")
+    result = calibrate(CalibrationRequest(bundle=bundle_dir, good=good, line="demo", config=config,
+                                          target_false_reject=TARGET_FALSE_REJECT,
+                                          report_dir=config.parent / "calibration"))
+    threshold = float(result.report["threshold"])
+    print(f"      threshold {threshold:.3f} (normalized score) written to {config}")
+    return threshold
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.parts <= 0 or args.rate <= 0 or args.budget_ms <= 0 or not 0 <= args.defect_rate <= 1:
+        raise ConfigError("--parts, --rate and --budget-ms must be > 0 and --defect-rate within [0, 1]")
+    work = Path(args.workdir or Path.home() / ".cache" / "inspectd" / "demo").expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    bundle_dir, calib_good = _train_and_calibrate(work, args.epochs, args.retrain)
+
+    truth: dict[int, tuple[str, str]] = {}
+    if args.source == "replay":
+        parts = make_line_parts(work / "line", args.parts, args.defect_rate, seed=1)
+        truth = {i + 1: p for i, p in enumerate(parts)}  # replay frame ids count from 1 in file order
+        source: dict[str, Any] = {"type": "replay", "path": str(work / "line"), "fps": args.rate, "loop": False}
+        where = f"replay of {len(parts)} unseen parts ({sum(lab == 'bad' for _, lab in parts)} defective)"
+    else:
+        import genicam
+
+        cti = Path(genicam.__file__).parent / "viky.cti"
+        source = {"type": "genicam", "cti": str(cti), "device": {"index": 0}}
+        where = "the GenTL simulator camera (viky.cti; its test pattern is not a part, expect NG)"
+    config, endpoint, metrics_port = _write_config(work, bundle_dir, source, args.budget_ms)
+    threshold = _calibrate(bundle_dir, calib_good, config)
+    _step(4, f"running the daemon on {where} at {args.rate:g} parts/s, budget {args.budget_ms:g} ms")
+    print(f"      verdicts on {endpoint}, metrics on http://127.0.0.1:{metrics_port}/metrics")
+    rows = _serve_and_watch(config, endpoint, args, truth, work / "overlays")
+    _step(5, "summary")
+    print(_summary(rows, truth, threshold, work / "overlays", time.monotonic() - t0))
+    return 0
+
+
+def _serve_and_watch(config_path: Path, endpoint: str, args: argparse.Namespace,
+                     truth: dict[int, tuple[str, str]], overlays: Path) -> list[dict[str, Any]]:
+    from inspectd.client import VerdictSubscriber
+    from inspectd.daemon.config import load_config
+    from inspectd.daemon.run import Daemon
+
+    overlays.mkdir(parents=True, exist_ok=True)
+    for old in overlays.glob("*.png"):
+        old.unlink()
+    rows: list[dict[str, Any]] = []
+    heatmaps: dict[int, Any] = {}
+    daemon = Daemon(load_config(config_path, validate_paths=True))
+    daemon.build()
+    sub = VerdictSubscriber(endpoint, lines=["demo"], topics=("verdict", "heatmap", "heartbeat"),
+                            heartbeat_timeout_s=3.0,
+                            on_gap=lambda topic, exp, got: print(f"      !! gap on {topic}: {got - exp} lost"),
+                            on_heartbeat_lost=lambda line: print(f"      !! heartbeat lost on {line}: fail safe"))
+    stop = threading.Event()
+    sub.poll_once(0.01)  # connect and subscribe before the line starts, so no part goes unseen
+    logging.getLogger().setLevel(daemon.config.log_level)
+    try:
+        if not daemon.start(stop):
+            raise InspectdError("daemon did not become ready")
+        print(f"      {'part':<22} {'truth':<5} {'verdict':<7} {'score':>7} {'latency':>9}  deadline")
+        deadline = time.monotonic() + args.parts / args.rate + 30.0
+        while len(rows) < args.parts and time.monotonic() < deadline:
+            msg = sub.poll_once(0.2)
+            if msg is None:
+                continue
+            if msg.kind == "heatmap":
+                heatmaps[msg.header["frame_id"]] = msg.heatmap_image()
+                continue
+            if msg.kind != "verdict":
+                continue
+            h = msg.header
+            name, label = truth.get(h["frame_id"], (f"frame {h['frame_id']}", "-"))
+            score = "-" if h["score"] is None else f"{h['score']:.2f}"
+            dl = "MISSED" if h["deadline_missed"] else "ok"
+            print(f"      {name:<22} {label:<5} {h['verdict']:<7} {score:>7} {h['latency_ms']:>7.1f}ms  {dl}",
+                  flush=True)
+            rows.append(h)
+        # Heatmaps follow their verdicts; collect the last ones before stopping.
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            msg = sub.poll_once(0.1)
+            if msg is not None and msg.kind == "heatmap":
+                heatmaps[msg.header["frame_id"]] = msg.heatmap_image()
+    finally:
+        stop.set()
+        daemon.stop()
+        sub.close()
+    _write_overlays(rows, heatmaps, truth, config_path.parent / "line", overlays)
+    return rows
+
+
+def _write_overlays(rows: list[dict[str, Any]], heatmaps: dict[int, Any], truth: dict[int, tuple[str, str]],
+                    line_dir: Path, overlays: Path) -> None:
+    import cv2
+
+    from inspectd.engines.heatmap import overlay
+
+    for h in rows:
+        fid = h["frame_id"]
+        if h["verdict"] != "NG" or fid not in heatmaps:
+            continue
+        name = truth.get(fid, (f"frame_{fid}.png", "-"))[0]
+        image = cv2.imread(str(line_dir / name), cv2.IMREAD_GRAYSCALE) if fid in truth else None
+        heat = heatmaps[fid]
+        if image is None:
+            image = np.zeros(heat.shape[:2], np.uint8)
+        cv2.imwrite(str(overlays / f"NG_{Path(name).stem}.png"), overlay(image, heat.reshape(heat.shape[:2])))
+
+
+def _summary(rows: list[dict[str, Any]], truth: dict[int, tuple[str, str]], threshold: float,
+             overlays: Path, seconds: float) -> str:
+    if not rows:
+        return "      no verdicts received"
+    lat = np.array([r["latency_ms"] for r in rows])
+    ng = sum(r["verdict"] == "NG" for r in rows)
+    missed = sum(bool(r["deadline_missed"]) for r in rows)
+    lines = [f"      parts inspected    {len(rows)}",
+             f"      NG                 {ng} ({ng / len(rows):.0%})",
+             f"      threshold          {threshold:.3f}",
+             f"      latency p50 / p99  {np.percentile(lat, 50):.1f} / {np.percentile(lat, 99):.1f} ms",
+             f"      deadline misses    {missed}"]
+    known = [(r, truth[r["frame_id"]][1]) for r in rows if r["frame_id"] in truth]
+    if known:
+        agree = sum((r["verdict"] == "NG") == (lab == "bad") for r, lab in known)
+        escapes = sum(r["verdict"] == "OK" and lab == "bad" for r, lab in known)
+        false_rejects = sum(r["verdict"] == "NG" and lab == "good" for r, lab in known)
+        lines.append(f"      ground truth       {agree}/{len(known)} agree ({agree / len(known):.0%}); "
+                     f"{escapes} escapes (bad passed), {false_rejects} false rejects")
+    lines.append(f"      NG overlays        {overlays} ({len(list(overlays.glob('*.png')))} files)")
+    lines.append(f"      total time         {seconds:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from inspectd.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -1,0 +1,93 @@
+"""deploy/prometheus: the alert rules pass `promtool check rules` and their unit tests
+(`promtool test rules`), every alert is tested firing and quiet, the tests can fail, and the
+example scrape config is valid and matches the rules' job name."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.deploy.deployfiles import (PROM_CONFIG, PROM_DIR, PROPOSED_METRICS, RULES, RULES_TEST,
+                                      alert_names, exported_metric_names, load_rules, metric_names)
+
+
+def _promtool() -> str:
+    tool = shutil.which("promtool")
+    if tool is None:
+        reason = "promtool not installed (apt-get install prometheus; see .ci/apt-packages)"
+        print(reason)
+        pytest.skip(reason)
+    return tool
+
+
+def _promtool_run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_rules_pass_promtool_check() -> None:
+    result = _promtool_run("check", "rules", str(RULES), cwd=PROM_DIR)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(load_rules())} rules found" in result.stdout
+
+
+def test_rule_unit_tests_pass() -> None:
+    result = _promtool_run("test", "rules", RULES_TEST.name, cwd=PROM_DIR)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_is_tested_firing_and_quiet() -> None:
+    tests = yaml.safe_load(RULES_TEST.read_text(encoding="utf-8"))
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for case in tests["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
+    expected = {"InspectdDown", "InspectdTargetMissing", "InspectdNotReady", "InspectdCameraDown",
+                "InspectdNoFrames", "InspectdDeadlineMisses", "InspectdNgRateSpike", "InspectdScoreDrift",
+                "InspectdBackendFallback"}
+    assert set(alert_names()) == expected
+    assert expected - fires == set(), "alerts never tested firing"
+    assert expected - quiet == set(), "alerts never tested staying quiet"
+
+
+@pytest.mark.parametrize("old, new, alert", [
+    ("inspectd_camera_connected == 0\n        for: 30s", "inspectd_camera_connected == 0\n        for: 10m",
+     "InspectdCameraDown"),
+    ("unless on (job, instance, line) (inspectd_source_triggered == 1)", "", "InspectdNoFrames"),
+    ("> 0.01", "> 0.10", "InspectdDeadlineMisses"),
+    (">= 20", ">= 1", "InspectdNgRateSpike"),
+])
+def test_rule_unit_tests_catch_a_broken_rule(tmp_path: Path, old: str, new: str, alert: str) -> None:
+    """The unit tests bite: weakening one rule makes exactly that alert's tests fail."""
+    text = RULES.read_text(encoding="utf-8")
+    assert old in text
+    (tmp_path / RULES.name).write_text(text.replace(old, new), encoding="utf-8")
+    shutil.copy(RULES_TEST, tmp_path / RULES_TEST.name)
+    result = _promtool_run("test", "rules", RULES_TEST.name, cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    failed = {name for name in alert_names() if f"alertname: {name}," in out}
+    assert failed == {alert}, out[-3000:]
+
+
+def test_example_prometheus_config_is_valid(tmp_path: Path) -> None:
+    config = yaml.safe_load(PROM_CONFIG.read_text(encoding="utf-8"))
+    jobs = [job["job_name"] for job in config["scrape_configs"]]
+    assert "inspectd" in jobs                     # the rules select job="inspectd"
+    assert any('job="inspectd"' in rule["expr"] for rule in load_rules())
+    # Point rule_files at the repo's rules (the example names the installed path).
+    config["rule_files"] = [str(RULES)]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = _promtool_run("check", "config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rules_use_only_exported_metrics() -> None:
+    exported = exported_metric_names()
+    used = set().union(*(metric_names(rule["expr"]) for rule in load_rules()))
+    assert used - exported - PROPOSED_METRICS == set()
