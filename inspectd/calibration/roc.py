@@ -11,16 +11,7 @@ def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:
     pos = np.asarray(positives, dtype=np.float64).ravel()
     if neg.size == 0 or pos.size == 0:
         raise ValueError("ROC AUC needs at least one negative and one positive score")
-    allv = np.concatenate([neg, pos])
-    order = np.argsort(allv, kind="mergesort")
-    ranks = np.empty(allv.size, dtype=np.float64)
-    ranks[order] = np.arange(1, allv.size + 1)
-    # Average ranks over ties.
-    sorted_v = allv[order]
-    starts = np.flatnonzero(np.r_[True, sorted_v[1:] != sorted_v[:-1]])
-    ends = np.r_[starts[1:], sorted_v.size]
-    avg = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(avg, ends - starts)
+    ranks = midranks(np.concatenate([neg, pos]))
     r_pos = ranks[neg.size:].sum()
     return float((r_pos - pos.size * (pos.size + 1) / 2.0) / (pos.size * neg.size))
 
@@ -37,3 +28,14 @@ def roc_curve(negatives: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray,
     tpr = np.r_[0.0, tps / max(labels.sum(), 1)]
     fpr = np.r_[0.0, fps / max((1 - labels).sum(), 1)]
     return fpr, tpr, np.r_[np.inf, scores[distinct]]
+
+
+def midranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the mean of their ranks."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_vals = values[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_vals)) + 1]
+    ends = np.r_[starts[1:], values.size]
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from inspectd.calibration.roc import roc_auc as rank_auc
 from inspectd.errors import ConfigError, DataError
 
 DEFAULT_CONFIDENCE = 0.95
@@ -264,23 +265,5 @@ def escape_rate(bad_scores: Any, threshold: float, confidence: float = DEFAULT_C
 
 
 def roc_auc(good_scores: Any, bad_scores: Any) -> float:
-    """Image ROC AUC = P(bad score > good score) + P(tie) / 2 (Mann-Whitney with mid-ranks)."""
-    good = _scores(good_scores, "good")
-    bad = _scores(bad_scores, "bad")
-    ranks = midranks(np.concatenate([good, bad]))
-    m = bad.size
-    u = ranks[good.size:].sum() - m * (m + 1) / 2.0
-    return float(u / (good.size * m))
-
-
-def midranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, tied values sharing the mean of their ranks."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_vals = values[order]
-    # Group boundaries of equal values; each group gets the mean of its ordinal ranks.
-    starts = np.r_[0, np.nonzero(np.diff(sorted_vals))[0] + 1]
-    ends = np.r_[starts[1:], values.size]
-    group_rank = (starts + ends + 1) / 2.0  # mean of (start+1 .. end)
-    ranks = np.empty(values.size, dtype=np.float64)
-    ranks[order] = np.repeat(group_rank, ends - starts)
-    return ranks
+    """Image ROC AUC = P(bad score > good score) + P(tie) / 2, after checking the scores."""
+    return rank_auc(_scores(good_scores, "good"), _scores(bad_scores, "bad"))

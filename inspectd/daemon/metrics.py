@@ -78,7 +78,7 @@ class Metrics:
         self.last_frame_timestamp = Gauge("inspectd_last_frame_timestamp_seconds",
                                           "Unix time of the last acquired frame", ["line"], registry=r)
         self.backend_fallbacks = Counter("inspectd_backend_fallbacks_total",
-                                         "Backend fallbacks (to the labelled backend)", ["line", "backend"],
+                                         "Backends skipped when a line opened its engine (unavailable or failed the parity gate)", ["line", "backend"],
                                          registry=r)
         self.engine_errors = Counter("inspectd_engine_errors_total", "Engine errors", ["line"], registry=r)
         self.archive_enabled = Gauge("inspectd_archive_enabled", "NG archive enabled (0/1)", ["line"],

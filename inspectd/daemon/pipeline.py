@@ -28,14 +28,19 @@ from inspectd.errors import DataError
 
 log = logging.getLogger("inspectd.pipeline")
 
-BackendOpener = Callable[[Bundle, LineSettings, Callable[[str, str], None]], tuple[Backend, EngineInfo]]
+BackendOpener = Callable[[Bundle, LineSettings, Callable[[str, str], None], float],
+                         tuple[Backend, EngineInfo]]
 Emit = Callable[[Verdict], None]
 
 
-def default_backend_opener(bundle: Bundle, settings: LineSettings,
-                           on_fallback: Callable[[str, str], None]) -> tuple[Backend, EngineInfo]:
+def default_backend_opener(bundle: Bundle, settings: LineSettings, on_fallback: Callable[[str, str], None],
+                           threshold: float) -> tuple[Backend, EngineInfo]:
+    """The first backend of the line's list that loads and, unless it is the ONNX Runtime reference,
+    passes the parity gate on the bundle's golden images at the line's threshold."""
+    from inspectd.engines.runtime.parity import make_gate
+
     return open_backend(bundle, settings.backend_preference, settings.backend_options,
-                        on_fallback=on_fallback)
+                        gate=make_gate(bundle, threshold=threshold), on_fallback=on_fallback)
 
 
 class LinePipeline:
@@ -299,9 +304,11 @@ class LinePipeline:
     def _open_engine(self) -> Backend | None:
         def on_fallback(name: str, reason: str) -> None:
             log.warning("line %s: backend %s not used: %s", self.line, name, reason)
+            if self.metrics is not None:  # labelled with the backend that was skipped
+                self.metrics.backend_fallbacks.labels(line=self.line, backend=name).inc()
 
         try:
-            backend, info = self._backend_opener(self.bundle, self.settings, on_fallback)
+            backend, info = self._backend_opener(self.bundle, self.settings, on_fallback, self.threshold.value)
         except Exception as exc:
             self.failed = f"no backend: {exc}"
             log.error("line %s: %s; every frame gets the fail-safe verdict %s", self.line, self.failed,
@@ -311,8 +318,6 @@ class LinePipeline:
         self.backend_name = info.backend
         if self.metrics is not None:
             self.metrics.set_engine(self.line, info.backend, self.bundle.bundle_id)
-            if info.skipped:  # labelled with the backend the line fell back to
-                self.metrics.backend_fallbacks.labels(line=self.line, backend=info.backend).inc()
         try:
             # Warm-up: first inference allocates arenas / builds engines; keep it out of the budget.
             spec = self.bundle.input_spec

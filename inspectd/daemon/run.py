@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +26,6 @@ log = logging.getLogger("inspectd.run")
 STOP_BUDGET_S = 4.0          # SIGTERM -> exit within 5 s, with a margin for the interpreter exit
 ENGINE_READY_TIMEOUT_S = 120.0
 SOURCE_READY_TIMEOUT_S = 10.0
-SWITCH_INTERVAL_S = float(os.environ.get("INSPECTD_SWITCH_INTERVAL_S", "0.0005"))
 
 
 def line_settings(cfg: LineConfig) -> LineSettings:
@@ -250,9 +247,6 @@ class Daemon:
 def run(config_path: str | Path) -> int:
     config = load_config(config_path, validate_paths=True)
     logging.getLogger().setLevel(config.log_level)
-    # Hand-offs between the acquisition, inference, deadline and publisher threads wait for the
-    # GIL; the default 5 ms switch interval would show up directly in the end-to-end latency.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     stop_requested = threading.Event()
     reload_requested = threading.Event()
 

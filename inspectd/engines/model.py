@@ -59,14 +59,15 @@ class ModelConfig:
 class InputAdapter(nn.Module):
     """uint8 NHWC (1 or 3 channels) -> normalised float NCHW with 3 channels."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> None:
         super().__init__()
+        self.grey = channels == 1
         self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1))
         self.register_buffer("offset", (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float()
-        if x.shape[1] == 1:
+        if self.grey:
             x = x.expand(-1, 3, -1, -1)  # grey cameras: explicit replication to the 3 backbone channels
         return x * self.scale + self.offset
 
@@ -112,7 +113,7 @@ class MapHead(nn.Module):
 
 
 def _resample(f: torch.Tensor, size: int) -> torch.Tensor:
-    h = f.shape[-1]
+    h = int(f.shape[-1])  # static: input sizes are fixed per bundle
     if h > size:
         k = h // size
         return F.avg_pool2d(f, kernel_size=k, stride=k)  # local aggregation, like patch pooling
@@ -127,7 +128,7 @@ class AnomalyModel(nn.Module):
         if config.fusion not in ("separate", "fused"):
             raise ValueError(f"fusion must be 'separate' or 'fused', not {config.fusion!r}")
         self.config = config
-        self.adapter = InputAdapter(*backbone.norm)
+        self.adapter = InputAdapter(*backbone.norm, channels=1 if config.color_mode == "gray" else 3)
         self.backbone = backbone
         channels = (backbone.tap_channels if config.fusion == "separate" else [sum(backbone.tap_channels)])
         self.feat_mean = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1), requires_grad=False)

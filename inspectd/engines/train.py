@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -142,7 +143,8 @@ def extract_features(model: AnomalyModel, images: Sequence[np.ndarray], device: 
 
         buf = io.BytesIO()
         example = torch.from_numpy(np.stack(images[:1]))
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes about static shapes: sizes are fixed per bundle
             torch.onnx.export(_FeatureGraph(model).eval(), (example,), buf, dynamo=False, opset_version=OPSET,
                               input_names=["images"], dynamic_axes={"images": {0: "batch"}})
         sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
