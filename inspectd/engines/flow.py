@@ -60,10 +60,16 @@ class ScaleFlow(nn.Module):
         self.steps = nn.ModuleList(
             AffineCoupling(channels, hidden, kernel_size, clamp, seed * 1000 + i) for i in range(steps))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-position NLL divided by the channel count (so scales are comparable): (N, H, W)."""
+    def transform(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(0.5 |z|^2, log|det J|) per position, each divided by the channel count: (N, H, W) x 2."""
         logdet = torch.zeros_like(x[:, 0])
         for step in self.steps:
             x, ld = step(x)
             logdet = logdet + ld
-        return (0.5 * (x * x).sum(dim=1) - logdet) / x.shape[1]
+        c = x.shape[1]
+        return 0.5 * (x * x).sum(dim=1) / c, logdet / c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-position NLL (the training loss) divided by the channel count: (N, H, W)."""
+        half_z2, logdet = self.transform(x)
+        return half_z2 - logdet

@@ -43,6 +43,9 @@ class ModelConfig:
     clamp: float = 2.0
     map_size: int = 64
     smoothing_sigma: float = 1.0   # in map pixels
+    # Per-position anomaly: "nll" = 0.5|z|^2 - log|det J| (the training loss), or "z2" = 0.5|z|^2
+    # alone (DifferNet / CS-Flow score with the Jacobian term dropped).
+    score_term: str = "nll"
     reduction: str = "max"         # "max" | "topk"
     topk: int = 10
     seed: int = 0
@@ -152,7 +155,12 @@ class AnomalyModel(nn.Module):
         return [torch.cat([_resample(f, size) for f in feats], dim=1)]
 
     def nll_maps(self, embedded: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [flow((f - m) / s) for f, m, s, flow in zip(embedded, self.feat_mean, self.feat_std, self.flows)]
+        """Per-position anomaly maps, one per flow (see ModelConfig.score_term)."""
+        out = []
+        for f, m, s, flow in zip(embedded, self.feat_mean, self.feat_std, self.flows):
+            half_z2, logdet = flow.transform((f - m) / s)
+            out.append(half_z2 if self.config.score_term == "z2" else half_z2 - logdet)
+        return out
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.nll_maps(self.embed(self.features(images))))

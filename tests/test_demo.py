@@ -1,0 +1,53 @@
+"""`inspectd demo`, README command 1, as a user runs it (a real child process, real daemon,
+real ZeroMQ stream), with fewer parts so it stays short."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("demo")
+
+
+def _demo(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inspectd", "demo", "--workdir", str(workdir), *extra],
+                          capture_output=True, text=True, timeout=400)
+
+
+def test_demo_replay_line_end_to_end(workdir):
+    run = _demo(workdir, "--parts", "16", "--rate", "20")
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5] summary"):
+        assert step in out
+    parts = re.findall(r"^\s+part_\d{4}_(good|bad)\.png\s+(good|bad)\s+(OK|NG)\s", out, re.M)
+    assert len(parts) == 16
+    assert all(name == truth for name, truth, _ in parts)
+    agree = sum((verdict == "NG") == (truth == "bad") for _, truth, verdict in parts)
+    assert agree >= 13, out
+    assert re.search(r"parts inspected\s+16", out)
+    ng = sum(v == "NG" for _, _, v in parts)
+    overlays = list((workdir / "overlays").glob("NG_*.png"))
+    assert len(overlays) == ng
+    # The threshold was calibrated into the config the daemon ran with.
+    assert "threshold:" in (workdir / "lines.yaml").read_text() and "file:" in (workdir / "lines.yaml").read_text()
+
+
+def test_demo_reuses_the_model_and_runs_on_the_gentl_simulator(workdir):
+    run = _demo(workdir, "--source", "genicam", "--parts", "5", "--rate", "20")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "reusing" in run.stdout
+    assert len(re.findall(r"^\s+frame \d+\s+-\s+(OK|NG)\s", run.stdout, re.M)) == 5
+    assert re.search(r"parts inspected\s+5", run.stdout)
+
+
+def test_demo_rejects_bad_arguments(tmp_path):
+    run = _demo(tmp_path, "--parts", "0")
+    assert run.returncode == 2 and "must be > 0" in run.stderr
