@@ -120,10 +120,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--hidden-ratio", type=float, default=1.0)
     ap.add_argument("--views", type=int, default=4)
-    ap.add_argument("--fusion", default="separate", choices=["separate", "fused"])
+    ap.add_argument("--fusion", default="fused", choices=["separate", "fused"])
+    ap.add_argument("--score-term", default="z2", choices=["z2", "nll"])
+    ap.add_argument("--augment", default="none", help="comma list of rotate,translate,scale or none")
     ap.add_argument("--fused-size", type=int, default=8)
     ap.add_argument("--kernel-size", type=int, default=3)
-    ap.add_argument("--reduction", default="max", choices=["max", "topk"])
+    ap.add_argument("--reduction", default="mean", choices=["max", "topk", "mean"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-baselines", action="store_true")
     args = ap.parse_args()
@@ -134,8 +136,10 @@ def main() -> None:
     mc = ModelConfig(taps=taps, image_size=args.image_size, color_mode="gray", steps=args.steps,
                      hidden_ratio=args.hidden_ratio, map_size=args.image_size // 4, seed=args.seed,
                      fusion=args.fusion, fused_size=args.fused_size, kernel_size=args.kernel_size,
-                     reduction=args.reduction)
-    cfg = TrainConfig(model=mc, epochs=args.epochs, views=args.views, seed=args.seed)
+                     reduction=args.reduction, score_term=args.score_term)
+    augment = [] if args.augment == "none" else args.augment.split(",")
+    cfg = TrainConfig(model=mc, epochs=args.epochs, views=args.views if augment else 1, augment=augment,
+                      seed=args.seed)
     t0 = time.monotonic()
     result = train(dirs["train_good"], out / "bundle", cfg, force=True)
     train_s = time.monotonic() - t0
@@ -143,7 +147,8 @@ def main() -> None:
     report = evaluate(out / "bundle", dirs["test_good"], dirs["test_bad"], out / "eval", masks_dir=dirs["masks"])
     eval_s = time.monotonic() - t0
     rows = [{"method": f"flow ({args.fusion}{f' {args.fused_size}x{args.fused_size}' if args.fusion == 'fused' else ''}, "
-                       f"{args.steps} steps, k{args.kernel_size}, hidden x{args.hidden_ratio}, {args.epochs} epochs)", "image_auroc": report["image_auroc"],
+                       f"{args.steps} steps, k{args.kernel_size}, hidden x{args.hidden_ratio}, {args.score_term}, "
+                       f"{args.reduction}, augment {args.augment}, {args.epochs} epochs)", "image_auroc": report["image_auroc"],
              "pixel_auroc": report.get("pixel_auroc"), "train_s": round(train_s, 1)}]
     if not args.skip_baselines:
         spec = InputSpec(args.image_size, args.image_size, "gray")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -297,12 +298,17 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     """('lines', 1, 'latency_budget_ms') -> 'lines[1].latency_budget_ms'."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif not _PLAIN_KEY.fullmatch(str(part)):
+            out += f"[{str(part)[:40]!r}]"  # a key with spaces, newlines, ...: quoted, one line
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"

@@ -8,6 +8,7 @@ Every thread catches and reports its own failures: one line going wrong never st
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import math
@@ -32,6 +33,11 @@ BackendOpener = Callable[[Bundle, LineSettings, Callable[[str, str], None], floa
                          tuple[Backend, EngineInfo]]
 Emit = Callable[[Verdict], None]
 
+# After this many engine errors in a row the backend is presumed broken (not one bad frame): the
+# line closes it and reopens through the opener without it, so the next backend in the line's
+# list that passes the parity gate takes over.
+ENGINE_FAILOVER_AFTER = 5
+
 
 def default_backend_opener(bundle: Bundle, settings: LineSettings, on_fallback: Callable[[str, str], None],
                            threshold: float) -> tuple[Backend, EngineInfo]:
@@ -49,7 +55,8 @@ class LinePipeline:
 
     def __init__(self, settings: LineSettings, source: Any, bundle: Bundle, threshold: LineThreshold,
                  emit: Emit, metrics: Any | None = None, archive: Any | None = None,
-                 drift: Any | None = None, backend_opener: BackendOpener = default_backend_opener) -> None:
+                 drift: Any | None = None, backend_opener: BackendOpener = default_backend_opener,
+                 failover_after_errors: int = ENGINE_FAILOVER_AFTER) -> None:
         self.settings = settings
         self.line = settings.line
         self.source = source
@@ -60,6 +67,9 @@ class LinePipeline:
         self.archive = archive
         self.drift = drift
         self._backend_opener = backend_opener
+        self._failover_after = max(1, int(failover_after_errors))
+        self._consecutive_engine_errors = 0
+        self._excluded_backends: list[str] = []   # failed at run time: never reopened by this line
         self._budget_s = settings.latency_budget_ms / 1000.0
 
         self._queue: collections.deque[tuple[int, Frame]] = collections.deque()
@@ -289,6 +299,8 @@ class LinePipeline:
                 if item is None:
                     break
                 self._process(backend, *item)
+                if backend is not None and self._consecutive_engine_errors >= self._failover_after:
+                    backend = self._fail_over(backend)
         except Exception as exc:  # never let one line's worker take the process down
             self.failed = f"worker crashed: {type(exc).__name__}: {exc}"
             log.exception("line %s: inference worker crashed; frames now get the fail-safe verdict", self.line)
@@ -301,16 +313,42 @@ class LinePipeline:
                 except Exception as exc:
                     log.warning("line %s: closing backend failed: %s", self.line, exc)
 
-    def _open_engine(self) -> Backend | None:
+    def _fail_over(self, backend: Backend) -> Backend | None:
+        """The current backend keeps failing: close it and open the next one of the line's list
+        (through the opener, so the parity gate applies). Without another backend, keep this one."""
+        failed = self.backend_name
+        remaining = tuple(b for b in self.settings.backend_preference
+                          if b != failed and b not in self._excluded_backends)
+        n = self._consecutive_engine_errors
+        self._consecutive_engine_errors = 0
+        if not remaining:
+            log.error("line %s: backend %s failed %d frames in a row and no other backend is configured; "
+                      "keeping it", self.line, failed, n)
+            return backend
+        log.error("line %s: backend %s failed %d frames in a row (last: %s); falling back to %s",
+                  self.line, failed, n, self.last_error, ", ".join(remaining))
+        self._excluded_backends.append(failed)
+        if self.metrics is not None:  # labelled with the backend that was given up
+            self.metrics.backend_fallbacks.labels(line=self.line, backend=failed).inc()
+        try:
+            backend.close()
+        except Exception as exc:
+            log.warning("line %s: closing backend %s failed: %s", self.line, failed, exc)
+        return self._open_engine(dataclasses.replace(self.settings, backend_preference=remaining))
+
+    def _open_engine(self, settings: LineSettings | None = None) -> Backend | None:
+        settings = settings or self.settings
+
         def on_fallback(name: str, reason: str) -> None:
             log.warning("line %s: backend %s not used: %s", self.line, name, reason)
             if self.metrics is not None:  # labelled with the backend that was skipped
                 self.metrics.backend_fallbacks.labels(line=self.line, backend=name).inc()
 
         try:
-            backend, info = self._backend_opener(self.bundle, self.settings, on_fallback, self.threshold.value)
+            backend, info = self._backend_opener(self.bundle, settings, on_fallback, self.threshold.value)
         except Exception as exc:
             self.failed = f"no backend: {exc}"
+            self.backend_name = "none"
             log.error("line %s: %s; every frame gets the fail-safe verdict %s", self.line, self.failed,
                       self.settings.on_deadline_miss)
             self.engine_ready.set()
@@ -380,7 +418,10 @@ class LinePipeline:
             raw = float(raw_scores[0])
             if not math.isfinite(raw):
                 raise ValueError(f"non-finite score {raw}")
+            if not np.isfinite(maps[0]).all():
+                raise ValueError("non-finite values in the anomaly map")
         except Exception as exc:
+            self._consecutive_engine_errors += 1
             self.engine_errors += 1
             self.last_error = f"engine: {exc}"
             if self.metrics is not None:
@@ -389,6 +430,7 @@ class LinePipeline:
             log.error("line %s: engine error on frame %s: %s", self.line, frame.frame_id, exc)
             self._fail_safe(key, frame, f"engine error: {exc}", deadline_missed=False)
             return
+        self._consecutive_engine_errors = 0
         infer_s = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.inference_seconds.labels(line=self.line, backend=self.backend_name).observe(infer_s)

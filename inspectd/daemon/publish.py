@@ -46,11 +46,14 @@ OnSent = Callable[[str, dict], None]
 @dataclass(frozen=True)
 class CurveServerKeys:
     """CURVE encryption for the PUB socket: the server's Z85 key pair (zmq.curve_keypair()).
-    Subscribers need `public_key`. Without a ZAP authenticator any client holding the server's
-    public key may subscribe: this gives encryption, not access control."""
+    Subscribers need `public_key`. With `allowed_clients_dir` (a folder of client public
+    certificates, NAME.key) a ZAP authenticator on the publisher's context admits only those
+    clients; without it any client holding the server's public key may subscribe (encryption,
+    not access control)."""
 
     public_key: bytes
     secret_key: bytes
+    allowed_clients_dir: str | None = None
 
 
 def _json_value(value: Any) -> Any:
@@ -246,8 +249,27 @@ class Publisher:
 
     # ---- publisher thread --------------------------------------------------------------------
 
+    def _start_authenticator(self, ctx: zmq.Context) -> Any:
+        """ZAP handler for the allow-list, on this thread's context (ZAP is per context)."""
+        if self.curve is None or self.curve.allowed_clients_dir is None:
+            return None
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger("inspectd.zap"))
+        auth.start()
+        # Reads every NAME.key in the folder once; clients not listed fail the CURVE handshake.
+        auth.configure_curve(domain="*", location=self.curve.allowed_clients_dir)
+        return auth
+
     def _run(self) -> None:
         ctx = zmq.Context()
+        try:
+            auth = self._start_authenticator(ctx)
+        except Exception as exc:  # before any socket: report it from start()
+            self._start_error = exc
+            ctx.term()
+            self._started.set()
+            return
         sock = ctx.socket(zmq.PUB)
         try:
             sock.setsockopt(zmq.SNDHWM, self.sndhwm)
@@ -261,6 +283,8 @@ class Publisher:
         except (zmq.ZMQError, ValueError, TypeError) as exc:
             self._start_error = exc
             sock.close(0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
             self._started.set()
             return
@@ -269,6 +293,8 @@ class Publisher:
             self._loop(sock)
         finally:
             sock.close(self.linger_ms)
+            if auth is not None:
+                auth.stop()
             ctx.term()
 
     def _loop(self, sock: zmq.Socket) -> None:

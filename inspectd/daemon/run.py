@@ -19,7 +19,6 @@ from inspectd.daemon.metrics import Metrics, MetricsServer
 from inspectd.daemon.pipeline import LinePipeline
 from inspectd.daemon.publish import CurveServerKeys, Publisher
 from inspectd.daemon.systemd import SystemdNotifier
-from inspectd.errors import ConfigError
 
 log = logging.getLogger("inspectd.run")
 
@@ -47,23 +46,22 @@ def line_threshold(cfg: LineConfig) -> LineThreshold:
 
 
 def _curve_keys(config: DaemonConfig) -> CurveServerKeys | None:
+    """The server key pair (its file must be private: mode 0600) and the checked client allow-list."""
     curve = config.zmq.curve
     if curve is None:
         return None
-    if curve.allowed_clients_dir is not None:
-        # The publisher owns its own ZeroMQ context, so no ZAP authenticator can guard it yet;
-        # refusing beats silently accepting every client.
-        raise ConfigError("zmq.curve.allowed_clients_dir: client allow-lists are not supported by this "
-                          "daemon yet (remove it: CURVE then encrypts, any key holder may subscribe)")
-    import zmq.auth
+    from inspectd.keys import allowed_client_keys, load_secret_key_file
 
-    try:
-        public, secret = zmq.auth.load_certificate(str(curve.server_secret_key_file))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"zmq.curve.server_secret_key_file: {curve.server_secret_key_file}: {exc}") from None
-    if not secret:
-        raise ConfigError(f"zmq.curve.server_secret_key_file: {curve.server_secret_key_file} holds no secret key")
-    return CurveServerKeys(public_key=public, secret_key=secret)
+    public, secret = load_secret_key_file(curve.server_secret_key_file, "zmq.curve.server_secret_key_file")
+    allowed = None
+    if curve.allowed_clients_dir is not None:
+        n = len(allowed_client_keys(curve.allowed_clients_dir, "zmq.curve.allowed_clients_dir"))
+        log.info("CURVE: %d client key%s allowed (%s)", n, "" if n == 1 else "s", curve.allowed_clients_dir)
+        allowed = str(curve.allowed_clients_dir)
+    else:
+        log.warning("CURVE without allowed_clients_dir: encrypted, but any client that knows the server's "
+                    "public key may subscribe")
+    return CurveServerKeys(public_key=public, secret_key=secret, allowed_clients_dir=allowed)
 
 
 class Daemon:

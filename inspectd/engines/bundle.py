@@ -63,6 +63,8 @@ class FlowInfo(_Strict):
     hidden_ratio: float
     kernel_size: int
     clamp: float
+    fusion: str
+    score_term: str
 
 
 class MapInfo(_Strict):
@@ -192,12 +194,18 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     if manifest.files.get(manifest.model.file) != manifest.model.sha256:
         raise BundleError(f"{manifest_path}: model sha256 is not the one listed under files")
     for rel, expected in sorted(manifest.files.items()):
-        target = (root / rel).resolve()
-        if root.resolve() not in target.parents:
+        try:
+            target = (root / rel).resolve()
+            inside = root.resolve() in target.parents
+            present = inside and target.is_file()
+            actual = sha256_file(target) if present else ""
+        except (OSError, ValueError) as exc:  # NUL byte, name too long, unreadable: one line, not a traceback
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise BundleError(f"{manifest_path}: file entry {rel[:60]!r}: {reason}") from None
+        if not inside:
             raise BundleError(f"{manifest_path}: file entry {rel!r} points outside the bundle")
-        if not target.is_file():
+        if not present:
             raise BundleError(f"{root}: {rel} is missing (listed in the manifest)")
-        actual = sha256_file(target)
         if actual != expected:
             raise BundleError(f"{root}: {rel} does not match its sha256 in the manifest "
                               f"(tampered or truncated: expected {expected[:12]}…, got {actual[:12]}…)")

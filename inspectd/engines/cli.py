@@ -46,6 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="colour mode of the bundle (auto: gray if the images are grey)")
     p.add_argument("--steps", type=_positive_int, default=4, help="coupling steps per scale (default 4)")
     p.add_argument("--hidden-ratio", type=float, default=1.0, help="subnet width / channels (default 1.0)")
+    p.add_argument("--fusion", choices=["fused", "separate"], default="fused",
+                   help="fused: taps pooled to 8x8 and modelled jointly (default); separate: one flow per tap")
+    p.add_argument("--kernel-size", type=int, choices=[1, 3], default=3, help="subnet first conv kernel (default 3)")
+    p.add_argument("--score-term", choices=["z2", "nll"], default="z2",
+                   help="per-position anomaly: 0.5|z|^2 (default) or the full NLL with log|det J|")
+    p.add_argument("--reduction", choices=["mean", "max", "topk"], default="mean",
+                   help="map -> image score (default mean)")
     p.add_argument("--views", type=_positive_int, default=4, help="cached augmented views per image (default 4)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--golden-bad", default=None, help="a few bad images to store as golden images (parity gate)")
@@ -106,7 +113,9 @@ def _train(args: argparse.Namespace) -> int:
     map_size = max(8, args.image_size // 4)
     cfg = TrainConfig(model=ModelConfig(backbone=args.backbone, taps=args.taps, image_size=args.image_size,
                                         color_mode=color, steps=args.steps, hidden_ratio=args.hidden_ratio,
-                                        map_size=map_size, seed=args.seed),
+                                        map_size=map_size, seed=args.seed, fusion=args.fusion,
+                                        kernel_size=args.kernel_size, score_term=args.score_term,
+                                        reduction=args.reduction),
                       epochs=args.epochs, augment=augment, views=args.views, batch_size=args.batch_size,
                       seed=args.seed, weights=args.weights)
     result = train(args.good, args.out, cfg, force=args.force, golden_bad_dir=args.golden_bad)

@@ -35,7 +35,8 @@ class ModelConfig:
     color_mode: str = "gray"
     # "separate": one flow per tap at its own resolution. "fused": every tap average-pooled (or
     # upsampled) to fused_size x fused_size and concatenated, one flow over the joint embedding.
-    fusion: str = "separate"
+    # Defaults from the MTD design study (benchmarks/RESULTS.md): fused 8x8, 3x3 subnets, |z|^2, mean.
+    fusion: str = "fused"
     fused_size: int = 8
     steps: int = 4
     hidden_ratio: float = 1.0
@@ -45,8 +46,8 @@ class ModelConfig:
     smoothing_sigma: float = 1.0   # in map pixels
     # Per-position anomaly: "nll" = 0.5|z|^2 - log|det J| (the training loss), or "z2" = 0.5|z|^2
     # alone (DifferNet / CS-Flow score with the Jacobian term dropped).
-    score_term: str = "nll"
-    reduction: str = "max"         # "max" | "topk"
+    score_term: str = "z2"
+    reduction: str = "mean"        # "max" | "topk" | "mean" (of the map)
     topk: int = 10
     seed: int = 0
 
@@ -110,6 +111,8 @@ class MapHead(nn.Module):
         flat = amap.flatten(1)
         if self.reduction == "topk":
             score = flat.topk(self.topk, dim=1).values.mean(dim=1)
+        elif self.reduction == "mean":
+            score = flat.mean(dim=1)
         else:
             score = flat.max(dim=1).values
         return score, amap

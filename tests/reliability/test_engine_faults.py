@@ -1,0 +1,210 @@
+"""Engine faults and malformed frames on a running LinePipeline (real ONNX Runtime, real metrics).
+
+Doubles, named as such: FlakyBackendDouble wraps the REAL ONNX Runtime backend and raises or
+returns NaN/inf on command (stand-in for a GPU backend going bad at run time); ArraySource is a
+real Source implementation that hands over in-memory arrays, the way a broken driver would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inspectd.daemon.frame import Frame
+from inspectd.daemon.line import LineSettings, LineThreshold
+from inspectd.daemon.metrics import Metrics
+from inspectd.daemon.pipeline import LinePipeline
+from inspectd.daemon.sources.base import Source
+from inspectd.daemon.sources.replay import ReplaySource
+from inspectd.engines.bundle import Bundle
+from inspectd.engines.runtime import Backend, EngineInfo, open_backend
+from tests.reliability.conftest import Collector, sample
+
+THRESHOLD = 5.0
+
+
+class FlakyBackendDouble(Backend):
+    """TEST DOUBLE: the real ONNX Runtime backend under another backend's name; after `good`
+    calls (warm-up included) every call fails in the given `mode`: raise | nan | inf | nan_map."""
+
+    def __init__(self, inner: Backend, name: str, mode: str, good: int = 2) -> None:
+        super().__init__(inner.bundle)
+        self.inner, self.name, self.mode, self._good = inner, name, mode, good
+        self.calls = 0
+        self.closed = False
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        scores, maps = self.inner.infer(batch)
+        if self.calls <= self._good:
+            return scores, maps
+        if self.mode == "raise":
+            raise RuntimeError("CUDA error 700: an illegal memory access was encountered")
+        if self.mode == "nan_map":
+            maps = maps.copy()
+            maps[0, 0, 0] = np.nan
+            return scores, maps
+        return np.full_like(scores, np.nan if self.mode == "nan" else np.inf), maps
+
+    def close(self) -> None:
+        self.closed = True
+        self.inner.close()
+
+
+class ArraySource(Source):
+    """TEST SOURCE: a real Source over a list of in-memory images (no camera needed)."""
+
+    def __init__(self, line: str, images: list[Any]) -> None:
+        super().__init__(line)
+        self.images = list(images)
+        self._i = 0
+
+    def open(self) -> None:
+        pass
+
+    def read(self, timeout_s: float) -> Frame | None:
+        if self._i >= len(self.images):
+            time.sleep(min(timeout_s, 0.05))
+            return None
+        self._i += 1
+        return Frame(line=self.line, frame_id=self._i, acquired_ns=time.time_ns(),
+                     acquired_mono=time.monotonic(), image=self.images[self._i - 1])
+
+    def close(self) -> None:
+        pass
+
+
+def _flaky_opener(mode: str, made: list[FlakyBackendDouble], calls: list[tuple[str, ...]]) -> Any:
+    """Opener: "gpu" (the double) while it is in the preference list, else the real ORT backend."""
+    def opener(bundle: Bundle, settings: LineSettings, on_fallback: Any,
+               threshold: float) -> tuple[Backend, EngineInfo]:
+        calls.append(tuple(settings.backend_preference))
+        if settings.backend_preference[0] == "gpu":
+            inner, _ = open_backend(bundle, ["onnxruntime"])
+            made.append(FlakyBackendDouble(inner, "gpu", mode))
+            return made[-1], EngineInfo(backend="gpu", details={})
+        return open_backend(bundle, [b for b in settings.backend_preference if b != "gpu"],
+                            on_fallback=on_fallback)
+    return opener
+
+
+@pytest.mark.parametrize("mode, why", [("raise", "illegal memory access"), ("nan", "non-finite score"),
+                                       ("inf", "non-finite score"), ("nan_map", "non-finite values")])
+def test_failing_engine_gives_fail_safe_verdicts_then_falls_back(toy: Bundle, toy_frames: Path, mode: str,
+                                                                 why: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="inspectd.pipeline")
+    metrics = Metrics()
+    made: list[FlakyBackendDouble] = []
+    calls: list[tuple[str, ...]] = []
+    settings = LineSettings(line="L", latency_budget_ms=2000, on_deadline_miss="NG",
+                            backend_preference=("gpu", "onnxruntime"), queue_size=64, backpressure=True)
+    out = Collector()
+    pipe = LinePipeline(settings, ReplaySource("L", toy_frames, loop=True), toy, LineThreshold("L", value=THRESHOLD),
+                        out, metrics=metrics, backend_opener=_flaky_opener(mode, made, calls),
+                        failover_after_errors=3).start()
+    try:
+        assert pipe.wait_ready(20.0)
+        verdicts = out.wait_for(12)
+    finally:
+        pipe.stop(timeout_s=3.0)
+    failed = verdicts[:3]
+    # The 3 frames the broken engine saw: fail-safe NG, the reason in the verdict ...
+    assert all(v.verdict == "NG" and v.score is None and why in (v.error or "") for v in failed), \
+        [(v.verdict, v.error) for v in failed]
+    assert all(v.backend == "gpu" for v in failed)
+    # ... then the line gave the engine up and runs on the reference, which passes frames through.
+    after = verdicts[3:]
+    assert after and all(v.error is None and v.score is not None and v.backend == "onnxruntime" for v in after)
+    assert made[0].closed and calls == [("gpu", "onnxruntime"), ("onnxruntime",)]
+    assert sample(metrics, "inspectd_engine_errors_total", line="L") == 3
+    assert sample(metrics, "inspectd_dropped_frames_total", line="L", reason="engine_error") == 3
+    assert sample(metrics, "inspectd_backend_fallbacks_total", line="L", backend="gpu") == 1
+    assert sample(metrics, "inspectd_engine_info", line="L", backend="onnxruntime", bundle_id=toy.bundle_id) == 1
+    assert pipe.status()["backend"] == "onnxruntime" and pipe.failed is None
+    text = caplog.text
+    assert "engine error on frame" in text and why in text
+    assert "backend gpu failed 3 frames in a row" in text and "falling back to onnxruntime" in text
+
+
+def test_failing_engine_without_another_backend_keeps_serving_fail_safe(toy: Bundle, toy_frames: Path) -> None:
+    metrics = Metrics()
+    made: list[FlakyBackendDouble] = []
+    calls: list[tuple[str, ...]] = []
+    settings = LineSettings(line="solo", latency_budget_ms=2000, on_deadline_miss="SKIP",
+                            backend_preference=("gpu",), queue_size=64, backpressure=True)
+    out = Collector()
+    pipe = LinePipeline(settings, ReplaySource("solo", toy_frames, loop=True), toy,
+                        LineThreshold("solo", value=THRESHOLD), out, metrics=metrics,
+                        backend_opener=_flaky_opener("nan", made, calls), failover_after_errors=3).start()
+    try:
+        assert pipe.wait_ready(20.0)
+        verdicts = out.wait_for(10)
+    finally:
+        pipe.stop(timeout_s=3.0)
+    assert all(v.verdict == "SKIP" and "non-finite" in (v.error or "") for v in verdicts)
+    assert calls == [("gpu",)] and len(made) == 1 and made[0].closed  # never reopened; closed at stop()
+    assert sample(metrics, "inspectd_backend_fallbacks_total", line="solo", backend="gpu") == 0
+    assert pipe._worker_thread.is_alive() is False  # stopped cleanly, never crashed
+    assert pipe.failed is None
+
+
+def test_malformed_frames_are_counted_and_fail_safe_never_a_crash(toy: Bundle) -> None:
+    metrics = Metrics()
+    good = np.full((32, 32), 128, np.uint8)
+    bad = [
+        np.zeros((0, 0), np.uint8),                 # empty buffer
+        np.zeros((0,), np.uint8),                   # empty 1-D buffer
+        np.zeros((32, 32, 4), np.uint8),            # wrong pixel format: 4 channels (RGBA/Bayer mistake)
+        np.zeros((32, 32, 2), np.uint8),            # 2 channels (YUV422 packed mistaken for mono)
+        np.zeros((32, 32), np.uint16),              # Mono16 where Mono8 was expected
+        np.zeros((32, 32), np.float32),             # float image
+        np.zeros(1024, np.uint8),                   # a raw 1-D buffer not reshaped
+        np.zeros((2, 32, 32, 1), np.uint8),         # 4-D
+        b"\x00" * 1024,                             # bytes, not an array
+        None,                                       # nothing at all
+    ]
+    images = [good] + bad + [good]
+    settings = LineSettings(line="m", latency_budget_ms=2000, on_deadline_miss="NG",
+                            backend_preference=("onnxruntime",), queue_size=64)
+    out = Collector()
+    pipe = LinePipeline(settings, ArraySource("m", images), toy, LineThreshold("m", value=THRESHOLD), out,
+                        metrics=metrics).start()
+    try:
+        assert pipe.wait_ready(20.0)
+        verdicts = out.wait_for(len(images))
+        time.sleep(0.3)
+    finally:
+        pipe.stop(timeout_s=3.0)
+    assert [v.frame_id for v in out.verdicts] == list(range(1, len(images) + 1))  # one verdict each
+    first, *middle, last = verdicts
+    assert first.error is None and last.error is None and last.score is not None  # the line lives on
+    for v in middle:
+        assert v.verdict == "NG" and v.score is None and "malformed frame" in (v.error or ""), v.error
+    assert sample(metrics, "inspectd_dropped_frames_total", line="m", reason="malformed") == len(bad)
+    assert pipe.engine_errors == 0 and pipe.failed is None
+
+
+def test_undecodable_replay_files_are_skipped_and_counted(toy: Bundle, toy_frames: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(toy_frames / "good", folder)
+    (folder / "good_zz_empty.png").write_bytes(b"")
+    (folder / "good_zz_trunc.png").write_bytes((folder / "good_00.png").read_bytes()[:40])
+    source = ReplaySource("r", folder)
+    settings = LineSettings(line="r", latency_budget_ms=2000, backend_preference=("onnxruntime",), queue_size=64)
+    out = Collector()
+    pipe = LinePipeline(settings, source, toy, LineThreshold("r", value=THRESHOLD), out).start()
+    try:
+        assert pipe.wait_ready(20.0)
+        verdicts = out.wait_for(3)
+        time.sleep(0.3)
+    finally:
+        pipe.stop(timeout_s=3.0)
+    assert len(out.verdicts) == 3 and all(v.error is None for v in verdicts)
+    assert source.stats.skipped_files == 2
