@@ -1,6 +1,6 @@
 """MTD accuracy benchmark: the flow engine vs two baselines on the same backbone, taps and size.
 
-    python benchmarks/mtd_accuracy.py --epochs 40 --out /tmp/mtd-bench
+    python benchmarks/mtd_accuracy.py --epochs 20 --out /tmp/mtd-bench
 
 Standard protocol (see mtd_data.py). The flow bundle is trained with a fixed, predeclared epoch
 count and evaluated once through ONNX Runtime (the daemon's path). Baselines (benchmark-only code,
@@ -114,11 +114,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(DEFAULT_ROOT))
     ap.add_argument("--out", default="/tmp/mtd-bench")
-    ap.add_argument("--epochs", type=int, default=40, help="predeclared; never chosen on the test set")
+    ap.add_argument("--epochs", type=int, default=20, help="predeclared; never chosen on the test set")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--taps", default="4,10,15")
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--hidden-ratio", type=float, default=1.0)
+    ap.add_argument("--hidden-ratio", type=float, default=0.5)
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--fusion", default="fused", choices=["separate", "fused"])
     ap.add_argument("--score-term", default="z2", choices=["z2", "nll"])

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -142,7 +141,8 @@ def soak(bundle: Path, images: Path, frames: int, seconds: float, warmup_s: floa
         "seq_gaps": len(count.gaps), "lost": sub.lost, "restarts": count.restarts,
         "heartbeat_losses": count.heartbeat_losses, "exit_code": rc,
     }
-    result["pass"] = bool(result["rss_growth_mb"] <= RSS_TARGET_MB and result["threads_max"] <= result["threads_baseline"]
+    result["pass"] = bool(result["rss_growth_mb"] <= RSS_TARGET_MB
+                          and result["threads_max"] <= result["threads_baseline"]
                           and result["fds_max"] <= result["fds_baseline"] + FD_SLACK and result["lost"] == 0
                           and result["restarts"] == 0 and rc == 0)
     return result

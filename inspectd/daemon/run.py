@@ -36,6 +36,8 @@ def line_settings(cfg: LineConfig) -> LineSettings:
                         heatmap_mode=cfg.heatmap.publish, archive_save=cfg.archive.save,
                         queue_size=cfg.queue_size,
                         backpressure=src.type == "replay" and getattr(src, "fps", None) is None,
+                        # A camera read waits up to its fetch timeout: that is how fast a lost camera shows.
+                        read_timeout_s=getattr(src, "fetch_timeout_s", LineSettings.read_timeout_s),
                         reconnect_min_s=low, reconnect_max_s=high)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -188,7 +189,9 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        # Keys from the file may hold newlines or spaces: quote those so the error stays one line.
+        where = ".".join(str(p) if re.fullmatch(r"[A-Za-z0-9_./-]+", str(p)) else repr(str(p)[:40])
+                         for p in err["loc"]) or "(root)"
         raise BundleError(f"{manifest_path}: field {where}: {err['msg']}"
                           + (f" ({len(exc.errors())} errors)" if len(exc.errors()) > 1 else "")) from None
     if manifest.files.get(manifest.model.file) != manifest.model.sha256:

@@ -85,8 +85,13 @@ def test_read_only_remount_mid_run_disables_archiving_and_inspection_continues(
 
     def during(daemon: Daemon) -> None:
         _wait(lambda: any(tiny_fs.rglob("*.json")), 10, "nothing archived")
-        proc = subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], capture_output=True, text=True,
-                              timeout=10)
+        # A write in flight makes the remount "busy": retry briefly, as an operator would.
+        for _ in range(50):
+            proc = subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], capture_output=True, text=True,
+                                  timeout=10)
+            if proc.returncode == 0:
+                break
+            time.sleep(0.05)
         assert proc.returncode == 0, proc.stderr
         _check_switch_off_and_go_on(daemon)
     _run_daemon(tmp_path, toy_path, toy_frames, tiny_fs, during)

@@ -12,10 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from inspectd.client import Message, VerdictSubscriber
+from inspectd.client import VerdictSubscriber
 
 HEARTBEAT_S = 0.3
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import io
 import re
-import threading
 import tokenize
 from pathlib import Path
 
-import zmq
 
 import inspectd
 from inspectd.daemon.config import config_from_dict
