@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from inspectd.fileio import atomic_write
 from inspectd.errors import ConfigError
 
 log = logging.getLogger("inspectd.calibration")
@@ -137,23 +137,6 @@ def update_line_threshold(config_path: str | os.PathLike, line_id: str, calibrat
                         old_threshold=old_threshold, new_threshold=float(calibration["threshold"]))
 
 
-def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Temp file in the same folder + fsync + os.replace + fsync(folder): all or nothing."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(Path(tmp))
-        raise
-    _fsync_dir(path.parent)
-
-
 def _validate_with_daemon_schema(config: Path, data: dict[str, Any]) -> None:
     """Refuse a config the daemon would reject (its schema, errors naming the file and field)."""
     try:
@@ -168,19 +151,6 @@ def _mode(path: Path) -> int | None:
         return path.stat().st_mode & 0o7777
     except OSError:
         return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:

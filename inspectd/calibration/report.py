@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from inspectd.calibration.config_update import atomic_write
+from inspectd.fileio import atomic_write
 
 log = logging.getLogger("inspectd.calibration")
 

@@ -19,11 +19,9 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import math
 import os
 import queue
 import re
-import tempfile
 import threading
 import time
 from collections import deque
@@ -33,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from inspectd.fileio import atomic_write, fsync_dir, json_value
 from inspectd.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,28 +41,14 @@ _DAY_DIR = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _SUFFIXES = ("_heatmap.png", ".png", ".json")  # longest first: "_heatmap.png" also ends with ".png"
 
 
+_STOP = object()
+
+
 @dataclass
 class _Record:
     stem: Path                     # <day dir>/<name without suffix>
     paths: list[Path] = field(default_factory=list)
     size: int = 0
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
 
 
 def _encode_png(image: np.ndarray, rgb: bool) -> bytes:
@@ -77,31 +62,6 @@ def _encode_png(image: np.ndarray, rgb: bool) -> bytes:
     if not ok:
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)  # makes the renames themselves durable
-    finally:
-        os.close(fd)
-
-
-_STOP = object()
 
 
 class NgArchive:
@@ -296,7 +256,7 @@ class NgArchive:
             files: list[tuple[Path, bytes]] = [(stem.with_name(stem.name + ".png"), _encode_png(image, rgb=True))]
             if heatmap is not None:
                 files.append((stem.with_name(stem.name + "_heatmap.png"), _encode_png(heatmap, rgb=False)))
-            sidecar = dict(_json_value(header))
+            sidecar = dict(json_value(header))
             sidecar["image_file"] = files[0][0].name
             sidecar["heatmap_file"] = files[1][0].name if heatmap is not None else None
             files.append((stem.with_name(stem.name + ".json"),
@@ -311,10 +271,10 @@ class NgArchive:
         try:
             stem.parent.mkdir(parents=True, exist_ok=True)
             for path, data in files:
-                _atomic_write(path, data)
+                atomic_write(path, data, tmp_prefix=TMP_PREFIX, sync_dir=False)
                 rec.paths.append(path)
                 rec.size += len(data)
-            _fsync_dir(stem.parent)
+            fsync_dir(stem.parent)
         except OSError as exc:
             for path in rec.paths:  # no half records: they would confuse review and quota
                 with contextlib.suppress(OSError):

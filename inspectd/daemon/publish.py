@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
 import re
 import threading
@@ -29,6 +28,7 @@ import numpy as np
 import zmq
 
 from inspectd.daemon.frame import Verdict
+from inspectd.fileio import json_value
 from inspectd.errors import ConfigError, InspectdError
 
 log = logging.getLogger(__name__)
@@ -56,26 +56,8 @@ class CurveServerKeys:
     allowed_clients_dir: str | None = None
 
 
-def _json_value(value: Any) -> Any:
-    """Plain JSON types; NaN/inf become null because JSON has no spelling for them."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
-
-
 def encode_header(header: dict) -> bytes:
-    return json.dumps(_json_value(header), allow_nan=False, separators=(",", ":")).encode()
+    return json.dumps(json_value(header), allow_nan=False, separators=(",", ":")).encode()
 
 
 def verdict_header(v: Verdict, topic: str, seq: int, published_ns: int, daemon_start_ns: int) -> dict:

@@ -13,12 +13,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from inspectd.engines.preprocess import sha256_file
+from inspectd.fileio import atomic_write
 from inspectd.errors import BackendUnavailable
 
 ENGINE_DIR = "engines"
@@ -131,10 +131,10 @@ class EngineCache:
         self.root.mkdir(parents=True, exist_ok=True)
         engine, sidecar = self.engine_path(key), self.sidecar_path(key)
         sidecar.unlink(missing_ok=True)  # the old pair stops verifying before the engine changes
-        _atomic_write(engine, engine_bytes)
+        atomic_write(engine, engine_bytes)
         meta = {"schema": SIDECAR_SCHEMA, "key": key.as_dict(), "sha256": hashlib.sha256(engine_bytes).hexdigest(),
                 "size": len(engine_bytes), "extra": extra or {}}
-        _atomic_write(sidecar, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(sidecar, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         return engine
 
     def get_or_build(self, key: EngineKey, build: Callable[[], bytes] | None) -> tuple[Path, str | None]:
@@ -161,14 +161,3 @@ class EngineCache:
         return keys
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
