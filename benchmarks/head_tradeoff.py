@@ -22,7 +22,8 @@ from inspectd.engines.model import ModelConfig, build_model
 
 DESIGNS = {
     "fused 8x8, k3, hidden x1.0": dict(fusion="fused", kernel_size=3, hidden_ratio=1.0),
-    "fused 8x8, k3, hidden x0.5 (default)": dict(fusion="fused", kernel_size=3, hidden_ratio=0.5),
+    "fused 8x8, k3, hidden x0.5": dict(fusion="fused", kernel_size=3, hidden_ratio=0.5),
+    "fused 8x8, k3, hidden x0.4 (default)": dict(fusion="fused", kernel_size=3, hidden_ratio=0.4),
     "fused 8x8, k1, hidden x1.0": dict(fusion="fused", kernel_size=1, hidden_ratio=1.0),
     "separate 32/16/8, k3, hidden x0.5": dict(fusion="separate", kernel_size=3, hidden_ratio=0.5),
     "separate 32/16/8, k3, hidden x1.0": dict(fusion="separate", kernel_size=3, hidden_ratio=1.0),

@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--taps", default="4,10,15")
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--hidden-ratio", type=float, default=0.5)
+    ap.add_argument("--hidden-ratio", type=float, default=0.4)
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--fusion", default="fused", choices=["separate", "fused"])
     ap.add_argument("--score-term", default="z2", choices=["z2", "nll"])

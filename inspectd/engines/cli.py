@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--color", choices=["auto", "gray", "rgb"], default="auto",
                    help="colour mode of the bundle (auto: gray if the images are grey)")
     p.add_argument("--steps", type=_positive_int, default=4, help="coupling steps per scale (default 4)")
-    p.add_argument("--hidden-ratio", type=float, default=0.5, help="subnet width / channels (default 0.5)")
+    p.add_argument("--hidden-ratio", type=float, default=0.4, help="subnet width / channels (default 0.4)")
     p.add_argument("--fusion", choices=["fused", "separate"], default="fused",
                    help="fused: taps pooled to 8x8 and modelled jointly (default); separate: one flow per tap")
     p.add_argument("--kernel-size", type=int, choices=[1, 3], default=3, help="subnet first conv kernel (default 3)")

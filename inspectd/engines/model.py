@@ -39,7 +39,7 @@ class ModelConfig:
     fusion: str = "fused"
     fused_size: int = 8
     steps: int = 4
-    hidden_ratio: float = 0.5
+    hidden_ratio: float = 0.4
     kernel_size: int = 3
     clamp: float = 2.0
     map_size: int = 64
