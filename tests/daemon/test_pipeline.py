@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,32 +24,9 @@ from inspectd.engines.bundle import Bundle, load_bundle
 from inspectd.engines.runtime import Backend, EngineInfo, open_backend
 from inspectd.errors import ConfigError
 
+from tests.helpers import Collector, sample as _sample
+
 THRESHOLD = 5.0
-
-
-class Collector:
-    """The pipeline's emit(): records each verdict with its arrival time."""
-
-    def __init__(self) -> None:
-        self.verdicts: list[Verdict] = []
-        self.arrived_ns: list[int] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, v: Verdict) -> None:
-        with self._cond:
-            self.verdicts.append(v)
-            self.arrived_ns.append(time.time_ns())
-            self._cond.notify_all()
-
-    def wait_for(self, n: int, timeout_s: float = 20.0) -> list[Verdict]:
-        end = time.monotonic() + timeout_s
-        with self._cond:
-            while len(self.verdicts) < n:
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"only {len(self.verdicts)} of {n} verdicts within {timeout_s} s")
-                self._cond.wait(left)
-            return list(self.verdicts)
 
 
 class SlowOrtBackend(Backend):
@@ -104,11 +80,6 @@ def replay_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Any) -
     shutil.copytree(synthetic_parts.test_good, root / "good")
     shutil.copytree(synthetic_parts.test_bad, root / "bad", ignore=shutil.ignore_patterns("masks"))
     return root
-
-
-def _sample(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
 
 
 def _run_line(settings: LineSettings, source: Any, bundle: Bundle, n: int, threshold: float = THRESHOLD,
