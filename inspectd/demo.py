@@ -95,7 +95,10 @@ def _train_and_calibrate(work: Path, epochs: int, retrain: bool) -> tuple[Path, 
         bundle = load_bundle(bundle_dir)
         print(f"      reusing {bundle_dir} (id {bundle.bundle_id}); --retrain to train again")
     except BundleError:
-        cfg = TrainConfig(model=ModelConfig(image_size=DEMO_SIZE, taps=[4, 10], map_size=32),
+        # The demo's defects are small (a scratch, a spot) on parts that barely vary: per-tap flows at
+        # full feature resolution, scored by the map's peak, find them (the MTD defaults average them away).
+        cfg = TrainConfig(model=ModelConfig(image_size=DEMO_SIZE, taps=[4, 10], map_size=32, fusion="separate",
+                                            score_term="nll", reduction="max", hidden_ratio=1.0),
                           epochs=epochs, views=2, seed=0)
         result = train(data.train_good, bundle_dir, cfg, force=True, golden_bad_dir=data.test_bad)
         print("      " + summary(result))
@@ -189,10 +192,19 @@ def _serve_and_watch(config_path: Path, endpoint: str, args: argparse.Namespace,
                             on_gap=lambda topic, exp, got: print(f"      !! gap on {topic}: {got - exp} lost"),
                             on_heartbeat_lost=lambda line: print(f"      !! heartbeat lost on {line}: fail safe"))
     stop = threading.Event()
-    sub.poll_once(0.01)  # connect and subscribe before the line starts, so no part goes unseen
     logging.getLogger().setLevel(daemon.config.log_level)
+
+    def wait_for_stream() -> None:
+        # A reject consumer is connected before parts flow: wait for the first heartbeat.
+        end = time.monotonic() + 10.0
+        while time.monotonic() < end:
+            msg = sub.poll_once(0.1)
+            if msg is not None and msg.kind == "heartbeat":
+                return
+        raise InspectdError("the demo's subscriber got no heartbeat from the daemon within 10 s")
+
     try:
-        if not daemon.start(stop):
+        if not daemon.start(stop, before_lines=wait_for_stream):
             raise InspectdError("daemon did not become ready")
         print(f"      {'part':<22} {'truth':<5} {'verdict':<7} {'score':>7} {'latency':>9}  deadline")
         deadline = time.monotonic() + args.parts / args.rate + 30.0

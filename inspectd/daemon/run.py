@@ -111,14 +111,20 @@ class Daemon:
         for line_id in self.lines:
             self.publisher.register_line(line_id)
 
-    def start(self, stop_requested: threading.Event | None = None) -> bool:
-        """Start serving; returns False if a stop was requested during warm-up."""
+    def start(self, stop_requested: threading.Event | None = None,
+              before_lines: Any | None = None) -> bool:
+        """Start serving; returns False if a stop was requested during warm-up.
+
+        `before_lines()`, if given, runs once the publisher is bound and before any line acquires
+        (an embedding program can wait there until its subscriber is connected)."""
         stop_requested = stop_requested or threading.Event()
         m = self.config.metrics
         self.metrics_server = self.metrics.serve(m.host, m.port)
         if self.publisher is None:
             raise RuntimeError("Daemon.build() must run before start()")
         self.publisher.start()
+        if before_lines is not None:
+            before_lines()
         for archive in self.archives:
             archive.start()
         for pipeline in self.lines.values():
