@@ -69,7 +69,7 @@ def main() -> None:
         if variant.get("aug", False):
             cache = [torch.cat([c, a]) for c, a in zip(cache, embed(raw_views))]
         t0 = time.monotonic()
-        fit_statistics(model, cache, len(train), cpu)
+        fit_statistics(model, cache, len(train))
         train_flows(model, cache, len(train), TrainConfig(model=mc, epochs=args.epochs), cpu)
         seconds = time.monotonic() - t0
         test = embed(raw_test)

@@ -33,10 +33,10 @@ class Scored:
     image: np.ndarray
 
 
-def score_folder(backend: OnnxRuntimeBackend, bundle: Bundle, folder: str | os.PathLike, label: int,
+def score_folder(backend: OnnxRuntimeBackend, bundle: Bundle, paths: list[Path], label: int,
                  bar: Progress) -> tuple[list[Scored], int]:
     items, skipped = [], 0
-    for p in list_images(folder):
+    for p in paths:
         try:
             img = load_prepared(p, bundle.input_spec)
         except DataError:
@@ -65,14 +65,14 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
              threads: int = 0) -> dict[str, Any]:
     bundle = load_bundle(bundle_dir)
     out = Path(out_dir)
-    n_total = len(list_images(good_dir)) + len(list_images(bad_dir))
-    if len(list_images(good_dir)) == 0 or len(list_images(bad_dir)) == 0:
+    good_paths, bad_paths = list_images(good_dir), list_images(bad_dir)
+    if not good_paths or not bad_paths:
         raise DataError("eval needs at least one image in each of --good and --bad")
     out.mkdir(parents=True, exist_ok=True)
-    bar = Progress(n_total, "eval")
+    bar = Progress(len(good_paths) + len(bad_paths), "eval")
     with OnnxRuntimeBackend(bundle, threads=threads) as backend:
-        good, skip_g = score_folder(backend, bundle, good_dir, 0, bar)
-        bad, skip_b = score_folder(backend, bundle, bad_dir, 1, bar)
+        good, skip_g = score_folder(backend, bundle, good_paths, 0, bar)
+        bad, skip_b = score_folder(backend, bundle, bad_paths, 1, bar)
     bar.close()
     if not good or not bad:
         raise DataError("no readable images in --good or --bad")

@@ -211,12 +211,12 @@ def train_flows(model: AnomalyModel, cache: list[torch.Tensor], n_images: int, c
 
 
 @torch.no_grad()
-def fit_statistics(model: AnomalyModel, cache: list[torch.Tensor], n_images: int, device: torch.device) -> None:
-    """Per-tap feature mean/std from the original views (before flow training)."""
+def fit_statistics(model: AnomalyModel, cache: list[torch.Tensor], n_images: int) -> None:
+    """Per-channel mean/std of each embedding from the original views (before flow training)."""
     for t, feats in enumerate(cache):
         f = feats[:n_images].float()
-        model.feat_mean[t].copy_(f.mean(dim=(0, 2, 3), keepdim=True)[0:1])
-        model.feat_std[t].copy_(f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)[0:1])
+        model.feat_mean[t].copy_(f.mean(dim=(0, 2, 3), keepdim=True))
+        model.feat_std[t].copy_(f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3))
 
 
 @torch.no_grad()
@@ -273,7 +273,7 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
     for _ in range(cfg.views - 1 if aug_on else 0):
         views.extend(augment(im, rng, cfg) for im in train_imgs)
     cache = extract_features(model, views, device, "features")
-    fit_statistics(model, cache, len(train_imgs), device)
+    fit_statistics(model, cache, len(train_imgs))
     final_loss = train_flows(model, cache, len(train_imgs), cfg, device)
     fit_nll_statistics(model, cache, len(train_imgs), device)
     del cache
