@@ -13,14 +13,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from inspectd import __version__
-from inspectd.engines.preprocess import InputSpec, sha256_file
-from inspectd.errors import BundleError
+from inspectd.engines.preprocess import MAX_TILES, InputSpec, check_roi, sha256_file
+from inspectd.errors import BundleError, ConfigError, DataError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -41,6 +41,29 @@ class InputInfo(_Strict):
     layout: Literal["NHWC"] = "NHWC"
     dtype: Literal["uint8"] = "uint8"
     resize: str
+    # Source-frame crop (x, y, w, h) applied before the resize by every caller; None = whole frame.
+    # Optional: bundles written before it existed load as whole-frame bundles.
+    roi: tuple[int, int, int, int] | None = None
+    # Informative: the graph cuts these overlapping tiles of the input itself and stitches the map.
+    tiles: tuple[int, int] | None = None
+    tile_overlap: float | None = Field(None, ge=0.0, lt=1.0)
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_valid(cls, value: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if value is None:
+            return value
+        try:
+            return check_roi(value)
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("tiles")
+    @classmethod
+    def _tiles_valid(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not all(1 <= v <= MAX_TILES for v in value):
+            raise ValueError(f"rows and columns must each be 1..{MAX_TILES}, got {list(value)}")
+        return value
 
 
 class ModelInfo(_Strict):
@@ -144,7 +167,12 @@ class Bundle:
     @property
     def input_spec(self) -> InputSpec:
         i = self.manifest.input
-        return InputSpec(height=i.height, width=i.width, color_mode=i.color_mode)
+        return InputSpec(height=i.height, width=i.width, color_mode=i.color_mode, roi=i.roi)
+
+    @property
+    def roi(self) -> tuple[int, int, int, int] | None:
+        """The source-frame crop the bundle was trained on (None: whole frames)."""
+        return self.manifest.input.roi
 
     @property
     def map_shape(self) -> tuple[int, int]:
@@ -165,6 +193,36 @@ class Bundle:
     def golden_images(self) -> tuple[list[Path], list[Path]]:
         g = self.manifest.golden
         return [self.path / p for p in g.good], [self.path / p for p in g.bad]
+
+
+def check_line_roi(line_roi: Sequence[int] | None, bundle_roi: Sequence[int] | None, where: str,
+                   bundle_path: str | os.PathLike) -> None:
+    """A line must see the pixels its bundle was trained on: a line ROI that differs from the
+    bundle's, or one on a bundle trained on whole frames, is a ConfigError (one line naming
+    `where`, e.g. "lines.yaml: lines[0].roi"). No line ROI: the bundle's applies."""
+    if line_roi is None:
+        return
+    line = [int(v) for v in line_roi]
+    if bundle_roi is None:
+        raise ConfigError(f"{where}: {line} but the bundle {bundle_path} was trained on whole frames (no ROI); "
+                          f"retrain with --roi {','.join(map(str, line))} or remove roi from the line")
+    trained = [int(v) for v in bundle_roi]
+    if line != trained:
+        raise ConfigError(f"{where}: {line} differs from the ROI {trained} the bundle {bundle_path} was trained "
+                          f"with; remove roi from the line (the bundle's applies) or retrain with "
+                          f"--roi {','.join(map(str, line))}")
+
+
+def read_bundle_roi(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
+    """The recorded ROI from a bundle's manifest without verifying the bundle's files (for
+    check-config: fast; the daemon verifies everything with load_bundle at start)."""
+    manifest_path = Path(path) / MANIFEST
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+        roi = raw["input"].get("roi") if isinstance(raw, dict) and isinstance(raw.get("input"), dict) else None
+        return check_roi(roi) if roi is not None else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, DataError) as exc:
+        raise BundleError(f"{manifest_path}: cannot read input.roi ({str(exc).splitlines()[0]})") from None
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:

@@ -1,14 +1,17 @@
-"""The one preprocessing path (decode -> colour conversion -> resize) shared by training,
-evaluation, calibration and the daemon, so train and deploy cannot drift.
+"""The one preprocessing path (decode -> ROI crop -> colour conversion -> resize) shared by
+training, evaluation, calibration, the parity gate, the bench and the daemon, so train and deploy
+cannot drift. The ROI is part of the InputSpec (recorded in the bundle), so every caller crops the
+same pixels.
 
-Everything after this (uint8 -> float, grey -> 3 channels, ImageNet normalisation) lives
-inside the ONNX graph.
+Everything after this (uint8 -> float, grey -> 3 channels, ImageNet normalisation, tiling of large
+inputs) lives inside the ONNX graph.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -16,21 +19,38 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 
-from inspectd.errors import DataError
+from inspectd.errors import DataError, InspectdError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp")
 COLOR_MODES = ("gray", "rgb")
 # Recorded in the manifest; changing it changes every score, so it is part of the bundle contract.
 RESIZE_METHOD = "cv2.INTER_AREA"
+# The backbone's coarsest tap has stride 32: other sizes would leave ragged feature cells.
+SIZE_MULTIPLE = 32
+MAX_SIDE = 4096
+MAX_TILES = 8
+
+Roi = tuple[int, int, int, int]  # x, y, w, h in source-frame pixels
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model's input tensor expects: N x height x width x channels, uint8."""
+    """What the model's input tensor expects: N x height x width x channels, uint8, made from the
+    `roi` (x, y, w, h in source-frame pixels; None = the whole frame) of each source image."""
 
     height: int
     width: int
     color_mode: str  # "gray" (1 channel) or "rgb" (3 channels)
+    roi: Roi | None = None
+
+    def __post_init__(self) -> None:
+        if self.roi is not None:
+            # Manifests give lists: store a tuple so specs compare and hash by value.
+            object.__setattr__(self, "roi", check_roi(self.roi))
+
+    def without_roi(self) -> "InputSpec":
+        """The spec of images already prepared (golden and calibration images in a bundle)."""
+        return InputSpec(self.height, self.width, self.color_mode)
 
     @property
     def channels(self) -> int:
@@ -94,24 +114,136 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return _as_hwc(out)
 
 
+def crop_roi(image: np.ndarray, roi: Sequence[int] | None) -> np.ndarray:
+    """The ROI (x, y, w, h) of an H x W[ x C] array; DataError if it does not lie inside."""
+    if roi is None:
+        return image
+    x, y, w, h = (int(v) for v in roi)
+    if x < 0 or y < 0 or w <= 0 or h <= 0 or x + w > image.shape[1] or y + h > image.shape[0]:
+        raise DataError(f"ROI {[x, y, w, h]} lies outside the {image.shape[1]}x{image.shape[0]} frame")
+    return image[y:y + h, x:x + w]
+
+
 def prepare(image: np.ndarray, spec: InputSpec, roi: Sequence[int] | None = None) -> np.ndarray:
-    """Crop (ROI x, y, w, h in source pixels), colour-convert and resize to the model input."""
+    """Crop `spec.roi` (x, y, w, h in source pixels), colour-convert and resize to the model input.
+
+    `roi`, if given, replaces `spec.roi` (kept for callers that pass it; the daemon refuses a line
+    whose ROI differs from its bundle's, so both are the same there)."""
     if image.dtype != np.uint8:
         raise DataError(f"frame dtype {image.dtype} is not uint8")
     if image.ndim not in (2, 3) or image.size == 0:
         raise DataError(f"frame of shape {image.shape} is not an image")
-    if roi is not None:
-        x, y, w, h = (int(v) for v in roi)
-        if x < 0 or y < 0 or w <= 0 or h <= 0 or x + w > image.shape[1] or y + h > image.shape[0]:
-            raise DataError(f"ROI {list(roi)} lies outside the {image.shape[1]}x{image.shape[0]} frame")
-        image = image[y:y + h, x:x + w]
+    image = crop_roi(image, roi if roi is not None else spec.roi)
     image = convert_color(image, spec.color_mode)
     return np.ascontiguousarray(resize(image, spec.height, spec.width))
 
 
+def prepare_mask(mask: np.ndarray, spec: InputSpec, source_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A defect mask (H x W, > 127 = defect) in the model's frame: brought to the source image's
+    size if it differs, cropped by the same ROI and resized like the image -> height x width bool."""
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if source_shape is not None and mask.shape[:2] != tuple(source_shape):
+        mask = cv2.resize(mask, (source_shape[1], source_shape[0]), interpolation=cv2.INTER_NEAREST)
+    mask = crop_roi(mask, spec.roi)
+    return cv2.resize(np.ascontiguousarray(mask), (spec.width, spec.height), interpolation=cv2.INTER_NEAREST) > 127
+
+
 def load_prepared(path: str | os.PathLike, spec: InputSpec) -> np.ndarray:
-    """Read a file and prepare it for the model: the path used by train, eval and calibrate."""
+    """Read a source image and prepare it for the model (ROI included): the path used by train,
+    eval and calibrate for images as the camera sees them."""
     return prepare(read_image(path, spec.color_mode), spec)
+
+
+def load_stored(path: str | os.PathLike, spec: InputSpec) -> np.ndarray:
+    """Read an image a bundle stores already prepared (golden, calibration): no ROI, no resize;
+    DataError if it is not exactly the model's input shape."""
+    image = read_image(path, spec.color_mode)
+    if image.shape != spec.shape:
+        raise DataError(f"{path}: stored image is {image.shape[0]}x{image.shape[1]}x{image.shape[2]}, "
+                        f"the model takes {spec.height}x{spec.width}x{spec.channels}")
+    return np.ascontiguousarray(image)
+
+
+# ---------------------------------------------------------------------------- resolution, tiles, ROI
+def check_roi(roi: Sequence[int], error: type[InspectdError] = DataError, what: str = "ROI") -> Roi:
+    """(x, y, w, h) as ints with x, y >= 0 and w, h > 0, else `error` (one line)."""
+    values = tuple(roi) if isinstance(roi, (list, tuple)) else ()
+    if len(values) != 4 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        raise error(f"{what}: expected x,y,w,h (4 integers), got {roi!r}")
+    x, y, w, h = (int(v) for v in values)
+    if x < 0 or y < 0 or w <= 0 or h <= 0:
+        raise error(f"{what}: expected x,y >= 0 and w,h > 0, got {x},{y},{w},{h}")
+    return (x, y, w, h)
+
+
+def parse_roi(text: str, error: type[InspectdError] = DataError, what: str = "--roi") -> Roi:
+    """'x,y,w,h' (source-frame pixels) -> (x, y, w, h)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 4 or not all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
+        raise error(f"{what}: expected x,y,w,h (4 integers in source-frame pixels, e.g. 400,300,1600,1200), "
+                    f"got {text!r}")
+    return check_roi([int(p) for p in parts], error, what)
+
+
+def parse_image_size(text: str, error: type[InspectdError] = DataError,
+                     what: str = "--image-size") -> tuple[int, int | None]:
+    """'256' -> (256, None): short side 256, long side from the images' aspect (resolve_image_size);
+    '640x256' -> (640, 256): height x width."""
+    m = re.fullmatch(r"\s*([+-]?\d+)\s*(?:[xX]\s*([+-]?\d+)\s*)?", str(text))
+    if m is None:
+        raise error(f"{what}: expected S (short side) or HxW (height x width), e.g. 256 or 640x256, got {text!r}")
+    sides = [int(v) for v in m.groups() if v is not None]
+    for v in sides:
+        _check_side(v, error, what)
+    return (sides[0], sides[1] if len(sides) == 2 else None)
+
+
+def _check_side(v: int, error: type[InspectdError], what: str) -> None:
+    if v <= 0:
+        raise error(f"{what}: a side must be positive, got {v}")
+    if v % SIZE_MULTIPLE:
+        lo = v // SIZE_MULTIPLE * SIZE_MULTIPLE
+        near = " or ".join(str(n) for n in (lo, lo + SIZE_MULTIPLE) if n > 0)
+        raise error(f"{what}: a side must be a multiple of {SIZE_MULTIPLE} (the backbone's stride), got {v} "
+                    f"(try {near})")
+    if v > MAX_SIDE:
+        raise error(f"{what}: a side must be at most {MAX_SIDE} px, got {v}")
+
+
+def parse_tiles(text: str, error: type[InspectdError] = DataError, what: str = "--tiles") -> tuple[int, int]:
+    """'2x2' -> (rows, cols), each 1..MAX_TILES."""
+    m = re.fullmatch(r"\s*([+-]?\d+)\s*[xX]\s*([+-]?\d+)\s*", str(text))
+    if m is None:
+        raise error(f"{what}: expected ROWSxCOLS, e.g. 2x2, got {text!r}")
+    rows, cols = int(m.group(1)), int(m.group(2))
+    if not (1 <= rows <= MAX_TILES and 1 <= cols <= MAX_TILES):
+        raise error(f"{what}: rows and columns must each be 1..{MAX_TILES}, got {rows}x{cols}")
+    return (rows, cols)
+
+
+def resolve_image_size(parsed: tuple[int, int | None], sample_shapes: Sequence[Sequence[int]],
+                       roi: Sequence[int] | None = None) -> tuple[int, int]:
+    """(H, W) of the model input. HxW is used as given; for a single S the short side is S and the
+    long side S x the median aspect of `sample_shapes` ((h, w, ...) of the source images; with an
+    `roi` its own aspect, since that is what gets resized), rounded to a multiple of 32."""
+    side, width = parsed
+    if width is not None:
+        return (side, width)
+    if roi is not None:
+        x, y, w, h = check_roi(roi)
+        shapes = [(h, w)]
+    else:
+        shapes = [(int(s[0]), int(s[1])) for s in sample_shapes]
+    if not shapes or any(h <= 0 or w <= 0 for h, w in shapes):
+        raise DataError("cannot resolve the image size: no image shapes to take the aspect ratio from")
+    aspect = float(np.median([max(h, w) / min(h, w) for h, w in shapes]))  # long / short, >= 1
+    tall = float(np.median([h / w for h, w in shapes])) >= 1.0
+    long = max(side, int(round(side * aspect / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+    if long > MAX_SIDE:
+        raise DataError(f"image size {side}: the images' aspect {aspect:.2f} gives a long side of {long} px, "
+                        f"more than {MAX_SIDE}; give HxW or crop with --roi")
+    return (long, side) if tall else (side, long)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
