@@ -12,36 +12,35 @@ headers and watches the stream's health:
   `on_heartbeat_lost(line)` (once per loss; `on_heartbeat_restored(line)` when it returns).
   With `lines=[...]` the clock starts at connect, so a daemon that never comes up is noticed too.
 
+* **line status**: each heartbeat carries the line's status (camera connected, engine ready,
+  state starting|ok|blind|engine_failed). `line_status(line)` / `line_statuses` return the latest
+  `LineStatus`, and `on_line_status(line, status)` is called whenever it changes, including when
+  heartbeats stop and, with `verdict_timeout_s`, when heartbeats flow but verdicts do not.
+  `LineStatus.safe` is True only while the line is known to be inspecting parts.
+
 It runs either in the caller's thread (`poll_once(timeout)` or iterating `messages()`) or in its
 own thread (`start()` / `stop()`); the socket lives in exactly one thread, and callbacks run in
 that thread. Never both styles on one subscriber.
 
-Example, a reject gate that fails safe (rejects everything) when the daemon goes quiet::
+A complete reject gate that fails safe (rejects everything) on camera loss, engine failure,
+heartbeat loss, lost verdicts and daemon restarts is `examples/reject_gate.py`; its core::
 
     from inspectd.client import VerdictSubscriber
 
-    healthy = {"line1": False}
+    def on_status(line, status):
+        if not status.safe:                    # camera lost, engine failed, heartbeat lost, ...
+            gate.reject_all(line, status.reason)
+        else:
+            gate.resume(line)
 
     def on_verdict(msg):
-        if msg.header["verdict"] != "OK":          # NG and SKIP (fail-safe) both reject
-            reject_gate.fire(frame_id=msg.header["frame_id"])
+        if msg.header["verdict"] != "OK":      # NG and SKIP (fail-safe) both reject
+            gate.reject_part(msg.header["frame_id"])
 
-    def on_lost(line):
-        healthy[line] = False
-        reject_gate.reject_all(line)               # no heartbeat: nothing passes unchecked
-
-    def on_back(line):
-        healthy[line] = True
-        reject_gate.resume(line)
-
-    sub = VerdictSubscriber("tcp://daemon-host:5556", lines=["line1"], heartbeat_timeout_s=3.0,
-                            on_verdict=on_verdict, on_heartbeat_lost=on_lost,
-                            on_heartbeat_restored=on_back,
-                            on_gap=lambda topic, expected, got: log.warning(
-                                "%d messages lost on %s", got - expected, topic))
-    sub.start()
-    ...
-    sub.stop()
+    sub = VerdictSubscriber("tcp://127.0.0.1:5555", lines=["line1"], heartbeat_timeout_s=3.0,
+                            on_verdict=on_verdict, on_line_status=on_status,
+                            on_gap=lambda topic, expected, got: gate.reject_all(
+                                topic, f"{got - expected} messages lost"))
 
 This module does not import torch and needs only pyzmq and numpy (OpenCV only to decode PNG
 heatmaps).
@@ -53,7 +52,8 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -105,6 +105,95 @@ class CurveClientKeys:
     public_key: bytes
     secret_key: bytes
 
+    @classmethod
+    def from_files(cls, server_key_file: str | Path, client_secret_key_file: str | Path) -> "CurveClientKeys":
+        """From `inspectd keys` files: the server's NAME.key (public) and this client's
+        NAME.key_secret (must be private, mode 0600). ConfigError when either is unusable."""
+        from inspectd.keys import load_public_key_file, load_secret_key_file
+
+        server = load_public_key_file(server_key_file, "server public key")
+        public, secret = load_secret_key_file(client_secret_key_file, "client secret key")
+        return cls(server_public_key=server, public_key=public, secret_key=secret)
+
+
+LINE_STATES = ("starting", "ok", "blind", "engine_failed")
+
+
+@dataclass(frozen=True)
+class LineStatus:
+    """What a consumer knows about one line. `state` is the daemon's own word (LINE_STATES) or
+    "unknown" (no heartbeat yet, or a daemon that does not say); `camera_connected` and
+    `engine_ready` are None when the daemon did not say. `heartbeat` is False until the first
+    heartbeat and while heartbeats are missing; `quiet` is True while heartbeats flow but no
+    verdict came for `verdict_timeout_s` (only with that option)."""
+
+    line: str
+    state: str = "unknown"
+    camera_connected: bool | None = None
+    engine_ready: bool | None = None
+    heartbeat: bool = False
+    quiet: bool = False
+    error: str | None = None
+    heartbeat_seen: bool = False
+    status: dict = field(default_factory=dict, compare=False, repr=False)  # the raw heartbeat status
+
+    @property
+    def safe(self) -> bool:
+        """True only while parts on this line are being inspected and reported."""
+        return self.heartbeat and self.state == "ok" and not self.quiet
+
+    @property
+    def reason(self) -> str:
+        """Why the line is not safe, in a few words ("ok" when it is)."""
+        if not self.heartbeat:
+            return "heartbeat lost" if self.heartbeat_seen else "no heartbeat yet"
+        if self.state == "blind":
+            return "camera lost"
+        if self.state == "engine_failed":
+            return f"engine failed: {self.error}" if self.error else "engine failed"
+        if self.state == "starting":
+            return "line starting"
+        if self.state != "ok":
+            return "line status unknown"
+        if self.quiet:
+            return "no verdicts"
+        return "ok"
+
+    def _key(self) -> tuple:
+        return (self.state, self.camera_connected, self.engine_ready, self.heartbeat, self.quiet, self.error)
+
+
+def _opt_bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def line_status_from_heartbeat(line: str, status: Any) -> LineStatus:
+    """A LineStatus from a heartbeat's `status` dict. Missing or malformed keys are "unknown";
+    a daemon without `state` gets one derived from what it does say (failed, camera, ready)."""
+    status = status if isinstance(status, dict) else {}
+    camera = _opt_bool(status.get("camera_connected"))
+    engine = _opt_bool(status.get("engine_ready"))
+    failed = status.get("failed")
+    if engine is None and status.get("ready") is True:
+        engine = True  # older daemons: "ready" = engine warm and source open
+    state = status.get("state")
+    if state not in LINE_STATES:
+        if failed:
+            state = "engine_failed"
+        elif camera is False:
+            state = "blind"
+        elif camera is True and engine is True:
+            state = "ok"
+        else:
+            state = "unknown"
+    error = None
+    if state != "ok":
+        error = failed if isinstance(failed, str) and failed else None
+        if error is None and isinstance(status.get("last_error"), str):
+            error = status["last_error"] or None
+    return LineStatus(line=line, state=state, camera_connected=camera, engine_ready=engine, heartbeat=True,
+                      error=error, heartbeat_seen=True, status=dict(status))
+
 
 def parse_message(parts: Sequence[bytes]) -> Message:
     """Parse one multipart message; raises ValueError with a short reason when malformed."""
@@ -138,7 +227,9 @@ class VerdictSubscriber:
                  on_heartbeat_lost: Callable[[str], None] | None = None,
                  on_heartbeat_restored: Callable[[str], None] | None = None,
                  on_restart: Callable[[str], None] | None = None,
-                 rcvhwm: int = 10000, curve: CurveClientKeys | None = None) -> None:
+                 rcvhwm: int = 10000, curve: CurveClientKeys | None = None,
+                 on_line_status: Callable[[str, LineStatus], None] | None = None,
+                 verdict_timeout_s: float | None = None) -> None:
         self.endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
         if not self.endpoints or not all(isinstance(e, str) and "://" in e for e in self.endpoints):
             raise ConfigError(f"ZeroMQ endpoint must look like tcp://HOST:PORT or ipc://PATH, got {endpoint!r}")
@@ -147,6 +238,8 @@ class VerdictSubscriber:
             raise ConfigError(f"topics must be among {', '.join(KINDS)}, got {list(topics)!r}")
         if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
             raise ConfigError(f"heartbeat timeout must be > 0 s, got {heartbeat_timeout_s}")
+        if verdict_timeout_s is not None and not verdict_timeout_s > 0:
+            raise ConfigError(f"verdict timeout must be > 0 s, got {verdict_timeout_s}")
         self.lines = list(lines) if lines is not None else None
         self.topics = tuple(topics)
         # Heartbeat loss can only be judged when heartbeats are subscribed.
@@ -158,6 +251,10 @@ class VerdictSubscriber:
         self.on_heartbeat_lost = on_heartbeat_lost
         self.on_heartbeat_restored = on_heartbeat_restored
         self.on_restart = on_restart
+        self.on_line_status = on_line_status
+        # "No verdicts for this long while heartbeats flow" makes a line quiet (not safe); off by
+        # default because a triggered line with no parts is legitimately quiet.
+        self.verdict_timeout_s = verdict_timeout_s if "verdict" in self.topics else None
         self.rcvhwm = rcvhwm
         self.curve = curve
         # Stream health, readable from other threads for display (plain ints / dicts).
@@ -168,6 +265,8 @@ class VerdictSubscriber:
         self._start_ns: dict[str, int] = {}        # line -> daemon_start_ns seen
         self._last_heartbeat: dict[str, float] = {}  # line -> monotonic time of last heartbeat
         self._heartbeat_lost: set[str] = set()
+        self._last_verdict: dict[str, float] = {}   # line -> monotonic time of last verdict
+        self._status: dict[str, LineStatus] = {}    # replaced whole, so other threads may read it
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._owner: int | None = None             # thread ident that owns the socket
@@ -203,6 +302,7 @@ class VerdictSubscriber:
         now = time.monotonic()
         for line in self.lines or ():
             self._last_heartbeat.setdefault(line, now)  # expected lines: the clock runs from connect
+            self._status.setdefault(line, LineStatus(line))
         return sock
 
     def _prefixes(self) -> list[str]:
@@ -318,6 +418,8 @@ class VerdictSubscriber:
         self.received += 1
         self._track(msg)
         if msg.kind == "verdict":
+            self._last_verdict[msg.line] = time.monotonic()
+            self._update_status(msg.line)
             self._call(self.on_verdict, msg)
         elif msg.kind == "heatmap":
             self._call(self.on_heatmap, msg)
@@ -352,10 +454,13 @@ class VerdictSubscriber:
         self._last_heartbeat.setdefault(msg.line, time.monotonic())
         if msg.kind == "heartbeat":
             self._check_tail_loss(msg)
-            self._last_heartbeat[msg.line] = time.monotonic()
+            now = time.monotonic()
+            self._last_heartbeat[msg.line] = now
+            self._last_verdict.setdefault(msg.line, now)  # the quiet clock starts with the line
             if msg.line in self._heartbeat_lost:
                 self._heartbeat_lost.discard(msg.line)
                 self._call(self.on_heartbeat_restored, msg.line)
+            self._update_status(msg.line, line_status_from_heartbeat(msg.line, msg.header.get("status")))
 
     def _check_tail_loss(self, msg: Message) -> None:
         """Compare the heartbeat's `last_seq` with what arrived: messages lost at the end of a burst
@@ -378,14 +483,41 @@ class VerdictSubscriber:
                 self._last_seq[topic] = sent
 
     def _check_heartbeats(self) -> None:
-        if self.heartbeat_timeout_s is None:
-            return
-        now = time.monotonic()
-        for line, seen in list(self._last_heartbeat.items()):
-            if line not in self._heartbeat_lost and now - seen > self.heartbeat_timeout_s:
-                self._heartbeat_lost.add(line)
-                self._call(self.on_heartbeat_lost, line)
+        if self.heartbeat_timeout_s is not None:
+            now = time.monotonic()
+            for line, seen in list(self._last_heartbeat.items()):
+                if line not in self._heartbeat_lost and now - seen > self.heartbeat_timeout_s:
+                    self._heartbeat_lost.add(line)
+                    self._call(self.on_heartbeat_lost, line)
+                    self._update_status(line)
+        if self.verdict_timeout_s is not None:
+            for line in list(self._status):
+                self._update_status(line)  # the quiet flag changes with time alone
+
+    def _update_status(self, line: str, new: LineStatus | None = None) -> None:
+        """Recompute the line's status (heartbeat and quiet flags on top of the daemon's word) and
+        call on_line_status when it changed."""
+        old = self._status.get(line)
+        base = new if new is not None else (old or LineStatus(line))
+        heartbeat = base.heartbeat_seen and line not in self._heartbeat_lost
+        quiet = False
+        if self.verdict_timeout_s is not None and heartbeat:
+            last = self._last_verdict.get(line)
+            quiet = last is not None and time.monotonic() - last > self.verdict_timeout_s
+        status = replace(base, heartbeat=heartbeat, quiet=quiet)
+        self._status[line] = status
+        if old is None or old._key() != status._key():
+            self._call(self.on_line_status, line, status)
 
     def heartbeat_lost(self, line: str) -> bool:
         """True while `line` has no heartbeat within the timeout."""
         return line in self._heartbeat_lost
+
+    def line_status(self, line: str) -> LineStatus:
+        """The latest status of `line` (state "unknown", heartbeat False before its first heartbeat)."""
+        return self._status.get(line) or LineStatus(line)
+
+    @property
+    def line_statuses(self) -> dict[str, LineStatus]:
+        """Latest status of every known line (a copy; safe to read from any thread)."""
+        return dict(self._status)

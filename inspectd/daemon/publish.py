@@ -11,16 +11,26 @@ gap in seq knows messages were lost on the wire (PUB drops at the high-water mar
 Additions to the contract: every header also carries `daemon_start_ns`, so a subscriber can tell a
 daemon restart from a gap on any topic; heartbeats carry `last_seq` ({topic: last seq sent} for the
 line's verdict/heatmap topics), so a loss at the end of a burst is noticed at the next heartbeat.
+
+Drops inside the publisher are never silent: a verdict or heatmap refused because the queue is
+full, or one that fails to encode or send, still uses up its `seq` (the subscriber sees a gap, at
+the latest at the next heartbeat), is counted in the heartbeat's `dropped` ({topic: n since daemon
+start}) and is reported through `on_dropped(line, kind, reason)` (the daemon's
+inspectd_publish_dropped_total).
+
+Hot path: heatmaps are resized and PNG-encoded in the thread that calls `publish_heatmap` (the
+line's own worker), never in the publisher thread, and queued verdicts are always sent before
+queued heatmaps: one line's heatmaps cannot delay another line's verdicts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import re
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,8 +49,13 @@ LINE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Enough for minutes of backlog at line rate; beyond that the publisher thread is stuck and
 # memory must not grow without bound.
 DEFAULT_QUEUE_SIZE = 10000
+# Encoded heatmaps can be megabytes each: a short queue of their own bounds that memory, and a
+# full heatmap queue never costs a verdict its place.
+DEFAULT_HEATMAP_QUEUE_SIZE = 64
+DROP_REASONS = ("queue_full", "encode_error", "send_error")
 
 OnSent = Callable[[str, dict], None]
+OnDropped = Callable[[str, str, str], None]   # (line, kind verdict|heatmap, reason)
 
 
 @dataclass(frozen=True)
@@ -109,7 +124,13 @@ def _check_heatmap_options(encoding: str, size: tuple[int, int] | None) -> None:
             raise ConfigError(f"heatmap size must be (width, height) in 1..4096 pixels, got {size!r}")
 
 
-_STOP = object()
+@dataclass
+class _Item:
+    kind: str                       # verdict | heatmap
+    verdict: Verdict
+    payload: bytes | None = None    # heatmaps: already encoded by the caller's thread
+    encoding: str | None = None
+    shape: list[int] | None = None
 
 
 class Publisher:
@@ -117,14 +138,17 @@ class Publisher:
 
     `on_sent(topic, header)` is called in the publisher thread after each verdict/heatmap is
     sent (header has acquired_ns and published_ns): the pipeline uses it for the
-    acquisition -> publish latency metric. It must be quick and must not raise (errors are logged).
+    acquisition -> publish latency metric. `on_dropped(line, kind, reason)` is called (in the
+    caller's or the publisher thread) for each verdict/heatmap that will not go out, reason one of
+    DROP_REASONS. Both must be quick and must not raise (errors are logged).
     """
 
     def __init__(self, endpoint: str, sndhwm: int = 1000, linger_ms: int = 0,
                  heartbeat_interval_s: float = 1.0, curve: CurveServerKeys | None = None,
                  on_sent: OnSent | None = None, heatmap_encoding: str = "png",
                  heatmap_size: tuple[int, int] | None = None, daemon_start_ns: int | None = None,
-                 queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+                 queue_size: int = DEFAULT_QUEUE_SIZE, heatmap_queue_size: int = DEFAULT_HEATMAP_QUEUE_SIZE,
+                 on_dropped: OnDropped | None = None) -> None:
         if not isinstance(endpoint, str) or "://" not in endpoint:
             raise ConfigError(f"ZeroMQ endpoint must look like tcp://HOST:PORT or ipc://PATH, got {endpoint!r}")
         if sndhwm < 0:
@@ -132,19 +156,30 @@ class Publisher:
         if not heartbeat_interval_s > 0:
             raise ConfigError(f"heartbeat interval must be > 0 s, got {heartbeat_interval_s}")
         _check_heatmap_options(heatmap_encoding, heatmap_size)
+        if queue_size < 1 or heatmap_queue_size < 1:
+            raise ConfigError(f"publisher queue sizes must be >= 1, got {queue_size} and {heatmap_queue_size}")
         self.endpoint = endpoint
         self.sndhwm = sndhwm
         self.linger_ms = linger_ms
         self.heartbeat_interval_s = float(heartbeat_interval_s)
         self.curve = curve
         self.on_sent = on_sent
+        self.on_dropped = on_dropped
         self.heatmap_encoding = heatmap_encoding
         self.heatmap_size = heatmap_size
         self.daemon_start_ns = daemon_start_ns if daemon_start_ns is not None else time.time_ns()
         self.bound_endpoint: str | None = None   # the real address (port resolved when bound to '*')
-        self.dropped = 0                         # items refused because the queue was full
+        self.dropped = 0                         # verdicts/heatmaps that did not go out (all reasons)
+        self.dropped_by_topic: dict[str, int] = {}
         self.sent: dict[str, int] = {}           # per topic, for diagnostics
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self.heatmap_queue_size = heatmap_queue_size
+        # Two queues under one condition: the publisher thread always empties verdicts first.
+        self._cond = threading.Condition()
+        self._verdicts: deque[_Item] = deque()
+        self._heatmaps: deque[_Item] = deque()
+        self._stop_requested = False
+        self._skipped: dict[str, int] = {}       # topic -> seqs to skip (drops not yet reflected in seq)
         self._lines: dict[str, dict] = {}
         self._lines_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -184,50 +219,78 @@ class Publisher:
             self._lines[line] = dict(status)
 
     def publish_verdict(self, v: Verdict) -> bool:
-        """Queue a verdict; False when the publisher is stopped or its queue is full (counted)."""
-        return self._put(("verdict", v, None, None))
+        """Queue a verdict; False when the publisher is stopped or its queue is full (a drop:
+        counted, reported, and its seq is skipped so subscribers see a gap)."""
+        return self._put(_Item("verdict", v))
 
     def publish_heatmap(self, v: Verdict, encoding: str | None = None,
                         size: tuple[int, int] | None = None) -> bool:
-        """Queue the verdict's heatmap (uint8 Hm x Wm), resized to size=(w, h) and encoded as PNG or
-        raw bytes in the publisher thread. False when there is no heatmap or it was not queued."""
+        """Resize the verdict's heatmap (uint8 Hm x Wm) to size=(w, h) and encode it (PNG or raw)
+        in the CALLING thread, then queue it. Publish the verdict first. False when there is no
+        heatmap, it could not be encoded, or it was not queued (the latter two are drops)."""
         if v.heatmap is None:
             return False
         encoding = encoding or self.heatmap_encoding
         size = size if size is not None else self.heatmap_size
         _check_heatmap_options(encoding, size)
-        return self._put(("heatmap", v, encoding, size))
+        if self._stopping or self._thread is None:
+            return False  # not running: do not spend the encoding
+        try:
+            payload, shape = encode_heatmap(v.heatmap, encoding, size)
+        except Exception as exc:
+            log.error("heatmap for %s frame %s not encoded: %s", v.line, v.frame_id, exc)
+            self._drop("heatmap", v.line, "encode_error", skip_seq=True)
+            return False
+        return self._put(_Item("heatmap", v, payload, encoding, shape))
 
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        with self._cond:
+            return len(self._verdicts) + len(self._heatmaps)
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Send what is queued, close the socket (with the configured linger) and join the thread.
         True when the thread ended within `timeout`."""
         if self._thread is None:
             return True
-        if not self._stopping:
-            self._stopping = True
-            try:
-                # The stop marker must get in even when the queue is full: wait for room.
-                self._queue.put(_STOP, timeout=timeout)
-            except queue.Full:
-                log.error("publisher queue stayed full for %.1f s while stopping", timeout)
+        self._stopping = True
+        with self._cond:
+            # Whatever is queued still goes out (verdicts first), then the thread ends.
+            self._stop_requested = True
+            self._cond.notify_all()
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def _put(self, item: tuple) -> bool:
+    def _put(self, item: _Item) -> bool:
         if self._stopping or self._thread is None:
-            log.debug("publisher not running; %s for %s not sent", item[0], item[1].line)
+            log.debug("publisher not running; %s for %s not sent", item.kind, item.verdict.line)
             return False
-        try:
-            self._queue.put_nowait(item)
-            return True
-        except queue.Full:
+        with self._cond:
+            q, limit = ((self._verdicts, self.queue_size) if item.kind == "verdict"
+                        else (self._heatmaps, self.heatmap_queue_size))
+            if len(q) < limit:
+                q.append(item)
+                self._cond.notify()
+                return True
+        self._drop(item.kind, item.verdict.line, "queue_full", skip_seq=True)
+        return False
+
+    def _drop(self, kind: str, line: str, reason: str, skip_seq: bool) -> None:
+        """Count a verdict/heatmap that will not go out. skip_seq: its seq was never taken, so take
+        one now (the publisher thread folds it in before the topic's next seq or heartbeat)."""
+        topic = f"{kind}.{line}"
+        with self._cond:
             self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.error("publisher queue full: %d messages dropped so far", self.dropped)
-            return False
+            self.dropped_by_topic[topic] = self.dropped_by_topic.get(topic, 0) + 1
+            if skip_seq:
+                self._skipped[topic] = self._skipped.get(topic, 0) + 1
+            n = self.dropped
+        if n == 1 or n % 1000 == 0:
+            log.error("publisher: %s on %s dropped (%s); %d dropped so far", kind, line, reason, n)
+        if self.on_dropped is not None:
+            try:
+                self.on_dropped(line, kind, reason)
+            except Exception:
+                log.exception("on_dropped callback failed")
 
     # ---- publisher thread --------------------------------------------------------------------
 
@@ -289,22 +352,45 @@ class Publisher:
                 next_heartbeat += self.heartbeat_interval_s
                 if next_heartbeat < now:
                     next_heartbeat = now + self.heartbeat_interval_s
-            try:
-                item = self._queue.get(timeout=max(0.0, next_heartbeat - time.monotonic()))
-            except queue.Empty:
-                continue
-            if item is _STOP:
-                return
-            kind, v, encoding, size = item
-            try:
-                if kind == "verdict":
-                    self._send_verdict(sock, v)
+            with self._cond:
+                if not (self._verdicts or self._heatmaps or self._stop_requested):
+                    self._cond.wait(max(0.0, next_heartbeat - time.monotonic()))
+                if self._verdicts:
+                    item = self._verdicts.popleft()
+                elif self._heatmaps:
+                    item = self._heatmaps.popleft()
+                elif self._stop_requested:
+                    return
                 else:
-                    self._send_heatmap(sock, v, encoding, size)
-            except Exception:  # one bad item must not stop the line's publishing
-                log.exception("could not publish %s for %s frame %s", kind, v.line, v.frame_id)
+                    continue
+            self._send_item(sock, item)
+
+    def _send_item(self, sock: zmq.Socket, item: _Item) -> None:
+        v = item.verdict
+        topic = f"{item.kind}.{v.line}"
+        seq = self._next_seq(topic)  # taken first: a failure below leaves a gap, never a silent loss
+        try:
+            header = verdict_header(v, topic, seq, time.time_ns(), self.daemon_start_ns)
+            if item.kind == "heatmap":
+                header["encoding"] = item.encoding
+                header["shape"] = item.shape
+            self._send(sock, topic, header, item.payload)
+        except Exception as exc:  # one bad item must not stop the line's publishing
+            log.error("could not publish %s for %s frame %s: %s", item.kind, v.line, v.frame_id, exc)
+            self._drop(item.kind, v.line, "send_error", skip_seq=False)
+            return
+        self._notify_sent(topic, header)
+
+    def _fold_skipped(self, topic: str) -> None:
+        """Publisher thread: advance the topic's seq past drops reported since (they become a gap)."""
+        with self._cond:
+            n = self._skipped.pop(topic, 0)
+        if n:
+            self._seq[topic] = self._seq.get(topic, 0) + n
+            self.sent[topic] = self._seq[topic]
 
     def _next_seq(self, topic: str) -> int:
+        self._fold_skipped(topic)
         seq = self._seq.get(topic, 0)
         self._seq[topic] = seq + 1
         self.sent[topic] = seq + 1
@@ -325,26 +411,16 @@ class Publisher:
         except Exception:
             log.exception("on_sent callback failed")
 
-    def _send_verdict(self, sock: zmq.Socket, v: Verdict) -> None:
-        topic = f"verdict.{v.line}"
-        header = verdict_header(v, topic, self._next_seq(topic), time.time_ns(), self.daemon_start_ns)
-        self._send(sock, topic, header, None)
-        self._notify_sent(topic, header)
-
-    def _send_heatmap(self, sock: zmq.Socket, v: Verdict, encoding: str, size: tuple[int, int] | None) -> None:
-        payload, shape = encode_heatmap(v.heatmap, encoding, size)  # before seq: a failure is no gap
-        topic = f"heatmap.{v.line}"
-        header = verdict_header(v, topic, self._next_seq(topic), time.time_ns(), self.daemon_start_ns)
-        header["encoding"] = encoding
-        header["shape"] = shape
-        self._send(sock, topic, header, payload)
-        self._notify_sent(topic, header)
-
     def _send_heartbeats(self, sock: zmq.Socket) -> None:
         with self._lines_lock:
             lines = [(line, dict(status)) for line, status in self._lines.items()]
         for line, status in lines:
             topic = f"heartbeat.{line}"
+            data_topics = (f"verdict.{line}", f"heatmap.{line}")
+            for t in data_topics:
+                self._fold_skipped(t)  # a drop at the end of a burst shows in last_seq now
+            with self._cond:
+                dropped = {t: self.dropped_by_topic[t] for t in data_topics if t in self.dropped_by_topic}
             header = {
                 "schema": SCHEMA,
                 "topic": topic,
@@ -356,8 +432,10 @@ class Publisher:
                 "daemon_start_ns": self.daemon_start_ns,
                 # Last seq sent on the line's data topics: lets a subscriber notice lost messages at
                 # the end of a burst, which no later verdict would reveal.
-                "last_seq": {t: self._seq[t] - 1 for t in (f"verdict.{line}", f"heatmap.{line}")
-                             if t in self._seq},
+                "last_seq": {t: self._seq[t] - 1 for t in data_topics if t in self._seq},
+                # Verdicts/heatmaps the publisher itself dropped since daemon start (queue full,
+                # encode or send error); a subscriber's gaps also include losses on the wire.
+                "dropped": dropped,
             }
             try:
                 self._send(sock, topic, header, None)
