@@ -1,5 +1,8 @@
 """`inspectd eval`: score good and bad folders through ONNX Runtime (the daemon's path) and write
-a report: image / pixel ROC AUC, per-image CSV, ROC curve, score histogram, heatmap overlays."""
+a report: image / pixel ROC AUC, per-image CSV, ROC curve, score histogram, heatmap overlays.
+
+Images and masks go through the bundle's InputSpec (its ROI crop, then the resize), so pixel
+AUROC is computed in the model's frame, on the pixels the line inspects."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 from inspectd.calibration.roc import roc_auc, roc_curve
 from inspectd.engines.bundle import Bundle, load_bundle
 from inspectd.engines.heatmap import overlay
-from inspectd.engines.preprocess import IMAGE_SUFFIXES, list_images, load_prepared
+from inspectd.engines.preprocess import IMAGE_SUFFIXES, InputSpec, list_images, prepare, prepare_mask, read_image
 from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from inspectd.errors import DataError
 from inspectd.progress import Progress
@@ -30,7 +33,8 @@ class Scored:
     label: int            # 0 good, 1 bad
     score: float          # raw
     amap: np.ndarray
-    image: np.ndarray
+    image: np.ndarray     # prepared (model input)
+    source_shape: tuple[int, int]  # height, width of the file before the ROI crop and resize
 
 
 def score_folder(backend: OnnxRuntimeBackend, bundle: Bundle, paths: list[Path], label: int,
@@ -38,25 +42,31 @@ def score_folder(backend: OnnxRuntimeBackend, bundle: Bundle, paths: list[Path],
     items, skipped = [], 0
     for p in paths:
         try:
-            img = load_prepared(p, bundle.input_spec)
+            source = read_image(p, bundle.input_spec.color_mode)
+            img = prepare(source, bundle.input_spec)
         except DataError:
             skipped += 1
             bar.update(1)
             continue
         s, m = backend.infer(img[None])
-        items.append(Scored(p, label, float(s[0]), m[0], img))
+        items.append(Scored(p, label, float(s[0]), m[0], img, source.shape[:2]))
         bar.update(1)
     return items, skipped
 
 
-def _mask_for(masks_dir: Path, image_path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+def _mask_for(masks_dir: Path, image_path: Path, spec: InputSpec,
+              source_shape: tuple[int, int]) -> np.ndarray | None:
+    """The image's mask in the model's frame (same ROI crop and resize as the image), or None."""
     for suffix in IMAGE_SUFFIXES:
         cand = masks_dir / (image_path.stem + suffix)
         if cand.is_file():
             m = cv2.imdecode(np.fromfile(str(cand), np.uint8), cv2.IMREAD_GRAYSCALE)
             if m is None:
                 raise DataError(f"{cand}: not a readable mask")
-            return cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 127
+            try:
+                return prepare_mask(m, spec, source_shape)
+            except DataError as exc:
+                raise DataError(f"{cand}: {exc}") from None
     return None
 
 
@@ -99,10 +109,11 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
 
 
 def _pixel_auroc(items: list[Scored], masks_dir: Path, bundle: Bundle) -> dict[str, Any]:
-    h, w = bundle.input_spec.height, bundle.input_spec.width
+    spec = bundle.input_spec
+    h, w = spec.height, spec.width
     values, labels = [], []
     for i in items:
-        mask = _mask_for(masks_dir, i.path, (h, w))
+        mask = _mask_for(masks_dir, i.path, spec, i.source_shape)
         if mask is None:
             if i.label == 1:
                 continue  # a bad image without a mask says nothing about pixels

@@ -127,13 +127,16 @@ def crop_roi(image: np.ndarray, roi: Sequence[int] | None) -> np.ndarray:
 def prepare(image: np.ndarray, spec: InputSpec, roi: Sequence[int] | None = None) -> np.ndarray:
     """Crop `spec.roi` (x, y, w, h in source pixels), colour-convert and resize to the model input.
 
-    `roi`, if given, replaces `spec.roi` (kept for callers that pass it; the daemon refuses a line
-    whose ROI differs from its bundle's, so both are the same there)."""
+    `roi` (a line's configured ROI, optional) is only checked: one that differs from `spec.roi`
+    is a DataError, so a frame is never cut differently from what the bundle was trained on."""
     if image.dtype != np.uint8:
         raise DataError(f"frame dtype {image.dtype} is not uint8")
     if image.ndim not in (2, 3) or image.size == 0:
         raise DataError(f"frame of shape {image.shape} is not an image")
-    image = crop_roi(image, roi if roi is not None else spec.roi)
+    if roi is not None and tuple(int(v) for v in roi) != spec.roi:
+        trained = f"the bundle's ROI {list(spec.roi)}" if spec.roi else "a bundle trained on whole frames (no ROI)"
+        raise DataError(f"ROI {[int(v) for v in roi]} differs from {trained}")
+    image = crop_roi(image, spec.roi)
     image = convert_color(image, spec.color_mode)
     return np.ascontiguousarray(resize(image, spec.height, spec.width))
 

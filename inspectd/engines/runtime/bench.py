@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from inspectd.engines.bundle import Bundle
-from inspectd.engines.preprocess import load_prepared, prepare, read_image
+from inspectd.engines.preprocess import load_stored, prepare, read_image
 from inspectd.engines.runtime import BACKENDS, backend_class
 from inspectd.errors import ConfigError, InspectdError
 
@@ -120,7 +120,7 @@ def sample_inputs(bundle: Bundle, n: int) -> np.ndarray:
     good, bad = bundle.golden_images()
     paths = good + bad
     if paths:
-        images = [load_prepared(p, bundle.input_spec) for p in paths]
+        images = [load_stored(p, bundle.input_spec) for p in paths]  # stored already prepared
         return np.stack([images[i % len(images)] for i in range(n)])
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, size=(n, *bundle.input_spec.shape), dtype=np.uint8)
@@ -128,15 +128,24 @@ def sample_inputs(bundle: Bundle, n: int) -> np.ndarray:
 
 def sample_frame(bundle: Bundle, size: tuple[int, int] = DEFAULT_FRAME) -> np.ndarray:
     """A decoded camera-like frame of `size` (width, height): a golden image scaled up (real
-    content for the resize), mono as H x W like a Mono8 camera, else H x W x 3 RGB."""
+    content for the resize), mono as H x W like a Mono8 camera, else H x W x 3 RGB. With a bundle
+    ROI the frame is the golden image pasted into it at the ROI (so prepare crops real content)."""
     width, height = size
     if width < 1 or height < 1:
         raise ConfigError(f"frame size {width}x{height} must be positive")
+    roi = bundle.input_spec.roi
+    if roi is not None:  # grown to hold the ROI: the camera's frame always does
+        width, height = max(width, roi[0] + roi[2]), max(height, roi[1] + roi[3])
     good, bad = bundle.golden_images()
     rgb = bundle.input_spec.color_mode == "rgb"
     if good or bad:
         image = read_image((good + bad)[0], "rgb" if rgb else "gray")
-        frame = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        if roi is None:
+            frame = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        else:
+            x, y, w, h = roi
+            frame = np.zeros((height, width, image.shape[2]), np.uint8)
+            frame[y:y + h, x:x + w] = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
     else:
         frame = np.random.default_rng(1).integers(0, 256, size=(height, width, 3 if rgb else 1), dtype=np.uint8)
     return np.ascontiguousarray(frame if rgb else frame.reshape(height, width))
@@ -168,8 +177,8 @@ def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations:
     if good or bad:
         path = (good + bad)[0]
         result.rows.append(LatencyStats.from_seconds(
-            "preprocess (load_prepared file)", 1,
-            time_calls(lambda: load_prepared(path, bundle.input_spec), iterations, warmup)))
+            "preprocess (load_prepared file)", 1,  # name kept for existing reports; reads a stored image
+            time_calls(lambda: load_stored(path, bundle.input_spec), iterations, warmup)))
 
     backbone = Path(backbone_onnx) if backbone_onnx is not None else bundle.path / BACKBONE_FILE
     for name in names:

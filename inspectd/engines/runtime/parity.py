@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from inspectd.engines.bundle import Bundle
-from inspectd.engines.preprocess import load_prepared
+from inspectd.engines.preprocess import load_stored
 from inspectd.engines.runtime.base import Backend
 from inspectd.errors import InspectdError
 
@@ -147,7 +147,8 @@ def parity_gate(backend: Backend, bundle: Bundle, threshold: float | None = None
     display_range = max(m.display_hi - m.display_lo, 1e-12)
     try:
         for path, kind in images:
-            x = load_prepared(path, bundle.input_spec)[None]
+            # Golden/calibration images are stored already prepared (ROI cropped, resized).
+            x = load_stored(path, bundle.input_spec)[None]
             ref_raw, ref_map = reference.infer(x)
             try:
                 raw, amap = backend.infer(x)
