@@ -1,14 +1,20 @@
 """`inspectd watch`: print the verdict stream of a running daemon, one line per verdict, and say
-loudly when messages are lost, heartbeats stop or the daemon restarts."""
+loudly when messages are lost, heartbeats stop, the line's status changes (camera lost, engine
+failed) or the daemon restarts. Speaks CURVE with `--server-key` and `--client-key`."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from inspectd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from inspectd.client import CurveClientKeys
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"   # the daemon's default zmq.endpoint (daemon/config.py)
 
 
 def _fmt_time(ns: object) -> str:
@@ -38,10 +44,11 @@ def format_verdict(header: dict) -> str:
 
 
 def run_watch(endpoint: str, line: str | None = None, stream: TextIO = sys.stdout,
-              duration: float | None = None, heartbeat_timeout_s: float = 3.0) -> int:
+              duration: float | None = None, heartbeat_timeout_s: float = 3.0,
+              curve: "CurveClientKeys | None" = None) -> int:
     """Print verdicts from `endpoint` (all lines, or one) until `duration` seconds pass or Ctrl-C.
     Returns the number of verdicts shown."""
-    from inspectd.client import VerdictSubscriber  # keep `inspectd --help` light
+    from inspectd.client import LineStatus, VerdictSubscriber  # keep `inspectd --help` light
 
     def say(text: str) -> None:
         stream.write(text + "\n")
@@ -51,6 +58,10 @@ def run_watch(endpoint: str, line: str | None = None, stream: TextIO = sys.stdou
         n = got - expected
         say(f"!! gap: {n} message{'s' if n != 1 else ''} lost on {topic}")
 
+    def on_status(ln: str, status: LineStatus) -> None:
+        if status.heartbeat:  # heartbeat loss has its own line above
+            say(f"-- line {ln}: ok" if status.safe else f"!! line {ln}: {status.reason}")
+
     shown = 0
     say(f"watching {endpoint} ({'line ' + line if line else 'all lines'}); Ctrl-C to stop")
     sub = VerdictSubscriber(
@@ -58,7 +69,8 @@ def run_watch(endpoint: str, line: str | None = None, stream: TextIO = sys.stdou
         heartbeat_timeout_s=heartbeat_timeout_s, on_gap=on_gap,
         on_heartbeat_lost=lambda ln: say(f"!! heartbeat lost: {ln} (none for {heartbeat_timeout_s:g} s)"),
         on_heartbeat_restored=lambda ln: say(f"!! heartbeat back: {ln}"),
-        on_restart=lambda ln: say(f"!! daemon restarted: {ln} (sequence numbers start again)"))
+        on_restart=lambda ln: say(f"!! daemon restarted: {ln} (sequence numbers start again)"),
+        on_line_status=on_status, curve=curve)
     try:
         for msg in sub.messages(poll_s=0.2, duration=duration):
             if msg.kind == "verdict":
@@ -74,20 +86,33 @@ def run_watch(endpoint: str, line: str | None = None, stream: TextIO = sys.stdou
 def _cmd_watch(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration must be > 0 s, got {args.duration}")
+    if (args.server_key is None) != (args.client_key is None):
+        raise ConfigError("--server-key and --client-key go together (CURVE needs both)")
+    curve = None
+    if args.server_key is not None:
+        from inspectd.client import CurveClientKeys
+
+        curve = CurveClientKeys.from_files(args.server_key, args.client_key)
     run_watch(args.endpoint, line=args.line, duration=args.duration,
-              heartbeat_timeout_s=args.heartbeat_timeout)
+              heartbeat_timeout_s=args.heartbeat_timeout, curve=curve)
     return 0
 
 
 def register_watch(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `inspectd watch --endpoint E [--line L]` (called from inspectd/daemon/cli.py)."""
+    """Add `inspectd watch [--endpoint E] [--line L] [--server-key K --client-key S]` (called from
+    inspectd/daemon/cli.py)."""
     p = subparsers.add_parser("watch", help="print the verdict stream of a running daemon",
                               description="Subscribe to a daemon's verdicts and print one line per "
                               "verdict; marks lost messages, heartbeat losses and restarts.")
-    p.add_argument("--endpoint", required=True, help="publisher endpoint, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
+                   help=f"publisher endpoint (default {DEFAULT_ENDPOINT}, the daemon's default)")
     p.add_argument("--line", default=None, help="only this line (default: all lines)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--heartbeat-timeout", type=float, default=3.0,
                    help="report a line as lost after this many seconds without heartbeat (default 3)")
+    p.add_argument("--server-key", default=None,
+                   help="CURVE: the daemon's public key file (server.key from `inspectd keys`)")
+    p.add_argument("--client-key", default=None,
+                   help="CURVE: this client's secret key file (NAME.key_secret, mode 0600)")
     p.set_defaults(func=_cmd_watch)
     return p
