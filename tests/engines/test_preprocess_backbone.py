@@ -33,10 +33,10 @@ def test_read_image_is_rgb_order_and_handles_unicode_paths(tmp_path):
 def test_prepare_crops_converts_and_resizes():
     frame = np.zeros((100, 200, 3), np.uint8)
     frame[10:60, 20:120] = 255
-    out = prepare(frame, InputSpec(32, 32, "gray"), roi=(20, 10, 100, 50))
+    out = prepare(frame, InputSpec(32, 32, "gray", roi=(20, 10, 100, 50)))
     assert out.shape == (32, 32, 1) and out.min() == 255
     with pytest.raises(DataError, match="ROI .* lies outside the 200x100 frame"):
-        prepare(frame, InputSpec(32, 32, "gray"), roi=(150, 0, 100, 50))
+        prepare(frame, InputSpec(32, 32, "gray", roi=(150, 0, 100, 50)))
     with pytest.raises(DataError, match="not uint8"):
         prepare(frame.astype(np.float32), InputSpec(32, 32, "gray"))
 
