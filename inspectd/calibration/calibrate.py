@@ -22,7 +22,8 @@ from inspectd.calibration import threshold as th
 from inspectd.calibration.config_update import ConfigUpdate, check_line, update_line_threshold, utc_stamp
 from inspectd.calibration.report import format_summary, write_report
 from inspectd.engines.bundle import Bundle, load_bundle
-from inspectd.engines.preprocess import IMAGE_SUFFIXES, fingerprint, list_images, load_prepared, sha256_file
+from inspectd.engines.preprocess import (IMAGE_SUFFIXES, fingerprint, list_images, load_prepared, load_stored,
+                                          sha256_file)
 from inspectd.errors import BundleError, DataError
 from inspectd.progress import Progress
 
@@ -137,7 +138,8 @@ def check_golden(bundle: Bundle, backend: Any) -> None:
     pairs = list(zip(good, g.good_scores)) + list(zip(bad, g.bad_scores))
     if not pairs:
         return
-    batch = np.stack([load_prepared(p, bundle.input_spec) for p, _ in pairs])
+    # Stored already prepared (ROI cropped, resized): loaded as they are.
+    batch = np.stack([load_stored(p, bundle.input_spec) for p, _ in pairs])
     raw, _ = backend.infer(batch)
     std = bundle.manifest.score.good_std
     diffs = np.abs(raw.astype(np.float64) - np.asarray([s for _, s in pairs])) / std

@@ -86,13 +86,16 @@ class Daemon:
     def build(self) -> None:
         """Everything that can fail on bad input, before any thread starts (errors are one line)."""
         from inspectd.daemon.sources import make_source
-        from inspectd.engines.bundle import load_bundle
+        from inspectd.engines.bundle import check_line_roi, load_bundle
 
         curve = _curve_keys(self.config)
         for cfg in self.config.lines:
             settings = line_settings(cfg)
             threshold = line_threshold(cfg)
             bundle = load_bundle(cfg.bundle)
+            # Same pixels as training: a line ROI other than the bundle's is refused (none: the bundle's applies).
+            check_line_roi(cfg.roi, bundle.roi, f"lines[{self.config.lines.index(cfg)}].roi (line {cfg.id})",
+                           bundle.path)
             source = make_source(cfg)
             drift = self._drift_for(cfg)
             archive = None

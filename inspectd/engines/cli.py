@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--good", required=True, help="folder of good images")
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--image-size", type=_positive_int, default=256, help="square input size (default 256)")
+    p.add_argument("--roi", default=None, metavar="X,Y,W,H",
+                   help="crop of the source images (pixels) the model sees; recorded in the bundle and applied "
+                        "by eval, calibrate and the daemon (default: whole frames)")
     p.add_argument("--epochs", type=_positive_int, default=40, help="training epochs (default 40)")
     p.add_argument("--augment", default="rotate,translate,scale",
                    help="comma list of rotate,translate,scale, or 'none' (default all)")
@@ -94,7 +97,24 @@ def _detect_color(folder: str) -> str:
     return "gray"
 
 
+def _roi_arg(text: str | None, good: str) -> tuple[int, int, int, int] | None:
+    """--roi parsed (ConfigError, one line) and checked against the first training image."""
+    if text is None:
+        return None
+    from inspectd.engines.preprocess import list_images, parse_roi, read_image
+
+    roi = parse_roi(text, ConfigError, "--roi")
+    x, y, w, h = roi
+    for path in list_images(good)[:1] if Path(good).is_dir() else []:
+        img = read_image(path, "gray")
+        if x + w > img.shape[1] or y + h > img.shape[0]:
+            raise ConfigError(f"--roi {x},{y},{w},{h} lies outside the {img.shape[1]}x{img.shape[0]} "
+                              f"training image {path.name}")
+    return roi
+
+
 def _train(args: argparse.Namespace) -> int:
+    roi = _roi_arg(args.roi, args.good)  # before the slow imports
     from inspectd.engines.model import ModelConfig
     from inspectd.engines.train import AUGMENTATIONS, TrainConfig, summary, train
 
@@ -117,7 +137,7 @@ def _train(args: argparse.Namespace) -> int:
                                         kernel_size=args.kernel_size, score_term=args.score_term,
                                         reduction=args.reduction),
                       epochs=args.epochs, augment=augment, views=args.views, batch_size=args.batch_size,
-                      seed=args.seed, weights=args.weights)
+                      seed=args.seed, weights=args.weights, roi=roi)
     result = train(args.good, args.out, cfg, force=args.force, golden_bad_dir=args.golden_bad)
     print(summary(result))
     return 0

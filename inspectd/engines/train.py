@@ -59,6 +59,7 @@ class TrainConfig:
     calibration_count: int = 16
     seed: int = 0
     weights: str | None = None   # backbone state dict; default: the installed weights package
+    roi: tuple[int, int, int, int] | None = None  # source-frame crop x, y, w, h (recorded in the bundle)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -253,7 +254,7 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
     if unknown:
         raise DataError(f"unknown augmentation {unknown[0]!r} (choose from {', '.join(AUGMENTATIONS)})")
     mc = cfg.model
-    spec = InputSpec(mc.image_size, mc.image_size, mc.color_mode)
+    spec = InputSpec(mc.image_size, mc.image_size, mc.color_mode, roi=cfg.roi)
     paths, images, skipped = read_good_images(good_dir, spec)
     _seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -315,7 +316,7 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
                      "clamp": mc.clamp, "fusion": mc.fusion if mc.fusion == "separate" else
                      f"fused {mc.fused_size}x{mc.fused_size}", "score_term": mc.score_term},
             "input": {"height": mc.image_size, "width": mc.image_size, "color_mode": mc.color_mode,
-                      "channels": spec.channels, "resize": RESIZE_METHOD},
+                      "channels": spec.channels, "resize": RESIZE_METHOD, "roi": spec.roi},
             "map": {"height": mc.map_size, "width": mc.map_size, "smoothing_sigma": mc.smoothing_sigma,
                     "display_lo": display_lo, "display_hi": display_lo + 2 * (float(hold_scores.max()) - display_lo)},
             "score": {"reduction": f"top{mc.topk}-mean" if mc.reduction == "topk" else mc.reduction,
