@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mtd_data import DEFAULT_ROOT, prepare_split  # noqa: E402
 
-from inspectd.calibration.roc import roc_auc  # noqa: E402
+from inspectd.stats import roc_auc  # noqa: E402
 from inspectd.engines.evaluate import evaluate  # noqa: E402
 from inspectd.engines.model import ModelConfig, build_model  # noqa: E402
 from inspectd.engines.preprocess import InputSpec, list_images, load_prepared  # noqa: E402

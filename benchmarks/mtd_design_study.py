@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inspectd.calibration.roc import roc_auc
+from inspectd.stats import roc_auc
 from inspectd.engines.bundle import load_bundle
 from inspectd.engines.model import ModelConfig, build_model
 from inspectd.engines.preprocess import InputSpec, list_images, load_prepared

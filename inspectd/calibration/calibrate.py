@@ -1,9 +1,11 @@
 """`inspectd calibrate`: score held-out images through the daemon's runtime path (ONNX Runtime,
-shared preprocessing), pick the line threshold, report, and write it into the config.
+shared preprocessing), pick the line threshold, report, and write the line's threshold file.
 
 Everything that can be checked before scoring is checked first (targets, config + line, folders,
-enough good images, bundle), and the config is the last thing written, so any error leaves it
-untouched.
+enough good images, bundle, the report folder), and the threshold file (or, the first time, the
+config pointing at it) is the last thing written, so any error leaves the line's threshold
+untouched. Reports go under the config's `state_dir` (<state_dir>/<line>/calibration/<UTC time>/),
+never next to the config in /etc.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from typing import Any, Sequence, TextIO
 import numpy as np
 
 from inspectd.calibration import threshold as th
-from inspectd.calibration.config_update import ConfigUpdate, check_line, update_line_threshold, utc_stamp
+from inspectd.calibration.config_update import (ConfigUpdate, check_line, state_dir, update_line_threshold,
+                                               utc_stamp)
 from inspectd.calibration.report import format_summary, write_report
 from inspectd.engines.bundle import Bundle, load_bundle
 from inspectd.engines.preprocess import (IMAGE_SUFFIXES, fingerprint, list_images, load_prepared, load_stored,
                                           sha256_file)
-from inspectd.errors import BundleError, DataError
+from inspectd.errors import BundleError, ConfigError, DataError
 from inspectd.progress import Progress
 
 log = logging.getLogger("inspectd.calibration")
@@ -68,6 +71,8 @@ def calibrate(req: CalibrationRequest, progress_stream: TextIO | None = None) ->
         raise DataError("--target-escape needs --bad images")
     if req.write_config:
         check_line(req.config, req.line)
+    report_dir = req.report_dir or (state_dir(req.config) / req.line / "calibration" / utc_stamp())
+    _make_report_dir(report_dir, default=req.report_dir is None)
     good_paths = _images(req.good, "good")
     bad_paths = _images(req.bad, "bad") if req.bad is not None else None
     needed = th.needed_samples(req.target_false_reject, req.confidence)
@@ -95,14 +100,22 @@ def calibrate(req: CalibrationRequest, progress_stream: TextIO | None = None) ->
     bad = np.asarray(bundle.normalize(bad_raw), dtype=np.float64) if bad_raw is not None else None
 
     report = build_report(req, bundle, good_paths, good, bad_paths, bad, overlap)
-    stamp = utc_stamp()
-    report_dir = req.report_dir or (req.config.parent / "calibration-reports" / f"{req.line}-{stamp}")
     files = write_report(report_dir, report, good, bad)
     update = None
     if req.write_config:
-        update = update_line_threshold(req.config, req.line, calibration_record(report, report_dir))
+        update = update_line_threshold(req.config, req.line, calibration_record(report, report_dir),
+                                       history_dir=report_dir)
     return CalibrationResult(report=report, report_files=files, update=update, good_scores=good,
                              bad_scores=bad, summary=format_summary(report))
+
+
+def _make_report_dir(folder: Path, default: bool) -> None:
+    """Create the report folder before any scoring: a state dir we cannot write fails in a second."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        hint = "; set state_dir in the config or give --report DIR" if default else ""
+        raise ConfigError(f"{folder}: cannot create the report folder ({exc.strerror or exc}){hint}") from None
 
 
 def _images(folder: Path, what: str) -> list[Path]:

@@ -11,8 +11,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "calibrate", help="set a line's threshold from held-out good (and bad) images",
         description="Score held-out images through ONNX Runtime, choose the smallest threshold whose "
                     "false-reject rate is below the target with 95%% confidence (order-statistic bound), "
-                    "report escape rate / ROC AUC with bad images, and write the threshold into the "
-                    "config atomically (old config kept as <config>.bak-<UTC timestamp>).")
+                    "report escape rate / ROC AUC with bad images, and write the line's threshold file atomically "
+                    "(mode 0644, the file the config's threshold points to; the first time, the config is "
+                    "repointed to <line>.threshold.json next to it, comments kept, old config kept as "
+                    "<config>.bak-<UTC timestamp>). Apply it with `systemctl reload inspectd@<line>` (SIGHUP).")
     p.add_argument("--bundle", required=True, type=Path, help="model bundle directory")
     p.add_argument("--good", required=True, type=Path, help="folder of good images NOT used in training")
     p.add_argument("--bad", type=Path, help="folder of defective images (escape rate, ROC AUC)")
@@ -24,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force-overlap", action="store_true",
                    help="accept calibration images that were used in training (rates will be optimistic)")
     p.add_argument("--report", type=Path, metavar="DIR",
-                   help="report folder (default: <config dir>/calibration-reports/<line>-<UTC time>)")
+                   help="report folder (default: <state_dir>/<line>/calibration/<UTC time>, state_dir from the config)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default 0.95)")
     p.add_argument("--dry-run", action="store_true", help="report only, leave the config alone")
     p.add_argument("--batch", type=int, default=8, help="images per inference batch")
@@ -52,9 +54,12 @@ def _run(args: argparse.Namespace) -> int:
     print(result.summary)
     print(f"report: {result.report_files['json']}"
           + (f", {result.report_files['png']}" if result.report_files["png"] else " (no PNG: matplotlib missing)"))
-    if result.update is not None:
-        print(f"config: {result.update.config} line {args.line} threshold -> {result.update.new_threshold:.4f} "
-              f"via {result.update.calibration_file.name} (previous config: {result.update.backup.name})")
+    upd = result.update
+    if upd is not None:
+        how = (f"; config repointed to it (previous config: {upd.backup.name})" if upd.backup is not None
+               else "; config unchanged")
+        print(f"threshold file: {upd.calibration_file} line {args.line} threshold -> {upd.new_threshold:.4f}{how}; "
+              f"apply with SIGHUP (systemctl reload inspectd@<instance>)")
     else:
         print("config: not changed (--dry-run)")
     return 0

@@ -1,22 +1,25 @@
-"""Write a line's calibrated threshold into the daemon's YAML config, atomically.
+"""Write a line's calibrated threshold where the daemon reads it, atomically.
 
-Layout (next to the config file, relative paths as the daemon resolves them):
+One stable threshold file per line, which the config points to:
 
-    lines.yaml                                 lines[i].threshold: {file: line1.calibration-<ts>.json}
-    lines.yaml.bak-<UTC timestamp>             the previous config, byte for byte
-    line1.calibration-<ts>.json                {"threshold": ..., "bundle_id": ..., summary, good_scores}
+    lines.yaml                      lines[i].threshold: {file: line1.threshold.json}
+    line1.threshold.json            {"threshold": ..., "bundle_id": ..., summary, good_scores}  (mode 0644)
+    lines.yaml.bak-<UTC timestamp>  the previous config, byte for byte (only when the YAML changed)
 
-Each calibration gets its own file name, so the ONE commit point is the os.replace of the YAML:
-a crash before it leaves the old config (and the old calibration file it points to) untouched and
-effective; a crash after it leaves the new one. Every file is written as temp file in the same
-folder + fsync + os.replace + fsync of the folder.
+- The line already points at a threshold file (used by no other line): that file is replaced
+  (temp file + fsync + os.replace), the YAML is not touched. `systemctl reload` (SIGHUP) applies it.
+- The line has a number (first calibration) or shares its file with another line: a new
+  `<line>.threshold.json` next to the config is written first, then the YAML is repointed to it.
+  The YAML is edited with ruamel.yaml round-trip, so comments, order and quoting are kept; the
+  rename of the YAML is the commit point (a crash before it leaves the old config effective).
 
-The YAML is re-dumped with yaml.safe_dump (key order kept; comments and formatting are NOT
-kept — the byte-exact old file is in the .bak).
+Threshold files are written 0644 whatever the umask: the service user (not root, who runs
+`inspectd calibrate`) must read them at every start and reload. A threshold is not a secret.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -28,19 +31,22 @@ from typing import Any
 
 import yaml
 
-from inspectd.fileio import atomic_write
 from inspectd.errors import ConfigError
+from inspectd.fileio import atomic_write
 
 log = logging.getLogger("inspectd.calibration")
+
+THRESHOLD_FILE_MODE = 0o644
 
 
 @dataclass(frozen=True)
 class ConfigUpdate:
     config: Path
-    backup: Path
-    calibration_file: Path
-    old_threshold: Any
+    calibration_file: Path          # the line's threshold file (what the daemon reads)
+    old_threshold: Any              # the previous number, or the previous file's threshold (None if unreadable)
     new_threshold: float
+    config_changed: bool            # False: only the threshold file was replaced
+    backup: Path | None = None      # the old config, when the YAML was rewritten
 
 
 def utc_stamp(now: datetime | None = None) -> str:
@@ -91,58 +97,137 @@ def check_line(config_path: str | os.PathLike, line_id: str) -> Any:
     return threshold
 
 
-def calibration_file_name(line_id: str, stamp: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", line_id)
-    return f"{safe}.calibration-{stamp}.json"
+def state_dir(config_path: str | os.PathLike) -> Path:
+    """The config's `state_dir` (reports go under it), from the daemon's own schema."""
+    config = Path(config_path)
+    _, data = read_config(config)
+    from inspectd.daemon.config import config_from_dict
+
+    return config_from_dict(data, source=str(config), base_dir=config.resolve().parent).state_dir
+
+
+def threshold_file_name(line_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", line_id) + ".threshold.json"
+
+
+def threshold_target(config_path: str | os.PathLike, data: dict[str, Any], line_id: str) -> tuple[Path, bool]:
+    """(the file the line's threshold goes to, whether the YAML must be repointed to it)."""
+    config = Path(config_path)
+    folder = config.resolve().parent
+    own = find_line(data, line_id, config).get("threshold")
+    if isinstance(own, dict) and isinstance(own.get("file"), str):
+        current = _resolve(folder, own["file"])
+        shared = [e.get("id") for e in data["lines"]
+                  if isinstance(e, dict) and e.get("id") != line_id and isinstance(e.get("threshold"), dict)
+                  and isinstance(e["threshold"].get("file"), str) and _resolve(folder, e["threshold"]["file"]) == current]
+        if not shared:
+            return current, False
+        log.info("line %s shares %s with %s: giving it its own threshold file", line_id, current, ", ".join(shared))
+    return folder / threshold_file_name(line_id), True
+
+
+def _resolve(folder: Path, name: str) -> Path:
+    p = Path(name).expanduser()
+    return Path(os.path.normpath(p if p.is_absolute() else folder / p))
 
 
 def update_line_threshold(config_path: str | os.PathLike, line_id: str, calibration: dict[str, Any],
-                          now: datetime | None = None) -> ConfigUpdate:
-    """Point line `line_id` at a new calibration file holding `calibration` (which must have
-    `threshold` and `bundle_id`), keeping a timestamped backup of the old config."""
+                          now: datetime | None = None, history_dir: str | os.PathLike | None = None) -> ConfigUpdate:
+    """Write `calibration` (which must have `threshold` and `bundle_id`) as line `line_id`'s
+    threshold file; repoint the YAML only when the line has no file of its own yet. The previous
+    threshold file, if any, is copied into `history_dir` (the calibration report folder)."""
     config = Path(config_path)
     if not isinstance(calibration.get("threshold"), (int, float)) or not isinstance(calibration.get("bundle_id"), str):
         raise ConfigError("calibration summary needs a numeric threshold and a bundle_id")
     old_bytes, data = read_config(config)
     entry = find_line(data, line_id, config)
     _validate_with_daemon_schema(config, data)
-    old_threshold = entry.get("threshold")
-    stamp = utc_stamp(now)
-    folder = config.parent
-    cal_path = folder / calibration_file_name(line_id, stamp)
-    backup = config.with_name(f"{config.name}.bak-{stamp}")
-    if cal_path.exists() or backup.exists():
-        raise ConfigError(f"{config}: a calibration with timestamp {stamp} already exists")
+    target, repoint = threshold_target(config, data, line_id)
+    old_spec = entry.get("threshold")
+    old_threshold: Any = old_spec
+    previous_bytes: bytes | None = None
+    if isinstance(old_spec, dict):
+        old_file = _resolve(config.resolve().parent, str(old_spec.get("file")))
+        try:
+            previous_bytes = old_file.read_bytes()
+            old_threshold = json.loads(previous_bytes).get("threshold")
+        except (OSError, ValueError, AttributeError):
+            old_threshold = None
 
     record = dict(calibration)
     record.setdefault("line", line_id)
     record["previous_threshold"] = old_threshold
-    record["config_backup"] = backup.name
-    entry["threshold"] = {"file": cal_path.name}
-    new_text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    if yaml.safe_load(new_text) != data:  # never write a config that does not read back as intended
-        raise ConfigError(f"{config}: the updated config does not round-trip through YAML; not written")
-    _validate_with_daemon_schema(config, data)
+    new_text = None
+    backup = None
+    if repoint:
+        name = target.name if target.parent == config.resolve().parent else os.fspath(target)
+        new_text = repoint_yaml(config, old_bytes.decode("utf-8"), line_id, name)
+        expected = yaml.safe_load(old_bytes.decode("utf-8"))
+        find_line(expected, line_id, config)["threshold"] = {"file": name}
+        if yaml.safe_load(new_text) != expected:  # never write a config that does not read back as intended
+            raise ConfigError(f"{config}: the updated config does not round-trip through YAML; not written")
+        _validate_with_daemon_schema(config, expected)
+        backup = config.with_name(f"{config.name}.bak-{utc_stamp(now)}")
+        if backup.exists():
+            raise ConfigError(f"{backup}: a config backup with this timestamp already exists")
+        record["config_backup"] = backup.name
 
-    atomic_write(backup, old_bytes, mode=_mode(config))
-    atomic_write(cal_path, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    if history_dir is not None and previous_bytes is not None:
+        Path(history_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(history_dir) / "previous-threshold.json", previous_bytes, mode=THRESHOLD_FILE_MODE)
+    existed = target.exists()
     try:
-        atomic_write(config, new_text.encode("utf-8"), mode=_mode(config))  # the commit point
-    except BaseException:
-        _unlink_quietly(cal_path)  # unreferenced; the backup stays (it equals the config)
-        raise
-    log.info("line %s: threshold %s -> %.6g (%s); old config kept as %s", line_id, old_threshold,
-             float(calibration["threshold"]), cal_path.name, backup.name)
-    return ConfigUpdate(config=config, backup=backup, calibration_file=cal_path,
-                        old_threshold=old_threshold, new_threshold=float(calibration["threshold"]))
+        atomic_write(target, (json.dumps(record, indent=2) + "\n").encode("utf-8"), mode=THRESHOLD_FILE_MODE)
+    except OSError as exc:
+        raise ConfigError(f"{target}: cannot write the threshold file ({exc.strerror or exc})") from None
+    if backup is not None and new_text is not None:  # set together when repointing
+        atomic_write(backup, old_bytes, mode=_mode(config))
+        try:
+            atomic_write(config, new_text.encode("utf-8"), mode=_mode(config))  # the commit point
+        except BaseException:
+            if not existed:
+                _unlink_quietly(target)  # unreferenced; the backup stays (it equals the config)
+            raise
+    log.info("line %s: threshold %s -> %.6g (%s%s)", line_id, old_threshold, float(calibration["threshold"]),
+             target, f"; config repointed, old config kept as {backup.name}" if backup else "")
+    return ConfigUpdate(config=config, calibration_file=target, old_threshold=old_threshold,
+                        new_threshold=float(calibration["threshold"]), config_changed=repoint, backup=backup)
+
+
+def repoint_yaml(config: Path, text: str, line_id: str, file_name: str) -> str:
+    """`text` with line `line_id`'s threshold set to {file: file_name}; everything else (comments,
+    key order, quoting, indentation) as it was, through ruamel.yaml's round-trip mode."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.error import YAMLError
+    from ruamel.yaml.util import load_yaml_guess_indent
+
+    try:
+        _, indent, seq_offset = load_yaml_guess_indent(text)
+        rt = YAML(typ="rt")
+        rt.preserve_quotes = True
+        rt.width = 4096  # never re-wrap long lines
+        rt.indent(mapping=(indent - seq_offset) if seq_offset else indent, sequence=indent, offset=seq_offset)
+        # ruamel writes None as an empty value; keep an explicit `null` as written.
+        rt.representer.add_representer(
+            type(None), lambda r, _d: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+        doc = rt.load(text)
+    except YAMLError as exc:
+        raise ConfigError(f"{config}: YAML syntax error ({exc})".replace("\n", " ")) from None
+    entry = find_line(doc, line_id, config)
+    spec = CommentedMap()
+    spec["file"] = file_name
+    spec.fa.set_flow_style()
+    entry["threshold"] = spec
+    out = io.StringIO()
+    rt.dump(doc, out)
+    return out.getvalue()
 
 
 def _validate_with_daemon_schema(config: Path, data: dict[str, Any]) -> None:
     """Refuse a config the daemon would reject (its schema, errors naming the file and field)."""
-    try:
-        from inspectd.daemon.config import config_from_dict
-    except ImportError:  # daemon part not installed/built: the YAML structure checks above still hold
-        return
+    from inspectd.daemon.config import config_from_dict
+
     config_from_dict(data, source=str(config), base_dir=config.resolve().parent)
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from inspectd.calibration.roc import roc_auc as rank_auc
+from inspectd.stats import roc_auc as rank_auc
 from inspectd.errors import ConfigError, DataError
 
 DEFAULT_CONFIDENCE = 0.95

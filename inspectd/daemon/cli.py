@@ -9,9 +9,13 @@ from typing import Any
 
 # ------------------------------------------------------------------------------ check-config
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from inspectd.daemon.config import load_config, summary
+    import sys
+
+    from inspectd.daemon.config import config_warnings, load_config, summary
 
     config = load_config(args.config, validate_paths=not args.skip_paths)
+    for warning in config_warnings(config, str(args.config)):
+        print(f"WARNING: {warning}", file=sys.stderr)
     print(f"{args.config}: OK ({summary(config)})")
     return 0
 

@@ -22,7 +22,8 @@ from inspectd.errors import ConfigError
 
 __all__ = ["DaemonConfig", "LineConfig", "GenicamSourceConfig", "ReplaySourceConfig", "SourceConfig",
            "DeviceSelector", "TriggerConfig", "ThresholdFile", "ZmqConfig", "CurveConfig",
-           "MetricsConfig", "HeatmapConfig", "ArchiveConfig", "load_config", "config_from_dict"]
+           "MetricsConfig", "HeatmapConfig", "ArchiveConfig", "BackendOptions", "OnnxRuntimeOptions",
+           "TensorRTOptions", "TorchOptions", "load_config", "config_from_dict", "config_warnings"]
 
 LINE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 _ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
@@ -166,6 +167,55 @@ class ArchiveConfig(_Strict):
     save: Literal["ng", "all"] = "ng"
 
 
+# ---------------------------------------------------------------------------------------- backend options
+# One typed model per backend, holding exactly the keyword arguments its class takes (engines/runtime/*),
+# so a typo fails `check-config` instead of giving every part a fail-safe verdict on the line. None =
+# the backend's own default; the daemon passes only the keys that are set (model_dump(exclude_none=True)).
+class OnnxRuntimeOptions(_Strict):
+    intra_op_threads: int | None = Field(None, ge=0)   # 0 = every CPU the process may use
+    device: Literal["cpu", "cuda"] | None = None        # cuda: ORT's TensorRT/CUDA providers
+    fp16: bool | None = None                            # with device: cuda
+
+
+class TensorRTOptions(_Strict):
+    # No `build`: the daemon never builds an engine (inspectd build-engine does, ahead of time).
+    precision: Literal["fp32", "fp16", "int8"] | None = None
+    device: int | None = Field(None, ge=0)              # CUDA device index
+    max_batch: int | None = Field(None, ge=1)
+    workspace_mb: int | None = Field(None, ge=1)
+    start_timeout_s: float | None = Field(None, gt=0)
+
+
+class TorchOptions(_Strict):
+    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?)$")
+    fp16: bool | None = None
+    cuda_graph: bool | None = None
+    graph_batch: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=0)
+
+
+class BackendOptions(_Strict):
+    onnxruntime: OnnxRuntimeOptions | None = None
+    tensorrt: TensorRTOptions | None = None
+    torch: TorchOptions | None = None
+
+    def _given(self) -> list[str]:
+        return [name for name in type(self).model_fields if getattr(self, name) is not None]
+
+    # Read like the {backend: {option: value}} dict this replaced (dict(options) works), holding
+    # only the options that are set: exactly the keyword arguments the backend classes take.
+    def keys(self) -> list[str]:
+        return self._given()
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        if name not in self._given():
+            raise KeyError(name)
+        return getattr(self, name).model_dump(exclude_none=True)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: self[name] for name in self._given()}
+
+
 def _known_backends() -> tuple[str, ...]:
     from inspectd.engines.runtime import BACKENDS  # no torch: the factory imports backends lazily
     return tuple(BACKENDS)
@@ -177,7 +227,7 @@ class LineConfig(_Strict):
     roi: tuple[int, int, int, int] | None = None   # x, y, w, h in source pixels
     bundle: ConfigPath
     backends: list[str] = Field(default_factory=lambda: ["tensorrt", "onnxruntime"], min_length=1)
-    backend_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    backend_options: BackendOptions = Field(default_factory=BackendOptions)
     threshold: Union[float, ThresholdFile]      # applies to the NORMALIZED score
     latency_budget_ms: float = Field(50.0, gt=0)
     on_deadline_miss: Literal["NG", "OK", "SKIP"] = "NG"
@@ -221,7 +271,7 @@ class LineConfig(_Strict):
 
     @model_validator(mode="after")
     def _options_for_listed_backends(self) -> "LineConfig":
-        extra = sorted(set(self.backend_options) - set(self.backends))
+        extra = sorted(set(self.backend_options.keys()) - set(self.backends))
         if extra:
             raise ValueError(f"backend_options for {', '.join(extra)} which is not in backends {self.backends}")
         return self
@@ -232,6 +282,8 @@ class DaemonConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     heartbeat_interval_s: float = Field(1.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Writable state (the unit's ReadWritePaths): calibration reports go to <state_dir>/<line>/calibration/.
+    state_dir: ConfigPath = Path("/var/lib/inspectd")
     lines: list[LineConfig] = Field(min_length=1)
 
     @field_validator("lines")
@@ -426,7 +478,39 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
                               f"is not a folder")
 
 
+_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+def endpoint_host(endpoint: str) -> str | None:
+    """The host of a tcp:// endpoint ('tcp://0.0.0.0:5555' -> '0.0.0.0'); None for ipc:// and inproc://."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    return endpoint[len("tcp://"):].rsplit(":", 1)[0]
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith(_LOOPBACK_HOSTS)
+
+
+def config_warnings(config: DaemonConfig, source: str = "<config>") -> list[str]:
+    """Settings that are valid but unsafe on a line; `check-config` prints them and the daemon logs
+    them at start. One line each, naming the file and the field."""
+    out: list[str] = []
+    for i, line in enumerate(config.lines):
+        if line.on_deadline_miss == "OK":
+            out.append(f"{source}: lines[{i}].on_deadline_miss: OK FAILS OPEN on line {line.id}: a part without "
+                       f"a result in time (deadline miss, engine error, malformed or dropped frame) is PASSED "
+                       f"UNINSPECTED; use NG unless a person checks every part downstream")
+    host = endpoint_host(config.zmq.endpoint)
+    if host is not None and not is_loopback(host) and config.zmq.curve is None:
+        out.append(f"{source}: zmq.endpoint: {config.zmq.endpoint} is reachable from other machines without "
+                   f"CURVE: anyone on that network can read (and spoof a consumer of) the verdicts; "
+                   f"set zmq.curve or bind 127.0.0.1")
+    return out
+
+
 def summary(config: DaemonConfig) -> str:
     """'2 lines: line1 (genicam), line2 (replay)' for check-config and the startup log."""
     parts = [f"{line.id} ({line.source.type})" for line in config.lines]
     return f"{len(parts)} line{'s' if len(parts) != 1 else ''}: {', '.join(parts)}"
+

@@ -97,19 +97,33 @@ class LineThreshold:
     def value(self) -> float:
         return self._value
 
-    def reload(self) -> bool:
-        """Re-read the calibration file. True if the threshold changed."""
-        if self.path is None:
+    def reload(self, spec: float | str | Path | None = None) -> bool:
+        """Re-read the threshold. `spec` is the line's threshold as the re-read config now gives it
+        (a number or a calibration file: `inspectd calibrate` may have repointed the config); None
+        re-reads the current file. A bad value keeps the old threshold (one log line). True if the
+        threshold changed."""
+        if spec is None and self.path is None:
             return False
         with self._lock:
+            path = self.path if spec is None else (
+                None if isinstance(spec, (int, float)) and not isinstance(spec, bool) else Path(spec))
             try:
-                new = read_threshold_file(self.path)
+                if path is not None:
+                    new = read_threshold_file(path)
+                elif isinstance(spec, bool) or not math.isfinite(float(spec)):  # type: ignore[arg-type]
+                    raise ConfigError(f"threshold {spec!r} is not a finite number")
+                else:
+                    new = float(spec)  # type: ignore[arg-type]
             except ConfigError as exc:
                 log.error("line %s: threshold reload failed, keeping %.4g: %s", self.line, self._value, exc)
                 return False
             old, self._value = self._value, new
+            moved = path != self.path
+            self.path = path
+        where = f"from {path}" if path is not None else "from the config"
         if new != old:
-            log.info("line %s: threshold %.4g -> %.4g (from %s)", self.line, old, new, self.path)
+            log.info("line %s: threshold %.4g -> %.4g (%s)", self.line, old, new, where)
             return True
-        log.info("line %s: threshold unchanged at %.4g", self.line, new)
+        log.info("line %s: threshold unchanged at %.4g (%s)%s", self.line, new, where,
+                 "; source changed" if moved else "")
         return False

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inspectd.daemon.config import DaemonConfig, LineConfig, ThresholdFile, load_config, summary
+from inspectd.daemon.config import (DaemonConfig, LineConfig, ThresholdFile, config_warnings, load_config,
+                                    summary)
+from inspectd.errors import ConfigError
 from inspectd.daemon.frame import Verdict
 from inspectd.daemon.archive import NgArchive
 from inspectd.daemon.line import LineSettings, LineThreshold
@@ -163,7 +165,7 @@ class Daemon:
     def _drift_for(self, cfg: LineConfig) -> Any:
         if not isinstance(cfg.threshold, ThresholdFile):
             return None
-        from inspectd.calibration.drift import DriftWatch
+        from inspectd.stats import DriftWatch
 
         try:
             return DriftWatch.from_calibration(cfg.threshold.file)
@@ -220,10 +222,32 @@ class Daemon:
             except Exception:
                 log.exception("supervisor tick failed")
 
-    def reload_thresholds(self) -> None:
+    def reload_thresholds(self, config_path: str | Path | None = None) -> None:
+        """SIGHUP. With `config_path`, each line's threshold spec is re-read from the config file
+        (`inspectd calibrate` may have repointed it), validated and applied; without, the current
+        threshold files are re-read. A config or threshold file that does not load keeps the old
+        thresholds and logs one line. Only thresholds change; anything else needs a restart."""
         log.info("SIGHUP: reloading thresholds")
+        fresh: dict[str, LineConfig] = {}
+        if config_path is not None:
+            try:
+                fresh = {cfg.id: cfg for cfg in load_config(config_path).lines}
+            except ConfigError as exc:
+                log.error("threshold reload failed, keeping the current thresholds: %s", exc)
+                return
         for pipeline in self.lines.values():
-            pipeline.threshold.reload()
+            cfg = fresh.get(pipeline.line)
+            if config_path is not None and cfg is None:
+                log.error("line %s: threshold reload failed, keeping %.4g: the line is no longer in %s",
+                          pipeline.line, pipeline.threshold.value, config_path)
+                continue
+            spec: float | Path | None = None
+            if cfg is not None:
+                spec = cfg.threshold.file if isinstance(cfg.threshold, ThresholdFile) else float(cfg.threshold)
+            before = pipeline.threshold.path
+            if pipeline.threshold.reload(spec) or pipeline.threshold.path != before:
+                # The drift reference is the calibration's good scores: follow the new file.
+                pipeline.drift = self._drift_for(cfg) if cfg is not None else pipeline.drift
             self.metrics.threshold.labels(line=pipeline.line).set(pipeline.threshold.value)
 
     # ---- stop ------------------------------------------------------------------------------------
@@ -256,6 +280,8 @@ class Daemon:
 def run(config_path: str | Path) -> int:
     config = load_config(config_path, validate_paths=True)
     logging.getLogger().setLevel(config.log_level)
+    for warning in config_warnings(config, str(config_path)):
+        log.warning("%s", warning)
     stop_requested = threading.Event()
     reload_requested = threading.Event()
 
@@ -277,7 +303,7 @@ def run(config_path: str | Path) -> int:
             while not stop_requested.wait(0.1):
                 if reload_requested.is_set():
                     reload_requested.clear()
-                    daemon.reload_thresholds()
+                    daemon.reload_thresholds(config_path)
         finally:
             daemon.stop()
     finally:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from inspectd.calibration.drift import DriftWatch
+from inspectd.stats import DriftWatch
 from inspectd.cli import main
 from inspectd.daemon.config import load_config
 from inspectd.engines.bundle import load_bundle

@@ -1,12 +1,14 @@
-"""Atomic config update: new threshold file + YAML pointing at it, byte-exact backup, and a crash
-at the commit point (in-process failure, and a real SIGKILL of a child process) leaves the old
-config intact and loadable by the daemon's own config loader."""
+"""Atomic threshold update: the first calibration writes <line>.threshold.json (0644) and repoints
+the YAML with ruamel.yaml round-trip (comments kept, byte-exact backup); later ones replace that
+file and leave the YAML alone. A crash at the commit point (in-process failure, and a real SIGKILL
+of a child process) leaves the old config intact and loadable by the daemon's own config loader."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -20,13 +22,13 @@ from inspectd.daemon.config import load_config
 from inspectd.errors import ConfigError
 
 CONFIG = """\
-# production lines (this comment is not kept by re-dumping; the .bak keeps it)
-zmq: {endpoint: "tcp://127.0.0.1:5555"}
+# production lines: this comment must survive a calibration
+zmq: {endpoint: "tcp://127.0.0.1:5555"}   # loopback only
 lines:
   - id: line1
     source: {type: replay, path: frames/}
     bundle: bundles/tiny
-    threshold: 3.0
+    threshold: 3.0            # set by inspectd calibrate
     latency_budget_ms: 50
   - id: line2
     source: {type: replay, path: frames2/}
@@ -49,31 +51,54 @@ def _siblings(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
-def test_update_writes_calibration_file_backup_and_config(config: Path) -> None:
-    upd = cu.update_line_threshold(config, "line1", CALIBRATION)
+def test_first_calibration_repoints_the_config_keeping_comments(config: Path) -> None:
+    old_umask = os.umask(0o077)  # root's sudo umask: the file must still be readable by the service
+    try:
+        upd = cu.update_line_threshold(config, "line1", CALIBRATION)
+    finally:
+        os.umask(old_umask)
+    assert upd.config_changed and upd.calibration_file == config.parent / "line1.threshold.json"
+    assert stat.S_IMODE(upd.calibration_file.stat().st_mode) == 0o644
     # The daemon's loader accepts the new config and resolves the file next to it.
-    daemon_cfg = load_config(config, validate_paths=False)
-    line1 = daemon_cfg.line("line1")
-    assert Path(line1.threshold.file) == upd.calibration_file.resolve()
+    line1 = load_config(config, validate_paths=False).line("line1")
+    assert Path(line1.threshold.file) == upd.calibration_file
     record = json.loads(upd.calibration_file.read_text())
     assert record["threshold"] == 1.75 and record["bundle_id"] == "abc123def456"
     assert record["previous_threshold"] == 3.0 and record["n_good"] == 600
-    # Backup is the old file byte for byte (comments included); other content is preserved.
-    assert upd.backup.read_text() == CONFIG
+    # Only the threshold line changed; every comment is still there.
+    new = config.read_text().splitlines()
+    old = CONFIG.splitlines()
+    changed = [(a, b) for a, b in zip(old, new) if a != b]
+    assert len(new) == len(old) and changed == [("    threshold: 3.0            # set by inspectd calibrate",
+                                                 "    threshold: {file: line1.threshold.json} # set by inspectd calibrate")]
+    # Backup is the old file byte for byte.
+    assert upd.backup is not None and upd.backup.read_text() == CONFIG
     assert upd.backup.name.startswith("lines.yaml.bak-")
-    data = yaml.safe_load(config.read_text())
-    assert data["lines"][1]["threshold"] == 2.5 and data["zmq"]["endpoint"] == "tcp://127.0.0.1:5555"
-    assert data["lines"][0]["latency_budget_ms"] == 50
     assert not [n for n in _siblings(config.parent) if n.endswith(".tmp")]
 
 
-def test_second_calibration_keeps_both_records(config: Path) -> None:
+def test_recalibration_replaces_the_file_and_leaves_the_yaml_alone(config: Path, tmp_path: Path) -> None:
     first = cu.update_line_threshold(config, "line1", CALIBRATION)
-    second = cu.update_line_threshold(config, "line1", {**CALIBRATION, "threshold": 2.0})
-    assert first.calibration_file != second.calibration_file and first.calibration_file.exists()
-    assert second.old_threshold == {"file": first.calibration_file.name}
-    assert yaml.safe_load(second.backup.read_text())["lines"][0]["threshold"] == {"file": first.calibration_file.name}
-    assert load_config(config).line("line1").threshold.file.name == second.calibration_file.name
+    yaml_bytes = config.read_bytes()
+    history = tmp_path / "report"
+    second = cu.update_line_threshold(config, "line1", {**CALIBRATION, "threshold": 2.0}, history_dir=history)
+    assert not second.config_changed and second.backup is None
+    assert second.calibration_file == first.calibration_file and config.read_bytes() == yaml_bytes
+    assert second.old_threshold == 1.75 and json.loads(first.calibration_file.read_text())["threshold"] == 2.0
+    assert stat.S_IMODE(first.calibration_file.stat().st_mode) == 0o644
+    assert json.loads((history / "previous-threshold.json").read_text())["threshold"] == 1.75
+    assert len(list(config.parent.glob("lines.yaml.bak-*"))) == 1  # only the first one changed the YAML
+
+
+def test_a_threshold_file_shared_with_another_line_is_not_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "lines.yaml"
+    path.write_text(CONFIG.replace("threshold: 3.0", "threshold: {file: shared.json}").replace(
+        "threshold: 2.5", "threshold: {file: ./shared.json}"))
+    (tmp_path / "shared.json").write_text(json.dumps({"threshold": 4.0}))
+    upd = cu.update_line_threshold(path, "line1", CALIBRATION)
+    assert upd.config_changed and upd.calibration_file.name == "line1.threshold.json"
+    assert json.loads((tmp_path / "shared.json").read_text()) == {"threshold": 4.0}  # line2 unchanged
+    assert load_config(path).line("line2").threshold.file == tmp_path / "shared.json"
 
 
 def test_failure_at_commit_point_leaves_old_config_intact(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,7 +117,7 @@ def test_failure_at_commit_point_leaves_old_config_intact(config: Path, monkeypa
     assert load_config(config).line("line1").threshold == 3.0
     names = _siblings(config.parent)
     assert not [n for n in names if n.endswith(".tmp")]            # temp file cleaned up
-    assert not [n for n in names if ".calibration-" in n]          # unreferenced record removed
+    assert "line1.threshold.json" not in names                     # unreferenced record removed
 
 
 def test_sigkill_of_writer_at_commit_point_leaves_old_config_intact(config: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inspectd.calibration.drift import DriftWatch, ks_statistic
+from inspectd.stats import DriftWatch, ks_statistic
 from inspectd.errors import ConfigError
 
 
@@ -118,7 +118,7 @@ def test_calibration_runtime_modules_never_import_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, inspectd.calibration.drift, inspectd.calibration.threshold, "
+    code = ("import sys, inspectd.stats, inspectd.calibration.threshold, "
             "inspectd.calibration.config_update, inspectd.calibration.calibrate, inspectd.calibration.cli; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -246,3 +246,92 @@ lines:
     res = _cli("check-config", str(path))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"{path}: OK (1 line: parts (replay))"
+
+
+# ---------------------------------------------------------------------------------------- backend options
+@pytest.mark.parametrize("options, field, expected", [
+    ("{onnxruntime: {thread: 2}}", "backend_options.onnxruntime.thread", "unknown key"),
+    ("{onnxruntime: {intra_op_threads: -1}}", "backend_options.onnxruntime.intra_op_threads", "greater than or equal to 0"),
+    ("{onnxruntime: {intra_op_threads: two}}", "backend_options.onnxruntime.intra_op_threads", "valid integer"),
+    ("{onnxruntime: {device: gpu}}", "backend_options.onnxruntime.device", "'cpu' or 'cuda'"),
+    ("{tensorrt: {precision: fp8}}", "backend_options.tensorrt.precision", "'fp32', 'fp16' or 'int8'"),
+    ("{tensorrt: {build: true}}", "backend_options.tensorrt.build", "unknown key"),  # the daemon never builds
+    ("{tensorrt: {max_batch: 0}}", "backend_options.tensorrt.max_batch", "greater than or equal to 1"),
+    ("{torch: {device: gpu0}}", "backend_options.torch.device", "pattern"),
+    ("{cuda: {}}", "backend_options.cuda", "unknown key"),
+])
+def test_backend_option_mistakes_name_file_and_field(tmp_path: Path, options: str, field: str, expected: str) -> None:
+    text = FULL.replace("backends: [onnxruntime]", "backends: [tensorrt, onnxruntime, torch]").replace(
+        "backend_options: {onnxruntime: {intra_op_threads: 1}}", f"backend_options: {options}")
+    path = _write(tmp_path, text)
+    msg = _error(path)
+    assert msg.startswith(f"{path}: lines[0].{field}: "), msg
+    assert expected in msg, msg
+
+
+def test_backend_options_are_typed_and_passed_as_set(tmp_path: Path) -> None:
+    text = FULL.replace("backends: [onnxruntime]", "backends: [tensorrt, onnxruntime]").replace(
+        "backend_options: {onnxruntime: {intra_op_threads: 1}}",
+        "backend_options: {onnxruntime: {intra_op_threads: 2}, tensorrt: {precision: int8, device: 1}}")
+    opts = load_config(_write(tmp_path, text)).lines[0].backend_options
+    # Only the options written reach the backend (None = the backend's own default).
+    assert opts.as_dict() == {"onnxruntime": {"intra_op_threads": 2}, "tensorrt": {"precision": "int8", "device": 1}}
+    assert dict(opts) == opts.as_dict()  # reads like the plain dict it replaced
+    assert load_config(_write(tmp_path, MINIMAL, "min.yaml")).lines[0].backend_options.as_dict() == {}
+
+
+def test_backend_option_schemas_match_what_the_backends_take() -> None:
+    """Every typed option is a keyword argument of its backend class (ONNX Runtime's
+    intra_op_threads is its `threads`, the name the daemon's thread sharing reads)."""
+    import importlib
+    import inspect
+
+    from inspectd.daemon.config import BackendOptions
+    from inspectd.engines.runtime import BACKENDS
+
+    renamed = {("onnxruntime", "intra_op_threads"): "threads"}
+    assert set(BackendOptions.model_fields) == set(BACKENDS)
+    for name, (module, cls_name) in BACKENDS.items():
+        params = inspect.signature(getattr(importlib.import_module(module), cls_name).__init__).parameters
+        model = BackendOptions.model_fields[name].annotation.__args__[0]
+        for option in model.model_fields:
+            assert renamed.get((name, option), option) in params, f"{name}.{option} is not taken by {cls_name}"
+
+
+def test_check_config_rejects_an_option_typo_and_warns_loudly_on_fail_open(tmp_path: Path) -> None:
+    typo = _write(tmp_path, MINIMAL + "    backends: [onnxruntime]\n    backend_options: {onnxruntime: {thread: 2}}\n",
+                  "typo.yaml")
+    res = _cli("check-config", "--skip-paths", str(typo))
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip() == (f"inspectd check-config: error: {typo}: lines[0].backend_options.onnxruntime.thread: "
+                                  f"unknown key (not part of the schema; check the spelling)")
+
+    fail_open = _write(tmp_path, MINIMAL + "    on_deadline_miss: OK\n", "open.yaml")
+    res = _cli("check-config", "--skip-paths", str(fail_open))
+    assert res.returncode == 0 and res.stdout.strip() == f"{fail_open}: OK (1 line: line1 (replay))"
+    (warning,) = res.stderr.strip().splitlines()
+    assert warning.startswith(f"WARNING: {fail_open}: lines[0].on_deadline_miss: OK FAILS OPEN on line line1")
+    assert "PASSED UNINSPECTED" in warning
+    quiet = _cli("check-config", "--skip-paths", str(_write(tmp_path, MINIMAL, "ng.yaml")))
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_public_endpoint_without_curve_warns(tmp_path: Path) -> None:
+    from inspectd.daemon.config import config_warnings
+
+    public = load_config(_write(tmp_path, 'zmq: {endpoint: "tcp://0.0.0.0:5555"}\n' + MINIMAL))
+    (warning,) = config_warnings(public, "x.yaml")
+    assert warning.startswith("x.yaml: zmq.endpoint: tcp://0.0.0.0:5555 is reachable from other machines without CURVE")
+    assert config_warnings(load_config(_write(tmp_path, MINIMAL, "m.yaml")), "m.yaml") == []
+
+
+def test_daemon_logs_the_fail_open_warning_at_start(tmp_path: Path) -> None:
+    # A folder with a manifest passes the path checks; the daemon logs the warning, then refuses
+    # the (fake) bundle: the warning is in the log before anything else can go wrong.
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "manifest.json").write_text("{}")
+    (tmp_path / "parts").mkdir()
+    path = _write(tmp_path, MINIMAL + "    on_deadline_miss: OK\n")
+    res = _cli("run", "--config", str(path))
+    assert res.returncode != 0
+    assert re.search(r"WARNING.*lines\[0\]\.on_deadline_miss: OK FAILS OPEN on line line1", res.stderr), res.stderr
