@@ -44,9 +44,10 @@ class InputInfo(_Strict):
     # Source-frame crop (x, y, w, h) applied before the resize by every caller; None = whole frame.
     # Optional: bundles written before it existed load as whole-frame bundles.
     roi: tuple[int, int, int, int] | None = None
-    # Informative: the graph cuts these overlapping tiles of the input itself and stitches the map.
+    # Informative: the graph cuts these overlapping tiles (rows, cols) of the input itself and stitches
+    # the map; tile_overlap as the engine records it (input pixels shared by neighbouring tiles).
     tiles: tuple[int, int] | None = None
-    tile_overlap: float | None = Field(None, ge=0.0, lt=1.0)
+    tile_overlap: float | None = Field(None, ge=0.0)
 
     @field_validator("roi")
     @classmethod

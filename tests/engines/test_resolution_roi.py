@@ -229,7 +229,7 @@ def make_roi_bundle(out: Path, roi: tuple[int, int, int, int] | None = ROI,
         "flow": {"steps": 0, "hidden_ratio": 0.0, "kernel_size": 1, "clamp": 1.0, "fusion": "separate",
                  "score_term": "z2"},
         "input": {"height": H, "width": W, "color_mode": "gray", "channels": 1, "resize": "cv2.INTER_AREA",
-                  "roi": roi, "tiles": tiles, "tile_overlap": 0.25 if tiles else None},
+                  "roi": roi, "tiles": tiles, "tile_overlap": 32 if tiles else None},
         "map": {"height": H // POOL, "width": W // POOL, "smoothing_sigma": 0.0, "display_lo": 0.0,
                 "display_hi": 0.25},
         "score": {"reduction": "max", "good_mean": mean, "good_std": std, "good_quantiles": {"0.99": max(good_scores)},
@@ -276,7 +276,7 @@ def frames(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_manifest_records_roi_and_tiles_and_the_spec_carries_the_roi(roi_bundle: Bundle) -> None:
     i = roi_bundle.manifest.input
-    assert (i.height, i.width) == (H, W) and i.roi == ROI and i.tiles == (1, 2) and i.tile_overlap == 0.25
+    assert (i.height, i.width) == (H, W) and i.roi == ROI and i.tiles == (1, 2) and i.tile_overlap == 32
     assert roi_bundle.input_spec == InputSpec(H, W, "gray", roi=ROI) and roi_bundle.roi == ROI
     assert roi_bundle.map_shape == (H // POOL, W // POOL)
     raw = json.loads((roi_bundle.path / "manifest.json").read_text())
@@ -297,7 +297,7 @@ def test_bundles_without_the_new_fields_still_load(tmp_path: Path, roi_bundle_pa
 
 
 @pytest.mark.parametrize("field,value,why", [("roi", [0, 0, 0, 5], "w,h > 0"), ("roi", [1, 2, 3], "Field required"),
-                                             ("tiles", [0, 2], "1..8"), ("tile_overlap", 1.5, "less than 1")])
+                                             ("tiles", [0, 2], "1..8"), ("tile_overlap", -1, "greater than or equal to 0")])
 def test_a_bad_roi_or_tiling_in_the_manifest_is_refused_in_one_line(tmp_path: Path, roi_bundle_path: Path,
                                                                     field: str, value: Any, why: str) -> None:
     bad = tmp_path / "bad"
