@@ -23,6 +23,7 @@ SCORE_BUCKETS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0,
 
 VERDICTS = ("OK", "NG", "SKIP")
 DROP_REASONS = ("queue_full", "malformed", "engine_error")
+PUBLISH_DROP_REASONS = ("queue_full", "encode_error", "send_error")  # publish.DROP_REASONS
 
 
 @dataclass
@@ -91,6 +92,9 @@ class Metrics:
                                  "KS statistic of recent scores vs calibration good scores", ["line"],
                                  registry=r)
         self.queue_depth = Gauge("inspectd_queue_depth", "Frames waiting for inference", ["line"], registry=r)
+        self.publish_dropped = Counter("inspectd_publish_dropped_total",
+                                       "Verdicts/heatmaps the publisher did not send (a seq gap for subscribers)",
+                                       ["line", "topic", "reason"], registry=r)
         self.up = Gauge("inspectd_up", "1 while the daemon runs", registry=r)
         self._engine_lock = threading.Lock()
         self._engine_labels: dict[str, tuple[str, str]] = {}
@@ -108,6 +112,9 @@ class Metrics:
         self.anomaly_score.labels(line=line)
         self.queue_depth.labels(line=line).set(0)
         self.camera_connected.labels(line=line).set(0)
+        for topic in ("verdict", "heatmap"):
+            for reason in PUBLISH_DROP_REASONS:
+                self.publish_dropped.labels(line=line, topic=topic, reason=reason)
         if threshold is not None:
             self.threshold.labels(line=line).set(threshold)
 

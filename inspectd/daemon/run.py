@@ -112,7 +112,7 @@ class Daemon:
         z = self.config.zmq
         self.publisher = Publisher(z.endpoint, sndhwm=z.sndhwm, linger_ms=z.linger_ms,
                                    heartbeat_interval_s=self.config.heartbeat_interval_s, curve=curve,
-                                   on_sent=self._on_sent)
+                                   on_sent=self._on_sent, on_dropped=self._on_dropped)
         for line_id in self.lines:
             self.publisher.register_line(line_id)
 
@@ -192,6 +192,10 @@ class Daemon:
         if topic.startswith("verdict."):
             latency_s = (header["published_ns"] - header["acquired_ns"]) / 1e9
             self.metrics.end_to_end_seconds.labels(line=header["line"]).observe(max(latency_s, 0.0))
+
+    def _on_dropped(self, line: str, kind: str, reason: str) -> None:
+        # A verdict/heatmap the publisher could not send (subscribers also see a seq gap).
+        self.metrics.publish_dropped.labels(line=line, topic=kind, reason=reason).inc()
 
     # ---- running ---------------------------------------------------------------------------------
 
