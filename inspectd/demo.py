@@ -97,7 +97,8 @@ def _train_and_calibrate(work: Path, epochs: int, retrain: bool) -> tuple[Path, 
     except BundleError:
         # The demo's defects are small (a scratch, a spot) on parts that barely vary: per-tap flows at
         # full feature resolution, scored by the map's peak, find them (the MTD defaults average them away).
-        cfg = TrainConfig(model=ModelConfig(image_size=DEMO_SIZE, taps=[4, 10], map_size=32, fusion="separate",
+        cfg = TrainConfig(model=ModelConfig(image_height=DEMO_SIZE, image_width=DEMO_SIZE, taps=[4, 10],
+                                            fusion="separate",
                                             score_term="nll", reduction="max", hidden_ratio=1.0),
                           epochs=epochs, views=2, seed=0)
         result = train(data.train_good, bundle_dir, cfg, force=True, golden_bad_dir=data.test_bad)

@@ -32,7 +32,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Synth
     from inspectd.engines.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
-    cfg = TrainConfig(model=ModelConfig(image_size=TINY_IMAGE_SIZE, taps=[4, 10], map_size=32),
+    cfg = TrainConfig(model=ModelConfig(image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, taps=[4, 10]),
                       epochs=12, views=2, seed=0)
     train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
     return out

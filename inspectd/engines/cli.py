@@ -34,7 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "write a verified bundle (model.onnx + manifest.json).")
     p.add_argument("--good", required=True, help="folder of good images")
     p.add_argument("--out", required=True, help="bundle directory to create")
-    p.add_argument("--image-size", type=_positive_int, default=256, help="square input size (default 256)")
+    p.add_argument("--image-size", default="256",
+                   help="engine input per tile: S (short side S, long side from the images' aspect) or HxW "
+                        "(height x width), multiples of 32 (default 256)")
+    p.add_argument("--tiles", default="1x1", help="ROWSxCOLS overlapping tiles of each frame, run as one batch "
+                   "and stitched back into one map (default 1x1)")
+    p.add_argument("--tile-overlap", type=int, default=32, help="pixels shared by neighbouring tiles (default 32)")
     p.add_argument("--roi", default=None, metavar="X,Y,W,H",
                    help="crop of the source images (pixels) the model sees; recorded in the bundle and applied "
                         "by eval, calibrate and the daemon (default: whole frames)")
@@ -113,9 +118,28 @@ def _roi_arg(text: str | None, good: str) -> tuple[int, int, int, int] | None:
     return roi
 
 
+def _image_size_arg(text: str, good: str, roi: tuple[int, int, int, int] | None) -> tuple[int, int]:
+    """--image-size parsed (one-line ConfigError); a single number takes the training images' aspect."""
+    import cv2
+
+    from inspectd.engines.preprocess import list_images, parse_image_size, resolve_image_size
+
+    parsed = parse_image_size(text, ConfigError, "--image-size")
+    shapes = []
+    if parsed[1] is None and roi is None:
+        for path in list_images(good)[:32]:
+            img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            if img is not None:
+                shapes.append(img.shape)
+        if not shapes:  # empty or unreadable folder: train() names the problem
+            return (parsed[0], parsed[0])
+    return resolve_image_size(parsed, shapes, roi)
+
+
 def _train(args: argparse.Namespace) -> int:
     roi = _roi_arg(args.roi, args.good)  # before the slow imports
     from inspectd.engines.model import ModelConfig
+    from inspectd.engines.preprocess import parse_tiles
     from inspectd.engines.train import AUGMENTATIONS, TrainConfig, summary, train
 
     augment = [] if args.augment.strip().lower() == "none" else [a.strip() for a in args.augment.split(",") if a.strip()]
@@ -130,12 +154,17 @@ def _train(args: argparse.Namespace) -> int:
 
     refuse_existing(Path(args.out), args.force)  # before any slow work
     color = _detect_color(args.good) if args.color == "auto" else args.color
-    map_size = max(8, args.image_size // 4)
-    cfg = TrainConfig(model=ModelConfig(backbone=args.backbone, taps=args.taps, image_size=args.image_size,
-                                        color_mode=color, steps=args.steps, hidden_ratio=args.hidden_ratio,
-                                        map_size=map_size, seed=args.seed, fusion=args.fusion,
-                                        kernel_size=args.kernel_size, score_term=args.score_term,
-                                        reduction=args.reduction),
+    height, width = _image_size_arg(args.image_size, args.good, roi)
+    tiles = parse_tiles(args.tiles, ConfigError, "--tiles")
+    model_cfg = ModelConfig(backbone=args.backbone, taps=args.taps, image_height=height, image_width=width,
+                            tiles=tiles, tile_overlap=args.tile_overlap, color_mode=color, steps=args.steps,
+                            hidden_ratio=args.hidden_ratio, seed=args.seed, fusion=args.fusion,
+                            kernel_size=args.kernel_size, score_term=args.score_term, reduction=args.reduction)
+    try:
+        model_cfg.check()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    cfg = TrainConfig(model=model_cfg,
                       epochs=args.epochs, augment=augment, views=args.views, batch_size=args.batch_size,
                       seed=args.seed, weights=args.weights, roi=roi)
     result = train(args.good, args.out, cfg, force=args.force, golden_bad_dir=args.golden_bad)

@@ -17,7 +17,7 @@ OPSET = 17
 def export_onnx(model: AnomalyModel, path: Path) -> None:
     cfg = model.config
     channels = 1 if cfg.color_mode == "gray" else 3
-    example = torch.zeros(1, cfg.image_size, cfg.image_size, channels, dtype=torch.uint8)
+    example = torch.zeros(1, cfg.input_height, cfg.input_width, channels, dtype=torch.uint8)
     model = model.eval().cpu()
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():

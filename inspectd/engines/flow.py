@@ -31,19 +31,21 @@ class Subnet(nn.Module):
 
 
 class AffineCoupling(nn.Module):
-    def __init__(self, channels: int, hidden: int, kernel_size: int, clamp: float, seed: int) -> None:
+    def __init__(self, channels: int, hidden: int, kernel_size: int, clamp: float, seed: int,
+                 cond_channels: int = 0) -> None:
         super().__init__()
         self.c1 = channels // 2
         self.c2 = channels - self.c1
         self.clamp = clamp
-        self.subnet = Subnet(self.c1, hidden, 2 * self.c2, kernel_size)
+        self.subnet = Subnet(self.c1 + cond_channels, hidden, 2 * self.c2, kernel_size)
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("perm", torch.randperm(channels, generator=g), persistent=True)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, C, H, W) -> (z permuted, log|det J| per position (N, H, W))."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, C, H, W) -> (z permuted, log|det J| per position (N, H, W)). `cond` (positional
+        channels) only conditions the subnet: it is not transformed, so the Jacobian is unchanged."""
         y1, y2 = x[:, : self.c1], x[:, self.c1:]
-        s, t = self.subnet(y1).chunk(2, dim=1)
+        s, t = self.subnet(y1 if cond is None else torch.cat([y1, cond], dim=1)).chunk(2, dim=1)
         s = self.clamp * torch.tanh(s / self.clamp)
         z2 = torch.exp(s) * y2 + t
         z = torch.cat([y1, z2], dim=1)[:, self.perm]
@@ -54,22 +56,22 @@ class ScaleFlow(nn.Module):
     """`steps` coupling steps over one feature scale."""
 
     def __init__(self, channels: int, steps: int, hidden_ratio: float, kernel_size: int, clamp: float,
-                 seed: int) -> None:
+                 seed: int, cond_channels: int = 0) -> None:
         super().__init__()
         hidden = max(8, int(round(channels * hidden_ratio)))
         self.steps = nn.ModuleList(
-            AffineCoupling(channels, hidden, kernel_size, clamp, seed * 1000 + i) for i in range(steps))
+            AffineCoupling(channels, hidden, kernel_size, clamp, seed * 1000 + i, cond_channels) for i in range(steps))
 
-    def transform(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(0.5 |z|^2, log|det J|) per position, each divided by the channel count: (N, H, W) x 2."""
         logdet = torch.zeros_like(x[:, 0])
         for step in self.steps:
-            x, ld = step(x)
+            x, ld = step(x, cond)
             logdet = logdet + ld
         c = x.shape[1]
         return 0.5 * (x * x).sum(dim=1) / c, logdet / c
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Per-position NLL (the training loss) divided by the channel count: (N, H, W)."""
-        half_z2, logdet = self.transform(x)
+        half_z2, logdet = self.transform(x, cond)
         return half_z2 - logdet

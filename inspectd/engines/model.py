@@ -31,33 +31,86 @@ from inspectd.engines.flow import ScaleFlow
 class ModelConfig:
     backbone: str = "efficientnet-lite0"
     taps: list[int] = field(default_factory=lambda: [4, 10, 15])
-    image_size: int = 256
+    # The engine's input per tile (height x width). With tiles (rows x cols), the bundle input is
+    # the canvas those overlapping tiles cover (input_height x input_width): the graph cuts it.
+    image_height: int = 256
+    image_width: int = 256
     color_mode: str = "gray"
-    # "separate": one flow per tap at its own resolution. "fused": every tap average-pooled (or
-    # upsampled) to fused_size x fused_size and concatenated, one flow over the joint embedding.
-    # Defaults from the MTD design study (benchmarks/RESULTS.md): fused 8x8, 3x3 subnets, |z|^2, mean.
+    tiles: tuple[int, int] = (1, 1)
+    tile_overlap: int = 32          # pixels shared by neighbouring tiles (a multiple of 32)
+    # "separate": one flow per tap at its own resolution. "fused": every tap resampled to the grid
+    # of `fused_stride` (input pixels per position) and concatenated, one flow over the joint embedding.
     fusion: str = "fused"
-    fused_size: int = 8
+    fused_stride: int = 32
+    neighbourhood: int = 1          # k x k average of each tap before fusion (local context)
+    positional: int = 0             # sinusoidal position channels given to every subnet (0: none)
     steps: int = 4
     hidden_ratio: float = 0.4
     kernel_size: int = 3
     clamp: float = 2.0
-    map_size: int = 64
-    smoothing_sigma: float = 1.0   # in map pixels
+    map_stride: int = 4             # input pixels per anomaly-map pixel
+    smoothing_sigma: float = 1.0    # in map pixels
     # Per-position anomaly: "nll" = 0.5|z|^2 - log|det J| (the training loss), or "z2" = 0.5|z|^2
     # alone (DifferNet / CS-Flow score with the Jacobian term dropped).
     score_term: str = "z2"
-    reduction: str = "mean"        # "max" | "topk" | "mean" (of the map)
-    topk: int = 10
+    reduction: str = "mean"         # "max" | "topk" (mean of the top `topk_fraction` of the map) | "mean"
+    topk_fraction: float = 0.03
     seed: int = 0
 
+    @property
+    def tile_stride(self) -> tuple[int, int]:
+        return (self.image_height - self.tile_overlap, self.image_width - self.tile_overlap)
+
+    @property
+    def input_height(self) -> int:
+        return self.image_height + (self.tiles[0] - 1) * self.tile_stride[0]
+
+    @property
+    def input_width(self) -> int:
+        return self.image_width + (self.tiles[1] - 1) * self.tile_stride[1]
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["tiles"] = list(self.tiles)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        if "image_size" in d:  # bundles written before non-square inputs
+            d.setdefault("image_height", d["image_size"])
+            d.setdefault("image_width", d["image_size"])
+        if "fused_size" in d and "fused_stride" not in d:
+            d["fused_stride"] = max(1, d.get("image_height", 256) // d["fused_size"])
+        if "tiles" in d:
+            d["tiles"] = tuple(d["tiles"])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def check(self) -> None:
+        """Raises ValueError naming the first setting that cannot work."""
+        for name in ("image_height", "image_width"):
+            v = getattr(self, name)
+            if v < 32 or v % 32:
+                raise ValueError(f"{name} {v}: must be a positive multiple of 32 (the backbone's stride)")
+        if not (1 <= self.tiles[0] <= 8 and 1 <= self.tiles[1] <= 8):
+            raise ValueError(f"tiles {self.tiles[0]}x{self.tiles[1]}: rows and columns must be 1..8")
+        tiled = self.tiles != (1, 1)
+        if tiled and (self.tile_overlap < 0 or self.tile_overlap % 32
+                      or self.tile_overlap >= min(self.image_height, self.image_width) // 2):
+            raise ValueError(f"tile_overlap {self.tile_overlap}: a multiple of 32 below half the tile size")
+        if self.fusion not in ("separate", "fused"):
+            raise ValueError(f"fusion must be 'separate' or 'fused', not {self.fusion!r}")
+        if self.fused_stride not in (8, 16, 32):
+            raise ValueError(f"fused_stride {self.fused_stride}: choose 8, 16 or 32")
+        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
+            raise ValueError(f"neighbourhood {self.neighbourhood}: an odd size >= 1")
+        if self.reduction not in ("mean", "max", "topk"):
+            raise ValueError(f"reduction must be mean, max or topk, not {self.reduction!r}")
+        if not 0 < self.topk_fraction <= 1:
+            raise ValueError(f"topk_fraction {self.topk_fraction}: must be in (0, 1]")
+        if self.positional < 0 or self.positional % 4:
+            raise ValueError(f"positional {self.positional}: a multiple of 4 (sin/cos per axis), or 0")
 
 
 class InputAdapter(nn.Module):
@@ -83,25 +136,61 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
-class MapHead(nn.Module):
-    """Per-tap NLL maps -> one smoothed anomaly map at a fixed resolution -> image score."""
+def positional_encoding(channels: int, height: int, width: int) -> torch.Tensor:
+    """2-D sinusoidal position channels (1, channels, H, W): half for rows, half for columns."""
+    quarter = channels // 4
+    freq = torch.exp(torch.arange(quarter, dtype=torch.float32) * (-math.log(100.0) / max(1, quarter)))
+    ys = torch.arange(height, dtype=torch.float32)[:, None] / max(1, height) * 2 * math.pi * 4
+    xs = torch.arange(width, dtype=torch.float32)[:, None] / max(1, width) * 2 * math.pi * 4
+    py = torch.cat([torch.sin(ys * freq), torch.cos(ys * freq)], dim=1).T[:, :, None].expand(-1, height, width)
+    px = torch.cat([torch.sin(xs * freq), torch.cos(xs * freq)], dim=1).T[:, None, :].expand(-1, height, width)
+    return torch.cat([py, px], dim=0)[None].contiguous()
 
-    def __init__(self, n_taps: int, map_size: int, sigma: float, reduction: str, topk: int) -> None:
+
+class MapHead(nn.Module):
+    """Per-flow maps of every tile -> one stitched, smoothed anomaly map of the frame -> image score."""
+
+    def __init__(self, config: ModelConfig, n_flows: int) -> None:
         super().__init__()
-        self.map_size = map_size
-        self.reduction = reduction
-        self.topk = topk
-        self.register_buffer("nll_mean", torch.zeros(n_taps))
-        self.register_buffer("nll_std", torch.ones(n_taps))
-        self.register_buffer("kernel", gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1))
+        c = config
+        self.tile_map = (c.image_height // c.map_stride, c.image_width // c.map_stride)
+        self.frame_map = (c.input_height // c.map_stride, c.input_width // c.map_stride)
+        self.tiles = tuple(c.tiles)
+        self.stride = (c.tile_stride[0] // c.map_stride, c.tile_stride[1] // c.map_stride)
+        self.reduction = c.reduction
+        self.topk = max(1, int(round(c.topk_fraction * self.frame_map[0] * self.frame_map[1])))
+        self.register_buffer("nll_mean", torch.zeros(n_flows))
+        self.register_buffer("nll_std", torch.ones(n_flows))
+        self.register_buffer("kernel", gaussian_kernel1d(c.smoothing_sigma) if c.smoothing_sigma > 0
+                             else torch.ones(1))
+        count = torch.zeros(self.frame_map)
+        for y0, x0 in self.offsets():
+            count[y0:y0 + self.tile_map[0], x0:x0 + self.tile_map[1]] += 1
+        self.register_buffer("inv_count", (1.0 / count)[None], persistent=False)
+
+    def offsets(self) -> list[tuple[int, int]]:
+        return [(r * self.stride[0], k * self.stride[1]) for r in range(self.tiles[0]) for k in range(self.tiles[1])]
+
+    def stitch(self, maps: torch.Tensor) -> torch.Tensor:
+        """(N*T, h, w) tile maps, tile-major within each frame -> (N, H, W) frame maps (overlaps averaged)."""
+        n_tiles = self.tiles[0] * self.tiles[1]
+        if n_tiles == 1:
+            return maps
+        per_frame = maps.reshape(-1, n_tiles, self.tile_map[0], self.tile_map[1])
+        out = None
+        for t, (y0, x0) in enumerate(self.offsets()):
+            pad = (x0, self.frame_map[1] - x0 - self.tile_map[1], y0, self.frame_map[0] - y0 - self.tile_map[0])
+            part = F.pad(per_frame[:, t], pad)
+            out = part if out is None else out + part
+        return out * self.inv_count
 
     def forward(self, nlls: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         acc = None
         for i, nll in enumerate(nlls):
             m = (nll.unsqueeze(1) - self.nll_mean[i]) / self.nll_std[i]
-            m = F.interpolate(m, size=(self.map_size, self.map_size), mode="bilinear", align_corners=False)
+            m = F.interpolate(m, size=self.tile_map, mode="bilinear", align_corners=False)
             acc = m if acc is None else acc + m
-        amap = acc / len(nlls)
+        amap = self.stitch((acc / len(nlls))[:, 0])[:, None]
         r = self.kernel.numel() // 2
         if r > 0:
             amap = F.pad(amap, (r, r, r, r), mode="replicate")
@@ -118,50 +207,74 @@ class MapHead(nn.Module):
         return score, amap
 
 
-def _resample(f: torch.Tensor, size: int) -> torch.Tensor:
-    h = int(f.shape[-1])  # static: input sizes are fixed per bundle
-    if h > size:
-        k = h // size
-        return F.avg_pool2d(f, kernel_size=k, stride=k)  # local aggregation, like patch pooling
-    if h < size:
-        return F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False)
-    return f
+def _resample(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    h, w = int(f.shape[-2]), int(f.shape[-1])  # static: input sizes are fixed per bundle
+    if (h, w) == size:
+        return f
+    if h >= size[0] and w >= size[1]:
+        return F.avg_pool2d(f, kernel_size=(h // size[0], w // size[1]))  # local aggregation, like patch pooling
+    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
 
 
 class AnomalyModel(nn.Module):
     def __init__(self, config: ModelConfig, backbone: EfficientNetFeatures) -> None:
         super().__init__()
-        if config.fusion not in ("separate", "fused"):
-            raise ValueError(f"fusion must be 'separate' or 'fused', not {config.fusion!r}")
+        config.check()
         self.config = config
         self.adapter = InputAdapter(*backbone.norm, channels=1 if config.color_mode == "gray" else 3)
         self.backbone = backbone
-        channels = (backbone.tap_channels if config.fusion == "separate" else [sum(backbone.tap_channels)])
+        th, tw = config.image_height, config.image_width
+        if config.fusion == "separate":
+            channels = list(backbone.tap_channels)
+            self.grids = [(th // s, tw // s) for s in backbone.tap_strides]
+        else:
+            channels = [sum(backbone.tap_channels)]
+            self.grids = [(th // config.fused_stride, tw // config.fused_stride)]
         self.feat_mean = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1), requires_grad=False)
                                           for c in channels)
         self.feat_std = nn.ParameterList(nn.Parameter(torch.ones(1, c, 1, 1), requires_grad=False)
                                          for c in channels)
+        for i, (gh, gw) in enumerate(self.grids):
+            pe = positional_encoding(config.positional, gh, gw) if config.positional else torch.zeros(1, 0, gh, gw)
+            self.register_buffer(f"pos{i}", pe, persistent=False)
         self.flows = nn.ModuleList(
-            ScaleFlow(c, config.steps, config.hidden_ratio, config.kernel_size, config.clamp, config.seed * 10 + i)
+            ScaleFlow(c, config.steps, config.hidden_ratio, config.kernel_size, config.clamp, config.seed * 10 + i,
+                      cond_channels=config.positional)
             for i, c in enumerate(channels))
-        self.head = MapHead(len(channels), config.map_size, config.smoothing_sigma, config.reduction, config.topk)
+        self.head = MapHead(config, len(channels))
+
+    def tile(self, images: torch.Tensor) -> torch.Tensor:
+        """N x H x W x C canvas -> (N*T) x th x tw x C overlapping tiles, tile-major per frame."""
+        c = self.config
+        if c.tiles == (1, 1):
+            return images
+        parts = [images[:, y0:y0 + c.image_height, x0:x0 + c.image_width]
+                 for y0 in range(0, c.tiles[0] * c.tile_stride[0], c.tile_stride[0])
+                 for x0 in range(0, c.tiles[1] * c.tile_stride[1], c.tile_stride[1])]
+        return torch.stack(parts, dim=1).reshape(-1, c.image_height, c.image_width, images.shape[-1])
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Raw backbone taps."""
-        return self.backbone(self.adapter(images))
+        """Raw backbone taps of every tile."""
+        return self.backbone(self.adapter(self.tile(images)))
 
     def embed(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Taps -> what the flows model (before standardisation): what training caches."""
+        k = self.config.neighbourhood
+        if k > 1:
+            feats = [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
         if self.config.fusion == "separate":
             return feats
-        size = self.config.fused_size
-        return [torch.cat([_resample(f, size) for f in feats], dim=1)]
+        return [torch.cat([_resample(f, self.grids[0]) for f in feats], dim=1)]
+
+    def cond(self, i: int, n: int) -> torch.Tensor | None:
+        pe = getattr(self, f"pos{i}")
+        return pe.expand(n, -1, -1, -1) if pe.shape[1] else None
 
     def nll_maps(self, embedded: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-position anomaly maps, one per flow (see ModelConfig.score_term)."""
         out = []
-        for f, m, s, flow in zip(embedded, self.feat_mean, self.feat_std, self.flows):
-            half_z2, logdet = flow.transform((f - m) / s)
+        for i, (f, m, s, flow) in enumerate(zip(embedded, self.feat_mean, self.feat_std, self.flows)):
+            half_z2, logdet = flow.transform((f - m) / s, self.cond(i, f.shape[0]))
             out.append(half_z2 if self.config.score_term == "z2" else half_z2 - logdet)
         return out
 

