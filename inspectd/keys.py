@@ -4,6 +4,9 @@ the daemon uses, which refuse a secret key file that group or others can read.
 
 Server: `zmq.curve.server_secret_key_file: DIR/server.key_secret`; clients allowed to subscribe:
 copy each client's NAME.key (public only) into `zmq.curve.allowed_clients_dir`.
+
+The daemon runs as its service user, not as root who usually runs `inspectd keys`: `--owner
+inspectd` hands both files (the secret stays 0600) to that user, so the daemon can read them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 
 from inspectd.errors import ConfigError
 
-__all__ = ["generate", "load_secret_key_file", "load_public_key_file", "allowed_client_keys", "register"]
+__all__ = ["generate", "parse_owner", "load_secret_key_file", "load_public_key_file", "allowed_client_keys",
+           "register"]
 
 
 def _check_private(path: Path, what: str) -> None:
@@ -75,8 +79,36 @@ def allowed_client_keys(folder: str | os.PathLike, what: str = "allowed clients 
     return [load_public_key_file(p, what) for p in files]
 
 
-def generate(out: str | os.PathLike, name: str, force: bool = False) -> tuple[Path, Path]:
-    """Write NAME.key (0644) and NAME.key_secret (0600) into `out`; returns (public, secret) paths."""
+def parse_owner(spec: str) -> tuple[int, int]:
+    """`USER[:GROUP]` -> (uid, gid); the user's own group when none is given. ConfigError (one line)
+    for an unknown user or group, or when changing owners needs root and we are not root."""
+    import grp
+    import pwd
+
+    user, _, group = spec.partition(":")
+    if not user:
+        raise ConfigError(f"--owner: {spec!r}: expected USER or USER:GROUP")
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"--owner: no user {user!r} on this machine (create the service user first, "
+                          f"e.g. with deploy/install.sh)") from None
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"--owner: no group {group!r} on this machine") from None
+    if os.geteuid() != 0 and (pw.pw_uid != os.geteuid() or gid not in os.getgroups() + [os.getegid()]):
+        raise ConfigError(f"--owner {spec}: giving files to another user needs root (run with sudo)")
+    return pw.pw_uid, gid
+
+
+def generate(out: str | os.PathLike, name: str, force: bool = False,
+             owner: tuple[int, int] | None = None) -> tuple[Path, Path]:
+    """Write NAME.key (0644) and NAME.key_secret (0600) into `out`; returns (public, secret) paths.
+    `owner` (uid, gid): both files are chowned to it, and a folder created here too (the service
+    user must reach and read its secret key)."""
     import zmq
     import zmq.auth
 
@@ -89,6 +121,7 @@ def generate(out: str | os.PathLike, name: str, force: bool = False) -> tuple[Pa
     existing = [p for p in (public_file, secret_file) if p.exists()]
     if existing and not force:
         raise ConfigError(f"{existing[0]} exists (use --force to replace the key pair)")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         for p in existing:
@@ -101,15 +134,22 @@ def generate(out: str | os.PathLike, name: str, force: bool = False) -> tuple[Pa
             os.umask(old)
         os.chmod(secret_file, 0o600)
         os.chmod(public_file, 0o644)
+        if owner is not None:
+            for p in ([out] if created else []) + [public_file, secret_file]:
+                os.chown(p, *owner)
+            if created:
+                os.chmod(out, 0o750)
     except OSError as exc:
         raise ConfigError(f"--out: {out}: {exc.strerror or exc}") from None
     return public_file, secret_file
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    public_file, secret_file = generate(args.out, args.name, force=args.force)
+    owner = parse_owner(args.owner) if args.owner else None  # before anything is written
+    public_file, secret_file = generate(args.out, args.name, force=args.force, owner=owner)
     print(f"public key (share it; clients: copy into the daemon's allowed_clients_dir): {public_file}")
-    print(f"secret key (mode 0600, keep it on this machine): {secret_file}")
+    print(f"secret key (mode 0600, keep it on this machine): {secret_file}"
+          + (f", owned by {args.owner}" if args.owner else ""))
     return 0
 
 
@@ -121,4 +161,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the key files (created if missing)")
     p.add_argument("--name", required=True, help="base name of the files, e.g. server or reject-gate-1")
     p.add_argument("--force", action="store_true", help="replace an existing key pair of that name")
+    p.add_argument("--owner", metavar="USER[:GROUP]",
+                   help="chown the key files to this user (the daemon's service user, e.g. inspectd), so the "
+                        "daemon can read its secret key; needs root")
     p.set_defaults(func=cmd_keys)
