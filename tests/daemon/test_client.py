@@ -6,14 +6,17 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 
-from inspectd.client import Message, VerdictSubscriber
+from inspectd.client import LineStatus, Message, VerdictSubscriber, line_status_from_heartbeat
+from inspectd.daemon.config import ZmqConfig
 from inspectd.daemon.frame import Verdict
 from inspectd.daemon.publish import Publisher
 from inspectd.daemon.watch import format_verdict, register_watch, run_watch
@@ -431,10 +434,117 @@ def test_register_watch_parser():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     register_watch(sub)
-    args = parser.parse_args(["watch", "--endpoint", "tcp://127.0.0.1:5556", "--line", "line2"])
-    assert args.endpoint == "tcp://127.0.0.1:5556" and args.line == "line2" and callable(args.func)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["watch"])  # --endpoint is required
-    bad = parser.parse_args(["watch", "--endpoint", "tcp://127.0.0.1:5556", "--duration", "-1"])
+    args = parser.parse_args(["watch", "--endpoint", "tcp://10.0.0.5:5555", "--line", "line2"])
+    assert args.endpoint == "tcp://10.0.0.5:5555" and args.line == "line2" and callable(args.func)
+    # Without --endpoint: the daemon's own default endpoint.
+    assert parser.parse_args(["watch"]).endpoint == ZmqConfig().endpoint == "tcp://127.0.0.1:5555"
+    bad = parser.parse_args(["watch", "--duration", "-1"])
     with pytest.raises(ConfigError, match="duration"):
         bad.func(bad)
+    half = parser.parse_args(["watch", "--server-key", "server.key"])
+    with pytest.raises(ConfigError, match="--client-key"):
+        half.func(half)
+    missing = parser.parse_args(["watch", "--server-key", "/nonexistent/server.key",
+                                 "--client-key", "/nonexistent/me.key_secret"])
+    with pytest.raises(ConfigError, match="server public key"):
+        missing.func(missing)
+
+
+def test_docs_and_defaults_agree_on_the_endpoint():
+    root = Path(__file__).resolve().parents[2]
+    files = [root / "README.md", *(root / "docs").rglob("*.md"), *(root / "deploy").rglob("*"),
+             root / "inspectd" / "client.py", root / "inspectd" / "daemon" / "watch.py",
+             root / "examples" / "reject_gate.py"]
+    wrong = [f"{f.relative_to(root)}:{n}" for f in files if f.is_file()
+             for n, text in enumerate(f.read_text(errors="replace").splitlines(), 1)
+             if re.search(r"tcp://(127\.0\.0\.1|localhost):(?!5555\b)\d+", text)]
+    assert not wrong, f"loopback ZeroMQ endpoints other than the daemon's 5555: {wrong}"
+    assert not [str(f) for f in files if f.is_file() and "5556" in f.read_text(errors="replace")]
+
+
+def _status_heartbeat(pub: "RawPub", seq: int, status: dict, line: str = "line1") -> None:
+    pub.send(f"heartbeat.{line}", {"schema": 1, "topic": f"heartbeat.{line}", "line": line, "seq": seq,
+                                   "published_ns": time.time_ns(), "status": status, "interval_s": 0.05,
+                                   "daemon_start_ns": 7})
+
+
+def test_line_status_follows_heartbeats_and_their_loss(endpoint):
+    changes: list[LineStatus] = []
+    pub = RawPub(endpoint)
+    sub = VerdictSubscriber(endpoint, lines=["line1"], heartbeat_timeout_s=0.5, verdict_timeout_s=0.4,
+                            on_line_status=lambda line, st: changes.append(st))
+    seq = 0
+
+    def beat(status: dict, polls: int = 1) -> None:
+        nonlocal seq
+        for _ in range(polls):
+            _status_heartbeat(pub, seq, status)
+            seq += 1
+            sub.poll_once(0.05)
+
+    try:
+        assert sub.line_status("line1").reason == "no heartbeat yet" and not sub.line_status("line1").safe
+        end = time.monotonic() + 10
+        while not sub.line_status("line1").heartbeat:  # slow joiner
+            assert time.monotonic() < end
+            beat({"state": "starting", "camera_connected": False, "engine_ready": False})
+        assert sub.line_status("line1").state == "starting"
+        ok = {"state": "ok", "camera_connected": True, "engine_ready": True, "frames": 1}
+        beat(ok)
+        st = sub.line_status("line1")
+        assert st.safe and st.reason == "ok" and st.camera_connected and st.engine_ready
+        n_changes = len(changes)
+        beat({**ok, "frames": 2}, polls=3)   # counters change on every beat: not a status change
+        assert len(changes) == n_changes
+        beat({"state": "blind", "camera_connected": False, "engine_ready": True,
+              "last_error": "camera lost: device removed"})
+        st = sub.line_status("line1")
+        assert not st.safe and st.reason == "camera lost" and st.camera_connected is False
+        assert changes[-1] == st
+        beat({"state": "engine_failed", "camera_connected": True, "engine_ready": False,
+              "failed": "no usable backend"})
+        assert sub.line_status("line1").reason == "engine failed: no usable backend"
+        beat(ok)
+        assert sub.line_status("line1").safe
+        # Heartbeats flow, the camera says connected, but no verdict comes: quiet, not safe.
+        end = time.monotonic() + 5
+        while not sub.line_status("line1").quiet:
+            assert time.monotonic() < end
+            beat(ok)
+        assert sub.line_status("line1").reason == "no verdicts" and not sub.line_status("line1").safe
+        pub.verdict("line1", 0, start_ns=7)
+        end = time.monotonic() + 5
+        while sub.line_status("line1").quiet:
+            assert time.monotonic() < end
+            sub.poll_once(0.05)
+        assert sub.line_status("line1").safe
+        # Silence: the status says so without any message arriving.
+        end = time.monotonic() + 5
+        while sub.line_status("line1").heartbeat:
+            assert time.monotonic() < end
+            sub.poll_once(0.05)
+        st = sub.line_status("line1")
+        assert st.reason == "heartbeat lost" and not st.safe and changes[-1] == st
+        assert sub.line_statuses == {"line1": st}
+    finally:
+        sub.close()
+        pub.close()
+    states = [c.reason for c in changes]
+    assert states[0] == "line starting"  # the first heartbeat is the first change
+    for expected in ("ok", "camera lost", "engine failed: no usable backend", "no verdicts", "heartbeat lost"):
+        assert expected in states, states
+
+
+@pytest.mark.parametrize("status, state, reason", [
+    ({}, "unknown", "line status unknown"),
+    ({"camera_connected": "yes", "state": "sideways"}, "unknown", "line status unknown"),
+    # A daemon without "state": derived from what it does say.
+    ({"camera_connected": False, "ready": False}, "blind", "camera lost"),
+    ({"camera_connected": True, "ready": True}, "ok", "ok"),
+    ({"camera_connected": True, "ready": True, "failed": "parity gate"}, "engine_failed", "engine failed: parity gate"),
+    ({"state": "ok", "camera_connected": True, "engine_ready": True}, "ok", "ok"),
+])
+def test_line_status_from_partial_or_older_heartbeats(status, state, reason):
+    st = line_status_from_heartbeat("l", status)
+    assert (st.state, st.reason, st.safe) == (state, reason, state == "ok")
+    assert line_status_from_heartbeat("l", None).state == "unknown"
