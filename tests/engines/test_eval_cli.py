@@ -1,9 +1,14 @@
-"""`inspectd eval` through ONNX Runtime: the report files and their numbers."""
+"""`inspectd eval` through ONNX Runtime: the report files and their numbers; a non-square ROI bundle\nthrough eval, calibrate, the parity gate and the pipeline."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
 
 from inspectd.cli import main
 
@@ -29,3 +34,72 @@ def test_eval_refuses_an_empty_folder(capsys, tmp_path, tiny_bundle, synthetic_p
                  "--bad", str(synthetic_parts.test_bad), "--out", str(tmp_path / "r")])
     assert code == 1 and "at least one image in each of --good and --bad" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# A real (tiny) bundle with a non-square input and an ROI, through every consumer of the bundle.
+ROI = (12, 24, 104, 80)   # the plate of the 128x128 synthetic parts, x, y, w, h
+
+
+@pytest.fixture(scope="module")
+def roi_bundle(tmp_path_factory, synthetic_parts) -> Path:
+    from inspectd.engines.model import ModelConfig
+    from inspectd.engines.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("roi-bundle") / "b"
+    cfg = TrainConfig(model=ModelConfig(image_height=64, image_width=96, taps=[4, 10]), epochs=6, views=1,
+                      seed=0, roi=ROI)
+    train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
+    return out
+
+
+def test_a_non_square_roi_bundle_goes_through_eval_calibrate_parity_and_the_pipeline(
+        capsys, tmp_path, roi_bundle, synthetic_parts):
+    from inspectd.calibration.calibrate import CalibrationRequest, calibrate
+    from inspectd.daemon.line import LineThreshold
+    from inspectd.daemon.pipeline import LinePipeline
+    from inspectd.daemon.run import line_settings
+    from inspectd.daemon.config import config_from_dict
+    from inspectd.daemon.sources.replay import ReplaySource
+    from inspectd.engines.bundle import load_bundle
+    from inspectd.engines.preprocess import InputSpec, load_prepared
+    from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from inspectd.engines.runtime.parity import parity_gate
+    from tests.helpers import Collector
+
+    bundle = load_bundle(roi_bundle)
+    assert bundle.input_spec == InputSpec(64, 96, "gray", roi=ROI) and bundle.map_shape[0] < bundle.map_shape[1]
+    # eval: full 128x128 files in, cropped and resized like training; masks cut the same way
+    out = tmp_path / "report"
+    assert main(["eval", "--bundle", str(roi_bundle), "--good", str(synthetic_parts.test_good), "--bad",
+                 str(synthetic_parts.test_bad), "--masks", str(synthetic_parts.masks), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_good"] == 12 and report["n_bad"] == 12 and report["skipped"] == 0
+    assert report["image_auroc"] > 0.6 and report["pixel_auroc"] > 0.6
+    # calibrate: scores of the full frames through the bundle's ROI
+    res = calibrate(CalibrationRequest(bundle=roi_bundle, good=synthetic_parts.test_good, line="L1",
+                                       config=tmp_path / "none.yaml", target_false_reject=0.25,
+                                       report_dir=tmp_path / "calib", write_config=False),
+                    progress_stream=open(os.devnull, "w"))
+    paths = sorted(synthetic_parts.test_good.iterdir())
+    with OnnxRuntimeBackend(bundle) as backend:
+        direct = {p.name: float(bundle.normalize(float(backend.infer(load_prepared(p, bundle.input_spec)[None])[0][0])))
+                  for p in paths}
+        # parity gate on the stored (already cropped) golden images
+        gate = parity_gate(backend, bundle, threshold=res.report["threshold"])
+    assert np.allclose(res.good_scores, [direct[p.name] for p in paths], atol=1e-5)
+    assert gate.passed and len(gate.rows) == 8
+    # the daemon's pipeline: the line does not repeat the ROI, the bundle's applies
+    cfg = config_from_dict({"lines": [{"id": "L1", "bundle": str(roi_bundle), "threshold": 1e6,
+                                       "backends": ["onnxruntime"], "latency_budget_ms": 5000, "queue_size": 64,
+                                       "source": {"type": "replay", "path": str(synthetic_parts.test_good)}}]})
+    collect = Collector()
+    pipe = LinePipeline(line_settings(cfg.lines[0]), ReplaySource("L1", synthetic_parts.test_good), bundle,
+                        LineThreshold("L1", value=1e6), collect).start()
+    try:
+        assert pipe.wait_ready(30.0)
+        verdicts = collect.wait_for(len(paths))
+    finally:
+        pipe.stop(timeout_s=3.0)
+    got = {Path(v.meta["path"]).name: v.score for v in verdicts}
+    assert all(v.error is None for v in verdicts)
+    assert got.keys() == direct.keys() and all(abs(got[k] - direct[k]) < 1e-4 for k in got)
