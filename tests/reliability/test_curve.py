@@ -146,3 +146,50 @@ def test_listed_client_receives_everything_unlisted_receives_nothing(tmp_path: P
         for sub in (listed, unlisted, plain):
             sub.close()
         assert pub.stop(timeout=5.0)
+
+
+def test_watch_command_speaks_curve(tmp_path: Path) -> None:
+    """`inspectd watch --server-key --client-key` as a child process: the listed client's watch
+    prints the verdicts, the unlisted one's only that heartbeats never came."""
+    import threading
+
+    keys = _keys(tmp_path)
+    curve = _curve_keys(config_from_dict(_config(tmp_path, keys)))
+    pub = Publisher("tcp://127.0.0.1:*", heartbeat_interval_s=0.1, curve=curve)
+    pub.register_line("L1")
+    pub.start()
+    stop = threading.Event()
+
+    def feed() -> None:
+        i = 0
+        while not stop.wait(0.05):
+            pub.publish_verdict(_verdict(i))
+            i += 1
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    watch = [sys.executable, "-m", "inspectd", "watch", "--endpoint", pub.bound_endpoint, "--line", "L1",
+             "--duration", "4", "--heartbeat-timeout", "1", "--server-key", str(keys["server"][0])]
+    try:
+        procs = {name: subprocess.Popen(watch + ["--client-key", str(keys[name][1])], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+                 for name in ("listed", "unlisted")}
+        out = {name: p.communicate(timeout=60) for name, p in procs.items()}
+    finally:
+        stop.set()
+        feeder.join(5)
+        assert pub.stop(timeout=5.0)
+    for name, p in procs.items():
+        assert p.returncode == 0, (name, out[name][1])
+    listed = out["listed"][0].splitlines()
+    unlisted = out["unlisted"][0].splitlines()
+    assert sum(" frame " in ln and " OK " in ln for ln in listed) >= 10, listed
+    assert not any("heartbeat lost" in ln for ln in listed), listed
+    assert not any(" frame " in ln for ln in unlisted), unlisted
+    assert any(ln.startswith("!! heartbeat lost: L1") for ln in unlisted), unlisted
+    # A secret key file that others can read is refused before connecting (exit 2, one line).
+    os.chmod(keys["listed"][1], 0o644)
+    bad = subprocess.run(watch + ["--client-key", str(keys["listed"][1])], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "accessible by group/others" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
