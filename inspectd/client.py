@@ -419,7 +419,8 @@ class VerdictSubscriber:
         self._track(msg)
         if msg.kind == "verdict":
             self._last_verdict[msg.line] = time.monotonic()
-            self._update_status(msg.line)
+            if self.verdict_timeout_s is not None or msg.line not in self._status:
+                self._update_status(msg.line)  # only the quiet flag depends on verdicts
             self._call(self.on_verdict, msg)
         elif msg.kind == "heatmap":
             self._call(self.on_heatmap, msg)

@@ -548,3 +548,29 @@ def test_line_status_from_partial_or_older_heartbeats(status, state, reason):
     st = line_status_from_heartbeat("l", status)
     assert (st.state, st.reason, st.safe) == (state, reason, state == "ok")
     assert line_status_from_heartbeat("l", None).state == "unknown"
+
+
+def test_watch_prints_line_status_changes(endpoint):
+    out = io.StringIO()
+    pub = RawPub(endpoint)
+    stop = threading.Event()
+
+    def feed():
+        ok = {"state": "ok", "camera_connected": True, "engine_ready": True}
+        blind = {"state": "blind", "camera_connected": False, "engine_ready": True}
+        for seq in range(60):
+            _status_heartbeat(pub, seq, ok if seq < 30 else blind)
+            if stop.wait(0.03):
+                return
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        run_watch(endpoint, line="line1", stream=out, duration=2.5, heartbeat_timeout_s=1.0)
+    finally:
+        stop.set()
+        feeder.join(10)
+        pub.close()
+    lines = out.getvalue().splitlines()
+    assert "-- line line1: ok" in lines and "!! line line1: camera lost" in lines, lines
+    assert lines.index("-- line line1: ok") < lines.index("!! line line1: camera lost")
