@@ -82,6 +82,10 @@ class Metrics:
                                          "Backends skipped when a line opened its engine (unavailable or failed the parity gate)", ["line", "backend"],
                                          registry=r)
         self.engine_errors = Counter("inspectd_engine_errors_total", "Engine errors", ["line"], registry=r)
+        # 1: the camera waits for an external trigger, so no frames while no parts come is normal
+        # (the no-frames alert leaves such lines out).
+        self.source_triggered = Gauge("inspectd_source_triggered", "Camera in external trigger mode (0/1)",
+                                      ["line"], registry=r)
         self.archive_enabled = Gauge("inspectd_archive_enabled", "NG archive enabled (0/1)", ["line"],
                                      registry=r)
         self.archive_errors = Counter("inspectd_archive_errors_total", "NG archive errors", ["line"],
@@ -139,9 +143,16 @@ class Metrics:
         if score is not None:
             self.anomaly_score.labels(line=line).observe(score)
 
-    def serve(self, host: str = "127.0.0.1", port: int = 9464) -> MetricsServer:
+    def serve(self, host: str | None = None, port: int | None = None) -> MetricsServer:
         """Start the /metrics HTTP endpoint in a daemon thread. Port 0 picks a free port (see
-        `.port` of the result). Raises InspectdError when the address cannot be bound."""
+        `.port` of the result). Raises InspectdError when the address cannot be bound. Host and
+        port default to the config schema's (`metrics:` in daemon/config.py), the one place
+        defaults live."""
+        from inspectd.daemon.config import MetricsConfig
+
+        defaults = MetricsConfig()
+        host = defaults.host if host is None else host
+        port = defaults.port if port is None else port
         try:
             server, thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:

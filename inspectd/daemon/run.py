@@ -102,6 +102,8 @@ class Daemon:
             drift = self._drift_for(cfg)
             archive = None
             self.metrics.archive_enabled.labels(line=cfg.id).set(0)
+            trigger = getattr(cfg.source, "trigger", None)
+            self.metrics.source_triggered.labels(line=cfg.id).set(int(trigger is not None and trigger.mode == "On"))
             if cfg.archive.enabled:
                 archive = NgArchive(cfg.archive.dir, cfg.archive.quota_mb * 1024 * 1024, cfg.id,
                                     metrics=self.metrics)

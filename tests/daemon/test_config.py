@@ -335,3 +335,24 @@ def test_daemon_logs_the_fail_open_warning_at_start(tmp_path: Path) -> None:
     res = _cli("run", "--config", str(path))
     assert res.returncode != 0
     assert re.search(r"WARNING.*lines\[0\]\.on_deadline_miss: OK FAILS OPEN on line line1", res.stderr), res.stderr
+
+
+def test_metrics_endpoint_defaults_come_from_the_config_schema() -> None:
+    """Metrics.serve() without arguments binds what a config without `metrics:` binds."""
+    import inspect
+
+    from inspectd.daemon.config import MetricsConfig
+    from inspectd.daemon.metrics import Metrics
+    from inspectd.errors import InspectdError
+
+    params = inspect.signature(Metrics.serve).parameters
+    assert params["host"].default is None and params["port"].default is None  # no second set of defaults
+    schema = MetricsConfig()
+    try:
+        server = Metrics().serve()
+    except InspectdError as exc:  # another test holds the default port right now
+        pytest.skip(f"default metrics port busy: {exc}")
+    try:
+        assert (server.host, server.port) == (schema.host, schema.port) == ("127.0.0.1", 9108)
+    finally:
+        server.shutdown()
