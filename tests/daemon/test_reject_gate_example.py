@@ -228,3 +228,32 @@ def test_example_rejects_all_on_lost_verdicts_engine_failure_and_restart(tmp_pat
     assert rc == 0
     # No part-level reject was printed while everything was rejected anyway, and OK parts passed silently.
     assert not any("frame 1000 " in ln or "frame 1000 (" in ln for ln in gate.lines)
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+def test_example_speaks_curve_and_refuses_half_a_key_pair(tmp_path: Path) -> None:
+    from inspectd.daemon.publish import CurveServerKeys, Publisher
+    from inspectd.keys import generate, load_secret_key_file
+
+    server_pub, server_sec = generate(tmp_path / "keys", "server")
+    _, gate_sec = generate(tmp_path / "keys", "gate")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copy(tmp_path / "keys" / "gate.key", allowed / "gate.key")
+    public, secret = load_secret_key_file(server_sec)
+    pub = Publisher("tcp://127.0.0.1:*", heartbeat_interval_s=0.1,
+                    curve=CurveServerKeys(public, secret, allowed_clients_dir=str(allowed)))
+    pub.set_line_status("L1", {"state": "ok", "camera_connected": True, "engine_ready": True})
+    pub.start()
+    gate = Gate(pub.bound_endpoint, "L1", "--heartbeat-timeout", "1.0",
+                "--server-key", str(server_pub), "--client-key", str(gate_sec))
+    try:
+        gate.expect("RESUME: L1 ok", 15)           # the encrypted, allow-listed stream is read
+        pub.set_line_status("L1", {"state": "blind", "camera_connected": False, "engine_ready": True})
+        gate.expect("REJECT ALL: camera lost", 5)
+    finally:
+        assert gate.stop() == 0
+        pub.stop()
+    half = subprocess.run([sys.executable, str(EXAMPLE), "--line", "L1", "--server-key", str(server_pub)],
+                          capture_output=True, text=True, timeout=60)
+    assert half.returncode == 2 and "go together" in half.stderr
