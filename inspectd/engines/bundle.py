@@ -214,6 +214,12 @@ def check_line_roi(line_roi: Sequence[int] | None, bundle_roi: Sequence[int] | N
                           f"--roi {','.join(map(str, line))}")
 
 
+def check_line_roi_at(line_roi: Sequence[int] | None, bundle_path: str | os.PathLike, where: str) -> None:
+    """check_line_roi against the ROI in the manifest at `bundle_path` (read only when the line sets one)."""
+    if line_roi is not None:
+        check_line_roi(line_roi, read_bundle_roi(bundle_path), where, bundle_path)
+
+
 def read_bundle_roi(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
     """The recorded ROI from a bundle's manifest without verifying the bundle's files (for
     check-config: fast; the daemon verifies everything with load_bundle at start)."""

@@ -229,7 +229,8 @@ def resolve_image_size(parsed: tuple[int, int | None], sample_shapes: Sequence[S
                        roi: Sequence[int] | None = None) -> tuple[int, int]:
     """(H, W) of the model input. HxW is used as given; for a single S the short side is S and the
     long side S x the median aspect of `sample_shapes` ((h, w, ...) of the source images; with an
-    `roi` its own aspect, since that is what gets resized), rounded to a multiple of 32."""
+    `roi` its own aspect, since that is what gets resized), rounded to a multiple of 32. Images
+    whose aspects spread widely (10th to 90th percentile > 1.25x) get S x S."""
     side, width = parsed
     if width is not None:
         return (side, width)
@@ -240,6 +241,10 @@ def resolve_image_size(parsed: tuple[int, int | None], sample_shapes: Sequence[S
         shapes = [(int(s[0]), int(s[1])) for s in sample_shapes]
     if not shapes or any(h <= 0 or w <= 0 for h, w in shapes):
         raise DataError("cannot resolve the image size: no image shapes to take the aspect ratio from")
+    ratios = np.array([h / w for h, w in shapes], dtype=float)
+    if len(ratios) > 1 and np.quantile(ratios, 0.9) / np.quantile(ratios, 0.1) > 1.25:
+        # Images of many shapes (no one camera geometry to keep): a square input treats them alike.
+        return (side, side)
     aspect = float(np.median([max(h, w) / min(h, w) for h, w in shapes]))  # long / short, >= 1
     tall = float(np.median([h / w for h, w in shapes])) >= 1.0
     long = max(side, int(round(side * aspect / SIZE_MULTIPLE)) * SIZE_MULTIPLE)

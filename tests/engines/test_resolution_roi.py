@@ -107,8 +107,10 @@ def test_resolve_image_size_keeps_the_aspect_on_multiples_of_32() -> None:
     assert resolve_image_size((256, None), ksdd) == (640, 256)
     assert resolve_image_size((256, None), [(2048, 2448, 3)]) == (256, 320)       # wide, 2448/2048 = 1.195
     assert resolve_image_size((256, None), [(100, 100)]) == (256, 256)
-    # The median, not the mean: one odd image does not move the size.
-    assert resolve_image_size((256, None), [(100, 200)] * 3 + [(100, 1000)]) == (256, 512)
+    # The median, not the mean: one odd image in ten does not move the size ...
+    assert resolve_image_size((256, None), [(100, 200)] * 9 + [(100, 1000)]) == (256, 512)
+    # ... but images of many shapes (no one camera geometry to keep) get a square input.
+    assert resolve_image_size((256, None), [(100, 100), (100, 150), (100, 200), (100, 300)]) == (256, 256)
     # With an ROI its own aspect counts (that is what gets resized), not the frame's.
     assert resolve_image_size((256, None), [(2048, 2448)], roi=(0, 0, 600, 1200)) == (512, 256)
     with pytest.raises(DataError, match="no image shapes"):
@@ -456,3 +458,30 @@ def test_train_refuses_a_bad_roi_in_one_line(tmp_path: Path, frames: Path, roi: 
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("inspectd train: error: ") and re.search(why, err[0]), err[0]
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("flag,value,why", [
+    ("--image-size", "0x256", "--image-size: a side must be positive, got 0"),
+    ("--image-size", "640x", "--image-size: expected S"),
+    ("--image-size", "250", "--image-size: a side must be a multiple of 32"),
+    ("--tiles", "9x1", "--tiles: rows and columns must each be 1..8"),
+])
+def test_train_refuses_a_bad_image_size_or_tiling_in_one_line(tmp_path: Path, frames: Path, flag: str, value: str,
+                                                              why: str) -> None:
+    code, err = _train_cli("--good", str(frames / "good"), "--out", str(tmp_path / "b"), flag, value, cwd=tmp_path)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("inspectd train: error: ") and why in err[0], err[0]
+    assert not (tmp_path / "b").exists()
+
+
+def test_check_config_with_a_line_roi_names_an_unreadable_manifest(tmp_path: Path, frames: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{not json")
+    path = tmp_path / "lines.yaml"
+    path.write_text(yaml.safe_dump(_config(bundle, frames, None)))
+    load_config(path, validate_paths=True)          # no line ROI: nothing to compare, as before
+    path.write_text(yaml.safe_dump(_config(bundle, frames, list(ROI))))
+    with pytest.raises(BundleError, match=r"manifest.json: cannot read input.roi") as info:
+        load_config(path, validate_paths=True)
+    assert "\n" not in str(info.value)
