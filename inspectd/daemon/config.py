@@ -459,8 +459,8 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
         from inspectd.engines.bundle import MANIFEST
         if not (line.bundle / MANIFEST).is_file():
             raise ConfigError(f"{source}: {where}.bundle: {line.bundle} is not a bundle (no {MANIFEST})")
-        from inspectd.engines.bundle import check_line_roi, read_bundle_roi
-        check_line_roi(line.roi, read_bundle_roi(line.bundle), f"{source}: {where}.roi", line.bundle)
+        from inspectd.engines.bundle import check_line_roi_at
+        check_line_roi_at(line.roi, line.bundle, f"{source}: {where}.roi")  # same pixels as training
         src = line.source
         if isinstance(src, GenicamSourceConfig) and not src.cti.is_file():
             raise ConfigError(f"{source}: {where}.source.cti: {src.cti} does not exist (GenTL producer file)")
@@ -513,4 +513,3 @@ def summary(config: DaemonConfig) -> str:
     """'2 lines: line1 (genicam), line2 (replay)' for check-config and the startup log."""
     parts = [f"{line.id} ({line.source.type})" for line in config.lines]
     return f"{len(parts)} line{'s' if len(parts) != 1 else ''}: {', '.join(parts)}"
-
