@@ -513,3 +513,4 @@ def summary(config: DaemonConfig) -> str:
     """'2 lines: line1 (genicam), line2 (replay)' for check-config and the startup log."""
     parts = [f"{line.id} ({line.source.type})" for line in config.lines]
     return f"{len(parts)} line{'s' if len(parts) != 1 else ''}: {', '.join(parts)}"
+
