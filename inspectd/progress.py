@@ -1,53 +1,61 @@
-"""A dependency-free progress bar with rate and ETA (stderr, one line, redrawn)."""
+"""Progress bars (tqdm) for train, eval and calibrate, behind the small interface they use:
+`Progress(total, label)`, `update(n, **postfix)`, `close()`.
+
+On a terminal it is tqdm's redrawn bar. Anywhere else (a pipe, a log file, journald) a redrawn
+bar would be one endless line of carriage returns, so each refresh is written as its own line,
+at most every `LOG_EVERY` of the work and at least once at the end.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
-from typing import TextIO
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+# Share of the total between two lines when the output is not a terminal (20 lines per bar).
+LOG_EVERY = 0.05
+
+
+class _Lines:
+    """A file for tqdm that turns each redraw ("\\r<bar>") into one complete line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self._stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 class Progress:
-    def __init__(self, total: int, label: str = "", stream: TextIO | None = None, width: int = 28) -> None:
+    def __init__(self, total: int, label: str = "", stream: TextIO | None = None, width: int | None = None) -> None:
         self.total = max(int(total), 1)
         self.label = label
         self.stream = stream or sys.stderr
-        self.width = width
-        self.done = 0
-        self.start = time.monotonic()
-        self._last_draw = 0.0
-        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        common: dict[str, Any] = dict(total=self.total, desc=label, dynamic_ncols=width is None, ncols=width,
+                                      leave=True, ascii=not tty, smoothing=0.1)
+        if tty:
+            self._bar = tqdm(file=self.stream, mininterval=0.1, **common)
+        else:
+            # Every LOG_EVERY of the total counted from the last line (not "when done is a multiple
+            # of a step", which batched updates may never hit), with no time limit between lines.
+            self._bar = tqdm(file=_Lines(self.stream), mininterval=0, miniters=max(1, int(self.total * LOG_EVERY)),
+                             **common)
+
+    @property
+    def done(self) -> int:
+        return int(self._bar.n)
 
     def update(self, n: int = 1, **fields: float | str) -> None:
-        self.done = min(self.done + n, self.total)
-        now = time.monotonic()
-        # Redraw at most 10x/s on a terminal; on a log file only every 10%.
-        step = max(self.total // 10, 1)
-        if self._tty and now - self._last_draw < 0.1 and self.done < self.total:
-            return
-        if not self._tty and self.done % step and self.done < self.total:
-            return
-        self._last_draw = now
-        elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        filled = int(self.width * self.done / self.total)
-        bar = "#" * filled + "-" * (self.width - filled)
-        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        line = (f"{self.label} [{bar}] {self.done}/{self.total} {extra} "
-                f"elapsed {_fmt(elapsed)} eta {_fmt(eta)}")
-        self.stream.write(("\r" + line) if self._tty else (line + "\n"))
-        self.stream.flush()
+        if fields:
+            self._bar.set_postfix(fields, refresh=False)
+        self._bar.update(min(n, self.total - self._bar.n))
 
     def close(self) -> None:
-        if self._tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _fmt(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "--:--"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+        self._bar.close()
