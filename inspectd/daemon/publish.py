@@ -1,12 +1,13 @@
 """ZeroMQ publisher: verdicts, heatmaps and heartbeats on one PUB socket.
 
 The socket is created, bound, used and closed by ONE thread (ZeroMQ sockets are not thread
-safe); the pipeline and the deadline keeper hand it work through a thread-safe queue and never
+safe); the pipeline and the deadline keeper hand it work through thread-safe queues and never
 block on the network. Message format (docs/ARCHITECTURE.md): multipart
 [topic utf-8, JSON header utf-8, optional binary payload] on topics `verdict.<line>`,
 `heatmap.<line>` and `heartbeat.<line>`; `seq` counts per topic from 0 since daemon start and is
 stamped, like `published_ns`, when the message is actually sent, so a subscriber that sees a
-gap in seq knows messages were lost on the wire (PUB drops at the high-water mark).
+gap in seq knows messages were lost (on the wire: PUB drops at the high-water mark; or in the
+publisher, below).
 
 Additions to the contract: every header also carries `daemon_start_ns`, so a subscriber can tell a
 daemon restart from a gap on any topic; heartbeats carry `last_seq` ({topic: last seq sent} for the
