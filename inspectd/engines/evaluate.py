@@ -164,3 +164,17 @@ def _overlays(bundle: Bundle, good: list[Scored], bad: list[Scored], out: Path) 
         for rank, i in enumerate(chosen):
             img = overlay(i.image, bundle.heatmap_u8(i.amap))
             cv2.imwrite(str(folder / f"{tag}-{rank}-{i.path.stem}.png"), img)
+            if bundle.roi is not None:  # also at camera resolution, so the spot can be found on the part
+                cv2.imwrite(str(folder / f"{tag}-{rank}-{i.path.stem}-frame.png"), _frame_overlay(bundle, i))
+
+
+def _frame_overlay(bundle: Bundle, item: Scored) -> np.ndarray:
+    """The heatmap mapped back through the ROI onto the whole source image (ROI outlined), BGR."""
+    spec = bundle.input_spec
+    x, y, w, h = spec.roi
+    source = read_image(item.path, spec.color_mode)
+    heat = np.zeros(source.shape[:2], np.uint8)
+    heat[y:y + h, x:x + w] = cv2.resize(bundle.heatmap_u8(item.amap), (w, h), interpolation=cv2.INTER_LINEAR)
+    out = overlay(source, heat)
+    cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), (255, 255, 255), max(1, min(out.shape[:2]) // 256))
+    return out

@@ -342,6 +342,15 @@ def test_eval_crops_images_and_masks_by_the_bundle_roi(capsys: pytest.CaptureFix
     # Masks cut by the same ROI: the map is hot where the mask says (0.9996 here; masks resized
     # without the crop land elsewhere and give 0.94).
     assert report["pixel_auroc"] > 0.99 and report["pixel_images"] == 16
+    # Overlays in the model's frame and, through the ROI, on the whole camera frame.
+    small = cv2.imread(str(out / "overlays" / "best-bad-0-b00.png"))
+    frame = cv2.imread(str(next((out / "overlays").glob("best-bad-0-*-frame.png"))))
+    assert small.shape == (H, W, 3) and frame.shape == (FRAME_H, FRAME_W, 3)
+    x, y, w, h = ROI
+    inside, outside = frame[y + 2:y + h - 2, x + 2:x + w - 2], frame[y + h + 2:, :]
+    # The defect's heat lies inside the ROI; outside it the frame is the plain grey image.
+    assert (inside.max(axis=2).astype(int) - inside.min(axis=2)).max() > 20
+    assert (outside.max(axis=2).astype(int) - outside.min(axis=2)).max() == 0
     # Defects outside the ROI are not seen: as bad images they rank like good ones.
     code = main(["eval", "--bundle", str(roi_bundle_path), "--good", str(frames / "good"),
                  "--bad", str(frames / "outside"), "--out", str(tmp_path / "r2")])
