@@ -216,8 +216,13 @@ def check_line_roi(line_roi: Sequence[int] | None, bundle_roi: Sequence[int] | N
 
 def check_line_roi_at(line_roi: Sequence[int] | None, bundle_path: str | os.PathLike, where: str) -> None:
     """check_line_roi against the ROI in the manifest at `bundle_path` (read only when the line sets one)."""
-    if line_roi is not None:
-        check_line_roi(line_roi, read_bundle_roi(bundle_path), where, bundle_path)
+    if line_roi is None:
+        return
+    try:
+        trained = read_bundle_roi(bundle_path)
+    except BundleError as exc:  # a config check: exit 2 like the other path problems it reports
+        raise ConfigError(f"{where}: cannot compare with the bundle's ROI: {exc}") from None
+    check_line_roi(line_roi, trained, where, bundle_path)
 
 
 def read_bundle_roi(path: str | os.PathLike) -> tuple[int, int, int, int] | None:

@@ -491,6 +491,7 @@ def test_check_config_with_a_line_roi_names_an_unreadable_manifest(tmp_path: Pat
     path.write_text(yaml.safe_dump(_config(bundle, frames, None)))
     load_config(path, validate_paths=True)          # no line ROI: nothing to compare, as before
     path.write_text(yaml.safe_dump(_config(bundle, frames, list(ROI))))
-    with pytest.raises(BundleError, match=r"manifest.json: cannot read input.roi") as info:
+    with pytest.raises(ConfigError, match=r"lines\[0\]\.roi: cannot compare with the bundle's ROI: .*manifest.json: "
+                                          r"cannot read input.roi") as info:
         load_config(path, validate_paths=True)
     assert "\n" not in str(info.value)
