@@ -100,7 +100,7 @@ def _train_and_calibrate(work: Path, epochs: int, retrain: bool) -> tuple[Path, 
         cfg = TrainConfig(model=ModelConfig(image_height=DEMO_SIZE, image_width=DEMO_SIZE, taps=[4, 10],
                                             fusion="separate",
                                             score_term="nll", reduction="max", hidden_ratio=1.0),
-                          epochs=epochs, views=2, seed=0)
+                          epochs=epochs, views=2, seed=0, select=False)
         result = train(data.train_good, bundle_dir, cfg, force=True, golden_bad_dir=data.test_bad)
         print("      " + summary(result))
     return bundle_dir, data.test_good

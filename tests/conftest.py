@@ -33,6 +33,6 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Synth
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     cfg = TrainConfig(model=ModelConfig(image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, taps=[4, 10]),
-                      epochs=12, views=2, seed=0)
+                      epochs=12, views=2, seed=0, select=False)
     train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
     return out

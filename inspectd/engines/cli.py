@@ -43,7 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--roi", default=None, metavar="X,Y,W,H",
                    help="crop of the source images (pixels) the model sees; recorded in the bundle and applied "
                         "by eval, calibrate and the daemon (default: whole frames)")
-    p.add_argument("--epochs", type=_positive_int, default=40, help="training epochs (default 40)")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="training epochs (default: selection picks 20 or 40; with --no-select 40)")
+    p.add_argument("--no-select", action="store_true",
+                   help="no label-free selection: train the flags as given (epochs 40 and mean reduction unless set)")
     p.add_argument("--augment", default="rotate,translate,scale",
                    help="comma list of rotate,translate,scale, or 'none' (default all)")
     p.add_argument("--seed", type=int, default=0)
@@ -59,8 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernel-size", type=int, choices=[1, 3], default=3, help="subnet first conv kernel (default 3)")
     p.add_argument("--score-term", choices=["z2", "nll"], default="z2",
                    help="per-position anomaly: 0.5|z|^2 (default) or the full NLL with log|det J|")
-    p.add_argument("--reduction", choices=["mean", "max", "topk"], default="mean",
-                   help="map -> image score (default mean)")
+    p.add_argument("--reduction", choices=["mean", "max", "topk"], default=None,
+                   help="map -> image score: mean, max, or topk (mean of the top 3%%) (default: selection "
+                        "picks; with --no-select mean)")
     p.add_argument("--views", type=_positive_int, default=4, help="cached augmented views per image (default 4)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--golden-bad", default=None, help="a few bad images to store as golden images (parity gate)")
@@ -140,7 +144,8 @@ def _train(args: argparse.Namespace) -> int:
     roi = _roi_arg(args.roi, args.good)  # before the slow imports
     from inspectd.engines.model import ModelConfig
     from inspectd.engines.preprocess import parse_tiles
-    from inspectd.engines.train import AUGMENTATIONS, TrainConfig, summary, train
+    from inspectd.engines.train import (AUGMENTATIONS, SELECT_EPOCHS, SELECT_REDUCTIONS, TrainConfig, summary,
+                                        train)
 
     augment = [] if args.augment.strip().lower() == "none" else [a.strip() for a in args.augment.split(",") if a.strip()]
     unknown = [a for a in augment if a not in AUGMENTATIONS]
@@ -159,13 +164,17 @@ def _train(args: argparse.Namespace) -> int:
     model_cfg = ModelConfig(backbone=args.backbone, taps=args.taps, image_height=height, image_width=width,
                             tiles=tiles, tile_overlap=args.tile_overlap, color_mode=color, steps=args.steps,
                             hidden_ratio=args.hidden_ratio, seed=args.seed, fusion=args.fusion,
-                            kernel_size=args.kernel_size, score_term=args.score_term, reduction=args.reduction)
+                            kernel_size=args.kernel_size, score_term=args.score_term,
+                            reduction=args.reduction or "mean")
     try:
         model_cfg.check()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     cfg = TrainConfig(model=model_cfg,
-                      epochs=args.epochs, augment=augment, views=args.views, batch_size=args.batch_size,
+                      epochs=args.epochs or 40, select=not args.no_select,
+                      select_epochs=[args.epochs] if args.epochs else list(SELECT_EPOCHS),
+                      select_reductions=[args.reduction] if args.reduction else list(SELECT_REDUCTIONS),
+                      augment=augment, views=args.views, batch_size=args.batch_size,
                       seed=args.seed, weights=args.weights, roi=roi)
     result = train(args.good, args.out, cfg, force=args.force, golden_bad_dir=args.golden_bad)
     print(summary(result))

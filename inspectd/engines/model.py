@@ -97,8 +97,8 @@ class ModelConfig:
             raise ValueError(f"tiles {self.tiles[0]}x{self.tiles[1]}: rows and columns must be 1..8")
         tiled = self.tiles != (1, 1)
         if tiled and (self.tile_overlap < 0 or self.tile_overlap % 32
-                      or self.tile_overlap >= min(self.image_height, self.image_width) // 2):
-            raise ValueError(f"tile_overlap {self.tile_overlap}: a multiple of 32 below half the tile size")
+                      or self.tile_overlap > min(self.image_height, self.image_width) // 2):
+            raise ValueError(f"tile_overlap {self.tile_overlap}: a multiple of 32, at most half the tile size")
         if self.fusion not in ("separate", "fused"):
             raise ValueError(f"fusion must be 'separate' or 'fused', not {self.fusion!r}")
         if self.fused_stride not in (8, 16, 32):

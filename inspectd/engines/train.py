@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +35,10 @@ from inspectd.progress import Progress
 log = logging.getLogger("inspectd.train")
 
 AUGMENTATIONS = ("rotate", "translate", "scale")
+# Label-free selection's predeclared candidates (`inspectd train` with no flags): in this order, so a
+# tie keeps the cheaper / simpler one.
+SELECT_EPOCHS = (20, 40)
+SELECT_REDUCTIONS = ("mean", "topk", "max")
 MIN_GOOD_IMAGES = 8
 MAX_UNREADABLE_FRACTION = 0.1
 
@@ -60,6 +64,11 @@ class TrainConfig:
     seed: int = 0
     weights: str | None = None   # backbone state dict; default: the installed weights package
     roi: tuple[int, int, int, int] | None = None  # source-frame crop x, y, w, h (recorded in the bundle)
+    # Label-free selection (held-out good + synthetic defects): which epoch count of this list and
+    # which map reduction. Off: train `epochs` and keep `model.reduction` as given.
+    select: bool = True
+    select_epochs: list[int] | None = None      # None: only `epochs` (the CLI passes SELECT_EPOCHS)
+    select_reductions: list[str] = field(default_factory=lambda: list(SELECT_REDUCTIONS))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -245,6 +254,96 @@ def score_images(model: AnomalyModel, images: Sequence[np.ndarray], device: torc
     return np.concatenate(scores), np.concatenate(maps)
 
 
+def _fit_candidate(cfg: TrainConfig, base_cache: list[torch.Tensor], train_imgs: Sequence[np.ndarray],
+                   rng: np.random.Generator, device: torch.device) -> tuple[AnomalyModel, float]:
+    """Train one candidate on the cached original views (+ its augmented views, extracted here)."""
+    mc = cfg.model
+    model = build_model(mc, cfg.weights).to(device)
+    cache = base_cache
+    if cfg.augment and cfg.views > 1:
+        views = [augment(im, rng, cfg) for _ in range(cfg.views - 1) for im in train_imgs]
+        extra = extract_features(model, views, device, "augmented features")
+        cache = [torch.cat([b, e]) for b, e in zip(base_cache, extra)]
+    n_rows = len(train_imgs) * mc.tiles[0] * mc.tiles[1]  # cache rows per view: every tile of every image
+    fit_statistics(model, cache, n_rows)
+    final_loss = train_flows(model, cache, n_rows, cfg, device)
+    fit_nll_statistics(model, cache, n_rows, device)
+    return model, final_loss
+
+
+@torch.no_grad()
+def _validation_maps(model: AnomalyModel, cache: list[torch.Tensor], n_tiles: int, device: torch.device,
+                     batch: int = 16) -> torch.Tensor:
+    maps = []
+    for i in range(0, cache[0].shape[0], batch * n_tiles):
+        feats = [c[i:i + batch * n_tiles].to(device).float() for c in cache]
+        maps.append(model.head(model.nll_maps(feats))[1].flatten(1).cpu())
+    return torch.cat(maps)
+
+
+def _reduce(maps: torch.Tensor, reduction: str, k: int) -> np.ndarray:
+    if reduction == "mean":
+        return maps.mean(1).numpy()
+    if reduction == "max":
+        return maps.max(1).values.numpy()
+    return maps.topk(k, dim=1).values.mean(1).numpy()
+
+
+def selection_candidates(cfg: TrainConfig) -> list[TrainConfig]:
+    """The predeclared trainings selection compares (each then scored with every reduction)."""
+    if not cfg.select:
+        return [cfg]
+    return [replace(cfg, epochs=e) for e in (cfg.select_epochs or [cfg.epochs])]
+
+
+def fit_selected(cfg: TrainConfig, train_imgs: Sequence[np.ndarray], hold_imgs: Sequence[np.ndarray],
+                 rng: np.random.Generator, device: torch.device) -> tuple[AnomalyModel, float, dict[str, Any]]:
+    """Train the candidates and keep the one that best separates the held-out good images from
+    synthetic defects made from them (validation.py): never a real defect, never a test image."""
+    from inspectd.stats import roc_auc
+    from inspectd.engines.validation import make_validation_set
+
+    mc = cfg.model
+    n_tiles = mc.tiles[0] * mc.tiles[1]
+    extractor = build_model(mc, cfg.weights).to(device)
+    base_cache = extract_features(extractor, train_imgs, device, "features")
+    reductions = list(cfg.select_reductions) if cfg.select else [mc.reduction]
+    val_cache: tuple[list[torch.Tensor], int] | None = None
+    if cfg.select:
+        val = make_validation_set(hold_imgs, cfg.seed)
+        val_cache = (extract_features(extractor, list(val.good) + list(val.bad), device, "validation features"),
+                     len(val.good))
+    del extractor
+    best: tuple[float, int, AnomalyModel, float, str] | None = None
+    rows = []
+    for i, cand in enumerate(selection_candidates(cfg)):
+        model, loss = _fit_candidate(cand, base_cache, train_imgs, rng, device)
+        if val_cache is None:
+            return model, loss, {"enabled": False}
+        maps = _validation_maps(model.eval(), val_cache[0], n_tiles, device)
+        n_good = val_cache[1]
+        for red in reductions:
+            scores = _reduce(maps, red, model.head.topk)
+            auroc = float(roc_auc(scores[:n_good], scores[n_good:]))
+            rows.append({"epochs": cand.epochs, "reduction": red, "validation_auroc": round(auroc, 4)})
+            # Ties keep the earlier (predeclared order: fewer epochs, mean before top-k before max).
+            if best is None or auroc > best[0] + 1e-9:
+                best = (auroc, i, model, loss, red)
+    _, index, model, loss, red = best
+    chosen = selection_candidates(cfg)[index]
+    model.config.reduction = red
+    model.head.reduction = red
+    cfg.epochs = chosen.epochs
+    cfg.model.reduction = red
+    print(f"inspectd train: selected {chosen.epochs} epochs, {red} reduction (validation AUROC {best[0]:.4f} on "
+          f"{val_cache[1]} held-out good images vs {val_cache[0][0].shape[0] // n_tiles - val_cache[1]} "
+          f"synthetic defects)", file=sys.stderr)
+    return model, loss, {"enabled": True, "validation": "held-out good images + synthetic defects "
+                         "(cutpaste, scar, blob, blur, crack) made from them", "candidates": rows,
+                         "chosen": {"epochs": chosen.epochs, "reduction": red,
+                                    "validation_auroc": round(best[0], 4)}}
+
+
 def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig, force: bool = False,
           golden_bad_dir: str | os.PathLike | None = None) -> TrainResult:
     t0 = time.monotonic()
@@ -265,21 +364,13 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
     hold_imgs = [images[i] for i in hold_idx]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"inspectd train: {len(paths)} good images ({skipped} skipped) -> {len(train_imgs)} train, "
-          f"{len(hold_imgs)} held out for score statistics; {mc.backbone} taps {mc.taps} at {mc.input_height}x{mc.input_width} "
-          f"({mc.tiles[0]}x{mc.tiles[1]} tiles of {mc.image_height}x{mc.image_width}) "
-          f"{mc.color_mode}; {cfg.epochs} epochs on {device}", file=sys.stderr)
+          f"{len(hold_imgs)} held out (score statistics{', validation' if cfg.select else ''}); {mc.backbone} taps "
+          f"{mc.taps} at {mc.input_height}x{mc.input_width} ({mc.tiles[0]}x{mc.tiles[1]} tiles of "
+          f"{mc.image_height}x{mc.image_width}) {mc.color_mode}; "
+          f"epochs {'/'.join(str(c.epochs) for c in selection_candidates(cfg))} on {device}",
+          file=sys.stderr)
 
-    model = build_model(mc, cfg.weights).to(device)
-    views = list(train_imgs)
-    aug_on = bool(cfg.augment) and cfg.views > 1
-    for _ in range(cfg.views - 1 if aug_on else 0):
-        views.extend(augment(im, rng, cfg) for im in train_imgs)
-    cache = extract_features(model, views, device, "features")
-    n_rows = len(train_imgs) * mc.tiles[0] * mc.tiles[1]  # cache rows per view: every tile of every image
-    fit_statistics(model, cache, n_rows)
-    final_loss = train_flows(model, cache, n_rows, cfg, device)
-    fit_nll_statistics(model, cache, n_rows, device)
-    del cache
+    model, final_loss, selection = fit_selected(cfg, train_imgs, hold_imgs, rng, device)
 
     model = model.cpu().eval()
     hold_scores, hold_maps = score_images(model, hold_imgs, torch.device("cpu"))
@@ -330,7 +421,8 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
                          "image_sha256": [sha256_file(paths[i]) for i in train_idx],
                          "holdout_names": [paths[i].name for i in hold_idx],
                          "n_train": len(train_imgs), "n_holdout": len(hold_imgs), "skipped": skipped,
-                         "config": cfg.to_dict(), "final_loss": final_loss, "seconds": round(seconds, 1),
+                         "config": {**cfg.to_dict(), "selection": selection}, "final_loss": final_loss,
+                         "seconds": round(seconds, 1),
                          "device": str(device)},
             "golden": {"good": golden_good, "bad": golden_bad, "good_scores": ort_good.tolist(),
                        "bad_scores": ort_bad.tolist()},
