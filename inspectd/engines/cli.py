@@ -114,11 +114,15 @@ def _roi_arg(text: str | None, good: str) -> tuple[int, int, int, int] | None:
 
     roi = parse_roi(text, ConfigError, "--roi")
     x, y, w, h = roi
-    for path in list_images(good)[:1] if Path(good).is_dir() else []:
-        img = read_image(path, "gray")
+    for path in list_images(good)[:8] if Path(good).is_dir() else []:
+        try:
+            img = read_image(path, "gray")
+        except DataError:
+            continue  # unreadable files are train()'s to count and report
         if x + w > img.shape[1] or y + h > img.shape[0]:
             raise ConfigError(f"--roi {x},{y},{w},{h} lies outside the {img.shape[1]}x{img.shape[0]} "
                               f"training image {path.name}")
+        break
     return roi
 
 
