@@ -72,7 +72,7 @@ def calibrate(req: CalibrationRequest, progress_stream: TextIO | None = None) ->
     if req.write_config:
         check_line(req.config, req.line)
     report_dir = req.report_dir or (state_dir(req.config) / req.line / "calibration" / utc_stamp())
-    _make_report_dir(report_dir, default=req.report_dir is None)
+    _check_report_dir(report_dir, default=req.report_dir is None)
     good_paths = _images(req.good, "good")
     bad_paths = _images(req.bad, "bad") if req.bad is not None else None
     needed = th.needed_samples(req.target_false_reject, req.confidence)
@@ -109,13 +109,17 @@ def calibrate(req: CalibrationRequest, progress_stream: TextIO | None = None) ->
                              bad_scores=bad, summary=format_summary(report))
 
 
-def _make_report_dir(folder: Path, default: bool) -> None:
-    """Create the report folder before any scoring: a state dir we cannot write fails in a second."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        hint = "; set state_dir in the config or give --report DIR" if default else ""
-        raise ConfigError(f"{folder}: cannot create the report folder ({exc.strerror or exc}){hint}") from None
+def _check_report_dir(folder: Path, default: bool) -> None:
+    """Before any scoring, without creating anything: the report folder (or the nearest existing
+    folder above it) must be writable, so a state dir we cannot write fails in a second."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    hint = "; set state_dir in the config or give --report DIR" if default else ""
+    why = "not a folder" if existing.exists() and not existing.is_dir() else "permission denied"
+    raise ConfigError(f"{folder}: cannot create the report folder ({existing}: {why}){hint}")
 
 
 def _images(folder: Path, what: str) -> list[Path]:

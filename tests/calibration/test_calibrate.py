@@ -37,7 +37,7 @@ def held_out_good(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def config(tmp_path: Path, tiny_bundle: Path) -> Path:
     path = tmp_path / "lines.yaml"
-    path.write_text(yaml.safe_dump({"lines": [
+    path.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "lines": [
         {"id": "line1", "source": {"type": "replay", "path": "frames"}, "bundle": str(tiny_bundle),
          "threshold": 3.0},
         {"id": "line2", "source": {"type": "replay", "path": "frames"}, "bundle": str(tiny_bundle),
@@ -204,3 +204,16 @@ def test_dry_run_reports_without_touching_config(tiny_bundle: Path, held_out_goo
     assert rc == 0 and "not changed (--dry-run)" in capsys.readouterr().out
     _untouched(config, before)
     assert (tmp_path / "rep" / "report.json").is_file()
+
+
+def test_unusable_state_dir_fails_before_scoring(tiny_bundle: Path, held_out_good: Path, config: Path,
+                                                 tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    data = yaml.safe_load(config.read_text())
+    data["state_dir"] = str(blocker)
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    rc, err = _run_bad(["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
+                        "--target-false-reject", "5%", "--config", str(config)], config, capsys)
+    assert rc == 2 and f"{blocker}/line1/calibration/" in err and "not a folder" in err
+    assert "set state_dir in the config or give --report DIR" in err

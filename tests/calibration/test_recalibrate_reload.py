@@ -76,10 +76,10 @@ class DaemonProcess:
                 self.proc.wait(5)
 
 
-def _threshold_metric(port: int) -> float:
+def _metric(port: int, name: str = "inspectd_threshold") -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    (value,) = re.findall(r'^inspectd_threshold\{line="line1"\} (\S+)$', text, re.M)
+    (value,) = re.findall(rf'^{name}\{{line="line1"\}} (\S+)$', text, re.M)
     return float(value)
 
 
@@ -147,7 +147,8 @@ def test_calibrate_then_sighup_applies_the_new_threshold(tmp_path: Path, tiny_bu
         daemon.wait_log(r"ready: line1")
         before = _verdicts(sub, 1.5)
         assert before and all(h["threshold"] == 1000.0 and h["verdict"] == "OK" for h in before)
-        assert _threshold_metric(port) == 1000.0
+        assert _metric(port) == 1000.0
+        assert _metric(port, "inspectd_source_triggered") == 0  # a replay line is free-running
 
         # 1. First calibration: the line had a number, so the config is repointed to a stable file.
         out = _calibrate(config, tiny_bundle, held_out_good, "5%").stdout
@@ -174,7 +175,7 @@ def test_calibrate_then_sighup_applies_the_new_threshold(tmp_path: Path, tiny_bu
         assert after and all(h["threshold"] == first for h in after)
         assert all(h["verdict"] == ("NG" if h["score"] > first else "OK") for h in after)
         assert any(h["verdict"] == "NG" for h in after), "the defective parts should now be rejected"
-        assert _threshold_metric(port) == first
+        assert _metric(port) == first
 
         # 2. Recalibration with a looser target: the same file is replaced, the YAML is not touched.
         yaml_before = config.read_bytes()
@@ -191,7 +192,7 @@ def test_calibrate_then_sighup_applies_the_new_threshold(tmp_path: Path, tiny_bu
         later = _verdicts(sub, 2.0)
         assert later and all(h["threshold"] == second for h in later)
         assert all(h["verdict"] == ("NG" if h["score"] > second else "OK") for h in later)
-        assert _threshold_metric(port) == second
+        assert _metric(port) == second
 
         # 3. A broken threshold file, then a broken config: the old threshold stays, one log line each.
         threshold_file.write_text("{broken")
@@ -204,7 +205,7 @@ def test_calibrate_then_sighup_applies_the_new_threshold(tmp_path: Path, tiny_bu
         daemon.wait_log(r"threshold reload failed, keeping the current thresholds: .*lines\.yaml: "
                         r"lines\[0\]\.latency_budget: unknown key", timeout_s=10, start=mark)
         assert all(h["threshold"] == second for h in _verdicts(sub, 1.0))
-        assert _threshold_metric(port) == second and daemon.proc.poll() is None
+        assert _metric(port) == second and daemon.proc.poll() is None
     finally:
         sub.close()
         daemon.stop()
