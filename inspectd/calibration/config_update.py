@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 import yaml
 
 from inspectd.errors import ConfigError
-from inspectd.fileio import atomic_write
+from inspectd.fileio import atomic_write, fsync_dir
 
 log = logging.getLogger("inspectd.calibration")
 
@@ -181,9 +182,9 @@ def update_line_threshold(config_path: str | os.PathLike, line_id: str, calibrat
     except OSError as exc:
         raise ConfigError(f"{target}: cannot write the threshold file ({exc.strerror or exc})") from None
     if backup is not None and new_text is not None:  # set together when repointing
-        atomic_write(backup, old_bytes, mode=_mode(config))
+        _write_like(backup, old_bytes, config)
         try:
-            atomic_write(config, new_text.encode("utf-8"), mode=_mode(config))  # the commit point
+            _write_like(config, new_text.encode("utf-8"), config)  # the commit point
         except BaseException:
             if not existed:
                 _unlink_quietly(target)  # unreferenced; the backup stays (it equals the config)
@@ -231,11 +232,24 @@ def _validate_with_daemon_schema(config: Path, data: dict[str, Any]) -> None:
     config_from_dict(data, source=str(config), base_dir=config.resolve().parent)
 
 
-def _mode(path: Path) -> int | None:
+def _write_like(path: Path, data: bytes, like: Path) -> None:
+    """atomic_write keeping `like`'s mode, owner and group: the config is typically root:inspectd
+    0640, and a root-owned replacement would lock the service user out of its own config."""
+    st = like.stat()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        return path.stat().st_mode & 0o7777
-    except OSError:
-        return None
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), st.st_mode & 0o7777)
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(fh.fileno(), st.st_uid, st.st_gid)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -101,6 +101,28 @@ def test_a_threshold_file_shared_with_another_line_is_not_overwritten(tmp_path: 
     assert load_config(path).line("line2").threshold.file == tmp_path / "shared.json"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_repointed_config_keeps_its_owner_group_and_mode(config: Path) -> None:
+    os.chown(config, 0, 65534)  # root:<service group>, as deploy/install.sh installs configs
+    config.chmod(0o640)
+    upd = cu.update_line_threshold(config, "line1", CALIBRATION)
+    for path in (config, upd.backup):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 65534, 0o640), path
+
+
+def test_repointing_the_shipped_example_changes_one_line(tmp_path: Path) -> None:
+    """The deploy example (comments, flow mappings, quoted strings, `null`, 4-space sequences)."""
+    example = Path(__file__).resolve().parents[2] / "deploy" / "lines.example.yaml"
+    path = tmp_path / "lines.yaml"
+    path.write_text(example.read_text())
+    cu.update_line_threshold(path, "press2", CALIBRATION)
+    old, new = example.read_text().splitlines(), path.read_text().splitlines()
+    assert len(old) == len(new)
+    assert [(a, b) for a, b in zip(old, new) if a != b] == [("    threshold: 3.0",
+                                                             "    threshold: {file: press2.threshold.json}")]
+
+
 def test_failure_at_commit_point_leaves_old_config_intact(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_replace = os.replace
 
