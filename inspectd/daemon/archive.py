@@ -8,8 +8,10 @@ marks a complete record.
 
 The archive is a side job: it runs in its own thread behind a bounded queue (full -> the item is
 dropped and counted), `save()` never raises, and any OSError (disk full, read-only, permission)
-switches archiving off for the rest of the run (metric archive_enabled=0, one log line) instead
-of disturbing inspection. The quota is enforced by deleting the oldest records; the directory
+switches archiving off (metric archive_enabled=0, one log line) instead of disturbing inspection.
+While off, one record every `retry_s` is let through as a probe: once it is written (space is
+back, the disk is writable again) the archive rescans its folder and is on again by itself
+(metric 1, one log line); no restart needed. The quota is enforced by deleting the oldest records; the directory
 is scanned once at start and the total is tracked from then on.
 """
 
@@ -42,6 +44,7 @@ _SUFFIXES = ("_heatmap.png", ".png", ".json")  # longest first: "_heatmap.png" a
 
 
 _STOP = object()
+RETRY_S = 30.0  # while switched off, try one record this often
 
 
 @dataclass
@@ -68,7 +71,7 @@ class NgArchive:
     """Archive of NG parts for one line. `start()` it, `save()` from any thread, `stop()` at the end."""
 
     def __init__(self, root: str | os.PathLike, quota_bytes: int, line: str, metrics: Any = None,
-                 queue_size: int = 32) -> None:
+                 queue_size: int = 32, retry_s: float = RETRY_S) -> None:
         if not isinstance(quota_bytes, int) or quota_bytes <= 0:
             raise ConfigError(f"archive quota must be a positive number of bytes, got {quota_bytes!r}")
         if not re.match(r"^[A-Za-z0-9_-]{1,64}$", line or ""):
@@ -81,6 +84,10 @@ class NgArchive:
         self.line = line
         self.metrics = metrics
         self.enabled = True
+        self.retry_s = float(retry_s)
+        self.recoveries = 0      # times the archive switched itself back on
+        self._disabled_at = 0.0
+        self._probe_queued = False
         self.saved = 0
         self.dropped = 0         # queue full
         self.errors = 0
@@ -107,12 +114,20 @@ class NgArchive:
     def save(self, frame_image: np.ndarray, heatmap_u8: np.ndarray | None, header_dict: dict) -> bool:
         """Queue one NG record; True when queued. Never raises. The arrays must not be modified
         afterwards (they are written later, by the archive thread)."""
+        probe = False
         try:
-            if not self.enabled or self._stopping:
+            if self._stopping:
                 return False
-            self._queue.put_nowait((frame_image, heatmap_u8, dict(header_dict)))
+            if not self.enabled:
+                # Off: only a probe now and then, to find out whether the disk is usable again.
+                if self._probe_queued or time.monotonic() - self._disabled_at < self.retry_s:
+                    return False
+                probe = self._probe_queued = True
+            self._queue.put_nowait((frame_image, heatmap_u8, dict(header_dict), probe))
             return True
         except queue.Full:
+            if probe:
+                self._probe_queued = False
             self.dropped += 1
             if self.metrics is not None and hasattr(self.metrics, "archive_dropped"):
                 self.metrics.archive_dropped.labels(line=self.line).inc()
@@ -179,13 +194,39 @@ class NgArchive:
             try:
                 if item is _STOP:
                     return
-                if self.enabled:
-                    self._write(*item)
+                image, heatmap, header, probe = item
+                if probe:
+                    self._probe(image, heatmap, header)
+                elif self.enabled:
+                    self._write(image, heatmap, header)
             finally:
                 self._queue.task_done()
 
+    def _probe(self, image: np.ndarray, heatmap: np.ndarray | None, header: dict) -> None:
+        """Archive off: rescan (space may have been freed by hand) and try this one record."""
+        try:
+            try:
+                self._records.clear()
+                self._stems.clear()
+                self.total_bytes = 0
+                self._scan()
+            except OSError as exc:
+                self._disable(exc)
+                return
+            before = self.errors
+            self._write(image, heatmap, header)
+            if self.errors == before and not self.enabled:
+                self.enabled = True
+                self.recoveries += 1
+                if self.metrics is not None:
+                    self.metrics.archive_enabled.labels(line=self.line).set(1)
+                log.warning("NG archive %s enabled again (%s is writable)", self.line, self.line_dir)
+        finally:
+            self._probe_queued = False
+
     def _disable(self, exc: OSError) -> None:
         self.errors += 1
+        self._disabled_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.archive_errors.labels(line=self.line).inc()
         if self.enabled:

@@ -45,25 +45,33 @@ class DeadlineKeeper:
         ids after a reconnect cannot collide with frames still in flight."""
         key = frame.frame_id if key is None else key
         with self._cond:
-            if key in self._pending:
+            stopping = self._stopping
+            if not stopping and key in self._pending:
                 raise ValueError(f"frame key {key} is already registered")
-            self._pending[key] = frame
-            heapq.heappush(self._heap, (deadline_mono, next(self._tie), key))
-            # Wake the thread only if this deadline is now the earliest one.
-            if self._heap[0][2] == key:
-                self._cond.notify()
+            if not stopping:
+                self._pending[key] = frame
+                heapq.heappush(self._heap, (deadline_mono, next(self._tie), key))
+                # Wake the thread only if this deadline is now the earliest one.
+                if self._heap[0][2] == key:
+                    self._cond.notify()
+        if stopping:
+            # Registered after stop() (a read that ended during shutdown): resolve it now, so
+            # that no frame is left without a verdict.
+            self._fire(frame, "shutdown before a result")
         return key
 
-    def claim(self, frame_id: int) -> bool:
+    def claim(self, frame_id: int, result: bool = True) -> bool:
         """True if the caller now owns the verdict for `frame_id` (the key given to `register`);
-        False if it was already resolved (by the deadline): the caller must not publish."""
+        False if it was already resolved (by the deadline): the caller must not publish.
+        `result=False` for a fail-safe claim (a drop, an error): losing it is no late result."""
         with self._cond:
             if self._pending.pop(frame_id, None) is not None:
                 # The heap entry stays; the thread skips keys that are no longer pending.
                 if not self._pending:
                     self._cond.notify_all()  # wake wait_idle()
                 return True
-            self.late_results += 1
+            if result:
+                self.late_results += 1
             return False
 
     def is_pending(self, frame_id: int) -> bool:

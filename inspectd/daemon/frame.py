@@ -39,3 +39,5 @@ class Verdict:
     heatmap: np.ndarray | None = None   # uint8 Hm x Wm, fixed display range
     error: str | None = None            # why a fail-safe verdict was given
     meta: dict[str, Any] = field(default_factory=dict)
+    # The frame judged (its image, for the NG archive sink); never serialized.
+    frame: Frame | None = field(default=None, repr=False, compare=False)

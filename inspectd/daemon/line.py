@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +17,63 @@ log = logging.getLogger("inspectd.line")
 
 FAIL_SAFE_VERDICTS = ("NG", "OK", "SKIP")
 HEATMAP_MODES = ("none", "ng", "all")
+# A replay source has no fetch timeout or reconnect setting in the schema: a file read returns at
+# once, so its read timeout only paces an idle loop, and "reconnect" is reopening a folder.
+REPLAY_READ_TIMEOUT_S = 0.2
+_REPLAY_RECONNECT_S = (0.5, 10.0)
+
+
+def options_dict(options: Any) -> dict[str, dict[str, Any]]:
+    """Backend options as plain dicts, whether the config holds dicts or typed models."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in dict(options or {}).items():
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(exclude_none=True)
+        out[name] = dict(value or {})
+    return out
 
 
 @dataclass(frozen=True)
 class LineSettings:
-    """The pipeline's view of one line's configuration (built from the validated config)."""
+    """The pipeline's view of one line's configuration. Built from the validated config only
+    (`from_config`): the config schema (daemon/config.py) is the one place defaults live, so
+    no field here has a default of its own."""
 
     line: str
     latency_budget_ms: float
-    on_deadline_miss: str = "NG"          # fail-safe verdict: deadline miss, engine error, malformed, dropped
-    roi: tuple[int, int, int, int] | None = None
-    backend_preference: tuple[str, ...] = ("tensorrt", "onnxruntime")
-    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    heatmap_mode: str = "none"            # none | ng | all (published heatmaps)
-    archive_save: str = "ng"              # ng | all: which verdicts go to the archive, if one is given
-    queue_size: int = 4
+    on_deadline_miss: str                 # fail-safe verdict: deadline miss, engine error, malformed, dropped
+    roi: tuple[int, int, int, int] | None
+    backend_preference: tuple[str, ...]
+    backend_options: dict[str, dict[str, Any]]
+    heatmap_mode: str                     # none | ng | all (published heatmaps)
+    archive_enabled: bool
+    archive_save: str                     # ng | all: which verdicts go to the archive, if enabled
+    queue_size: int
     # Replay "as fast as the pipeline takes": read the next frame only when the queue has room
     # (a camera is never held back: it drops the oldest instead).
-    backpressure: bool = False
-    read_timeout_s: float = 0.2
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 10.0
+    backpressure: bool
+    read_timeout_s: float                 # one source read waits at most this long
+    reconnect_min_s: float
+    reconnect_max_s: float
+
+    @classmethod
+    def from_config(cls, cfg: Any, backend_options: dict[str, dict[str, Any]] | None = None) -> "LineSettings":
+        """From a validated LineConfig. `backend_options` replaces the config's (the daemon adds
+        computed defaults such as the ONNX Runtime thread share)."""
+        src = cfg.source
+        is_camera = src.type == "genicam"
+        low, high = src.reconnect_backoff_s if is_camera else _REPLAY_RECONNECT_S
+        return cls(line=cfg.id, latency_budget_ms=float(cfg.latency_budget_ms),
+                   on_deadline_miss=cfg.on_deadline_miss, roi=tuple(cfg.roi) if cfg.roi else None,
+                   backend_preference=tuple(cfg.backends),
+                   backend_options=(backend_options if backend_options is not None
+                                    else options_dict(cfg.backend_options)),
+                   heatmap_mode=cfg.heatmap.publish, archive_enabled=bool(cfg.archive.enabled),
+                   archive_save=cfg.archive.save, queue_size=int(cfg.queue_size),
+                   backpressure=not is_camera and getattr(src, "fps", None) is None,
+                   # A camera read waits up to its fetch timeout: that is how fast a lost camera shows.
+                   read_timeout_s=float(src.fetch_timeout_s) if is_camera else REPLAY_READ_TIMEOUT_S,
+                   reconnect_min_s=float(low), reconnect_max_s=float(high))
 
     def __post_init__(self) -> None:
         if self.on_deadline_miss not in FAIL_SAFE_VERDICTS:

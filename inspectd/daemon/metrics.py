@@ -86,6 +86,9 @@ class Metrics:
         # (the no-frames alert leaves such lines out).
         self.source_triggered = Gauge("inspectd_source_triggered", "Camera in external trigger mode (0/1)",
                                       ["line"], registry=r)
+        self.engine_ready = Gauge("inspectd_engine_ready",
+                                  "The line's engine is warm and answers (0: starting, failed to open, stalled)",
+                                  ["line"], registry=r)
         self.archive_enabled = Gauge("inspectd_archive_enabled", "NG archive enabled (0/1)", ["line"],
                                      registry=r)
         self.archive_errors = Counter("inspectd_archive_errors_total", "NG archive errors", ["line"],
@@ -119,6 +122,7 @@ class Metrics:
         for topic in ("verdict", "heatmap"):
             for reason in PUBLISH_DROP_REASONS:
                 self.publish_dropped.labels(line=line, topic=topic, reason=reason)
+        self.engine_ready.labels(line=line).set(0)
         if threshold is not None:
             self.threshold.labels(line=line).set(threshold)
 

@@ -1,6 +1,7 @@
 """One line's data path: acquisition thread -> bounded queue (drop oldest) -> inference worker
-that owns the Backend -> verdict -> emit (the Publisher). The DeadlineKeeper resolves each frame
-exactly once: by the result, or by the fail-safe verdict at acquisition + latency budget.
+that owns the Backend -> verdict -> the line's VerdictSink (daemon/sinks.py: publisher, metrics,
+archive, drift, wired by run.py). The DeadlineKeeper resolves each frame exactly once: by the
+result, or by the fail-safe verdict at acquisition + latency budget.
 
 Every thread catches and reports its own failures: one line going wrong never stops another.
 """
@@ -21,6 +22,7 @@ import numpy as np
 from inspectd.daemon.deadline import DeadlineKeeper
 from inspectd.daemon.frame import Frame, Verdict
 from inspectd.daemon.line import LineSettings, LineThreshold
+from inspectd.daemon.sinks import VerdictSink, as_sink
 from inspectd.daemon.sources.base import SourceError, SourceLost
 from inspectd.engines import preprocess
 from inspectd.engines.bundle import Bundle
@@ -31,12 +33,20 @@ log = logging.getLogger("inspectd.pipeline")
 
 BackendOpener = Callable[[Bundle, LineSettings, Callable[[str, str], None], float],
                          tuple[Backend, EngineInfo]]
-Emit = Callable[[Verdict], None]
 
 # After this many engine errors in a row the backend is presumed broken (not one bad frame): the
 # line closes it and reopens through the opener without it, so the next backend in the line's
 # list that passes the parity gate takes over.
 ENGINE_FAILOVER_AFTER = 5
+# A call that neither answers nor raises (hung driver) is given up after max(this, N x budget),
+# and failed over like an erroring backend. The deadline keeper fail-safes frames meanwhile.
+ENGINE_STALL_MIN_S = 2.0
+ENGINE_STALL_BUDGETS = 10
+WARMUP_STALL_S = 60.0        # first calls load kernels / allocate arenas: slower, still bounded
+RUNNER_CLOSE_S = 5.0         # closing a backend that is not stuck
+# Watchdog: a loop that has not moved for this long is hung (camera and engine state do not count).
+PROGRESS_STALE_MIN_S = 10.0
+ENGINE_OPEN_STALE_S = 300.0  # loading + parity-gating an engine (never building one) is progress
 
 
 def default_backend_opener(bundle: Bundle, settings: LineSettings, on_fallback: Callable[[str, str], None],
@@ -49,28 +59,111 @@ def default_backend_opener(bundle: Bundle, settings: LineSettings, on_fallback: 
                         gate=make_gate(bundle, threshold=threshold), on_fallback=on_fallback)
 
 
+class EngineStalled(Exception):
+    """The backend did not answer within the stall bound (no exception, just no answer)."""
+
+
+class _EngineRunner:
+    """Runs one backend's `infer` on its own thread, so that a call that never returns (a hung GPU
+    driver) can be given up: the worker waits at most the stall bound and stays free to fail over.
+    The backend is closed on this thread once any call still in progress has returned."""
+
+    def __init__(self, backend: Backend, line: str) -> None:
+        self.backend = backend
+        self._cond = threading.Condition(threading.Lock())
+        self._batch: np.ndarray | None = None
+        self._result: tuple[np.ndarray, np.ndarray] | None = None
+        self._error: BaseException | None = None
+        self._busy = False      # a call was handed over and has not returned yet
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{line}", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def infer(self, batch: np.ndarray, stall_s: float, tick: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
+        """The backend's answer, or EngineStalled after `stall_s`. `tick()` is called while waiting
+        (the worker's own loop is alive while it waits on a bounded call)."""
+        with self._cond:
+            if self._busy:
+                raise EngineStalled("the previous call has not returned yet")
+            self._batch, self._result, self._error, self._busy = batch, None, None, True
+            self._cond.notify_all()
+            end = time.monotonic() + stall_s
+            while self._busy:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise EngineStalled(f"no answer within {stall_s:.1f} s")
+                self._cond.wait(min(left, 0.5))
+                tick()
+            if self._error is not None:
+                raise self._error
+            if self._result is None:
+                raise RuntimeError("the engine returned nothing")
+            return self._result
+
+    def close(self, timeout_s: float) -> bool:
+        """Ask the thread to close the backend and end; True when it did within `timeout_s`
+        (False: a call is still stuck in the backend, which is left to the process exit)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._batch is None and not self._closing:
+                    self._cond.wait()
+                if self._batch is None:
+                    break
+                batch, self._batch = self._batch, None
+            result: tuple[np.ndarray, np.ndarray] | None = None
+            error: BaseException | None = None
+            try:
+                result = self.backend.infer(batch)
+            except BaseException as exc:  # reported to the caller
+                error = exc
+            with self._cond:
+                self._result, self._error, self._busy = result, error, False
+                self._cond.notify_all()
+        try:
+            self.backend.close()
+        except Exception as exc:
+            log.warning("closing backend %s failed: %s", getattr(self.backend, "name", "?"), exc)
+
+
 class LinePipeline:
-    """The threads of one line. `start()`, `wait_ready()`, `stop()`; `emit(verdict)` is called
-    exactly once per acquired frame, from the worker or the deadline thread."""
+    """The threads of one line. `start()`, `wait_ready()`, `stop()`; `sink.accept(verdict)` is called
+    exactly once per acquired frame, from the worker or the deadline thread.
+
+    `sink` is a VerdictSink (run.py wires publisher, metrics, archive and drift into one `Sinks`) or
+    a plain callable. `metrics` is for the line's own state (queue, camera, engine, drops)."""
 
     def __init__(self, settings: LineSettings, source: Any, bundle: Bundle, threshold: LineThreshold,
-                 emit: Emit, metrics: Any | None = None, archive: Any | None = None,
-                 drift: Any | None = None, backend_opener: BackendOpener = default_backend_opener,
-                 failover_after_errors: int = ENGINE_FAILOVER_AFTER) -> None:
+                 sink: VerdictSink | Callable[[Verdict], None], metrics: Any | None = None,
+                 backend_opener: BackendOpener = default_backend_opener,
+                 failover_after_errors: int = ENGINE_FAILOVER_AFTER,
+                 stall_after_s: float | None = None) -> None:
         self.settings = settings
         self.line = settings.line
         self.source = source
         self.bundle = bundle
         self.threshold = threshold
-        self._emit_fn = emit
+        self.sink = as_sink(sink)
         self.metrics = metrics
-        self.archive = archive
-        self.drift = drift
+        self.drift: Any = None  # the line's DriftWatch, read by its DriftSink (a SIGHUP reload may swap it)
         self._backend_opener = backend_opener
         self._failover_after = max(1, int(failover_after_errors))
         self._consecutive_engine_errors = 0
+        self._stalled = False
         self._excluded_backends: list[str] = []   # failed at run time: never reopened by this line
         self._budget_s = settings.latency_budget_ms / 1000.0
+        self.stall_after_s = (float(stall_after_s) if stall_after_s is not None
+                              else max(ENGINE_STALL_MIN_S, ENGINE_STALL_BUDGETS * self._budget_s))
 
         self._queue: collections.deque[tuple[int, Frame]] = collections.deque()
         self._queue_cond = threading.Condition(threading.Lock())
@@ -79,7 +172,8 @@ class LinePipeline:
 
         self._stop_acquisition = threading.Event()
         self._stop_worker = threading.Event()
-        self.engine_ready = threading.Event()
+        # Set once the engine is warm OR has failed to open: start-up waits on it, never longer.
+        self.engine_resolved = threading.Event()
         self.source_ready = threading.Event()
         self._acq_thread = threading.Thread(target=self._acquire_loop, name=f"acquire-{self.line}", daemon=True)
         self._worker_thread = threading.Thread(target=self._worker_loop, name=f"infer-{self.line}", daemon=True)
@@ -87,21 +181,27 @@ class LinePipeline:
         # Status for heartbeats, STATUS= and the watchdog (plain attributes: single writer each).
         self.backend_name = "none"
         self.camera_connected = False
-        self.last_activity_mono = time.monotonic()
+        self.engine_ok = False              # a warm backend answers (False: starting, failed or stalled)
+        self._source_attempted = False      # the first open() has been tried (state "starting" until then)
+        now = time.monotonic()
+        self.last_activity_mono = now       # acquisition loop progress
+        self.last_worker_progress_mono = now
+        self._engine_opening_since: float | None = None
         self.frames_acquired = 0
         self.verdicts = 0
         self.deadline_misses = 0
         self.dropped: collections.Counter[str] = collections.Counter()
         self.engine_errors = 0
+        self.engine_stalls = 0
         self.last_error: str | None = None
         self.failed: str | None = None      # the line cannot infer at all (backend failed to open)
-        self.last_worker_progress_mono = time.monotonic()
         self._started = False
         self._incomplete_seen = 0
-        self._emit_lock = threading.Lock()  # verdict counters from two threads
+        self._count_lock = threading.Lock()  # verdict counters from two threads
 
         if metrics is not None:
             metrics.init_line(self.line, threshold.value)
+            self._set_engine_ok(False)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -112,11 +212,16 @@ class LinePipeline:
         self._acq_thread.start()
         return self
 
+    @property
+    def engine_ready(self) -> bool:
+        """The line can judge parts: a warm backend that answers."""
+        return self.engine_ok
+
     def wait_ready(self, timeout_s: float) -> bool:
         """True once the engine is warmed up (or failed: the line then fail-safes every frame)
         and the source opened."""
         end = time.monotonic() + timeout_s
-        return (self.engine_ready.wait(max(0.0, end - time.monotonic()))
+        return (self.engine_resolved.wait(max(0.0, end - time.monotonic()))
                 and self.source_ready.wait(max(0.0, end - time.monotonic())))
 
     def request_stop(self) -> None:
@@ -124,13 +229,17 @@ class LinePipeline:
         self._stop_acquisition.set()
 
     def stop(self, timeout_s: float = 3.0) -> None:
-        """Stop acquiring, let in-flight frames resolve (result or deadline), then stop the rest."""
+        """Stop acquiring, let in-flight frames resolve (result or deadline), then stop the rest.
+        A frame the acquisition thread is still reading gets its verdict too: the read ends
+        within the source's read timeout and the frame is queued before the keeper stops."""
         if not self._started:
             self._close_source()
             return
         end = time.monotonic() + timeout_s
         self._stop_acquisition.set()
-        self._acq_thread.join(min(2.0, timeout_s))
+        self._acq_thread.join(max(0.0, min(end - time.monotonic(), self.settings.read_timeout_s + 1.0)))
+        if self._acq_thread.is_alive():
+            log.warning("line %s: acquisition still in a source call at shutdown", self.line)
         # Every frame already registered resolves by its deadline at the latest.
         self._keeper.stop(timeout_s=max(0.0, min(end - time.monotonic(), self._budget_s + 0.5)))
         self._stop_worker.set()
@@ -150,56 +259,96 @@ class LinePipeline:
     def late_results(self) -> int:
         return self._keeper.late_results
 
+    @property
+    def state(self) -> str:
+        """starting | ok | blind (camera down, or a source that will deliver no more frames) |
+        engine_failed (no backend, or the one in use fails or stalls with no alternative left)."""
+        if self.engine_resolved.is_set() and not self.engine_ok:
+            return "engine_failed"
+        if not self.engine_resolved.is_set() or not self._source_attempted:
+            return "starting"
+        if not self.camera_connected or getattr(self.source, "exhausted", False):
+            return "blind"
+        return "ok"
+
     def status(self) -> dict[str, Any]:
-        return {"camera_connected": self.camera_connected, "frames": self.frames_acquired,
-                "verdicts": self.verdicts, "backend": self.backend_name, "bundle_id": self.bundle.bundle_id,
-                "threshold": self.threshold.value, "queue_depth": self.queue_depth,
-                "deadline_misses": self.deadline_misses, "dropped": dict(self.dropped),
-                "engine_errors": self.engine_errors, "late_results": self.late_results,
-                "ready": self.engine_ready.is_set() and self.source_ready.is_set(),
+        """The heartbeat's `status` dict (contract: README, ZeroMQ table)."""
+        return {"state": self.state, "camera_connected": self.camera_connected, "engine_ready": self.engine_ok,
+                "frames": self.frames_acquired, "verdicts": self.verdicts, "backend": self.backend_name,
+                "bundle_id": self.bundle.bundle_id, "threshold": self.threshold.value,
+                "queue_depth": self.queue_depth, "deadline_misses": self.deadline_misses,
+                "dropped": dict(self.dropped), "engine_errors": self.engine_errors,
+                "engine_stalls": self.engine_stalls, "late_results": self.late_results,
+                "ready": self.engine_resolved.is_set() and self.source_ready.is_set(),
                 "failed": self.failed, "last_error": self.last_error}
 
     def healthy(self, stale_s: float | None = None) -> bool:
-        """For the systemd watchdog: frames flow or the source is healthily waiting, and the worker
-        is not stuck on a frame. A lost camera or a hung thread makes the line unhealthy."""
+        """For the systemd watchdog: the line's threads are alive and their loops make progress.
+        Camera and engine state do not count (they go to the status, the metrics and alerts): a
+        camera outage or a failed engine must never get the service killed and restarted."""
+        if not self._started:
+            return True
         if stale_s is None:
-            stale_s = max(5.0, 3 * self.settings.read_timeout_s, 2 * self._budget_s)
+            stale_s = max(PROGRESS_STALE_MIN_S, 3 * self.settings.read_timeout_s + 1.0)
         now = time.monotonic()
         if not (self._acq_thread.is_alive() and self._worker_thread.is_alive()):
+            return self._stop_acquisition.is_set()  # ended because we are stopping: not a hang
+        if now - self.last_activity_mono > stale_s:
             return False
-        if not self.camera_connected or now - self.last_activity_mono > stale_s:
-            return False
+        opening = self._engine_opening_since
+        if opening is not None:  # loading / gating an engine is progress, up to a bound
+            return now - opening <= ENGINE_OPEN_STALE_S
         return now - self.last_worker_progress_mono <= stale_s
 
     def summary(self) -> str:
         cam = "up" if self.camera_connected else "DOWN"
-        state = f"FAILED ({self.failed})" if self.failed else self.backend_name
-        return (f"{self.line}: camera {cam}, {state}, {self.verdicts} verdicts, "
+        engine = f"FAILED ({self.failed})" if self.failed else (
+            self.backend_name if self.engine_ok or not self.engine_resolved.is_set()
+            else f"{self.backend_name} NOT READY")
+        return (f"{self.line}: camera {cam}, {engine}, {self.verdicts} verdicts, "
                 f"{self.deadline_misses} deadline misses")
 
     # ---- acquisition -----------------------------------------------------------------------------
 
+    def _tick_acquisition(self) -> None:
+        self.last_activity_mono = time.monotonic()
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait (backoff) while showing progress; True if a stop was requested meanwhile."""
+        end = time.monotonic() + seconds
+        while True:
+            self._tick_acquisition()
+            left = end - time.monotonic()
+            if left <= 0:
+                return self._stop_acquisition.is_set()
+            if self._stop_acquisition.wait(min(left, 0.5)):
+                return True
+
     def _acquire_loop(self) -> None:
         # Frames taken during engine warm-up could only be dropped or fail-safed: wait for it.
-        while not self.engine_ready.wait(0.1):
+        while not self.engine_resolved.wait(0.1):
+            self._tick_acquisition()
             if self._stop_acquisition.is_set():
                 return
         backoff = self.settings.reconnect_min_s
         connected_once = False
         while not self._stop_acquisition.is_set():
+            self._tick_acquisition()
             if not self.camera_connected:
                 try:
                     self.source.open()
                 except Exception as exc:  # SourceError and anything a driver throws
                     msg = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
                     self.last_error = f"source: {msg}"
+                    self._source_attempted = True
                     log.error("line %s: cannot open source (retry in %.1f s): %s", self.line, backoff, msg)
                     self._close_source()
-                    if self._stop_acquisition.wait(backoff):
+                    if self._pause(backoff):
                         break
                     backoff = min(backoff * 2, self.settings.reconnect_max_s)
                     continue
                 self._set_camera(True)
+                self._source_attempted = True
                 if connected_once:
                     log.info("line %s: camera reconnected", self.line)
                     if self.metrics is not None:
@@ -215,16 +364,17 @@ class LinePipeline:
             except Exception as exc:  # SourceLost, or an unexpected driver error: treat it as a loss
                 self._camera_lost(str(exc) if isinstance(exc, SourceLost) else f"{type(exc).__name__}: {exc}")
                 # Back off before reopening too: a camera that opens and fails at once must not spin.
-                if self._stop_acquisition.wait(backoff):
+                if self._pause(backoff):
                     break
                 backoff = min(backoff * 2, self.settings.reconnect_max_s)
                 continue
-            self.last_activity_mono = time.monotonic()  # a healthy wait counts as activity
+            self._tick_acquisition()  # a healthy wait counts as activity
             self._sync_incomplete()
             if frame is None:
                 continue
             backoff = self.settings.reconnect_min_s  # frames flow: the camera is really back
             try:
+                # Also when a stop came during the read: the frame was taken, it gets its verdict.
                 self._enqueue(frame)
             except Exception:  # a bug here must not end acquisition for the line
                 log.exception("line %s: frame %s could not be queued", self.line, frame.frame_id)
@@ -236,8 +386,7 @@ class LinePipeline:
             if len(self._queue) >= self.settings.queue_size:
                 self._queue_cond.wait(self.settings.read_timeout_s)
             room = len(self._queue) < self.settings.queue_size
-        if not room:
-            self.last_activity_mono = time.monotonic()  # waiting on our own worker is not a stall
+        self._tick_acquisition()  # waiting on our own worker is not a stall of this loop
         return room
 
     def _camera_lost(self, why: str) -> None:
@@ -257,6 +406,11 @@ class LinePipeline:
         if self.metrics is not None:
             self.metrics.camera_connected.labels(line=self.line).set(1 if up else 0)
 
+    def _set_engine_ok(self, ok: bool) -> None:
+        self.engine_ok = ok
+        if self.metrics is not None and hasattr(self.metrics, "engine_ready"):
+            self.metrics.engine_ready.labels(line=self.line).set(1 if ok else 0)
+
     def _sync_incomplete(self) -> None:
         stats = getattr(self.source, "stats", None)
         seen = int(getattr(stats, "incomplete_frames", 0) or 0)
@@ -270,11 +424,12 @@ class LinePipeline:
     def _enqueue(self, frame: Frame) -> None:
         frame.line = self.line
         key = next(self._keys)
-        # The clock starts at acquisition, not when the worker gets to the frame.
-        self._keeper.register(frame, frame.acquired_mono + self._budget_s, key=key)
         self.frames_acquired += 1
         if self.metrics is not None:
             self.metrics.last_frame_timestamp.labels(line=self.line).set(frame.acquired_ns / 1e9)
+        # The clock starts at acquisition, not when the worker gets to the frame. (A keeper already
+        # stopped resolves the frame at once: a frame read during shutdown still gets its verdict.)
+        self._keeper.register(frame, frame.acquired_mono + self._budget_s, key=key)
         dropped: tuple[int, Frame] | None = None
         with self._queue_cond:
             if len(self._queue) >= self.settings.queue_size:
@@ -285,58 +440,59 @@ class LinePipeline:
         if self.metrics is not None:
             self.metrics.queue_depth.labels(line=self.line).set(depth)
         if dropped is not None:
-            self._count_drop("queue_full")
-            self._fail_safe(dropped[0], dropped[1], "dropped: inference queue full", deadline_missed=False)
+            # Counted as a drop only if this resolves it: during a stall the deadline got there first.
+            self._fail_safe(dropped[0], dropped[1], "dropped: inference queue full", deadline_missed=False,
+                            drop_reason="queue_full")
 
     # ---- inference -------------------------------------------------------------------------------
 
     def _worker_loop(self) -> None:
-        backend: Backend | None = None
+        runner: _EngineRunner | None = None
         try:
-            backend = self._open_engine()
+            runner = self._open_engine()
             while True:
                 item = self._next_item()
                 if item is None:
                     break
-                self._process(backend, *item)
-                if backend is not None and self._consecutive_engine_errors >= self._failover_after:
-                    backend = self._fail_over(backend)
+                self._process(runner, *item)
+                if runner is not None and (self._stalled or self._consecutive_engine_errors >= self._failover_after):
+                    runner = self._fail_over(runner)
         except Exception as exc:  # never let one line's worker take the process down
             self.failed = f"worker crashed: {type(exc).__name__}: {exc}"
+            self._set_engine_ok(False)
             log.exception("line %s: inference worker crashed; frames now get the fail-safe verdict", self.line)
-            self.engine_ready.set()
+            self.engine_resolved.set()
             self._fail_safe_loop(self.failed)
         finally:
-            if backend is not None:
-                try:
-                    backend.close()
-                except Exception as exc:
-                    log.warning("line %s: closing backend failed: %s", self.line, exc)
+            if runner is not None and not runner.close(RUNNER_CLOSE_S):
+                log.warning("line %s: backend %s still stuck in a call at shutdown", self.line, self.backend_name)
 
-    def _fail_over(self, backend: Backend) -> Backend | None:
-        """The current backend keeps failing: close it and open the next one of the line's list
-        (through the opener, so the parity gate applies). Without another backend, keep this one."""
+    def _fail_over(self, runner: _EngineRunner) -> _EngineRunner | None:
+        """The current backend keeps failing or stalled: give it up and open the next one of the
+        line's list (through the opener, so the parity gate applies). Without another backend,
+        keep this one (the line is not ready until it answers again)."""
         failed = self.backend_name
+        why = "stalled" if self._stalled else f"failed {self._consecutive_engine_errors} frames in a row"
         remaining = tuple(b for b in self.settings.backend_preference
                           if b != failed and b not in self._excluded_backends)
-        n = self._consecutive_engine_errors
         self._consecutive_engine_errors = 0
+        self._stalled = False
+        self._set_engine_ok(False)
         if not remaining:
-            log.error("line %s: backend %s failed %d frames in a row and no other backend is configured; "
-                      "keeping it", self.line, failed, n)
-            return backend
-        log.error("line %s: backend %s failed %d frames in a row (last: %s); falling back to %s",
-                  self.line, failed, n, self.last_error, ", ".join(remaining))
+            log.error("line %s: backend %s %s and no other backend is configured; keeping it (line not ready)",
+                      self.line, failed, why)
+            return runner
+        log.error("line %s: backend %s %s (last: %s); falling back to %s",
+                  self.line, failed, why, self.last_error, ", ".join(remaining))
         self._excluded_backends.append(failed)
         if self.metrics is not None:  # labelled with the backend that was given up
             self.metrics.backend_fallbacks.labels(line=self.line, backend=failed).inc()
-        try:
-            backend.close()
-        except Exception as exc:
-            log.warning("line %s: closing backend %s failed: %s", self.line, failed, exc)
+        if not runner.close(0.0 if runner.busy else RUNNER_CLOSE_S):
+            # A stalled call cannot be interrupted: its thread closes the backend if it ever returns.
+            log.warning("line %s: backend %s left behind in a stalled call", self.line, failed)
         return self._open_engine(dataclasses.replace(self.settings, backend_preference=remaining))
 
-    def _open_engine(self, settings: LineSettings | None = None) -> Backend | None:
+    def _open_engine(self, settings: LineSettings | None = None) -> _EngineRunner | None:
         settings = settings or self.settings
 
         def on_fallback(name: str, reason: str) -> None:
@@ -344,44 +500,58 @@ class LinePipeline:
             if self.metrics is not None:  # labelled with the backend that was skipped
                 self.metrics.backend_fallbacks.labels(line=self.line, backend=name).inc()
 
+        self._engine_opening_since = time.monotonic()
+        try:
+            return self._open_runner(settings, on_fallback)
+        finally:
+            self._engine_opening_since = None
+            self.last_worker_progress_mono = time.monotonic()
+            self.engine_resolved.set()
+
+    def _open_runner(self, settings: LineSettings, on_fallback: Callable[[str, str], None]) -> _EngineRunner | None:
         try:
             backend, info = self._backend_opener(self.bundle, settings, on_fallback, self.threshold.value)
         except Exception as exc:
             self.failed = f"no backend: {exc}"
             self.backend_name = "none"
+            self._set_engine_ok(False)
             log.error("line %s: %s; every frame gets the fail-safe verdict %s", self.line, self.failed,
                       self.settings.on_deadline_miss)
-            self.engine_ready.set()
             return None
         self.backend_name = info.backend
         if self.metrics is not None:
             self.metrics.set_engine(self.line, info.backend, self.bundle.bundle_id)
+        runner = _EngineRunner(backend, self.line)
         try:
-            # Warm-up: first inference allocates arenas / builds engines; keep it out of the budget.
+            # Warm-up: first inference allocates arenas / loads kernels; keep it out of the budget.
             spec = self.bundle.input_spec
             warm = np.zeros((1, *spec.shape), np.uint8)
             for _ in range(2):
-                backend.infer(warm)
+                runner.infer(warm, max(self.stall_after_s, WARMUP_STALL_S), self._tick_worker)
         except Exception as exc:
             self.failed = f"warm-up failed: {exc}"
+            self._set_engine_ok(False)
             log.error("line %s: %s", self.line, self.failed)
-            backend.close()
-            self.engine_ready.set()
+            runner.close(0.0 if runner.busy else RUNNER_CLOSE_S)
             return None
+        self.failed = None
+        self._set_engine_ok(True)
         log.info("line %s: engine %s warmed up (bundle %s)", self.line, info.backend, self.bundle.bundle_id)
-        self.engine_ready.set()
-        return backend
+        return runner
+
+    def _tick_worker(self) -> None:
+        self.last_worker_progress_mono = time.monotonic()
 
     def _next_item(self) -> tuple[int, Frame] | None:
         with self._queue_cond:
             while not self._queue:
-                self.last_worker_progress_mono = time.monotonic()  # idle is not stuck
+                self._tick_worker()  # idle is not stuck
                 if self._stop_worker.is_set():
                     return None
                 self._queue_cond.wait(0.5)
             item = self._queue.popleft()
             self._queue_cond.notify_all()  # room for a back-pressured source
-            self.last_worker_progress_mono = time.monotonic()
+            self._tick_worker()
             depth = len(self._queue)
         if self.metrics is not None:
             self.metrics.queue_depth.labels(line=self.line).set(depth)
@@ -392,15 +562,14 @@ class LinePipeline:
             item = self._next_item()
             if item is None:
                 return
-            self._count_drop("engine_error")
-            self._fail_safe(item[0], item[1], why, deadline_missed=False)
+            self._fail_safe(item[0], item[1], why, deadline_missed=False, drop_reason="engine_error")
 
-    def _process(self, backend: Backend | None, key: int, frame: Frame) -> None:
+    def _process(self, runner: _EngineRunner | None, key: int, frame: Frame) -> None:
         if not self._keeper.is_pending(key):
             return  # already resolved by its deadline while queued: do not spend the engine on it
-        if backend is None:
-            self._count_drop("engine_error")
-            self._fail_safe(key, frame, self.failed or "no backend", deadline_missed=False)
+        if runner is None:
+            self._fail_safe(key, frame, self.failed or "no backend", deadline_missed=False,
+                            drop_reason="engine_error")
             return
         try:
             image = frame.image
@@ -408,29 +577,23 @@ class LinePipeline:
                 raise DataError(f"frame image is a {type(image).__name__}, not an array")
             batch = preprocess.prepare(image, self.bundle.input_spec, self.settings.roi)[None]
         except Exception as exc:
-            self._count_drop("malformed")
             log.warning("line %s: frame %s malformed: %s", self.line, frame.frame_id, exc)
-            self._fail_safe(key, frame, f"malformed frame: {exc}", deadline_missed=False)
+            self._fail_safe(key, frame, f"malformed frame: {exc}", deadline_missed=False, drop_reason="malformed")
             return
         t0 = time.perf_counter()
         try:
-            raw_scores, maps = backend.infer(batch)
+            raw_scores, maps = runner.infer(batch, self.stall_after_s, self._tick_worker)
             raw = float(raw_scores[0])
             if not math.isfinite(raw):
                 raise ValueError(f"non-finite score {raw}")
             if not np.isfinite(maps[0]).all():
                 raise ValueError("non-finite values in the anomaly map")
         except Exception as exc:
-            self._consecutive_engine_errors += 1
-            self.engine_errors += 1
-            self.last_error = f"engine: {exc}"
-            if self.metrics is not None:
-                self.metrics.engine_errors.labels(line=self.line).inc()
-            self._count_drop("engine_error")
-            log.error("line %s: engine error on frame %s: %s", self.line, frame.frame_id, exc)
-            self._fail_safe(key, frame, f"engine error: {exc}", deadline_missed=False)
+            self._engine_failed_on(key, frame, exc)
             return
         self._consecutive_engine_errors = 0
+        if not self.engine_ok:  # a kept backend that answers again
+            self._set_engine_ok(True)
         infer_s = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.inference_seconds.labels(line=self.line, backend=self.backend_name).observe(infer_s)
@@ -441,30 +604,52 @@ class LinePipeline:
         threshold = self.threshold.value
         score = float(self.bundle.normalize(raw))
         verdict = "NG" if score > threshold else "OK"
-        heatmap = None
-        mode = self.settings.heatmap_mode
-        archived = self.archive is not None and (verdict == "NG" or self.settings.archive_save == "all")
-        if mode == "all" or (mode == "ng" and verdict == "NG") or archived:
-            # Fixed display range; resizing and encoding happen in the publisher thread.
-            heatmap = self.bundle.heatmap_u8(maps[0])
-        self._publish(Verdict(
+        # Fixed display range; resizing and encoding happen in the publisher thread.
+        heatmap = self.bundle.heatmap_u8(maps[0]) if self._wants_heatmap(verdict) else None
+        self._deliver(Verdict(
             line=self.line, frame_id=frame.frame_id, acquired_ns=frame.acquired_ns, verdict=verdict,
             score=score, raw_score=raw, threshold=threshold,
             latency_ms=(time.monotonic() - frame.acquired_mono) * 1000.0, deadline_missed=False,
-            backend=self.backend_name, bundle_id=self.bundle.bundle_id, heatmap=heatmap, meta=frame.meta),
-            frame)
+            backend=self.backend_name, bundle_id=self.bundle.bundle_id, heatmap=heatmap, meta=frame.meta,
+            frame=frame))
+
+    def _engine_failed_on(self, key: int, frame: Frame, exc: Exception) -> None:
+        self.engine_errors += 1
+        if isinstance(exc, EngineStalled):
+            self.engine_stalls += 1
+            self._stalled = True
+            self.last_error = f"engine stalled: {exc}"
+        else:
+            self._consecutive_engine_errors += 1
+            self.last_error = f"engine: {exc}"
+        if self.metrics is not None:
+            self.metrics.engine_errors.labels(line=self.line).inc()
+        log.error("line %s: engine error on frame %s: %s", self.line, frame.frame_id, self.last_error)
+        why = self.last_error if isinstance(exc, EngineStalled) else f"engine error: {exc}"
+        self._fail_safe(key, frame, why, deadline_missed=False, drop_reason="engine_error")
+
+    def _wants_heatmap(self, verdict: str) -> bool:
+        mode = self.settings.heatmap_mode
+        archived = self.settings.archive_enabled and (verdict == "NG" or self.settings.archive_save == "all")
+        return mode == "all" or (mode == "ng" and verdict == "NG") or archived
 
     # ---- verdicts --------------------------------------------------------------------------------
 
     def _on_deadline(self, frame: Frame, reason: str) -> None:
         """DeadlineKeeper callback (its thread): the frame had no result in time."""
-        self._publish(self._fail_safe_verdict(frame, f"no result within {self.settings.latency_budget_ms:g} ms"
+        self._deliver(self._fail_safe_verdict(frame, f"no result within {self.settings.latency_budget_ms:g} ms"
                                               + ("" if reason == "deadline" else f" ({reason})"),
-                                              deadline_missed=True), frame)
+                                              deadline_missed=True))
 
-    def _fail_safe(self, key: int, frame: Frame, why: str, deadline_missed: bool) -> None:
-        if self._keeper.claim(key):
-            self._publish(self._fail_safe_verdict(frame, why, deadline_missed), frame)
+    def _fail_safe(self, key: int, frame: Frame, why: str, deadline_missed: bool,
+                   drop_reason: str | None = None) -> None:
+        """Resolve the frame with the fail-safe verdict, unless it already is resolved (then it
+        is neither delivered nor counted again)."""
+        if not self._keeper.claim(key, result=False):
+            return
+        if drop_reason is not None:
+            self._count_drop(drop_reason)
+        self._deliver(self._fail_safe_verdict(frame, why, deadline_missed))
 
     def _fail_safe_verdict(self, frame: Frame, why: str, deadline_missed: bool) -> Verdict:
         return Verdict(line=self.line, frame_id=frame.frame_id, acquired_ns=frame.acquired_ns,
@@ -472,39 +657,23 @@ class LinePipeline:
                        threshold=self.threshold.value,
                        latency_ms=(time.monotonic() - frame.acquired_mono) * 1000.0,
                        deadline_missed=deadline_missed, backend=self.backend_name,
-                       bundle_id=self.bundle.bundle_id, error=why, meta=frame.meta)
+                       bundle_id=self.bundle.bundle_id, error=why, meta=frame.meta, frame=frame)
 
     def _count_drop(self, reason: str) -> None:
-        with self._emit_lock:
+        with self._count_lock:
             self.dropped[reason] += 1
         if self.metrics is not None:
             self.metrics.dropped_frames.labels(line=self.line, reason=reason).inc()
 
-    def _publish(self, verdict: Verdict, frame: Frame) -> None:
-        with self._emit_lock:
+    def _deliver(self, verdict: Verdict) -> None:
+        """The one exit of a verdict (worker or deadline thread): counters, then the sinks."""
+        with self._count_lock:
             self.verdicts += 1
             if verdict.deadline_missed:
                 self.deadline_misses += 1
-        if self.metrics is not None:
-            # end_to_end_seconds is observed when the message is really sent (Publisher on_sent).
-            self.metrics.observe_verdict(self.line, verdict.verdict, verdict.score, verdict.deadline_missed)
-        try:
-            self._emit_fn(verdict)
-        except Exception:
-            log.exception("line %s: publishing verdict for frame %s failed", self.line, verdict.frame_id)
         if verdict.deadline_missed:
             log.warning("line %s: frame %s deadline missed -> %s", self.line, verdict.frame_id, verdict.verdict)
-        if verdict.verdict == "OK" and verdict.score is not None and self.drift is not None:
-            # DriftWatch compares OK scores with the calibration's good scores below the threshold.
-            try:
-                self.drift.update(verdict.score)
-                drift = self.drift.value()
-                if drift is not None and self.metrics is not None:
-                    self.metrics.score_drift.labels(line=self.line).set(drift)
-            except Exception as exc:
-                log.debug("line %s: drift update failed: %s", self.line, exc)
-        if self.archive is not None and (verdict.verdict == "NG" or self.settings.archive_save == "all"):
-            try:
-                self.archive.submit(frame, verdict)
-            except Exception as exc:
-                log.warning("line %s: NG archive failed: %s", self.line, exc)
+        try:
+            self.sink.accept(verdict)
+        except Exception:  # Sinks isolates its own; a bare callable sink may still raise
+            log.exception("line %s: verdict sink failed for frame %s", self.line, verdict.frame_id)

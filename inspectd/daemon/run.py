@@ -14,33 +14,39 @@ from typing import Any
 from inspectd.daemon.config import (DaemonConfig, LineConfig, ThresholdFile, config_warnings, load_config,
                                     summary)
 from inspectd.errors import ConfigError
-from inspectd.daemon.frame import Verdict
 from inspectd.daemon.archive import NgArchive
-from inspectd.daemon.line import LineSettings, LineThreshold
+from inspectd.daemon.line import LineSettings, LineThreshold, options_dict
 from inspectd.daemon.metrics import Metrics, MetricsServer
 from inspectd.daemon.pipeline import LinePipeline
 from inspectd.daemon.publish import CurveServerKeys, Publisher
+from inspectd.daemon.sinks import ArchiveSink, DriftSink, MetricsSink, PublisherSink, Sinks
 from inspectd.daemon.systemd import SystemdNotifier
 
 log = logging.getLogger("inspectd.run")
 
 STOP_BUDGET_S = 4.0          # SIGTERM -> exit within 5 s, with a margin for the interpreter exit
 ENGINE_READY_TIMEOUT_S = 120.0
-SOURCE_READY_TIMEOUT_S = 10.0
+# READY waits this long for cameras at most: a late camera is a line in state "blind" (heartbeat,
+# metric, alert), not a service that is not up.
+SOURCE_READY_TIMEOUT_S = 3.0
+# Watchdog: the publisher must send a heartbeat at least this often (in heartbeat intervals).
+PUBLISHER_STALE_INTERVALS = 5
+PUBLISHER_STALE_MIN_S = 5.0
 
 
-def line_settings(cfg: LineConfig) -> LineSettings:
-    src = cfg.source
-    low, high = getattr(src, "reconnect_backoff_s", (0.5, 10.0))
-    return LineSettings(line=cfg.id, latency_budget_ms=cfg.latency_budget_ms,
-                        on_deadline_miss=cfg.on_deadline_miss, roi=cfg.roi,
-                        backend_preference=tuple(cfg.backends), backend_options=dict(cfg.backend_options),
-                        heatmap_mode=cfg.heatmap.publish, archive_save=cfg.archive.save,
-                        queue_size=cfg.queue_size,
-                        backpressure=src.type == "replay" and getattr(src, "fps", None) is None,
-                        # A camera read waits up to its fetch timeout: that is how fast a lost camera shows.
-                        read_timeout_s=getattr(src, "fetch_timeout_s", LineSettings.read_timeout_s),
-                        reconnect_min_s=low, reconnect_max_s=high)
+def line_settings(cfg: LineConfig, ort_lines: int = 1) -> LineSettings:
+    """The pipeline's settings, from the validated config only. ONNX Runtime lines share the CPUs
+    this process may run on: without an explicit `intra_op_threads` each of the `ort_lines` gets
+    an equal share (see onnxruntime_backend.default_intra_op_threads)."""
+    options = options_dict(cfg.backend_options)
+    if "onnxruntime" in cfg.backends:
+        from inspectd.engines.runtime.onnxruntime_backend import default_intra_op_threads
+
+        ort = dict(options.get("onnxruntime", {}))
+        if not ort.get("intra_op_threads") and not ort.get("threads"):
+            ort["intra_op_threads"] = default_intra_op_threads(ort_lines)
+        options["onnxruntime"] = ort
+    return LineSettings.from_config(cfg, backend_options=options)
 
 
 def line_threshold(cfg: LineConfig) -> LineThreshold:
@@ -82,6 +88,9 @@ class Daemon:
         self._stop_supervisor = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._last_status = ""
+        self._was_healthy = True
+        self._ready = threading.Event()        # READY sent: the watchdog pings from then on
+        self._publisher_beats = (-1, time.monotonic())  # (heartbeats sent, when that count last moved)
 
     # ---- start -----------------------------------------------------------------------------------
 
@@ -91,8 +100,13 @@ class Daemon:
         from inspectd.engines.bundle import check_line_roi, load_bundle
 
         curve = _curve_keys(self.config)
+        ort_lines = sum("onnxruntime" in cfg.backends for cfg in self.config.lines)
+        z = self.config.zmq
+        self.publisher = Publisher(z.endpoint, sndhwm=z.sndhwm, linger_ms=z.linger_ms,
+                                   heartbeat_interval_s=self.config.heartbeat_interval_s, curve=curve,
+                                   on_sent=self._on_sent, on_dropped=self._on_dropped)
         for cfg in self.config.lines:
-            settings = line_settings(cfg)
+            settings = line_settings(cfg, ort_lines)
             threshold = line_threshold(cfg)
             bundle = load_bundle(cfg.bundle)
             # Same pixels as training: a line ROI other than the bundle's is refused (none: the bundle's applies).
@@ -108,13 +122,11 @@ class Daemon:
                 archive = NgArchive(cfg.archive.dir, cfg.archive.quota_mb * 1024 * 1024, cfg.id,
                                     metrics=self.metrics)
                 self.archives.append(archive)
-            self.lines[cfg.id] = LinePipeline(settings, source, bundle, threshold,
-                                              emit=self._emitter(cfg), metrics=self.metrics,
-                                              archive=archive, drift=drift)
-        z = self.config.zmq
-        self.publisher = Publisher(z.endpoint, sndhwm=z.sndhwm, linger_ms=z.linger_ms,
-                                   heartbeat_interval_s=self.config.heartbeat_interval_s, curve=curve,
-                                   on_sent=self._on_sent, on_dropped=self._on_dropped)
+            sinks = Sinks()
+            pipeline = LinePipeline(settings, source, bundle, threshold, sinks, metrics=self.metrics)
+            pipeline.drift = drift
+            self._wire_sinks(sinks, cfg, pipeline, archive)
+            self.lines[cfg.id] = pipeline
         for line_id in self.lines:
             self.publisher.register_line(line_id)
 
@@ -139,15 +151,18 @@ class Daemon:
             pipeline.start()
         log.info("started %s; publishing on %s", summary(self.config), self.publisher.bound_endpoint)
         self.notifier.status("warming up engines")
-        # READY only after every engine is warm; a camera that is not there yet does not block
-        # READY for long: its line reports the camera down and keeps reconnecting.
-        if not self._wait(lambda p: p.engine_ready.is_set(), ENGINE_READY_TIMEOUT_S, stop_requested):
+        # Heartbeat status from now on (state "starting"); watchdog pings only once READY is sent.
+        self._supervisor.start()
+        # READY once every engine is warm or has failed (a failed engine is a line that is not
+        # ready: status, metric, alert); a camera that is not there yet does not block READY for
+        # long: its line reports the camera down ("blind") and keeps reconnecting.
+        if not self._wait(lambda p: p.engine_resolved.is_set(), ENGINE_READY_TIMEOUT_S, stop_requested):
             return False
         self._wait(lambda p: p.source_ready.is_set(), SOURCE_READY_TIMEOUT_S, stop_requested)
         if stop_requested.is_set():
             return False
         self.metrics.up.set(1)
-        self._supervisor.start()
+        self._ready.set()
         status = self.status_line()
         self.notifier.ready(status)
         log.info("ready: %s", status)
@@ -175,20 +190,16 @@ class Daemon:
             log.info("line %s: no score drift metric (%s)", cfg.id, exc)
             return None
 
-    def _emitter(self, cfg: LineConfig) -> Any:
-        encoding = cfg.heatmap.encoding
-        size = (cfg.heatmap.width, cfg.heatmap.height)
-        mode = cfg.heatmap.publish
-
-        def emit(verdict: Verdict) -> None:
-            publisher = self.publisher
-            if publisher is None:
-                return
-            publisher.publish_verdict(verdict)
-            # The pipeline may make a heatmap for the archive only; publish per the line's setting.
-            if verdict.heatmap is not None and (mode == "all" or (mode == "ng" and verdict.verdict == "NG")):
-                publisher.publish_heatmap(verdict, encoding=encoding, size=size)
-        return emit
+    def _wire_sinks(self, sinks: Sinks, cfg: LineConfig, pipeline: LinePipeline, archive: NgArchive | None) -> None:
+        """Where a line's verdicts go, in one place: published first (the reject signal), then
+        counted, archived and fed to the drift watch. A failing sink never starves the others."""
+        h = cfg.heatmap
+        sinks.add("publisher", PublisherSink(self.publisher, h.publish, h.encoding, (h.width, h.height)))
+        sinks.add("metrics", MetricsSink(self.metrics))
+        if archive is not None:
+            sinks.add("archive", ArchiveSink(archive, cfg.archive.save))
+        # Reads pipeline.drift at each verdict: a SIGHUP reload may swap the drift watch.
+        sinks.add("drift", DriftSink(lambda: pipeline.drift, self.metrics))
 
     def _on_sent(self, topic: str, header: dict) -> None:
         if topic.startswith("verdict."):
@@ -205,11 +216,26 @@ class Daemon:
         return "; ".join(p.summary() for p in self.lines.values())
 
     def healthy(self) -> bool:
-        return all(p.healthy() for p in self.lines.values())
+        """The watchdog's question: do the process's loops make progress? Every line's acquisition
+        and inference loops, and the publisher's heartbeat loop. Camera and engine state are not
+        part of it: they are reported (heartbeat status, metrics, alerts), never a reason for
+        systemd to kill the service (which would take every line down with it)."""
+        return self._publisher_ticking() and all(p.healthy() for p in self.lines.values())
+
+    def _publisher_ticking(self) -> bool:
+        if self.publisher is None or not self.lines:
+            return True
+        beats = sum(self.publisher.sent.get(f"heartbeat.{line}", 0) for line in self.lines)
+        now = time.monotonic()
+        count, since = self._publisher_beats
+        if beats != count:
+            self._publisher_beats = (beats, now)
+            return True
+        stale = max(PUBLISHER_STALE_MIN_S, PUBLISHER_STALE_INTERVALS * self.config.heartbeat_interval_s)
+        return now - since <= stale
 
     def _supervise(self) -> None:
-        """Heartbeat status, STATUS=, and WATCHDOG=1 only while every line's frames flow or its
-        source is healthily waiting (a stuck worker or a lost camera stops the pings)."""
+        """Heartbeat status, STATUS=, and (after READY) WATCHDOG=1 while the loops make progress."""
         interval = min(self.config.heartbeat_interval_s, 1.0)
         wd = self.notifier.watchdog_interval_s()
         if wd is not None:
@@ -219,8 +245,15 @@ class Daemon:
                 for pipeline in self.lines.values():
                     if self.publisher is not None:
                         self.publisher.set_line_status(pipeline.line, pipeline.status())
-                if wd is not None and self.healthy():
+                healthy = self.healthy()
+                if wd is not None and self._ready.is_set() and healthy:
                     self.notifier.watchdog()
+                if healthy != self._was_healthy:
+                    self._was_healthy = healthy
+                    if healthy:
+                        log.info("all loops make progress again")
+                    else:  # systemd will kill us after WatchdogSec: say why first
+                        log.error("a loop makes no progress (watchdog pings withheld): %s", self.status_line())
                 status = self.status_line()
                 if status != self._last_status:
                     self.notifier.status(status)

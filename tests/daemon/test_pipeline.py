@@ -18,6 +18,7 @@ from inspectd.daemon.frame import Verdict
 from inspectd.daemon.line import LineSettings, LineThreshold
 from inspectd.daemon.metrics import Metrics
 from inspectd.daemon.pipeline import LinePipeline, default_backend_opener
+from inspectd.daemon.sinks import MetricsSink, Sinks
 from inspectd.daemon.sources.replay import ReplaySource
 from inspectd.engines import preprocess
 from inspectd.engines.bundle import Bundle, load_bundle
@@ -25,6 +26,7 @@ from inspectd.engines.runtime import Backend, EngineInfo, open_backend
 from inspectd.errors import ConfigError
 
 from tests.helpers import Collector, sample as _sample
+from tests.reliability.conftest import line_settings
 
 THRESHOLD = 5.0
 
@@ -82,12 +84,18 @@ def replay_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Any) -
     return root
 
 
+def _sinks(out: Collector, metrics: Metrics | None) -> Sinks:
+    """The collector plus the metrics sink, as run.py wires a line (publisher -> collector here)."""
+    sinks = Sinks().add("collector", out)
+    return sinks.add("metrics", MetricsSink(metrics)) if metrics is not None else sinks
+
+
 def _run_line(settings: LineSettings, source: Any, bundle: Bundle, n: int, threshold: float = THRESHOLD,
               opener: Any = default_backend_opener, metrics: Metrics | None = None,
               settle_s: float = 0.0) -> tuple[list[Verdict], Collector, LinePipeline]:
     out = Collector()
-    pipe = LinePipeline(settings, source, bundle, LineThreshold(settings.line, value=threshold), out,
-                        metrics=metrics, backend_opener=opener).start()
+    pipe = LinePipeline(settings, source, bundle, LineThreshold(settings.line, value=threshold),
+                        _sinks(out, metrics), metrics=metrics, backend_opener=opener).start()
     try:
         assert pipe.wait_ready(30.0)
         verdicts = out.wait_for(n)
@@ -107,7 +115,7 @@ def test_replay_gives_the_engines_verdicts(bundle: Bundle, replay_dir: Path) -> 
             raw = float(backend.infer(preprocess.load_prepared(p, bundle.input_spec)[None])[0][0])
             expected[p.name + p.parent.name] = "NG" if bundle.normalize(raw) > THRESHOLD else "OK"
     metrics = Metrics()
-    settings = LineSettings(line="L1", latency_budget_ms=2000, backend_preference=("onnxruntime",),
+    settings = line_settings("L1", latency_budget_ms=2000, backend_preference=("onnxruntime",),
                             heatmap_mode="ng", queue_size=64)
     verdicts, _, pipe = _run_line(settings, ReplaySource("L1", replay_dir), bundle, len(files), metrics=metrics,
                                   settle_s=0.3)
@@ -147,7 +155,7 @@ def test_deadline_miss_verdicts_arrive_at_the_deadline_and_late_results_are_not_
         return slow[-1]
 
     metrics = Metrics()
-    settings = LineSettings(line="slow", latency_budget_ms=budget_ms, on_deadline_miss="NG",
+    settings = line_settings("slow", latency_budget_ms=budget_ms, on_deadline_miss="NG",
                             backend_preference=("onnxruntime",), queue_size=16)
     source = ReplaySource("slow", replay_dir / "good", fps=4)
     verdicts, out, pipe = _run_line(settings, source, bundle, 3, opener=_opener(wrap), metrics=metrics,
@@ -170,7 +178,7 @@ def test_deadline_miss_verdicts_arrive_at_the_deadline_and_late_results_are_not_
 
 def test_skip_policy_and_drop_oldest_when_the_queue_is_full(bundle: Bundle, replay_dir: Path) -> None:
     metrics = Metrics()
-    settings = LineSettings(line="q", latency_budget_ms=5000, on_deadline_miss="SKIP",
+    settings = line_settings("q", latency_budget_ms=5000, on_deadline_miss="SKIP",
                             backend_preference=("onnxruntime",), queue_size=1)
     source = ReplaySource("q", replay_dir / "bad")  # 12 frames as fast as the source goes
     opener = _opener(lambda inner: SlowOrtBackend(inner, delay_s=0.15))
@@ -187,7 +195,7 @@ def test_skip_policy_and_drop_oldest_when_the_queue_is_full(bundle: Bundle, repl
 def test_replay_as_fast_as_the_pipeline_takes_is_back_pressured_not_dropped(bundle: Bundle,
                                                                              replay_dir: Path) -> None:
     metrics = Metrics()
-    settings = LineSettings(line="bp", latency_budget_ms=5000, backend_preference=("onnxruntime",),
+    settings = line_settings("bp", latency_budget_ms=5000, backend_preference=("onnxruntime",),
                             queue_size=1, backpressure=True)
     opener = _opener(lambda inner: SlowOrtBackend(inner, delay_s=0.05))
     verdicts, out, _ = _run_line(settings, ReplaySource("bp", replay_dir / "bad"), bundle, 12, opener=opener,
@@ -198,7 +206,7 @@ def test_replay_as_fast_as_the_pipeline_takes_is_back_pressured_not_dropped(bund
 
 
 def test_stop_resolves_every_in_flight_frame_exactly_once(bundle: Bundle, replay_dir: Path) -> None:
-    settings = LineSettings(line="stop", latency_budget_ms=400, backend_preference=("onnxruntime",), queue_size=4)
+    settings = line_settings("stop", latency_budget_ms=400, backend_preference=("onnxruntime",), queue_size=4)
     out = Collector()
     pipe = LinePipeline(settings, ReplaySource("stop", replay_dir / "good", fps=30), bundle,
                         LineThreshold("stop", value=THRESHOLD), out,
@@ -219,13 +227,13 @@ def test_stop_resolves_every_in_flight_frame_exactly_once(bundle: Bundle, replay
 def test_malformed_frames_and_engine_errors_get_fail_safe_verdicts(bundle: Bundle, replay_dir: Path) -> None:
     metrics = Metrics()
     # An ROI outside the 128x128 frames makes every frame malformed for this line.
-    bad_roi = LineSettings(line="roi", latency_budget_ms=2000, roi=(100, 100, 64, 64),
+    bad_roi = line_settings("roi", latency_budget_ms=2000, roi=(100, 100, 64, 64),
                            backend_preference=("onnxruntime",), queue_size=16)
     verdicts, _, _ = _run_line(bad_roi, ReplaySource("roi", replay_dir / "good"), bundle, 12, metrics=metrics)
     assert all(v.verdict == "NG" and v.score is None and "malformed" in (v.error or "") for v in verdicts)
     assert _sample(metrics, "inspectd_dropped_frames_total", line="roi", reason="malformed") == 12
 
-    nan = LineSettings(line="nan", latency_budget_ms=2000, on_deadline_miss="OK",
+    nan = line_settings("nan", latency_budget_ms=2000, on_deadline_miss="OK",
                        backend_preference=("onnxruntime",), queue_size=16)
     opener = _opener(lambda inner: NanOrtBackend(inner, delay_s=0.0))
     verdicts, _, pipe = _run_line(nan, ReplaySource("nan", replay_dir / "good"), bundle, 12, opener=opener,
@@ -240,9 +248,9 @@ def test_a_line_without_a_backend_does_not_stop_another_line(bundle: Bundle, rep
         pytest.skip("TensorRT is installed here: the tensorrt-only line would not fail")
     metrics = Metrics()
     # TensorRT is not on this machine: the real factory fails, so this line can never infer.
-    broken = LineSettings(line="broken", latency_budget_ms=2000, backend_preference=("tensorrt",),
+    broken = line_settings("broken", latency_budget_ms=2000, backend_preference=("tensorrt",),
                           queue_size=16)
-    healthy = LineSettings(line="healthy", latency_budget_ms=2000, backend_preference=("tensorrt", "onnxruntime"),
+    healthy = line_settings("healthy", latency_budget_ms=2000, backend_preference=("tensorrt", "onnxruntime"),
                            queue_size=16)
     out_b, out_h = Collector(), Collector()
     pipes = [LinePipeline(broken, ReplaySource("broken", replay_dir / "bad"), bundle,
@@ -282,7 +290,7 @@ def test_threshold_file_reload_is_atomic_and_a_bad_file_keeps_the_old_value(tmp_
     with pytest.raises(ConfigError, match="does not exist"):
         LineThreshold.from_config("L", tmp_path / "missing.json")
     with pytest.raises(ConfigError, match="on_deadline_miss"):
-        LineSettings(line="L", latency_budget_ms=10, on_deadline_miss="MAYBE")
+        line_settings("L", latency_budget_ms=10, on_deadline_miss="MAYBE")
 
 
 def test_camera_loss_on_the_gentl_simulator_reconnects_with_backoff(bundle: Bundle) -> None:
@@ -295,7 +303,7 @@ def test_camera_loss_on_the_gentl_simulator_reconnects_with_backoff(bundle: Bund
         pytest.skip("genicam wheel without viky.cti")
     metrics = Metrics()
     src = GenicamSource("cam", cti, {"serial": "2"}, pixel_format="Mono8")
-    settings = LineSettings(line="cam", latency_budget_ms=1000, backend_preference=("onnxruntime",),
+    settings = line_settings("cam", latency_budget_ms=1000, backend_preference=("onnxruntime",),
                             queue_size=4, reconnect_min_s=0.2, reconnect_max_s=1.0)
     out = Collector()
     pipe = LinePipeline(settings, src, bundle, LineThreshold("cam", value=THRESHOLD), out, metrics=metrics).start()

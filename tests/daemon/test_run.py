@@ -264,13 +264,16 @@ class NotifySocket:
         self.sock.close()
 
 
-def test_ready_after_warmup_and_watchdog_only_while_every_line_is_healthy(
+def test_ready_after_warmup_and_watchdog_means_progress_not_camera(
         tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from inspectd.daemon import pipeline as pipeline_mod
     from inspectd.daemon import run as run_mod
     from inspectd.daemon.config import config_from_dict
+    from inspectd.daemon.sources.base import Source
     from inspectd.daemon.systemd import SystemdNotifier
 
-    monkeypatch.setattr(run_mod, "SOURCE_READY_TIMEOUT_S", 1.0)  # do not wait 10 s for a missing camera
+    monkeypatch.setattr(run_mod, "SOURCE_READY_TIMEOUT_S", 1.0)  # do not wait for a missing camera
+    monkeypatch.setattr(pipeline_mod, "PROGRESS_STALE_MIN_S", 0.5)  # a hung loop shows within ~2 s
     notify = NotifySocket(tmp_path / "notify.sock")
     env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}  # ping every 0.2 s
 
@@ -278,11 +281,13 @@ def test_ready_after_warmup_and_watchdog_only_while_every_line_is_healthy(
         return {"id": line_id, "source": {"type": "replay", "path": str(path), "fps": 20, "loop": True},
                 "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0}
 
-    def start(lines: list[dict[str, Any]]) -> Any:
+    def start(lines: list[dict[str, Any]], swap: Any = None) -> Any:
         cfg = config_from_dict({"zmq": {"endpoint": f"ipc://{tmp_path}/wd.sock"}, "metrics": {"port": 0},
                                 "heartbeat_interval_s": 0.2, "lines": lines})
         daemon = run_mod.Daemon(cfg, notifier=SystemdNotifier(environ=env))
         daemon.build()
+        if swap is not None:
+            swap(daemon)
         assert daemon.start()
         return daemon
 
@@ -293,18 +298,56 @@ def test_ready_after_warmup_and_watchdog_only_while_every_line_is_healthy(
         assert len(ready) == 1 and "STATUS=ok: camera up, onnxruntime" in ready[0]
         assert msgs.index(ready[0]) > 0 and msgs[0].startswith("STATUS=warming up")  # READY after warm-up
         assert msgs.count("WATCHDOG=1") >= 3  # frames flow: the watchdog is fed
+        assert msgs.index(ready[0]) < msgs.index("WATCHDOG=1")  # no ping before READY
     finally:
         daemon.stop()
     assert "STOPPING=1" in notify.drain(0.3)
 
-    # A line whose source cannot open (camera down) starves the watchdog: systemd will act.
+    # A line whose source cannot open (camera down) does NOT starve the watchdog (systemd would
+    # kill every line for one camera): the line says it is blind, the other line keeps inspecting.
     notify.messages.clear()
     daemon = start([line("ok", synthetic_parts.test_good), line("down", tmp_path / "no-camera-here")])
     try:
         msgs = notify.drain(1.5)
         assert any(m.startswith("READY=1") and "down: camera DOWN" in m for m in msgs)
-        assert "WATCHDOG=1" not in msgs
-        assert daemon.lines["ok"].verdicts > 0  # the healthy line keeps inspecting meanwhile
+        assert msgs.count("WATCHDOG=1") >= 3
+        st = daemon.lines["down"].status()
+        assert st["state"] == "blind" and st["camera_connected"] is False and st["engine_ready"] is True
+        assert daemon.lines["ok"].verdicts > 0 and daemon.lines["ok"].status()["state"] == "ok"
     finally:
+        daemon.stop()
+
+    # A loop that really hangs (a driver call that never returns) still stops the pings.
+    class HungSource(Source):
+        """TEST SOURCE: a driver whose read() blocks until released (a hung camera call)."""
+
+        def __init__(self) -> None:
+            super().__init__("hung")
+            self.release = threading.Event()
+
+        def open(self) -> None:
+            pass
+
+        def read(self, timeout_s: float) -> Any:
+            self.release.wait(30)
+            return None
+
+        def close(self) -> None:
+            self.release.set()
+
+    hung = HungSource()
+
+    def swap(d: Any) -> None:
+        d.lines["hung"].source = hung
+
+    notify.messages.clear()
+    daemon = start([line("ok", synthetic_parts.test_good), line("hung", synthetic_parts.test_good)], swap)
+    try:
+        notify.drain(2.5)  # past the stale bound: the acquisition loop of "hung" has not moved
+        notify.messages.clear()
+        msgs = notify.drain(1.0)
+        assert "WATCHDOG=1" not in msgs, msgs
+    finally:
+        hung.release.set()
         daemon.stop()
         notify.close()

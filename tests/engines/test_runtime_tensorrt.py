@@ -98,9 +98,10 @@ def test_tensorrt_engine_matches_reference(tmp_path: Path) -> None:
     if reason:
         pytest.skip(f"TensorRT backend unavailable: {reason}")
     from inspectd.engines.runtime.parity import parity_gate
-    from inspectd.engines.runtime.tensorrt_backend import TensorRTBackend
+    from inspectd.engines.runtime.tensorrt_backend import TensorRTBackend, build_engine
 
     bundle = load_bundle(make_toy_bundle(tmp_path / "b"))
+    build_engine(bundle, precision="fp32", max_batch=4)  # the backend only loads; it never builds
     with TensorRTBackend(bundle, precision="fp32", max_batch=4) as backend:
         parity_gate(backend, bundle, threshold=3.0)
         scores, maps = backend.infer(np.full((6, 32, 32, 1), 128, np.uint8))  # > max batch: split

@@ -7,7 +7,9 @@ context was current, which is what these tests check:
 - every CUDA / TensorRT call happens on the ONE worker thread, with its context pushed;
 - buffers are allocated once (for the profile's max batch); bigger batches are split;
 - close() frees every allocation, pops and detaches the context, joins the thread;
-- the engine cache is used: built once, reused, a corrupt engine is rebuilt or refused.
+- the engine cache is used: built once (by `build_engine`, i.e. `inspectd build-engine`), reused;
+  the backend NEVER builds: a missing or corrupt engine is refused with the reason, and a line
+  skips the backend (counted as a fallback) instead of building inside the daemon.
 """
 
 from __future__ import annotations
@@ -307,10 +309,15 @@ def test_all_cuda_work_on_one_thread_with_its_context(fakes: tuple[Bundle, FakeC
     from inspectd.engines.runtime.parity import parity_gate
     from inspectd.engines.runtime.tensorrt_backend import TensorRTBackend
 
+    from inspectd.engines.runtime.tensorrt_backend import build_engine
+
     bundle, cuda, trt = fakes
+    build_engine(bundle, precision="fp16", max_batch=4)
+    assert trt.builds == [["FP16"]]  # built once, fp16, ahead of time
+    cuda.calls.clear()
     backend = TensorRTBackend(bundle, precision="fp16", max_batch=4)
     try:
-        assert trt.builds == [["FP16"]]  # no engine cached yet: built once, fp16
+        assert trt.builds == [["FP16"]]  # the backend loaded it, it did not build
         # The real parity gate against real ONNX Runtime: the fake engine computes the toy model.
         report = parity_gate(backend, bundle, threshold=5.0)
         assert report.passed
@@ -332,7 +339,7 @@ def test_all_cuda_work_on_one_thread_with_its_context(fakes: tuple[Bundle, FakeC
     assert names.count("execute_async_v3") == len(report.rows) + 3  # 10 images in chunks of 4
     # close(): everything freed, context popped and detached, thread gone.
     assert sorted(cuda.freed) == sorted(cuda.allocs)
-    assert names[-2:] == ["pop", "detach"] and cuda.contexts[0].detached
+    assert names[-2:] == ["pop", "detach"] and all(ctx.detached for ctx in cuda.contexts)
     assert not backend._thread.is_alive()
     backend.close()  # idempotent
     with pytest.raises(InspectdError, match="closed"):
@@ -350,15 +357,16 @@ def test_engine_cache_reused_then_corrupt_engine_rebuilt_or_refused(fakes: tuple
     assert [p.read_bytes() for p in (bundle.path / "engines").glob("calib_*.cache")] == [b"FAKE-CALIBRATION"]
     assert path.parent == bundle.path / "engines" and "fake-gpu_sm87_trt10.3.0_int8_b2x32x32x1_" in path.name
     assert list(EngineCache.for_bundle(bundle.path).root.glob("timing_fake-gpu_sm87_trt10.3.0.cache"))
-    with TensorRTBackend(bundle, precision="int8", max_batch=2, build=False) as backend:
-        assert backend.describe()["rebuilt"] is None
+    with TensorRTBackend(bundle, precision="int8", max_batch=2) as backend:
+        assert backend.describe()["engine"] == str(path)
     assert len(trt.builds) == 1  # loaded from the cache, not rebuilt
 
     path.write_bytes(path.read_bytes()[:10])  # truncated on disk
-    with pytest.raises(BackendUnavailable, match="truncated.*building is disabled"):
-        TensorRTBackend(bundle, precision="int8", max_batch=2, build=False)
-    with TensorRTBackend(bundle, precision="int8", max_batch=2, build=True) as backend:
-        assert "truncated" in backend.describe()["rebuilt"]
+    with pytest.raises(BackendUnavailable, match="truncated.*never built at run time.*inspectd build-engine"):
+        TensorRTBackend(bundle, precision="int8", max_batch=2)
+    assert len(trt.builds) == 1  # refused, not rebuilt
+    build_engine(bundle, precision="int8", max_batch=2)  # what the operator runs
+    with TensorRTBackend(bundle, precision="int8", max_batch=2) as backend:
         assert backend.infer(np.zeros((1, 32, 32, 1), np.uint8))[0].shape == (1,)
     assert len(trt.builds) == 2
     # Every context created was detached, every allocation freed, also on the failed start.
@@ -369,7 +377,10 @@ def test_worker_errors_reach_the_caller_and_the_backend_survives(fakes: tuple[Bu
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from inspectd.engines.runtime.tensorrt_backend import TensorRTBackend
 
+    from inspectd.engines.runtime.tensorrt_backend import build_engine
+
     bundle, cuda, trt = fakes
+    build_engine(bundle, precision="fp32", max_batch=2)
     with TensorRTBackend(bundle, precision="fp32", max_batch=2) as backend:
         original = cuda.memcpy_dtoh_async
 
@@ -386,12 +397,12 @@ def test_worker_errors_reach_the_caller_and_the_backend_survives(fakes: tuple[Bu
 
 
 def test_unparseable_onnx_is_a_clear_build_error(fakes: tuple[Bundle, FakeCuda, Any]) -> None:
-    from inspectd.engines.runtime.tensorrt_backend import TensorRTBackend
+    from inspectd.engines.runtime.tensorrt_backend import build_engine
 
     bundle, cuda, trt = fakes
     bundle.model_path.write_bytes(b"\x00\x00garbage")  # the fake parser refuses this
     with pytest.raises(BackendUnavailable, match=r"TensorRT cannot parse model.onnx"):
-        TensorRTBackend(bundle)
+        build_engine(bundle)
     assert all(ctx.detached for ctx in cuda.contexts)
 
 
@@ -410,3 +421,32 @@ def test_int8_without_calibration_images_is_a_clear_error(fakes: tuple[Bundle, F
         build_engine(bundle, precision="int8", calib_images=empty)
     assert trt.builds == [] and all(ctx.detached for ctx in cuda.contexts)
     assert not list((bundle.path / "engines").glob("*.engine"))
+
+
+def test_cache_miss_in_the_daemon_skips_tensorrt_with_its_reason_and_never_builds(
+        fakes: tuple[Bundle, FakeCuda, Any]) -> None:
+    """Issue 11 item 5, on the FAKE TensorRT: a line preferring TensorRT with no engine built for
+    this GPU opens at once on ONNX Runtime; the miss is the skip reason, reported as a fallback
+    (what the pipeline counts in inspectd_backend_fallbacks_total), and nothing is built."""
+    import time
+
+    from inspectd.engines.runtime import open_backend
+    from inspectd.engines.runtime.parity import make_gate
+
+    bundle, cuda, trt = fakes
+    fallbacks: list[tuple[str, str]] = []
+    t0 = time.monotonic()
+    backend, info = open_backend(bundle, ["tensorrt", "onnxruntime"], {"tensorrt": {"precision": "fp16"}},
+                                 gate=make_gate(bundle, threshold=5.0),
+                                 on_fallback=lambda name, why: fallbacks.append((name, why)))
+    try:
+        assert info.backend == "onnxruntime" and backend.name == "onnxruntime"
+        assert [name for name, _ in fallbacks] == ["tensorrt"]
+        why = info.skipped["tensorrt"]
+        assert "no cached engine for FAKE GPU" in why and "inspectd build-engine" in why, why
+        assert trt.builds == []                      # no build inside the daemon
+        assert "build_serialized_network" not in [c[0] for c in cuda.calls]
+        assert time.monotonic() - t0 < 30
+        assert all(ctx.detached for ctx in cuda.contexts)  # the refused backend released its context
+    finally:
+        backend.close()

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from inspectd.daemon.config import config_from_dict
+from inspectd.daemon.line import LineSettings
 from inspectd.engines.bundle import Bundle, load_bundle
 from tests.engines.test_runtime_toybundle import make_toy_bundle
 from tests.helpers import Collector, sample  # noqa: F401  (used by the reliability tests)
@@ -41,3 +43,13 @@ def open_fds() -> int:
 
 def grey(h: int, w: int, value: int = 128) -> np.ndarray:
     return np.full((h, w), value, np.uint8)
+
+
+def line_settings(line: str, **fields: object) -> LineSettings:
+    """LineSettings the way the daemon makes them (from a validated config: the schema's defaults),
+    then `fields` replaced (test-only values such as a double's backend name or backpressure)."""
+    import dataclasses
+
+    cfg = config_from_dict({"lines": [{"id": line, "source": {"type": "replay", "path": "/nonexistent", "fps": 10},
+                                       "bundle": "/nonexistent", "threshold": 5.0}]}).lines[0]
+    return dataclasses.replace(LineSettings.from_config(cfg), **fields)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from inspectd.daemon.sources.base import Source
 from inspectd.daemon.sources.replay import ReplaySource
 from inspectd.engines.bundle import Bundle
 from inspectd.engines.runtime import Backend, EngineInfo, open_backend
-from tests.reliability.conftest import Collector, sample
+from tests.reliability.conftest import Collector, line_settings, sample
 
 THRESHOLD = 5.0
 
@@ -101,7 +101,7 @@ def test_failing_engine_gives_fail_safe_verdicts_then_falls_back(toy: Bundle, to
     metrics = Metrics()
     made: list[FlakyBackendDouble] = []
     calls: list[tuple[str, ...]] = []
-    settings = LineSettings(line="L", latency_budget_ms=2000, on_deadline_miss="NG",
+    settings = line_settings("L", latency_budget_ms=2000, on_deadline_miss="NG",
                             backend_preference=("gpu", "onnxruntime"), queue_size=64, backpressure=True)
     out = Collector()
     pipe = LinePipeline(settings, ReplaySource("L", toy_frames, loop=True), toy, LineThreshold("L", value=THRESHOLD),
@@ -135,7 +135,7 @@ def test_failing_engine_without_another_backend_keeps_serving_fail_safe(toy: Bun
     metrics = Metrics()
     made: list[FlakyBackendDouble] = []
     calls: list[tuple[str, ...]] = []
-    settings = LineSettings(line="solo", latency_budget_ms=2000, on_deadline_miss="SKIP",
+    settings = line_settings("solo", latency_budget_ms=2000, on_deadline_miss="SKIP",
                             backend_preference=("gpu",), queue_size=64, backpressure=True)
     out = Collector()
     pipe = LinePipeline(settings, ReplaySource("solo", toy_frames, loop=True), toy,
@@ -169,7 +169,7 @@ def test_malformed_frames_are_counted_and_fail_safe_never_a_crash(toy: Bundle) -
         None,                                       # nothing at all
     ]
     images = [good] + bad + [good]
-    settings = LineSettings(line="m", latency_budget_ms=2000, on_deadline_miss="NG",
+    settings = line_settings("m", latency_budget_ms=2000, on_deadline_miss="NG",
                             backend_preference=("onnxruntime",), queue_size=64)
     out = Collector()
     pipe = LinePipeline(settings, ArraySource("m", images), toy, LineThreshold("m", value=THRESHOLD), out,
@@ -197,7 +197,7 @@ def test_undecodable_replay_files_are_skipped_and_counted(toy: Bundle, toy_frame
     (folder / "good_zz_empty.png").write_bytes(b"")
     (folder / "good_zz_trunc.png").write_bytes((folder / "good_00.png").read_bytes()[:40])
     source = ReplaySource("r", folder)
-    settings = LineSettings(line="r", latency_budget_ms=2000, backend_preference=("onnxruntime",), queue_size=64)
+    settings = line_settings("r", latency_budget_ms=2000, backend_preference=("onnxruntime",), queue_size=64)
     out = Collector()
     pipe = LinePipeline(settings, source, toy, LineThreshold("r", value=THRESHOLD), out).start()
     try:

@@ -13,9 +13,24 @@ import numpy as np
 
 from inspectd.engines.bundle import Bundle
 from inspectd.engines.runtime.base import Backend
-from inspectd.errors import BackendUnavailable, BundleError
+from inspectd.errors import BackendUnavailable, BundleError, ConfigError
 
 NAME = "onnxruntime"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: taskset, cgroup cpusets, systemd
+    CPUAffinity=), not every CPU of the machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API on this platform
+        return max(1, os.cpu_count() or 1)
+
+
+def default_intra_op_threads(lines_sharing: int = 1) -> int:
+    """The documented default: the usable CPUs split evenly between the lines that run ONNX
+    Runtime in this process (at least 1 each), so lines do not oversubscribe the cores."""
+    return max(1, usable_cpus() // max(1, int(lines_sharing)))
 
 
 def unavailable_reason() -> str | None:
@@ -29,7 +44,10 @@ def unavailable_reason() -> str | None:
 class OnnxRuntimeBackend(Backend):
     name = NAME
 
-    def __init__(self, bundle: Bundle, threads: int = 0, device: str = "cpu", fp16: bool = False) -> None:
+    def __init__(self, bundle: Bundle, threads: int = 0, device: str = "cpu", fp16: bool = False,
+                 intra_op_threads: int | None = None) -> None:
+        """`intra_op_threads` (alias `threads`, kept for the CLIs): threads inside one operator;
+        0 / None = every CPU this process may use (os.sched_getaffinity)."""
         super().__init__(bundle)
         reason = unavailable_reason()
         if reason:
@@ -41,7 +59,10 @@ class OnnxRuntimeBackend(Backend):
         # Batch 1 on a line PC: one op at a time, all threads inside the op, no thread spinning
         # that would steal cores from acquisition and publishing.
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.intra_op_num_threads = int(threads) if threads else (os.cpu_count() or 1)
+        wanted = int(intra_op_threads or threads or 0)
+        if wanted < 0:
+            raise ConfigError(f"onnxruntime intra_op_threads must be >= 0, got {wanted}")
+        opts.intra_op_num_threads = wanted or usable_cpus()
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3

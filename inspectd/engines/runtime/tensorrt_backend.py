@@ -7,8 +7,10 @@ for the engine profile's max batch; larger batches are split. `close()` frees bu
 engine and context inside that thread, pops and detaches the context and joins the thread.
 
 Engines come from the bundle's engine cache (engine_cache.py): keyed by GPU, compute
-capability, TensorRT version, ONNX sha256, precision and input shape; a stale or corrupt
-engine is rebuilt when `build=True`, else refused with the reason.
+capability, TensorRT version, ONNX sha256, precision and input shape. The backend never builds:
+a missing, stale or corrupt engine is refused with the reason (BackendUnavailable, so a line
+falls back to its next backend and counts the fallback). A build takes minutes and would starve
+the daemon's watchdog; engines are built only by `inspectd build-engine` (`build_engine`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from inspectd.engines.bundle import Bundle
 from inspectd.engines.preprocess import fingerprint, list_images, load_prepared
 from inspectd.engines.runtime.base import Backend
-from inspectd.engines.runtime.engine_cache import EngineCache, EngineKey
+from inspectd.engines.runtime.engine_cache import EngineCache, EngineKey, StaleEngine
 from inspectd.errors import BackendUnavailable, DataError, InspectdError
 
 NAME = "tensorrt"
@@ -120,21 +122,23 @@ class TensorRTBackend(Backend):
     name = NAME
 
     def __init__(self, bundle: Bundle, precision: str = "fp16", device: int = 0,
-                 max_batch: int = DEFAULT_MAX_BATCH, build: bool = True,
-                 workspace_mb: int = DEFAULT_WORKSPACE_MB, start_timeout_s: float = 1800.0) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, start_timeout_s: float = 120.0,
+                 workspace_mb: int | None = None) -> None:
         super().__init__(bundle)
+        if workspace_mb is not None:  # a builder setting: it shaped the cached engine already
+            log.info("tensorrt: workspace_mb applies when building (inspectd build-engine --workspace); "
+                     "not used when loading")
         reason = unavailable_reason(device)
         if reason:
             raise BackendUnavailable(reason)
         self._precision, self._device, self._max_batch = precision, int(device), int(max_batch)
-        self._build, self._workspace_mb = bool(build), int(workspace_mb)
         self._requests: queue.Queue[_Request] = queue.Queue()
         self._started = _Request(batch=None)  # reused as the "thread is ready or failed" signal
         self._facts: dict[str, Any] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"tensorrt-{bundle.bundle_id}", daemon=True)
         self._thread.start()
-        # Building an engine on a small Jetson takes minutes; the thread always signals.
+        # Loading (never building) an engine: seconds; the thread always signals.
         if not self._started.done.wait(start_timeout_s):
             raise BackendUnavailable(f"tensorrt: engine did not load within {start_timeout_s:.0f} s")
         if self._started.error is not None:
@@ -224,10 +228,11 @@ class TensorRTBackend(Backend):
     def _setup(self, trt: Any, cuda: Any, state: dict[str, Any]) -> None:
         key = engine_key(self.bundle, self._precision, self._max_batch, self._device)
         cache = EngineCache.for_bundle(self.bundle.path)
-        builder = (lambda: _build_serialized(trt, self.bundle, key, self._workspace_mb, None)) if self._build else None
-        path, rebuilt = cache.get_or_build(key, builder)
-        if rebuilt:
-            log.warning("tensorrt engine rebuilt: %s", rebuilt)
+        try:
+            path = cache.lookup(key)
+        except StaleEngine as exc:
+            raise StaleEngine(f"{exc}; engines are never built at run time: run `inspectd build-engine "
+                              f"--bundle {self.bundle.path} --precision {self._precision}`") from None
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
@@ -260,8 +265,7 @@ class TensorRTBackend(Backend):
         state.update(input=input_name, outputs=list(model.output_names), max_batch=max_batch)
         gpu, cc = device_key_facts(self._device)
         self._facts = {"device": gpu, "compute_capability": cc, "tensorrt": trt.__version__,
-                       "precision": self._precision, "max_batch": max_batch, "engine": str(path),
-                       "rebuilt": rebuilt}
+                       "precision": self._precision, "max_batch": max_batch, "engine": str(path)}
 
     def _execute(self, cuda: Any, state: dict[str, Any], batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         context, stream = state["context"], state["stream"]
