@@ -209,3 +209,22 @@ def test_calibrate_then_sighup_applies_the_new_threshold(tmp_path: Path, tiny_bu
     finally:
         sub.close()
         daemon.stop()
+
+
+def test_line_threshold_follows_the_spec_of_the_reread_config(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What reload_thresholds hands LineThreshold: a number, a file, or None (re-read the file)."""
+    from inspectd.daemon.line import LineThreshold
+
+    t = LineThreshold("line1", value=3.0)
+    assert t.reload() is False and t.value == 3.0          # a number has nothing to re-read
+    assert t.reload(4.0) is True and t.value == 4.0 and t.path is None
+    calib = tmp_path / "line1.threshold.json"
+    calib.write_text(json.dumps({"threshold": 6.5}))
+    assert t.reload(calib) is True and t.value == 6.5 and t.path == calib
+    calib.write_text(json.dumps({"threshold": 7.0}))
+    assert t.reload() is True and t.value == 7.0           # same file, new content
+    for bad in (float("nan"), tmp_path / "missing.json"):
+        caplog.clear()
+        assert t.reload(bad) is False and t.value == 7.0 and t.path == calib
+        (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert record.getMessage().startswith("line line1: threshold reload failed, keeping 7")
