@@ -217,3 +217,59 @@ def test_submit_frame_and_verdict(tmp_path, archives):
     side = json.loads((tmp_path / "line1" / "2024-05-02" / "080000000_f0000000077.json").read_text())
     assert side["score"] == 9.0 and side["bundle_id"] == "b1" and side["meta"] == {"path": "/data/part77.png"}
     assert side["heatmap_file"] == "080000000_f0000000077_heatmap.png"
+
+
+def test_archive_switches_itself_back_on_when_disk_space_returns(tmp_path, archives) -> None:
+    """A real tiny tmpfs fills up: the archive goes off (metric 0). Once space returns (the tmpfs
+    is grown, as an operator freeing space would), a probe record gets written and the archive is
+    on again by itself (metric 1), without a restart. Needs permission to mount a tmpfs."""
+    import subprocess
+    import time
+
+    mnt = tmp_path / "archive"
+    mnt.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        metrics = Metrics()
+        arch = archives(mnt, 100 * 1024 * 1024, "line1", metrics=metrics, retry_s=0.3)
+        arch.start()
+
+        def enabled() -> float:
+            return metrics.registry.get_sample_value("inspectd_archive_enabled", {"line": "line1"})
+
+        n = 0
+        end = time.monotonic() + 10
+        while arch.enabled:  # ~12 KiB records into 64 KiB
+            assert time.monotonic() < end, "the disk never filled"
+            arch.save(image(n), image(n, color=False), header(n, DAY1 + n * 1_000_000))
+            arch.wait_idle(5)
+            n += 1
+        assert enabled() == 0 and arch.errors == 1
+        saved = arch.saved
+        # Still full: probes fail quietly, nothing is written, it stays off.
+        time.sleep(0.4)
+        arch.save(image(1000), None, header(1000, DAY2))
+        arch.wait_idle(5)
+        assert not arch.enabled and arch.saved == saved
+        subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], check=True, capture_output=True, timeout=10)
+        end = time.monotonic() + 5
+        while not arch.enabled:
+            assert time.monotonic() < end, "the archive did not come back once space returned"
+            arch.save(image(2000 + n), None, header(2000 + n, DAY2 + n * 1_000_000))
+            arch.wait_idle(5)
+            time.sleep(0.1)
+            n += 1
+        assert enabled() == 1 and arch.recoveries == 1 and arch.saved == saved + 1
+        for i in range(3):  # and it keeps archiving, every record again
+            assert arch.save(image(3000 + i), None, header(3000 + i, DAY2 + (10_000 + i) * 1_000_000))
+        assert arch.wait_idle(5) and arch.saved == saved + 4
+        assert len(list(mnt.rglob("*.json"))) == saved + 4
+    finally:
+        arch.stop(5)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=10)

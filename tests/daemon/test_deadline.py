@@ -124,3 +124,18 @@ def test_stop_resolves_leftovers_and_callback_errors_do_not_stop_the_clock() -> 
     assert time.monotonic() - t0 < 2.0
     assert sorted(calls) == [1, 2, 3]
     assert keeper.pending == 0
+
+
+def test_a_frame_registered_after_stop_still_gets_its_verdict_at_once() -> None:
+    """A read that ends during shutdown registers its frame after the keeper stopped: it is
+    resolved right away ("shutdown before a result"), never left without a verdict."""
+    rec = _Recorder()
+    keeper = DeadlineKeeper(rec).start()
+    keeper.register(_frame(1), time.monotonic() + 10.0)
+    keeper.stop(timeout_s=0.05)
+    assert [(f, r) for f, r, _ in rec.fired] == [(1, "shutdown before a result")]
+    t0 = time.monotonic()
+    keeper.register(_frame(2), time.monotonic() + 10.0)
+    assert [(f, r) for f, r, _ in rec.fired][1:] == [(2, "shutdown before a result")]
+    assert rec.fired[1][2] - t0 < 0.5 and keeper.pending == 0
+    assert keeper.claim(2) is False  # nobody can publish it a second time

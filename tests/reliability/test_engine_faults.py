@@ -8,6 +8,7 @@ real Source implementation that hands over in-memory arrays, the way a broken dr
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from inspectd.daemon.frame import Frame
 from inspectd.daemon.line import LineSettings, LineThreshold
 from inspectd.daemon.metrics import Metrics
 from inspectd.daemon.pipeline import LinePipeline
+from inspectd.daemon.sinks import MetricsSink, Sinks
 from inspectd.daemon.sources.base import Source
 from inspectd.daemon.sources.replay import ReplaySource
 from inspectd.engines.bundle import Bundle
@@ -54,6 +56,21 @@ class FlakyBackendDouble(Backend):
     def close(self) -> None:
         self.closed = True
         self.inner.close()
+
+
+class StallingBackendDouble(FlakyBackendDouble):
+    """TEST DOUBLE: the real ONNX Runtime backend that, after `good` calls, never answers (no
+    exception, no result: a hung GPU driver) until `release` is set."""
+
+    def __init__(self, inner: Backend, name: str, good: int = 2) -> None:
+        super().__init__(inner, name, "stall", good)
+        self.release = threading.Event()
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        if self.calls > self._good:
+            self.release.wait(30)
+        return self.inner.infer(batch)
 
 
 class ArraySource(Source):
@@ -151,6 +168,10 @@ def test_failing_engine_without_another_backend_keeps_serving_fail_safe(toy: Bun
     assert sample(metrics, "inspectd_backend_fallbacks_total", line="solo", backend="gpu") == 0
     assert pipe._worker_thread.is_alive() is False  # stopped cleanly, never crashed
     assert pipe.failed is None
+    # Not ready: the only engine fails every frame (status for consumers, metric for the alert).
+    st = pipe.status()
+    assert st["engine_ready"] is False and st["state"] == "engine_failed", st
+    assert sample(metrics, "inspectd_engine_ready", line="solo") == 0
 
 
 def test_malformed_frames_are_counted_and_fail_safe_never_a_crash(toy: Bundle) -> None:
@@ -208,3 +229,66 @@ def test_undecodable_replay_files_are_skipped_and_counted(toy: Bundle, toy_frame
         pipe.stop(timeout_s=3.0)
     assert len(out.verdicts) == 3 and all(v.error is None for v in verdicts)
     assert source.stats.skipped_files == 2
+
+
+def test_stalled_engine_is_failed_over_and_each_frame_is_counted_once(toy: Bundle, toy_frames: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A backend that stops answering (no exception) is given up after the stall bound, like an
+    erroring one, and the line goes on with the next backend. Meanwhile every frame gets exactly
+    one verdict and is counted once: a frame resolved by its deadline in a full queue is not also
+    counted as a queue drop."""
+    caplog.set_level(logging.INFO, logger="inspectd.pipeline")
+    metrics = Metrics()
+    made: list[StallingBackendDouble] = []
+
+    def opener(bundle: Bundle, settings: LineSettings, on_fallback: Any,
+               threshold: float) -> tuple[Backend, EngineInfo]:
+        if settings.backend_preference[0] == "gpu":
+            inner, _ = open_backend(bundle, ["onnxruntime"])
+            made.append(StallingBackendDouble(inner, "gpu"))
+            return made[-1], EngineInfo(backend="gpu", details={})
+        return open_backend(bundle, ["onnxruntime"], on_fallback=on_fallback)
+
+    settings = line_settings("st", latency_budget_ms=100, on_deadline_miss="NG",
+                             backend_preference=("gpu", "onnxruntime"), queue_size=8)
+    # 8 frames at 40 fps = 200 ms of queue > the 100 ms budget: during the stall the frame pushed
+    # out of the full queue was already resolved by its deadline.
+    collected = Collector()
+    out = Sinks().add("collector", collected).add("metrics", MetricsSink(metrics))
+    pipe = LinePipeline(settings, ReplaySource("st", toy_frames, fps=40, loop=True), toy,
+                        LineThreshold("st", value=THRESHOLD), out, metrics=metrics, backend_opener=opener,
+                        stall_after_s=1.0).start()
+    try:
+        assert pipe.wait_ready(20.0)
+        end = time.monotonic() + 15
+        while not any(v.backend == "onnxruntime" and v.score is not None for v in collected.verdicts):
+            assert time.monotonic() < end, pipe.status()
+            assert pipe.healthy()  # the worker loop is not stuck: it waits on a bounded call
+            time.sleep(0.05)
+        n = len(collected.verdicts)
+        collected.wait_for(n + 10)
+    finally:
+        pipe.request_stop()
+        time.sleep(0.3)
+        pipe.stop(timeout_s=3.0)
+        for b in made:
+            b.release.set()
+    verdicts = collected.verdicts
+    ids = [v.frame_id for v in verdicts]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == pipe.frames_acquired  # one verdict per frame
+    deadline = [v for v in verdicts if v.deadline_missed]
+    drops = [v for v in verdicts if v.error and "queue full" in v.error]
+    assert deadline, "the stall must have produced deadline verdicts"
+    # Counted once: every verdict in exactly one frames_total bucket, drops only for real drops.
+    total = sum(sample(metrics, "inspectd_frames_total", line="st", verdict=x) for x in ("OK", "NG", "SKIP"))
+    assert total == len(verdicts) == pipe.verdicts
+    assert sample(metrics, "inspectd_deadline_misses_total", line="st") == len(deadline)
+    assert sample(metrics, "inspectd_dropped_frames_total", line="st", reason="queue_full") == len(drops)
+    assert pipe.dropped["queue_full"] == len(drops)
+    # Failed over: gpu given up after the stall bound, onnxruntime serves, the line is ready again.
+    assert sample(metrics, "inspectd_backend_fallbacks_total", line="st", backend="gpu") == 1
+    assert pipe.engine_stalls == 1 and pipe.status()["backend"] == "onnxruntime"
+    assert pipe.status()["engine_ready"] is True
+    assert "backend gpu stalled" in caplog.text and "falling back to onnxruntime" in caplog.text
+    after = [v for v in verdicts if v.backend == "onnxruntime" and v.score is not None]
+    assert len(after) >= 10

@@ -1,0 +1,56 @@
+"""ONNX Runtime intra-op threads follow the CPUs the process may use (os.sched_getaffinity), are
+shared between the daemon's lines, and can be set per line (backend_options.onnxruntime.intra_op_threads).
+Real ONNX Runtime on the toy bundle; the affinity is really restricted, in a child process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inspectd.daemon.config import config_from_dict
+from inspectd.engines.bundle import load_bundle
+from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend, default_intra_op_threads
+from tests.engines.test_runtime_toybundle import make_toy_bundle
+
+needs_affinity = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity API")
+
+
+@needs_affinity
+def test_default_threads_follow_the_affinity_mask_not_the_machine(tmp_path: Path) -> None:
+    bundle = make_toy_bundle(tmp_path / "toy")
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    code = (
+        "import os, sys\n"
+        f"os.sched_setaffinity(0, {{{cpu}}})\n"  # like taskset / systemd CPUAffinity=
+        "from inspectd.engines.bundle import load_bundle\n"
+        "from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend\n"
+        f"b = OnnxRuntimeBackend(load_bundle({str(bundle)!r}))\n"
+        "print(b.describe()['intra_op_threads'], os.cpu_count())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    threads, cpu_count = map(int, out.stdout.split())
+    assert threads == 1, (threads, cpu_count)  # one usable CPU, whatever the machine has
+
+
+def test_lines_share_the_usable_cpus_and_a_line_may_set_its_own(tmp_path: Path) -> None:
+    from inspectd.daemon.run import line_settings
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    line = {"source": {"type": "replay", "path": str(tmp_path)}, "bundle": str(tmp_path), "threshold": 3.0,
+            "backends": ["onnxruntime"]}
+    cfg = config_from_dict({"lines": [dict(line, id="a"), dict(line, id="b"),
+                                      dict(line, id="c", backend_options={"onnxruntime": {"intra_op_threads": 3}})]})
+    share = [line_settings(c, ort_lines=3).backend_options["onnxruntime"]["intra_op_threads"] for c in cfg.lines]
+    assert share[:2] == [max(1, usable // 3)] * 2 == [default_intra_op_threads(3)] * 2
+    assert share[2] == 3  # set in the config: kept
+    one = line_settings(cfg.lines[0], ort_lines=1).backend_options["onnxruntime"]["intra_op_threads"]
+    assert one == usable
+    # And the backend uses what it is given.
+    with OnnxRuntimeBackend(load_bundle(make_toy_bundle(tmp_path / "toy")), intra_op_threads=1) as backend:
+        assert backend.describe()["intra_op_threads"] == 1
