@@ -16,6 +16,8 @@ log = logging.getLogger("inspectd.calibration")
 
 REPORT_JSON = "report.json"
 HISTOGRAM_PNG = "histogram.png"
+# Readable by the people who look at them, whatever root's umask (nothing secret in a report).
+REPORT_MODE = 0o644
 
 
 def write_report(folder: str | Path, report: dict[str, Any], good_scores: Sequence[float],
@@ -24,7 +26,7 @@ def write_report(folder: str | Path, report: dict[str, Any], good_scores: Sequen
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / REPORT_JSON
-    atomic_write(json_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    atomic_write(json_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"), mode=REPORT_MODE)
     png_path: Path | None = out / HISTOGRAM_PNG
     try:
         png = histogram_png(good_scores, bad_scores, report)
@@ -32,7 +34,7 @@ def write_report(folder: str | Path, report: dict[str, Any], good_scores: Sequen
         log.warning("no histogram: matplotlib is not installed (%s); pip install 'inspectd[report]'", exc)
         png_path = None
     else:
-        atomic_write(png_path, png)
+        atomic_write(png_path, png, mode=REPORT_MODE)
     return {"json": json_path, "png": png_path}
 
 

@@ -164,6 +164,7 @@ def test_calibrate_then_sighup_applies_the_new_threshold(tmp_path: Path, tiny_bu
         # Reports under state_dir/<line>/calibration/<time>/, nothing of them next to the config.
         (report,) = (etc / "state" / "line1" / "calibration").glob("*/report.json")
         assert json.loads(report.read_text())["threshold"] == first
+        assert stat.S_IMODE(report.stat().st_mode) == 0o644
         assert not list(etc.glob("calibration*")) and not list(etc.glob("*.calibration-*"))
 
         mark = len(daemon.lines)
