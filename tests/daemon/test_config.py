@@ -356,3 +356,31 @@ def test_metrics_endpoint_defaults_come_from_the_config_schema() -> None:
         assert (server.host, server.port) == (schema.host, schema.port) == ("127.0.0.1", 9108)
     finally:
         server.shutdown()
+
+
+def test_trigger_mode_is_exported_for_the_no_frames_alert(tmp_path: Path, tiny_bundle: Path) -> None:
+    """inspectd_source_triggered (used by the InspectdNoFrames alert) follows the line's trigger mode."""
+    import genicam
+
+    from inspectd.daemon.config import config_from_dict
+    from inspectd.daemon.run import Daemon
+
+    cti = Path(genicam.__file__).parent / "viky.cti"
+    if not cti.is_file():
+        pytest.skip("genicam wheel without viky.cti")
+
+    def line(line_id: str, index: int, mode: str) -> dict:
+        return {"id": line_id, "source": {"type": "genicam", "cti": str(cti), "device": {"index": index},
+                                          "trigger": {"mode": mode}},
+                "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0}
+
+    config = config_from_dict({"zmq": {"endpoint": f"ipc://{tmp_path}/t.sock"}, "metrics": {"port": 0},
+                               "lines": [line("trig", 0, "On"), line("free", 1, "Off")]})
+    daemon = Daemon(config)
+    daemon.build()  # no camera is opened before start()
+    try:
+        value = daemon.metrics.registry.get_sample_value
+        assert value("inspectd_source_triggered", {"line": "trig"}) == 1
+        assert value("inspectd_source_triggered", {"line": "free"}) == 0
+    finally:
+        daemon.stop(budget_s=1.0)
