@@ -228,12 +228,16 @@ class LinePipeline:
         """Stop acquiring new frames (returns at once; `stop()` waits for the rest)."""
         self._stop_acquisition.set()
 
-    def stop(self, timeout_s: float = 3.0) -> None:
+    def stop(self, timeout_s: float = 3.0, close_source: bool = True) -> None:
         """Stop acquiring, let in-flight frames resolve (result or deadline), then stop the rest.
         A frame the acquisition thread is still reading gets its verdict too: the read ends
-        within the source's read timeout and the frame is queued before the keeper stops."""
+        within the source's read timeout and the frame is queued before the keeper stops.
+        The source is closed last (`close_source=False`: the caller calls `close_source()`, after
+        every line's frames are resolved): a camera driver's stop can block the whole
+        interpreter for a frame period (GenTL calls keep the GIL), which must not hold up
+        the verdicts of frames already taken."""
         if not self._started:
-            self._close_source()
+            self.close_source()
             return
         end = time.monotonic() + timeout_s
         self._stop_acquisition.set()
@@ -248,6 +252,17 @@ class LinePipeline:
         self._worker_thread.join(max(0.1, end - time.monotonic()))
         if self._worker_thread.is_alive():
             log.warning("line %s: inference worker still busy at shutdown", self.line)
+        if close_source:
+            self.close_source()
+
+    def close_source(self) -> None:
+        """Close the camera / replay after the acquisition thread has ended (a Source is used by
+        one thread only: with the thread still inside a driver call it is left to the exit)."""
+        if self._acq_thread.is_alive():
+            log.warning("line %s: source not closed: the acquisition thread is still in a driver call", self.line)
+            return
+        self._close_source()
+        self._set_camera(False)
 
     # ---- status ----------------------------------------------------------------------------------
 
@@ -378,8 +393,7 @@ class LinePipeline:
                 self._enqueue(frame)
             except Exception:  # a bug here must not end acquisition for the line
                 log.exception("line %s: frame %s could not be queued", self.line, frame.frame_id)
-        self._close_source()
-        self._set_camera(False)
+        # The source stays open: stop() closes it once the frames taken are resolved.
 
     def _wait_for_room(self) -> bool:
         with self._queue_cond:

@@ -299,7 +299,10 @@ class Daemon:
         for pipeline in self.lines.values():
             pipeline.request_stop()
         for pipeline in self.lines.values():
-            pipeline.stop(timeout_s=max(0.2, end - time.monotonic() - 0.5))
+            pipeline.stop(timeout_s=max(0.2, end - time.monotonic() - 0.5), close_source=False)
+        # Cameras last: a driver's stop may hold the interpreter for a frame period.
+        for pipeline in self.lines.values():
+            pipeline.close_source()
         if self._supervisor.is_alive():
             self._supervisor.join(1.0)
         self.metrics.up.set(0)
