@@ -466,8 +466,15 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: {where}.source.cti: {src.cti} does not exist (GenTL producer file)")
         if isinstance(src, ReplaySourceConfig) and not src.path.exists():
             raise ConfigError(f"{source}: {where}.source.path: {src.path} does not exist")
-        if isinstance(line.threshold, ThresholdFile) and not line.threshold.file.is_file():
-            raise ConfigError(f"{source}: {where}.threshold.file: {line.threshold.file} does not exist")
+        if isinstance(line.threshold, ThresholdFile):
+            if not line.threshold.file.is_file():
+                raise ConfigError(f"{source}: {where}.threshold.file: {line.threshold.file} does not exist")
+            # Read it as the daemon will (check-config runs as the service user: permissions too).
+            from inspectd.daemon.line import read_threshold_file
+            try:
+                read_threshold_file(line.threshold.file)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {where}.threshold.file: {exc}") from None
     curve = config.zmq.curve
     if curve is not None:
         if not curve.server_secret_key_file.is_file():

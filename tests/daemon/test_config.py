@@ -384,3 +384,18 @@ def test_trigger_mode_is_exported_for_the_no_frames_alert(tmp_path: Path, tiny_b
         assert value("inspectd_source_triggered", {"line": "free"}) == 0
     finally:
         daemon.stop(budget_s=1.0)
+
+
+def test_check_config_reads_the_threshold_file(tmp_path: Path) -> None:
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "manifest.json").write_text("{}")
+    (tmp_path / "parts").mkdir()
+    path = _write(tmp_path, MINIMAL.replace("threshold: 3.0", "threshold: {file: line1.threshold.json}"))
+    calib = tmp_path / "line1.threshold.json"
+    for content, expected in (("{broken", "unreadable threshold file"), ('{"thresh": 3}', 'no "threshold" field'),
+                              ('{"threshold": "high"}', "is not a finite number")):
+        calib.write_text(content)
+        msg = _error(path, validate_paths=True)
+        assert msg.startswith(f"{path}: lines[0].threshold.file: {calib}: ") and expected in msg, msg
+    calib.write_text('{"threshold": 4.5}')
+    assert load_config(path, validate_paths=True).lines[0].threshold.file == calib
