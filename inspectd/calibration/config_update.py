@@ -124,7 +124,14 @@ def threshold_target(config_path: str | os.PathLike, data: dict[str, Any], line_
         if not shared:
             return current, False
         log.info("line %s shares %s with %s: giving it its own threshold file", line_id, current, ", ".join(shared))
-    return folder / threshold_file_name(line_id), True
+    target = folder / threshold_file_name(line_id)
+    users = [e.get("id") for e in data["lines"] if isinstance(e, dict) and e.get("id") != line_id
+             and isinstance(e.get("threshold"), dict) and isinstance(e["threshold"].get("file"), str)
+             and _resolve(folder, e["threshold"]["file"]) == target]
+    if users:  # never overwrite another line's threshold
+        raise ConfigError(f"{config}: {target.name} is the threshold file of line {users[0]!r}; point line "
+                          f"{line_id!r} at a file of its own (threshold: {{file: ...}}) and calibrate again")
+    return target, True
 
 
 def _resolve(folder: Path, name: str) -> Path:

@@ -101,6 +101,16 @@ def test_a_threshold_file_shared_with_another_line_is_not_overwritten(tmp_path: 
     assert load_config(path).line("line2").threshold.file == tmp_path / "shared.json"
 
 
+def test_another_lines_threshold_file_is_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "lines.yaml"
+    text = CONFIG.replace("threshold: 2.5", "threshold: {file: line1.threshold.json}")
+    path.write_text(text)
+    (tmp_path / "line1.threshold.json").write_text(json.dumps({"threshold": 4.0}))
+    with pytest.raises(ConfigError, match="line1.threshold.json is the threshold file of line 'line2'"):
+        cu.update_line_threshold(path, "line1", CALIBRATION)
+    assert path.read_text() == text and json.loads((tmp_path / "line1.threshold.json").read_text()) == {"threshold": 4.0}
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 def test_repointed_config_keeps_its_owner_group_and_mode(config: Path) -> None:
     os.chown(config, 0, 65534)  # root:<service group>, as deploy/install.sh installs configs
