@@ -95,6 +95,7 @@ def check_line(config_path: str | os.PathLike, line_id: str) -> Any:
     _, data = read_config(config_path)
     threshold = find_line(data, line_id, config_path).get("threshold")
     _validate_with_daemon_schema(Path(config_path), data)
+    threshold_target(config_path, data, line_id)  # a file clash fails now, not after scoring
     return threshold
 
 
