@@ -264,6 +264,12 @@ def test_a_line_without_a_backend_does_not_stop_another_line(bundle: Bundle, rep
         for p in pipes:
             p.stop(timeout_s=3.0)
     assert pipes[0].failed and "no backend" in pipes[0].failed
+    # Not ready, and says so (heartbeat status, metric for the InspectdEngineNotReady alert).
+    st = pipes[0].status()
+    assert st["engine_ready"] is False and st["state"] == "engine_failed", st
+    assert _sample(metrics, "inspectd_engine_ready", line="broken") == 0
+    assert pipes[1].status()["engine_ready"] is True
+    assert _sample(metrics, "inspectd_engine_ready", line="healthy") == 1
     assert all(v.verdict == "NG" and v.score is None and "no backend" in (v.error or "") for v in broken_v), \
         [v.error for v in broken_v]
     assert all(v.score is not None and v.error is None for v in healthy_v)
@@ -323,3 +329,59 @@ def test_camera_loss_on_the_gentl_simulator_reconnects_with_backoff(bundle: Bund
     finally:
         pipe.stop(timeout_s=3.0)
     assert all(v.score is not None for v in out.verdicts)
+
+
+def test_line_settings_come_from_the_config_schema_only(tmp_path: Path) -> None:
+    """One source of defaults: LineSettings has none of its own; a line built from a minimal config
+    gets exactly the schema's defaults (heatmap publish mode, camera fetch timeout, backoff...)."""
+    import dataclasses
+
+    from inspectd.daemon.config import ArchiveConfig, GenicamSourceConfig, HeatmapConfig, LineConfig, config_from_dict
+
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in dataclasses.fields(LineSettings))
+    cfg = config_from_dict({"lines": [
+        {"id": "cam", "source": {"type": "genicam", "cti": str(tmp_path / "p.cti"), "device": {"index": 0}},
+         "bundle": str(tmp_path), "threshold": 3.0},
+        {"id": "rep", "source": {"type": "replay", "path": str(tmp_path)}, "bundle": str(tmp_path),
+         "threshold": 3.0}]})
+    cam, rep = (LineSettings.from_config(c) for c in cfg.lines)
+    fields = LineConfig.model_fields
+    assert cam.heatmap_mode == HeatmapConfig().publish == rep.heatmap_mode
+    assert cam.latency_budget_ms == fields["latency_budget_ms"].default
+    assert cam.on_deadline_miss == fields["on_deadline_miss"].default
+    assert cam.queue_size == fields["queue_size"].default
+    assert cam.backend_preference == tuple(fields["backends"].default_factory())
+    assert cam.archive_enabled == ArchiveConfig().enabled and cam.archive_save == ArchiveConfig().save
+    genicam_fields = GenicamSourceConfig.model_fields
+    assert cam.read_timeout_s == genicam_fields["fetch_timeout_s"].default
+    assert (cam.reconnect_min_s, cam.reconnect_max_s) == tuple(genicam_fields["reconnect_backoff_s"].default)
+    assert cam.backpressure is False and rep.backpressure is True  # replay without fps: as fast as taken
+
+
+def test_a_failing_sink_does_not_keep_the_verdict_from_the_others(bundle: Bundle, replay_dir: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    class BrokenSink:
+        """TEST SINK: raises on every verdict (a bug or a full disk in one consumer)."""
+
+        calls = 0
+
+        def accept(self, verdict: Verdict) -> None:
+            BrokenSink.calls += 1
+            raise OSError("No space left on device")
+
+    metrics = Metrics()
+    out = Collector()
+    sinks = Sinks().add("broken", BrokenSink()).add("collector", out).add("metrics", MetricsSink(metrics))
+    settings = line_settings("sk", latency_budget_ms=2000, backend_preference=("onnxruntime",), queue_size=64)
+    pipe = LinePipeline(settings, ReplaySource("sk", replay_dir / "good"), bundle, LineThreshold("sk", value=THRESHOLD),
+                        sinks, metrics=metrics).start()
+    try:
+        assert pipe.wait_ready(30.0)
+        verdicts = out.wait_for(12)
+    finally:
+        pipe.stop(timeout_s=3.0)
+    assert len(verdicts) == 12 and all(v.score is not None for v in verdicts)
+    assert BrokenSink.calls == 12 and sinks.failures == {"broken": 12, "collector": 0, "metrics": 0}
+    assert _sample(metrics, "inspectd_frames_total", line="sk", verdict="OK") == 12
+    assert caplog.text.count("verdict sink broken failed") == 1  # logged once, not per frame
