@@ -351,3 +351,71 @@ def test_ready_after_warmup_and_watchdog_means_progress_not_camera(
         hung.release.set()
         daemon.stop()
         notify.close()
+
+
+@pytest.mark.skipif(not CTI.is_file(), reason="genicam wheel without viky.cti")
+def test_child_daemon_with_an_absent_camera_keeps_pinging_and_reports_blind(tmp_path: Path) -> None:
+    """`inspectd run` as a real child process under a real NOTIFY_SOCKET with WATCHDOG_USEC set: its
+    only camera is absent on the GenTL simulator (no device with that serial). The child sends READY,
+    keeps sending WATCHDOG=1 for more than 3 watchdog intervals (systemd would not kill it), and its
+    heartbeats say the camera is down (state "blind") while the engine is ready; SIGTERM stops it."""
+    import socket
+
+    from tests.engines.test_runtime_toybundle import make_toy_bundle
+
+    watchdog_s = 1.0
+    endpoint = f"ipc://{tmp_path}/absent.sock"
+    cfg = _write_config(tmp_path / "absent.yaml", [{
+        "id": "cam9", "source": {"type": "genicam", "cti": str(CTI), "device": {"serial": "9"},
+                                 "pixel_format": "Mono8", "fetch_timeout_s": 1.0,
+                                 "reconnect_backoff_s": [0.2, 0.5]},
+        "bundle": str(make_toy_bundle(tmp_path / "toy")), "backends": ["onnxruntime"], "threshold": 5.0,
+        "latency_budget_ms": 1000,
+    }], endpoint)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.1)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
+               WATCHDOG_USEC=str(int(watchdog_s * 1e6)))
+    env.pop("WATCHDOG_PID", None)
+    # stderr not piped: nobody reads it here, and the reconnect log must never block the child.
+    proc = subprocess.Popen(DAEMON + [str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    sub = VerdictSubscriber(endpoint, lines=["cam9"], heartbeat_timeout_s=None)
+    received: list[tuple[float, str]] = []
+    try:
+        end = time.monotonic() + 60
+        while not any(m.startswith("READY=1") for _, m in received):
+            assert time.monotonic() < end and proc.poll() is None, received
+            try:
+                received.append((time.monotonic(), sock.recv(4096).decode()))
+            except TimeoutError:
+                pass
+        t_ready = time.monotonic()
+        ready = [m for _, m in received if m.startswith("READY=1")][0]
+        assert "cam9: camera DOWN" in ready, ready
+        msgs = _collect(sub, 0.1)  # the subscriber connects meanwhile
+        while time.monotonic() < t_ready + 3.5 * watchdog_s:
+            try:
+                received.append((time.monotonic(), sock.recv(4096).decode()))
+            except TimeoutError:
+                pass
+            msg = sub.poll_once(0.0)
+            if msg is not None:
+                msgs.append(msg)
+        pings = [t for t, m in received if m == "WATCHDOG=1" and t >= t_ready]
+        assert len(pings) >= 5, received[-8:]
+        gaps = [b - a for a, b in zip([t_ready] + pings, pings + [time.monotonic()])]
+        assert max(gaps) < watchdog_s, gaps  # never starved for a whole WatchdogSec
+        beats = [m.header["status"] for m in msgs if m.kind == "heartbeat"]
+        assert len(beats) >= 5 and not [m for m in msgs if m.kind == "verdict"]
+        assert all(b["state"] == "blind" and b["camera_connected"] is False and b["engine_ready"] is True
+                   for b in beats), beats[-1]
+        assert proc.poll() is None  # still running
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5.0) == 0
+    finally:
+        sub.close()
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
