@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import load_split  # noqa: E402
 
-from inspectd.calibration.roc import roc_auc  # noqa: E402
+from inspectd.stats import roc_auc  # noqa: E402
 from inspectd.engines.model import ModelConfig, build_model  # noqa: E402
 from inspectd.engines.train import (TrainConfig, extract_features, fit_nll_statistics, fit_statistics,  # noqa: E402
                                     train_flows)

@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from inspectd.calibration.roc import roc_auc, roc_curve
+from inspectd.stats import roc_auc, roc_curve
 from inspectd.engines.bundle import Bundle, load_bundle
 from inspectd.engines.heatmap import overlay
 from inspectd.engines.preprocess import IMAGE_SUFFIXES, InputSpec, list_images, prepare, prepare_mask, read_image

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inspectd.calibration.roc import roc_auc
+from inspectd.stats import roc_auc
 from inspectd.engines.bundle import load_bundle
 from inspectd.engines.preprocess import list_images, load_prepared
 from inspectd.engines.runtime.base import InputShapeError

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from inspectd.engines.bundle import Bundle
-from inspectd.engines.preprocess import fingerprint, list_images, load_prepared
+from inspectd.engines.preprocess import fingerprint, list_images, load_prepared, load_stored
 from inspectd.engines.runtime.base import Backend
 from inspectd.engines.runtime.engine_cache import EngineCache, EngineKey, StaleEngine
 from inspectd.errors import BackendUnavailable, DataError, InspectdError
@@ -386,7 +386,11 @@ def _make_calibrator(trt: Any, bundle: Bundle, images: list[Path], cache_path: P
             self.batch_size = 1  # = the profile's opt batch, the shape calibration runs at
             # Decoded up front: a bad image is a clear DataError here, not an error swallowed
             # inside a TensorRT callback.
-            self.pending = [load_prepared(p, bundle.input_spec) for p in images]
+            # The bundle's own calibration images are stored prepared (ROI cropped, resized): read
+            # them as they are; images from a folder are camera frames and go through prepare().
+            stored = all(bundle.path in p.parents for p in images)
+            load = load_stored if stored else load_prepared
+            self.pending = [load(p, bundle.input_spec) for p in images]
             shape = (self.batch_size, *bundle.input_spec.shape)
             self.host = np.zeros(shape, dtype=np.uint8)
             self.device = cuda.mem_alloc(self.host.nbytes)
