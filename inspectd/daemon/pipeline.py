@@ -63,6 +63,10 @@ class EngineStalled(Exception):
     """The backend did not answer within the stall bound (no exception, just no answer)."""
 
 
+class EngineBusy(EngineStalled):
+    """A call given up earlier is still inside the backend: no new call can start."""
+
+
 class _EngineRunner:
     """Runs one backend's `infer` on its own thread, so that a call that never returns (a hung GPU
     driver) can be given up: the worker waits at most the stall bound and stays free to fail over.
@@ -88,7 +92,7 @@ class _EngineRunner:
         (the worker's own loop is alive while it waits on a bounded call)."""
         with self._cond:
             if self._busy:
-                raise EngineStalled("the previous call has not returned yet")
+                raise EngineBusy("a call given up earlier has not returned yet")
             self._batch, self._result, self._error, self._busy = batch, None, None, True
             self._cond.notify_all()
             end = time.monotonic() + stall_s
@@ -491,10 +495,12 @@ class LinePipeline:
                           if b != failed and b not in self._excluded_backends)
         self._consecutive_engine_errors = 0
         self._stalled = False
+        was_ok = self.engine_ok
         self._set_engine_ok(False)
         if not remaining:
-            log.error("line %s: backend %s %s and no other backend is configured; keeping it (line not ready)",
-                      self.line, failed, why)
+            if was_ok:  # once per outage, not per frame
+                log.error("line %s: backend %s %s and no other backend is configured; keeping it "
+                          "(line not ready until it answers again)", self.line, failed, why)
             return runner
         log.error("line %s: backend %s %s (last: %s); falling back to %s",
                   self.line, failed, why, self.last_error, ", ".join(remaining))
@@ -630,7 +636,8 @@ class LinePipeline:
     def _engine_failed_on(self, key: int, frame: Frame, exc: Exception) -> None:
         self.engine_errors += 1
         if isinstance(exc, EngineStalled):
-            self.engine_stalls += 1
+            if not isinstance(exc, EngineBusy):
+                self.engine_stalls += 1
             self._stalled = True
             self.last_error = f"engine stalled: {exc}"
         else:

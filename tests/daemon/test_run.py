@@ -213,6 +213,9 @@ def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: P
         "id": "cam1", "source": {"type": "genicam", "cti": str(CTI), "device": {"index": 0},
                                  "pixel_format": "Mono8"},
         "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0, "latency_budget_ms": 1000,
+        # ~20 fps on 2 shared cores: room for a scheduling hiccup, so every frame here gets a score
+        # (queue drops have their own tests).
+        "queue_size": 16,
     }], endpoint)
     daemon = Daemon(cfg)
     sub = VerdictSubscriber(endpoint, lines=["cam1"], heartbeat_timeout_s=None)

@@ -292,3 +292,45 @@ def test_stalled_engine_is_failed_over_and_each_frame_is_counted_once(toy: Bundl
     assert "backend gpu stalled" in caplog.text and "falling back to onnxruntime" in caplog.text
     after = [v for v in verdicts if v.backend == "onnxruntime" and v.score is not None]
     assert len(after) >= 10
+
+
+def test_stalled_engine_without_another_backend_is_not_ready_until_it_answers_again(toy: Bundle,
+                                                                                     toy_frames: Path) -> None:
+    metrics = Metrics()
+    made: list[StallingBackendDouble] = []
+
+    def opener(bundle: Bundle, settings: LineSettings, on_fallback: Any,
+               threshold: float) -> tuple[Backend, EngineInfo]:
+        inner, _ = open_backend(bundle, ["onnxruntime"])
+        made.append(StallingBackendDouble(inner, "gpu"))
+        return made[-1], EngineInfo(backend="gpu", details={})
+
+    settings = line_settings("alone", latency_budget_ms=100, on_deadline_miss="NG", backend_preference=("gpu",),
+                             queue_size=4)
+    collected = Collector()
+    pipe = LinePipeline(settings, ReplaySource("alone", toy_frames, fps=20, loop=True), toy,
+                        LineThreshold("alone", value=THRESHOLD), Sinks().add("c", collected), metrics=metrics,
+                        backend_opener=opener, stall_after_s=0.5).start()
+    try:
+        assert pipe.wait_ready(20.0)
+        end = time.monotonic() + 10
+        while pipe.status()["state"] != "engine_failed":
+            assert time.monotonic() < end, pipe.status()
+            time.sleep(0.05)
+        assert sample(metrics, "inspectd_engine_ready", line="alone") == 0 and pipe.healthy()
+        n = len(collected.verdicts)
+        collected.wait_for(n + 5)  # frames keep getting (fail-safe) verdicts meanwhile
+        assert all(v.score is None for v in collected.verdicts[n:])
+        made[0].release.set()  # the driver comes back
+        end = time.monotonic() + 10
+        while not (pipe.status()["state"] == "ok" and pipe.engine_ready):
+            assert time.monotonic() < end, pipe.status()
+            time.sleep(0.05)
+        n = len(collected.verdicts)
+        assert any(v.score is not None for v in collected.wait_for(n + 5)[n:])
+        assert sample(metrics, "inspectd_engine_ready", line="alone") == 1
+    finally:
+        for b in made:
+            b.release.set()
+        pipe.stop(timeout_s=3.0)
+    assert len(made) == 1 and pipe.engine_stalls == 1  # kept (nothing to fail over to), one stall
