@@ -46,7 +46,7 @@ WARMUP_STALL_S = 60.0        # first calls load kernels / allocate arenas: slowe
 RUNNER_CLOSE_S = 5.0         # closing a backend that is not stuck
 # Watchdog: a loop that has not moved for this long is hung (camera and engine state do not count).
 PROGRESS_STALE_MIN_S = 10.0
-ENGINE_OPEN_STALE_S = 300.0  # loading + parity-gating an engine (never building one) is progress
+ENGINE_OPEN_STALE_S = 300.0  # loading + parity-gating an engine (never building one): given up after
 
 
 def default_backend_opener(bundle: Bundle, settings: LineSettings, on_fallback: Callable[[str, str], None],
@@ -68,15 +68,16 @@ class EngineBusy(EngineStalled):
 
 
 class _EngineRunner:
-    """Runs one backend's `infer` on its own thread, so that a call that never returns (a hung GPU
-    driver) can be given up: the worker waits at most the stall bound and stays free to fail over.
-    The backend is closed on this thread once any call still in progress has returned."""
+    """One backend's own thread: it opens the backend, runs every call and closes it, so a call
+    that never returns (a hung GPU driver) can be given up: the worker waits at most the stall
+    bound and stays free to fail over. Everything of one backend happens on this one thread (GPU
+    libraries keep per-thread state); the backend is closed here once a call in progress returns."""
 
-    def __init__(self, backend: Backend, line: str) -> None:
-        self.backend = backend
+    def __init__(self, line: str) -> None:
+        self.backend: Backend | None = None
         self._cond = threading.Condition(threading.Lock())
-        self._batch: np.ndarray | None = None
-        self._result: tuple[np.ndarray, np.ndarray] | None = None
+        self._fn: Callable[[], Any] | None = None
+        self._result: Any = None
         self._error: BaseException | None = None
         self._busy = False      # a call was handed over and has not returned yet
         self._closing = False
@@ -87,13 +88,13 @@ class _EngineRunner:
     def busy(self) -> bool:
         return self._busy
 
-    def infer(self, batch: np.ndarray, stall_s: float, tick: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
-        """The backend's answer, or EngineStalled after `stall_s`. `tick()` is called while waiting
-        (the worker's own loop is alive while it waits on a bounded call)."""
+    def call(self, fn: Callable[[], Any], stall_s: float, tick: Callable[[], None]) -> Any:
+        """`fn()` run on the backend's thread; EngineStalled after `stall_s` without an answer.
+        `tick()` is called while waiting (the worker's own loop is alive: it waits on a bounded call)."""
         with self._cond:
             if self._busy:
                 raise EngineBusy("a call given up earlier has not returned yet")
-            self._batch, self._result, self._error, self._busy = batch, None, None, True
+            self._fn, self._result, self._error, self._busy = fn, None, None, True
             self._cond.notify_all()
             end = time.monotonic() + stall_s
             while self._busy:
@@ -104,9 +105,16 @@ class _EngineRunner:
                 tick()
             if self._error is not None:
                 raise self._error
-            if self._result is None:
-                raise RuntimeError("the engine returned nothing")
             return self._result
+
+    def infer(self, batch: np.ndarray, stall_s: float, tick: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
+        backend = self.backend
+        if backend is None:
+            raise RuntimeError("no backend open")
+        result = self.call(lambda: backend.infer(batch), stall_s, tick)
+        if result is None:
+            raise RuntimeError("the engine returned nothing")
+        return result
 
     def close(self, timeout_s: float) -> bool:
         """Ask the thread to close the backend and end; True when it did within `timeout_s`
@@ -120,24 +128,25 @@ class _EngineRunner:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._batch is None and not self._closing:
+                while self._fn is None and not self._closing:
                     self._cond.wait()
-                if self._batch is None:
+                if self._fn is None:
                     break
-                batch, self._batch = self._batch, None
-            result: tuple[np.ndarray, np.ndarray] | None = None
+                fn, self._fn = self._fn, None
+            result: Any = None
             error: BaseException | None = None
             try:
-                result = self.backend.infer(batch)
+                result = fn()
             except BaseException as exc:  # reported to the caller
                 error = exc
             with self._cond:
                 self._result, self._error, self._busy = result, error, False
                 self._cond.notify_all()
-        try:
-            self.backend.close()
-        except Exception as exc:
-            log.warning("closing backend %s failed: %s", getattr(self.backend, "name", "?"), exc)
+        if self.backend is not None:
+            try:
+                self.backend.close()
+            except Exception as exc:
+                log.warning("closing backend %s failed: %s", getattr(self.backend, "name", "?"), exc)
 
 
 class LinePipeline:
@@ -190,7 +199,6 @@ class LinePipeline:
         now = time.monotonic()
         self.last_activity_mono = now       # acquisition loop progress
         self.last_worker_progress_mono = now
-        self._engine_opening_since: float | None = None
         self.frames_acquired = 0
         self.verdicts = 0
         self.deadline_misses = 0
@@ -314,9 +322,6 @@ class LinePipeline:
             return self._stop_acquisition.is_set()  # ended because we are stopping: not a hang
         if now - self.last_activity_mono > stale_s:
             return False
-        opening = self._engine_opening_since
-        if opening is not None:  # loading / gating an engine is progress, up to a bound
-            return now - opening <= ENGINE_OPEN_STALE_S
         return now - self.last_worker_progress_mono <= stale_s
 
     def summary(self) -> str:
@@ -520,28 +525,31 @@ class LinePipeline:
             if self.metrics is not None:  # labelled with the backend that was skipped
                 self.metrics.backend_fallbacks.labels(line=self.line, backend=name).inc()
 
-        self._engine_opening_since = time.monotonic()
         try:
             return self._open_runner(settings, on_fallback)
         finally:
-            self._engine_opening_since = None
-            self.last_worker_progress_mono = time.monotonic()
+            self._tick_worker()
             self.engine_resolved.set()
 
     def _open_runner(self, settings: LineSettings, on_fallback: Callable[[str, str], None]) -> _EngineRunner | None:
+        runner = _EngineRunner(self.line)
         try:
-            backend, info = self._backend_opener(self.bundle, settings, on_fallback, self.threshold.value)
+            # Loading and parity-gating a backend (never building one): on its own thread, bounded.
+            backend, info = runner.call(
+                lambda: self._backend_opener(self.bundle, settings, on_fallback, self.threshold.value),
+                ENGINE_OPEN_STALE_S, self._tick_worker)
         except Exception as exc:
             self.failed = f"no backend: {exc}"
             self.backend_name = "none"
             self._set_engine_ok(False)
             log.error("line %s: %s; every frame gets the fail-safe verdict %s", self.line, self.failed,
                       self.settings.on_deadline_miss)
+            runner.close(0.0 if runner.busy else RUNNER_CLOSE_S)
             return None
+        runner.backend = backend
         self.backend_name = info.backend
         if self.metrics is not None:
             self.metrics.set_engine(self.line, info.backend, self.bundle.bundle_id)
-        runner = _EngineRunner(backend, self.line)
         try:
             # Warm-up: first inference allocates arenas / loads kernels; keep it out of the budget.
             spec = self.bundle.input_spec
