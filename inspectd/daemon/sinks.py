@@ -10,6 +10,7 @@ the verdict.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -90,6 +91,8 @@ class PublisherSink:
         self.publisher, self.mode, self.encoding, self.size = publisher, mode, encoding, size
 
     def accept(self, verdict: Verdict) -> None:
+        # Without the frame: the publisher's queue may hold thousands of verdicts, not their images.
+        verdict = dataclasses.replace(verdict, frame=None)
         self.publisher.publish_verdict(verdict)
         # The pipeline may make a heatmap for the archive only: publish per the line's setting.
         if verdict.heatmap is not None and (self.mode == "all" or (self.mode == "ng" and verdict.verdict == "NG")):

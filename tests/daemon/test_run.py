@@ -227,7 +227,7 @@ def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: P
         assert len(verdicts) >= 5, daemon.lines[-10:]
         _contiguous(msgs, "verdict")
         for h in verdicts:
-            assert h["verdict"] in ("OK", "NG") and h["score"] is not None and h["error"] is None
+            assert h["verdict"] in ("OK", "NG") and h["score"] is not None and h["error"] is None, h
             assert h["acquired_ns"] <= h["published_ns"]
         ids = [h["frame_id"] for h in verdicts]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
