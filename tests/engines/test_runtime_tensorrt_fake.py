@@ -346,7 +346,7 @@ def test_all_cuda_work_on_one_thread_with_its_context(fakes: tuple[Bundle, FakeC
         backend.infer(np.zeros((1, 32, 32, 1), np.uint8))
 
 
-def test_engine_cache_reused_then_corrupt_engine_rebuilt_or_refused(fakes: tuple[Bundle, FakeCuda, Any]) -> None:
+def test_engine_cache_reused_then_corrupt_engine_refused_until_build_engine(fakes: tuple[Bundle, FakeCuda, Any]) -> None:
     from inspectd.engines.runtime.engine_cache import EngineCache
     from inspectd.engines.runtime.tensorrt_backend import TensorRTBackend, build_engine
 
