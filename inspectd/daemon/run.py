@@ -162,9 +162,9 @@ class Daemon:
         if stop_requested.is_set():
             return False
         self.metrics.up.set(1)
-        self._ready.set()
         status = self.status_line()
         self.notifier.ready(status)
+        self._ready.set()  # pings only after READY=1 went out
         log.info("ready: %s", status)
         return True
 
