@@ -1,0 +1,79 @@
+"""Engine latency of designs side by side in one run (ONNX Runtime CPU, batch 1, random weights).
+
+    python benchmarks/engine_latency.py --iterations 200 --rounds 3
+
+Latency does not depend on trained weights, so each design is built from its ModelConfig and
+exported; every round times each design once in turn (interleaved), so load changes hit all alike.
+Several rounds are reported, not the best one. The first design is the reference for the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from inspectd.engines.model import ModelConfig, build_model
+
+DESIGNS = {
+    "previous default (256x256, fused stride 32, mean)": {},
+    "MTD default (256x256, fused stride 16)": {"fused_stride": 16},
+    "KSDD default (640x256, fused stride 16)": {"fused_stride": 16, "image_height": 640, "image_width": 256},
+}
+
+
+def _session(mc: ModelConfig, threads: int) -> ort.InferenceSession:
+    buf = io.BytesIO()
+    model = build_model(mc).eval()
+    c = 1 if mc.color_mode == "gray" else 3
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, mc.input_height, mc.input_width, c, dtype=torch.uint8),), buf,
+                          dynamo=False, opset_version=17, input_names=["images"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iterations", type=int, default=200, help="timed runs per design per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--designs", default=None, help="JSON {name: ModelConfig overrides} (default: built-in)")
+    args = ap.parse_args()
+    designs = json.loads(args.designs) if args.designs else DESIGNS
+    configs = {name: ModelConfig(**o) for name, o in designs.items()}
+    sessions = {name: _session(mc, args.threads) for name, mc in configs.items()}
+    inputs = {name: np.random.default_rng(0).integers(0, 256, (1, mc.input_height, mc.input_width, 1), np.uint8)
+              for name, mc in configs.items()}
+    ref = next(iter(designs))
+    print(f"{args.threads} intra-op threads, batch 1; ratio = p99 / p99 of {ref!r} in the same round")
+    print("| round | design | p50 ms | p99 ms | p99 ratio |\n|---|---|---|---|---|")
+    for r in range(args.rounds):
+        times: dict[str, list[float]] = {k: [] for k in sessions}
+        for name, s in sessions.items():
+            for _ in range(10):
+                s.run(None, {"images": inputs[name]})
+        for _ in range(args.iterations):
+            for name, s in sessions.items():
+                t = time.perf_counter()
+                s.run(None, {"images": inputs[name]})
+                times[name].append(time.perf_counter() - t)
+        p99_ref = float(np.percentile(times[ref], 99))
+        for name, t in times.items():
+            a = np.asarray(t) * 1000
+            print(f"| {r + 1} | {name} | {np.median(a):.2f} | {np.percentile(a, 99):.2f} | "
+                  f"{np.percentile(a, 99) / 1000 / p99_ref:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
