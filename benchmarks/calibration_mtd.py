@@ -5,7 +5,7 @@ images it never saw, and what escape rate does it give on the defective images?
         [--targets 2.5% 5% 10%] [--n-cal 120] [--repeats 200] [--out /tmp/mtd-calib]
 
 BUNDLE: a flow bundle trained on the standard split's 761 good images (e.g. the one
-benchmarks/mtd_accuracy.py writes). The 191 held-out good images are split at random into a
+benchmarks/accuracy.py --dataset mtd writes). The 191 held-out good images are split at random into a
 calibration part (--n-cal) and a check part (the rest); the threshold is chosen on the calibration
 part only (inspectd.calibration.threshold, the code `inspectd calibrate` uses) and measured on the
 check part; escapes are measured on all 392 defective images. This is repeated over --repeats
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mtd_data import DEFAULT_ROOT, prepare_split  # noqa: E402
+from datasets import SHARED, split_folders  # noqa: E402
 
 from inspectd.calibration import threshold as th  # noqa: E402
 from inspectd.calibration.calibrate import CalibrationRequest, calibrate, score_images, training_overlap  # noqa: E402
@@ -43,7 +43,7 @@ from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend  # n
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, type=Path)
-    ap.add_argument("--mtd", type=Path, default=DEFAULT_ROOT)
+    ap.add_argument("--mtd", type=Path, default=SHARED / "mtd")
     ap.add_argument("--targets", nargs="+", default=["2.5%", "5%", "10%"])
     ap.add_argument("--n-cal", type=int, default=120, help="held-out good images used for calibration")
     ap.add_argument("--repeats", type=int, default=200)
@@ -52,7 +52,7 @@ def main() -> int:
     args = ap.parse_args()
     targets = [th.parse_rate(t, "--targets") for t in args.targets]
     args.out.mkdir(parents=True, exist_ok=True)
-    dirs = prepare_split(args.mtd, args.out / "split")
+    dirs = split_folders("mtd", args.out / "split", args.mtd)
 
     bundle = load_bundle(args.bundle)
     good_paths = list_images(dirs["test_good"])

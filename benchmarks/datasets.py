@@ -30,9 +30,9 @@ class Split:
     masks: list[Path | None]
 
 
-def split_folders(dataset: str, work: Path) -> dict[str, Path]:
+def split_folders(dataset: str, work: Path, root: Path | None = None) -> dict[str, Path]:
     """work/{train_good,test_good,test_bad,masks} as symlinks: the folders the CLI is given."""
-    root = SHARED / dataset
+    root = Path(root) if root is not None else SHARED / dataset
     names = {n.strip() for n in (root / "split_train_good.txt").read_text().split() if n.strip()}
     dirs = {k: work / k for k in ("train_good", "test_good", "test_bad", "masks")}
     for d in dirs.values():
