@@ -1,4 +1,5 @@
-"""Engine latency of designs side by side in one run (ONNX Runtime CPU, batch 1, random weights).
+"""Engine latency of designs side by side in one run (ONNX Runtime CPU, batch 1, random weights),
+with the first design's backbone alone as the floor the flow head adds to.
 
     python benchmarks/engine_latency.py --iterations 200 --rounds 3
 
@@ -23,19 +24,31 @@ import torch
 from inspectd.engines.model import ModelConfig, build_model
 
 DESIGNS = {
-    "previous default (256x256, fused stride 32, mean)": {},
-    "MTD default (256x256, fused stride 16)": {"fused_stride": 16},
-    "KSDD default (640x256, fused stride 16)": {"fused_stride": 16, "image_height": 640, "image_width": 256},
+    "previous default (256x256, 4 coupling steps)": {"steps": 4},
+    "default at 256x256 (MTD; 8 coupling steps)": {},
+    "default at 640x256 (KSDD; 8 coupling steps)": {"image_height": 640, "image_width": 256},
 }
 
 
-def _session(mc: ModelConfig, threads: int) -> ort.InferenceSession:
+class _Backbone(torch.nn.Module):
+    """The engine's frozen backbone alone, up to its last tap: what the flow head adds is measured against it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.features(images)
+
+
+def _session(mc: ModelConfig, threads: int, backbone_only: bool = False) -> ort.InferenceSession:
     buf = io.BytesIO()
     model = build_model(mc).eval()
+    module = _Backbone(model).eval() if backbone_only else model
     c = 1 if mc.color_mode == "gray" else 3
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, mc.input_height, mc.input_width, c, dtype=torch.uint8),), buf,
+        torch.onnx.export(module, (torch.zeros(1, mc.input_height, mc.input_width, c, dtype=torch.uint8),), buf,
                           dynamo=False, opset_version=17, input_names=["images"])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -52,10 +65,13 @@ def main() -> None:
     args = ap.parse_args()
     designs = json.loads(args.designs) if args.designs else DESIGNS
     configs = {name: ModelConfig(**o) for name, o in designs.items()}
+    ref = next(iter(designs))
     sessions = {name: _session(mc, args.threads) for name, mc in configs.items()}
+    backbone = f"backbone only (input of {ref!r})"
+    sessions[backbone] = _session(configs[ref], args.threads, backbone_only=True)
+    configs[backbone] = configs[ref]
     inputs = {name: np.random.default_rng(0).integers(0, 256, (1, mc.input_height, mc.input_width, 1), np.uint8)
               for name, mc in configs.items()}
-    ref = next(iter(designs))
     print(f"{args.threads} intra-op threads, batch 1; ratio = p99 / p99 of {ref!r} in the same round")
     print("| round | design | p50 ms | p99 ms | p99 ratio |\n|---|---|---|---|---|")
     for r in range(args.rounds):

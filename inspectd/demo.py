@@ -80,7 +80,7 @@ def _train_and_calibrate(work: Path, epochs: int, retrain: bool) -> tuple[Path, 
     from inspectd.engines.bundle import load_bundle
     from inspectd.engines.model import ModelConfig
     from inspectd.engines.synthetic import make_dataset
-    from inspectd.engines.train import TrainConfig, summary, train
+    from inspectd.engines.train import AUGMENTATIONS, TrainConfig, summary, train
     from inspectd.errors import BundleError
 
     _step(1, "generating textured parts (good ones to train on, held-out ones to calibrate on)")
@@ -99,8 +99,8 @@ def _train_and_calibrate(work: Path, epochs: int, retrain: bool) -> tuple[Path, 
         # full feature resolution, scored by the map's peak, find them (the MTD defaults average them away).
         cfg = TrainConfig(model=ModelConfig(image_height=DEMO_SIZE, image_width=DEMO_SIZE, taps=[4, 10],
                                             fusion="separate",
-                                            score_term="nll", reduction="max", hidden_ratio=1.0),
-                          epochs=epochs, views=2, seed=0, select=False)
+                                            score_term="nll", reduction="max", hidden_ratio=1.0, steps=4),
+                          epochs=epochs, augment=list(AUGMENTATIONS), views=2, seed=0, select=False)
         result = train(data.train_good, bundle_dir, cfg, force=True, golden_bad_dir=data.test_bad)
         print("      " + summary(result))
     return bundle_dir, data.test_good

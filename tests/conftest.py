@@ -29,10 +29,30 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Synth
     Golden images: 4 held-out good + 4 bad. Treat it as read-only; copy it to modify it.
     """
     from inspectd.engines.model import ModelConfig
-    from inspectd.engines.train import TrainConfig, train
+    from inspectd.engines.train import AUGMENTATIONS, TrainConfig, train
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
-    cfg = TrainConfig(model=ModelConfig(image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, taps=[4, 10]),
-                      epochs=12, views=2, seed=0, select=False)
+    # 4 coupling steps and augmentation on: a small, fast bundle that still runs the augmented path.
+    cfg = TrainConfig(model=ModelConfig(image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, taps=[4, 10],
+                                        steps=4),
+                      epochs=12, augment=list(AUGMENTATIONS), views=2, seed=0, select=False)
     train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
     return out
+
+
+@pytest.fixture()
+def tiny_tmpfs(tmp_path: Path):
+    """A real 64 KiB tmpfs (fills after a few records); skipped where mounting is not permitted."""
+    import subprocess
+
+    mnt = tmp_path / "archive"
+    mnt.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=10)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from pathlib import Path
 
 from inspectd.daemon.frame import Verdict
 
@@ -37,3 +39,37 @@ def sample(metrics: object, name: str, **labels: str) -> float:
     """A metric's current value in the daemon's own registry (0 when the series does not exist yet)."""
     value = metrics.registry.get_sample_value(name, labels)  # type: ignore[attr-defined]
     return 0.0 if value is None else value
+
+
+class NotifyListener:
+    """A real unix datagram socket where systemd's NOTIFY_SOCKET would be, read by a thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []  # (monotonic time received, message)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
+            except TimeoutError:
+                pass
+
+    def drain(self, seconds: float) -> list[str]:
+        """Listen `seconds` more; every message received so far (texts only)."""
+        time.sleep(seconds)
+        return [m for _, m in list(self.messages)]
+
+    def pings(self, since: float, until: float) -> list[float]:
+        return [t for t, m in list(self.messages) if m == "WATCHDOG=1" and since <= t <= until]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()

@@ -8,7 +8,10 @@ import json
 import sys
 from pathlib import Path
 
+from inspectd.engines.model_config import ModelConfig
 from inspectd.errors import ConfigError, DataError
+
+_DEFAULT = ModelConfig()  # the one source of the engine's defaults
 
 
 def _positive_int(text: str) -> int:
@@ -34,12 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "write a verified bundle (model.onnx + manifest.json).")
     p.add_argument("--good", required=True, help="folder of good images")
     p.add_argument("--out", required=True, help="bundle directory to create")
-    p.add_argument("--image-size", default="256",
+    p.add_argument("--image-size", default=str(_DEFAULT.image_height),
                    help="engine input per tile: S (short side S, long side from the images' aspect) or HxW "
-                        "(height x width), multiples of 32 (default 256)")
+                        "(height x width), multiples of 32 (default %(default)s)")
     p.add_argument("--tiles", default="1x1", help="ROWSxCOLS overlapping tiles of each frame, run as one batch "
                    "and stitched back into one map (default 1x1)")
-    p.add_argument("--tile-overlap", type=int, default=32, help="pixels shared by neighbouring tiles (default 32)")
+    p.add_argument("--tile-overlap", type=int, default=_DEFAULT.tile_overlap,
+                   help="pixels shared by neighbouring tiles (default %(default)s)")
     p.add_argument("--roi", default=None, metavar="X,Y,W,H",
                    help="crop of the source images (pixels) the model sees; recorded in the bundle and applied "
                         "by eval, calibrate and the daemon (default: whole frames)")
@@ -47,26 +51,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training epochs (default: selection picks 20 or 40; with --no-select 40)")
     p.add_argument("--no-select", action="store_true",
                    help="no label-free selection: train the flags as given (epochs 40 and mean reduction unless set)")
-    p.add_argument("--augment", default="rotate,translate,scale",
-                   help="comma list of rotate,translate,scale, or 'none' (default all)")
+    p.add_argument("--augment", default="none",
+                   help="comma list of rotate,translate,scale, or 'none' (default none; turn it on when parts "
+                        "move or turn in the frame)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backbone", default="efficientnet-lite0", help="efficientnet-lite0..4 or efficientnet-b0..7")
+    p.add_argument("--backbone", default=_DEFAULT.backbone,
+                   help="efficientnet-lite0..4 or efficientnet-b0..7 (default %(default)s)")
     p.add_argument("--weights", default=None, help="local backbone state dict (default: the installed package)")
-    p.add_argument("--taps", type=_int_list, default=[4, 10, 15], help="block indices to tap (default 4,10,15)")
+    p.add_argument("--taps", type=_int_list, default=list(_DEFAULT.taps),
+                   help=f"block indices to tap (default {','.join(map(str, _DEFAULT.taps))})")
     p.add_argument("--color", choices=["auto", "gray", "rgb"], default="auto",
                    help="colour mode of the bundle (auto: gray if the images are grey)")
-    p.add_argument("--steps", type=_positive_int, default=4, help="coupling steps per scale (default 4)")
-    p.add_argument("--hidden-ratio", type=float, default=0.4, help="subnet width / channels (default 0.4)")
-    p.add_argument("--fusion", choices=["fused", "separate"], default="fused",
-                   help="fused: taps pooled to 8x8 and modelled jointly (default); separate: one flow per tap")
-    p.add_argument("--kernel-size", type=int, choices=[1, 3], default=3, help="subnet first conv kernel (default 3)")
-    p.add_argument("--score-term", choices=["z2", "nll"], default="z2",
+    p.add_argument("--steps", type=_positive_int, default=_DEFAULT.steps,
+                   help="coupling steps of the flow (default %(default)s)")
+    p.add_argument("--hidden-ratio", type=float, default=_DEFAULT.hidden_ratio,
+                   help="subnet width / channels (default %(default)s)")
+    p.add_argument("--fusion", choices=["fused", "separate"], default=_DEFAULT.fusion,
+                   help="fused: taps resampled to one grid (stride 32) and modelled jointly (default); separate: one flow per tap")
+    p.add_argument("--kernel-size", type=int, choices=[1, 3], default=_DEFAULT.kernel_size,
+                   help="subnet first conv kernel (default %(default)s)")
+    p.add_argument("--score-term", choices=["z2", "nll"], default=_DEFAULT.score_term,
                    help="per-position anomaly: 0.5|z|^2 (default) or the full NLL with log|det J|")
     p.add_argument("--reduction", choices=["mean", "max", "topk"], default=None,
                    help="map -> image score: mean, max, or topk (mean of the top 3%%) (default: selection "
                         "picks; with --no-select mean)")
-    p.add_argument("--views", type=_positive_int, default=4, help="cached augmented views per image (default 4)")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--views", type=_positive_int, default=None,
+                   help="cached views per image with --augment: the original + views-1 augmented (default 4)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="training batch (default 8)")
     p.add_argument("--golden-bad", default=None, help="a few bad images to store as golden images (parity gate)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.set_defaults(func=_train)
@@ -178,8 +189,8 @@ def _train(args: argparse.Namespace) -> int:
                       epochs=args.epochs or 40, select=not args.no_select,
                       select_epochs=[args.epochs] if args.epochs else list(SELECT_EPOCHS),
                       select_reductions=[args.reduction] if args.reduction else list(SELECT_REDUCTIONS),
-                      augment=augment, views=args.views, batch_size=args.batch_size,
-                      seed=args.seed, weights=args.weights, roi=roi)
+                      augment=augment, seed=args.seed, weights=args.weights, roi=roi,
+                      **{k: v for k, v in (("views", args.views), ("batch_size", args.batch_size)) if v is not None})
     result = train(args.good, args.out, cfg, force=args.force, golden_bad_dir=args.golden_bad)
     print(summary(result))
     return 0

@@ -14,7 +14,6 @@ Every constant lives in the graph, so the exported ONNX model needs nothing but 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,92 +24,9 @@ from torch import nn
 
 from inspectd.engines.backbone import EfficientNetFeatures, load_backbone
 from inspectd.engines.flow import ScaleFlow
+from inspectd.engines.model_config import ModelConfig
 
-
-@dataclass
-class ModelConfig:
-    backbone: str = "efficientnet-lite0"
-    taps: list[int] = field(default_factory=lambda: [4, 10, 15])
-    # The engine's input per tile (height x width). With tiles (rows x cols), the bundle input is
-    # the canvas those overlapping tiles cover (input_height x input_width): the graph cuts it.
-    image_height: int = 256
-    image_width: int = 256
-    color_mode: str = "gray"
-    tiles: tuple[int, int] = (1, 1)
-    tile_overlap: int = 32          # pixels shared by neighbouring tiles (a multiple of 32)
-    # "separate": one flow per tap at its own resolution. "fused": every tap resampled to the grid
-    # of `fused_stride` (input pixels per position) and concatenated, one flow over the joint embedding.
-    fusion: str = "fused"
-    fused_stride: int = 32
-    neighbourhood: int = 1          # k x k average of each tap before fusion (local context)
-    positional: int = 0             # sinusoidal position channels given to every subnet (0: none)
-    steps: int = 4
-    hidden_ratio: float = 0.4
-    kernel_size: int = 3
-    clamp: float = 2.0
-    map_stride: int = 4             # input pixels per anomaly-map pixel
-    smoothing_sigma: float = 1.0    # in map pixels
-    # Per-position anomaly: "nll" = 0.5|z|^2 - log|det J| (the training loss), or "z2" = 0.5|z|^2
-    # alone (DifferNet / CS-Flow score with the Jacobian term dropped).
-    score_term: str = "z2"
-    reduction: str = "mean"         # "max" | "topk" (mean of the top `topk_fraction` of the map) | "mean"
-    topk_fraction: float = 0.03
-    seed: int = 0
-
-    @property
-    def tile_stride(self) -> tuple[int, int]:
-        return (self.image_height - self.tile_overlap, self.image_width - self.tile_overlap)
-
-    @property
-    def input_height(self) -> int:
-        return self.image_height + (self.tiles[0] - 1) * self.tile_stride[0]
-
-    @property
-    def input_width(self) -> int:
-        return self.image_width + (self.tiles[1] - 1) * self.tile_stride[1]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["tiles"] = list(self.tiles)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        d = dict(d)
-        if "image_size" in d:  # bundles written before non-square inputs
-            d.setdefault("image_height", d["image_size"])
-            d.setdefault("image_width", d["image_size"])
-        if "fused_size" in d and "fused_stride" not in d:
-            d["fused_stride"] = max(1, d.get("image_height", 256) // d["fused_size"])
-        if "tiles" in d:
-            d["tiles"] = tuple(d["tiles"])
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def check(self) -> None:
-        """Raises ValueError naming the first setting that cannot work."""
-        for name in ("image_height", "image_width"):
-            v = getattr(self, name)
-            if v < 32 or v % 32:
-                raise ValueError(f"{name} {v}: must be a positive multiple of 32 (the backbone's stride)")
-        if not (1 <= self.tiles[0] <= 8 and 1 <= self.tiles[1] <= 8):
-            raise ValueError(f"tiles {self.tiles[0]}x{self.tiles[1]}: rows and columns must be 1..8")
-        tiled = self.tiles != (1, 1)
-        if tiled and (self.tile_overlap < 0 or self.tile_overlap % 32
-                      or self.tile_overlap > min(self.image_height, self.image_width) // 2):
-            raise ValueError(f"tile_overlap {self.tile_overlap}: a multiple of 32, at most half the tile size")
-        if self.fusion not in ("separate", "fused"):
-            raise ValueError(f"fusion must be 'separate' or 'fused', not {self.fusion!r}")
-        if self.fused_stride not in (8, 16, 32):
-            raise ValueError(f"fused_stride {self.fused_stride}: choose 8, 16 or 32")
-        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
-            raise ValueError(f"neighbourhood {self.neighbourhood}: an odd size >= 1")
-        if self.reduction not in ("mean", "max", "topk"):
-            raise ValueError(f"reduction must be mean, max or topk, not {self.reduction!r}")
-        if not 0 < self.topk_fraction <= 1:
-            raise ValueError(f"topk_fraction {self.topk_fraction}: must be in (0, 1]")
-        if self.positional < 0 or self.positional % 4:
-            raise ValueError(f"positional {self.positional}: a multiple of 4 (sin/cos per axis), or 0")
+__all__ = ["AnomalyModel", "ModelConfig", "build_from_bundle", "build_model", "save_weights"]
 
 
 class InputAdapter(nn.Module):

@@ -219,26 +219,18 @@ def test_submit_frame_and_verdict(tmp_path, archives):
     assert side["heatmap_file"] == "080000000_f0000000077_heatmap.png"
 
 
-def test_archive_switches_itself_back_on_when_disk_space_returns(tmp_path, archives) -> None:
+def test_archive_switches_itself_back_on_when_disk_space_returns(tiny_tmpfs, archives) -> None:
     """A real tiny tmpfs fills up: the archive goes off (metric 0). Once space returns (the tmpfs
     is grown, as an operator freeing space would), a probe record gets written and the archive is
     on again by itself (metric 1), without a restart. Needs permission to mount a tmpfs."""
     import subprocess
     import time
 
-    mnt = tmp_path / "archive"
-    mnt.mkdir()
+    mnt = tiny_tmpfs
+    metrics = Metrics()
+    arch = archives(mnt, 100 * 1024 * 1024, "line1", metrics=metrics, retry_s=0.3)
+    arch.start()
     try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
-                              text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        metrics = Metrics()
-        arch = archives(mnt, 100 * 1024 * 1024, "line1", metrics=metrics, retry_s=0.3)
-        arch.start()
 
         def enabled() -> float:
             return metrics.registry.get_sample_value("inspectd_archive_enabled", {"line": "line1"})
@@ -272,4 +264,3 @@ def test_archive_switches_itself_back_on_when_disk_space_returns(tmp_path, archi
         assert len(list(mnt.rglob("*.json"))) == saved + 4
     finally:
         arch.stop(5)
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=10)

@@ -295,6 +295,13 @@ def test_curve_encrypted_stream(pub_factory):
         sub.close()
 
 
+def _wait_connected(sub, timeout_s: float = 5.0) -> None:
+    """Until the subscriber has seen a heartbeat (ZeroMQ's slow joiner: earlier messages are lost)."""
+    end = time.monotonic() + timeout_s
+    while not (m := sub.poll_once(0.05)) or m.kind != "heartbeat":
+        assert time.monotonic() < end, "subscriber never connected"
+
+
 def test_verdicts_dropped_in_the_publisher_leave_a_gap_a_count_and_a_report(endpoint, pub_factory):
     from inspectd.client import VerdictSubscriber
 
@@ -311,9 +318,7 @@ def test_verdicts_dropped_in_the_publisher_leave_a_gap_a_count_and_a_report(endp
                             on_gap=lambda *g: gaps.append(g))
     try:
         pub.register_line("line1")
-        end = time.monotonic() + 5
-        while not (m := sub.poll_once(0.05)) or m.kind != "heartbeat":
-            assert time.monotonic() < end, "subscriber never connected"
+        _wait_connected(sub)
         assert pub.publish_verdict(make_verdict(0))
         end = time.monotonic() + 5
         while pub.queue_depth():  # the publisher took frame 0 and is now held in on_sent
@@ -352,9 +357,7 @@ def test_heatmap_that_cannot_be_encoded_shows_at_the_next_heartbeat(endpoint, pu
                             on_gap=lambda *g: gaps.append(g))
     try:
         pub.register_line("line1")
-        end = time.monotonic() + 5
-        while not (m := sub.poll_once(0.05)) or m.kind != "heartbeat":
-            assert time.monotonic() < end, "subscriber never connected"
+        _wait_connected(sub)
         assert pub.publish_heatmap(make_verdict(0, heatmap=np.zeros((8, 8), np.uint8)))
         end = time.monotonic() + 5
         while not (m := sub.poll_once(0.05)) or m.kind != "heatmap":

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from inspectd.client import Message, VerdictSubscriber
+from tests.helpers import NotifyListener
 
 CTI = Path(genicam.__file__).parent / "viky.cti"
 # `python -m inspectd` once inspectd/__main__.py exists; until then the console script's own module.
@@ -242,31 +243,6 @@ def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: P
         daemon.kill()
 
 
-class NotifySocket:
-    """A real unix datagram socket standing where systemd's NOTIFY_SOCKET would be."""
-
-    def __init__(self, path: Path) -> None:
-        import socket
-
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, str]] = []
-
-    def drain(self, seconds: float) -> list[str]:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            try:
-                self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
-            except TimeoutError:
-                pass
-        return [m for _, m in self.messages]
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_ready_after_warmup_and_watchdog_means_progress_not_camera(
         tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from inspectd.daemon import pipeline as pipeline_mod
@@ -277,7 +253,7 @@ def test_ready_after_warmup_and_watchdog_means_progress_not_camera(
 
     monkeypatch.setattr(run_mod, "SOURCE_READY_TIMEOUT_S", 1.0)  # do not wait for a missing camera
     monkeypatch.setattr(pipeline_mod, "PROGRESS_STALE_MIN_S", 0.5)  # a hung loop shows within ~2 s
-    notify = NotifySocket(tmp_path / "notify.sock")
+    notify = NotifyListener(tmp_path / "notify.sock")
     env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}  # ping every 0.2 s
 
     def line(line_id: str, path: Path) -> dict[str, Any]:

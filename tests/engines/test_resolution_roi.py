@@ -19,10 +19,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-import onnx
 import pytest
 import yaml
-from onnx import TensorProto, helper
 
 from inspectd.daemon.config import config_from_dict, load_config
 from inspectd.daemon.line import LineThreshold
@@ -36,6 +34,7 @@ from inspectd.engines.preprocess import (InputSpec, load_stored, parse_image_siz
 from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from inspectd.errors import BundleError, ConfigError, DataError
 
+from tests.engines.test_runtime_toybundle import toy_onnx
 from tests.helpers import Collector
 
 # Non-square model input (height x width) and the ROI (x, y, w, h) it is cut from in a larger frame.
@@ -178,30 +177,6 @@ def test_masks_are_cropped_and_resized_like_the_image() -> None:
 
 
 # ------------------------------------------------------------------------------- a non-square bundle
-def _toy_onnx(h: int = H, w: int = W, pool: int = POOL) -> bytes:
-    nodes = [
-        helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
-        helper.make_node("Transpose", ["f"], ["nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("AveragePool", ["nchw"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool]),
-        helper.make_node("ReduceMean", ["pooled"], ["gray"], axes=[1], keepdims=0),
-        helper.make_node("Div", ["gray", "c255"], ["unit"]),
-        helper.make_node("Sub", ["unit", "chalf"], ["dev"]),
-        helper.make_node("Mul", ["dev", "dev"], ["anomaly_map"]),
-        helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2], keepdims=0),
-    ]
-    graph = helper.make_graph(
-        nodes, "toy-nonsquare",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", h, w, 1])],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
-         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", h // pool, w // pool])],
-        initializer=[helper.make_tensor("c255", TensorProto.FLOAT, [], [255.0]),
-                     helper.make_tensor("chalf", TensorProto.FLOAT, [], [0.5])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
 def make_roi_bundle(out: Path, roi: tuple[int, int, int, int] | None = ROI,
                     tiles: tuple[int, int] | None = None) -> Path:
     """A verified non-square bundle whose golden images are ROI crops of frames, stored prepared
@@ -210,7 +185,7 @@ def make_roi_bundle(out: Path, roi: tuple[int, int, int, int] | None = ROI,
 
     spec = InputSpec(H, W, "gray", roi=roi)
     staging = staging_dir(out)
-    (staging / "model.onnx").write_bytes(_toy_onnx())
+    (staging / "model.onnx").write_bytes(toy_onnx(H, POOL, width=W))
     (staging / "golden").mkdir()
     good = [prepare(_frame(seed=s), spec) for s in range(3)]
     bad = [prepare(_frame(INSIDE, seed=10 + s), spec) for s in range(2)]

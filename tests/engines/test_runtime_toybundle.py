@@ -22,8 +22,9 @@ TOY_SIZE = 32
 TOY_POOL = 4
 
 
-def toy_onnx(size: int = TOY_SIZE, pool: int = TOY_POOL) -> bytes:
-    hm = size // pool
+def toy_onnx(size: int = TOY_SIZE, pool: int = TOY_POOL, width: int | None = None) -> bytes:
+    """score = max over pool x pool cells of (mean grey / 255 - 0.5)^2; input size x width (default square)."""
+    h, w = size, width or size
     nodes = [
         helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
         helper.make_node("Transpose", ["f"], ["nchw"], perm=[0, 3, 1, 2]),
@@ -36,9 +37,9 @@ def toy_onnx(size: int = TOY_SIZE, pool: int = TOY_POOL) -> bytes:
     ]
     graph = helper.make_graph(
         nodes, "toy",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", size, size, 1])],
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", h, w, 1])],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
-         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", hm, hm])],
+         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", h // pool, w // pool])],
         initializer=[helper.make_tensor("c255", TensorProto.FLOAT, [], [255.0]),
                      helper.make_tensor("chalf", TensorProto.FLOAT, [], [0.5])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -107,3 +107,30 @@ def test_colour_images_make_an_rgb_bundle(capsys, tmp_path):
     assert main(["train", "--good", str(good), "--out", str(tmp_path / "b"), *FAST]) == 0
     from inspectd.engines.bundle import load_bundle
     assert load_bundle(tmp_path / "b").manifest.input.color_mode == "rgb"
+
+
+def test_no_flags_train_the_configs_defaults(monkeypatch, tmp_path, synthetic_parts):
+    """One source of defaults: `inspectd train` with no flags passes exactly ModelConfig's and
+    TrainConfig's defaults (the ones the benchmark reports), plus label-free selection."""
+    from dataclasses import fields
+
+    import inspectd.engines.train as train_mod
+    from inspectd.engines.model_config import ModelConfig
+
+    seen = {}
+
+    def capture(good_dir, out, cfg, force=False, golden_bad_dir=None):
+        seen["cfg"] = cfg
+        raise train_mod.DataError("captured")  # stop before the slow part
+
+    monkeypatch.setattr(train_mod, "train", capture)
+    assert main(["train", "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b")]) == 1
+    cfg, default = seen["cfg"], train_mod.TrainConfig()
+    sized = {"image_height", "image_width", "color_mode"}  # from the images (size: short side 256)
+    for f in fields(ModelConfig):
+        if f.name not in sized:
+            assert getattr(cfg.model, f.name) == getattr(ModelConfig(), f.name), f.name
+    for name in ("augment", "views", "batch_size", "lr_max", "holdout_fraction", "seed", "roi"):
+        assert getattr(cfg, name) == getattr(default, name), name
+    assert cfg.select and cfg.select_epochs == list(train_mod.SELECT_EPOCHS)
+    assert cfg.select_reductions == list(train_mod.SELECT_REDUCTIONS)

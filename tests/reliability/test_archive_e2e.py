@@ -17,21 +17,6 @@ from inspectd.daemon.run import Daemon
 from tests.reliability.conftest import sample
 
 
-@pytest.fixture()
-def tiny_fs(tmp_path: Path):
-    mnt = tmp_path / "archive"
-    mnt.mkdir()
-    try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
-                              text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=10)
-
-
 def _run_daemon(tmp_path: Path, toy_path: Path, toy_frames: Path, archive: Path, during) -> tuple[Daemon, list]:
     cfg = config_from_dict({
         "zmq": {"endpoint": f"ipc://{tmp_path}/v.sock"}, "metrics": {"port": 0}, "heartbeat_interval_s": 0.5,
@@ -69,30 +54,30 @@ def _check_switch_off_and_go_on(daemon: Daemon) -> None:
 
 
 def test_disk_full_disables_archiving_and_inspection_continues(tmp_path: Path, toy_path: Path, toy_frames: Path,
-                                                               tiny_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+                                                               tiny_tmpfs: Path, caplog: pytest.LogCaptureFixture) -> None:
     def during(daemon: Daemon) -> None:
         assert sample(daemon.metrics, "inspectd_archive_enabled", line="L1") == 1
         _check_switch_off_and_go_on(daemon)  # 40 records/s into 64 KiB: full within seconds
-    _run_daemon(tmp_path, toy_path, toy_frames, tiny_fs, during)
-    assert any(tiny_fs.rglob("*.json"))  # it did archive until the disk was full
+    _run_daemon(tmp_path, toy_path, toy_frames, tiny_tmpfs, during)
+    assert any(tiny_tmpfs.rglob("*.json"))  # it did archive until the disk was full
     assert "No space left on device" in caplog.text and "NG archive L1 disabled" in caplog.text
 
 
 def test_read_only_remount_mid_run_disables_archiving_and_inspection_continues(
-        tmp_path: Path, toy_path: Path, toy_frames: Path, tiny_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, toy_path: Path, toy_frames: Path, tiny_tmpfs: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Room enough that the disk does not fill first.
-    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_fs)], check=True, capture_output=True, timeout=10)
+    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_tmpfs)], check=True, capture_output=True, timeout=10)
 
     def during(daemon: Daemon) -> None:
-        _wait(lambda: any(tiny_fs.rglob("*.json")), 10, "nothing archived")
+        _wait(lambda: any(tiny_tmpfs.rglob("*.json")), 10, "nothing archived")
         # A write in flight makes the remount "busy": retry briefly, as an operator would.
         for _ in range(50):
-            proc = subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], capture_output=True, text=True,
+            proc = subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], capture_output=True, text=True,
                                   timeout=10)
             if proc.returncode == 0:
                 break
             time.sleep(0.05)
         assert proc.returncode == 0, proc.stderr
         _check_switch_off_and_go_on(daemon)
-    _run_daemon(tmp_path, toy_path, toy_frames, tiny_fs, during)
+    _run_daemon(tmp_path, toy_path, toy_frames, tiny_tmpfs, during)
     assert "Read-only file system" in caplog.text and "NG archive L1 disabled" in caplog.text

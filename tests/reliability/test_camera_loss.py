@@ -16,6 +16,7 @@ import pytest
 from inspectd.client import Message, VerdictSubscriber
 from inspectd.daemon.config import config_from_dict
 from inspectd.daemon.run import Daemon
+from tests.helpers import NotifyListener
 from tests.reliability.conftest import open_fds, sample
 
 CTI = Path(genicam.__file__).parent / "viky.cti"
@@ -114,37 +115,6 @@ def test_twenty_camera_losses_reconnect_without_restart_or_leaks(tmp_path: Path,
     # No leak across 20 reconnects (small slack for interpreter-internal threads/fds).
     assert after[0] <= baseline[0], (baseline, after, names)
     assert after[1] <= baseline[1] + 2, (baseline, after)
-
-
-class NotifyListener:
-    """A real unix datagram socket where systemd's NOTIFY_SOCKET would be, read by a thread."""
-
-    def __init__(self, path: Path) -> None:
-        import socket
-
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
-            except TimeoutError:
-                pass
-
-    def pings(self, since: float, until: float) -> list[float]:
-        return [t for t, m in list(self.messages) if m == "WATCHDOG=1" and since <= t <= until]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 def test_absent_camera_keeps_the_watchdog_fed_reports_blind_and_resumes(
