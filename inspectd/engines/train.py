@@ -52,8 +52,8 @@ class TrainConfig:
     lr_min: float = 1e-5
     weight_decay: float = 1e-5
     warmup_fraction: float = 0.05
-    # Off by default: on fixed parts it did not help and it multiplies training time by `views`
-    # (RESULTS.md, robustness); lines whose parts move turn it on (README).
+    # Off by default: on fixtured parts it costs accuracy; lines whose parts move turn it on
+    # (RESULTS.md section 9, README).
     augment: list[str] = field(default_factory=list)
     views: int = 4               # cached views per image: the original + (views - 1) augmented
     rotate_deg: float = 10.0
