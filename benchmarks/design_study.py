@@ -80,7 +80,7 @@ def main() -> None:
     n_tiles = tiles[0] * tiles[1]
     for overrides in json.loads(args.variants):
         epochs = overrides.pop("epochs", args.epochs)
-        mc = replace(base, fusion="fused", **overrides)
+        mc = replace(base, **{"fusion": "fused", **overrides})
         model = build_model(mc)
         cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1)
         t0 = time.monotonic()
@@ -105,11 +105,12 @@ def main() -> None:
 
 
 def _embed_all(model, raw: list[torch.Tensor], batch: int = 64) -> list[torch.Tensor]:
-    parts = []
+    """The flow inputs of every cached image: one tensor when fused, one per tap when separate."""
+    parts: list[list[torch.Tensor]] = []
     with torch.no_grad():
         for i in range(0, raw[0].shape[0], batch):
-            parts.append(model.embed([r[i:i + batch].float() for r in raw])[0].half())
-    return [torch.cat(parts)]
+            parts.append([e.half() for e in model.embed([r[i:i + batch].float() for r in raw])])
+    return [torch.cat([p[t] for p in parts]) for t in range(len(parts[0]))]
 
 
 if __name__ == "__main__":
