@@ -256,16 +256,11 @@ def score_images(model: AnomalyModel, images: Sequence[np.ndarray], device: torc
     return np.concatenate(scores), np.concatenate(maps)
 
 
-def _fit_candidate(cfg: TrainConfig, base_cache: list[torch.Tensor], train_imgs: Sequence[np.ndarray],
-                   rng: np.random.Generator, device: torch.device) -> tuple[AnomalyModel, float]:
-    """Train one candidate on the cached original views (+ its augmented views, extracted here)."""
+def _fit_candidate(cfg: TrainConfig, cache: list[torch.Tensor], train_imgs: Sequence[np.ndarray],
+                   device: torch.device) -> tuple[AnomalyModel, float]:
+    """Train one candidate on the cached features (every view of every training image)."""
     mc = cfg.model
     model = build_model(mc, cfg.weights).to(device)
-    cache = base_cache
-    if cfg.augment and cfg.views > 1:
-        views = [augment(im, rng, cfg) for _ in range(cfg.views - 1) for im in train_imgs]
-        extra = extract_features(model, views, device, "augmented features")
-        cache = [torch.cat([b, e]) for b, e in zip(base_cache, extra)]
     n_rows = len(train_imgs) * mc.tiles[0] * mc.tiles[1]  # cache rows per view: every tile of every image
     fit_statistics(model, cache, n_rows)
     final_loss = train_flows(model, cache, n_rows, cfg, device)
@@ -309,6 +304,10 @@ def fit_selected(cfg: TrainConfig, train_imgs: Sequence[np.ndarray], hold_imgs: 
     n_tiles = mc.tiles[0] * mc.tiles[1]
     extractor = build_model(mc, cfg.weights).to(device)
     base_cache = extract_features(extractor, train_imgs, device, "features")
+    if cfg.augment and cfg.views > 1:  # once, shared by every candidate
+        views = [augment(im, rng, cfg) for _ in range(cfg.views - 1) for im in train_imgs]
+        extra = extract_features(extractor, views, device, "augmented features")
+        base_cache = [torch.cat([b, e]) for b, e in zip(base_cache, extra)]
     reductions = list(cfg.select_reductions) if cfg.select else [mc.reduction]
     val_cache: tuple[list[torch.Tensor], int] | None = None
     if cfg.select:
@@ -319,7 +318,7 @@ def fit_selected(cfg: TrainConfig, train_imgs: Sequence[np.ndarray], hold_imgs: 
     best: tuple[float, int, AnomalyModel, float, str] | None = None
     rows = []
     for i, cand in enumerate(selection_candidates(cfg)):
-        model, loss = _fit_candidate(cand, base_cache, train_imgs, rng, device)
+        model, loss = _fit_candidate(cand, base_cache, train_imgs, device)
         if val_cache is None:
             return model, loss, {"enabled": False}
         maps = _validation_maps(model.eval(), val_cache[0], n_tiles, device)
