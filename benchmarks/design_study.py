@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--image-size", default="256", help="HxW per tile (or one number: square)")
     ap.add_argument("--tiles", default="1x1")
     ap.add_argument("--backbone", default="efficientnet-lite0")
+    ap.add_argument("--taps", default=None, help="block indices, e.g. 6,14,20 (default: ModelConfig's)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--variants", required=True)
     ap.add_argument("--cache", default="/tmp/design-cache")
@@ -62,9 +63,13 @@ def main() -> None:
     args = ap.parse_args()
     h, w = (int(v) for v in (args.image_size.split("x") if "x" in args.image_size else [args.image_size] * 2))
     tiles = tuple(int(v) for v in args.tiles.split("x"))
-    base = ModelConfig(backbone=args.backbone, image_height=h, image_width=w, tiles=tiles, fusion="separate")
+    taps = [int(t) for t in args.taps.split(",")] if args.taps else ModelConfig().taps
+    base = ModelConfig(backbone=args.backbone, taps=taps, image_height=h, image_width=w, tiles=tiles,
+                       fusion="separate")
     split = load_split(args.dataset, (base.input_height, base.input_width))
     key = f"{args.dataset}-{args.backbone}-{base.input_height}x{base.input_width}-{args.tiles}"
+    if args.taps:
+        key += "-taps" + "_".join(map(str, taps))
     cache_file = Path(args.cache) / f"{key}.pt"
     if cache_file.exists():
         cached = torch.load(cache_file)
@@ -94,7 +99,7 @@ def main() -> None:
         s = {k: score_cached(model, cached[k]) for k in ("val_good", "val_bad", "test_good", "test_bad")}
         for red in REDUCTIONS:
             row = {"dataset": args.dataset, "size": f"{h}x{w}", "tiles": args.tiles, "backbone": args.backbone,
-                   "epochs": cfg.epochs, **overrides, "reduction": red,
+                   "taps": taps, "epochs": cfg.epochs, **overrides, "reduction": red,
                    "val_auroc": round(roc_auc(s["val_good"][red], s["val_bad"][red]), 4),
                    "test_auroc": round(roc_auc(s["test_good"][red], s["test_bad"][red]), 4),
                    "train_s": round(train_s, 1), "n_tiles": n_tiles}
