@@ -41,14 +41,17 @@ class _Backbone(torch.nn.Module):
         return self.model.features(images)
 
 
+def _input_shape(mc: ModelConfig) -> tuple[int, int, int, int]:
+    return (1, mc.input_height, mc.input_width, 1 if mc.color_mode == "gray" else 3)
+
+
 def _session(mc: ModelConfig, threads: int, backbone_only: bool = False) -> ort.InferenceSession:
     buf = io.BytesIO()
     model = build_model(mc).eval()
     module = _Backbone(model).eval() if backbone_only else model
-    c = 1 if mc.color_mode == "gray" else 3
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(1, mc.input_height, mc.input_width, c, dtype=torch.uint8),), buf,
+        torch.onnx.export(module, (torch.zeros(_input_shape(mc), dtype=torch.uint8),), buf,
                           dynamo=False, opset_version=17, input_names=["images"])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -70,7 +73,7 @@ def main() -> None:
     backbone = f"backbone only (input of {ref!r})"
     sessions[backbone] = _session(configs[ref], args.threads, backbone_only=True)
     configs[backbone] = configs[ref]
-    inputs = {name: np.random.default_rng(0).integers(0, 256, (1, mc.input_height, mc.input_width, 1), np.uint8)
+    inputs = {name: np.random.default_rng(0).integers(0, 256, _input_shape(mc), np.uint8)
               for name, mc in configs.items()}
     print(f"{args.threads} intra-op threads, batch 1; ratio = p99 / p99 of {ref!r} in the same round")
     print("| round | design | p50 ms | p99 ms | p99 ratio |\n|---|---|---|---|---|")

@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden-ratio", type=float, default=_DEFAULT.hidden_ratio,
                    help="subnet width / channels (default %(default)s)")
     p.add_argument("--fusion", choices=["fused", "separate"], default=_DEFAULT.fusion,
-                   help="fused: taps resampled to one grid (stride 32) and modelled jointly (default); separate: one flow per tap")
+                   help=f"fused: taps resampled to one grid (stride {_DEFAULT.fused_stride}) and modelled jointly "
+                        "(default); separate: one flow per tap")
     p.add_argument("--kernel-size", type=int, choices=[1, 3], default=_DEFAULT.kernel_size,
                    help="subnet first conv kernel (default %(default)s)")
     p.add_argument("--score-term", choices=["z2", "nll"], default=_DEFAULT.score_term,

@@ -231,7 +231,6 @@ def test_archive_switches_itself_back_on_when_disk_space_returns(tiny_tmpfs, arc
     arch = archives(mnt, 100 * 1024 * 1024, "line1", metrics=metrics, retry_s=0.3)
     arch.start()
     try:
-
         def enabled() -> float:
             return metrics.registry.get_sample_value("inspectd_archive_enabled", {"line": "line1"})
 

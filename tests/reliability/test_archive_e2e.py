@@ -53,8 +53,8 @@ def _check_switch_off_and_go_on(daemon: Daemon) -> None:
     assert scored >= n + 20 and sample(m, "inspectd_dropped_frames_total", line="L1", reason="engine_error") == 0
 
 
-def test_disk_full_disables_archiving_and_inspection_continues(tmp_path: Path, toy_path: Path, toy_frames: Path,
-                                                               tiny_tmpfs: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_disk_full_disables_archiving_and_inspection_continues(
+        tmp_path: Path, toy_path: Path, toy_frames: Path, tiny_tmpfs: Path, caplog: pytest.LogCaptureFixture) -> None:
     def during(daemon: Daemon) -> None:
         assert sample(daemon.metrics, "inspectd_archive_enabled", line="L1") == 1
         _check_switch_off_and_go_on(daemon)  # 40 records/s into 64 KiB: full within seconds
