@@ -14,8 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inspectd.engines.model import ModelConfig, build_model, gaussian_kernel1d
-from inspectd.engines.train import extract_features
+from inspectd.engines.fitting import extract_features
+from inspectd.engines.methods.flow import FeatureGraph, build_model
+from inspectd.engines.model import ModelConfig, gaussian_kernel1d
 
 
 def _smooth(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
@@ -29,8 +30,8 @@ def baselines(mc: ModelConfig, train_imgs: list[np.ndarray], test_imgs: list[np.
               seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """name -> (image scores, maps at input/4) for `test_imgs` (whole frames at the bundle input size)."""
     h_in, w_in = train_imgs[0].shape[:2]
-    model = build_model(replace(mc, fusion="separate", tiles=(1, 1), image_height=h_in, image_width=w_in,
-                                neighbourhood=1, positional=0)).eval()
+    model = FeatureGraph(build_model(replace(mc, fusion="separate", tiles=(1, 1), image_height=h_in, image_width=w_in,
+                                             neighbourhood=1, positional=0)).eval())
     dev = torch.device("cpu")
     tr = extract_features(model, train_imgs, dev, "baseline features (train)")
     te = extract_features(model, test_imgs, dev, "baseline features (test)")

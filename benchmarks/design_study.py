@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import load_split  # noqa: E402
 
 from inspectd.stats import roc_auc  # noqa: E402
-from inspectd.engines.model import ModelConfig, build_model  # noqa: E402
-from inspectd.engines.train import (TrainConfig, extract_features, fit_nll_statistics, fit_statistics,  # noqa: E402
-                                    train_flows)
+from inspectd.engines.fitting import extract_features  # noqa: E402
+from inspectd.engines.methods.flow import (FeatureGraph, build_model, fit_nll_statistics, fit_statistics,  # noqa: E402
+                                           train_flows)
+from inspectd.engines.model import ModelConfig  # noqa: E402
+from inspectd.engines.train import TrainConfig  # noqa: E402
 from inspectd.engines.validation import make_validation_set  # noqa: E402
 
 
@@ -74,7 +76,7 @@ def main() -> None:
     if cache_file.exists():
         cached = torch.load(cache_file)
     else:
-        extractor = build_model(base).eval()
+        extractor = FeatureGraph(build_model(base).eval())
         val = make_validation_set(split.holdout, seed=0)
         cached = {}
         for name, imgs in (("train", split.train), ("val_good", val.good), ("val_bad", val.bad),

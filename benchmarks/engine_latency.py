@@ -21,7 +21,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from inspectd.engines.model import ModelConfig, build_model
+from inspectd.engines.methods.flow import build_model
+from inspectd.engines.model import ModelConfig
 
 DESIGNS = {
     "previous default (256x256, 4 coupling steps)": {"steps": 4},

@@ -92,6 +92,12 @@ class FlowInfo(_Strict):
     score_term: str
 
 
+class MethodInfo(_Strict):
+    name: str
+    options: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+
+
 class MapInfo(_Strict):
     height: int = Field(gt=0)
     width: int = Field(gt=0)
@@ -139,8 +145,10 @@ class Manifest(_Strict):
     bundle_id: str
     created_utc: str
     model: ModelInfo
-    backbone: BackboneInfo
-    flow: FlowInfo
+    # Bundles written before methods existed are all "flow" bundles.
+    method: MethodInfo = MethodInfo(name="flow")
+    backbone: BackboneInfo | None = None
+    flow: FlowInfo | None = None
     input: InputInfo
     map: MapInfo
     score: ScoreInfo

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from inspectd.engines.methods import NAMES as METHOD_NAMES
 from inspectd.engines.model_config import ModelConfig
 from inspectd.errors import ConfigError, DataError
 
@@ -33,10 +34,16 @@ def _int_list(text: str) -> list[int]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model bundle from a folder of good images",
-                       description="Train the EfficientNet + normalizing-flow engine on good images only and "
-                       "write a verified bundle (model.onnx + manifest.json).")
+                       description="Train an engine on good images only and write a verified bundle "
+                       "(model.onnx + manifest.json). Methods: flow (EfficientNet + normalizing flow, default), "
+                       "cutpaste-ae (CutPaste classifier + autoencoder), inpaint (fuzzy-mask inpainting).")
     p.add_argument("--good", required=True, help="folder of good images")
     p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--method", choices=list(METHOD_NAMES), default="flow",
+                   help="engine method (default %(default)s); every method writes the same bundle contract")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option (repeatable), e.g. --option ssim-class=II for inpaint; "
+                        "see docs/methods.md")
     p.add_argument("--image-size", default=str(_DEFAULT.image_height),
                    help="engine input per tile: S (short side S, long side from the images' aspect) or HxW "
                         "(height x width), multiples of 32 (default %(default)s)")
@@ -48,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="crop of the source images (pixels) the model sees; recorded in the bundle and applied "
                         "by eval, calibrate and the daemon (default: whole frames)")
     p.add_argument("--epochs", type=_positive_int, default=None,
-                   help="training epochs (default: selection picks 20 or 40; with --no-select 40)")
+                   help="training epochs (flow default: selection picks 20 or 40, with --no-select 40; other "
+                        "methods: their own default)")
     p.add_argument("--no-select", action="store_true",
                    help="no label-free selection: train the flags as given (epochs 40 and mean reduction unless set)")
     p.add_argument("--augment", default="none",
@@ -138,6 +146,17 @@ def _roi_arg(text: str | None, good: str) -> tuple[int, int, int, int] | None:
     return roi
 
 
+def _options_arg(items: list[str]) -> dict[str, str]:
+    """--option KEY=VALUE items -> dict (the method validates names and values)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _image_size_arg(text: str, good: str, roi: tuple[int, int, int, int] | None) -> tuple[int, int]:
     """--image-size parsed (one-line ConfigError); a single number takes the training images' aspect."""
     import cv2
@@ -186,7 +205,10 @@ def _train(args: argparse.Namespace) -> int:
         model_cfg.check()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    cfg = TrainConfig(model=model_cfg,
+    options = _options_arg(args.option)
+    if args.method != "flow" and args.epochs:
+        options.setdefault("epochs", str(args.epochs))
+    cfg = TrainConfig(model=model_cfg, method=args.method, options=options,
                       epochs=args.epochs or 40, select=not args.no_select,
                       select_epochs=[args.epochs] if args.epochs else list(SELECT_EPOCHS),
                       select_reductions=[args.reduction] if args.reduction else list(SELECT_REDUCTIONS),

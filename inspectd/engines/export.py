@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 
 from inspectd.engines.bundle import INPUT_NAME, OUTPUT_NAMES
-from inspectd.engines.model import AnomalyModel
+from torch import nn
 
 OPSET = 17
 
 
-def export_onnx(model: AnomalyModel, path: Path) -> None:
+def export_onnx(model: nn.Module, path: Path) -> None:
+    """Any method's engine (with `.config`, a ModelConfig) traced to ONNX with a dynamic batch axis."""
     cfg = model.config
     channels = 1 if cfg.color_mode == "gray" else 3
     example = torch.zeros(1, cfg.input_height, cfg.input_width, channels, dtype=torch.uint8)

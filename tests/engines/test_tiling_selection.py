@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from inspectd.engines.model import AnomalyModel, ModelConfig
+from inspectd.engines.methods.flow import FlowModel as AnomalyModel
+from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.backbone import EfficientNetFeatures
 from inspectd.engines.validation import KINDS, make_validation_set, synthesize
 

@@ -1,0 +1,114 @@
+"""Shared parts of fitting any method: the frozen-feature cache, batching, the learning-rate
+schedule, augmentation of good images, scoring, and label-free validation ranking."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from inspectd.engines.export import OPSET
+from inspectd.progress import Progress
+
+if TYPE_CHECKING:
+    from inspectd.engines.train import TrainConfig
+
+
+def batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def augment(image: np.ndarray, rng: np.random.Generator, cfg: "TrainConfig") -> np.ndarray:
+    """Random rotation / translation / scale of a good image (reflected borders, same size)."""
+    h, w = image.shape[:2]
+    angle = rng.uniform(-cfg.rotate_deg, cfg.rotate_deg) if "rotate" in cfg.augment else 0.0
+    scale = 1.0 + rng.uniform(-cfg.scale_range, cfg.scale_range) if "scale" in cfg.augment else 1.0
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    if "translate" in cfg.augment:
+        m[:, 2] += rng.uniform(-cfg.translate_frac, cfg.translate_frac, 2) * (w, h)
+    out = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    return out.reshape(image.shape)
+
+
+def extract_features(graph: torch.nn.Module, images: Sequence[np.ndarray], device: torch.device,
+                     label: str, batch: int = 4) -> list[torch.Tensor]:
+    """graph(uint8 images) -> list of feature tensors, for all images, float16 on the CPU.
+
+    On a CPU the frozen graph runs through ONNX Runtime (several times faster than eager
+    PyTorch for depthwise convolutions, and the exact graph that is deployed)."""
+    bar = Progress(len(images), label)
+    run: Callable[[np.ndarray], list[torch.Tensor]]
+    if device.type == "cpu":
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        example = torch.from_numpy(np.stack(images[:1]))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes about static shapes: sizes are fixed per bundle
+            torch.onnx.export(graph.eval(), (example,), buf, dynamo=False, opset_version=OPSET,
+                              input_names=["images"], dynamic_axes={"images": {0: "batch"}})
+        sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+        run = lambda x: [torch.from_numpy(f) for f in sess.run(None, {"images": x})]  # noqa: E731
+    else:
+        run = lambda x: [f.float().cpu() for f in graph(torch.from_numpy(x).to(device))]  # noqa: E731
+    out: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for sl in batches(len(images), batch):
+            feats = run(np.stack(images[sl]))
+            out = out or [[] for _ in feats]
+            for i, f in enumerate(feats):
+                out[i].append(f.half())
+            bar.update(sl.stop - sl.start)
+    bar.close()
+    return [torch.cat(o) for o in out]
+
+
+def lr_at(step: int, total: int, cfg: "TrainConfig") -> float:
+    """Linear warm-up from lr_min to lr_max, then cosine decay back to lr_min."""
+    warm = max(1, int(total * cfg.warmup_fraction))
+    if step < warm:
+        return cfg.lr_min + (cfg.lr_max - cfg.lr_min) * step / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.lr_min + 0.5 * (cfg.lr_max - cfg.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def score_images(model: torch.nn.Module, images: Sequence[np.ndarray], device: torch.device,
+                 batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Any engine's (scores, maps) for prepared images, in eager PyTorch."""
+    scores, maps = [], []
+    for sl in batches(len(images), batch):
+        s, m = model(torch.from_numpy(np.stack(images[sl])).to(device))
+        scores.append(s.float().cpu().numpy())
+        maps.append(m.float().cpu().numpy())
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def reduce_maps(maps: torch.Tensor, reduction: str, k: int) -> np.ndarray:
+    """(N, P) flattened maps -> image scores by the head's reduction."""
+    if reduction == "mean":
+        return maps.mean(1).numpy()
+    if reduction == "max":
+        return maps.max(1).values.numpy()
+    return maps.topk(k, dim=1).values.mean(1).numpy()
+
+
+def validation_auroc(scores: np.ndarray, n_good: int) -> float:
+    """How well scores separate the first n_good (held-out good) from the rest (synthetic defects)."""
+    from inspectd.stats import roc_auc
+
+    return float(roc_auc(np.asarray(scores[:n_good]), np.asarray(scores[n_good:])))
+
+
+def pick_best(rows: list[dict[str, Any]], key: str = "validation_auroc") -> int:
+    """Index of the best row; ties keep the earlier (candidates are listed cheapest / simplest first)."""
+    best = 0
+    for i, row in enumerate(rows):
+        if row[key] > rows[best][key] + 1e-9:
+            best = i
+    return best

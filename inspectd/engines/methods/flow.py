@@ -1,0 +1,312 @@
+"""Method "flow" (paper 000): frozen EfficientNet features + a normalizing flow.
+
+    images uint8 N x H x W x C
+      -> tiles, InputAdapter, EfficientNet taps (frozen, ImageNet weights)     (model.py, backbone.py)
+      -> taps fused on one grid (or one flow per tap), per-channel standardised
+      -> affine coupling steps -> per-position 0.5|z|^2 (or the full NLL)       (coupling.py)
+      -> MapHead: standardised, stitched, smoothed map -> mean / top-k / max
+
+The backbone is frozen, so its features are computed once per augmented view and cached
+(float16); the flows then train on the cache. That is what makes a full MTD training fit in
+minutes on a 2-core CPU. Label-free selection picks the epoch count and the map reduction.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inspectd.engines.backbone import EfficientNetFeatures, load_backbone
+from inspectd.engines.coupling import ScaleFlow
+from inspectd.engines.export import export_onnx
+from inspectd.engines.fitting import (augment, batches, extract_features, lr_at, reduce_maps,
+                                      validation_auroc)
+from inspectd.engines.methods import options_from, options_to_dict
+from inspectd.engines.methods.base import FitData, Fitted
+from inspectd.engines.model import InputAdapter, MapHead, tile_images
+from inspectd.engines.model_config import ModelConfig
+from inspectd.errors import DataError
+from inspectd.progress import Progress
+
+if TYPE_CHECKING:
+    from inspectd.engines.train import TrainConfig
+
+
+def positional_encoding(channels: int, height: int, width: int) -> torch.Tensor:
+    """2-D sinusoidal position channels (1, channels, H, W): half for rows, half for columns."""
+    quarter = channels // 4
+    freq = torch.exp(torch.arange(quarter, dtype=torch.float32) * (-math.log(100.0) / max(1, quarter)))
+    ys = torch.arange(height, dtype=torch.float32)[:, None] / max(1, height) * 2 * math.pi * 4
+    xs = torch.arange(width, dtype=torch.float32)[:, None] / max(1, width) * 2 * math.pi * 4
+    py = torch.cat([torch.sin(ys * freq), torch.cos(ys * freq)], dim=1).T[:, :, None].expand(-1, height, width)
+    px = torch.cat([torch.sin(xs * freq), torch.cos(xs * freq)], dim=1).T[:, None, :].expand(-1, height, width)
+    return torch.cat([py, px], dim=0)[None].contiguous()
+
+
+def _resample(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    h, w = int(f.shape[-2]), int(f.shape[-1])  # static: input sizes are fixed per bundle
+    if (h, w) == size:
+        return f
+    if h >= size[0] and w >= size[1]:
+        return F.avg_pool2d(f, kernel_size=(h // size[0], w // size[1]))  # local aggregation, like patch pooling
+    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+
+
+class FlowModel(nn.Module):
+    """The flow engine: uint8 images -> (raw score, anomaly map); see the module docstring."""
+
+    def __init__(self, config: ModelConfig, backbone: EfficientNetFeatures) -> None:
+        super().__init__()
+        config.check()
+        self.config = config
+        self.adapter = InputAdapter(*backbone.norm, channels=1 if config.color_mode == "gray" else 3)
+        self.backbone = backbone
+        th, tw = config.image_height, config.image_width
+        if config.fusion == "separate":
+            channels = list(backbone.tap_channels)
+            self.grids = [(th // s, tw // s) for s in backbone.tap_strides]
+        else:
+            channels = [sum(backbone.tap_channels)]
+            self.grids = [(th // config.fused_stride, tw // config.fused_stride)]
+        self.feat_mean = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1), requires_grad=False)
+                                          for c in channels)
+        self.feat_std = nn.ParameterList(nn.Parameter(torch.ones(1, c, 1, 1), requires_grad=False)
+                                         for c in channels)
+        for i, (gh, gw) in enumerate(self.grids):
+            pe = positional_encoding(config.positional, gh, gw) if config.positional else torch.zeros(1, 0, gh, gw)
+            self.register_buffer(f"pos{i}", pe, persistent=False)
+        self.flows = nn.ModuleList(
+            ScaleFlow(c, config.steps, config.hidden_ratio, config.kernel_size, config.clamp, config.seed * 10 + i,
+                      cond_channels=config.positional)
+            for i, c in enumerate(channels))
+        self.head = MapHead(config, len(channels))
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Raw backbone taps of every tile."""
+        return self.backbone(self.adapter(tile_images(images, self.config)))
+
+    def embed(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Taps -> what the flows model (before standardisation): what training caches."""
+        k = self.config.neighbourhood
+        if k > 1:
+            feats = [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
+        if self.config.fusion == "separate":
+            return feats
+        return [torch.cat([_resample(f, self.grids[0]) for f in feats], dim=1)]
+
+    def cond(self, i: int, n: int) -> torch.Tensor | None:
+        pe = getattr(self, f"pos{i}")
+        return pe.expand(n, -1, -1, -1) if pe.shape[1] else None
+
+    def nll_maps(self, embedded: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-position anomaly maps, one per flow (see ModelConfig.score_term)."""
+        out = []
+        for i, (f, m, s, flow) in enumerate(zip(embedded, self.feat_mean, self.feat_std, self.flows)):
+            half_z2, logdet = flow.transform((f - m) / s, self.cond(i, f.shape[0]))
+            out.append(half_z2 if self.config.score_term == "z2" else half_z2 - logdet)
+        return out
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.nll_maps(self.embed(self.features(images))))
+
+
+def build_model(config: ModelConfig, weights: str | None = None) -> FlowModel:
+    """A flow engine with the ImageNet backbone loaded (untrained flows)."""
+    return FlowModel(config, load_backbone(config.backbone, config.taps, weights))
+
+
+class FeatureGraph(torch.nn.Module):
+    """images -> the embeddings the flows model (what training caches)."""
+
+    def __init__(self, model: FlowModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.embed(self.model.features(images))
+
+
+def train_flows(model: FlowModel, cache: list[torch.Tensor], n_images: int, cfg: "TrainConfig",
+                device: torch.device) -> float:
+    """Fit the flows on cached features. cache[t] holds views x images stacked view-major."""
+    views = cache[0].shape[0] // n_images
+    params = [p for p in model.flows.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr_min, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, n_images // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.flows.train()
+    bar = Progress(total, "train")
+    step, ema = 0, None
+    mean = [m.to(device) for m in model.feat_mean]
+    std = [s.to(device) for s in model.feat_std]
+    for _epoch in range(cfg.epochs):
+        order = torch.randperm(n_images, generator=gen)
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            view = torch.randint(0, views, (len(idx),), generator=gen)
+            rows = view * n_images + idx
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg)
+            loss = torch.zeros((), device=device)
+            for t, flow in enumerate(model.flows):
+                f = (cache[t][rows].to(device).float() - mean[t]) / std[t]
+                loss = loss + flow(f, model.cond(t, f.shape[0])).mean()
+            loss = loss / len(model.flows)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            if not torch.isfinite(loss):
+                raise DataError("training diverged (loss is not finite); try a lower learning rate or clamp")
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            step += 1
+            bar.update(1, loss=ema, lr=g["lr"])
+    bar.close()
+    model.flows.eval()
+    return float(ema if ema is not None else float("nan"))
+
+
+@torch.no_grad()
+def fit_statistics(model: FlowModel, cache: list[torch.Tensor], n_images: int) -> None:
+    """Per-channel mean/std of each embedding from the original views (before flow training)."""
+    for t, feats in enumerate(cache):
+        f = feats[:n_images].float()
+        model.feat_mean[t].copy_(f.mean(dim=(0, 2, 3), keepdim=True))
+        model.feat_std[t].copy_(f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3))
+
+
+@torch.no_grad()
+def fit_nll_statistics(model: FlowModel, cache: list[torch.Tensor], n_images: int, device: torch.device) -> None:
+    """Per-tap NLL mean/std over training positions, so taps weigh equally in the map."""
+    sums = [[] for _ in cache]
+    for sl in batches(n_images, 32):
+        feats = [c[sl].to(device).float() for c in cache]
+        for t, nll in enumerate(model.nll_maps(feats)):  # positional channels included (model.cond)
+            sums[t].append(nll.flatten().cpu())
+    for t, parts in enumerate(sums):
+        v = torch.cat(parts)
+        model.head.nll_mean[t] = v.mean()
+        model.head.nll_std[t] = v.std().clamp_min(1e-6)
+
+
+def _fit_candidate(cfg: "TrainConfig", cache: list[torch.Tensor], train_imgs: Sequence[np.ndarray],
+                   device: torch.device) -> tuple[FlowModel, float]:
+    """Train one candidate on the cached features (every view of every training image)."""
+    mc = cfg.model
+    model = build_model(mc, cfg.weights).to(device)
+    n_rows = len(train_imgs) * mc.tiles[0] * mc.tiles[1]  # cache rows per view: every tile of every image
+    fit_statistics(model, cache, n_rows)
+    final_loss = train_flows(model, cache, n_rows, cfg, device)
+    fit_nll_statistics(model, cache, n_rows, device)
+    return model, final_loss
+
+
+@torch.no_grad()
+def _validation_maps(model: FlowModel, cache: list[torch.Tensor], n_tiles: int, device: torch.device,
+                     batch: int = 16) -> torch.Tensor:
+    maps = []
+    for i in range(0, cache[0].shape[0], batch * n_tiles):
+        feats = [c[i:i + batch * n_tiles].to(device).float() for c in cache]
+        maps.append(model.head(model.nll_maps(feats))[1].flatten(1).cpu())
+    return torch.cat(maps)
+
+
+def selection_candidates(cfg: "TrainConfig") -> list["TrainConfig"]:
+    """The predeclared trainings selection compares (each then scored with every reduction)."""
+    if not cfg.select:
+        return [cfg]
+    return [replace(cfg, epochs=e) for e in (cfg.select_epochs or [cfg.epochs])]
+
+
+def fit_selected(cfg: "TrainConfig", train_imgs: Sequence[np.ndarray], hold_imgs: Sequence[np.ndarray],
+                 rng: np.random.Generator, device: torch.device) -> tuple[FlowModel, float, dict[str, Any]]:
+    """Train the candidates and keep the one that best separates the held-out good images from
+    synthetic defects made from them (validation.py): never a real defect, never a test image."""
+    from inspectd.engines.validation import make_validation_set
+
+    mc = cfg.model
+    n_tiles = mc.tiles[0] * mc.tiles[1]
+    extractor = FeatureGraph(build_model(mc, cfg.weights).to(device))
+    base_cache = extract_features(extractor, train_imgs, device, "features")
+    if cfg.augment and cfg.views > 1:  # once, shared by every candidate
+        views = [augment(im, rng, cfg) for _ in range(cfg.views - 1) for im in train_imgs]
+        extra = extract_features(extractor, views, device, "augmented features")
+        base_cache = [torch.cat([b, e]) for b, e in zip(base_cache, extra)]
+    reductions = list(cfg.select_reductions) if cfg.select else [mc.reduction]
+    val_cache: tuple[list[torch.Tensor], int] | None = None
+    if cfg.select:
+        val = make_validation_set(hold_imgs, cfg.seed)
+        val_cache = (extract_features(extractor, list(val.good) + list(val.bad), device, "validation features"),
+                     len(val.good))
+    del extractor
+    best: tuple[float, int, FlowModel, float, str] | None = None
+    rows = []
+    for i, cand in enumerate(selection_candidates(cfg)):
+        model, loss = _fit_candidate(cand, base_cache, train_imgs, device)
+        if val_cache is None:
+            return model, loss, {"enabled": False}
+        maps = _validation_maps(model.eval(), val_cache[0], n_tiles, device)
+        n_good = val_cache[1]
+        for red in reductions:
+            scores = reduce_maps(maps, red, model.head.topk)
+            auroc = validation_auroc(scores, n_good)
+            rows.append({"epochs": cand.epochs, "reduction": red, "validation_auroc": round(auroc, 4)})
+            # Ties keep the earlier (predeclared order: fewer epochs, mean before top-k before max).
+            if best is None or auroc > best[0] + 1e-9:
+                best = (auroc, i, model, loss, red)
+    _, index, model, loss, red = best
+    chosen = selection_candidates(cfg)[index]
+    model.config.reduction = red
+    model.head.reduction = red
+    cfg.epochs = chosen.epochs
+    cfg.model.reduction = red
+    print(f"inspectd train: selected {chosen.epochs} epochs, {red} reduction (validation AUROC {best[0]:.4f} on "
+          f"{val_cache[1]} held-out good images vs {val_cache[0][0].shape[0] // n_tiles - val_cache[1]} "
+          f"synthetic defects)", file=sys.stderr)
+    return model, loss, {"enabled": True, "validation": "held-out good images + synthetic defects "
+                         "(cutpaste, scar, blob, blur, crack) made from them", "candidates": rows,
+                         "chosen": {"epochs": chosen.epochs, "reduction": red,
+                                    "validation_auroc": round(best[0], 4)}}
+
+
+@dataclass
+class FlowOptions:
+    """The flow's design lives in ModelConfig (steps, fusion, clamp ...): no further options."""
+
+
+class FlowMethod:
+    name = "flow"
+    summary = "EfficientNet features + normalizing flow (paper 000)"
+    default_epochs = 40
+
+    def parse_options(self, raw: dict[str, Any]) -> FlowOptions:
+        return options_from(FlowOptions, raw, self.name)
+
+    def options_dict(self, options: FlowOptions) -> dict[str, Any]:
+        return options_to_dict(options)
+
+    def fit(self, data: FitData) -> Fitted:
+        model, loss, selection = fit_selected(data.cfg, data.train, data.holdout, data.rng, data.device)
+        mc = data.cfg.model
+        return Fitted(model, loss, selection, details={
+            "steps": mc.steps, "hidden_ratio": mc.hidden_ratio, "kernel_size": mc.kernel_size, "clamp": mc.clamp,
+            "fusion": mc.fusion if mc.fusion == "separate" else f"fused at stride {mc.fused_stride}",
+            "score_term": mc.score_term})
+
+    def build(self, model_config: ModelConfig, options: dict[str, Any]) -> nn.Module:
+        return FlowModel(model_config, EfficientNetFeatures(model_config.backbone, model_config.taps))
+
+    def export(self, model: nn.Module, path: Path) -> None:
+        export_onnx(model, path)
+
+
+METHOD = FlowMethod()
