@@ -40,6 +40,34 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Synth
     return out
 
 
+# Small, fast trainings of every method besides the flow (its tiny bundle is above): options sized
+# for the 128 px synthetic parts so each trains in seconds on 2 cores.
+TINY_METHOD_OPTIONS: dict[str, dict[str, str]] = {
+    "cutpaste-ae": {"epochs": "6"},
+    "inpaint": {"epochs": "8", "size": "64"},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_method_bundles(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: SyntheticSet):
+    """method name -> a real tiny bundle of that method, trained once per session on first use."""
+    from inspectd.engines.model import ModelConfig
+    from inspectd.engines.train import TrainConfig, train
+
+    made: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in made:
+            out = tmp_path_factory.mktemp("bundle") / method
+            cfg = TrainConfig(model=ModelConfig(image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, taps=[4, 10]),
+                              method=method, options=dict(TINY_METHOD_OPTIONS[method]), seed=0, select=False)
+            train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
+            made[method] = out
+        return made[method]
+
+    return get
+
+
 @pytest.fixture()
 def tiny_tmpfs(tmp_path: Path):
     """A real 64 KiB tmpfs (fills after a few records); skipped where mounting is not permitted."""
