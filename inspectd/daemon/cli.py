@@ -35,6 +35,7 @@ def register(subparsers: Any) -> None:
     _register_check_config(subparsers)
     _register_run(subparsers)
     _register_watch(subparsers)
+    _register_capture(subparsers)
 
 
 # ------------------------------------------------------------------------------ run
@@ -58,3 +59,10 @@ def _register_watch(sub: Any) -> None:
     from inspectd.daemon.watch import register_watch  # light: zmq is imported inside the command
 
     register_watch(sub)
+
+
+# ------------------------------------------------------------------------------ capture
+def _register_capture(sub: Any) -> None:
+    from inspectd.daemon.capture import register_capture  # light: sources are imported inside the command
+
+    register_capture(sub)

@@ -1,0 +1,141 @@
+"""`inspectd capture` on the real replay source and the real GenTL simulator camera (viky.cti):
+frames saved are the pixels the daemon gets (training reads them back through the same
+`prepare`), all-or-nothing writes (a real full tmpfs), refusal of a non-empty folder, one-line
+errors for a bad line id and an absent camera."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import genicam
+import numpy as np
+import pytest
+import yaml
+
+from inspectd.daemon.capture import MANIFEST, capture
+from inspectd.daemon.config import load_config
+from inspectd.daemon.sources import make_source
+from inspectd.daemon.sources.base import SourceError
+from inspectd.engines.preprocess import InputSpec, list_images, load_prepared, prepare
+from inspectd.errors import ConfigError, DataError, InspectdError
+
+CTI = Path(genicam.__file__).parent / "viky.cti"
+CAPTURE = [sys.executable, "-m", "inspectd", "capture"]
+
+
+def _replay_folder(root: Path, n: int = 12, color: bool = False) -> Path:
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = rng.integers(0, 256, (60, 80, 3) if color else (60, 80), dtype=np.uint8)
+        cv2.imwrite(str(root / f"p{i:02d}.png"), img)
+    return root
+
+
+def _config(path: Path, lines: list[dict[str, Any]]) -> Path:
+    path.write_text(yaml.safe_dump({"lines": lines}))
+    return path
+
+
+def _replay_line(line_id: str, folder: Path, **extra: Any) -> dict[str, Any]:
+    return {"id": line_id, "source": {"type": "replay", "path": str(folder)}, "bundle": "/no/bundle/yet",
+            "threshold": 3.0, **extra}
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_replay_capture_saves_what_the_daemon_sees(tmp_path: Path, color: bool) -> None:
+    folder = _replay_folder(tmp_path / "replay", color=color)
+    cfg = _config(tmp_path / "lines.yaml", [_replay_line("l1", folder, roi=[10, 5, 40, 30])])
+    result = capture(cfg, "l1", tmp_path / "teach", count=5, every=2)
+    assert [p.name for p in list_images(tmp_path / "teach")] == [f"frame_{i:05d}.png" for i in range(1, 6)]
+    assert result.frames_read == 9 and result.shape == ((60, 80, 3) if color else (60, 80))
+    assert result.train_command().endswith("--roi 10,5,40,30 --out /no/bundle/yet")
+    meta = json.loads((tmp_path / "teach" / MANIFEST).read_text())
+    assert meta["line"] == "l1" and meta["frames"] == 5 and meta["roi"] == [10, 5, 40, 30]
+    # Frames 1, 3, 5, ... of the line's own source; read back by training's loader with the bundle
+    # geometry (ROI recorded in the bundle), they are exactly the daemon's model input.
+    source = make_source(load_config(cfg).line("l1"))
+    source.open()
+    frames = [source.read(1.0) for _ in range(9)][::2]
+    source.close()
+    spec = InputSpec(32, 32, "rgb" if color else "gray", roi=(10, 5, 40, 30))
+    for frame, path in zip(frames, result.files):
+        np.testing.assert_array_equal(load_prepared(path, spec), prepare(frame.image, spec))
+        stored = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(stored[..., ::-1] if color else stored, frame.image)  # lossless, whole frame
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_refuses_a_non_empty_folder_unless_forced_and_replaces_it_whole(tmp_path: Path) -> None:
+    folder = _replay_folder(tmp_path / "replay")
+    cfg = _config(tmp_path / "lines.yaml", [_replay_line("l1", folder)])
+    out = tmp_path / "teach"
+    out.mkdir()
+    capture(cfg, "l1", out, count=2)  # an empty folder is fine
+    with pytest.raises(DataError, match="not empty.*--force"):
+        capture(cfg, "l1", out, count=3)
+    assert len(list_images(out)) == 2
+    # A capture that fails (replay too short) leaves the old capture as it was.
+    with pytest.raises(DataError, match="ended after 12 frames"):
+        capture(cfg, "l1", out, count=20, force=True)
+    assert len(list_images(out)) == 2
+    capture(cfg, "l1", out, count=4, force=True)
+    assert len(list_images(out)) == 4 and json.loads((out / MANIFEST).read_text())["frames"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lines.yaml", "replay", "teach"]
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, tiny_tmpfs: Path) -> None:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "replay"
+    folder.mkdir()
+    for i in range(8):  # incompressible: ~20 KB per PNG, the 64 KiB tmpfs fills at the 3rd or 4th
+        cv2.imwrite(str(folder / f"n{i}.png"), rng.integers(0, 256, (140, 140), dtype=np.uint8))
+    cfg = _config(tmp_path / "lines.yaml", [_replay_line("l1", folder)])
+    with pytest.raises(InspectdError, match=r"No space left on device \(\d of 8 frames written, nothing kept\)"):
+        capture(cfg, "l1", tiny_tmpfs / "teach", count=8)
+    assert list(tiny_tmpfs.iterdir()) == []
+    # The CLI says it in one line, exit 1.
+    proc = subprocess.run(CAPTURE + ["--config", str(cfg), "--line", "l1", "--out", str(tiny_tmpfs / "teach"),
+                                     "--count", "8"], capture_output=True, text=True, timeout=60)
+    err = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 1 and len(err) == 1 and "No space left on device" in err[0], proc.stderr
+
+
+def test_cli_bad_line_and_refusal_are_one_line_errors(tmp_path: Path) -> None:
+    folder = _replay_folder(tmp_path / "replay", n=3)
+    cfg = _config(tmp_path / "lines.yaml", [_replay_line("l1", folder)])
+    proc = subprocess.run(CAPTURE + ["--config", str(cfg), "--line", "nope", "--out", str(tmp_path / "o"),
+                                     "--count", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "inspectd capture: error: no line 'nope' (lines: l1)"
+    proc = subprocess.run(CAPTURE + ["--config", str(cfg), "--line", "l1", "--out", str(tmp_path / "o"),
+                                     "--count", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 frames (80x60) in" in proc.stdout and "next: inspectd train --good" in proc.stdout
+    with pytest.raises(ConfigError, match="--count and --every must be > 0"):
+        capture(cfg, "l1", tmp_path / "x", count=0)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not CTI.is_file(), reason="genicam wheel without viky.cti")
+def test_gentl_simulator_capture_and_absent_camera(tmp_path: Path) -> None:
+    cam = {"type": "genicam", "cti": str(CTI), "device": {"index": 0}}
+    absent = {"type": "genicam", "cti": str(CTI), "device": {"serial": "9"}}
+    cfg = _config(tmp_path / "cam.yaml", [
+        {"id": "cam1", "source": cam, "bundle": "/b", "threshold": 3.0},
+        {"id": "gone", "source": absent, "bundle": "/b", "threshold": 3.0}])
+    result = capture(cfg, "cam1", tmp_path / "teach", count=4, every=2)
+    assert result.frames_read == 7 and result.shape == (400, 400, 3)
+    images = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in result.files]
+    assert all(img.shape == (400, 400, 3) for img in images)
+    t0 = time.monotonic()
+    with pytest.raises(SourceError, match=r"line gone: camera not available after 1 s: .*no camera with serial '9'"):
+        capture(cfg, "gone", tmp_path / "none", count=2, timeout_s=1.0)
+    assert time.monotonic() - t0 < 5.0
+    assert not (tmp_path / "none").exists()
