@@ -23,9 +23,12 @@ from inspectd.errors import ConfigError
 __all__ = ["DaemonConfig", "LineConfig", "GenicamSourceConfig", "ReplaySourceConfig", "SourceConfig",
            "DeviceSelector", "TriggerConfig", "ThresholdFile", "ZmqConfig", "CurveConfig",
            "MetricsConfig", "HeatmapConfig", "ArchiveConfig", "BackendOptions", "OnnxRuntimeOptions",
-           "TensorRTOptions", "TorchOptions", "load_config", "config_from_dict", "config_warnings"]
+           "TensorRTOptions", "TorchOptions", "BridgesConfig", "MqttBridgeConfig", "MqttTlsConfig",
+           "OpcuaBridgeConfig", "OpcuaSecurityConfig", "BridgeCurveConfig", "load_config", "config_from_dict",
+           "config_warnings"]
 
 LINE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+CHUNK_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"   # a GenICam name without the Chunk prefix
 _ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
 
 
@@ -234,6 +237,17 @@ class LineConfig(_Strict):
     queue_size: int = Field(4, ge=1, le=1024)
     heatmap: HeatmapConfig = Field(default_factory=HeatmapConfig)
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
+    # GenICam chunk values passed through in every verdict header (`chunks: {name: value}`), e.g.
+    # [EncoderValue, Timestamp]: read from the buffer's chunk data (node Chunk<name>); a chunk the
+    # camera does not deliver is null (one warning per name), never a stopped line.
+    chunks: list[Annotated[str, Field(pattern=CHUNK_NAME_PATTERN, max_length=64)]] = Field(default_factory=list)
+
+    @field_validator("chunks")
+    @classmethod
+    def _chunks_unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"chunk listed twice in {value}")
+        return value
 
     @field_validator("threshold", mode="before")
     @classmethod
@@ -277,6 +291,107 @@ class LineConfig(_Strict):
         return self
 
 
+
+# ---------------------------------------------------------------------------------------- PLC bridges
+# `inspectd bridge mqtt|opcua --config FILE`: separate processes that subscribe to the verdict
+# stream (inspectd/bridges/) and republish it; they read this same file (the lines, the zmq
+# section, heartbeat_interval_s) plus the `bridges` section below.
+_MQTT_TOPIC_PART = r"^[^#+\x00]+$"
+
+
+class BridgeCurveConfig(_Strict):
+    """CURVE client keys of the bridges (needed when zmq.curve is set): the bridge's own NAME.key_secret
+    (its NAME.key goes into zmq.curve.allowed_clients_dir) and the server's public NAME.key (default:
+    the public half of zmq.curve.server_secret_key_file)."""
+
+    client_secret_key_file: ConfigPath
+    server_key_file: ConfigPath | None = None
+
+
+class MqttTlsConfig(_Strict):
+    ca: ConfigPath | None = None          # CA bundle that signed the broker's certificate (None: system CAs)
+    cert: ConfigPath | None = None        # client certificate + key (mutual TLS), both or neither
+    key: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> "MqttTlsConfig":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together (client certificate and its private key)")
+        return self
+
+
+class MqttBridgeConfig(_Strict):
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    # The password lives in its own file (mode 0600), never in the config.
+    password_file: ConfigPath | None = None
+    tls: MqttTlsConfig | None = None
+    client_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,40}$")  # default inspectd-<host>
+    topic_prefix: str = Field("inspectd", max_length=100)
+    qos: Literal[0, 1, 2] = 1
+    keepalive_s: int = Field(10, ge=2, le=3600)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_shape(cls, value: str) -> str:
+        if (not value or value.startswith("/") or value.endswith("/") or "//" in value
+                or not re.fullmatch(_MQTT_TOPIC_PART, value)):
+            raise ValueError(f"expected topic levels like inspectd or plant/inspectd (no wildcards # +), "
+                             f"got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> "MqttBridgeConfig":
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file without username")
+        return self
+
+
+class OpcuaSecurityConfig(_Strict):
+    """Basic256Sha256 SignAndEncrypt only; with security on, anonymous access is off and a client
+    must present (as its user identity) one of the certificates in trusted_clients_dir."""
+
+    policy: Literal["Basic256Sha256"] = "Basic256Sha256"
+    mode: Literal["SignAndEncrypt"] = "SignAndEncrypt"
+    certificate: ConfigPath               # the server's application certificate (PEM or DER)
+    private_key: ConfigPath               # its private key (PEM), mode 0600
+    trusted_clients_dir: ConfigPath       # client certificates (*.pem, *.der) admitted
+
+
+class OpcuaBridgeConfig(_Strict):
+    # Loopback by default: exposing the server to the plant network is a deliberate choice (with security).
+    endpoint: str = "opc.tcp://127.0.0.1:4840/inspectd/"
+    namespace_uri: str = Field("urn:inspectd", min_length=1)
+    security: OpcuaSecurityConfig | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _opc_endpoint(cls, value: str) -> str:
+        if not re.fullmatch(r"opc\.tcp://[^/:\s]+:\d{1,5}(/\S*)?", value):
+            raise ValueError(f"expected opc.tcp://HOST:PORT/PATH, e.g. opc.tcp://127.0.0.1:4840/inspectd/, "
+                             f"got {value!r}")
+        return value
+
+
+class BridgesConfig(_Strict):
+    # Where the bridges subscribe; default: zmq.endpoint (a 0.0.0.0 / * bind is reached on 127.0.0.1).
+    endpoint: str | None = None
+    curve: BridgeCurveConfig | None = None
+    # No heartbeat for this long -> the line is offline / not Healthy. Default: 2 heartbeat intervals
+    # (i.e. reported within one interval after the next heartbeat was due).
+    stale_after_s: float | None = Field(None, gt=0)
+    mqtt: MqttBridgeConfig | None = None
+    opcua: OpcuaBridgeConfig | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_scheme(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith(_ZMQ_SCHEMES) or len(value) <= value.index("://") + 3):
+            raise ValueError(f"expected a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {value!r}")
+        return value
+
+
 class DaemonConfig(_Strict):
     zmq: ZmqConfig = Field(default_factory=ZmqConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -285,6 +400,7 @@ class DaemonConfig(_Strict):
     # Writable state (the unit's ReadWritePaths): calibration reports go to <state_dir>/<line>/calibration/.
     state_dir: ConfigPath = Path("/var/lib/inspectd")
     lines: list[LineConfig] = Field(min_length=1)
+    bridges: BridgesConfig | None = None   # PLC bridges (inspectd bridge mqtt|opcua); the daemon ignores it
 
     @field_validator("lines")
     @classmethod

@@ -96,6 +96,10 @@ def verdict_header(v: Verdict, topic: str, seq: int, published_ns: int, daemon_s
         "bundle_id": v.bundle_id,
         "error": v.error,
         "daemon_start_ns": daemon_start_ns,
+        # To match a verdict to a physical part: the camera's own timestamp (device ticks, ns on most
+        # cameras; null without one) and the line's GenICam chunk values ({name: value or null}).
+        "camera_timestamp": v.meta.get("camera_timestamp") if isinstance(v.meta, dict) else None,
+        "chunks": dict(v.meta.get("chunks") or {}) if isinstance(v.meta, dict) else {},
     }
 
 

@@ -17,10 +17,16 @@ def make_source(line_cfg: Any, line_id: str | None = None) -> Source:
     if line is None:
         raise SourceError("make_source needs a line id (pass a LineConfig or line_id=)")
     kind = getattr(source_cfg, "type", None)
+    source: Source
     if kind == "genicam":
         from inspectd.daemon.sources.genicam import GenicamSource
-        return GenicamSource.from_config(source_cfg, line)
-    if kind == "replay":
+        source = GenicamSource.from_config(source_cfg, line)
+    elif kind == "replay":
         from inspectd.daemon.sources.replay import ReplaySource
-        return ReplaySource.from_config(source_cfg, line)
+        source = ReplaySource.from_config(source_cfg, line)
+    else:
+        source = None  # type: ignore[assignment]
+    if source is not None:
+        source.chunk_names = tuple(getattr(line_cfg, "chunks", None) or ())
+        return source
     raise SourceError(f"line {line}: unknown source type {kind!r} (expected genicam or replay)")

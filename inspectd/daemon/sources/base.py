@@ -5,6 +5,8 @@ A Source is used by one acquisition thread only; it is not thread-safe and does 
 
 from __future__ import annotations
 
+import logging
+
 import abc
 from dataclasses import dataclass
 
@@ -12,6 +14,9 @@ from inspectd.daemon.frame import Frame
 from inspectd.errors import InspectdError
 
 __all__ = ["Source", "SourceError", "SourceLost", "SourceStats"]
+
+
+log = logging.getLogger("inspectd.sources")
 
 
 class SourceError(InspectdError):
@@ -38,6 +43,16 @@ class Source(abc.ABC):
     def __init__(self, line: str) -> None:
         self.line = line
         self.stats = SourceStats()
+        # GenICam chunk values the line passes through (LineConfig.chunks): each frame's
+        # meta["chunks"] holds every name, None when the source has no such value.
+        self.chunk_names: tuple[str, ...] = ()
+        self._chunks_warned: set[str] = set()
+
+    def _chunk_missing(self, name: str, why: str) -> None:
+        """Log once per chunk name that it is not delivered (its value is null in the verdicts)."""
+        if name not in self._chunks_warned:
+            self._chunks_warned.add(name)
+            log.warning("line %s: chunk %s: %s; published as null", self.line, name, why)
 
     @abc.abstractmethod
     def open(self) -> None:

@@ -176,6 +176,7 @@ class GenicamSource(Source):
             self._ia.timeout_period_on_update_event_data_call = 10
             self._ia.add_callback(ImageAcquirer.Events.INCOMPLETE_BUFFER, _IncompleteCounter(self.stats))
             self._configure(self._ia.remote_device.node_map)
+            self._enable_chunks(self._ia.remote_device.node_map)
             try:
                 self._ia.start()
             except _genicam_errors() as exc:
@@ -315,6 +316,8 @@ class GenicamSource(Source):
                     acquired_ns = time.time_ns()
                     acquired_mono = time.monotonic()
                     image, frame_id = self._copy_out(buffer)
+                    # While the buffer is held: harvesters has parsed its chunk data into the node map.
+                    meta = self._buffer_meta(buffer) if image is not None else {}
             except TimeoutException:
                 self.stats.timeouts += 1
                 return None
@@ -328,9 +331,55 @@ class GenicamSource(Source):
                 self.stats.frames += 1
                 return Frame(line=self.line, frame_id=frame_id, acquired_ns=acquired_ns,
                              acquired_mono=acquired_mono, image=image,
-                             meta={"device": self._device_name})
+                             meta={"device": self._device_name, **meta})
             if time.monotonic() >= deadline:
                 return None
+
+    def _buffer_meta(self, buffer: Any) -> dict[str, Any]:
+        """The camera's own timestamp of the buffer (device ticks: ns on GigE Vision / USB3 Vision
+        cameras; None when the producer has none) and the configured chunk values."""
+        meta: dict[str, Any] = {"camera_timestamp": None}
+        for attr in ("timestamp_ns", "timestamp"):
+            try:
+                value = int(getattr(buffer.module, attr))
+            except Exception:  # GenTL NotAvailable: the producer keeps no timestamps
+                continue
+            if value:
+                meta["camera_timestamp"] = value
+                break
+        if self.chunk_names:
+            node_map = self._ia.remote_device.node_map
+            chunks: dict[str, Any] = {}
+            for name in self.chunk_names:
+                chunks[name] = _read_chunk(node_map, name, self._chunk_missing)
+            meta["chunks"] = chunks
+        return meta
+
+    def _enable_chunks(self, node_map: Any) -> None:
+        """Turn chunk mode on and enable each configured chunk. A camera without chunk mode, or
+        without one of the chunks, gets a warning per name (values null), never a failed open."""
+        if not self.chunk_names:
+            return
+        try:
+            node_map.ChunkModeActive.value = True
+        except Exception as exc:  # no such node, or not writable
+            for name in self.chunk_names:
+                self._chunk_missing(name, f"camera {self._device_name} has no chunk mode ({_short(exc)})")
+            return
+        try:
+            available = set(node_map.ChunkSelector.symbolics)
+        except Exception:
+            available = set()
+        for name in self.chunk_names:
+            if name not in available:
+                self._chunk_missing(name, f"camera {self._device_name} offers no such chunk "
+                                          f"(ChunkSelector: {', '.join(sorted(available)) or 'none'})")
+                continue
+            try:
+                node_map.ChunkSelector.value = name
+                node_map.ChunkEnable.value = True
+            except Exception as exc:
+                self._chunk_missing(name, f"cannot enable it on {self._device_name}: {_short(exc)}")
 
     def _copy_out(self, buffer: Any) -> tuple[np.ndarray | None, int]:
         """Pixels copied out of the buffer (it is requeued after this), or None for a buffer that
@@ -364,6 +413,23 @@ class GenicamSource(Source):
                       self.line, fmt, frame_id, data.size, width, height)
             return None, frame_id
         return convert_pixels(data, fmt, width, height), frame_id
+
+
+def _read_chunk(node_map: Any, name: str, missing: Any) -> Any:
+    """The value of node Chunk<name> for the buffer in hand (int/float/bool/str), or None with
+    `missing(name, why)` called (it logs once per name)."""
+    node_name = f"Chunk{name}"
+    try:
+        if not node_map.has_node(node_name):
+            missing(name, f"no node {node_name} in the camera's node map")
+            return None
+        value = getattr(node_map, node_name).value
+    except Exception as exc:  # not readable: the chunk is not in this buffer
+        missing(name, f"{node_name} not readable ({_short(exc)})")
+        return None
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def _same_value(wanted: Any, got: Any) -> bool:

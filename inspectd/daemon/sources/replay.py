@@ -152,6 +152,10 @@ class ReplaySource(Source):
             log.info("line %s: replay of %s finished (%d frames)", self.line, self.path, self.stats.frames)
             return None
         image, meta = item
+        if self.chunk_names:
+            for name in self.chunk_names:
+                self._chunk_missing(name, "replayed files carry no GenICam chunk data")
+            meta["chunks"] = {name: None for name in self.chunk_names}
         self._wait_until_due()
         self._frame_id += 1
         self.stats.frames += 1
