@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "inspectd.engines.cli",
     "inspectd.calibration.cli",
     "inspectd.daemon.cli",
+    "inspectd.bridges.cli",
     "inspectd.keys",
     "inspectd.demo",
 )

@@ -1,0 +1,140 @@
+"""What both bridges share: settings from the daemon config, the subscriber, status and verdict payloads."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from inspectd.client import CurveClientKeys, LineStatus, Message, VerdictSubscriber
+from inspectd.daemon.config import DaemonConfig, endpoint_host, load_config
+from inspectd.errors import ConfigError
+
+log = logging.getLogger("inspectd.bridges")
+
+# Words of the `status` field (MQTT status payload, OPC UA LineStatus variable).
+STATUSES = ("ok", "offline", "blind", "engine_failed", "starting", "unknown")
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    source: str                    # the config file, for messages
+    endpoint: str
+    curve: CurveClientKeys | None
+    lines: tuple[str, ...]
+    stale_after_s: float
+    heartbeat_interval_s: float
+    config: DaemonConfig
+
+
+def subscribe_endpoint(config: DaemonConfig) -> str:
+    """bridges.endpoint, else the daemon's zmq.endpoint (a wildcard bind is reached on loopback)."""
+    if config.bridges is not None and config.bridges.endpoint:
+        return config.bridges.endpoint
+    endpoint = config.zmq.endpoint
+    host = endpoint_host(endpoint)
+    if host in ("0.0.0.0", "*"):
+        return endpoint.replace(f"tcp://{host}:", "tcp://127.0.0.1:", 1)
+    if host in ("[::]", "::"):
+        return endpoint.replace(f"tcp://{host}:", "tcp://[::1]:", 1)
+    return endpoint
+
+
+def load_settings(path: str | Path, kind: str) -> BridgeSettings:
+    """Validate the config for bridge `kind` (mqtt|opcua). Every problem is one ConfigError line
+    naming the file and the field."""
+    source = str(path)
+    config = load_config(path)
+    bridges = config.bridges
+    if bridges is None or getattr(bridges, kind) is None:
+        raise ConfigError(f"{source}: bridges.{kind}: section missing (the {kind} bridge has nothing to do)")
+    curve = None
+    if config.zmq.curve is not None:
+        if bridges.curve is None:
+            raise ConfigError(f"{source}: bridges.curve: required because zmq.curve is set "
+                              f"(client_secret_key_file: the bridge's NAME.key_secret from `inspectd keys`)")
+        from inspectd.keys import load_public_key_file, load_secret_key_file
+        server_file = bridges.curve.server_key_file or config.zmq.curve.server_secret_key_file
+        field = "bridges.curve.server_key_file" if bridges.curve.server_key_file else \
+            "zmq.curve.server_secret_key_file"
+        try:
+            server = load_public_key_file(server_file, field)
+            public, secret = load_secret_key_file(bridges.curve.client_secret_key_file,
+                                                  "bridges.curve.client_secret_key_file")
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        curve = CurveClientKeys(server_public_key=server, public_key=public, secret_key=secret)
+    stale = bridges.stale_after_s or 2.0 * config.heartbeat_interval_s
+    return BridgeSettings(source=source, endpoint=subscribe_endpoint(config), curve=curve,
+                          lines=tuple(line.id for line in config.lines), stale_after_s=stale,
+                          heartbeat_interval_s=config.heartbeat_interval_s, config=config)
+
+
+def status_word(status: LineStatus) -> str:
+    """One word for the line: offline (no heartbeat), else the daemon's state."""
+    if not status.heartbeat:
+        return "offline"
+    return status.state if status.state in STATUSES else "unknown"
+
+
+def status_payload(status: LineStatus) -> dict[str, Any]:
+    """The status record both bridges publish. `healthy` is True only while the line is known to
+    be inspecting parts (heartbeats within stale_after_s, camera connected, engine ready)."""
+    return {
+        "line": status.line,
+        "status": status_word(status),
+        "online": bool(status.heartbeat),
+        "healthy": bool(status.safe),
+        "reason": status.reason,
+        "state": status.state,
+        "camera_connected": status.camera_connected,
+        "engine_ready": status.engine_ready,
+        "bridge": "online",
+    }
+
+
+def offline_payload(line: str, reason: str) -> dict[str, Any]:
+    return {"line": line, "status": "offline", "online": False, "healthy": False, "reason": reason,
+            "state": "unknown", "camera_connected": None, "engine_ready": None, "bridge": "offline"}
+
+
+def verdict_payload(msg: Message) -> dict[str, Any]:
+    """The verdict header as the daemon sent it (frame_id, seq, acquired_ns, camera_timestamp,
+    chunks, verdict, score, threshold, ...)."""
+    return dict(msg.header)
+
+
+def default_client_id() -> str:
+    host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-_.")[:24] or "host"
+    return f"inspectd-{host}"
+
+
+def make_subscriber(settings: BridgeSettings, on_verdict: Callable[[Message], None],
+                    on_status: Callable[[str, LineStatus], None]) -> VerdictSubscriber:
+    def on_gap(topic: str, expected: int, got: int) -> None:
+        log.warning("%s: %d message(s) lost (seq %d..%d)", topic, got - expected, expected, got - 1)
+
+    def on_restart(line: str) -> None:
+        log.info("line %s: daemon restarted", line)
+
+    return VerdictSubscriber(settings.endpoint, lines=list(settings.lines), topics=("verdict", "heartbeat"),
+                             heartbeat_timeout_s=settings.stale_after_s, on_verdict=on_verdict,
+                             on_line_status=on_status, on_gap=on_gap, on_restart=on_restart,
+                             curve=settings.curve)
+
+
+def stop_event_on_signals() -> threading.Event:
+    """An Event set by SIGTERM / SIGINT (systemd stop, Ctrl-C)."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop

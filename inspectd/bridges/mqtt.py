@@ -1,0 +1,161 @@
+"""MQTT bridge: verdicts to `<prefix>/<line>/verdict` (JSON, QoS from config, default 1) and the
+line's status to `<prefix>/<line>/status` (JSON, retained, QoS 1).
+
+One MQTT connection per line, so each line's status topic has its own last will ("offline",
+retained): a bridge that dies or loses the broker leaves every line it served marked offline.
+The status says "offline" when the daemon's heartbeats stop for `stale_after_s` (default two
+heartbeat intervals), "blind" when the camera is lost, "engine_failed" when the engine failed.
+paho's network thread reconnects to a restarted broker (backoff 0.5 .. 5 s); on every (re)connect
+the current status is published again, so a broker without persistence gets it back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+from inspectd.bridges.common import (BridgeSettings, default_client_id, load_settings, make_subscriber,
+                                     offline_payload, status_payload, stop_event_on_signals, verdict_payload)
+from inspectd.client import LineStatus, Message
+from inspectd.daemon.config import MqttBridgeConfig
+from inspectd.errors import ConfigError
+
+log = logging.getLogger("inspectd.bridges.mqtt")
+
+MAX_QUEUED = 10000   # verdicts held while the broker is away (oldest kept; then paho refuses new ones)
+
+
+def read_password_file(path: Path, source: str) -> str:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: bridges.mqtt.password_file: {path}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{source}: bridges.mqtt.password_file: {path} is readable by group/others "
+                          f"(mode {stat.S_IMODE(mode):04o}); chmod 600 {path}")
+    password = text.rstrip("\r\n")
+    if not password:
+        raise ConfigError(f"{source}: bridges.mqtt.password_file: {path} is empty")
+    return password
+
+
+class MqttBridge:
+    """Subscriber -> paho clients (one per line). Thread-safe: paho's publish may be called from the
+    subscriber thread while paho's network threads run."""
+
+    def __init__(self, settings: BridgeSettings) -> None:
+        import paho.mqtt.client as mqtt
+
+        self._mqtt = mqtt
+        self.settings = settings
+        cfg: MqttBridgeConfig = settings.config.bridges.mqtt
+        self.cfg = cfg
+        self.prefix = cfg.topic_prefix
+        self._password = read_password_file(cfg.password_file, settings.source) if cfg.password_file else None
+        for field in ("ca", "cert", "key"):
+            value = getattr(cfg.tls, field, None) if cfg.tls is not None else None
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"{settings.source}: bridges.mqtt.tls.{field}: {value} does not exist")
+        self._lock = threading.Lock()
+        self._status: dict[str, dict[str, Any]] = {}
+        self.clients = {line: self._make_client(line) for line in settings.lines}
+        self.subscriber = make_subscriber(settings, self._on_verdict, self._on_status)
+
+    def topic(self, line: str, kind: str) -> str:
+        return f"{self.prefix}/{line}/{kind}"
+
+    def _make_client(self, line: str) -> Any:
+        mqtt = self._mqtt
+        client_id = f"{self.cfg.client_id or default_client_id()}-{line}"
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv311, clean_session=True)
+        client.will_set(self.topic(line, "status"),
+                        json.dumps(offline_payload(line, "bridge offline")), qos=1, retain=True)
+        if self.cfg.username is not None:
+            client.username_pw_set(self.cfg.username, self._password)
+        if self.cfg.tls is not None:
+            tls = self.cfg.tls
+            client.tls_set(ca_certs=str(tls.ca) if tls.ca else None, certfile=str(tls.cert) if tls.cert else None,
+                           keyfile=str(tls.key) if tls.key else None, cert_reqs=ssl.CERT_REQUIRED,
+                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.reconnect_delay_set(min_delay=1, max_delay=5)
+        client.max_queued_messages_set(MAX_QUEUED)
+        client.on_connect = lambda c, userdata, flags, rc, props=None, _line=line: self._on_connect(_line, rc)
+        client.on_disconnect = (lambda c, userdata, flags, rc, props=None, _line=line:
+                                log.warning("line %s: MQTT broker %s:%d disconnected (%s); reconnecting",
+                                            _line, self.cfg.host, self.cfg.port, rc))
+        return client
+
+    def _on_connect(self, line: str, rc: Any) -> None:
+        if getattr(rc, "is_failure", False):
+            log.warning("line %s: MQTT broker %s:%d refused the connection: %s", line, self.cfg.host,
+                        self.cfg.port, rc)
+            return
+        log.info("line %s: connected to MQTT broker %s:%d", line, self.cfg.host, self.cfg.port)
+        with self._lock:
+            payload = self._status.get(line) or status_payload(LineStatus(line))
+        self._publish_status(line, payload)
+
+    def _publish_status(self, line: str, payload: dict[str, Any]) -> None:
+        self.clients[line].publish(self.topic(line, "status"), json.dumps(payload), qos=1, retain=True)
+
+    # ---- subscriber callbacks (subscriber thread) ----------------------------------------------
+    def _on_status(self, line: str, status: LineStatus) -> None:
+        payload = status_payload(status)
+        with self._lock:
+            self._status[line] = payload
+        log.info("line %s: status %s (%s)", line, payload["status"], payload["reason"])
+        self._publish_status(line, payload)
+
+    def _on_verdict(self, msg: Message) -> None:
+        client = self.clients.get(msg.line)
+        if client is None:
+            return
+        info = client.publish(self.topic(msg.line, "verdict"), json.dumps(verdict_payload(msg)), qos=self.cfg.qos)
+        if info.rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
+            log.warning("line %s: verdict seq %s not queued for MQTT (%s)", msg.line, msg.header.get("seq"),
+                        self._mqtt.error_string(info.rc))
+
+    # ---- lifetime --------------------------------------------------------------------------------
+    def start(self) -> None:
+        for line, client in self.clients.items():
+            # connect_async: the network thread keeps retrying while the broker is down.
+            client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+            client.loop_start()
+        self.subscriber.start()
+        log.info("MQTT bridge: %s -> %s:%d (%s/<line>/verdict|status) for %s", self.settings.endpoint,
+                 self.cfg.host, self.cfg.port, self.prefix, ", ".join(self.settings.lines))
+
+    def stop(self) -> None:
+        self.subscriber.stop()
+        for line, client in self.clients.items():
+            # A clean disconnect does not fire the will: say offline ourselves first.
+            try:
+                info = client.publish(self.topic(line, "status"),
+                                      json.dumps(offline_payload(line, "bridge stopped")), qos=1, retain=True)
+                if client.is_connected():
+                    info.wait_for_publish(2.0)
+            except Exception as exc:  # the broker may be gone already
+                log.debug("line %s: final status not sent: %s", line, exc)
+            client.disconnect()
+            client.loop_stop()
+
+
+def run(config_path: str | os.PathLike) -> int:
+    settings = load_settings(config_path, "mqtt")
+    stop = stop_event_on_signals()
+    bridge = MqttBridge(settings)
+    bridge.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        bridge.stop()
+    return 0

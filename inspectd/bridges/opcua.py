@@ -1,0 +1,263 @@
+"""OPC UA bridge: an asyncua server with, per line, a folder `<line>` under Objects holding
+
+    LastVerdict (String: OK|NG|SKIP), Score (Double), Threshold (Double), FrameId (Int64), Seq (Int64),
+    AcquiredTime (DateTime), CameraTimestamp (Int64), Chunks (String, JSON {name: value}),
+    CameraConnected (Boolean), Healthy (Boolean), Status (String), FramesOK (UInt64), FramesNG (UInt64)
+
+and an `InspectdVerdictEventType` event per verdict emitted by the line's folder (properties Line,
+Verdict, FrameId, Seq, Score, Threshold, AcquiredTime, CameraTimestamp, Chunks). Healthy is True only
+while heartbeats arrive within `stale_after_s` and the daemon says the line is inspecting (camera
+connected, engine ready); it goes false when the stream is stale or the camera is lost.
+
+Security (bridges.opcua.security): only the Basic256Sha256 SignAndEncrypt endpoint is offered, the
+server's certificate and private key come from files, anonymous sessions are refused and a client
+must present, as its X509 user identity, a certificate from `trusted_clients_dir`. Without a
+security section the server offers None/Anonymous (keep it on loopback, the default endpoint).
+
+The ZeroMQ subscriber runs in its own thread and hands messages to the server's asyncio loop
+through a bounded queue; the values are written and events fired in the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from inspectd.bridges.common import (BridgeSettings, load_settings, make_subscriber, status_payload,
+                                     stop_event_on_signals)
+from inspectd.client import LineStatus, Message
+from inspectd.daemon.config import OpcuaBridgeConfig
+from inspectd.errors import ConfigError
+
+log = logging.getLogger("inspectd.bridges.opcua")
+
+QUEUE_SIZE = 10000
+CERT_SUFFIXES = (".pem", ".der", ".crt", ".cer")
+
+# name -> (VariantType name, initial value)
+VARIABLES: dict[str, tuple[str, Any]] = {
+    "LastVerdict": ("String", ""),
+    "Score": ("Double", float("nan")),
+    "Threshold": ("Double", float("nan")),
+    "FrameId": ("Int64", -1),
+    "Seq": ("Int64", -1),
+    "AcquiredTime": ("DateTime", None),
+    "CameraTimestamp": ("Int64", -1),
+    "Chunks": ("String", "{}"),
+    "CameraConnected": ("Boolean", False),
+    "Healthy": ("Boolean", False),
+    "Status": ("String", "unknown"),
+    "FramesOK": ("UInt64", 0),
+    "FramesNG": ("UInt64", 0),
+}
+EVENT_PROPERTIES = (("Line", "String"), ("Verdict", "String"), ("FrameId", "Int64"), ("Seq", "Int64"),
+                    ("Score", "Double"), ("Threshold", "Double"), ("AcquiredTime", "DateTime"),
+                    ("CameraTimestamp", "Int64"), ("Chunks", "String"))
+
+
+def _datetime(ns: Any) -> datetime | None:
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc) if isinstance(ns, int) and ns > 0 else None
+
+
+def _float(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+def _check_private(path: Path, field: str, source: str) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"{source}: {field}: {path}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{source}: {field}: {path} is readable by group/others (mode "
+                          f"{stat.S_IMODE(mode):04o}); chmod 600 {path}")
+
+
+def trusted_certificates(folder: Path, source: str) -> list[Path]:
+    field = "bridges.opcua.security.trusted_clients_dir"
+    if not folder.is_dir():
+        raise ConfigError(f"{source}: {field}: {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in CERT_SUFFIXES and p.is_file())
+    if not files:
+        raise ConfigError(f"{source}: {field}: {folder} holds no client certificates "
+                          f"({', '.join('*' + s for s in CERT_SUFFIXES)}): nobody could connect")
+    return files
+
+
+class OpcuaBridge:
+    def __init__(self, settings: BridgeSettings) -> None:
+        self.settings = settings
+        self.cfg: OpcuaBridgeConfig = settings.config.bridges.opcua
+        sec = self.cfg.security
+        if sec is not None:
+            for field in ("certificate", "private_key"):
+                if not Path(getattr(sec, field)).is_file():
+                    raise ConfigError(f"{settings.source}: bridges.opcua.security.{field}: "
+                                      f"{getattr(sec, field)} does not exist")
+            _check_private(Path(sec.private_key), "bridges.opcua.security.private_key", settings.source)
+            self.trusted = trusted_certificates(Path(sec.trusted_clients_dir), settings.source)
+        self.server: Any = None
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.events: dict[str, Any] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+        self._queue: asyncio.Queue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.dropped = 0
+        self.subscriber = make_subscriber(settings, self._on_verdict, self._on_status)
+
+    # ---- subscriber thread -> loop ---------------------------------------------------------------
+    def _put(self, item: tuple) -> None:
+        def put() -> None:
+            try:
+                self._queue.put_nowait(item)
+            except asyncio.QueueFull:
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 100 == 0:
+                    log.warning("OPC UA update queue full: %d update(s) dropped", self.dropped)
+        self._loop.call_soon_threadsafe(put)
+
+    def _on_verdict(self, msg: Message) -> None:
+        self._put(("verdict", msg.line, msg.header))
+
+    def _on_status(self, line: str, status: LineStatus) -> None:
+        payload = status_payload(status)
+        log.info("line %s: status %s (%s)", line, payload["status"], payload["reason"])
+        self._put(("status", line, payload))
+
+    # ---- server ---------------------------------------------------------------------------------
+    async def setup(self) -> None:
+        from asyncua import Server, ua
+        from asyncua.server.user_managers import CertificateUserManager
+
+        sec = self.cfg.security
+        user_manager = None
+        if sec is not None:
+            user_manager = CertificateUserManager()
+            for path in self.trusted:
+                try:
+                    await user_manager.add_user(path, name=path.stem)
+                except Exception as exc:
+                    raise ConfigError(f"{self.settings.source}: bridges.opcua.security.trusted_clients_dir: "
+                                      f"{path}: not a certificate ({exc})") from None
+        server = Server(user_manager=user_manager)
+        await server.init()
+        server.set_endpoint(self.cfg.endpoint)
+        server.set_server_name("inspectd verdicts")
+        if sec is not None:
+            try:
+                await server.load_certificate(str(sec.certificate))
+                await server.load_private_key(str(sec.private_key))
+            except Exception as exc:
+                raise ConfigError(f"{self.settings.source}: bridges.opcua.security: cannot load the server "
+                                  f"certificate / private key: {exc}") from None
+            uri = _certificate_uri(server.iserver.certificate)
+            if uri:
+                await server.set_application_uri(uri)
+            server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+            server.set_identity_tokens([ua.X509IdentityToken])   # anonymous off
+        else:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+            server.set_identity_tokens([ua.AnonymousIdentityToken])
+        idx = await server.register_namespace(self.cfg.namespace_uri)
+        etype = await server.create_custom_event_type(
+            idx, "InspectdVerdictEventType", ua.ObjectIds.BaseEventType,
+            [(name, getattr(ua.VariantType, vt)) for name, vt in EVENT_PROPERTIES])
+        for line in self.settings.lines:
+            folder = await server.nodes.objects.add_folder(ua.NodeId(line, idx), ua.QualifiedName(line, idx))
+            nodes: dict[str, Any] = {"folder": folder}
+            for name, (vt, initial) in VARIABLES.items():
+                node_id = ua.NodeId(f"{line}.{name}", idx)
+                variant = ua.Variant(initial, getattr(ua.VariantType, vt))
+                nodes[name] = await folder.add_variable(node_id, ua.QualifiedName(name, idx), variant)
+            self.nodes[line] = nodes
+            self.counts[line] = {"OK": 0, "NG": 0}
+            self.events[line] = await server.get_event_generator(etype, folder)
+        self.server = server
+
+    async def _write(self, line: str, values: dict[str, Any]) -> None:
+        from asyncua import ua
+
+        for name, value in values.items():
+            vt = VARIABLES[name][0]
+            await self.nodes[line][name].write_value(ua.Variant(value, getattr(ua.VariantType, vt)))
+
+    async def _apply(self, item: tuple) -> None:
+        kind, line, data = item
+        if line not in self.nodes:
+            return
+        if kind == "status":
+            await self._write(line, {"Healthy": bool(data["healthy"]), "Status": data["status"],
+                                     "CameraConnected": bool(data["online"] and data["camera_connected"])})
+            return
+        verdict = str(data.get("verdict") or "")
+        if verdict in self.counts[line]:
+            self.counts[line][verdict] += 1
+        chunks = json.dumps(data.get("chunks") or {}, separators=(",", ":"))
+        values = {"LastVerdict": verdict, "Score": _float(data.get("score")),
+                  "Threshold": _float(data.get("threshold")), "FrameId": _int(data.get("frame_id")),
+                  "Seq": _int(data.get("seq")), "AcquiredTime": _datetime(data.get("acquired_ns")),
+                  "CameraTimestamp": _int(data.get("camera_timestamp")), "Chunks": chunks,
+                  "FramesOK": self.counts[line]["OK"], "FramesNG": self.counts[line]["NG"]}
+        await self._write(line, values)
+        gen = self.events[line]
+        ev = gen.event
+        ev.Line, ev.Verdict, ev.FrameId, ev.Seq = line, verdict, values["FrameId"], values["Seq"]
+        ev.Score, ev.Threshold, ev.AcquiredTime = values["Score"], values["Threshold"], values["AcquiredTime"]
+        ev.CameraTimestamp, ev.Chunks = values["CameraTimestamp"], chunks
+        ev.Severity = 700 if verdict != "OK" else 100
+        await gen.trigger(message=f"{line} frame {values['FrameId']}: {verdict}")
+
+    async def serve(self, stop: Any) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(QUEUE_SIZE)
+        await self.setup()
+        async with self.server:
+            self.subscriber.start()
+            log.info("OPC UA bridge: %s -> %s (%s, namespace %s) for %s", self.settings.endpoint,
+                     self.cfg.endpoint, "Basic256Sha256 SignAndEncrypt, certificates" if self.cfg.security
+                     else "no security, anonymous", self.cfg.namespace_uri, ", ".join(self.settings.lines))
+            try:
+                while not stop.is_set():
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), 0.5)
+                    except asyncio.TimeoutError:
+                        continue
+                    try:
+                        await self._apply(item)
+                    except Exception:
+                        log.exception("OPC UA update %s for line %s failed", item[0], item[1])
+            finally:
+                await asyncio.get_running_loop().run_in_executor(None, self.subscriber.stop)
+
+
+def _certificate_uri(cert_der: bytes | None) -> str | None:
+    """The URI in the certificate's subjectAltName (OPC UA's ApplicationUri), if any."""
+    if not cert_der:
+        return None
+    from cryptography import x509
+
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except Exception:
+        return None
+    return uris[0] if uris else None
+
+
+def run(config_path: str | os.PathLike) -> int:
+    settings = load_settings(config_path, "opcua")
+    stop = stop_event_on_signals()
+    bridge = OpcuaBridge(settings)
+    asyncio.run(bridge.serve(stop))
+    return 0

@@ -1,0 +1,151 @@
+"""Real components for the bridge tests: a Mosquitto broker on a free port (temp config), test
+certificates made with `cryptography`, a replay daemon config with a bridges section."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.daemon.test_run import _MODULE, _write_config
+
+BRIDGE = [sys.executable, "-m", _MODULE, "bridge"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+class Mosquitto:
+    """A real mosquitto broker (no persistence: a restart forgets retained messages)."""
+
+    def __init__(self, tmp: Path, port: int | None = None) -> None:
+        exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        if exe is None:
+            pytest.fail("mosquitto is not installed (apt-get install mosquitto; listed in .ci/apt-packages)")
+        self.exe = exe
+        self.port = port or free_port()
+        self.conf = tmp / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                             f"log_dest stderr\n")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture()
+def mosquitto(tmp_path: Path):
+    broker = Mosquitto(tmp_path)
+    yield broker
+    broker.stop()
+
+
+class Child:
+    """A bridge child process; its stderr is collected by a thread."""
+
+    def __init__(self, args: list[str]) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def log(self) -> str:
+        return "\n".join(self.lines[-40:])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def replay_config(tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any, bridges: dict[str, Any],
+                  heartbeat_interval_s: float = 0.2) -> tuple[Path, str]:
+    """A daemon config: one replay line (line1, 10 fps, looping) on a tcp endpoint, plus `bridges`."""
+    replay = tmp_path / "replay"
+    if not replay.exists():
+        shutil.copytree(synthetic_parts.test_good, replay / "good")
+        shutil.copytree(synthetic_parts.test_bad, replay / "bad")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cfg = _write_config(tmp_path / "lines.yaml", [{
+        "id": "line1", "source": {"type": "replay", "path": str(replay), "fps": 10, "loop": True},
+        "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 3.0, "latency_budget_ms": 1000,
+        "heatmap": {"publish": "none"}, "chunks": ["EncoderValue"],
+    }], endpoint)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["heartbeat_interval_s"] = heartbeat_interval_s
+    raw["bridges"] = bridges
+    cfg.write_text(yaml.safe_dump(raw))
+    return cfg, endpoint
+
+
+def make_cert(folder: Path, name: str, uri: str, key_mode: int = 0o600) -> tuple[Path, Path]:
+    """A self-signed OPC UA application certificate (PEM) with `uri` in subjectAltName, and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri),
+                                                        x509.DNSName(socket.gethostname()),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True, key_encipherment=True,
+                                         data_encipherment=True, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    key_path.chmod(key_mode)
+    return cert_path, key_path

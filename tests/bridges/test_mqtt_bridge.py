@@ -1,0 +1,126 @@
+"""`inspectd bridge mqtt` as a child process between a real daemon child (replay line, tiny bundle)
+and a real Mosquitto broker: verdicts arrive with the daemon's frame id and seq, the retained status
+goes offline when the daemon is killed, and the bridge follows a daemon restart and a broker restart."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from inspectd.client import VerdictSubscriber
+from tests.bridges.conftest import BRIDGE, Child, replay_config
+from tests.daemon.test_run import Daemon, _collect
+
+
+class Watcher:
+    """A paho subscriber on inspectd/line1/#; resubscribes after a broker restart."""
+
+    def __init__(self, port: int) -> None:
+        self.q: queue.Queue[tuple[float, str, dict, bool]] = queue.Queue()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"watch-{port}")
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe("inspectd/line1/#", qos=1)
+        self.client.on_message = lambda c, u, m: self.q.put((time.monotonic(), m.topic, json.loads(m.payload),
+                                                             bool(m.retain)))
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.connect_async("127.0.0.1", port, keepalive=5)
+        self.client.loop_start()
+
+    def wait(self, topic: str, pred: Any, timeout_s: float) -> tuple[float, dict]:
+        end = time.monotonic() + timeout_s
+        seen = []
+        while time.monotonic() < end:
+            try:
+                at, t, payload, _ = self.q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            seen.append((t, payload.get("status", payload.get("seq"))))
+            if t == topic and pred(payload):
+                return at, payload
+        raise AssertionError(f"no matching message on {topic} within {timeout_s} s; saw {seen[-10:]}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_mqtt_bridge_end_to_end(tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any, mosquitto: Any) -> None:
+    stale = 0.6
+    cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
+        "stale_after_s": stale, "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "client_id": "t"}})
+    daemon = Daemon(cfg)
+    bridge = Child(BRIDGE + ["mqtt", "--config", str(cfg)])
+    watcher = Watcher(mosquitto.port)
+    try:
+        # 1. the line comes up; a verdict carries the daemon's frame id and seq.
+        watcher.wait("inspectd/line1/status", lambda p: p["status"] == "ok", 60)
+        with VerdictSubscriber(endpoint, lines=["line1"], topics=("verdict",)) as direct:
+            got = _collect(direct, 10, until=lambda m: m.kind == "verdict" and m.header["seq"] >= 1)
+            sent = {(m.header["seq"], m.header["frame_id"]) for m in got if m.kind == "verdict"}
+            assert sent, "the daemon published no verdict"
+            _, v = watcher.wait("inspectd/line1/verdict", lambda p: (p["seq"], p["frame_id"]) in sent, 10)
+        assert v["verdict"] in ("OK", "NG") and v["line"] == "line1"
+        assert v["chunks"] == {"EncoderValue": None}   # replay: named chunk passed through as null
+        assert "camera_timestamp" in v and "acquired_ns" in v
+
+        # 2. daemon killed: the retained status says offline within stale_after_s (+ slack for 2 cores).
+        start_ns = v["daemon_start_ns"]
+        killed = time.monotonic()
+        daemon.kill()
+        at, st = watcher.wait("inspectd/line1/status", lambda p: p["status"] == "offline", stale + 3)
+        assert st["online"] is False and st["healthy"] is False and st["reason"] == "heartbeat lost"
+        assert at - killed <= stale + 1.5, at - killed
+
+        # 3. daemon restarted on the same endpoint: status ok again, verdicts of the new daemon.
+        daemon = Daemon(cfg)
+        watcher.wait("inspectd/line1/status", lambda p: p["status"] == "ok", 60)
+        watcher.wait("inspectd/line1/verdict", lambda p: p["daemon_start_ns"] != start_ns, 10)
+
+        # 4. broker restarted (no persistence: retained status lost): the bridge reconnects,
+        #    republishes the retained status and verdicts flow again.
+        watcher.close()
+        mosquitto.stop()
+        time.sleep(0.3)
+        mosquitto.start()
+        fresh = Watcher(mosquitto.port)
+        try:
+            _, st = fresh.wait("inspectd/line1/status", lambda p: p["status"] == "ok", 15)
+            fresh.wait("inspectd/line1/verdict", lambda p: p["daemon_start_ns"] != start_ns, 10)
+        finally:
+            fresh.close()
+        # 5. stopping the bridge leaves the line marked offline (retained), not a stale "ok".
+        assert bridge.stop() == 0, bridge.log()
+        last = Watcher(mosquitto.port)
+        try:
+            _, st = last.wait("inspectd/line1/status", lambda p: True, 5)
+            assert st["status"] == "offline" and st["bridge"] == "offline"
+        finally:
+            last.close()
+    finally:
+        watcher.close()
+        bridge.stop()
+        daemon.kill()
+
+
+def test_last_will_marks_lines_offline_when_the_bridge_dies(tmp_path: Path, mosquitto: Any) -> None:
+    """No daemon needed: the bridge connects, says the line's status, is SIGKILLed; the broker
+    publishes its will (offline, retained)."""
+    cfg = tmp_path / "lines.yaml"
+    cfg.write_text(json.dumps({"zmq": {"endpoint": "tcp://127.0.0.1:1"}, "heartbeat_interval_s": 0.2,
+                               "lines": [{"id": "line1", "source": {"type": "replay", "path": str(tmp_path)},
+                                          "bundle": str(tmp_path), "threshold": 3.0}],
+                               "bridges": {"mqtt": {"port": mosquitto.port, "keepalive_s": 2}}}))
+    bridge = Child(BRIDGE + ["mqtt", "--config", str(cfg)])
+    watcher = Watcher(mosquitto.port)
+    try:
+        watcher.wait("inspectd/line1/status", lambda p: p["bridge"] == "online", 20)
+        bridge.proc.kill()
+        _, st = watcher.wait("inspectd/line1/status", lambda p: p["bridge"] == "offline", 10)
+        assert st["status"] == "offline" and st["reason"] == "bridge offline"
+    finally:
+        watcher.close()
+        bridge.stop()
