@@ -41,3 +41,6 @@ class Verdict:
     meta: dict[str, Any] = field(default_factory=dict)
     # The frame judged (its image, for the NG archive sink); never serialized.
     frame: Frame | None = field(default=None, repr=False, compare=False)
+    # The raw anomaly map (float32 Hm x Wm, the backend's own output array: a reference, never
+    # copied) for the live view's overlay, rendered on request; never serialized.
+    anomaly_map: np.ndarray | None = field(default=None, repr=False, compare=False)

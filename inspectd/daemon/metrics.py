@@ -8,10 +8,14 @@ prometheus_client global one) so tests and several daemons in one process never 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import Any, Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from inspectd.errors import InspectdError
 
@@ -147,20 +151,55 @@ class Metrics:
         if score is not None:
             self.anomaly_score.labels(line=line).observe(score)
 
-    def serve(self, host: str | None = None, port: int | None = None) -> MetricsServer:
+    def serve(self, host: str | None = None, port: int | None = None, live: Any | None = None) -> MetricsServer:
         """Start the /metrics HTTP endpoint in a daemon thread. Port 0 picks a free port (see
         `.port` of the result). Raises InspectdError when the address cannot be bound. Host and
         port default to the config schema's (`metrics:` in daemon/config.py), the one place
-        defaults live."""
+        defaults live. `live` (a daemon/live.py LiveView) adds the read-only live view at / and
+        /live/... on the same server; every other path serves the metrics, as before."""
         from inspectd.daemon.config import MetricsConfig
 
         defaults = MetricsConfig()
         host = defaults.host if host is None else host
         port = defaults.port if port is None else port
         try:
-            server, thread = start_http_server(port, addr=host, registry=self.registry)
+            server, thread = _start_server(host, port, _app(make_wsgi_app(self.registry), live))
         except OSError as exc:
             raise InspectdError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         bound_port = int(server.server_address[1])
         log.info("metrics on http://%s:%d/metrics", host, bound_port)
         return MetricsServer(host=host, port=bound_port, _server=server, _thread=thread)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+def _app(metrics_app: Callable[..., Iterable[bytes]], live: Any | None) -> Callable[..., Iterable[bytes]]:
+    if live is None:
+        return metrics_app
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        answer = live.route(environ, start_response)
+        return metrics_app(environ, start_response) if answer is None else answer
+
+    return app
+
+
+def _start_server(host: str, port: int, app: Callable[..., Iterable[bytes]]) -> tuple[WSGIServer, threading.Thread]:
+    """A threading WSGI server (as prometheus_client's start_http_server) for `app`, in a daemon thread."""
+    family = socket.AF_INET
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    except socket.gaierror:
+        pass  # make_server reports the bad address
+    server_class = type("_MetricsServer", (_Server,), {"address_family": family})
+    httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return httpd, thread

@@ -639,7 +639,7 @@ class LinePipeline:
             score=score, raw_score=raw, threshold=threshold,
             latency_ms=(time.monotonic() - frame.acquired_mono) * 1000.0, deadline_missed=False,
             backend=self.backend_name, bundle_id=self.bundle.bundle_id, heatmap=heatmap, meta=frame.meta,
-            frame=frame))
+            frame=frame, anomaly_map=maps[0]))
 
     def _engine_failed_on(self, key: int, frame: Frame, exc: Exception) -> None:
         self.engine_errors += 1

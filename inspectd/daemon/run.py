@@ -16,6 +16,7 @@ from inspectd.daemon.config import (DaemonConfig, LineConfig, ThresholdFile, con
 from inspectd.errors import ConfigError
 from inspectd.daemon.archive import NgArchive
 from inspectd.daemon.line import LineSettings, LineThreshold, options_dict
+from inspectd.daemon.live import LiveView
 from inspectd.daemon.metrics import Metrics, MetricsServer
 from inspectd.daemon.pipeline import LinePipeline
 from inspectd.daemon.publish import CurveServerKeys, Publisher
@@ -82,6 +83,7 @@ class Daemon:
         self.notifier = notifier or SystemdNotifier()
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
+        self.live = LiveView()  # the read-only live page on the metrics endpoint (daemon/live.py)
         self.publisher: Publisher | None = None
         self.lines: dict[str, LinePipeline] = {}
         self.archives: list[NgArchive] = []
@@ -138,7 +140,8 @@ class Daemon:
         (an embedding program can wait there until its subscriber is connected)."""
         stop_requested = stop_requested or threading.Event()
         m = self.config.metrics
-        self.metrics_server = self.metrics.serve(m.host, m.port)
+        self.metrics_server = self.metrics.serve(m.host, m.port, live=self.live)
+        log.info("live view on http://%s:%d/", m.host, self.metrics_server.port)
         if self.publisher is None:
             raise RuntimeError("Daemon.build() must run before start()")
         self.publisher.start()
@@ -200,6 +203,8 @@ class Daemon:
             sinks.add("archive", ArchiveSink(archive, cfg.archive.save))
         # Reads pipeline.drift at each verdict: a SIGHUP reload may swap the drift watch.
         sinks.add("drift", DriftSink(lambda: pipeline.drift, self.metrics))
+        # Counters and references only (the latest NG frame and its map); rendered on request.
+        sinks.add("live", self.live.add_line(cfg.id, pipeline.status, pipeline.bundle))
 
     def _on_sent(self, topic: str, header: dict) -> None:
         if topic.startswith("verdict."):

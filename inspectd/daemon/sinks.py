@@ -92,7 +92,7 @@ class PublisherSink:
 
     def accept(self, verdict: Verdict) -> None:
         # Without the frame: the publisher's queue may hold thousands of verdicts, not their images.
-        verdict = dataclasses.replace(verdict, frame=None)
+        verdict = dataclasses.replace(verdict, frame=None, anomaly_map=None)
         self.publisher.publish_verdict(verdict)
         # The pipeline may make a heatmap for the archive only: publish per the line's setting.
         if verdict.heatmap is not None and (self.mode == "all" or (self.mode == "ng" and verdict.verdict == "NG")):
