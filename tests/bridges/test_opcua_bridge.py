@@ -1,0 +1,154 @@
+"""`inspectd bridge opcua` as a child process with Basic256Sha256 SignAndEncrypt and certificates
+made here: a real asyncua client (trusted certificate as its user identity) sees the daemon's
+verdicts (same frame id and seq) as variables and events; anonymous and unencrypted clients are
+refused; Healthy goes false when the daemon is killed and true again when it comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asyncua import Client, ua
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+from inspectd.client import VerdictSubscriber
+from tests.bridges.conftest import BRIDGE, Child, free_port, make_cert, replay_config, wait_port
+from tests.daemon.test_run import Daemon, _collect
+
+CLIENT_URI = "urn:inspectd:test:client"
+
+
+async def _secure_client(url: str, cert: Path, key: Path, identity: bool = True) -> Client:
+    client = Client(url, timeout=5)
+    client.application_uri = CLIENT_URI
+    await client.set_security(SecurityPolicyBasic256Sha256, str(cert), str(key),
+                              mode=ua.MessageSecurityMode.SignAndEncrypt)
+    if identity:
+        await client.load_client_certificate(str(cert))
+        await client.load_private_key(str(key))
+    return client
+
+
+class Changes:
+    def __init__(self) -> None:
+        self.values: list[tuple[float, str, Any]] = []
+        self.events: list[Any] = []
+
+    def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+        self.values.append((time.monotonic(), node.nodeid.Identifier, val))
+
+    def event_notification(self, event: Any) -> None:
+        self.events.append(event)
+
+
+async def _until(pred: Any, timeout_s: float, what: str) -> float:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if pred():
+            return time.monotonic()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout_s} s")
+
+
+def test_opcua_bridge_end_to_end(tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
+    pki = tmp_path / "pki"
+    server_cert, server_key = make_cert(pki / "server", "server", "urn:inspectd:test:bridge")
+    client_cert, client_key = make_cert(pki / "trusted", "client", CLIENT_URI)
+    stranger_cert, stranger_key = make_cert(pki / "other", "stranger", CLIENT_URI)
+    (pki / "trusted" / "client.key.pem").rename(pki / "client.key.pem")
+    client_key = pki / "client.key.pem"
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/inspectd/"
+    stale = 0.6
+    cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
+        "stale_after_s": stale,
+        "opcua": {"endpoint": url, "namespace_uri": "urn:inspectd:test",
+                  "security": {"certificate": str(server_cert), "private_key": str(server_key),
+                               "trusted_clients_dir": str(pki / "trusted")}}})
+    daemon = Daemon(cfg)
+    bridge = Child(BRIDGE + ["opcua", "--config", str(cfg)])
+
+    async def scenario() -> None:
+        nonlocal daemon
+        wait_port(port, 30)
+        # Refused: no security at all (only the SignAndEncrypt endpoint exists) ...
+        plain = Client(url, timeout=5)
+        with pytest.raises(Exception):
+            await plain.connect()
+            await plain.disconnect()
+        # ... an encrypted channel with an anonymous identity ...
+        anon = await _secure_client(url, client_cert, client_key, identity=False)
+        with pytest.raises(ua.UaError) as refused:
+            await anon.connect()
+        assert "IdentityToken" in str(refused.value) or "Rejected" in type(refused.value).__name__, refused.value
+        await _disconnect_quietly(anon)
+        # ... and a certificate that is not in trusted_clients_dir.
+        stranger = await _secure_client(url, stranger_cert, stranger_key)
+        with pytest.raises(ua.UaError):
+            await stranger.connect()
+        await _disconnect_quietly(stranger)
+
+        client = await _secure_client(url, client_cert, client_key)
+        async with client:
+            idx = await client.get_namespace_index("urn:inspectd:test")
+            folder = client.get_node(ua.NodeId("line1", idx))
+            node = {name: client.get_node(ua.NodeId(f"line1.{name}", idx))
+                    for name in ("Seq", "FrameId", "Healthy", "LastVerdict", "Chunks", "FramesOK", "FramesNG")}
+            changes = Changes()
+            sub = await client.create_subscription(50, changes)
+            await sub.subscribe_data_change([node["Seq"], node["FrameId"], node["Healthy"]])
+            etype = await client.nodes.base_event_type.get_child([f"{idx}:InspectdVerdictEventType"])
+            await sub.subscribe_events(folder, etype)
+
+            def healthy() -> bool | None:
+                vals = [v for _, n, v in changes.values if n == "line1.Healthy"]
+                return vals[-1] if vals else None
+
+            await _until(lambda: healthy() is True, 60, "Healthy never became true")
+            direct = VerdictSubscriber(endpoint, lines=["line1"], topics=("verdict",))
+            got = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: _collect(direct, 10, until=lambda m: m.header["seq"] >= 2))
+            direct.close()
+            sent = {m.header["seq"]: m.header["frame_id"] for m in got}
+            assert sent, "the daemon published no verdict"
+            await _until(lambda: any(int(e.Seq) in sent and int(e.FrameId) == sent[int(e.Seq)]
+                                     for e in changes.events), 10, "no verdict event with the daemon's seq/frame id")
+            ev = next(e for e in changes.events if int(e.Seq) in sent)
+            assert ev.Verdict in ("OK", "NG") and ev.Line == "line1" and ev.Chunks == '{"EncoderValue":null}'
+            # The variables hold the latest verdict (Seq and FrameId of one message, written together).
+            seqs = {v for _, n, v in changes.values if n == "line1.Seq"}
+            assert seqs & set(sent), (seqs, sent)
+            seq, frame_id = await node["Seq"].read_value(), await node["FrameId"].read_value()
+            assert frame_id >= 1 and seq >= 0
+            assert await node["LastVerdict"].read_value() in ("OK", "NG")
+            assert (await node["FramesOK"].read_value()) + (await node["FramesNG"].read_value()) >= 1
+
+            killed = time.monotonic()
+            daemon.kill()
+            at = await _until(lambda: healthy() is False, stale + 3, "Healthy stayed true after the daemon died")
+            assert at - killed <= stale + 1.5, at - killed
+
+            daemon = Daemon(cfg)
+            await _until(lambda: healthy() is True, 60, "Healthy did not come back after the daemon restarted")
+            n = len(changes.events)
+            await _until(lambda: len(changes.events) > n, 10, "no verdict events after the daemon restarted")
+
+    try:
+        asyncio.run(scenario())
+        assert bridge.stop() == 0, bridge.log()
+    except BaseException:
+        print(bridge.log())
+        raise
+    finally:
+        bridge.stop()
+        daemon.kill()
+
+
+async def _disconnect_quietly(client: Client) -> None:
+    try:
+        await client.disconnect()
+    except Exception:
+        pass
