@@ -129,6 +129,13 @@ done
 
 # ---- systemd -----------------------------------------------------------------------------------
 run install -m 0644 "$SRC/deploy/systemd/inspectd@.service" "$UNIT_DIR/inspectd@.service"
+# PLC bridges (bridges section of a line's config): installed, enabled by hand per line, e.g.
+#   systemctl enable --now inspectd-bridge-mqtt@line3
+for unit in inspectd-bridge-mqtt@.service inspectd-bridge-opcua@.service; do
+    if [[ -f "$SRC/deploy/systemd/$unit" ]]; then
+        run install -m 0644 "$SRC/deploy/systemd/$unit" "$UNIT_DIR/$unit"
+    fi
+done
 run systemctl daemon-reload
 
 enabled=()
