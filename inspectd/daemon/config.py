@@ -629,6 +629,20 @@ def config_warnings(config: DaemonConfig, source: str = "<config>") -> list[str]
         out.append(f"{source}: zmq.endpoint: {config.zmq.endpoint} is reachable from other machines without "
                    f"CURVE: anyone on that network can read (and spoof a consumer of) the verdicts; "
                    f"set zmq.curve or bind 127.0.0.1")
+    bridges = config.bridges
+    if bridges is not None and bridges.mqtt is not None and bridges.mqtt.tls is None \
+            and not is_loopback(bridges.mqtt.host):
+        out.append(f"{source}: bridges.mqtt.host: {bridges.mqtt.host} without tls: verdicts and the "
+                   f"broker password cross the network in clear; set bridges.mqtt.tls")
+    if bridges is not None and bridges.opcua is not None and bridges.opcua.security is None:
+        host = bridges.opcua.endpoint[len("opc.tcp://"):].split("/", 1)[0].rsplit(":", 1)[0]
+        if not is_loopback(host):
+            out.append(f"{source}: bridges.opcua.endpoint: {bridges.opcua.endpoint} without security: "
+                       f"anyone on that network can read the line anonymously; set bridges.opcua.security")
+    for i, line in enumerate(config.lines):
+        if line.chunks and isinstance(line.source, ReplaySourceConfig):
+            out.append(f"{source}: lines[{i}].chunks: replayed files carry no GenICam chunk data: "
+                       f"{', '.join(line.chunks)} will be null in every verdict")
     return out
 
 
