@@ -1,9 +1,13 @@
 """`inspectd demo`: the whole loop on one machine, no camera or GPU needed.
 
 generate parts -> train on good ones -> calibrate the threshold on held-out good parts -> run the
-daemon on a replay line mixing good and defective parts (or on the GenTL simulator camera) ->
-subscribe to the verdict stream like a reject consumer -> print a line per part, write heatmap
-overlays for NG parts, serve metrics -> summary.
+daemon on a replay line mixing good and defective parts -> subscribe to the verdict stream like a
+reject consumer -> print a line per part, write heatmap overlays for NG parts, serve metrics and
+the live view -> summary.
+
+`--source genicam` teaches from the camera instead (the GenTL simulator, viky.cti): capture its
+frames with `inspectd capture`'s code (the line's own source) -> train on them -> capture more and
+calibrate on them -> run on the camera: its normal output is what "good" means, so it passes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from inspectd.errors import ConfigError, InspectdError
 DEMO_SIZE = 128
 TARGET_FALSE_REJECT = 0.05   # 5% at 95% confidence needs >= 59 held-out good parts
 CALIBRATION_GOOD = 80
+# Teaching from the simulator camera (~20 fps, a small square moving over a white field): frames
+# spread over the square's path, calibration frames from a later stretch of it.
+CAMERA_TEACH_FRAMES, CAMERA_TEACH_EVERY = 40, 3
+CAMERA_CALIB_FRAMES, CAMERA_CALIB_EVERY = 100, 1
+CAMERA_EPOCHS = 10
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "threshold, run the daemon on a replay line (or the GenTL simulator camera), and print the "
                        "verdict stream as a reject consumer sees it.")
     p.add_argument("--source", choices=["replay", "genicam"], default="replay",
-                   help="replay generated parts (default) or use the GenTL simulator camera (viky.cti)")
+                   help="replay generated parts (default), or teach from and run on the GenTL simulator camera "
+                        "(viky.cti): capture its frames, train, calibrate, run")
     p.add_argument("--workdir", default=None,
                    help="cache and output folder (default ~/.cache/inspectd/demo); data and model are reused")
     p.add_argument("--parts", type=int, default=40, help="parts to inspect on the line (default 40)")
@@ -132,10 +142,10 @@ def _write_config(work: Path, bundle_dir: Path, source: dict[str, Any], budget_m
     return path, endpoint, metrics_port
 
 
-def _calibrate(bundle_dir: Path, good: Path, config: Path) -> float:
+def _calibrate(bundle_dir: Path, good: Path, config: Path, count: int = CALIBRATION_GOOD) -> float:
     from inspectd.calibration.calibrate import CalibrationRequest, calibrate
 
-    _step(3, f"calibrating the line threshold on {CALIBRATION_GOOD} held-out good parts "
+    _step(3, f"calibrating the line threshold on {count} held-out good parts "
              f"(false-reject target {TARGET_FALSE_REJECT:.0%} at 95% confidence)")
     result = calibrate(CalibrationRequest(bundle=bundle_dir, good=good, line="demo", config=config,
                                           target_false_reject=TARGET_FALSE_REJECT,
@@ -151,28 +161,106 @@ def _run(args: argparse.Namespace) -> int:
     work = Path(args.workdir or Path.home() / ".cache" / "inspectd" / "demo").expanduser()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    if args.source == "genicam":
+        return _run_on_camera(args, work, t0)
     bundle_dir, calib_good = _train_and_calibrate(work, args.epochs, args.retrain)
 
-    truth: dict[int, tuple[str, str]] = {}
-    if args.source == "replay":
-        parts = make_line_parts(work / "line", args.parts, args.defect_rate, seed=1)
-        truth = {i + 1: p for i, p in enumerate(parts)}  # replay frame ids count from 1 in file order
-        source: dict[str, Any] = {"type": "replay", "path": str(work / "line"), "fps": args.rate, "loop": False}
-        where = f"replay of {len(parts)} unseen parts ({sum(lab == 'bad' for _, lab in parts)} defective)"
-    else:
-        import genicam
-
-        cti = Path(genicam.__file__).parent / "viky.cti"
-        source = {"type": "genicam", "cti": str(cti), "device": {"index": 0}}
-        where = "the GenTL simulator camera (viky.cti; its test pattern is not a part, expect NG)"
+    parts = make_line_parts(work / "line", args.parts, args.defect_rate, seed=1)
+    truth = {i + 1: p for i, p in enumerate(parts)}  # replay frame ids count from 1 in file order
+    source: dict[str, Any] = {"type": "replay", "path": str(work / "line"), "fps": args.rate, "loop": False}
+    where = f"replay of {len(parts)} unseen parts ({sum(lab == 'bad' for _, lab in parts)} defective)"
     config, endpoint, metrics_port = _write_config(work, bundle_dir, source, args.budget_ms)
     threshold = _calibrate(bundle_dir, calib_good, config)
     _step(4, f"running the daemon on {where} at {args.rate:g} parts/s, budget {args.budget_ms:g} ms")
-    print(f"      verdicts on {endpoint}, metrics on http://127.0.0.1:{metrics_port}/metrics")
+    print(f"      verdicts on {endpoint}, metrics on http://127.0.0.1:{metrics_port}/metrics, "
+          f"live view on http://127.0.0.1:{metrics_port}/")
     rows = _serve_and_watch(config, endpoint, args, truth, work / "overlays")
     _step(5, "summary")
     print(_summary(rows, truth, threshold, work / "overlays", time.monotonic() - t0))
     return 0
+
+
+def _simulator_source() -> dict[str, Any]:
+    import genicam
+
+    cti = Path(genicam.__file__).parent / "viky.cti"
+    if not cti.is_file():
+        raise InspectdError(f"the GenTL simulator {cti} is not installed (genicam wheel without viky.cti)")
+    return {"type": "genicam", "cti": str(cti), "device": {"index": 0}}
+
+
+def _run_on_camera(args: argparse.Namespace, work: Path, t0: float) -> int:
+    """Teach from the camera: capture good frames -> train -> capture held-out frames -> calibrate -> run."""
+    from inspectd.daemon.capture import capture
+    from inspectd.engines.bundle import load_bundle
+    from inspectd.engines.model import ModelConfig
+    from inspectd.engines.train import TrainConfig, summary, train
+    from inspectd.errors import BundleError
+
+    cam = work / "genicam"
+    cam.mkdir(parents=True, exist_ok=True)
+    bundle_dir = cam / "bundle"
+    config, endpoint, metrics_port = _write_config(cam, bundle_dir, _simulator_source(), args.budget_ms)
+    say = (lambda text: print(f"      {text}", flush=True))
+    try:
+        if args.retrain:
+            raise BundleError("retrain requested")
+        bundle = load_bundle(bundle_dir)
+        _step(1, "teaching frames from the GenTL simulator camera")
+        print(f"      reusing {bundle_dir} (id {bundle.bundle_id}), taught on {cam / 'teach'}; --retrain to teach again")
+        _step(2, "training on the camera's frames")
+        print("      reusing the bundle")
+    except BundleError:
+        _step(1, f"capturing {CAMERA_TEACH_FRAMES} good frames from the GenTL simulator camera (viky.cti) "
+                 f"with `inspectd capture`")
+        print(f"      = inspectd capture --config {config} --line demo --out {cam / 'teach'} "
+              f"--count {CAMERA_TEACH_FRAMES} --every {CAMERA_TEACH_EVERY} --force")
+        taught = capture(config, "demo", cam / "teach", CAMERA_TEACH_FRAMES, every=CAMERA_TEACH_EVERY, force=True,
+                         progress=say)
+        _step(2, f"training on the camera's frames ({CAMERA_EPOCHS} epochs, whole frames as the daemon gets them)")
+        print(f"      = {taught.train_command()} --image-size {DEMO_SIZE}")
+        cfg = TrainConfig(model=ModelConfig(image_height=DEMO_SIZE, image_width=DEMO_SIZE, taps=[4, 10],
+                                            color_mode=_color_of(taught.shape), steps=4),
+                          epochs=CAMERA_EPOCHS, seed=0, select=False)
+        result = train(cam / "teach", bundle_dir, cfg, force=True)
+        print("      " + summary(result))
+    print(f"      capturing {CAMERA_CALIB_FRAMES} more frames for calibration")
+    captured = capture(config, "demo", cam / "calibration-capture", CAMERA_CALIB_FRAMES, every=CAMERA_CALIB_EVERY,
+                       force=True)
+    calib, held_out = _held_out(captured.files, cam / "teach", cam / "calibration-good")
+    # The simulator's pattern repeats exactly: frames identical to training frames are not held out.
+    print(f"      {held_out} of them differ from every training frame (the simulator repeats its pattern)")
+    threshold = _calibrate(bundle_dir, calib, config, count=held_out)
+    where = "the GenTL simulator camera (viky.cti), taught on its own frames"
+    _step(4, f"running the daemon on {where}, budget {args.budget_ms:g} ms")
+    print(f"      verdicts on {endpoint}, metrics on http://127.0.0.1:{metrics_port}/metrics, "
+          f"live view on http://127.0.0.1:{metrics_port}/")
+    rows = _serve_and_watch(config, endpoint, args, {}, cam / "overlays")
+    _step(5, "summary")
+    print(_summary(rows, {}, threshold, cam / "overlays", time.monotonic() - t0))
+    return 0
+
+
+def _held_out(files: list[Path], teach: Path, out: Path) -> tuple[Path, int]:
+    """Copies of the captured frames whose content is not in the training folder."""
+    import shutil
+
+    from inspectd.engines.preprocess import list_images, sha256_file
+
+    seen = {sha256_file(p) for p in list_images(teach)}
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    kept = 0
+    for path in files:
+        if sha256_file(path) not in seen:
+            shutil.copy2(path, out / path.name)
+            kept += 1
+    return out, kept
+
+
+def _color_of(shape: tuple[int, ...]) -> str:
+    return "rgb" if len(shape) == 3 and shape[2] == 3 else "gray"
 
 
 def _serve_and_watch(config_path: Path, endpoint: str, args: argparse.Namespace,
