@@ -77,6 +77,9 @@ class MetricsConfig(_Strict):
     # 127.0.0.1 by default: metrics reveal line state, exposing them is a deliberate choice.
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535)  # 0 = any free port (tests)
+    # The read-only live page (/, /live) on the same endpoint: it shows part images, so a box that
+    # exposes its metrics to a network may want it off.
+    live: bool = True
 
 
 # ---------------------------------------------------------------------------------------- sources

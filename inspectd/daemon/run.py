@@ -83,7 +83,8 @@ class Daemon:
         self.notifier = notifier or SystemdNotifier()
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
-        self.live = LiveView()  # the read-only live page on the metrics endpoint (daemon/live.py)
+        # The read-only live page on the metrics endpoint (daemon/live.py), unless metrics.live is off.
+        self.live: LiveView | None = LiveView() if config.metrics.live else None
         self.publisher: Publisher | None = None
         self.lines: dict[str, LinePipeline] = {}
         self.archives: list[NgArchive] = []
@@ -141,7 +142,8 @@ class Daemon:
         stop_requested = stop_requested or threading.Event()
         m = self.config.metrics
         self.metrics_server = self.metrics.serve(m.host, m.port, live=self.live)
-        log.info("live view on http://%s:%d/", m.host, self.metrics_server.port)
+        if self.live is not None:
+            log.info("live view on http://%s:%d/", m.host, self.metrics_server.port)
         if self.publisher is None:
             raise RuntimeError("Daemon.build() must run before start()")
         self.publisher.start()
@@ -204,7 +206,8 @@ class Daemon:
         # Reads pipeline.drift at each verdict: a SIGHUP reload may swap the drift watch.
         sinks.add("drift", DriftSink(lambda: pipeline.drift, self.metrics))
         # Counters and references only (the latest NG frame and its map); rendered on request.
-        sinks.add("live", self.live.add_line(cfg.id, pipeline.status, pipeline.bundle))
+        if self.live is not None:
+            sinks.add("live", self.live.add_line(cfg.id, pipeline.status, pipeline.bundle))
 
     def _on_sent(self, topic: str, header: dict) -> None:
         if topic.startswith("verdict."):

@@ -151,3 +151,25 @@ def test_live_page_in_a_headless_browser(tmp_path: Path, tiny_bundle: Path, synt
         assert image.std() > 20 and len(np.unique(image.reshape(-1, 3), axis=0)) > 50, "blank screenshot"
     finally:
         daemon.kill()
+
+
+def test_live_view_can_be_turned_off(tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
+    import yaml
+
+    cfg = _write_config(tmp_path / "lines.yaml", [{
+        "id": "line1", "source": {"type": "replay", "path": str(synthetic_parts.test_good), "fps": 10, "loop": True},
+        "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0}], f"ipc://{tmp_path}/pub.sock")
+    data = yaml.safe_load(cfg.read_text())
+    data["metrics"]["live"] = False
+    cfg.write_text(yaml.safe_dump(data))
+    daemon = Daemon(cfg)
+    try:
+        port = int(daemon.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        daemon.wait_log(r"ready: line1")
+        for path in ("/", "/live", "/live/line1/ng.png"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                body = resp.read().decode("utf-8", "replace")
+            assert "text/plain" in resp.headers["Content-Type"] and "inspectd_up" in body, path
+        assert not any("live view on" in line for line in daemon.lines)
+    finally:
+        daemon.kill()
