@@ -88,7 +88,7 @@ MARGIN = 1.05  # keeps calibrated thresholds off the held-out (golden) images' o
 
 @dataclass
 class InpaintOptions:
-    epochs: int = 30
+    epochs: int = 25  # MTD (685 images, 128 px): ~0.375 s per step of 8, 85 steps per epoch -> ~13 min on 2 cores
     size: int = 128
     grid: int = 16
     ssim_class: str = "III"
