@@ -79,7 +79,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=METHOD.default_epochs)
     ap.add_argument("--size", type=int, default=128, help="generator working resolution")
     ap.add_argument("--runs", type=int, default=50, help="latency runs per engine")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = (args.image_size, args.image_size)
