@@ -68,7 +68,8 @@ class CutPasteAEOptions:
     grid_stride: int = 16         # input pixels per patch embedding (taps resampled to this grid)
     pool_cycles: int = 1          # fixed pools of synthetic defects the classifier cycles through
     ae_width: int = 16            # autoencoder channels at its first level (x2, x4, x4 deeper)
-    ae_latent: int = 32           # autoencoder bottleneck channels (at 1/16 of its input resolution)
+    ae_latent: int = 32           # autoencoder bottleneck channels (at 1/2^ae_levels of its input resolution)
+    ae_levels: int = 3            # stride-2 levels of the autoencoder (fewer where its input size does not divide)
     ae_scale: int = 4             # the autoencoder sees the tile average-pooled by this factor
     ae_defect_fraction: float = 0.5  # share of autoencoder inputs given a synthetic defect
     ae_reduction: str = "topk"    # AE map -> AE image score: mean, max or topk (ModelConfig.topk_fraction)
@@ -94,6 +95,8 @@ class CutPasteAEOptions:
             raise bad("ae_width", "must be 2..128")
         if not 1 <= self.ae_latent <= 512:
             raise bad("ae_latent", "must be 1..512")
+        if not 1 <= self.ae_levels <= 4:
+            raise bad("ae_levels", "must be 1..4")
         if self.ae_scale not in (1, 2, 4):
             raise bad("ae_scale", "choose 1, 2 or 4")
         if not 0.0 <= self.ae_defect_fraction <= 1.0:
@@ -134,10 +137,10 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (1 - shrink) * cov + shrink * mu * torch.eye(d, dtype=x.dtype)
 
 
-def ae_levels(height: int, width: int) -> int:
-    """Stride-2 levels of the autoencoder for an input of height x width: up to 4, as many as divide."""
+def ae_levels(height: int, width: int, most: int = 4) -> int:
+    """Stride-2 levels of the autoencoder for an input of height x width: up to `most`, as many as divide."""
     levels = 0
-    while levels < 4 and height % (2 ** (levels + 1)) == 0 and width % (2 ** (levels + 1)) == 0:
+    while levels < most and height % (2 ** (levels + 1)) == 0 and width % (2 ** (levels + 1)) == 0:
         levels += 1
     return levels
 
@@ -192,7 +195,8 @@ class CutPasteAEModel(nn.Module):
         self.register_buffer("patch_mean", torch.zeros(dim))
         self.register_buffer("patch_prec", torch.eye(dim))
         self.ae_scale = options.ae_scale
-        levels = ae_levels(config.image_height // options.ae_scale, config.image_width // options.ae_scale)
+        levels = ae_levels(config.image_height // options.ae_scale, config.image_width // options.ae_scale,
+                           options.ae_levels)
         self.autoencoder = ConvAutoencoder(channels, options.ae_width, options.ae_latent, levels)
         self.cutpaste_head = MapHead(config, 1)
         self.ae_head = MapHead(replace(config, reduction=options.ae_reduction), 1)
