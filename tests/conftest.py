@@ -43,8 +43,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Synth
 # Small, fast trainings of every method besides the flow (its tiny bundle is above): options sized
 # for the 128 px synthetic parts so each trains in seconds on 2 cores.
 TINY_METHOD_OPTIONS: dict[str, dict[str, str]] = {
-    "cutpaste-ae": {"epochs": "6"},
-    "inpaint": {"epochs": "8", "size": "64"},
+    "cutpaste-ae": {"epochs": "40", "classifier_epochs": "40"},  # 36 tiles, ~10 s
+    "inpaint": {"epochs": "10", "size": "64"},                   # 160 steps at 64 px, ~15-40 s
 }
 
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from inspectd.engines.model_config import ModelConfig
 
-__all__ = ["InputAdapter", "MapHead", "ModelConfig", "build_from_bundle", "save_weights", "tile_images"]
+__all__ = ["InputAdapter", "MapHead", "ModelConfig", "build_from_bundle", "resample_grid", "save_weights",
+           "tile_images"]
 
 
 class InputAdapter(nn.Module):
@@ -58,6 +59,17 @@ def tile_images(images: torch.Tensor, c: ModelConfig) -> torch.Tensor:
              for y0 in range(0, c.tiles[0] * c.tile_stride[0], c.tile_stride[0])
              for x0 in range(0, c.tiles[1] * c.tile_stride[1], c.tile_stride[1])]
     return torch.stack(parts, dim=1).reshape(-1, c.image_height, c.image_width, images.shape[-1])
+
+
+def resample_grid(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A feature map (N, C, h, w) onto a coarser grid by average pooling (local aggregation, like patch
+    pooling), or onto a finer one bilinearly."""
+    h, w = int(f.shape[-2]), int(f.shape[-1])  # static: input sizes are fixed per bundle
+    if (h, w) == size:
+        return f
+    if h >= size[0] and w >= size[1]:
+        return F.avg_pool2d(f, kernel_size=(h // size[0], w // size[1]))  # local aggregation, like patch pooling
+    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
 
 
 class MapHead(nn.Module):

@@ -5,7 +5,6 @@ verdict stream and metrics as the flow; the defective line is judged NG far more
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 

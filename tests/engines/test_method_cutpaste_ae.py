@@ -29,12 +29,10 @@ def _cfg(**model: object):
 
 
 @pytest.fixture(scope="module")
-def cpae_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts) -> Path:
-    from inspectd.engines.train import train
-
-    out = tmp_path_factory.mktemp("cpae") / "bundle"
-    train(synthetic_parts.train_good, out, _cfg(), golden_bad_dir=synthetic_parts.test_bad)
-    return out
+def cpae_bundle(tiny_method_bundles) -> Path:
+    """The session's tiny cutpaste-ae bundle (tests/conftest.py, the same options as OPTIONS below),
+    shared with the daemon and tools tests."""
+    return tiny_method_bundles("cutpaste-ae")
 
 
 def _batch(bundle, folder: Path, n: int | None = None) -> np.ndarray:

@@ -23,18 +23,11 @@ from inspectd.engines.preprocess import list_images, load_prepared
 from inspectd.errors import ConfigError
 from inspectd.stats import roc_auc
 
-OPTIONS = {"epochs": "10", "size": "64"}  # 160 steps at 64 px: ~15-40 s on 2 shared cores
-
-
 @pytest.fixture(scope="module")
-def bundle_path(tmp_path_factory: pytest.TempPathFactory, synthetic_parts) -> Path:
-    from inspectd.engines.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("inpaint") / "bundle"
-    cfg = TrainConfig(model=ModelConfig(image_height=128, image_width=128), method="inpaint",
-                      options=dict(OPTIONS), seed=0, select=False)
-    train(synthetic_parts.train_good, out, cfg)
-    return out
+def bundle_path(tiny_method_bundles) -> Path:
+    """The session's tiny inpaint bundle (tests/conftest.py: 10 epochs at 64 px, shared with the
+    daemon and tools tests)."""
+    return tiny_method_bundles("inpaint")
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from inspectd.engines.fitting import (augment, batches, extract_features, lr_at,
                                       validation_auroc)
 from inspectd.engines.methods import options_from, options_to_dict
 from inspectd.engines.methods.base import FitData, Fitted
-from inspectd.engines.model import InputAdapter, MapHead, tile_images
+from inspectd.engines.model import InputAdapter, MapHead, resample_grid, tile_images
 from inspectd.engines.model_config import ModelConfig
 from inspectd.errors import DataError
 from inspectd.progress import Progress
@@ -49,15 +49,6 @@ def positional_encoding(channels: int, height: int, width: int) -> torch.Tensor:
     py = torch.cat([torch.sin(ys * freq), torch.cos(ys * freq)], dim=1).T[:, :, None].expand(-1, height, width)
     px = torch.cat([torch.sin(xs * freq), torch.cos(xs * freq)], dim=1).T[:, None, :].expand(-1, height, width)
     return torch.cat([py, px], dim=0)[None].contiguous()
-
-
-def _resample(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    h, w = int(f.shape[-2]), int(f.shape[-1])  # static: input sizes are fixed per bundle
-    if (h, w) == size:
-        return f
-    if h >= size[0] and w >= size[1]:
-        return F.avg_pool2d(f, kernel_size=(h // size[0], w // size[1]))  # local aggregation, like patch pooling
-    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
 
 
 class FlowModel(nn.Module):
@@ -100,7 +91,7 @@ class FlowModel(nn.Module):
             feats = [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
         if self.config.fusion == "separate":
             return feats
-        return [torch.cat([_resample(f, self.grids[0]) for f in feats], dim=1)]
+        return [torch.cat([resample_grid(f, self.grids[0]) for f in feats], dim=1)]
 
     def cond(self, i: int, n: int) -> torch.Tensor | None:
         pe = getattr(self, f"pos{i}")
