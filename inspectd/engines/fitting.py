@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from inspectd.engines.export import OPSET
+from inspectd.errors import DataError
 from inspectd.progress import Progress
 
 if TYPE_CHECKING:
@@ -75,6 +76,40 @@ def lr_at(step: int, total: int, cfg: "TrainConfig") -> float:
         return cfg.lr_min + (cfg.lr_max - cfg.lr_min) * step / warm
     progress = (step - warm) / max(1, total - warm)
     return cfg.lr_min + 0.5 * (cfg.lr_max - cfg.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+class ScheduledSteps:
+    """What every method's training loop shares: the warm-up + cosine learning rate of each step,
+    the gradient step (optionally clipped), a refusal to go on once the loss is not finite, and an
+    exponential average of the loss for the progress bar and the result."""
+
+    def __init__(self, opt: torch.optim.Optimizer, total: int, cfg: "TrainConfig", label: str,
+                 clip: float | None = None) -> None:
+        self.opt, self.total, self.cfg, self.label, self.clip = opt, total, cfg, label, clip
+        self.done = 0
+        self.ema: float | None = None
+        self.bar = Progress(total, label)
+
+    def step(self, loss: torch.Tensor) -> None:
+        lr = lr_at(self.done, self.total, self.cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.clip)
+        self.opt.step()
+        if not torch.isfinite(loss):
+            raise DataError(f"training diverged ({self.label}: the loss is not finite); try a lower learning rate")
+        value = loss.item()
+        self.ema = value if self.ema is None else 0.95 * self.ema + 0.05 * value
+        self.done += 1
+        self.bar.update(1, loss=self.ema, lr=lr)
+
+    def close(self) -> float:
+        """Ends the progress bar; the averaged final loss."""
+        self.bar.close()
+        return float(self.ema if self.ema is not None else float("nan"))
 
 
 @torch.no_grad()

@@ -49,14 +49,12 @@ from torch import nn
 
 from inspectd.engines.backbone import EfficientNetFeatures, load_backbone
 from inspectd.engines.export import export_onnx
-from inspectd.engines.fitting import batches, extract_features, lr_at, validation_auroc
+from inspectd.engines.fitting import ScheduledSteps, batches, extract_features, validation_auroc
 from inspectd.engines.methods import options_from, options_to_dict
 from inspectd.engines.methods.base import FitData, Fitted
 from inspectd.engines.model import InputAdapter, MapHead, resample_grid, tile_images
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.validation import make_validation_set, synthesize
-from inspectd.errors import DataError
-from inspectd.progress import Progress
 
 NAME = "cutpaste-ae"
 SCORE_RULES = ("combined", "cutpaste", "ae")
@@ -312,8 +310,7 @@ def train_classifier(model: CutPasteAEModel, normal: torch.Tensor, pools: list[t
     steps_per_epoch = max(1, math.ceil(n / batch))
     total = steps_per_epoch * opts.classifier_epochs
     labels = torch.arange(len(CLASSES)).repeat_interleave(batch)
-    bar = Progress(total, "classifier")
-    step, ema = 0, None
+    steps = ScheduledSteps(opt, total, cfg, "classifier")
     for epoch in range(opts.classifier_epochs):
         cp, scar = pools[epoch % len(pools)]
         order = torch.randperm(n, generator=gen)
@@ -321,19 +318,8 @@ def train_classifier(model: CutPasteAEModel, normal: torch.Tensor, pools: list[t
             idx = order[b * batch:(b + 1) * batch]
             x = torch.cat([normal[idx], cp[idx], scar[idx]]).float()
             y = labels.view(len(CLASSES), batch)[:, :len(idx)].reshape(-1)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg)
-            loss = F.cross_entropy(model.logits(model.embed(x)), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if not torch.isfinite(loss):
-                raise DataError("cutpaste classifier diverged (loss is not finite)")
-            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-            step += 1
-            bar.update(1, loss=ema)
-    bar.close()
-    return float(ema if ema is not None else float("nan"))
+            steps.step(F.cross_entropy(model.logits(model.embed(x)), y))
+    return steps.close()
 
 
 def train_autoencoder(model: CutPasteAEModel, tiles: list[np.ndarray], opts: CutPasteAEOptions, cfg: Any,
@@ -346,8 +332,7 @@ def train_autoencoder(model: CutPasteAEModel, tiles: list[np.ndarray], opts: Cut
     batch = max(1, cfg.batch_size)
     steps_per_epoch = max(1, math.ceil(n / batch))
     total = steps_per_epoch * opts.epochs
-    bar = Progress(total, "autoencoder")
-    step, ema = 0, None
+    steps = ScheduledSteps(opt, total, cfg, "autoencoder")
     for _epoch in range(opts.epochs):
         order = torch.randperm(n, generator=gen).tolist()
         for b in range(steps_per_epoch):
@@ -357,20 +342,9 @@ def train_autoencoder(model: CutPasteAEModel, tiles: list[np.ndarray], opts: Cut
                               for i in idx])
             target = model.ae_input(torch.from_numpy(clean))
             x = model.ae_input(torch.from_numpy(noisy))
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg)
-            loss = F.mse_loss(ae(x), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if not torch.isfinite(loss):
-                raise DataError("autoencoder diverged (loss is not finite)")
-            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-            step += 1
-            bar.update(1, loss=ema)
-    bar.close()
+            steps.step(F.mse_loss(ae(x), target))
     ae.eval()
-    return float(ema if ema is not None else float("nan"))
+    return steps.close()
 
 
 @torch.no_grad()

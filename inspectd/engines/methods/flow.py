@@ -27,14 +27,12 @@ from torch import nn
 from inspectd.engines.backbone import EfficientNetFeatures, load_backbone
 from inspectd.engines.coupling import ScaleFlow
 from inspectd.engines.export import export_onnx
-from inspectd.engines.fitting import (augment, batches, extract_features, lr_at, reduce_maps,
+from inspectd.engines.fitting import (ScheduledSteps, augment, batches, extract_features, reduce_maps,
                                       validation_auroc)
 from inspectd.engines.methods import options_from, options_to_dict
 from inspectd.engines.methods.base import FitData, Fitted
 from inspectd.engines.model import InputAdapter, MapHead, resample_grid, tile_images
 from inspectd.engines.model_config import ModelConfig
-from inspectd.errors import DataError
-from inspectd.progress import Progress
 
 if TYPE_CHECKING:
     from inspectd.engines.train import TrainConfig
@@ -135,8 +133,7 @@ def train_flows(model: FlowModel, cache: list[torch.Tensor], n_images: int, cfg:
     total = steps_per_epoch * cfg.epochs
     gen = torch.Generator().manual_seed(cfg.seed)
     model.flows.train()
-    bar = Progress(total, "train")
-    step, ema = 0, None
+    steps = ScheduledSteps(opt, total, cfg, "train", clip=5.0)
     mean = [m.to(device) for m in model.feat_mean]
     std = [s.to(device) for s in model.feat_std]
     for _epoch in range(cfg.epochs):
@@ -145,25 +142,13 @@ def train_flows(model: FlowModel, cache: list[torch.Tensor], n_images: int, cfg:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             view = torch.randint(0, views, (len(idx),), generator=gen)
             rows = view * n_images + idx
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg)
             loss = torch.zeros((), device=device)
             for t, flow in enumerate(model.flows):
                 f = (cache[t][rows].to(device).float() - mean[t]) / std[t]
                 loss = loss + flow(f, model.cond(t, f.shape[0])).mean()
-            loss = loss / len(model.flows)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            if not torch.isfinite(loss):
-                raise DataError("training diverged (loss is not finite); try a lower learning rate or clamp")
-            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-            step += 1
-            bar.update(1, loss=ema, lr=g["lr"])
-    bar.close()
+            steps.step(loss / len(model.flows))
     model.flows.eval()
-    return float(ema if ema is not None else float("nan"))
+    return steps.close()
 
 
 @torch.no_grad()

@@ -68,13 +68,11 @@ from torch import nn
 
 from inspectd.engines.bundle import INPUT_NAME, OUTPUT_NAMES
 from inspectd.engines.export import OPSET, export_onnx
-from inspectd.engines.fitting import batches, lr_at, pick_best, reduce_maps, validation_auroc
+from inspectd.engines.fitting import ScheduledSteps, batches, pick_best, reduce_maps, validation_auroc
 from inspectd.engines.methods import options_from, options_to_dict
 from inspectd.engines.methods.base import FitData, Fitted
 from inspectd.engines.model import MapHead, gaussian_kernel1d, tile_images
 from inspectd.engines.model_config import ModelConfig
-from inspectd.errors import DataError
-from inspectd.progress import Progress
 
 SSIM_CLASSES = {"I": (0.2, 0.5, 2.3), "II": (0.1, 0.8, 2.1), "III": (0.3, 0.6, 2.1)}
 C1, C2, C3 = 0.01 ** 2, 0.03 ** 2, 0.015 ** 2
@@ -379,32 +377,21 @@ def train_generator(model: InpaintModel, x: torch.Tensor, options: InpaintOption
     steps_per_epoch = max(MIN_STEPS_PER_EPOCH, n // bs)  # small folders: an epoch is at least this many steps
     total = steps_per_epoch * options.epochs
     opt = torch.optim.Adam(model.gen.parameters(), lr=cfg.lr_max)
-    bar = Progress(total, "train")
-    ema, step = None, 0
+    steps = ScheduledSteps(opt, total, cfg, "train")
     model.gen.train()
     for _ in range(options.epochs):
         order = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-steps_per_epoch * bs // n))])
         for b in range(steps_per_epoch):
             batch = x[order[b * bs:(b + 1) * bs]].to(device)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg)
             loss = _loss(model, batch, model.gen(batch))
             if options.fuzzy:
                 cells = fuzzy_cell_masks(batch.shape[0], options.grid, gen)[:, None].float().to(device)
                 noise = torch.rand(batch.shape, generator=gen).to(device)
                 masked = apply_fuzzy(batch, cells, model.weight, noise)
                 loss = loss + LAMBDA * _loss(model, batch, model.gen(masked))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if not torch.isfinite(loss):
-                raise DataError("training diverged (loss is not finite); try a lower learning rate")
-            ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-            step += 1
-            bar.update(1, loss=ema)
-    bar.close()
+            steps.step(loss)
     model.gen.eval()
-    return float(ema if ema is not None else float("nan"))
+    return steps.close()
 
 
 @torch.no_grad()
