@@ -62,7 +62,8 @@ def main() -> None:
     report = evaluate(out / "bundle", dirs["test_good"], dirs["test_bad"], out / "eval", masks_dir=dirs["masks"])
     m = bundle.manifest
     mc = ModelConfig.from_dict(m.training.config["model"])
-    rows = [{"method": f"flow (inspectd train {args.train_args or 'defaults'})", "image_auroc": report["image_auroc"],
+    rows = [{"method": f"{m.method.name} (inspectd train {args.train_args or 'defaults'})",
+             "image_auroc": report["image_auroc"],
              "pixel_auroc": report.get("pixel_auroc"), "train_s": round(train_s, 1)}]
     if not args.skip_baselines:
         spec = bundle.input_spec
