@@ -49,10 +49,11 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def substitute(expr: str, line: str, budget_ms: float = 50, rate_interval: str = "30s",
-               time_range: str = "1m") -> str:
-    """What Grafana sends to Prometheus for one selected line. Longest variable names first, so
-    `$__range` does not eat `$__rate_interval`. Plain ids only: Grafana's regex escaping of other
-    characters is not reproduced here."""
+               time_range: str = "1m", box: str = ".*") -> str:
+    """What Grafana sends to Prometheus for one selected line (and box: the default is the `box`
+    variable's All value `.*`, which also matches series without a box label, the single-box
+    case). Longest variable names first, so `$__range` does not eat `$__rate_interval`. Plain ids
+    only: Grafana's regex escaping of other characters is not reproduced here."""
     if not re.fullmatch(r"\w+", line):
         raise ValueError(f"test line ids must be plain words, got {line!r}")
     replacements = {
@@ -62,6 +63,8 @@ def substitute(expr: str, line: str, budget_ms: float = 50, rate_interval: str =
         "$budget_ms": repr(float(budget_ms)),
         "${line}": line,
         "$line": line,
+        "${box}": box,
+        "$box": box,
     }
     for name in sorted(replacements, key=len, reverse=True):
         expr = expr.replace(name, replacements[name])

@@ -38,14 +38,22 @@ def test_line_variable() -> None:
     variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
     line = variables["line"]
     assert line["type"] == "query"
-    assert line["query"]["query"] == "label_values(inspectd_frames_total, line)"
+    assert line["query"]["query"] == 'label_values(inspectd_frames_total{box=~"$box"}, line)'
     assert line["multi"] and line["includeAll"]
     assert variables["datasource"]["query"] == "prometheus"
+    # Fleet: the box the agent labels its samples with (deploy/prometheus/agent.yml). All is `.*`,
+    # which also matches series without a box label (one box scraped directly).
+    box = variables["box"]
+    assert box["type"] == "query" and box["query"]["query"] == "label_values(inspectd_up, box)"
+    assert box["multi"] and box["includeAll"] and box["allValue"] == ".*"
+    names = [v["name"] for v in load_dashboard()["templating"]["list"]]
+    assert names.index("box") < names.index("line")  # the line list follows the box choice
 
 
-def test_every_line_metric_is_filtered_by_the_line_variable() -> None:
+def test_every_metric_is_filtered_by_the_box_and_line_variables() -> None:
     for title, ref, expr in dashboard_queries(load_dashboard()):
         for name, matchers in _SELECTOR_RE.findall(expr):
+            assert 'box=~"$box"' in matchers, f"{title} {ref}: {name}{matchers}"
             if name in _NO_LINE_LABEL:
                 continue
             assert 'line=~"$line"' in matchers, f"{title} {ref}: {name}{matchers}"

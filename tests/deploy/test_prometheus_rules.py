@@ -57,7 +57,7 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
 @pytest.mark.parametrize("old, new, alert", [
     ("inspectd_camera_connected == 0\n        for: 30s", "inspectd_camera_connected == 0\n        for: 10m",
      "InspectdCameraDown"),
-    ("unless on (job, instance, line) (inspectd_source_triggered == 1)", "", "InspectdNoFrames"),
+    ("unless on (job, box, instance, line) (inspectd_source_triggered == 1)", "", "InspectdNoFrames"),
     ("> 0.01", "> 0.10", "InspectdDeadlineMisses"),
     (">= 20", ">= 1", "InspectdNgRateSpike"),
     # The old fallback rule fired for ever on a CPU-only box that never had TensorRT.
