@@ -63,7 +63,7 @@ from inspectd.errors import ConfigError, InspectdError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("verdict", "heatmap", "heartbeat")
+KINDS = ("verdict", "heatmap", "heartbeat", "shadow")   # shadow.<line>: a candidate bundle's verdicts
 
 
 @dataclass
@@ -424,6 +424,8 @@ class VerdictSubscriber:
             self._call(self.on_verdict, msg)
         elif msg.kind == "heatmap":
             self._call(self.on_heatmap, msg)
+        elif msg.kind == "shadow":
+            pass  # returned by poll_once; never a line's verdict or status
         else:
             self._call(self.on_heartbeat, msg)
         return msg

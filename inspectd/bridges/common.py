@@ -127,6 +127,44 @@ def make_subscriber(settings: BridgeSettings, on_verdict: Callable[[Message], No
                              curve=settings.curve)
 
 
+def recipe_request(settings: BridgeSettings, line: str, payload: bytes | str, via: str) -> dict[str, Any]:
+    """A recipe switch asked on the PLC side (MQTT recipe/set, OPC UA SetRecipe), forwarded to the
+    daemon's control socket (<state_dir>/control.sock, same box). `payload`: the recipe name, or
+    JSON {"name": ..., "reason": ..., "requester": ...}. Authentication on the PLC side is the
+    broker's / server's (ACLs, certificates); the socket admits this bridge by its user/group and
+    audits the switch as `socket/<via>`. The answer is {"ok": bool, ...} (never raises)."""
+    import json as _json
+
+    from inspectd.daemon.control import request, socket_path
+    from inspectd.errors import InspectdError
+
+    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else str(payload)
+    text = text.strip()
+    body: dict[str, Any] = {}
+    if text.startswith("{"):
+        try:
+            body = _json.loads(text)
+        except ValueError:
+            return {"ok": False, "line": line, "error": "malformed JSON request"}
+        if not isinstance(body, dict):
+            return {"ok": False, "line": line, "error": "expected a JSON object"}
+    else:
+        body = {"name": text}
+    name = body.get("name")
+    if not isinstance(name, str) or not name:
+        return {"ok": False, "line": line, "error": "no recipe name given"}
+    req = {"op": "recipe", "line": line, "name": name, "via": via,
+           "reason": body.get("reason") if isinstance(body.get("reason"), str) else f"requested over {via}",
+           "requester": str(body.get("requester"))[:200] if body.get("requester") is not None else None}
+    try:
+        answer = request(socket_path(settings.config.state_dir), req)
+    except InspectdError as exc:
+        answer = {"ok": False, "error": str(exc)}
+    answer.setdefault("line", line)
+    answer["requested"] = name
+    return answer
+
+
 def stop_event_on_signals() -> threading.Event:
     """An Event set by SIGTERM / SIGINT (systemd stop, Ctrl-C)."""
     stop = threading.Event()

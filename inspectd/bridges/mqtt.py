@@ -1,6 +1,11 @@
 """MQTT bridge: verdicts to `<prefix>/<line>/verdict` (JSON, QoS from config, default 1) and the
 line's status to `<prefix>/<line>/status` (JSON, retained, QoS 1).
 
+Recipe switch: a message on `<prefix>/<line>/recipe/set` (the recipe name, or JSON {"name", "reason",
+"requester"}) is forwarded to the daemon's control socket; the answer ({"ok": ..., "active"/"error"})
+is published on `<prefix>/<line>/recipe/result` (QoS 1, not retained). Who may publish on recipe/set
+is the broker's ACL to configure (the bridge cannot tell MQTT clients apart).
+
 One MQTT connection per line, so each line's status topic has its own last will ("offline",
 retained): a bridge that dies or loses the broker leaves every line it served marked offline.
 The status says "offline" when the daemon's heartbeats stop for `stale_after_s` (default two
@@ -21,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from inspectd.bridges.common import (BridgeSettings, default_client_id, load_settings, make_subscriber,
-                                     offline_payload, status_payload, stop_event_on_signals, verdict_payload)
+                                     offline_payload, recipe_request, status_payload, stop_event_on_signals,
+                                     verdict_payload)
 from inspectd.client import LineStatus, Message
 from inspectd.daemon.config import MqttBridgeConfig
 from inspectd.errors import ConfigError
@@ -85,6 +91,7 @@ class MqttBridge:
             client.tls_set(ca_certs=str(tls.ca) if tls.ca else None, certfile=str(tls.cert) if tls.cert else None,
                            keyfile=str(tls.key) if tls.key else None, cert_reqs=ssl.CERT_REQUIRED,
                            tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.on_message = lambda c, userdata, message, _line=line: self._on_message(_line, message)
         client.reconnect_delay_set(min_delay=1, max_delay=5)
         client.max_queued_messages_set(MAX_QUEUED)
         client.on_connect = lambda c, userdata, flags, rc, props=None, _line=line: self._on_connect(_line, rc)
@@ -99,12 +106,26 @@ class MqttBridge:
                         self.cfg.port, rc)
             return
         log.info("line %s: connected to MQTT broker %s:%d", line, self.cfg.host, self.cfg.port)
+        self.clients[line].subscribe(self.topic(line, "recipe/set"), qos=1)
         with self._lock:
             payload = self._status.get(line) or status_payload(LineStatus(line))
         self._publish_status(line, payload)
 
     def _publish_status(self, line: str, payload: dict[str, Any]) -> None:
         self.clients[line].publish(self.topic(line, "status"), json.dumps(payload), qos=1, retain=True)
+
+    def _on_message(self, line: str, message: Any) -> None:
+        if message.topic != self.topic(line, "recipe/set"):
+            return
+        # Off paho's network thread: a switch may load and parity-gate an engine.
+        threading.Thread(target=self._forward_recipe, args=(line, bytes(message.payload)), daemon=True,
+                         name=f"recipe-{line}").start()
+
+    def _forward_recipe(self, line: str, payload: bytes) -> None:
+        answer = recipe_request(self.settings, line, payload, "mqtt")
+        log.info("line %s: recipe request %r over MQTT: %s", line, answer.get("requested"),
+                 "done" if answer.get("ok") else f"refused: {answer.get('error')}")
+        self.clients[line].publish(self.topic(line, "recipe/result"), json.dumps(answer, default=str), qos=1)
 
     # ---- subscriber callbacks (subscriber thread) ----------------------------------------------
     def _on_status(self, line: str, status: LineStatus) -> None:

@@ -4,6 +4,8 @@
     AcquiredTime (DateTime), CameraTimestamp (Int64), Chunks (String, JSON {name: value}),
     CameraConnected (Boolean), Healthy (Boolean), Status (String), FramesOK (UInt64), FramesNG (UInt64)
 
+a method `SetRecipe(name: String) -> String` (JSON answer {"ok", "active"/"error"}) that forwards a
+recipe switch to the daemon's control socket (who may call it: the server's security settings),
 and an `InspectdVerdictEventType` event per verdict emitted by the line's folder (properties Line,
 Verdict, FrameId, Seq, Score, Threshold, AcquiredTime, CameraTimestamp, Chunks). Healthy is True only
 while heartbeats arrive within `stale_after_s` and the daemon says the line is inspecting (camera
@@ -29,8 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from inspectd.bridges.common import (BridgeSettings, load_settings, make_subscriber, status_payload,
-                                     stop_event_on_signals)
+from inspectd.bridges.common import (BridgeSettings, load_settings, make_subscriber, recipe_request,
+                                     status_payload, stop_event_on_signals)
 from inspectd.client import LineStatus, Message
 from inspectd.daemon.config import OpcuaBridgeConfig
 from inspectd.errors import ConfigError
@@ -180,9 +182,24 @@ class OpcuaBridge:
                 variant = ua.Variant(initial, getattr(ua.VariantType, vt))
                 nodes[name] = await folder.add_variable(node_id, ua.QualifiedName(name, idx), variant)
             self.nodes[line] = nodes
+            await folder.add_method(ua.NodeId(f"{line}.SetRecipe", idx), ua.QualifiedName("SetRecipe", idx),
+                                    self._set_recipe_method(line), [ua.VariantType.String], [ua.VariantType.String])
             self.counts[line] = {"OK": 0, "NG": 0}
             self.events[line] = await server.get_event_generator(etype, folder)
         self.server = server
+
+    def _set_recipe_method(self, line: str) -> Any:
+        from asyncua import ua, uamethod
+
+        @uamethod
+        async def set_recipe(parent: Any, name: Any) -> str:
+            loop = asyncio.get_running_loop()   # the socket call blocks (engine load): off the loop
+            answer = await loop.run_in_executor(None, recipe_request, self.settings, line, str(name or ""), "opcua")
+            log.info("line %s: recipe request %r over OPC UA: %s", line, answer.get("requested"),
+                     "done" if answer.get("ok") else f"refused: {answer.get('error')}")
+            return json.dumps(answer, default=str)
+
+        return set_recipe
 
     async def _write(self, line: str, values: dict[str, Any]) -> None:
         from asyncua import ua

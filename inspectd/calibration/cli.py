@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 from pathlib import Path
 
 
@@ -60,6 +61,25 @@ def _run(args: argparse.Namespace) -> int:
                else "; config unchanged")
         print(f"threshold file: {upd.calibration_file} line {args.line} threshold -> {upd.new_threshold:.4f}{how}; "
               f"apply with SIGHUP (systemctl reload inspectd@<instance>)")
+        _audit_calibration(args, upd)
     else:
         print("config: not changed (--dry-run)")
     return 0
+
+
+def _audit_calibration(args: argparse.Namespace, upd: Any) -> None:
+    """The audit record of a calibration that changed the line's threshold (daemon/audit.py)."""
+    import logging
+
+    from inspectd.calibration.config_update import state_dir
+    from inspectd.daemon.audit import AuditLog, audit_path, local_who
+    from inspectd.errors import InspectdError
+
+    try:
+        AuditLog(audit_path(state_dir(args.config))).append(
+            args.line, "calibrate", {"threshold": upd.old_threshold},
+            {"threshold": upd.new_threshold, "threshold_file": str(upd.calibration_file),
+             "bundle": str(args.bundle), "config_changed": upd.config_changed},
+            local_who("calibrate"), "inspectd calibrate (applies at the next SIGHUP)")
+    except (InspectdError, OSError) as exc:
+        logging.getLogger("inspectd.calibration").warning("audit log not written: %s", exc)

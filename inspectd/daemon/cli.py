@@ -36,6 +36,9 @@ def register(subparsers: Any) -> None:
     _register_run(subparsers)
     _register_watch(subparsers)
     _register_capture(subparsers)
+    from inspectd.daemon.control_cli import register_control  # light: the socket client is imported inside
+
+    register_control(subparsers)
 
 
 # ------------------------------------------------------------------------------ run

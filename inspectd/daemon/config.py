@@ -25,7 +25,7 @@ __all__ = ["DaemonConfig", "LineConfig", "GenicamSourceConfig", "ReplaySourceCon
            "MetricsConfig", "HeatmapConfig", "ArchiveConfig", "BackendOptions", "OnnxRuntimeOptions",
            "TensorRTOptions", "TorchOptions", "BridgesConfig", "MqttBridgeConfig", "MqttTlsConfig",
            "OpcuaBridgeConfig", "OpcuaSecurityConfig", "BridgeCurveConfig", "load_config", "config_from_dict",
-           "config_warnings"]
+           "config_warnings", "RecipeConfig", "ShadowConfig", "DEFAULT_RECIPE"]
 
 LINE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 CHUNK_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"   # a GenICam name without the Chunk prefix
@@ -227,6 +227,66 @@ def _known_backends() -> tuple[str, ...]:
     return tuple(BACKENDS)
 
 
+RECIPE_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+DEFAULT_RECIPE = "default"   # the line's own bundle + threshold: the implicit recipe of every line
+
+
+def _check_threshold_shape(value: Any) -> Any:
+    # One clear message instead of pydantic's per-union-member errors.
+    if isinstance(value, bool) or not isinstance(value, (int, float, dict, ThresholdFile)):
+        raise ValueError(f"expected a number or {{file: calib.json}}, got {value!r}")
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return value
+
+
+def _check_roi_shape(value: Any) -> Any:
+    if value is None:
+        return value
+    if (not isinstance(value, (list, tuple)) or len(value) != 4
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"expected [x, y, w, h] (4 integers) or null, got {value!r}")
+    x, y, w, h = value
+    if x < 0 or y < 0 or w <= 0 or h <= 0:
+        raise ValueError(f"expected [x, y, w, h] with x, y >= 0 and w, h > 0, got {list(value)}")
+    return value
+
+
+class RecipeConfig(_Strict):
+    """A named alternative to the line's own bundle + threshold (which is the recipe `default`).
+    The bundle records its own ROI/tiles; `roi`, when given, must be the bundle's (check-config)."""
+
+    name: str = Field(pattern=RECIPE_NAME_PATTERN)
+    bundle: ConfigPath
+    threshold: Union[float, ThresholdFile]
+    roi: tuple[int, int, int, int] | None = None
+    preload: bool = False   # open + warm its engine at start (instant switch; costs memory per engine)
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold_shape(cls, value: Any) -> Any:
+        return _check_threshold_shape(value)
+
+    @field_validator("roi", mode="before")
+    @classmethod
+    def _roi_shape(cls, value: Any) -> Any:
+        return _check_roi_shape(value)
+
+
+class ShadowConfig(_Strict):
+    """A candidate bundle scored on the same frames as the active one, off the critical path."""
+
+    bundle: ConfigPath
+    threshold: Union[float, ThresholdFile]
+    queue_size: int = Field(2, ge=1, le=64)          # frames waiting for the shadow; full = oldest dropped
+    correlation_window: int = Field(200, ge=3, le=100000)   # pairs in the rolling Pearson correlation
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold_shape(cls, value: Any) -> Any:
+        return _check_threshold_shape(value)
+
+
 class LineConfig(_Strict):
     id: str = Field(pattern=LINE_ID_PATTERN, max_length=64)
     source: SourceConfig
@@ -244,6 +304,23 @@ class LineConfig(_Strict):
     # [EncoderValue, Timestamp]: read from the buffer's chunk data (node Chunk<name>); a chunk the
     # camera does not deliver is null (one warning per name), never a stopped line.
     chunks: list[Annotated[str, Field(pattern=CHUNK_NAME_PATTERN, max_length=64)]] = Field(default_factory=list)
+    # Named recipes besides the line's own bundle/threshold (recipe `default`); `recipe` is the one
+    # active at start (a switch or promote through the control socket persists in state_dir).
+    recipes: list[RecipeConfig] = Field(default_factory=list)
+    recipe: str = Field(DEFAULT_RECIPE, pattern=RECIPE_NAME_PATTERN)
+    shadow: ShadowConfig | None = None
+
+    @model_validator(mode="after")
+    def _recipe_names(self) -> "LineConfig":
+        names = [r.name for r in self.recipes]
+        if DEFAULT_RECIPE in names:
+            raise ValueError(f"recipe name {DEFAULT_RECIPE!r} is the line's own bundle/threshold; pick another")
+        if len(set(names)) != len(names):
+            raise ValueError(f"recipe listed twice in {names}")
+        if self.recipe != DEFAULT_RECIPE and self.recipe not in names:
+            raise ValueError(f"recipe {self.recipe!r} is not among the line's recipes "
+                             f"({', '.join([DEFAULT_RECIPE] + names)})")
+        return self
 
     @field_validator("chunks")
     @classmethod
@@ -568,6 +645,18 @@ def load_config(path: str | os.PathLike, validate_paths: bool = False) -> Daemon
                             validate_paths=validate_paths)
 
 
+def _check_bundle_and_threshold(source: str, where: str, bundle: Path, threshold: Any) -> None:
+    from inspectd.engines.bundle import MANIFEST
+    if not (bundle / MANIFEST).is_file():
+        raise ConfigError(f"{source}: {where}.bundle: {bundle} is not a bundle (no {MANIFEST})")
+    if isinstance(threshold, ThresholdFile):
+        from inspectd.daemon.line import read_threshold_file
+        try:
+            read_threshold_file(threshold.file)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {where}.threshold.file: {exc}") from None
+
+
 def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
     """ConfigError naming the field for the first referenced path that does not exist."""
     for i, line in enumerate(config.lines):
@@ -580,6 +669,11 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: {where}.bundle: {line.bundle} is not a bundle (no {MANIFEST})")
         from inspectd.engines.bundle import check_line_roi_at
         check_line_roi_at(line.roi, line.bundle, f"{source}: {where}.roi")  # same pixels as training
+        for j, recipe in enumerate(line.recipes):
+            _check_bundle_and_threshold(source, f"{where}.recipes[{j}]", recipe.bundle, recipe.threshold)
+            check_line_roi_at(recipe.roi, recipe.bundle, f"{source}: {where}.recipes[{j}].roi")
+        if line.shadow is not None:
+            _check_bundle_and_threshold(source, f"{where}.shadow", line.shadow.bundle, line.shadow.threshold)
         src = line.source
         if isinstance(src, GenicamSourceConfig) and not src.cti.is_file():
             raise ConfigError(f"{source}: {where}.source.cti: {src.cti} does not exist (GenTL producer file)")

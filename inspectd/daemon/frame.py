@@ -44,3 +44,4 @@ class Verdict:
     # The raw anomaly map (float32 Hm x Wm, the backend's own output array: a reference, never
     # copied) for the live view's overlay, rendered on request; never serialized.
     anomaly_map: np.ndarray | None = field(default=None, repr=False, compare=False)
+    recipe: str | None = None           # the line's recipe that judged the frame (header `recipe`)

@@ -107,8 +107,23 @@ class Metrics:
                                        "Verdicts/heatmaps the publisher did not send (a seq gap for subscribers)",
                                        ["line", "topic", "reason"], registry=r)
         self.up = Gauge("inspectd_up", "1 while the daemon runs", registry=r)
+        # Recipes, shadow bundles, audit (daemon/recipes.py, daemon/shadow.py, daemon/audit.py).
+        self.recipe_info = Gauge("inspectd_recipe_info", "Active recipe of the line (value 1)", ["line", "recipe"],
+                                 registry=r)
+        self.shadow_dropped = Counter("inspectd_shadow_dropped_total",
+                                      "Frames the shadow bundle did not score (its queue was full)", ["line"],
+                                      registry=r)
+        self.shadow_agreement = Counter("inspectd_shadow_agreement_total",
+                                        "Shadow verdicts that agree / disagree with the active verdict",
+                                        ["line", "agree"], registry=r)
+        self.shadow_correlation = Gauge("inspectd_shadow_score_correlation",
+                                        "Pearson correlation of active vs shadow scores over the last N frames",
+                                        ["line"], registry=r)
+        self.config_generation = Gauge("inspectd_config_generation",
+                                       "Generation of what decides verdicts (+1 per audited change)", registry=r)
         self._engine_lock = threading.Lock()
         self._engine_labels: dict[str, tuple[str, str]] = {}
+        self._recipe_labels: dict[str, str] = {}
 
     def init_line(self, line: str, threshold: float | None = None) -> None:
         """Create the line's series at zero so dashboards and alerts see them before the first event."""
@@ -142,6 +157,18 @@ class Metrics:
                     pass
             self.engine_info.labels(line=line, backend=backend, bundle_id=bundle_id).set(1)
             self._engine_labels[line] = (backend, bundle_id)
+
+    def set_recipe(self, line: str, recipe: str) -> None:
+        """Exactly one inspectd_recipe_info series per line: the active recipe."""
+        with self._engine_lock:
+            old = self._recipe_labels.get(line)
+            if old is not None and old != recipe:
+                try:
+                    self.recipe_info.remove(line, old)
+                except KeyError:
+                    pass
+            self.recipe_info.labels(line=line, recipe=recipe).set(1)
+            self._recipe_labels[line] = recipe
 
     def observe_verdict(self, line: str, verdict: str, score: float | None, deadline_missed: bool) -> None:
         """Count one published verdict (helper for the pipeline)."""

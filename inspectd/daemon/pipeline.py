@@ -27,7 +27,7 @@ from inspectd.daemon.sources.base import SourceError, SourceLost
 from inspectd.engines import preprocess
 from inspectd.engines.bundle import Bundle
 from inspectd.engines.runtime import Backend, EngineInfo, open_backend
-from inspectd.errors import DataError
+from inspectd.errors import DataError, InspectdError
 
 log = logging.getLogger("inspectd.pipeline")
 
@@ -57,6 +57,27 @@ def default_backend_opener(bundle: Bundle, settings: LineSettings, on_fallback: 
 
     return open_backend(bundle, settings.backend_preference, settings.backend_options,
                         gate=make_gate(bundle, threshold=threshold), on_fallback=on_fallback)
+
+
+class RecipeNotReady(InspectdError):
+    """A recipe (or candidate) whose engine cannot judge parts: unknown, bundle does not load,
+    parity gate failed, warm-up failed. The message is the reason given to the requester."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ActiveRecipe:
+    """What decides a verdict, as one immutable object: the worker reads `pipeline.active` ONCE per
+    frame and judges the frame with this engine, bundle (normalization, input spec), ROI and
+    threshold only, so a switch lands between two frames, never inside one. (`threshold` is the
+    recipe's own LineThreshold: a SIGHUP reload of that recipe's calibration file moves it.)"""
+
+    name: str
+    bundle: Bundle
+    threshold: LineThreshold
+    roi: tuple[int, int, int, int] | None
+    runner: "_EngineRunner | None" = None
+    backend: str = "none"
+    threshold_spec: Any = None       # float or Path (calibration file): for the state file / audit
 
 
 class EngineStalled(Exception):
@@ -160,12 +181,16 @@ class LinePipeline:
                  sink: VerdictSink | Callable[[Verdict], None], metrics: Any | None = None,
                  backend_opener: BackendOpener = default_backend_opener,
                  failover_after_errors: int = ENGINE_FAILOVER_AFTER,
-                 stall_after_s: float | None = None) -> None:
+                 stall_after_s: float | None = None, recipe: str = "default") -> None:
         self.settings = settings
         self.line = settings.line
         self.source = source
-        self.bundle = bundle
-        self.threshold = threshold
+        # The active recipe: swapped whole (activate()), read once per frame by the worker.
+        self._active = ActiveRecipe(recipe, bundle, threshold, settings.roi,
+                                    threshold_spec=threshold.path if threshold.path is not None else threshold.value)
+        self._swap_lock = threading.Lock()
+        self._retired: list[_EngineRunner] = []   # runners swapped out: closed by the worker between frames
+        self.shadow: Any = None                   # a ShadowScorer (daemon/shadow.py) or None
         self.sink = as_sink(sink)
         self.metrics = metrics
         self.drift: Any = None  # the line's DriftWatch, read by its DriftSink (a SIGHUP reload may swap it)
@@ -214,6 +239,97 @@ class LinePipeline:
         if metrics is not None:
             metrics.init_line(self.line, threshold.value)
             self._set_engine_ok(False)
+
+    # ---- the active recipe ------------------------------------------------------------------------
+
+    @property
+    def active(self) -> ActiveRecipe:
+        return self._active
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._active.bundle
+
+    @property
+    def threshold(self) -> LineThreshold:
+        return self._active.threshold
+
+    @property
+    def recipe(self) -> str:
+        return self._active.name
+
+    def open_recipe_engine(self, name: str, bundle: Bundle, threshold: LineThreshold,
+                           roi: tuple[int, int, int, int] | None, threshold_spec: Any = None,
+                           backends: tuple[str, ...] | None = None, settings: LineSettings | None = None) -> ActiveRecipe:
+        """Load, parity-gate and warm an engine for `bundle` (on its own runner thread, in the
+        calling thread's time: never the line's worker). RecipeNotReady with the reason when it
+        cannot judge parts."""
+        settings = settings or self.settings
+        if backends is not None:
+            settings = dataclasses.replace(settings, backend_preference=backends)
+
+        def on_fallback(backend: str, reason: str) -> None:
+            log.warning("line %s: recipe %s: backend %s not used: %s", self.line, name, backend, reason)
+
+        runner = _EngineRunner(f"{self.line}-{name}")
+        try:
+            backend, info = runner.call(lambda: self._backend_opener(bundle, settings, on_fallback, threshold.value),
+                                        ENGINE_OPEN_STALE_S, lambda: None)
+        except Exception as exc:
+            runner.close(0.0 if runner.busy else RUNNER_CLOSE_S)
+            raise RecipeNotReady(f"recipe {name!r}: no backend passed (bundle {bundle.bundle_id}): {exc}") from None
+        runner.backend = backend
+        try:
+            warm = np.zeros((1, *bundle.input_spec.shape), np.uint8)
+            for _ in range(2):
+                runner.infer(warm, max(self.stall_after_s, WARMUP_STALL_S), lambda: None)
+        except Exception as exc:
+            runner.close(0.0 if runner.busy else RUNNER_CLOSE_S)
+            raise RecipeNotReady(f"recipe {name!r}: engine warm-up failed: {exc}") from None
+        log.info("line %s: recipe %s engine %s warmed up (bundle %s)", self.line, name, info.backend,
+                 bundle.bundle_id)
+        return ActiveRecipe(name, bundle, threshold, roi, runner, info.backend,
+                            threshold_spec if threshold_spec is not None else
+                            (threshold.path if threshold.path is not None else threshold.value))
+
+    def activate(self, new: ActiveRecipe) -> ActiveRecipe:
+        """Make `new` (a warm engine: RecipeNotReady otherwise) the active recipe, atomically for the
+        worker: the next frame it takes is judged by `new` alone. Returns the recipe it replaced
+        (the caller keeps it warm, e.g. for rollback, or passes it to `retire()`)."""
+        if new.runner is None:
+            raise RecipeNotReady(f"recipe {new.name!r}: engine not warmed")
+        with self._swap_lock:
+            old, self._active = self._active, new   # the one assignment the worker sees
+        self.backend_name = new.backend
+        self.failed = None
+        self._set_engine_ok(True)
+        if self.metrics is not None:
+            self.metrics.set_engine(self.line, new.backend, new.bundle.bundle_id)
+            self.metrics.threshold.labels(line=self.line).set(new.threshold.value)
+            if hasattr(self.metrics, "set_recipe"):
+                self.metrics.set_recipe(self.line, new.name)
+        log.info("line %s: recipe %s active (bundle %s, threshold %.4g, %s)", self.line, new.name,
+                 new.bundle.bundle_id, new.threshold.value, new.backend)
+        return old
+
+    def retire(self, recipe: ActiveRecipe) -> None:
+        """Close a swapped-out recipe's engine once the worker is done with the frame in hand."""
+        if recipe.runner is None or recipe.runner is self._active.runner:
+            return
+        if self._worker_thread.is_alive():
+            with self._swap_lock:
+                self._retired.append(recipe.runner)
+        else:
+            recipe.runner.close(0.0 if recipe.runner.busy else RUNNER_CLOSE_S)
+
+    def _close_retired(self) -> None:
+        if not self._retired:
+            return
+        with self._swap_lock:
+            runners, self._retired = self._retired, []
+        for runner in runners:  # the worker no longer holds them: close off-thread (a close may take time)
+            threading.Thread(target=runner.close, args=(RUNNER_CLOSE_S,), daemon=True,
+                             name=f"close-{self.line}").start()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -302,7 +418,7 @@ class LinePipeline:
         """The heartbeat's `status` dict (contract: README, ZeroMQ table)."""
         return {"state": self.state, "camera_connected": self.camera_connected, "engine_ready": self.engine_ok,
                 "frames": self.frames_acquired, "verdicts": self.verdicts, "backend": self.backend_name,
-                "bundle_id": self.bundle.bundle_id, "threshold": self.threshold.value,
+                "bundle_id": self.bundle.bundle_id, "threshold": self.threshold.value, "recipe": self.recipe,
                 "queue_depth": self.queue_depth, "deadline_misses": self.deadline_misses,
                 "dropped": dict(self.dropped), "engine_errors": self.engine_errors,
                 "engine_stalls": self.engine_stalls, "late_results": self.late_results,
@@ -470,16 +586,29 @@ class LinePipeline:
     # ---- inference -------------------------------------------------------------------------------
 
     def _worker_loop(self) -> None:
-        runner: _EngineRunner | None = None
         try:
+            first = self._active
             runner = self._open_engine()
+            with self._swap_lock:
+                if self._active is first:   # (a recipe switched in meanwhile wins)
+                    self._active = dataclasses.replace(first, runner=runner, backend=self.backend_name)
+                elif runner is not None:
+                    self._retired.append(runner)
             while True:
                 item = self._next_item()
                 if item is None:
                     break
-                self._process(runner, *item)
-                if runner is not None and (self._stalled or self._consecutive_engine_errors >= self._failover_after):
-                    runner = self._fail_over(runner)
+                active = self._active        # once per frame: engine, bundle, ROI, threshold together
+                self._process(active, *item)
+                if active.runner is not None and (self._stalled or
+                                                  self._consecutive_engine_errors >= self._failover_after):
+                    runner = self._fail_over(active.runner)
+                    with self._swap_lock:
+                        if self._active is active:
+                            self._active = dataclasses.replace(active, runner=runner, backend=self.backend_name)
+                        elif runner is not None and runner is not active.runner:
+                            self._retired.append(runner)
+                self._close_retired()
         except Exception as exc:  # never let one line's worker take the process down
             self.failed = f"worker crashed: {type(exc).__name__}: {exc}"
             self._set_engine_ok(False)
@@ -487,8 +616,13 @@ class LinePipeline:
             self.engine_resolved.set()
             self._fail_safe_loop(self.failed)
         finally:
+            runner = self._active.runner
             if runner is not None and not runner.close(RUNNER_CLOSE_S):
                 log.warning("line %s: backend %s still stuck in a call at shutdown", self.line, self.backend_name)
+            with self._swap_lock:
+                retired, self._retired = self._retired, []
+            for old in retired:
+                old.close(0.0 if old.busy else 1.0)
 
     def _fail_over(self, runner: _EngineRunner) -> _EngineRunner | None:
         """The current backend keeps failing or stalled: give it up and open the next one of the
@@ -592,9 +726,10 @@ class LinePipeline:
                 return
             self._fail_safe(item[0], item[1], why, deadline_missed=False, drop_reason="engine_error")
 
-    def _process(self, runner: _EngineRunner | None, key: int, frame: Frame) -> None:
+    def _process(self, active: ActiveRecipe, key: int, frame: Frame) -> None:
         if not self._keeper.is_pending(key):
             return  # already resolved by its deadline while queued: do not spend the engine on it
+        runner = active.runner
         if runner is None:
             self._fail_safe(key, frame, self.failed or "no backend", deadline_missed=False,
                             drop_reason="engine_error")
@@ -603,7 +738,7 @@ class LinePipeline:
             image = frame.image
             if not isinstance(image, np.ndarray):
                 raise DataError(f"frame image is a {type(image).__name__}, not an array")
-            batch = preprocess.prepare(image, self.bundle.input_spec, self.settings.roi)[None]
+            batch = preprocess.prepare(image, active.bundle.input_spec, active.roi)[None]
         except Exception as exc:
             log.warning("line %s: frame %s malformed: %s", self.line, frame.frame_id, exc)
             self._fail_safe(key, frame, f"malformed frame: {exc}", deadline_missed=False, drop_reason="malformed")
@@ -624,22 +759,26 @@ class LinePipeline:
             self._set_engine_ok(True)
         infer_s = time.perf_counter() - t0
         if self.metrics is not None:
-            self.metrics.inference_seconds.labels(line=self.line, backend=self.backend_name).observe(infer_s)
+            self.metrics.inference_seconds.labels(line=self.line, backend=active.backend).observe(infer_s)
         if not self._keeper.claim(key):
             log.debug("line %s: late result for frame %s (%.1f ms after acquisition) not published",
                       self.line, frame.frame_id, (time.monotonic() - frame.acquired_mono) * 1000)
             return
-        threshold = self.threshold.value
-        score = float(self.bundle.normalize(raw))
+        threshold = active.threshold.value
+        score = float(active.bundle.normalize(raw))
         verdict = "NG" if score > threshold else "OK"
         # Fixed display range; resizing and encoding happen in the publisher thread.
-        heatmap = self.bundle.heatmap_u8(maps[0]) if self._wants_heatmap(verdict) else None
-        self._deliver(Verdict(
+        heatmap = active.bundle.heatmap_u8(maps[0]) if self._wants_heatmap(verdict) else None
+        result = Verdict(
             line=self.line, frame_id=frame.frame_id, acquired_ns=frame.acquired_ns, verdict=verdict,
             score=score, raw_score=raw, threshold=threshold,
             latency_ms=(time.monotonic() - frame.acquired_mono) * 1000.0, deadline_missed=False,
-            backend=self.backend_name, bundle_id=self.bundle.bundle_id, heatmap=heatmap, meta=frame.meta,
-            frame=frame, anomaly_map=maps[0]))
+            backend=active.backend, bundle_id=active.bundle.bundle_id, heatmap=heatmap, meta=frame.meta,
+            frame=frame, anomaly_map=maps[0], recipe=active.name)
+        self._deliver(result)
+        shadow = self.shadow
+        if shadow is not None:  # after the verdict went out; never waits (a full shadow queue drops)
+            shadow.offer(frame, result)
 
     def _engine_failed_on(self, key: int, frame: Frame, exc: Exception) -> None:
         self.engine_errors += 1
@@ -681,12 +820,14 @@ class LinePipeline:
         self._deliver(self._fail_safe_verdict(frame, why, deadline_missed))
 
     def _fail_safe_verdict(self, frame: Frame, why: str, deadline_missed: bool) -> Verdict:
+        active = self._active  # one read: recipe, bundle and threshold of the same recipe
         return Verdict(line=self.line, frame_id=frame.frame_id, acquired_ns=frame.acquired_ns,
                        verdict=self.settings.on_deadline_miss, score=None, raw_score=None,
-                       threshold=self.threshold.value,
+                       threshold=active.threshold.value,
                        latency_ms=(time.monotonic() - frame.acquired_mono) * 1000.0,
-                       deadline_missed=deadline_missed, backend=self.backend_name,
-                       bundle_id=self.bundle.bundle_id, error=why, meta=frame.meta, frame=frame)
+                       deadline_missed=deadline_missed, backend=active.backend,
+                       bundle_id=active.bundle.bundle_id, error=why, meta=frame.meta, frame=frame,
+                       recipe=active.name)
 
     def _count_drop(self, reason: str) -> None:
         with self._count_lock:

@@ -94,6 +94,7 @@ def verdict_header(v: Verdict, topic: str, seq: int, published_ns: int, daemon_s
         "deadline_missed": v.deadline_missed,
         "backend": v.backend,
         "bundle_id": v.bundle_id,
+        "recipe": v.recipe,
         "error": v.error,
         "daemon_start_ns": daemon_start_ns,
         # To match a verdict to a physical part: the camera's own timestamp (device ticks, ns on most
@@ -248,6 +249,13 @@ class Publisher:
             return False
         return self._put(_Item("heatmap", v, payload, encoding, shape))
 
+    def publish_shadow(self, v: Verdict, active: dict | None = None) -> bool:
+        """Queue a shadow (candidate bundle) verdict on `shadow.<line>`. It shares the low-priority
+        queue with heatmaps: queued verdicts always go out first, and a full queue drops it."""
+        if active is not None:
+            v.meta = dict(v.meta or {}, _active=active)
+        return self._put(_Item("shadow", v))
+
     def queue_depth(self) -> int:
         with self._cond:
             return len(self._verdicts) + len(self._heatmaps)
@@ -271,7 +279,7 @@ class Publisher:
             return False
         with self._cond:
             q, limit = ((self._verdicts, self.queue_size) if item.kind == "verdict"
-                        else (self._heatmaps, self.heatmap_queue_size))
+                        else (self._heatmaps, self.heatmap_queue_size))   # heatmaps and shadow verdicts
             if len(q) < limit:
                 q.append(item)
                 self._cond.notify()
@@ -379,6 +387,8 @@ class Publisher:
             if item.kind == "heatmap":
                 header["encoding"] = item.encoding
                 header["shape"] = item.shape
+            elif item.kind == "shadow":  # the active verdict of the same frame, for comparison
+                header["active"] = (v.meta or {}).get("_active")
             self._send(sock, topic, header, item.payload)
         except Exception as exc:  # one bad item must not stop the line's publishing
             log.error("could not publish %s for %s frame %s: %s", item.kind, v.line, v.frame_id, exc)

@@ -4,7 +4,9 @@ notifications, and the signals (SIGTERM/SIGINT stop cleanly, SIGHUP reloads thre
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -13,7 +15,10 @@ from typing import Any
 
 from inspectd.daemon.config import (DaemonConfig, LineConfig, ThresholdFile, config_warnings, load_config,
                                     summary)
-from inspectd.errors import ConfigError
+from inspectd.errors import ConfigError, InspectdError
+from inspectd.daemon.audit import AuditLog, audit_path, local_who
+from inspectd.daemon.control import ControlServer, socket_path
+from inspectd.daemon.recipes import LineRecipes, make_threshold
 from inspectd.daemon.archive import NgArchive
 from inspectd.daemon.line import LineSettings, LineThreshold, options_dict
 from inspectd.daemon.live import LiveView
@@ -87,6 +92,9 @@ class Daemon:
         self.live: LiveView | None = LiveView() if config.metrics.live else None
         self.publisher: Publisher | None = None
         self.lines: dict[str, LinePipeline] = {}
+        self.recipes: dict[str, LineRecipes] = {}
+        self.audit = AuditLog(audit_path(config.state_dir))
+        self.control: ControlServer | None = None
         self.archives: list[NgArchive] = []
         self._stop_supervisor = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
@@ -109,12 +117,16 @@ class Daemon:
                                    heartbeat_interval_s=self.config.heartbeat_interval_s, curve=curve,
                                    on_sent=self._on_sent, on_dropped=self._on_dropped)
         for cfg in self.config.lines:
-            settings = line_settings(cfg, ort_lines)
-            threshold = line_threshold(cfg)
-            bundle = load_bundle(cfg.bundle)
+            # The recipe active at start: the config's `recipe` (default: the line's own bundle and
+            # threshold) unless a switch/promote persisted in state_dir says otherwise (daemon/recipes.py).
+            recipes = LineRecipes(cfg, self.config.state_dir, self._record_change)
+            spec = recipes.initial
+            settings = dataclasses.replace(line_settings(cfg, ort_lines), roi=spec.roi)
+            threshold = make_threshold(cfg.id, spec.threshold)
+            bundle = load_bundle(spec.bundle)
             # Same pixels as training: a line ROI other than the bundle's is refused (none: the bundle's applies).
-            check_line_roi(cfg.roi, bundle.roi, f"lines[{self.config.lines.index(cfg)}].roi (line {cfg.id})",
-                           bundle.path)
+            check_line_roi(spec.roi, bundle.roi, f"lines[{self.config.lines.index(cfg)}].roi (line {cfg.id}, "
+                           f"recipe {spec.name})", bundle.path)
             source = make_source(cfg)
             drift = self._drift_for(cfg)
             archive = None
@@ -126,10 +138,14 @@ class Daemon:
                                     metrics=self.metrics)
                 self.archives.append(archive)
             sinks = Sinks()
-            pipeline = LinePipeline(settings, source, bundle, threshold, sinks, metrics=self.metrics)
+            pipeline = LinePipeline(settings, source, bundle, threshold, sinks, metrics=self.metrics,
+                                    recipe=spec.name)
             pipeline.drift = drift
             self._wire_sinks(sinks, cfg, pipeline, archive)
             self.lines[cfg.id] = pipeline
+            recipes.attach(pipeline, self.publisher, self.metrics)
+            self.recipes[cfg.id] = recipes
+        self.metrics.config_generation.set(self.audit.generation())
         for line_id in self.lines:
             self.publisher.register_line(line_id)
 
@@ -154,6 +170,9 @@ class Daemon:
         for pipeline in self.lines.values():
             self.publisher.set_line_status(pipeline.line, pipeline.status())
             pipeline.start()
+        for recipes in self.recipes.values():
+            recipes.start_background()   # preloaded recipes and the shadow bundle, after the line's engine
+        self._start_control()
         log.info("started %s; publishing on %s", summary(self.config), self.publisher.bound_endpoint)
         self.notifier.status("warming up engines")
         # Heartbeat status from now on (state "starting"); watchdog pings only once READY is sent.
@@ -172,6 +191,67 @@ class Daemon:
         self._ready.set()  # pings only after READY=1 went out
         log.info("ready: %s", status)
         return True
+
+    # ---- control socket, recipes, audit ---------------------------------------------------------------
+
+    def _start_control(self) -> None:
+        """The local control socket (daemon/control.py). A daemon without it still inspects: the
+        problem is logged, recipes just cannot be switched at run time."""
+        path = socket_path(self.config.state_dir)
+        from inspectd.daemon.control import request
+        try:
+            if path.exists():
+                try:   # a live daemon on the same state_dir: never steal its socket
+                    request(path, {"op": "ping"}, timeout_s=1.0)
+                    log.error("control socket %s answers (another daemon on this state_dir?): not replacing it; "
+                              "recipe/promote/rollback requests go to that daemon", path)
+                    return
+                except InspectdError:
+                    pass
+            server = ControlServer(path, self._control_request)
+            server.start()
+            self.control = server
+        except (InspectdError, OSError) as exc:
+            log.error("no control socket (recipe/promote/rollback unavailable): %s", exc)
+
+    def _record_change(self, line: str | None, what: str, old: Any, new: Any, who: dict[str, Any],
+                       reason: str | None = None) -> int:
+        """Audit one change of what decides verdicts; the generation metric follows."""
+        try:
+            record = self.audit.append(line, what, old, new, who, reason)
+        except (InspectdError, OSError) as exc:
+            log.error("audit log %s: record not written (%s): %s %s -> %s", self.audit.path, exc, what, old, new)
+            return self.audit.generation()
+        log.info("audit: generation %d: line %s %s by %s", record["generation"], line, what, who.get("user"))
+        self.metrics.config_generation.set(record["generation"])
+        return record["generation"]
+
+    def _control_request(self, req: dict, who: dict) -> dict:
+        op = req.get("op")
+        if op == "ping":
+            return {"pong": True}
+        if op == "lines":
+            return {"lines": list(self.recipes)}
+        line = req.get("line")
+        recipes = self.recipes.get(line) if isinstance(line, str) else None
+        if recipes is None:
+            raise InspectdError(f"no line {line!r} (lines: {', '.join(self.recipes)})")
+        reason = req.get("reason") if isinstance(req.get("reason"), str) else None
+        if op == "list":
+            return recipes.list()
+        if op == "recipe":
+            name = req.get("name")
+            if not isinstance(name, str) or not name:
+                raise InspectdError("recipe: a recipe name is required")
+            return recipes.switch(name, who, reason)
+        if op == "shadow":
+            return recipes.set_shadow(req.get("bundle"), req.get("threshold_file") or req.get("threshold"),
+                                      who, reason)
+        if op == "promote":
+            return recipes.promote(who, reason)
+        if op == "rollback":
+            return recipes.rollback(who, reason)
+        raise InspectdError(f"unknown op {op!r} (list, recipe, shadow, promote, rollback)")
 
     def _wait(self, cond: Any, timeout_s: float, stop_requested: threading.Event) -> bool:
         end = time.monotonic() + timeout_s
@@ -288,14 +368,23 @@ class Daemon:
                 log.error("line %s: threshold reload failed, keeping %.4g: the line is no longer in %s",
                           pipeline.line, pipeline.threshold.value, config_path)
                 continue
-            spec: float | Path | None = None
-            if cfg is not None:
-                spec = cfg.threshold.file if isinstance(cfg.threshold, ThresholdFile) else float(cfg.threshold)
+            # The ACTIVE recipe's threshold as the config now gives it (a promoted bundle's file: re-read).
+            recipes = self.recipes.get(pipeline.line)
+            spec: float | Path | None = recipes.threshold_spec(cfg) if recipes is not None else None
             before = pipeline.threshold.path
+            before_value = pipeline.threshold.value
             if pipeline.threshold.reload(spec) or pipeline.threshold.path != before:
                 # The drift reference is the calibration's good scores: follow the new file.
                 pipeline.drift = self._drift_for(cfg) if cfg is not None else pipeline.drift
             self.metrics.threshold.labels(line=pipeline.line).set(pipeline.threshold.value)
+            if pipeline.threshold.value != before_value or pipeline.threshold.path != before:
+                self._record_change(pipeline.line, "threshold",
+                                    {"recipe": pipeline.recipe, "threshold": before_value,
+                                     "threshold_file": str(before) if before else None},
+                                    {"recipe": pipeline.recipe, "threshold": pipeline.threshold.value,
+                                     "threshold_file": str(pipeline.threshold.path) if pipeline.threshold.path
+                                     else None},
+                                    dict(local_who(), via="SIGHUP"), "SIGHUP reload")
 
     # ---- stop ------------------------------------------------------------------------------------
 
@@ -304,10 +393,15 @@ class Daemon:
         end = time.monotonic() + budget_s
         self.notifier.stopping()
         self._stop_supervisor.set()
+        if self.control is not None:
+            self.control.stop()
         for pipeline in self.lines.values():
             pipeline.request_stop()
+            pipeline.shadow = None
         for pipeline in self.lines.values():
             pipeline.stop(timeout_s=max(0.2, end - time.monotonic() - 0.5), close_source=False)
+        for recipes in self.recipes.values():
+            recipes.stop()
         # Cameras last: a driver's stop may hold the interpreter for a frame period.
         for pipeline in self.lines.values():
             pipeline.close_source()

@@ -1,0 +1,130 @@
+"""The audit trail: every change to what decides verdicts (bundle, threshold, recipe, ROI, shadow,
+promote, rollback, calibrate, a SIGHUP reload that changed something) as one JSON line in
+`<state_dir>/audit.jsonl`.
+
+Each record is written with ONE os.write on an O_APPEND descriptor, then fsync'd: records from
+the daemon and from commands (`inspectd calibrate`) never interleave or overwrite each other, and
+the file is never rewritten. An exclusive flock around read-last-generation + append makes the
+`generation` (the config generation: +1 per record) strictly increasing across processes.
+
+Record: {"time": ISO-8601 UTC, "time_ns", "generation", "line", "what", "old", "new", "reason",
+"who": {"uid", "user", "pid", "via"}, ...}.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pwd
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from inspectd.errors import ConfigError
+
+AUDIT_FILE = "audit.jsonl"
+AUDIT_MODE = 0o640
+_TAIL_BYTES = 65536
+
+
+def audit_path(state_dir: str | os.PathLike) -> Path:
+    return Path(state_dir) / AUDIT_FILE
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def local_who(via: str = "cli") -> dict[str, Any]:
+    """The calling process as the `who` of a record (commands run locally)."""
+    uid = os.getuid()
+    return {"uid": uid, "user": user_name(uid), "pid": os.getpid(), "via": via}
+
+
+def _last_generation(fd: int) -> int:
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0
+    start = max(0, size - _TAIL_BYTES)
+    data = os.pread(fd, size - start, start)
+    for raw in reversed(data.splitlines()):
+        try:
+            return int(json.loads(raw)["generation"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a partial first line of the tail window, or a foreign line
+    return 0
+
+
+class AuditLog:
+    """Append-only JSON lines; `append()` returns the record written (with its generation)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def generation(self) -> int:
+        """The generation of the last record (0: no change recorded yet)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            return _last_generation(fd)
+        finally:
+            os.close(fd)
+
+    def append(self, line: str | None, what: str, old: Any, new: Any, who: dict[str, Any],
+               reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, AUDIT_MODE)
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot open the audit log ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            rfd = os.open(self.path, os.O_RDONLY)
+            try:
+                generation = _last_generation(rfd) + 1
+            finally:
+                os.close(rfd)
+            now_ns = time.time_ns()
+            record = {"time": datetime.fromtimestamp(now_ns / 1e9, timezone.utc).isoformat(timespec="milliseconds"),
+                      "time_ns": now_ns, "generation": generation, "line": line, "what": what,
+                      "old": old, "new": new, "reason": reason, "who": who, **extra}
+            data = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
+            written = os.write(fd, data)   # one write on O_APPEND: never interleaved with another writer
+            if written != len(data):
+                raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes)")
+            os.fsync(fd)
+            return record
+        finally:
+            os.close(fd)   # releases the flock
+
+    def records(self, line: str | None = None) -> Iterator[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as f:
+                for raw in f:
+                    try:
+                        rec = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if line is None or rec.get("line") == line:
+                        yield rec
+        except FileNotFoundError:
+            return
+
+
+def format_record(rec: dict[str, Any]) -> str:
+    who = rec.get("who") or {}
+    by = f"{who.get('user', '?')}(uid {who.get('uid', '?')})"
+    if who.get("via"):
+        by += f" via {who['via']}"
+    if who.get("peer_pid") is not None:
+        by += f" pid {who['peer_pid']}"
+    reason = f"  reason: {rec['reason']}" if rec.get("reason") else ""
+    return (f"{rec.get('time')}  gen {rec.get('generation')}  {rec.get('line') or '-'}  {rec.get('what')}: "
+            f"{json.dumps(rec.get('old'), default=str)} -> {json.dumps(rec.get('new'), default=str)}  by {by}{reason}")

@@ -1,0 +1,352 @@
+"""Recipes, shadow bundle, promote and rollback of one line (the control socket's operations).
+
+A line's recipes are its own bundle + threshold (recipe `default`) and the named `recipes:` of
+its config. Every change goes through `LineRecipes` (one operation at a time per line): the new
+engine is loaded, parity-gated and warmed FIRST, off the line's worker; only a ready engine is
+swapped in (`LinePipeline.activate`, one assignment the worker reads once per frame); anything
+else is refused with the reason. Each change is appended to the audit log and persisted.
+
+Persistence (a restart keeps the outcome): `<state_dir>/<line>/recipes.json`, written atomically:
+
+    {"active": "<recipe>",                                   the recipe active at start
+     "overrides": {"<recipe>": {"bundle": ..., "threshold": ...}},   promoted bundle/threshold
+     "previous":  {"<recipe>": {"bundle": ..., "threshold": ...}},   what `rollback` restores
+     "shadow": {"bundle": ..., "threshold": ...} | null}     set through the socket (absent: config's)
+
+The daemon honours it when it builds the line; the YAML config is never rewritten by the daemon
+(it may not be writable by the service user; `inspectd calibrate` still edits it). A recipe the
+state names but the config no longer has is ignored (logged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from inspectd.daemon.config import DEFAULT_RECIPE, LineConfig, ThresholdFile
+from inspectd.daemon.line import LineThreshold
+from inspectd.daemon.pipeline import ActiveRecipe, LinePipeline, RecipeNotReady
+from inspectd.errors import ConfigError, InspectdError
+from inspectd.fileio import atomic_write
+
+log = logging.getLogger("inspectd.recipes")
+
+STATE_FILE = "recipes.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeSpec:
+    name: str
+    bundle: Path
+    threshold: float | Path          # a number or a calibration file
+    roi: tuple[int, int, int, int] | None
+    preload: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"bundle": str(self.bundle), "threshold": self.threshold if isinstance(self.threshold, float)
+                else str(self.threshold)}
+
+
+def _spec_threshold(value: Any) -> float | Path:
+    if isinstance(value, ThresholdFile):
+        return value.file
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return Path(value)
+
+
+def _from_state(name: str, entry: dict[str, Any], roi: Any) -> RecipeSpec:
+    t = entry["threshold"]
+    return RecipeSpec(name, Path(entry["bundle"]), float(t) if isinstance(t, (int, float)) else Path(t), roi)
+
+
+def config_specs(cfg: LineConfig) -> dict[str, RecipeSpec]:
+    specs = {DEFAULT_RECIPE: RecipeSpec(DEFAULT_RECIPE, cfg.bundle, _spec_threshold(cfg.threshold),
+                                        tuple(cfg.roi) if cfg.roi else None)}
+    for r in cfg.recipes:
+        specs[r.name] = RecipeSpec(r.name, r.bundle, _spec_threshold(r.threshold),
+                                   tuple(r.roi) if r.roi else None, r.preload)
+    return specs
+
+
+def state_path(state_dir: Path, line: str) -> Path:
+    return Path(state_dir) / line / STATE_FILE
+
+
+def read_state(state_dir: Path, line: str) -> dict[str, Any]:
+    path = state_path(state_dir, line)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.error("line %s: %s unreadable, using the config's recipe (%s)", line, path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def make_threshold(line: str, spec: float | Path) -> LineThreshold:
+    return LineThreshold(line, value=spec) if isinstance(spec, float) else LineThreshold(line, path=spec)
+
+
+class LineRecipes:
+    """The recipe operations of one running line. `audit(line, what, old, new, who, reason)` records
+    a change (and returns its generation)."""
+
+    def __init__(self, cfg: LineConfig, state_dir: Path, audit: Any) -> None:
+        self.cfg = cfg
+        self.line = cfg.id
+        self.state_dir = Path(state_dir)
+        self.audit = audit
+        self.pipeline: LinePipeline | None = None
+        self.publisher: Any = None
+        self.metrics: Any = None
+        self._lock = threading.Lock()
+        self.state = read_state(self.state_dir, self.line)
+        self.specs = config_specs(cfg)
+        for name, entry in dict(self.state.get("overrides") or {}).items():
+            if name in self.specs:
+                self.specs[name] = dataclasses.replace(_from_state(name, entry, self.specs[name].roi),
+                                                       preload=self.specs[name].preload)
+            else:
+                log.warning("line %s: state names recipe %s, which the config no longer has: ignored",
+                            self.line, name)
+        active = self.state.get("active", cfg.recipe)
+        if active not in self.specs:
+            log.warning("line %s: state says recipe %s, which the config no longer has: using %s",
+                        self.line, active, cfg.recipe)
+            active = cfg.recipe
+        self.initial = self.specs[active]
+        self.standby: dict[str, ActiveRecipe | str] = {}   # preloaded engines (or why they are not ready)
+        self.previous: dict[str, ActiveRecipe] = {}        # kept warm for rollback after a promote
+        self.shadow: Any = None
+        self.shadow_spec: RecipeSpec | None = None
+
+    # ---- start -----------------------------------------------------------------------------------
+
+    def attach(self, pipeline: LinePipeline, publisher: Any, metrics: Any) -> None:
+        self.pipeline, self.publisher, self.metrics = pipeline, publisher, metrics
+        if metrics is not None:
+            metrics.set_recipe(self.line, self.initial.name)
+
+    def start_background(self) -> None:
+        """Preloaded recipes and the shadow bundle open after the line's own engine (own thread)."""
+        threading.Thread(target=self._start, name=f"recipes-{self.line}", daemon=True).start()
+
+    def _start(self) -> None:
+        assert self.pipeline is not None
+        self.pipeline.engine_resolved.wait()
+        for spec in self.specs.values():
+            if spec.preload and spec.name != self.pipeline.recipe:
+                try:
+                    self.standby[spec.name] = self._open(spec)
+                except (RecipeNotReady, InspectdError) as exc:
+                    self.standby[spec.name] = str(exc)
+                    log.error("line %s: preload of recipe %s failed: %s", self.line, spec.name, exc)
+        shadow = self.state.get("shadow", "config")
+        spec = None
+        if shadow == "config" and self.cfg.shadow is not None:
+            spec = RecipeSpec("shadow", self.cfg.shadow.bundle, _spec_threshold(self.cfg.shadow.threshold),
+                              self.initial.roi)
+        elif isinstance(shadow, dict):
+            spec = _from_state("shadow", shadow, self.initial.roi)
+        if spec is not None:
+            try:
+                self._start_shadow(spec)
+            except (RecipeNotReady, InspectdError) as exc:
+                log.error("line %s: shadow bundle not started: %s", self.line, exc)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _open(self, spec: RecipeSpec, backends: tuple[str, ...] | None = None, settings: Any = None) -> ActiveRecipe:
+        from inspectd.engines.bundle import check_line_roi, load_bundle
+
+        assert self.pipeline is not None
+        try:
+            bundle = load_bundle(spec.bundle)
+            check_line_roi(spec.roi, bundle.roi, f"recipe {spec.name} roi", bundle.path)
+            threshold = make_threshold(self.line, spec.threshold)
+        except (InspectdError, OSError) as exc:
+            raise RecipeNotReady(f"recipe {spec.name!r}: {exc}") from None
+        return self.pipeline.open_recipe_engine(spec.name, bundle, threshold, spec.roi,
+                                                threshold_spec=spec.threshold, backends=backends, settings=settings)
+
+    def _save_state(self) -> None:
+        path = state_path(self.state_dir, self.line)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, (json.dumps(self.state, indent=2, default=str) + "\n").encode(), mode=0o644)
+
+    def _record(self, what: str, old: Any, new: Any, who: dict[str, Any], reason: str | None) -> int:
+        return self.audit(self.line, what, old, new, who, reason)
+
+    @staticmethod
+    def _desc(r: ActiveRecipe) -> dict[str, Any]:
+        t = r.threshold_spec
+        return {"recipe": r.name, "bundle_id": r.bundle.bundle_id, "bundle": str(r.bundle.path),
+                "threshold": r.threshold.value, "threshold_file": None if isinstance(t, float) else str(t)}
+
+    # ---- operations ------------------------------------------------------------------------------
+
+    def list(self) -> dict[str, Any]:
+        assert self.pipeline is not None
+        active = self.pipeline.active
+        out = []
+        for name, spec in self.specs.items():
+            sb = self.standby.get(name)
+            out.append({"name": name, "active": name == active.name, "bundle": str(spec.bundle),
+                        "threshold": spec.threshold if isinstance(spec.threshold, float) else str(spec.threshold),
+                        "preload": spec.preload,
+                        "ready": name == active.name and active.runner is not None or isinstance(sb, ActiveRecipe),
+                        "not_ready_reason": sb if isinstance(sb, str) else None})
+        return {"line": self.line, "active": self._desc(active), "recipes": out,
+                "shadow": self.shadow.stats() if self.shadow is not None else None,
+                "rollback_available": active.name in self.previous or active.name in (self.state.get("previous") or {})}
+
+    def switch(self, name: str, who: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        assert self.pipeline is not None
+        with self._lock:
+            if name not in self.specs:
+                raise RecipeNotReady(f"unknown recipe {name!r} (line {self.line} has: {', '.join(self.specs)})")
+            current = self.pipeline.active
+            if name == current.name:
+                return {"line": self.line, "active": self._desc(current), "changed": False}
+            sb = self.standby.get(name)
+            if isinstance(sb, str):
+                raise RecipeNotReady(f"recipe {name!r} is not ready: {sb}")
+            new = sb if isinstance(sb, ActiveRecipe) else self._open(self.specs[name])
+            old = self.pipeline.activate(new)
+            self.standby.pop(name, None)
+            if self.specs[old.name].preload:
+                self.standby[old.name] = old    # stays warm for the next switch back
+            elif old.name not in self.previous or self.previous[old.name] is not old:
+                self.pipeline.retire(old)
+            self.state["active"] = name
+            self._save_state()
+            self._record("recipe", self._desc(old), self._desc(new), who, reason)
+            return {"line": self.line, "active": self._desc(new), "changed": True}
+
+    def _start_shadow(self, spec: RecipeSpec) -> Any:
+        from inspectd.daemon.shadow import ShadowScorer
+
+        assert self.pipeline is not None
+        # One intra-op thread for ONNX Runtime unless the line sets it: the shadow must not take the CPUs.
+        opts = {k: dict(v) for k, v in self.pipeline.settings.backend_options.items()}
+        explicit = (self.cfg.backend_options.onnxruntime is not None
+                    and self.cfg.backend_options.onnxruntime.intra_op_threads is not None)
+        if "onnxruntime" in opts and not explicit:
+            opts["onnxruntime"]["intra_op_threads"] = 1
+        settings = dataclasses.replace(self.pipeline.settings, backend_options=opts)
+        recipe = self._open(spec, settings=settings)
+        sc = self.cfg.shadow
+        scorer = ShadowScorer(self.line, recipe, self.publisher, self.metrics,
+                              queue_size=sc.queue_size if sc else 2, window=sc.correlation_window if sc else 200)
+        old, self.shadow, self.shadow_spec = self.shadow, scorer, spec
+        self.pipeline.shadow = scorer
+        if old is not None:
+            old.stop()
+        log.info("line %s: shadow bundle %s (threshold %.4g) scoring alongside recipe %s", self.line,
+                 recipe.bundle.bundle_id, recipe.threshold.value, self.pipeline.recipe)
+        return scorer
+
+    def set_shadow(self, bundle: str | None, threshold: Any, who: dict[str, Any],
+                   reason: str | None = None) -> dict[str, Any]:
+        assert self.pipeline is not None
+        with self._lock:
+            old = self.shadow.stats() if self.shadow is not None else None
+            if bundle is None:
+                if self.shadow is not None:
+                    self.pipeline.shadow = None
+                    self.shadow.stop()
+                self.shadow, self.shadow_spec = None, None
+                self.state["shadow"] = None
+                self._save_state()
+                self._record("shadow", old, None, who, reason)
+                return {"line": self.line, "shadow": None}
+            if isinstance(threshold, bool) or threshold is None:
+                raise RecipeNotReady("shadow: a threshold (number) or threshold_file is required")
+            spec = RecipeSpec("shadow", Path(bundle), float(threshold) if isinstance(threshold, (int, float))
+                              else Path(threshold), self.pipeline.active.roi)
+            scorer = self._start_shadow(spec)
+            self.state["shadow"] = spec.describe()
+            self._save_state()
+            self._record("shadow", old, dict(spec.describe(), bundle_id=scorer.bundle_id), who, reason)
+            return {"line": self.line, "shadow": scorer.stats()}
+
+    def promote(self, who: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        """The shadow bundle becomes the active recipe's bundle (with its calibrated threshold file),
+        after the parity gate passes on the line's backends; the old one is kept for rollback."""
+        assert self.pipeline is not None
+        with self._lock:
+            spec = self.shadow_spec
+            if spec is None:
+                raise RecipeNotReady("no shadow bundle to promote (set one: `shadow:` in the config or the socket)")
+            if not isinstance(spec.threshold, Path):
+                raise RecipeNotReady(f"shadow bundle has no calibrated threshold file (threshold "
+                                     f"{spec.threshold}): run `inspectd calibrate` for it and set "
+                                     f"threshold: {{file: ...}}")
+            current = self.pipeline.active
+            new = self._open(dataclasses.replace(spec, name=current.name, roi=current.roi))  # parity gate here
+            old = self.pipeline.activate(new)
+            prev = self.previous.pop(old.name, None)
+            if prev is not None:
+                self.pipeline.retire(prev)
+            self.previous[old.name] = old       # kept warm: rollback is a swap
+            self.pipeline.shadow = None
+            self.shadow.stop()
+            self.shadow, self.shadow_spec = None, None
+            promoted = RecipeSpec(old.name, spec.bundle, spec.threshold, old.roi, self.specs[old.name].preload)
+            self.specs[old.name] = promoted
+            self.state.setdefault("overrides", {})[old.name] = promoted.describe()
+            self.state.setdefault("previous", {})[old.name] = {"bundle": str(old.bundle.path), "threshold":
+                                                               old.threshold_spec if isinstance(old.threshold_spec, float)
+                                                               else str(old.threshold_spec)}
+            self.state["shadow"] = None
+            self._save_state()
+            self._record("promote", self._desc(old), self._desc(new), who, reason)
+            return {"line": self.line, "active": self._desc(new), "previous": self._desc(old)}
+
+    def rollback(self, who: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        assert self.pipeline is not None
+        with self._lock:
+            current = self.pipeline.active
+            new = self.previous.pop(current.name, None)
+            entry = (self.state.get("previous") or {}).get(current.name)
+            if new is None:
+                if entry is None:
+                    raise RecipeNotReady(f"nothing to roll back to for recipe {current.name!r} (no promote recorded)")
+                new = self._open(dataclasses.replace(_from_state(current.name, entry, current.roi)))
+            old = self.pipeline.activate(new)
+            self.pipeline.retire(old)
+            base = config_specs(self.cfg)[current.name]
+            restored = RecipeSpec(current.name, Path(new.bundle.path), new.threshold_spec, new.roi, base.preload)
+            self.specs[current.name] = restored
+            overrides = self.state.setdefault("overrides", {})
+            if (restored.bundle, restored.threshold) == (base.bundle, base.threshold):
+                overrides.pop(current.name, None)
+            else:
+                overrides[current.name] = restored.describe()
+            (self.state.get("previous") or {}).pop(current.name, None)
+            self._save_state()
+            self._record("rollback", self._desc(old), self._desc(new), who, reason)
+            return {"line": self.line, "active": self._desc(new), "previous": self._desc(old)}
+
+    def threshold_spec(self, fresh: LineConfig | None) -> float | Path | None:
+        """SIGHUP: the active recipe's threshold as the re-read config gives it (None: re-read the
+        current file; a promoted bundle's threshold file is not in the config)."""
+        assert self.pipeline is not None
+        name = self.pipeline.recipe
+        if fresh is None or name in (self.state.get("overrides") or {}):
+            return None
+        spec = config_specs(fresh).get(name)
+        return spec.threshold if spec is not None else None
+
+    def stop(self) -> None:
+        if self.shadow is not None:
+            self.shadow.stop(1.0)
+        for r in list(self.standby.values()) + list(self.previous.values()):
+            if isinstance(r, ActiveRecipe) and r.runner is not None:
+                r.runner.close(0.5)

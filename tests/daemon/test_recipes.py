@@ -1,0 +1,293 @@
+"""Recipes, shadow bundles, promote/rollback and the audit log on real child daemons (`inspectd run`)
+with two different real bundles (the tiny flow bundle and the tiny cutpaste-ae bundle), replayed
+at full rate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from inspectd.client import VerdictSubscriber
+from inspectd.daemon.control import request, socket_path
+from inspectd.engines.bundle import load_bundle
+from tests.daemon.test_run import _MODULE, Daemon, _collect, _scrape
+
+CLI = [sys.executable, "-m", _MODULE]
+
+
+def _replay(tmp: Path, parts: Any) -> Path:
+    replay = tmp / "replay"
+    shutil.copytree(parts.test_good, replay / "good")
+    shutil.copytree(parts.test_bad, replay / "bad")
+    return replay
+
+
+def _config(tmp: Path, replay: Path, bundle: Path, state: Path | None = None, **line: Any) -> Path:
+    cfg = tmp / "lines.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "zmq": {"endpoint": f"ipc://{tmp}/pub.sock"}, "metrics": {"port": 0}, "heartbeat_interval_s": 0.2,
+        "state_dir": str(state or tmp / "state"),
+        "lines": [dict({"id": "line1", "source": {"type": "replay", "path": str(replay), "loop": True},
+                        "bundle": str(bundle), "backends": ["onnxruntime"], "threshold": 5.0,
+                        "latency_budget_ms": 3000, "heatmap": {"publish": "none"}}, **line)]}))
+    return cfg
+
+
+def _calib(path: Path, value: float) -> Path:
+    path.write_text(json.dumps({"threshold": value}))
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=120)
+
+
+class _Collector:
+    """Verdict (and shadow) headers gathered on a thread while the test acts on the daemon."""
+
+    def __init__(self, endpoint: str, topics: tuple[str, ...] = ("verdict",)) -> None:
+        self.sub = VerdictSubscriber(endpoint, lines=["line1"], topics=topics, heartbeat_timeout_s=None)
+        self.msgs: list[Any] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            msg = self.sub.poll_once(0.1)
+            if msg is not None:
+                self.msgs.append(msg)
+
+    def headers(self, kind: str = "verdict") -> list[dict]:
+        return [m.header for m in list(self.msgs) if m.kind == kind]
+
+    def wait(self, cond: Any, timeout_s: float = 30.0) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if cond():
+                return
+            time.sleep(0.05)
+        raise AssertionError("condition not met in time")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join(2)
+        self.sub.close()
+
+
+def _as_nobody(sock: Path) -> str:
+    """A control request from a forked child that dropped to uid/gid 65534 (nobody): its answer, or
+    the error it got, as text."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no threads used, only a socket and a pipe, then _exit
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                text = repr(request(sock, {"op": "recipe", "line": "line1", "name": "B"}, timeout_s=10))
+            except Exception as exc:
+                text = f"ERR {exc}"
+            os.write(w, text.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 65536):
+        out += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return out.decode()
+
+
+def _audit(cfg: Path) -> list[dict]:
+    proc = _cli("audit", "--config", str(cfg), "--line", "line1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    text = _cli("audit", "--config", str(cfg))
+    assert text.returncode == 0 and " gen 1 " in text.stdout, text.stdout + text.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_recipe_switch_under_load_refusal_audit_and_auth(tmp_path: Path, tiny_bundle: Path, tiny_method_bundles: Any,
+                                                          synthetic_parts: Any) -> None:
+    bundle_b = tiny_method_bundles("cutpaste-ae")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    model = next(p for p in broken.iterdir() if p.suffix == ".onnx")
+    model.write_bytes(model.read_bytes()[:-16] + b"\0" * 16)   # sha256 no longer matches the manifest
+    # A state dir others may traverse (pytest's tmp dirs are 0700): the socket's own mode must be what refuses.
+    state = Path(tempfile.mkdtemp(prefix="inspectd-state-"))
+    os.chmod(state, 0o711)
+    cfg = _config(tmp_path, _replay(tmp_path, synthetic_parts), tiny_bundle, state=state, recipes=[
+        {"name": "B", "bundle": str(bundle_b), "threshold": {"file": str(_calib(tmp_path / "b.json", 7.0))},
+         "preload": True},
+        {"name": "broken", "bundle": str(broken), "threshold": 1.0}])
+    a, b = load_bundle(tiny_bundle), load_bundle(bundle_b)
+    allowed = {"default": (a.bundle_id, 5.0), "B": (b.bundle_id, 7.0)}
+    bundles = {a.bundle_id: a, b.bundle_id: b}
+    sock = socket_path(state)
+    daemon = Daemon(cfg)
+    col = _Collector(f"ipc://{tmp_path}/pub.sock")
+    try:
+        port = int(daemon.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        daemon.wait_log(r"ready: line1")
+        daemon.wait_log(r"recipe B engine onnxruntime warmed up")
+        col.wait(lambda: len(col.headers()) >= 20)
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+
+        # Not ready -> refused with the reason, nothing changes.
+        bad = request(sock, {"op": "recipe", "line": "line1", "name": "nope"})
+        assert not bad["ok"] and "unknown recipe 'nope'" in bad["error"]
+        bad = request(sock, {"op": "recipe", "line": "line1", "name": "broken"})
+        assert not bad["ok"] and "recipe 'broken'" in bad["error"] and "sha256" in bad["error"], bad
+
+        # Switch under load (replay at full rate): A -> B (the command) -> A (socket).
+        proc = _cli("recipe", "--config", str(cfg), "--line", "line1", "B", "--reason", "product change")
+        assert proc.returncode == 0 and "now recipe B" in proc.stdout, proc.stdout + proc.stderr
+        n = len(col.headers())
+        col.wait(lambda: len(col.headers()) >= n + 20)
+        back = request(sock, {"op": "recipe", "line": "line1", "name": "default"})
+        assert back["ok"] and back["active"]["bundle_id"] == a.bundle_id
+        n = len(col.headers())
+        col.wait(lambda: len(col.headers()) >= n + 20)
+        listed = _cli("recipe", "--config", str(cfg), "--line", "line1", "--list")
+        assert listed.returncode == 0 and "ACTIVE" in listed.stdout and "B " in listed.stdout, listed.stdout
+        metrics = _scrape(port)
+        assert metrics['inspectd_recipe_info{line="line1",recipe="default"}'] == 1
+        assert 'inspectd_recipe_info{line="line1",recipe="B"}' not in metrics
+        assert metrics["inspectd_config_generation"] == 2
+
+        # Unauthenticated: a process of another user cannot connect (mode 0660), and with the
+        # socket opened up by mistake the daemon still refuses it (SO_PEERCRED).
+        if os.geteuid() == 0:
+            assert "permission denied" in _as_nobody(sock)
+            os.chmod(sock, 0o666)
+            answer = _as_nobody(sock)
+            assert "'ok': False" in answer and "not authorized" in answer, answer
+            os.chmod(sock, 0o660)
+        assert request(sock, {"op": "list", "line": "line1"})["active"]["recipe"] == "default"
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+        col.close()
+        records = _audit(cfg)
+        shutil.rmtree(state, ignore_errors=True)
+
+    verdicts = sorted(col.headers(), key=lambda h: h["frame_id"])
+    assert len(verdicts) >= 60
+    for h in verdicts:   # never a mix: recipe, bundle, threshold and the score's normalization agree
+        assert (h["bundle_id"], h["threshold"]) == allowed[h["recipe"]], h
+        if h["raw_score"] is not None:
+            assert abs(bundles[h["bundle_id"]].normalize(h["raw_score"]) - h["score"]) < 1e-6 * max(1, abs(h["score"]))
+    runs = [h["recipe"] for i, h in enumerate(verdicts) if i == 0 or h["recipe"] != verdicts[i - 1]["recipe"]]
+    assert runs == ["default", "B", "default"], runs   # each switch lands between two frames, once
+
+    assert [r["what"] for r in records] == ["recipe", "recipe"]
+    assert [r["generation"] for r in records] == [1, 2]
+    first = records[0]
+    assert first["old"]["recipe"] == "default" and first["new"]["recipe"] == "B"
+    assert first["new"]["bundle_id"] == b.bundle_id and first["reason"] == "product change"
+    assert first["who"]["uid"] == os.getuid() and first["who"]["via"] == "socket/cli" and first["who"]["peer_pid"] > 0
+
+
+def test_shadow_off_critical_path_promote_rollback_persist(tmp_path: Path, tiny_bundle: Path, tiny_method_bundles: Any,
+                                                            synthetic_parts: Any) -> None:
+    bundle_b = tiny_method_bundles("cutpaste-ae")
+    a, b = load_bundle(tiny_bundle), load_bundle(bundle_b)
+    calib_b = _calib(tmp_path / "b.json", 6.5)
+    cfg = _config(tmp_path, _replay(tmp_path, synthetic_parts), tiny_bundle)
+    sock = socket_path(tmp_path / "state")
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    daemon = Daemon(cfg)
+    col = _Collector(endpoint, topics=("verdict", "shadow"))
+    try:
+        port = int(daemon.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        daemon.wait_log(r"ready: line1")
+        col.wait(lambda: len(col.headers()) >= 10)
+        t0, n0 = time.monotonic(), len(col.headers())
+        time.sleep(2.0)
+        off = [h["latency_ms"] for h in col.headers()[n0:]]
+        rate_off = len(off) / (time.monotonic() - t0)
+
+        # A shadow with a plain number: scored and published, but not promotable.
+        got = request(sock, {"op": "shadow", "line": "line1", "bundle": str(bundle_b), "threshold": 6.5})
+        assert got["ok"], got
+        col.wait(lambda: len(col.headers("shadow")) >= 5)
+        t0, n0 = time.monotonic(), len(col.headers())
+        time.sleep(2.0)
+        on = [h["latency_ms"] for h in col.headers()[n0:]]
+        rate_on = len(on) / (time.monotonic() - t0)
+        shadow = col.headers("shadow")
+        assert all(h["bundle_id"] == b.bundle_id and h["active"]["bundle_id"] == a.bundle_id for h in shadow)
+        metrics = _scrape(port)
+        dropped = metrics['inspectd_shadow_dropped_total{line="line1"}']
+        agree = (metrics['inspectd_shadow_agreement_total{line="line1",agree="true"}']
+                 + metrics['inspectd_shadow_agreement_total{line="line1",agree="false"}'])
+        assert agree >= len(shadow) - 5 and 'inspectd_shadow_score_correlation{line="line1"}' in metrics
+        p50_off, p50_on = statistics.median(off), statistics.median(on)
+        print(f"active p50 latency: shadow off {p50_off:.1f} ms ({rate_off:.0f}/s), on {p50_on:.1f} ms "
+              f"({rate_on:.0f}/s); shadow scored {agree:.0f}, dropped {dropped:.0f}")
+        # The shadow never holds up the active path: same latency (within noise), and under this
+        # saturating replay the shadow is what gives way (drops counted).
+        assert p50_on <= 1.5 * p50_off + 5.0, (p50_off, p50_on)
+        assert rate_on >= 0.6 * rate_off, (rate_off, rate_on)
+        assert dropped > 0
+
+        refused = request(sock, {"op": "promote", "line": "line1"})
+        assert not refused["ok"] and "no calibrated threshold file" in refused["error"]
+        assert request(sock, {"op": "shadow", "line": "line1", "bundle": str(bundle_b),
+                              "threshold_file": str(calib_b)})["ok"]
+        proc = _cli("promote", "--config", str(cfg), "--line", "line1", "--reason", "better recall")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        n = len(col.headers())
+        col.wait(lambda: len(col.headers()) >= n + 20)
+        after = col.headers()[n:]
+        switched = [i for i, h in enumerate(after) if h["bundle_id"] == b.bundle_id]
+        assert switched and all(h["bundle_id"] == b.bundle_id and h["threshold"] == 6.5 and h["recipe"] == "default"
+                                for h in after[switched[0]:])
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+        col.close()
+
+    # A restart keeps the promoted bundle (state_dir/line1/recipes.json) ...
+    daemon = Daemon(cfg)
+    col = _Collector(endpoint)
+    try:
+        daemon.wait_log(r"ready: line1")
+        col.wait(lambda: len(col.headers()) >= 5)
+        assert all(h["bundle_id"] == b.bundle_id for h in col.headers())
+        # ... and rollback brings the old one back.
+        proc = _cli("rollback", "--config", str(cfg), "--line", "line1")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        n = len(col.headers())
+        col.wait(lambda: len(col.headers()) >= n + 10)
+        assert col.headers()[-1]["bundle_id"] == a.bundle_id and col.headers()[-1]["threshold"] == 5.0
+        again = request(sock, {"op": "rollback", "line": "line1"})
+        assert not again["ok"] and "nothing to roll back" in again["error"]
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+        col.close()
+
+    records = _audit(cfg)
+    assert [r["what"] for r in records] == ["shadow", "shadow", "promote", "rollback"]
+    assert [r["generation"] for r in records] == [1, 2, 3, 4]
+    assert records[2]["old"]["bundle_id"] == a.bundle_id and records[2]["new"]["bundle_id"] == b.bundle_id
+    assert records[2]["reason"] == "better recall" and records[3]["new"]["bundle_id"] == a.bundle_id
