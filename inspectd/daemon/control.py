@@ -134,6 +134,10 @@ class ControlServer:
                 pid, uid, gid = peer_credentials(conn)
                 who = {"uid": uid, "user": user_name(uid), "gid": gid, "peer_pid": pid, "via": "socket"}
                 if not self.authorized(uid, gid, pid):
+                    try:   # read (and ignore) the request: closing with unread data would reset the answer
+                        _read_request(conn)
+                    except (OSError, ValueError):
+                        pass
                     self.refused += 1
                     log.warning("control: refused uid %d (%s) pid %d: not root, the daemon's user or in the "
                                 "socket's group", uid, who["user"], pid)
