@@ -237,8 +237,8 @@ def test_shadow_off_critical_path_promote_rollback_persist(tmp_path: Path, tiny_
         assert all(h["bundle_id"] == b.bundle_id and h["active"]["bundle_id"] == a.bundle_id for h in shadow)
         metrics = _scrape(port)
         dropped = metrics['inspectd_shadow_dropped_total{line="line1"}']
-        agree = (metrics['inspectd_shadow_agreement_total{line="line1",agree="true"}']
-                 + metrics['inspectd_shadow_agreement_total{line="line1",agree="false"}'])
+        agree = (metrics['inspectd_shadow_agreement_total{agree="true",line="line1"}']
+                 + metrics['inspectd_shadow_agreement_total{agree="false",line="line1"}'])
         assert agree >= len(shadow) - 5 and 'inspectd_shadow_score_correlation{line="line1"}' in metrics
         p50_off, p50_on = statistics.median(off), statistics.median(on)
         print(f"active p50 latency: shadow off {p50_off:.1f} ms ({rate_off:.0f}/s), on {p50_on:.1f} ms "
