@@ -54,8 +54,17 @@ def main() -> int:
     tmp = None
     bundles = args.bundle
     if not bundles:
+        # Trained here, measured in a fresh process: memory freed by training would otherwise be
+        # reused by the engines and hide their cost (deltas of 0 MB).
+        import subprocess
         tmp = tempfile.TemporaryDirectory()
         bundles = tiny_bundles(Path(tmp.name))
+        cmd = [sys.executable, __file__, "--count", str(args.count), "--threads", str(args.threads)]
+        for b in bundles:
+            cmd += ["--bundle", str(b)]
+        rc = subprocess.call(cmd)
+        tmp.cleanup()
+        return rc
     # The runtime itself (import + first session) is paid once per process, not per recipe: open and
     # close one engine first so the deltas below are per additional preloaded engine.
     import onnxruntime  # noqa: F401
