@@ -178,9 +178,13 @@ class ArchiveConfig(_Strict):
 # so a typo fails `check-config` instead of giving every part a fail-safe verdict on the line. None =
 # the backend's own default; the daemon passes only the keys that are set (model_dump(exclude_none=True)).
 class OnnxRuntimeOptions(_Strict):
-    intra_op_threads: int | None = Field(None, ge=0)   # 0 = every CPU the process may use
+    intra_op_threads: int | None = Field(None, ge=0)   # 0 = the documented default (thread_budget)
     device: Literal["cpu", "cuda"] | None = None        # cuda: ORT's TensorRT/CUDA providers
     fp16: bool | None = None                            # with device: cuda
+    # int8: the bundle's cached INT8 model (inspectd build-engine --backend onnxruntime --precision int8),
+    # CPU only; used only after the parity gate passes on the golden images, else the line falls back.
+    precision: Literal["fp32", "int8"] | None = None
+    int8_recipe: Literal["backbone", "backbone-conv", "all-conv", "all"] | None = None
 
 
 class TensorRTOptions(_Strict):

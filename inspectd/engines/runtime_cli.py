@@ -14,13 +14,21 @@ from inspectd.errors import ConfigError
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("build-engine",
-                              help="build a TensorRT engine for this GPU into the bundle's engine cache")
+                              help="build a TensorRT engine for this GPU, or an ONNX Runtime INT8 model for this "
+                                   "CPU, into the bundle's engine cache (model.onnx is never replaced)")
     p.add_argument("--bundle", required=True, help="model bundle directory")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16")
+    p.add_argument("--backend", choices=["tensorrt", "onnxruntime"], default="tensorrt",
+                   help="tensorrt (default) or onnxruntime (CPU static INT8 quantisation, --precision int8)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
+                   help="tensorrt: default fp16; onnxruntime: int8 (the only precision it caches)")
+    p.add_argument("--calibration", default=None, metavar="DIR", dest="calib_images",
+                   help="folder of good images for INT8 calibration (default: the bundle's calibration images)")
+    p.add_argument("--recipe", default=None, help="onnxruntime int8: which nodes to quantise (backbone = default, "
+                                                  "backbone-conv, all-conv, all)")
+    p.add_argument("--force", action="store_true", help="onnxruntime int8: rebuild even if a verified one is cached")
     p.add_argument("--workspace", type=int, default=1024, metavar="MB", help="builder workspace limit (MB)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the engine accepts (profile max)")
-    p.add_argument("--calib-images", default=None, metavar="DIR",
-                   help="folder of good images for INT8 calibration (default: the bundle's calibration images)")
+    p.add_argument("--calib-images", default=None, metavar="DIR", dest="calib_images", help=argparse.SUPPRESS)
     p.add_argument("--device", type=int, default=0, help="CUDA device index")
     p.set_defaults(func=_build_engine)
 
@@ -33,6 +41,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tolerance", type=float, default=None, help="max |normalized score diff| (default 0.05)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. precision=int8, device=cpu (repeatable)")
+    p.add_argument("--precision", default=None, help="shorthand for --option precision=... (e.g. int8)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_check_engine)
 
@@ -78,14 +87,47 @@ def parse_frame(text: str) -> tuple[int, int]:
 
 def _build_engine(args: argparse.Namespace) -> int:
     from inspectd.engines.bundle import load_bundle
+
+    if args.backend == "onnxruntime":
+        return _build_ort_int8(args)
     from inspectd.engines.runtime.tensorrt_backend import build_engine
 
+    if args.recipe is not None or args.force:
+        raise ConfigError("--recipe and --force apply to --backend onnxruntime only")
+    args.precision = args.precision or "fp16"
     if args.workspace < 1 or args.max_batch < 1:
         raise ConfigError("--workspace and --max-batch must be >= 1")
     bundle = load_bundle(args.bundle)
     path = build_engine(bundle, precision=args.precision, workspace_mb=args.workspace,
                         calib_images=args.calib_images, max_batch=args.max_batch, device=args.device)
     print(f"engine: {path}")
+    return 0
+
+
+def _build_ort_int8(args: argparse.Namespace) -> int:
+    from inspectd.engines.bundle import load_bundle
+    from inspectd.engines.runtime import ort_int8
+    from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from inspectd.engines.runtime.parity import ParityError, parity_gate
+
+    if (args.precision or "int8") != "int8":
+        raise ConfigError(f"--backend onnxruntime builds int8 engines only (FP32 is model.onnx itself), "
+                          f"not {args.precision}")
+    recipe = args.recipe or ort_int8.DEFAULT_RECIPE
+    if recipe not in ort_int8.RECIPES:
+        raise ConfigError(f"--recipe {recipe!r} is not one of {', '.join(ort_int8.RECIPES)}")
+    bundle = load_bundle(args.bundle)
+    path, why = ort_int8.build_int8(bundle, calibration=args.calib_images, recipe=recipe, force=args.force)
+    print(f"engine: {path}" + (f" (built: {why})" if why else " (cached, verified)"))
+    # The gate the daemon will run before using it, shown now: a failing engine is kept for
+    # inspection but no line will use it.
+    with OnnxRuntimeBackend(bundle, precision="int8", int8_recipe=recipe) as backend:
+        try:
+            report = parity_gate(backend, bundle)
+            print(f"parity gate PASS: {report.summary()}")
+        except ParityError as exc:
+            print(f"parity gate FAIL (lines will not use this engine): {exc}")
+            return 1
     return 0
 
 
@@ -98,6 +140,8 @@ def _check_engine(args: argparse.Namespace) -> int:
     if not tolerance > 0:
         raise ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
     options = parse_options(args.option)
+    if args.precision is not None:
+        options["precision"] = args.precision
     bundle = load_bundle(args.bundle)
     cls = backend_class(args.backend) if not (args.backend == "torch" and options.get("device") == "cpu") \
         else _torch_cpu_class()

@@ -13,7 +13,8 @@ import pytest
 
 from inspectd.daemon.config import config_from_dict
 from inspectd.engines.bundle import load_bundle
-from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend, default_intra_op_threads
+from inspectd.engines.runtime.onnxruntime_backend import (OnnxRuntimeBackend, default_intra_op_threads,
+                                                          thread_budget)
 from tests.engines.test_runtime_toybundle import make_toy_bundle
 
 needs_affinity = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity API")
@@ -47,10 +48,43 @@ def test_lines_share_the_usable_cpus_and_a_line_may_set_its_own(tmp_path: Path) 
     cfg = config_from_dict({"lines": [dict(line, id="a"), dict(line, id="b"),
                                       dict(line, id="c", backend_options={"onnxruntime": {"intra_op_threads": 3}})]})
     share = [line_settings(c, ort_lines=3).backend_options["onnxruntime"]["intra_op_threads"] for c in cfg.lines]
-    assert share[:2] == [max(1, usable // 3)] * 2 == [default_intra_op_threads(3)] * 2
+    assert share[:2] == [thread_budget(usable, 3)] * 2 == [default_intra_op_threads(3)] * 2
     assert share[2] == 3  # set in the config: kept
     one = line_settings(cfg.lines[0], ort_lines=1).backend_options["onnxruntime"]["intra_op_threads"]
-    assert one == usable
+    assert one == thread_budget(usable)
     # And the backend uses what it is given.
     with OnnxRuntimeBackend(load_bundle(make_toy_bundle(tmp_path / "toy")), intra_op_threads=1) as backend:
         assert backend.describe()["intra_op_threads"] == 1
+
+
+def test_thread_budget_leaves_a_core_to_the_daemon_from_three_cores() -> None:
+    assert [thread_budget(n) for n in (1, 2, 3, 4, 8, 16)] == [1, 2, 2, 3, 7, 15]
+    assert thread_budget(8, lines_sharing=2) == 3 and thread_budget(2, lines_sharing=4) == 1
+    assert thread_budget(0) == 1  # never zero threads
+
+
+@needs_affinity
+@pytest.mark.parametrize("n_cpus", [1, 3])
+def test_thread_budget_honours_a_restricted_affinity_in_the_daemon_settings(tmp_path: Path, n_cpus: int) -> None:
+    """In a child process restricted to n CPUs (like taskset / CPUAffinity=): the line's default
+    engine threads follow the budget for n, not for the machine; a line's own setting is kept."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < n_cpus:
+        pytest.skip(f"needs {n_cpus} usable CPUs, this process has {len(cpus)}")
+    code = (
+        "import os, json\n"
+        f"os.sched_setaffinity(0, {set(cpus[:n_cpus])!r})\n"
+        "from inspectd.daemon.config import config_from_dict\n"
+        "from inspectd.daemon.run import line_settings\n"
+        f"line = {{'source': {{'type': 'replay', 'path': {str(tmp_path)!r}}}, 'bundle': {str(tmp_path)!r},\n"
+        "        'threshold': 3.0, 'backends': ['onnxruntime']}\n"
+        "cfg = config_from_dict({'lines': [dict(line, id='a'),\n"
+        "    dict(line, id='b', backend_options={'onnxruntime': {'intra_op_threads': 5}})]})\n"
+        "print(json.dumps([line_settings(c).backend_options['onnxruntime']['intra_op_threads'] for c in cfg.lines]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    import json
+
+    assert json.loads(out.stdout) == [thread_budget(n_cpus), 5]

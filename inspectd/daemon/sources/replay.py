@@ -5,6 +5,10 @@ absolute monotonic schedule (frame i is due at start + i / fps), so it does not 
 consumer falls behind by more than one frame period the schedule restarts from now, the way a
 camera drops frames instead of bursting them.
 
+Decoding happens ahead of time, as a camera delivers decoded frames: a decoder thread keeps up to
+`decode_ahead` (default DECODE_AHEAD = 2) decoded frames ready, so `read()` costs a queue get, not
+a PNG/JPEG decode on the acquisition thread (the pacing still happens in `read()`).
+
 Unreadable image files are skipped, counted in `stats.skipped_files` and logged: one bad file in
 a recorded set should not stop a commissioning run. A whole pass without one readable image is an
 error (SourceError), so a folder of junk cannot look like an idle camera.
@@ -13,7 +17,9 @@ error (SourceError), so a folder of junk cannot look like an idle camera.
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,8 @@ log = logging.getLogger("inspectd.sources.replay")
 __all__ = ["ReplaySource", "label_for"]
 
 _LABELS = ("good", "bad")
+DECODE_AHEAD = 2        # decoded frames kept ready by the replay's decoder thread
+_END = object()         # decoder: the replay has no more frames
 
 
 def label_for(path: Path, root: Path | None = None) -> str | None:
@@ -55,8 +63,14 @@ class ReplaySource(Source):
     """Frames from image files (sorted by relative path) or from a video file."""
 
     def __init__(self, line: str, path: str | Path, fps: float | None = None, loop: bool = False,
-                 labels: bool = True, color: str = "auto") -> None:
+                 labels: bool = True, color: str = "auto", decode_ahead: int = DECODE_AHEAD) -> None:
         super().__init__(line)
+        if decode_ahead < 0:
+            raise SourceError(f"line {line}: replay decode_ahead must be >= 0 (got {decode_ahead})")
+        self.decode_ahead = int(decode_ahead)   # 0 = decode in read(), on the caller's thread
+        self._decoded: queue.Queue[Any] | None = None
+        self._decoder: threading.Thread | None = None
+        self._stop_decoder = threading.Event()
         if fps is not None and not fps > 0:
             raise SourceError(f"line {line}: replay fps must be > 0 (got {fps})")
         if color not in ("auto", "rgb", "gray"):
@@ -116,13 +130,62 @@ class ReplaySource(Source):
             self._is_video = True
             self._video = self._open_video()
         self._open = True
+        if self.decode_ahead > 0:
+            self._stop_decoder.clear()
+            self._decoded = queue.Queue(maxsize=self.decode_ahead)
+            self._decoder = threading.Thread(target=self._decode_loop, args=(self._decoded,),
+                                             name=f"replay-decode-{self.line}", daemon=True)
+            self._decoder.start()
         log.info("line %s: %s open", self.line, self.describe())
 
     def close(self) -> None:
+        self._stop_decoder.set()
+        decoder, self._decoder = self._decoder, None
+        if decoder is not None:
+            while decoder.is_alive():
+                self._drain()  # unblock a decoder waiting for room
+                decoder.join(0.05)
+        self._decoded = None
         video, self._video = self._video, None
         if video is not None:
             video.release()
         self._open = False
+
+    def _drain(self) -> None:
+        q = self._decoded
+        try:
+            while q is not None:
+                q.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _decode_loop(self, out: "queue.Queue[Any]") -> None:
+        """Decoder thread: the next images (files or video), ahead of read(); then _END, or the
+        SourceError of a pass without one readable image."""
+        while not self._stop_decoder.is_set():
+            try:
+                item: Any = self._next_image()
+            except Exception as exc:  # handed to read(), raised there on the acquisition thread
+                item = exc
+            while not self._stop_decoder.is_set():
+                try:
+                    out.put(_END if item is None else item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item is None or isinstance(item, Exception):
+                return
+
+    def _take(self) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """The next decoded image: from the decoder thread, or decoded here (decode_ahead 0)."""
+        if self._decoded is None:
+            return self._next_image()
+        item = self._decoded.get()
+        if item is _END:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     def _open_video(self) -> Any:
         capture = cv2.VideoCapture(str(self.path))
@@ -146,7 +209,7 @@ class ReplaySource(Source):
                 time.sleep(max(timeout_s, 0.0))
                 self.stats.timeouts += 1
                 return None
-        item = self._next_image()
+        item = self._take()
         if item is None:
             self._exhausted = True
             log.info("line %s: replay of %s finished (%d frames)", self.line, self.path, self.stats.frames)

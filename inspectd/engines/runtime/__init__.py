@@ -62,8 +62,8 @@ def open_backend(bundle: Bundle, preference: Sequence[str] = DEFAULT_PREFERENCE,
                  options: dict[str, dict[str, Any]] | None = None,
                  gate: Callable[[Backend], None] | None = None,
                  on_fallback: Callable[[str, str], None] | None = None) -> tuple[Backend, EngineInfo]:
-    """Open the first backend in `preference` that loads (and passes `gate`, if given, for
-    non-reference backends). `on_fallback(name, reason)` is told about each one skipped."""
+    """Open the first backend in `preference` that loads (and passes `gate`, if given, unless it
+    is the reference configuration: ONNX Runtime FP32 on CPU, `Backend.is_reference`). `on_fallback(name, reason)` is told about each one skipped."""
     options = options or {}
     skipped: dict[str, str] = {}
     for name in preference:
@@ -74,8 +74,8 @@ def open_backend(bundle: Bundle, preference: Sequence[str] = DEFAULT_PREFERENCE,
                 backend = cls(bundle, **options.get(name, {}))
             except TypeError as exc:  # an option the backend does not take: a config mistake
                 raise ConfigError(f"backend_options.{name}: {exc}") from None
-            if gate is not None and name != REFERENCE:
-                gate(backend)
+            if gate is not None and not getattr(backend, "is_reference", False):
+                gate(backend)  # any reduced precision or other runtime, ONNX Runtime INT8 included
         except ConfigError:
             raise  # a wrong option is the integrator's mistake: refuse, don't fall back silently
         except InspectdError as exc:

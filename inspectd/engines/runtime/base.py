@@ -23,6 +23,9 @@ class Backend(abc.ABC):
     """
 
     name: str = "?"
+    # True only for the configuration the thresholds were calibrated with (ONNX Runtime, FP32, CPU):
+    # every other backend or configuration passes the parity gate before it serves a line.
+    is_reference: bool = False
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle

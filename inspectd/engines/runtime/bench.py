@@ -1,4 +1,5 @@
-"""Latency benchmark: every available backend side by side in one run, at batch 1 and batch K,
+"""Latency benchmark: every available backend side by side in one run, at batch 1 and batch K
+(ONNX Runtime FP32 and, when the bundle has a verified cached INT8 engine, ONNX Runtime INT8 rows),
 warm-up excluded; preprocessing timed separately; the plain backbone too when the bundle
 carries a backbone-only ONNX (`backbone.onnx`), so the cost of the flow head is visible.
 
@@ -187,9 +188,17 @@ def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations:
         except InspectdError as exc:
             result.skipped[name] = str(exc)
             continue
+        extra_backends: list[Any] = []
         try:
             result.engines[name] = backend.describe()
             timed: dict[str, Callable[[np.ndarray], Any]] = {name: backend.infer}
+            if name == "onnxruntime" and options.get(name, {}).get("precision", "fp32") == "fp32":
+                # An INT8 engine cached for this bundle, ORT and CPU: its rows beside FP32, interleaved.
+                int8 = _int8_backend(bundle, options.get(name, {}), result)
+                if int8 is not None:
+                    extra_backends.append(int8)
+                    result.engines[INT8_ROW] = int8.describe()
+                    timed[INT8_ROW] = int8.infer
             if name == "onnxruntime" and backbone.is_file():
                 # Timed interleaved with the whole engine, so the engine/backbone ratio is not
                 # skewed by load changing between two separate runs.
@@ -202,7 +211,28 @@ def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations:
                 result.rows.extend(LatencyStats.from_seconds(label, k, t) for label, t in times.items())
         finally:
             backend.close()
+            for extra in extra_backends:
+                extra.close()
     return result
+
+
+INT8_ROW = "onnxruntime int8"
+
+
+def _int8_backend(bundle: Bundle, ort_options: dict[str, Any], result: BenchResult) -> Any:
+    """The ONNX Runtime INT8 backend when a verified INT8 engine is cached, else None (with the
+    reason in result.skipped when the cache holds INT8 engines that do not fit)."""
+    from inspectd.engines.runtime import ort_int8
+    from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    if not ort_int8.engine_cache(bundle).known_keys():
+        return None
+    opts = {k: v for k, v in ort_options.items() if k != "precision"}
+    try:
+        return OnnxRuntimeBackend(bundle, precision="int8", **opts)
+    except InspectdError as exc:
+        result.skipped[INT8_ROW] = str(exc)
+        return None
 
 
 def _ort_runner(path: os.PathLike, threads: int) -> Callable[[np.ndarray], Any]:

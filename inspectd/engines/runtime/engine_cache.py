@@ -86,15 +86,20 @@ class EngineKey:
 class EngineCache:
     """Engines for one bundle under `<bundle>/engines/` (or `root` if given)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, key_type: type = EngineKey, suffix: str = ENGINE_SUFFIX) -> None:
+        """`key_type`: the key class (EngineKey for TensorRT; any class with as_dict/from_dict/
+        file_stem/describe and equality, e.g. the ONNX Runtime INT8 key); `suffix`: engine file suffix."""
         self.root = Path(root)
+        self.key_type = key_type
+        self.suffix = suffix
 
     @classmethod
-    def for_bundle(cls, bundle_path: str | os.PathLike) -> "EngineCache":
-        return cls(Path(bundle_path) / ENGINE_DIR)
+    def for_bundle(cls, bundle_path: str | os.PathLike, key_type: type = EngineKey,
+                   suffix: str = ENGINE_SUFFIX) -> "EngineCache":
+        return cls(Path(bundle_path) / ENGINE_DIR, key_type=key_type, suffix=suffix)
 
     def engine_path(self, key: EngineKey) -> Path:
-        return self.root / (key.file_stem() + ENGINE_SUFFIX)
+        return self.root / (key.file_stem() + self.suffix)
 
     def sidecar_path(self, key: EngineKey) -> Path:
         return self.root / (key.file_stem() + SIDECAR_SUFFIX)
@@ -109,7 +114,7 @@ class EngineCache:
             raise StaleEngine(f"no cached engine for {key.describe()} in {self.root}{hint}")
         try:
             meta = json.loads(sidecar.read_text(encoding="utf-8"))
-            recorded_key = EngineKey.from_dict(meta["key"])
+            recorded_key = self.key_type.from_dict(meta["key"])
             recorded_sha, recorded_size = str(meta["sha256"]), int(meta["size"])
         except FileNotFoundError:
             raise StaleEngine(f"{engine}: no sidecar {sidecar.name} (interrupted write?), not loading it") from None
@@ -155,7 +160,7 @@ class EngineCache:
             return keys
         for sidecar in sorted(self.root.glob("*" + SIDECAR_SUFFIX)):
             try:
-                keys.append(EngineKey.from_dict(json.loads(sidecar.read_text(encoding="utf-8"))["key"]))
+                keys.append(self.key_type.from_dict(json.loads(sidecar.read_text(encoding="utf-8"))["key"]))
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
                 continue
         return keys

@@ -1,7 +1,18 @@
 """ONNX Runtime backend: the reference (CPU) and the default on machines without TensorRT.
 
 With onnxruntime-gpu installed it uses the TensorRT / CUDA execution providers, with their
-engine and timing caches stored next to the bundle.
+engine and timing caches stored next to the bundle. With `precision="int8"` it runs the bundle's
+cached INT8 model (ort_int8.py, built by `inspectd build-engine --backend onnxruntime --precision
+int8`); it never builds one, and a missing, stale or corrupt one is refused (BackendUnavailable).
+Only FP32 on CPU is the reference: every other configuration passes the parity gate before a
+line uses it (`is_reference`).
+
+Threads (the documented default, `thread_budget`): the daemon's own threads (acquisition, deadline,
+publisher, replay decoding) need a core too. With 3 or more usable CPUs (os.sched_getaffinity:
+taskset, cgroup cpusets, systemd CPUAffinity=) the engines share usable - 1 of them; with 1 or 2,
+all of them, with thread spinning off (always off: a spinning worker would steal the core the
+acquisition thread needs). Lines running ONNX Runtime split the engine share evenly (at least one
+thread each); `backend_options.onnxruntime.intra_op_threads` sets a line's own.
 """
 
 from __future__ import annotations
@@ -27,10 +38,22 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Usable CPUs from which one is left to the daemon's own threads (acquisition, deadline, publisher,
+# replay decoding); below this, the engine takes every usable CPU (it is the bottleneck anyway).
+RESERVE_CORE_FROM = 3
+
+
+def thread_budget(usable: int, lines_sharing: int = 1) -> int:
+    """Engine intra-op threads per line for `usable` CPUs: usable - 1 when usable >= 3 (one core for
+    the daemon's threads), else all usable; split evenly between the ONNX Runtime lines, >= 1 each."""
+    usable = max(1, int(usable))
+    engines = usable - 1 if usable >= RESERVE_CORE_FROM else usable
+    return max(1, engines // max(1, int(lines_sharing)))
+
+
 def default_intra_op_threads(lines_sharing: int = 1) -> int:
-    """The documented default: the usable CPUs split evenly between the lines that run ONNX
-    Runtime in this process (at least 1 each), so lines do not oversubscribe the cores."""
-    return max(1, usable_cpus() // max(1, int(lines_sharing)))
+    """The documented default (thread_budget) for the CPUs this process may use."""
+    return thread_budget(usable_cpus(), lines_sharing)
 
 
 def unavailable_reason() -> str | None:
@@ -45,14 +68,30 @@ class OnnxRuntimeBackend(Backend):
     name = NAME
 
     def __init__(self, bundle: Bundle, threads: int = 0, device: str = "cpu", fp16: bool = False,
-                 intra_op_threads: int | None = None) -> None:
+                 intra_op_threads: int | None = None, precision: str = "fp32",
+                 int8_recipe: str | None = None) -> None:
         """`intra_op_threads` (alias `threads`, kept for the CLIs): threads inside one operator;
-        0 / None = every CPU this process may use (os.sched_getaffinity)."""
+        0 / None = the documented default for the CPUs this process may use (thread_budget).
+        `precision`: fp32 (model.onnx) or int8 (the cached INT8 model, CPU only)."""
         super().__init__(bundle)
         reason = unavailable_reason()
         if reason:
             raise BackendUnavailable(reason)
         import onnxruntime as ort
+
+        if precision not in ("fp32", "int8"):
+            raise ConfigError(f"onnxruntime precision must be fp32 or int8, got {precision!r}")
+        if precision == "int8" and device != "cpu":
+            raise ConfigError("onnxruntime precision int8 runs on device cpu only")
+        self._precision = precision
+        model_path = bundle.model_path
+        if precision == "int8":
+            from inspectd.engines.runtime import ort_int8
+
+            model_path = ort_int8.cached_int8(bundle, int8_recipe or ort_int8.DEFAULT_RECIPE)
+        self._model_path = model_path
+        # A subclass (a test double, a wrapper) is never the reference: it is gated like any backend.
+        self.is_reference = type(self).name == NAME and device == "cpu" and precision == "fp32" and not fp16
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -62,14 +101,17 @@ class OnnxRuntimeBackend(Backend):
         wanted = int(intra_op_threads or threads or 0)
         if wanted < 0:
             raise ConfigError(f"onnxruntime intra_op_threads must be >= 0, got {wanted}")
-        opts.intra_op_num_threads = wanted or usable_cpus()
+        opts.intra_op_num_threads = wanted or default_intra_op_threads()
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         providers = self._providers(ort, device, fp16)
         try:
-            self._session = ort.InferenceSession(str(bundle.model_path), sess_options=opts, providers=providers)
+            self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for bad models
+            if precision == "int8":  # a cached engine that does not load: the line falls back
+                raise BackendUnavailable(f"{bundle.path}: ONNX Runtime cannot load the INT8 model {model_path.name}: "
+                                         f"{str(exc).splitlines()[0]}") from None
             raise BundleError(f"{bundle.path}: ONNX Runtime cannot load {bundle.model_path.name}: "
                               f"{str(exc).splitlines()[0]}") from None
         self._input = bundle.manifest.model.input_name
@@ -104,7 +146,8 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": self._session.get_providers(),
-                "intra_op_threads": self._threads}
+                "intra_op_threads": self._threads, "precision": self._precision,
+                "model": self._model_path.name}
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]  # ORT frees the session with its last reference
