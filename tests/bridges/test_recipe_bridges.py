@@ -1,0 +1,91 @@
+"""Recipe switches asked on the PLC side: MQTT `inspectd/<line>/recipe/set` -> `.../recipe/result` and
+the OPC UA method `SetRecipe(name)`, both through the bridges (real child processes) to the real
+daemon's control socket; the audit log names the path each came by."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.bridges.conftest import BRIDGE, Child, free_port, replay_config, wait_port
+from tests.bridges.test_mqtt_bridge import Watcher as _JsonWatcher
+from tests.daemon.test_run import Daemon
+
+import paho.mqtt.client as mqtt
+
+
+class Watcher(_JsonWatcher):
+    """Status and recipe results only (recipe/set carries plain text, not JSON)."""
+
+    def __init__(self, port: int) -> None:  # noqa: D107 - same client as the base, other topics
+        import queue
+        self.q = queue.Queue()
+        topics = [("inspectd/line1/status", 1), ("inspectd/line1/recipe/result", 1)]
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"rwatch-{port}")
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(topics)
+        self.client.on_message = lambda c, u, m: self.q.put((time.monotonic(), m.topic, json.loads(m.payload),
+                                                             bool(m.retain)))
+        self.client.connect_async("127.0.0.1", port, keepalive=5)
+        self.client.loop_start()
+
+
+def test_mqtt_and_opcua_forward_recipe_requests(tmp_path: Path, tiny_bundle: Path, tiny_method_bundles: Any,
+                                                synthetic_parts: Any, mosquitto: Any) -> None:
+    opc_port = free_port()
+    cfg, _ = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
+        "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "client_id": "rb"},
+        "opcua": {"endpoint": f"opc.tcp://127.0.0.1:{opc_port}/inspectd/"}})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["state_dir"] = str(tmp_path / "state")
+    raw["lines"][0]["recipes"] = [{"name": "B", "bundle": str(tiny_method_bundles("cutpaste-ae")), "threshold": 7.0,
+                                   "preload": True}]
+    cfg.write_text(yaml.safe_dump(raw))
+    daemon = Daemon(cfg)
+    mq = Child(BRIDGE + ["mqtt", "--config", str(cfg)])
+    op = Child(BRIDGE + ["opcua", "--config", str(cfg)])
+    watcher = Watcher(mosquitto.port)
+    try:
+        daemon.wait_log(r"recipe B engine onnxruntime warmed up")
+        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "ok", 30)
+        pub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="plc")
+        pub.connect("127.0.0.1", mosquitto.port)
+        pub.loop_start()
+        pub.publish("inspectd/line1/recipe/set", "nope", qos=1).wait_for_publish(5)
+        _, bad = watcher.wait("inspectd/line1/recipe/result", lambda p: p.get("requested") == "nope", 20)
+        assert bad["ok"] is False and "unknown recipe" in bad["error"]
+        pub.publish("inspectd/line1/recipe/set", json.dumps({"name": "B", "requester": "plc-7"}),
+                    qos=1).wait_for_publish(5)
+        _, good = watcher.wait("inspectd/line1/recipe/result", lambda p: p.get("requested") == "B", 20)
+        assert good["ok"] is True and good["active"]["recipe"] == "B", good
+        pub.loop_stop()
+        pub.disconnect()
+
+        async def call() -> dict:
+            from asyncua import Client, ua
+            wait_port(opc_port, 30)
+            client = Client(f"opc.tcp://127.0.0.1:{opc_port}/inspectd/", timeout=10)
+            await client.connect()
+            try:
+                idx = await client.get_namespace_index("urn:inspectd")
+                folder = client.get_node(ua.NodeId("line1", idx))
+                out = await folder.call_method(ua.NodeId("line1.SetRecipe", idx), "default")
+                return json.loads(out)
+            finally:
+                await client.disconnect()
+
+        answer = asyncio.run(call())
+        assert answer["ok"] is True and answer["active"]["recipe"] == "default", answer
+    finally:
+        watcher.close()
+        mq.stop()
+        op.stop()
+        daemon.kill()
+    records = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [(r["new"]["recipe"], r["who"]["via"]) for r in records] == [("B", "socket/mqtt"),
+                                                                       ("default", "socket/opcua")]
+    assert records[0]["who"]["requester"] == "plc-7"
