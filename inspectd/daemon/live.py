@@ -39,11 +39,12 @@ class _LatestNg:
     summary: dict[str, Any]
     image: np.ndarray          # the frame as acquired (reference, never copied or changed)
     anomaly_map: np.ndarray    # the raw map (reference)
+    bundle: Any                # the bundle that judged it (display range, ROI): recipes switch bundles
     png: bytes | None = None   # rendered on first request
 
 
 class _LineLive:
-    def __init__(self, line: str, status: Callable[[], dict[str, Any]], bundle: Any) -> None:
+    def __init__(self, line: str, status: Callable[[], dict[str, Any]], bundle: Callable[[], Any]) -> None:
         self.line, self.status, self.bundle = line, status, bundle
         self.counts = {"OK": 0, "NG": 0, "SKIP": 0}
         self.latest_ng: _LatestNg | None = None
@@ -59,8 +60,9 @@ class LiveView:
         self._lock = threading.Lock()
         self._render_lock = threading.Lock()
 
-    def add_line(self, line: str, status: Callable[[], dict[str, Any]], bundle: Any) -> "LiveSink":
-        """Register a line (`status()`: LinePipeline.status; `bundle`: its Bundle) and get its sink."""
+    def add_line(self, line: str, status: Callable[[], dict[str, Any]], bundle: Callable[[], Any]) -> "LiveSink":
+        """Register a line (`status()`: LinePipeline.status; `bundle()`: its active Bundle, which a
+        recipe switch or a promote changes) and get its sink."""
         self._lines[line] = _LineLive(line, status, bundle)
         return LiveSink(self, line)
 
@@ -76,7 +78,11 @@ class LiveView:
         latest = None
         if (verdict.verdict == "NG" and verdict.anomaly_map is not None and verdict.frame is not None
                 and isinstance(verdict.frame.image, np.ndarray)):
-            latest = _LatestNg(summary, verdict.frame.image, verdict.anomaly_map)
+            bundle = state.bundle()
+            # A verdict of the bundle just switched away from keeps the previous picture: its map
+            # must be drawn in its own bundle's display range and ROI.
+            if getattr(bundle, "bundle_id", verdict.bundle_id) == verdict.bundle_id:
+                latest = _LatestNg(summary, verdict.frame.image, verdict.anomaly_map, bundle)
         with self._lock:
             self._seq += 1
             summary["seq"] = self._seq
@@ -115,7 +121,7 @@ class LiveView:
         if latest.png is None:
             with self._render_lock:  # one render at a time: a page left open in 5 tabs costs one
                 if latest.png is None:
-                    latest.png = _encode_png(render_overlay(latest.image, latest.anomaly_map, state.bundle))
+                    latest.png = _encode_png(render_overlay(latest.image, latest.anomaly_map, latest.bundle))
         return latest.png
 
     def route(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes] | None:

@@ -287,7 +287,7 @@ class Daemon:
         sinks.add("drift", DriftSink(lambda: pipeline.drift, self.metrics))
         # Counters and references only (the latest NG frame and its map); rendered on request.
         if self.live is not None:
-            sinks.add("live", self.live.add_line(cfg.id, pipeline.status, pipeline.bundle))
+            sinks.add("live", self.live.add_line(cfg.id, pipeline.status, lambda: pipeline.bundle))
 
     def _on_sent(self, topic: str, header: dict) -> None:
         if topic.startswith("verdict."):

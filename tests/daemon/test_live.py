@@ -49,7 +49,8 @@ def test_sink_keeps_references_and_renders_only_on_request() -> None:
     view = LiveView(keep=3)
     status = {"state": "ok", "camera_connected": True, "engine_ready": True, "backend": "onnxruntime",
               "threshold": 3.0}
-    sink = view.add_line("l1", lambda: status, _Bundle(roi=(20, 10, 40, 30)))
+    bundle = _Bundle(roi=(20, 10, 40, 30))
+    sink = view.add_line("l1", lambda: status, lambda: bundle)
     image = np.full((60, 80), 100, np.uint8)
     amap = np.zeros((8, 8), np.float32)
     amap[2:4, 2:4] = 1.0
@@ -72,6 +73,26 @@ def test_sink_keeps_references_and_renders_only_on_request() -> None:
     png = view.ng_png("l1")
     assert png is not None and view.ng_png("l1") is png  # rendered once, then cached
     assert view.ng_png("other") is None
+
+
+def test_ng_frames_are_drawn_with_the_bundle_that_judged_them() -> None:
+    """A recipe switch or a promote changes the line's bundle: each NG picture keeps its own
+    bundle (display range, ROI); a late verdict of the bundle switched away from is not shown."""
+    view = LiveView()
+    first, second = _Bundle(roi=(0, 0, 40, 30)), _Bundle(roi=(20, 10, 40, 30))
+    first.bundle_id, second.bundle_id = "b", "b2"
+    active = [first]
+    sink = view.add_line("l1", lambda: {"state": "ok"}, lambda: active[0])
+    image, amap = np.full((60, 80), 100, np.uint8), np.ones((8, 8), np.float32)
+    sink.accept(_verdict("l1", 1, "NG", image, amap))
+    assert view._lines["l1"].latest_ng.bundle is first
+    active[0] = second
+    sink.accept(_verdict("l1", 2, "NG", image, amap))  # judged by "b" just before the switch
+    assert view._lines["l1"].latest_ng.summary["frame_id"] == 1
+    late = _verdict("l1", 3, "NG", image, amap)
+    late.bundle_id = "b2"
+    sink.accept(late)
+    assert view._lines["l1"].latest_ng.bundle is second and view._lines["l1"].latest_ng.summary["frame_id"] == 3
 
 
 def _get(url: str, data: bytes | None = None) -> tuple[int, bytes, str]:
