@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--split", default=None, help="folder with test_good/, test_bad/, masks/ "
                                                    "(default: <bundle>/../split)")
     ap.add_argument("--calibration", default=None, help="folder of good images (default: the bundle's)")
-    ap.add_argument("--recipes", default="backbone,backbone-conv,all-conv,all",
+    ap.add_argument("--recipes", default="backbone-late,backbone,backbone-conv,all-conv,all",
                     help="INT8 recipes; the first is the one the targets are judged on")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = usable CPUs)")
     ap.add_argument("--rounds", type=int, default=5)

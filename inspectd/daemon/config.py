@@ -184,7 +184,7 @@ class OnnxRuntimeOptions(_Strict):
     # int8: the bundle's cached INT8 model (inspectd build-engine --backend onnxruntime --precision int8),
     # CPU only; used only after the parity gate passes on the golden images, else the line falls back.
     precision: Literal["fp32", "int8"] | None = None
-    int8_recipe: Literal["backbone", "backbone-conv", "all-conv", "all"] | None = None
+    int8_recipe: Literal["backbone-late", "backbone", "backbone-conv", "all-conv", "all"] | None = None
 
 
 class TensorRTOptions(_Strict):

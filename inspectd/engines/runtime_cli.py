@@ -23,7 +23,7 @@ def register(subparsers: Any) -> None:
                    help="tensorrt: default fp16; onnxruntime: int8 (the only precision it caches)")
     p.add_argument("--calibration", default=None, metavar="DIR", dest="calib_images",
                    help="folder of good images for INT8 calibration (default: the bundle's calibration images)")
-    p.add_argument("--recipe", default=None, help="onnxruntime int8: which nodes to quantise (backbone = default, "
+    p.add_argument("--recipe", default=None, help="onnxruntime int8: which nodes to quantise (backbone-late = default, backbone, "
                                                   "backbone-conv, all-conv, all)")
     p.add_argument("--force", action="store_true", help="onnxruntime int8: rebuild even if a verified one is cached")
     p.add_argument("--workspace", type=int, default=1024, metavar="MB", help="builder workspace limit (MB)")

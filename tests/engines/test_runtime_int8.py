@@ -3,7 +3,7 @@ bundle's engine cache, keyed by ONNX sha256 / precision / ONNX Runtime version /
 refused when corrupt, parity-gated before a line uses them; the CLI around them.
 
 The bundle is a toy (test_runtime_toybundle) whose graph has a real convolution named like a
-backbone's (`/backbone/conv`), so quantisation runs in about a second."""
+backbone's (`/backbone/_blocks.9/...`), so quantisation runs in about a second."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ pytest.importorskip("onnxruntime.quantization")
 
 
 def conv_toy_onnx(loop: bool = False) -> bytes:
-    """uint8 NHWC -> Conv `/backbone/conv` (1x1: grey/255 - 0.5) -> Clip -> AveragePool -> square
+    """uint8 NHWC -> Conv `/backbone/_blocks.9/...` (1x1: grey/255 - 0.5) -> Clip -> AveragePool -> square
     = map, score = map max. With `loop`, the convolution runs inside an ONNX Loop (one trip), named
     without the backbone prefix, like the inpaint generator."""
     w = numpy_helper.from_array(np.full((1, 1, 1, 1), 1 / 255, np.float32), "w")
@@ -45,8 +45,8 @@ def conv_toy_onnx(loop: bool = False) -> bytes:
     clip_lo = numpy_helper.from_array(np.array(-1.0, np.float32), "lo")
     clip_hi = numpy_helper.from_array(np.array(1.0, np.float32), "hi")
     if not loop:
-        mid = [helper.make_node("Conv", ["nchw", "w", "b"], ["c"], name="/backbone/conv"),
-               helper.make_node("Clip", ["c", "lo", "hi"], ["dev"], name="/backbone/act")]
+        mid = [helper.make_node("Conv", ["nchw", "w", "b"], ["c"], name="/backbone/_blocks.9/_project_conv/Conv"),
+               helper.make_node("Clip", ["c", "lo", "hi"], ["dev"], name="/backbone/_blocks.9/act/Clip")]
         inits = [w, b, clip_lo, clip_hi]
     else:
         body = helper.make_graph(
@@ -230,3 +230,30 @@ def test_daemon_config_takes_the_int8_option() -> None:
     assert cfg.lines[0].backend_options["onnxruntime"] == {"precision": "int8"}
     with pytest.raises(Exception, match="precision"):
         config_from_dict({"lines": [dict(line, backend_options={"onnxruntime": {"precision": "fp16"}})]})
+
+
+def test_recipes_select_the_backbone_after_the_first_tap_and_never_the_head_or_a_loop() -> None:
+    def conv(name: str) -> onnx.NodeProto:
+        return helper.make_node("Conv", ["x", "w"], [name + "_out"], name=name)
+
+    body = helper.make_graph([conv("/backbone/_blocks.9/_inside_loop/Conv")], "body", [], [])
+    nodes = [conv("/backbone/_conv_stem/Conv"), conv("/backbone/_blocks.0/_depthwise_conv/Conv"),
+             conv("/backbone/_blocks.4/_project_conv/Conv"), helper.make_node("Add", ["a", "b"], ["c"],
+                                                                             name="/backbone/_blocks.5/Add"),
+             conv("/backbone/_blocks.5/_expand_conv/Conv"), conv("/backbone/_blocks.15/_project_conv/Conv"),
+             conv("/steps.0/subnet/conv1/Conv"), conv("/head/Conv"),
+             helper.make_node("Loop", ["n", "c"], ["y"], body=body, name="/dyn/Loop")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], []))
+    ops, late = ort_int8.select_nodes(model, "backbone-late", first_tap=4)
+    assert late == ["/backbone/_blocks.5/Add", "/backbone/_blocks.5/_expand_conv/Conv",
+                    "/backbone/_blocks.15/_project_conv/Conv"] and ops == ["Add", "Conv"]
+    _, whole = ort_int8.select_nodes(model, "backbone")
+    assert whole[0] == "/backbone/_conv_stem/Conv" and len(whole) == 6
+    _, all_conv = ort_int8.select_nodes(model, "all-conv")
+    assert "/steps.0/subnet/conv1/Conv" in all_conv and "/head/Conv" in all_conv
+    for recipe in ("backbone-late", "backbone", "backbone-conv", "all-conv"):
+        _, names = ort_int8.select_nodes(model, recipe, first_tap=4)
+        assert not any("inside_loop" in n or n == "/dyn/Loop" for n in names)
+        if recipe != "all-conv":
+            assert not any(n.startswith(("/steps", "/head")) for n in names)
+    assert ort_int8.select_nodes(model, "all") == (None, None)

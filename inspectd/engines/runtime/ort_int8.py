@@ -5,14 +5,17 @@ bundle's model.onnx, calibrated on good images, cached in the bundle's engine fo
 builds it; the ONNX Runtime backend with `precision: int8` loads it (never builds it) and, like any
 non-reference engine, serves a line only after the parity gate passes on the golden images.
 
-What is quantised (recipe "backbone", the default): the backbone's convolutions with their ReLU6
-(Clip), residual Adds and the other backbone operators in BACKBONE_OPS (top-level nodes named
-`/backbone/...`), so activations stay INT8 between convolutions. Everything after the backbone stays
-FP32: the flow coupling steps and their exp/tanh clamps, the score reduction, the map smoothing and
-resize (MapHead), and for every method all nodes inside an ONNX Loop. A bundle without backbone
-convolutions outside a Loop (inpaint: its generator runs inside the Loop) is refused in one line.
-Measured on MTD (benchmarks/int8.py): the flow magnifies the backbone's quantisation error, so
-this recipe still fails the parity gate there; the gate keeps such an engine off the line.
+What is quantised (recipe "backbone-late", the default): the backbone blocks after the first
+feature tap (flow: blocks 5-15), their convolutions with their ReLU6 (Clip), residual Adds and the
+other operators in BACKBONE_OPS (top-level nodes named `/backbone/_blocks.N/...`), so activations
+stay INT8 between those convolutions. FP32 stays: the stem and the blocks up to the first tap
+(measured on MTD: 1 % noise at the stem output costs 0.22 image AUROC, 5 % at the last tap
+nothing; quantising stem + blocks 0-1 costs 0.04, blocks 5-15 nothing), everything after the
+backbone (flow coupling steps, exp/tanh clamps, score reduction, map smoothing and resize:
+MapHead; quantising the flow's convolutions too gives AUROC 0.50) and every node inside an ONNX
+Loop. A bundle without such convolutions outside a Loop (inpaint: its generator runs inside the
+Loop) is refused in one line. Other recipes (backbone, backbone-conv, all-conv, all) exist to
+measure what quantising more costs (benchmarks/int8.py).
 
 Cache key: ONNX sha256, precision, ONNX Runtime version, the CPU's integer/bfloat16 dot-product
 features (AVX-512 VNNI, AVX-VNNI, AVX-512 BF16, AMX), the input shape and the quantisation
@@ -47,8 +50,8 @@ INT8_SUFFIX = ".onnx"
 CPU_FEATURE_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 # Quantisation recipes: which nodes become INT8. "backbone" is the default (accuracy kept, see the
 # module docstring); the others exist to measure what the rest would cost (benchmarks/int8.py).
-RECIPES = ("backbone", "backbone-conv", "all-conv", "all")
-DEFAULT_RECIPE = "backbone"
+RECIPES = ("backbone-late", "backbone", "backbone-conv", "all-conv", "all")
+DEFAULT_RECIPE = "backbone-late"
 MAX_CALIBRATION_IMAGES = 256
 
 
@@ -164,16 +167,22 @@ BACKBONE_OPS = ("Conv", "Clip", "Relu", "Add", "Mul", "Sigmoid", "GlobalAverageP
                 "MaxPool", "Concat")
 
 
-def select_nodes(model: Any, recipe: str = DEFAULT_RECIPE) -> tuple[list[str] | None, list[str] | None]:
+def select_nodes(model: Any, recipe: str = DEFAULT_RECIPE,
+                 first_tap: int | None = None) -> tuple[list[str] | None, list[str] | None]:
     """(op types, top-level node names) to quantise for `recipe`; (None, None) = ONNX Runtime's own
     default (everything it can, recipe "all"). Nodes inside subgraphs (Loop, If, Scan bodies)
-    are never listed by the other recipes: they stay FP32."""
+    are never listed by the other recipes: they stay FP32. `first_tap`: the backbone block of the
+    first feature tap; "backbone-late" quantises only the blocks after it (the stem and the blocks
+    up to the first tap stay FP32: noise there reads as texture to the method)."""
     if recipe not in RECIPES:
         raise InspectdError(f"int8 recipe {recipe!r} is not one of {', '.join(RECIPES)}")
     if recipe == "all":
         return None, None
     nodes = [n for n in model.graph.node if n.name]
     backbone = [n for n in nodes if n.name.startswith("/backbone/")]
+    if recipe == "backbone-late":
+        start = -1 if first_tap is None else int(first_tap)
+        backbone = [n for n in backbone if _block(n.name) > start]
     if recipe == "backbone-conv":
         return ["Conv"], [n.name for n in backbone if n.op_type == "Conv"]
     chosen = [n for n in backbone if n.op_type in BACKBONE_OPS]
@@ -230,7 +239,7 @@ def quantize(bundle: Bundle, out_path: str | os.PathLike, images: Sequence[np.nd
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(bundle.model_path))
-    ops, names = select_nodes(model, recipe)
+    ops, names = select_nodes(model, recipe, first_tap(bundle))
     has_loop = any(n.op_type in ("Loop", "Scan", "If") for n in model.graph.node)
     if names is not None and not names:
         raise Int8Unavailable(
@@ -294,6 +303,17 @@ def build_int8(bundle: Bundle, calibration: str | os.PathLike | None = None, rec
     path = cache.store(key, data, extra=extra)
     log.info("int8 engine for bundle %s written to %s (%s)", bundle.bundle_id, path, why)
     return path, why
+
+
+def _block(name: str) -> int:
+    """The backbone block index in a node name (`/backbone/_blocks.7/...` -> 7); -1 for the stem."""
+    m = re.match(r"/backbone/_blocks\.(\d+)/", name)
+    return int(m.group(1)) if m else -1
+
+
+def first_tap(bundle: Bundle) -> int | None:
+    taps = list(getattr(getattr(bundle.manifest, "backbone", None), "taps", None) or [])
+    return min(int(t) for t in taps) if taps else None
 
 
 def _method(bundle: Bundle) -> str:
