@@ -207,6 +207,27 @@ def test_calibrate_then_sighup_applies_the_new_threshold(tmp_path: Path, tiny_bu
                         r"lines\[0\]\.latency_budget: unknown key", timeout_s=10, start=mark)
         assert all(h["threshold"] == second for h in _verdicts(sub, 1.0))
         assert _metric(port) == second and daemon.proc.poll() is None
+
+        # 4. The audit log (issue 15): each calibration and each reload that changed the threshold,
+        # in order, with a generation that only grows; `inspectd audit` prints them; the metric agrees.
+        from inspectd.daemon.audit import AuditLog, audit_path
+
+        config.write_text(text)  # the config as it was before step 3 broke it
+        records = list(AuditLog(audit_path(etc / "state")).records("line1"))
+        changes = [(r["what"], r["who"]["via"]) for r in records]
+        assert changes == [("calibrate", "calibrate"), ("threshold", "SIGHUP"), ("calibrate", "calibrate"),
+                           ("threshold", "SIGHUP")], changes
+        assert [r["generation"] for r in records] == sorted({r["generation"] for r in records})
+        assert records[1]["old"]["threshold"] == 1000.0 and records[1]["new"]["threshold"] == first
+        assert records[3]["old"]["threshold"] == first and records[3]["new"]["threshold"] == second
+        printed = subprocess.run(INSPECTD + ["audit", "--config", str(config), "--line", "line1", "--json"],
+                                 capture_output=True, text=True, timeout=60)
+        assert printed.returncode == 0, printed.stderr
+        assert [json.loads(x)["generation"] for x in printed.stdout.splitlines() if x.strip()] == \
+            [r["generation"] for r in records]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            (generation,) = re.findall(r"^inspectd_config_generation (\S+)$", resp.read().decode(), re.M)
+        assert float(generation) == records[-1]["generation"]
     finally:
         sub.close()
         daemon.stop()
