@@ -346,15 +346,7 @@ class LineConfig(_Strict):
     @field_validator("roi", mode="before")
     @classmethod
     def _roi_shape(cls, value: Any) -> Any:
-        if value is None:
-            return value
-        if (not isinstance(value, (list, tuple)) or len(value) != 4
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-            raise ValueError(f"expected [x, y, w, h] (4 integers) or null, got {value!r}")
-        x, y, w, h = value
-        if x < 0 or y < 0 or w <= 0 or h <= 0:
-            raise ValueError(f"expected [x, y, w, h] with x, y >= 0 and w, h > 0, got {list(value)}")
-        return value
+        return _check_roi_shape(value)
 
     @field_validator("backends")
     @classmethod
