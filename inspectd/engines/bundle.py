@@ -129,6 +129,10 @@ class TrainingInfo(_Strict):
     final_loss: float
     seconds: float
     device: str
+    # Methods that learn from defects / paste on backgrounds: fingerprint, count and names of those
+    # folders' images (absent for good-only methods and older bundles).
+    defects: dict[str, Any] | None = None
+    backgrounds: dict[str, Any] | None = None
 
 
 class GoldenInfo(_Strict):

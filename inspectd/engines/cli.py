@@ -36,9 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model bundle from a folder of good images",
                        description="Train an engine on good images only and write a verified bundle "
                        "(model.onnx + manifest.json). Methods: flow (EfficientNet + normalizing flow, default), "
-                       "cutpaste-ae (CutPaste classifier + autoencoder), inpaint (fuzzy-mask inpainting).")
+                       "cutpaste-ae (CutPaste classifier + autoencoder), inpaint (fuzzy-mask inpainting); classifier (OK/NG "
+                       "fine-tuned on good and --bad images, activation-map heatmaps).")
     p.add_argument("--good", required=True, help="folder of good images")
     p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--bad", default=None,
+                   help="folder of defective images, for methods that learn from defects (classifier: at "
+                        "least 8); good-only methods ignore it with a warning")
+    p.add_argument("--backgrounds", default=None,
+                   help="folder of background images for paste augmentation (classifier; default: "
+                        "generated textures); other methods ignore it with a warning")
     p.add_argument("--method", choices=list(METHOD_NAMES), default="flow",
                    help="engine method (default %(default)s); every method writes the same bundle contract")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -213,6 +220,7 @@ def _train(args: argparse.Namespace) -> int:
                       select_epochs=[args.epochs] if args.epochs else list(SELECT_EPOCHS),
                       select_reductions=[args.reduction] if args.reduction else list(SELECT_REDUCTIONS),
                       augment=augment, seed=args.seed, weights=args.weights, roi=roi,
+                      bad=args.bad, backgrounds=args.backgrounds,
                       **{k: v for k, v in (("views", args.views), ("batch_size", args.batch_size)) if v is not None})
     result = train(args.good, args.out, cfg, force=args.force, golden_bad_dir=args.golden_bad)
     print(summary(result))

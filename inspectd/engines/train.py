@@ -67,6 +67,10 @@ class TrainConfig:
     seed: int = 0
     weights: str | None = None   # backbone state dict; default: the installed weights package
     roi: tuple[int, int, int, int] | None = None  # source-frame crop x, y, w, h (recorded in the bundle)
+    # Folders for methods that learn from defects (methods/<name>.py: needs_defects / uses_backgrounds);
+    # good-only methods ignore them with a one-line warning.
+    bad: str | None = None          # defective images, prepared like the good ones
+    backgrounds: str | None = None  # background images for paste augmentation
     # Label-free selection (held-out good + synthetic defects): which epoch count of this list and
     # which map reduction. Off: train `epochs` and keep `model.reduction` as given.
     select: bool = True
@@ -94,7 +98,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def read_good_images(folder: str | os.PathLike, spec: InputSpec) -> tuple[list[Path], list[np.ndarray], int]:
+def read_good_images(folder: str | os.PathLike, spec: InputSpec, what: str = "good",
+                     minimum: int = MIN_GOOD_IMAGES) -> tuple[list[Path], list[np.ndarray], int]:
     """Read and prepare every image; unreadable ones are skipped and counted, too many refuses."""
     paths = list_images(folder)
     files = [p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")]
@@ -111,9 +116,42 @@ def read_good_images(folder: str | os.PathLike, spec: InputSpec) -> tuple[list[P
     if files and skipped / len(files) > MAX_UNREADABLE_FRACTION:
         raise DataError(f"{folder}: {skipped} of {len(files)} files are not readable images "
                         f"(more than {MAX_UNREADABLE_FRACTION:.0%}); refusing to train on this folder")
-    if len(images) < MIN_GOOD_IMAGES:
-        raise DataError(f"{folder}: {len(images)} readable good images, at least {MIN_GOOD_IMAGES} are needed")
+    if len(images) < minimum:
+        raise DataError(f"{folder}: {len(images)} readable {what} images, at least {minimum} are needed")
     return good_paths, images, skipped
+
+
+def _extra_folders(method: Any, cfg: TrainConfig, spec: InputSpec) -> dict[str, tuple[list[Path], list[np.ndarray]]]:
+    """--bad / --backgrounds for the methods that use them: read like the good images; refused in one
+    line when a method needs defects and has too few; ignored with a one-line warning otherwise."""
+    out: dict[str, tuple[list[Path], list[np.ndarray]]] = {}
+    needs = int(getattr(method, "min_defects", 0) or 1) if getattr(method, "needs_defects", False) else 0
+    if needs and cfg.bad is None:
+        raise ConfigError(f"method {method.name} learns from defective images: give --bad FOLDER with at least "
+                          f"{needs} of them")
+    for key, folder, used, what in (("bad", cfg.bad, bool(needs), "defective"),
+                                    ("backgrounds", cfg.backgrounds, bool(getattr(method, "uses_backgrounds", False)),
+                                     "background")):
+        if folder is None:
+            continue
+        if not used:
+            print(f"inspectd train: method {method.name} does not use --{key}: ignoring {folder}", file=sys.stderr)
+            continue
+        if not Path(folder).is_dir():
+            raise DataError(f"{folder}: folder does not exist" if not Path(folder).exists() else f"{folder}: not a folder")
+        if key == "bad":
+            paths, images, _ = read_good_images(folder, spec, what, minimum=0)
+            if len(images) < needs:
+                raise DataError(f"{folder}: {len(images)} readable defective images; method {method.name} needs at "
+                                f"least {needs} to learn from")
+        else:
+            paths, images, _ = read_good_images(folder, spec, what, minimum=1)
+        out[key] = (paths, images)
+    return out
+
+
+def _folder_record(paths: list[Path]) -> dict[str, Any]:
+    return {"fingerprint": fingerprint(paths), "n": len(paths), "image_names": [p.name for p in paths]}
 
 
 def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig, force: bool = False,
@@ -131,6 +169,7 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
         raise ConfigError(str(exc)) from None
     mc = cfg.model
     spec = InputSpec(mc.input_height, mc.input_width, mc.color_mode, roi=cfg.roi)
+    extra = _extra_folders(method, cfg, spec)  # before the good images: a refusal costs nothing
     paths, images, skipped = read_good_images(good_dir, spec)
     _seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -146,7 +185,9 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
           f"{mc.image_height}x{mc.image_width}) {mc.color_mode}; "
           f"method {method.name} on {device}", file=sys.stderr)
 
-    fitted = method.fit(methods.FitData(train_imgs, hold_imgs, cfg, options, rng, device))
+    fitted = method.fit(methods.FitData(train_imgs, hold_imgs, cfg, options, rng, device,
+                                        bad=extra.get("bad", ([], []))[1],
+                                        backgrounds=extra.get("backgrounds", ([], []))[1]))
     model, final_loss, selection = fitted.model.cpu().eval(), fitted.final_loss, fitted.selection
     hold_scores, hold_maps = score_images(model, hold_imgs, torch.device("cpu"))
     staging = bundle_mod.staging_dir(out)
@@ -196,6 +237,9 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
                          "holdout_names": [paths[i].name for i in hold_idx],
                          "n_train": len(train_imgs), "n_holdout": len(hold_imgs), "skipped": skipped,
                          "config": {**cfg.to_dict(), "options": method.options_dict(options), "selection": selection},
+                         **{k: _folder_record(v[0]) for k, v in (("defects", extra.get("bad")),
+                                                                 ("backgrounds", extra.get("backgrounds")))
+                            if v is not None},
                          "final_loss": final_loss,
                          "seconds": round(seconds, 1),
                          "device": str(device)},

@@ -24,7 +24,7 @@ def _run(capsys, *argv: str) -> tuple[int, str]:
 
 
 def test_every_listed_method_implements_the_interface() -> None:
-    assert methods.NAMES[0] == "flow" and set(methods.NAMES) == {"flow", "cutpaste-ae", "inpaint"}
+    assert methods.NAMES[0] == "flow" and set(methods.NAMES) == {"flow", "cutpaste-ae", "inpaint", "classifier"}
     for name in methods.NAMES:
         m = methods.get(name)
         assert m.name == name and m.default_epochs > 0 and m.summary

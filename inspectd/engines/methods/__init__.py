@@ -11,7 +11,8 @@ from inspectd.engines.methods.base import FitData, Fitted, Method
 __all__ = ["FitData", "Fitted", "Method", "NAMES", "get", "options_from", "options_to_dict"]
 
 # name -> module under inspectd.engines.methods (imported on use: they import torch)
-_MODULES = {"flow": "flow", "cutpaste-ae": "cutpaste_ae", "inpaint": "inpaint"}
+_MODULES = {"flow": "flow", "cutpaste-ae": "cutpaste_ae", "inpaint": "inpaint",
+            "classifier": "classifier"}
 NAMES = tuple(_MODULES)
 
 

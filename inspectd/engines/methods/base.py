@@ -33,6 +33,12 @@ class FitData:
     options: Any               # the method's own options (its `parse_options` result)
     rng: np.random.Generator
     device: "torch.device"
+    # Defective images (--bad), prepared like the good ones; empty for good-only methods, which
+    # train() never gives them to. Only methods with `needs_defects = True` receive them.
+    bad: list[np.ndarray] = field(default_factory=list)
+    # Background images (--backgrounds) at the input size, for methods with `uses_backgrounds = True`
+    # (empty: none given; such a method generates its own).
+    backgrounds: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -47,6 +53,10 @@ class Method(Protocol):
     name: str
     summary: str
     default_epochs: int
+    # Optional (train() reads them with getattr, default False / 0): a method that learns from
+    # defective images declares `needs_defects = True` and `min_defects` (train() refuses fewer, in
+    # one line); `uses_backgrounds = True` to receive --backgrounds. Good-only methods ignore --bad
+    # and --backgrounds with a one-line warning.
 
     def parse_options(self, raw: dict[str, Any]) -> Any:
         """Validated options (unknown keys and bad values: ValueError naming the option)."""

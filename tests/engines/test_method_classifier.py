@@ -1,0 +1,179 @@
+"""Method classifier (paper 001): trained on the synthetic parts' good images and their 12 test_bad
+defects, judged on a separately generated set (another seed: parts and defects never seen); the
+exported graph agrees with PyTorch; its map is the class activation map, equal to autograd Grad-CAM;
+too few defects and bad options are one-line refusals."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from inspectd.cli import main
+from inspectd.engines import methods
+from inspectd.engines.backbone import load_backbone
+from inspectd.engines.bundle import load_bundle
+from inspectd.engines.methods.classifier import (ClassifierModel, ClassifierOptions, paste, stage_starts,
+                                                 training_set)
+from inspectd.engines.model import build_from_bundle
+from inspectd.engines.model_config import ModelConfig
+from inspectd.engines.preprocess import list_images, load_prepared
+from inspectd.engines.synthetic import make_dataset
+from inspectd.stats import roc_auc
+
+SIZE = 128
+EPOCHS = "4"  # 4 x 27 class-balanced steps on cached features: ~10 s on 2 cores
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory: pytest.TempPathFactory):
+    """Good and defective parts of another seed: never trained on (test_bad of seed 0 is the --bad set)."""
+    return make_dataset(tmp_path_factory.mktemp("heldout"), n_train=0, n_test_good=12, n_test_bad=12,
+                        size=SIZE, seed=11)
+
+
+@pytest.fixture(scope="module")
+def clf_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts) -> Path:
+    from inspectd.engines.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("bundle") / "classifier"
+    cfg = TrainConfig(model=ModelConfig(image_height=SIZE, image_width=SIZE, taps=[4, 10]), method="classifier",
+                      options={"epochs": EPOCHS}, bad=str(synthetic_parts.test_bad), seed=0, select=False)
+    train(synthetic_parts.train_good, out, cfg)
+    return out
+
+
+def _images(bundle, folder: Path) -> np.ndarray:
+    return np.stack([load_prepared(p, bundle.input_spec) for p in list_images(folder)])
+
+
+def test_separates_held_out_defects_at_a_threshold_from_good_images(clf_bundle: Path, held_out) -> None:
+    bundle = load_bundle(clf_bundle)
+    m = bundle.manifest
+    assert m.method.name == "classifier" and m.method.options["placement"] == "C"
+    assert m.training.defects["n"] == 12 and len(m.training.defects["image_names"]) == 12
+    assert m.training.defects["fingerprint"] and m.training.backgrounds is None
+    assert m.method.details["training_set"]["real_defects"] == 12
+    sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    good = sess.run(["score"], {"images": _images(bundle, held_out.test_good)})[0]
+    bad = sess.run(["score"], {"images": _images(bundle, held_out.test_bad)})[0]
+    # The real threshold: the top of the held-out good scores of training (what calibrate starts from).
+    threshold = m.score.good_quantiles["1.0"]
+    recall, false_rejects = float(np.mean(bad > threshold)), int(np.sum(good > threshold))
+    auroc = roc_auc(good, bad)
+    assert auroc >= 0.85, (auroc, good, bad)
+    assert recall >= 0.5 and false_rejects <= 1, (threshold, recall, false_rejects, good, bad)
+
+
+def test_onnx_runtime_matches_torch(clf_bundle: Path, held_out) -> None:
+    """ONNX Runtime vs the torch backend (build_from_bundle): scores within 1e-3 (relative, log-odds at
+    least 1), maps within 1e-3 of their largest magnitude."""
+    bundle = load_bundle(clf_bundle)
+    imgs = np.concatenate([_images(bundle, held_out.test_good)[:4], _images(bundle, held_out.test_bad)[:4]])
+    sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    o_score, o_map = sess.run(None, {"images": imgs})
+    with torch.no_grad():
+        t_score, t_map = (t.numpy() for t in build_from_bundle(bundle)(torch.from_numpy(imgs)))
+    assert o_map.shape == t_map.shape == (8, SIZE // 4, SIZE // 4)
+    assert np.max(np.abs(o_score - t_score)) <= 1e-3 * max(1.0, float(np.max(np.abs(t_score))))
+    assert np.max(np.abs(o_map - t_map)) <= 1e-3 * max(1.0, float(np.max(np.abs(t_map))))
+
+
+def test_cam_equals_autograd_grad_cam_on_random_inputs() -> None:
+    """GAP + one linear layer: Grad-CAM of the NG log-odds = ReLU(CAM - bias) / (h w), and the CAM's mean
+    is the score the head computes."""
+    torch.manual_seed(0)
+    mc = ModelConfig(image_height=64, image_width=96, taps=[4])
+    model = ClassifierModel(mc, load_backbone(mc.backbone, [15]), ClassifierOptions()).eval()  # ImageNet weights
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1.0)
+        model.head.bias.normal_(0, 1.0)
+    images = torch.randint(0, 256, (3, 64, 96, 1), dtype=torch.uint8)
+    with torch.no_grad():
+        feats = model.late(model.early(images))
+    feats = feats.clone().requires_grad_(True)
+    logits = model.logits(feats)
+    score = logits[:, 1] - logits[:, 0]
+    (grads,) = torch.autograd.grad(score.sum(), feats)
+    alpha = grads.mean(dim=(2, 3))                                   # Grad-CAM channel weights
+    grad_cam = torch.relu((alpha[:, :, None, None] * feats).sum(1)).detach()
+    with torch.no_grad():
+        cam = model.cam(feats)
+        bias = model.head.bias[1] - model.head.bias[0]
+        h, w = feats.shape[-2:]
+        assert (h, w) == (2, 3)
+        assert torch.allclose(torch.relu(cam - bias) / (h * w), grad_cam, rtol=1e-5, atol=1e-6)
+        assert grad_cam.abs().max() > 0.1  # not trivially zero
+        assert torch.allclose(cam.mean(dim=(1, 2)), score.detach(), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(model(images)[0], score.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_training_set_placements_and_paste_geometry() -> None:
+    rng = np.random.default_rng(0)
+    good = [np.full((32, 32, 1), 100, np.uint8) for _ in range(3)]
+    bad = [np.full((32, 32, 1), 200, np.uint8) for _ in range(2)]
+    bg = [np.zeros((32, 32, 1), np.uint8)]
+    for placement, n in (("A", 3 + 4), ("B", 3 * (3 + 4)), ("C", 3 * (3 + 4))):
+        opts = methods.get("classifier").parse_options({"placement": placement.lower(), "pastes": "2"})
+        imgs, labels = training_set(good, bad, bg, opts, rng)
+        assert len(imgs) == n and labels.sum() == n * 4 // 7  # flips double the defects; balanced per copy
+    opts = ClassifierOptions(part_scale=0.5)
+    centred = paste(bad[0], bg[0], opts, rng, centred=True)
+    assert (centred[8:24, 8:24] == 200).all() and centred.sum() == 200 * 16 * 16
+    shifted = [np.argwhere(paste(bad[0], bg[0], opts, rng, centred=False)[..., 0])[0] for _ in range(8)]
+    assert len({tuple(s) for s in shifted}) > 1  # C: offsets vary
+    boxed = paste(np.arange(32 * 32, dtype=np.uint8).reshape(32, 32, 1), bg[0],
+                  ClassifierOptions(box="0,0,0.5,0.5", part_scale=1.0), rng, centred=True)
+    assert (boxed[8:24, 8:24, 0] == np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)[:16, :16]).all()
+    assert stage_starts("efficientnet-lite0") == [0, 1, 3, 5, 8, 11, 15]
+
+
+def _train(capsys, *argv: str) -> tuple[int, list[str]]:
+    code = main(["train", *argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_too_few_or_no_defects_are_one_line_refusals(capsys, tmp_path: Path, synthetic_parts) -> None:
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in list_images(synthetic_parts.test_bad)[:3]:
+        shutil.copy(p, few / p.name)
+    base = ["--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"), "--method", "classifier",
+            "--image-size", "64"]
+    code, err = _train(capsys, *base, "--bad", str(few))
+    assert code == 1 and len(err) == 1, err
+    assert "3 readable defective images; method classifier needs at least 8" in err[0]
+    code, err = _train(capsys, *base)
+    assert code == 2 and len(err) == 1 and "give --bad FOLDER with at least 8" in err[0], err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    ("placement=D", "option placement='D': choose A (none), B (centred) or C (every offset) for method classifier"),
+    ("box=0.5,0,0.2,1", "option box='0.5,0,0.2,1': needs 0 <= x0 < x1 <= 1"),
+    ("part-scale=0", "option part-scale=0.0: must be in [0.1, 1] for method classifier"),
+    ("train-stages=9", "option train-stages=9: must be 1..6 for method classifier"),
+    ("flip=maybe", "option flip='maybe': expected bool for method classifier"),
+])
+def test_bad_options_are_one_line_errors(capsys, tmp_path: Path, synthetic_parts, option: str, message: str) -> None:
+    code, err = _train(capsys, "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"),
+                       "--method", "classifier", "--bad", str(synthetic_parts.test_bad), "--option", option)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_good_only_methods_ignore_bad_and_backgrounds_with_one_warning(capsys, synthetic_parts) -> None:
+    from inspectd.engines.preprocess import InputSpec
+    from inspectd.engines.train import TrainConfig, _extra_folders
+
+    cfg = TrainConfig(bad=str(synthetic_parts.test_bad), backgrounds=str(synthetic_parts.test_good))
+    assert _extra_folders(methods.get("flow"), cfg, InputSpec(64, 64, "gray")) == {}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"inspectd train: method flow does not use --bad: ignoring {synthetic_parts.test_bad}",
+                   f"inspectd train: method flow does not use --backgrounds: ignoring {synthetic_parts.test_good}"]
+    extra = _extra_folders(methods.get("classifier"), cfg, InputSpec(64, 64, "gray"))
+    assert len(extra["bad"][1]) == 12 and len(extra["backgrounds"][1]) == 12
+    assert extra["bad"][1][0].shape == (64, 64, 1)
