@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import yaml
 
 from inspectd.client import VerdictSubscriber
-from tests.bridges.conftest import BRIDGE, Child, replay_config
+from tests.bridges.conftest import BRIDGE, Child, Mosquitto, replay_config
 from tests.daemon.test_run import Daemon, _collect
 
 
@@ -124,3 +125,83 @@ def test_last_will_marks_lines_offline_when_the_bridge_dies(tmp_path: Path, mosq
     finally:
         watcher.close()
         bridge.stop()
+
+
+def test_mqtt_bridge_over_tls_with_a_password(tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
+    """A real Mosquitto that only speaks TLS and refuses anonymous clients: the bridge connects with
+    its username, password file and CA, verdicts arrive; a wrong password is refused and said so."""
+    import shutil
+    import ssl
+    import subprocess
+    import tempfile
+
+    from tests.bridges.conftest import make_cert
+
+    # Mosquitto started as root drops to its own user before reading its files: they cannot live
+    # under pytest's private (0700) tmp_path.
+    broker_files = Path(tempfile.mkdtemp(prefix="inspectd-mqtt-tls-"))
+    broker_files.chmod(0o755)
+    server_cert, server_key = make_cert(broker_files, "broker", "urn:test:broker", key_mode=0o644)
+    passwd = broker_files / "broker.passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), "line", "s3cret"], check=True, capture_output=True)
+    passwd.chmod(0o644)  # the broker may drop root privileges before reading it
+    broker = Mosquitto(tmp_path)
+    broker.stop()
+    broker.conf.write_text(f"listener {broker.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
+                           f"cafile {server_cert}\ncertfile {server_cert}\nkeyfile {server_key}\n"
+                           f"persistence false\nlog_dest stderr\n")
+    broker.start()
+    good_pw, bad_pw = tmp_path / "pw", tmp_path / "bad-pw"
+    good_pw.write_text("s3cret\n")
+    bad_pw.write_text("wrong\n")
+    good_pw.chmod(0o600)
+    bad_pw.chmod(0o600)
+
+    def mqtt_cfg(pw: Path) -> dict[str, Any]:
+        return {"mqtt": {"host": "localhost", "port": broker.port, "client_id": f"t-{pw.name}", "username": "line",
+                         "password_file": str(pw), "tls": {"ca": str(server_cert)}}}
+
+    cfg, _ = replay_config(tmp_path, tiny_bundle, synthetic_parts, mqtt_cfg(good_pw))
+    daemon = Daemon(cfg)
+    bridge = Child(BRIDGE + ["mqtt", "--config", str(cfg)])
+    got: queue.Queue[tuple[str, dict]] = queue.Queue()
+    watch = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="tls-watch")
+    watch.username_pw_set("line", "s3cret")
+    watch.tls_set(ca_certs=str(server_cert), cert_reqs=ssl.CERT_REQUIRED)
+    watch.on_connect = lambda c, u, f, rc, p=None: c.subscribe("inspectd/line1/#", qos=1)
+    watch.on_message = lambda c, u, m: got.put((m.topic, json.loads(m.payload)))
+    watch.connect("localhost", broker.port, keepalive=5)
+    watch.loop_start()
+    try:
+        end, verdict = time.monotonic() + 60, None
+        while verdict is None and time.monotonic() < end:
+            try:
+                topic, payload = got.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if topic == "inspectd/line1/verdict":
+                verdict = payload
+        assert verdict is not None and verdict["line"] == "line1", bridge.log()
+        assert bridge.stop() == 0, bridge.log()
+
+        # The same bridge with a wrong password: refused by the broker, and the log says why.
+        raw = yaml.safe_load(cfg.read_text())
+        raw["bridges"] = mqtt_cfg(bad_pw)
+        cfg.write_text(yaml.safe_dump(raw))
+        refused = Child(BRIDGE + ["mqtt", "--config", str(cfg)])
+        try:
+            end = time.monotonic() + 20
+            while time.monotonic() < end and not any("not authori" in x.lower() or "bad user name or password"
+                                                     in x.lower() for x in refused.lines):
+                time.sleep(0.2)
+            assert any("not authori" in x.lower() or "bad user name or password" in x.lower()
+                       for x in refused.lines), refused.log()
+        finally:
+            refused.stop()
+    finally:
+        watch.loop_stop()
+        watch.disconnect()
+        bridge.stop()
+        daemon.kill()
+        broker.stop()
+        shutil.rmtree(broker_files, ignore_errors=True)
