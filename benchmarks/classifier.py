@@ -106,8 +106,8 @@ def main() -> None:
         epochs = args.epochs_a if placement == "A" else max(1, args.epochs_a // 2)
         out = args.out / f"bundle-{placement}"
         t0 = time.monotonic()
-        code = inspectd_main(["train", "--method", "classifier", "--good", str(dirs["train_good"]), "--bad", str(bad_dir),
-                              "--out", str(out), "--image-size", args.image_size, "--seed", str(args.seed), "--force",
+        code = inspectd_main(["train", "--method", "classifier", "--good", str(dirs["train_good"]),
+                              "--bad", str(bad_dir), "--out", str(out), "--image-size", args.image_size, "--seed", str(args.seed), "--force",
                               "--option", f"placement={placement}", "--option", f"epochs={epochs}",
                               "--option", "pastes=1"])
         if code != 0:
