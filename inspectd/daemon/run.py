@@ -125,8 +125,9 @@ class Daemon:
             threshold = make_threshold(cfg.id, spec.threshold)
             bundle = load_bundle(spec.bundle)
             # Same pixels as training: a line ROI other than the bundle's is refused (none: the bundle's applies).
-            check_line_roi(spec.roi, bundle.roi, f"lines[{self.config.lines.index(cfg)}].roi (line {cfg.id}, "
-                           f"recipe {spec.name})", bundle.path)
+            named = f", recipe {spec.name}" if cfg.recipes else ""  # no recipes: the line's own bundle
+            check_line_roi(spec.roi, bundle.roi, f"lines[{self.config.lines.index(cfg)}].roi (line {cfg.id}{named})",
+                           bundle.path)
             source = make_source(cfg)
             drift = self._drift_for(cfg)
             archive = None
