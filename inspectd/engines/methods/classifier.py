@@ -31,10 +31,9 @@ the bundle's input size and a predeclared number of epochs (sized for a 2-core C
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -44,7 +43,7 @@ from torch import nn
 
 from inspectd.engines.backbone import STAGES, VARIANTS, EfficientNetFeatures, block_specs, load_backbone
 from inspectd.engines.export import export_onnx
-from inspectd.engines.fitting import batches, extract_features
+from inspectd.engines.fitting import PartGraph, batches, extract_features, one_thread
 from inspectd.engines.methods import options_from, options_to_dict
 from inspectd.engines.methods.base import FitData, Fitted
 from inspectd.engines.model import InputAdapter, MapHead, tile_images
@@ -153,26 +152,6 @@ class ClassifierModel(nn.Module):
         score = m.mean(dim=(1, 2))  # = logits[:, 1] - logits[:, 0]
         _, amap = self.map_head([m])
         return score, amap
-
-
-class _EarlyGraph(nn.Module):
-    def __init__(self, model: ClassifierModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tiles: torch.Tensor) -> list[torch.Tensor]:
-        return [self.model.early(tiles)]
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Eager fine-tuning on one intra-op thread (the shared 2-core CPU: as for cutpaste-ae)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # -- augmentation ------------------------------------------------------------------------------
@@ -313,7 +292,7 @@ class ClassifierMethod:
         return options_to_dict(options)
 
     def fit(self, data: FitData) -> Fitted:
-        with _one_thread():
+        with one_thread():
             return self._fit(data)
 
     def _fit(self, data: FitData) -> Fitted:
@@ -329,7 +308,7 @@ class ClassifierMethod:
         n_blocks = len(block_specs(mc.backbone))
         model = ClassifierModel(mc, load_backbone(mc.backbone, [n_blocks - 1], cfg.weights), opts)
         images, labels = training_set(data.train, data.bad, data.backgrounds, opts, rng)
-        feats = extract_features(_EarlyGraph(model), images, torch.device("cpu"), "features")[0]
+        feats = extract_features(PartGraph(model, "early"), images, torch.device("cpu"), "features")[0]
         batch = max(2, cfg.batch_size + cfg.batch_size % 2)
         loss, acc = fine_tune(model, feats, labels, opts, batch, gen)
         del feats

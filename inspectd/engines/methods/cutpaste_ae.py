@@ -37,10 +37,9 @@ validation (AE AUROC 0.61, vs 0.50 with 4 levels and 0.52 without per-position s
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +48,8 @@ from torch import nn
 
 from inspectd.engines.backbone import EfficientNetFeatures, load_backbone
 from inspectd.engines.export import export_onnx
-from inspectd.engines.fitting import ScheduledSteps, batches, extract_features, validation_auroc
+from inspectd.engines.fitting import (PartGraph, ScheduledSteps, batches, extract_features, one_thread,
+                                      validation_auroc)
 from inspectd.engines.methods import options_from, options_to_dict
 from inspectd.engines.methods.base import FitData, Fitted
 from inspectd.engines.model import InputAdapter, MapHead, resample_grid, tile_images
@@ -267,29 +267,6 @@ class CutPasteAEModel(nn.Module):
         return c["cutpaste"] + c["ae"], 0.5 * (c["cutpaste_map"] + c["ae_map"])
 
 
-class _GridGraph(nn.Module):
-    """Tiles -> cached grid features (exported to ONNX Runtime by extract_features)."""
-
-    def __init__(self, model: CutPasteAEModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tiles: torch.Tensor) -> list[torch.Tensor]:
-        return [self.model.grid_features(tiles)]
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Eager PyTorch on one thread while fitting: the heads' convolutions are small, and on a shared
-    2-core CPU two intra-op threads were 8-40x slower per step than one (measured), never faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _tiles(images: Sequence[np.ndarray], config: ModelConfig) -> list[np.ndarray]:
     if config.tiles == (1, 1):
         return list(images)
@@ -438,7 +415,7 @@ class CutPasteAEMethod:
         return options_to_dict(options)
 
     def fit(self, data: FitData) -> Fitted:
-        with _one_thread():
+        with one_thread():
             return self._fit(data)
 
     def _fit(self, data: FitData) -> Fitted:
@@ -451,7 +428,7 @@ class CutPasteAEMethod:
         model = CutPasteAEModel(mc, load_backbone(mc.backbone, mc.taps, cfg.weights), opts)
         tiles = _tiles(data.train, mc)
 
-        graph = _GridGraph(model)
+        graph = PartGraph(model, "grid_features")
         normal = extract_features(graph, tiles, device, "features")[0]
         pools = []
         for c in range(opts.pool_cycles):
