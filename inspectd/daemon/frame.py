@@ -45,3 +45,7 @@ class Verdict:
     # copied) for the live view's overlay, rendered on request; never serialized.
     anomaly_map: np.ndarray | None = field(default=None, repr=False, compare=False)
     recipe: str | None = None           # the line's recipe that judged the frame (header `recipe`)
+    # Where the latency went (None on fail-safe verdicts): acquisition -> engine call (queue wait +
+    # preprocessing), and the engine call itself.
+    queue_ms: float | None = None
+    infer_ms: float | None = None

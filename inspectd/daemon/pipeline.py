@@ -743,6 +743,7 @@ class LinePipeline:
             log.warning("line %s: frame %s malformed: %s", self.line, frame.frame_id, exc)
             self._fail_safe(key, frame, f"malformed frame: {exc}", deadline_missed=False, drop_reason="malformed")
             return
+        queue_ms = (time.monotonic() - frame.acquired_mono) * 1000.0
         t0 = time.perf_counter()
         try:
             raw_scores, maps = runner.infer(batch, self.stall_after_s, self._tick_worker)
@@ -774,7 +775,7 @@ class LinePipeline:
             score=score, raw_score=raw, threshold=threshold,
             latency_ms=(time.monotonic() - frame.acquired_mono) * 1000.0, deadline_missed=False,
             backend=active.backend, bundle_id=active.bundle.bundle_id, heatmap=heatmap, meta=frame.meta,
-            frame=frame, anomaly_map=maps[0], recipe=active.name)
+            frame=frame, anomaly_map=maps[0], recipe=active.name, queue_ms=queue_ms, infer_ms=infer_s * 1000.0)
         self._deliver(result)
         shadow = self.shadow
         if shadow is not None:  # after the verdict went out; never waits (a full shadow queue drops)

@@ -91,6 +91,8 @@ def verdict_header(v: Verdict, topic: str, seq: int, published_ns: int, daemon_s
         "raw_score": v.raw_score,
         "threshold": v.threshold,
         "latency_ms": v.latency_ms,
+        "queue_ms": v.queue_ms,    # acquisition -> engine call (queue wait + preprocessing)
+        "infer_ms": v.infer_ms,    # the engine call
         "deadline_missed": v.deadline_missed,
         "backend": v.backend,
         "bundle_id": v.bundle_id,

@@ -153,6 +153,9 @@ def test_run_publishes_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, ti
         for h in verdicts:
             assert h["threshold"] == 5.0 and not h["deadline_missed"] and h["backend"] == "onnxruntime"
             assert h["verdict"] == ("NG" if h["score"] > 5.0 else "OK")
+            # Where the latency went: queue (+ preprocessing), then the engine call, within the total.
+            assert h["queue_ms"] >= 0 and h["infer_ms"] > 0
+            assert h["queue_ms"] + h["infer_ms"] <= h["latency_ms"] + 0.5
         # Heatmaps (publish: ng) come for NG verdicts only, resized to the configured 48x48.
         heatmaps = [m for m in msgs if m.kind == "heatmap" and m.header["frame_id"] >= verdicts[0]["frame_id"]]
         ng_ids = {h["frame_id"] for h in verdicts if h["verdict"] == "NG"}
