@@ -9,6 +9,7 @@ eval, calibrate, the parity gate and the daemon only ever see model.onnx.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -72,3 +73,57 @@ class Method(Protocol):
 
     def export(self, model: "nn.Module", path: Path) -> None:
         """Write model.onnx (the shared traced export unless the method needs more, e.g. a Loop)."""
+
+
+def options_from(cls: type, raw: dict[str, Any], method: str) -> Any:
+    """A method's options dataclass from raw values (CLI strings or manifest JSON): unknown keys
+    and values of the wrong type are a ValueError naming the option."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"option {key!r} is not an option of method {method} "
+                             f"(options: {', '.join(f.replace('_', '-') for f in fields) or 'none'})")
+        default = fields[name].default
+        kind = type(default) if default is not dataclasses.MISSING else str
+        try:
+            if kind is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1", "yes", "on")
+            elif kind in (int, float, str):
+                if kind is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError(value)
+                value = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"option {key}={value!r}: expected {kind.__name__} for method {method}") from None
+        kwargs[name] = value
+    options = cls(**kwargs)
+    check = getattr(options, "check", None)
+    if check is not None:
+        check()
+    return options
+
+
+def options_to_dict(options: Any) -> dict[str, Any]:
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
+
+
+class MethodBase:
+    """What the methods share: options parsed from plain data into the method's `options_cls`
+    dataclass and written back, and the traced ONNX export (a method overrides what it must)."""
+
+    name: str
+    options_cls: type
+
+    def parse_options(self, raw: dict[str, Any]) -> Any:
+        return options_from(self.options_cls, raw, self.name)
+
+    def options_dict(self, options: Any) -> dict[str, Any]:
+        return options_to_dict(options)
+
+    def export(self, model: "nn.Module", path: Path) -> None:
+        from inspectd.engines.export import export_onnx
+
+        export_onnx(model, path)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import cv2
@@ -42,10 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from inspectd.engines.backbone import STAGES, VARIANTS, EfficientNetFeatures, block_specs, load_backbone
-from inspectd.engines.export import export_onnx
 from inspectd.engines.fitting import PartGraph, batches, extract_features, one_thread
-from inspectd.engines.methods import options_from, options_to_dict
-from inspectd.engines.methods.base import FitData, Fitted
+from inspectd.engines.methods.base import FitData, Fitted, MethodBase
 from inspectd.engines.model import InputAdapter, MapHead, tile_images
 from inspectd.engines.model_config import ModelConfig
 from inspectd.errors import ConfigError, DataError
@@ -277,19 +274,14 @@ def ng_scores(model: ClassifierModel, images: Sequence[np.ndarray], batch: int =
                            for sl in batches(len(images), batch)]) if len(images) else np.zeros(0)
 
 
-class ClassifierMethod:
+class ClassifierMethod(MethodBase):
     name = NAME
     summary = "supervised OK/NG classifier, class-activation-map heatmaps (paper 001)"
+    options_cls = ClassifierOptions
     default_epochs = ClassifierOptions.epochs
     needs_defects = True
     min_defects = MIN_DEFECTS
     uses_backgrounds = True
-
-    def parse_options(self, raw: dict[str, Any]) -> ClassifierOptions:
-        return options_from(ClassifierOptions, raw, self.name)
-
-    def options_dict(self, options: ClassifierOptions) -> dict[str, Any]:
-        return options_to_dict(options)
 
     def fit(self, data: FitData) -> Fitted:
         with one_thread():
@@ -334,9 +326,6 @@ class ClassifierMethod:
         opts = self.parse_options(options)
         n_blocks = len(block_specs(model_config.backbone))
         return ClassifierModel(model_config, EfficientNetFeatures(model_config.backbone, [n_blocks - 1]), opts)
-
-    def export(self, model: nn.Module, path: Path) -> None:
-        export_onnx(model, path)
 
 
 METHOD = ClassifierMethod()

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -47,11 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from inspectd.engines.backbone import EfficientNetFeatures, load_backbone
-from inspectd.engines.export import export_onnx
 from inspectd.engines.fitting import (PartGraph, ScheduledSteps, batches, extract_features, one_thread,
                                       validation_auroc)
-from inspectd.engines.methods import options_from, options_to_dict
-from inspectd.engines.methods.base import FitData, Fitted
+from inspectd.engines.methods.base import FitData, Fitted, MethodBase
 from inspectd.engines.model import InputAdapter, MapHead, resample_grid, tile_images
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.validation import make_validation_set, synthesize
@@ -403,16 +400,11 @@ def _score_rule(options: CutPasteAEOptions, model_config: ModelConfig) -> str:
     return parts[options.score]
 
 
-class CutPasteAEMethod:
+class CutPasteAEMethod(MethodBase):
     name = NAME
     summary = "CutPaste classifier + reconstruction autoencoder (paper 003)"
+    options_cls = CutPasteAEOptions
     default_epochs = CutPasteAEOptions.epochs
-
-    def parse_options(self, raw: dict[str, Any]) -> CutPasteAEOptions:
-        return options_from(CutPasteAEOptions, raw, self.name)
-
-    def options_dict(self, options: CutPasteAEOptions) -> dict[str, Any]:
-        return options_to_dict(options)
 
     def fit(self, data: FitData) -> Fitted:
         with one_thread():
@@ -474,9 +466,6 @@ class CutPasteAEMethod:
     def build(self, model_config: ModelConfig, options: dict[str, Any]) -> nn.Module:
         opts = self.parse_options(options)
         return CutPasteAEModel(model_config, EfficientNetFeatures(model_config.backbone, model_config.taps), opts)
-
-    def export(self, model: nn.Module, path: Path) -> None:
-        export_onnx(model, path)
 
 
 METHOD = CutPasteAEMethod()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -26,11 +25,9 @@ from torch import nn
 
 from inspectd.engines.backbone import EfficientNetFeatures, load_backbone
 from inspectd.engines.coupling import ScaleFlow
-from inspectd.engines.export import export_onnx
 from inspectd.engines.fitting import (ScheduledSteps, augment, batches, extract_features, reduce_maps,
                                       validation_auroc)
-from inspectd.engines.methods import options_from, options_to_dict
-from inspectd.engines.methods.base import FitData, Fitted
+from inspectd.engines.methods.base import FitData, Fitted, MethodBase
 from inspectd.engines.model import InputAdapter, MapHead, resample_grid, tile_images
 from inspectd.engines.model_config import ModelConfig
 
@@ -259,16 +256,11 @@ class FlowOptions:
     """The flow's design lives in ModelConfig (steps, fusion, clamp ...): no further options."""
 
 
-class FlowMethod:
+class FlowMethod(MethodBase):
     name = "flow"
     summary = "EfficientNet features + normalizing flow (paper 000)"
+    options_cls = FlowOptions
     default_epochs = 40
-
-    def parse_options(self, raw: dict[str, Any]) -> FlowOptions:
-        return options_from(FlowOptions, raw, self.name)
-
-    def options_dict(self, options: FlowOptions) -> dict[str, Any]:
-        return options_to_dict(options)
 
     def fit(self, data: FitData) -> Fitted:
         model, loss, selection = fit_selected(data.cfg, data.train, data.holdout, data.rng, data.device)
@@ -280,9 +272,6 @@ class FlowMethod:
 
     def build(self, model_config: ModelConfig, options: dict[str, Any]) -> nn.Module:
         return FlowModel(model_config, EfficientNetFeatures(model_config.backbone, model_config.taps))
-
-    def export(self, model: nn.Module, path: Path) -> None:
-        export_onnx(model, path)
 
 
 METHOD = FlowMethod()

@@ -69,8 +69,7 @@ from torch import nn
 from inspectd.engines.bundle import INPUT_NAME, OUTPUT_NAMES
 from inspectd.engines.export import OPSET, export_onnx
 from inspectd.engines.fitting import ScheduledSteps, batches, pick_best, reduce_maps, validation_auroc
-from inspectd.engines.methods import options_from, options_to_dict
-from inspectd.engines.methods.base import FitData, Fitted
+from inspectd.engines.methods.base import FitData, Fitted, MethodBase
 from inspectd.engines.model import MapHead, gaussian_kernel1d, tile_images
 from inspectd.engines.model_config import ModelConfig
 
@@ -453,16 +452,11 @@ def select_reduction(model: InpaintModel, cfg: Any, hold: list[np.ndarray], devi
             "candidates": rows, "chosen": best}
 
 
-class InpaintMethod:
+class InpaintMethod(MethodBase):
     name = "inpaint"
     summary = "fuzzy-mask inpainting autoencoder, weighted SSIM, dynamic inference (paper 004)"
+    options_cls = InpaintOptions
     default_epochs = InpaintOptions.epochs
-
-    def parse_options(self, raw: dict[str, Any]) -> InpaintOptions:
-        return options_from(InpaintOptions, raw, self.name)
-
-    def options_dict(self, options: InpaintOptions) -> dict[str, Any]:
-        return options_to_dict(options)
 
     def fit(self, data: FitData) -> Fitted:
         cfg, options, device = data.cfg, data.options, data.device
@@ -485,8 +479,7 @@ class InpaintMethod:
         return InpaintModel(model_config, self.parse_options(options))
 
     def export(self, model: nn.Module, path: Path) -> None:
-        assert isinstance(model, InpaintModel)
-        export_engine(model, path)
+        export_engine(model, path)  # the dynamic-inference Loop needs its own export
 
 
 METHOD = InpaintMethod()
