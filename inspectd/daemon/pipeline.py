@@ -588,12 +588,7 @@ class LinePipeline:
     def _worker_loop(self) -> None:
         try:
             first = self._active
-            runner = self._open_engine()
-            with self._swap_lock:
-                if self._active is first:   # (a recipe switched in meanwhile wins)
-                    self._active = dataclasses.replace(first, runner=runner, backend=self.backend_name)
-                elif runner is not None:
-                    self._retired.append(runner)
+            self._install_runner(first, self._open_engine())
             while True:
                 item = self._next_item()
                 if item is None:
@@ -602,12 +597,7 @@ class LinePipeline:
                 self._process(active, *item)
                 if active.runner is not None and (self._stalled or
                                                   self._consecutive_engine_errors >= self._failover_after):
-                    runner = self._fail_over(active.runner)
-                    with self._swap_lock:
-                        if self._active is active:
-                            self._active = dataclasses.replace(active, runner=runner, backend=self.backend_name)
-                        elif runner is not None and runner is not active.runner:
-                            self._retired.append(runner)
+                    self._install_runner(active, self._fail_over(active.runner))
                 self._close_retired()
         except Exception as exc:  # never let one line's worker take the process down
             self.failed = f"worker crashed: {type(exc).__name__}: {exc}"
@@ -623,6 +613,15 @@ class LinePipeline:
                 retired, self._retired = self._retired, []
             for old in retired:
                 old.close(0.0 if old.busy else 1.0)
+
+    def _install_runner(self, expected: ActiveRecipe, runner: "_EngineRunner | None") -> None:
+        """The worker's new runner for the recipe it opened it for; if a recipe was switched in
+        meanwhile, that one wins and the runner is retired (closed between frames)."""
+        with self._swap_lock:
+            if self._active is expected:
+                self._active = dataclasses.replace(expected, runner=runner, backend=self.backend_name)
+            elif runner is not None and runner is not expected.runner:
+                self._retired.append(runner)
 
     def _fail_over(self, runner: _EngineRunner) -> _EngineRunner | None:
         """The current backend keeps failing or stalled: give it up and open the next one of the

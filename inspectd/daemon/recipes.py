@@ -30,7 +30,7 @@ from typing import Any
 from inspectd.daemon.config import DEFAULT_RECIPE, LineConfig, ThresholdFile
 from inspectd.daemon.line import LineThreshold
 from inspectd.daemon.pipeline import ActiveRecipe, LinePipeline, RecipeNotReady
-from inspectd.errors import ConfigError, InspectdError
+from inspectd.errors import InspectdError
 from inspectd.fileio import atomic_write
 
 log = logging.getLogger("inspectd.recipes")
@@ -47,8 +47,12 @@ class RecipeSpec:
     preload: bool = False
 
     def describe(self) -> dict[str, Any]:
-        return {"bundle": str(self.bundle), "threshold": self.threshold if isinstance(self.threshold, float)
-                else str(self.threshold)}
+        return {"bundle": str(self.bundle), "threshold": threshold_json(self.threshold)}
+
+
+def threshold_json(spec: float | Path) -> float | str:
+    """A recipe threshold (a number or a calibration file) as the state file and answers write it."""
+    return spec if isinstance(spec, float) else str(spec)
 
 
 def _spec_threshold(value: Any) -> float | Path:
@@ -60,8 +64,7 @@ def _spec_threshold(value: Any) -> float | Path:
 
 
 def _from_state(name: str, entry: dict[str, Any], roi: Any) -> RecipeSpec:
-    t = entry["threshold"]
-    return RecipeSpec(name, Path(entry["bundle"]), float(t) if isinstance(t, (int, float)) else Path(t), roi)
+    return RecipeSpec(name, Path(entry["bundle"]), _spec_threshold(entry["threshold"]), roi)
 
 
 def config_specs(cfg: LineConfig) -> dict[str, RecipeSpec]:
@@ -198,7 +201,7 @@ class LineRecipes:
         for name, spec in self.specs.items():
             sb = self.standby.get(name)
             out.append({"name": name, "active": name == active.name, "bundle": str(spec.bundle),
-                        "threshold": spec.threshold if isinstance(spec.threshold, float) else str(spec.threshold),
+                        "threshold": threshold_json(spec.threshold),
                         "preload": spec.preload,
                         "ready": name == active.name and active.runner is not None or isinstance(sb, ActiveRecipe),
                         "not_ready_reason": sb if isinstance(sb, str) else None})
@@ -301,9 +304,8 @@ class LineRecipes:
             promoted = RecipeSpec(old.name, spec.bundle, spec.threshold, old.roi, self.specs[old.name].preload)
             self.specs[old.name] = promoted
             self.state.setdefault("overrides", {})[old.name] = promoted.describe()
-            self.state.setdefault("previous", {})[old.name] = {"bundle": str(old.bundle.path), "threshold":
-                                                               old.threshold_spec if isinstance(old.threshold_spec, float)
-                                                               else str(old.threshold_spec)}
+            self.state.setdefault("previous", {})[old.name] = {"bundle": str(old.bundle.path),
+                                                               "threshold": threshold_json(old.threshold_spec)}
             self.state["shadow"] = None
             self._save_state()
             self._record("promote", self._desc(old), self._desc(new), who, reason)

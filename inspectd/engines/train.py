@@ -137,9 +137,7 @@ def _extra_folders(method: Any, cfg: TrainConfig, spec: InputSpec) -> dict[str, 
         if not used:
             print(f"inspectd train: method {method.name} does not use --{key}: ignoring {folder}", file=sys.stderr)
             continue
-        if not Path(folder).is_dir():
-            raise DataError(f"{folder}: folder does not exist" if not Path(folder).exists() else f"{folder}: not a folder")
-        if key == "bad":
+        if key == "bad":  # read_good_images -> list_images names a missing folder or a file
             paths, images, _ = read_good_images(folder, spec, what, minimum=0)
             if len(images) < needs:
                 raise DataError(f"{folder}: {len(images)} readable defective images; method {method.name} needs at "
