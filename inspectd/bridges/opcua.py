@@ -189,7 +189,7 @@ class OpcuaBridge:
         self.server = server
 
     def _set_recipe_method(self, line: str) -> Any:
-        from asyncua import ua, uamethod
+        from asyncua import uamethod
 
         @uamethod
         async def set_recipe(parent: Any, name: Any) -> str:

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from inspectd.client import VerdictSubscriber
 from inspectd.daemon.control import request, socket_path
 from inspectd.engines.bundle import load_bundle
-from tests.daemon.test_run import _MODULE, Daemon, _collect, _scrape
+from tests.daemon.test_run import _MODULE, Daemon, _scrape
 
 CLI = [sys.executable, "-m", _MODULE]
 
