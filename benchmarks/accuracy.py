@@ -35,6 +35,20 @@ from inspectd.engines.preprocess import list_images, load_prepared, prepare_mask
 from inspectd.stats import roc_auc  # noqa: E402
 
 
+def load_masks(paths: list[Path | None], spec) -> list[np.ndarray | None]:
+    """Defect masks (None: no mask file) prepared like the images they belong to."""
+    masks = []
+    for p in paths:
+        mk = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) if p is not None and p.exists() else None
+        masks.append(prepare_mask(mk, spec) if mk is not None else None)
+    return masks
+
+
+def mask_paths(bad_paths: list[Path], masks_dir: Path) -> list[Path]:
+    """The mask file of each defective image of a split folder (named like it, .png)."""
+    return [masks_dir / (p.stem + ".png") for p in bad_paths]
+
+
 def pixel_auroc(maps: np.ndarray, masks: list[np.ndarray | None], n_good: int, size: tuple[int, int]) -> float:
     t = torch.from_numpy(maps).float()[:, None]
     up = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
@@ -72,11 +86,7 @@ def main() -> None:
         good_paths, bad_paths = list_images(dirs["test_good"]), list_images(dirs["test_bad"])
         test_imgs = [load_prepared(p, spec) for p in good_paths + bad_paths]
         labels = np.array([0] * len(good_paths) + [1] * len(bad_paths))
-        masks = []
-        for p in bad_paths:
-            mp = dirs["masks"] / (p.stem + ".png")
-            mk = cv2.imread(str(mp), cv2.IMREAD_GRAYSCALE) if mp.exists() else None
-            masks.append(prepare_mask(mk, spec) if mk is not None else None)
+        masks = load_masks(mask_paths(bad_paths, dirs["masks"]), spec)
         stride = mc.fused_stride if mc.fusion == "fused" else 32
         for name, (scores, maps) in baselines(mc, train_imgs, test_imgs, stride).items():
             rows.append({"method": f"{name} (grid stride {stride})",

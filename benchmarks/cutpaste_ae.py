@@ -20,12 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import pixel_auroc  # noqa: E402
+from accuracy import load_masks, mask_paths, pixel_auroc  # noqa: E402
 from datasets import split_folders  # noqa: E402
 
 from inspectd.cli import main as inspectd_main  # noqa: E402
@@ -33,7 +32,7 @@ from inspectd.engines.bundle import load_bundle  # noqa: E402
 from inspectd.engines.evaluate import evaluate  # noqa: E402
 from inspectd.engines.fitting import batches  # noqa: E402
 from inspectd.engines.model import build_from_bundle  # noqa: E402
-from inspectd.engines.preprocess import list_images, load_prepared, prepare_mask  # noqa: E402
+from inspectd.engines.preprocess import list_images, load_prepared  # noqa: E402
 from inspectd.progress import Progress  # noqa: E402
 from inspectd.stats import roc_auc  # noqa: E402
 
@@ -85,11 +84,7 @@ def main() -> None:
     scored = score_rules(model, good_paths + bad_paths, spec)
     score_s = time.monotonic() - t1
     labels = np.array([0] * len(good_paths) + [1] * len(bad_paths))
-    masks = []
-    for p in bad_paths:
-        mp = dirs["masks"] / (p.stem + ".png")
-        mk = cv2.imread(str(mp), cv2.IMREAD_GRAYSCALE) if mp.exists() else None
-        masks.append(prepare_mask(mk, spec) if mk is not None else None)
+    masks = load_masks(mask_paths(bad_paths, dirs["masks"]), spec)
     rows = []
     for r in RULES:
         scores, maps = scored[r]

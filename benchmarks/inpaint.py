@@ -24,12 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import pixel_auroc  # noqa: E402
+from accuracy import load_masks, pixel_auroc  # noqa: E402
 from datasets import load_split  # noqa: E402
 
 from inspectd.engines.fitting import batches  # noqa: E402
@@ -37,7 +36,7 @@ from inspectd.engines.methods import FitData  # noqa: E402
 from inspectd.engines.methods.inpaint import (METHOD, InpaintModel, _tiles, calibrate,  # noqa: E402
                                               export_engine, export_fixed_iterations, select_reduction)
 from inspectd.engines.model_config import ModelConfig  # noqa: E402
-from inspectd.engines.preprocess import InputSpec, prepare_mask  # noqa: E402
+from inspectd.engines.preprocess import InputSpec  # noqa: E402
 from inspectd.engines.train import TrainConfig  # noqa: E402
 from inspectd.stats import roc_auc  # noqa: E402
 
@@ -88,10 +87,7 @@ def main() -> None:
     size = (args.image_size, args.image_size)
     split = load_split(args.dataset, size, out / "split")
     spec = InputSpec(size[0], size[1], "gray")
-    masks = []
-    for p in split.masks:
-        mk = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) if p is not None else None
-        masks.append(prepare_mask(mk, spec) if mk is not None else None)
+    masks = load_masks(split.masks, spec)
     test = split.test_good + split.test_bad
     n_good = len(split.test_good)
     device = torch.device("cpu")
