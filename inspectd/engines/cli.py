@@ -1,4 +1,4 @@
-"""Subcommands of the model side: train, eval (+ build-engine, check-engine, bench from runtime_cli)."""
+"""Subcommands of the model side: train, eval, synthesize (+ build-engine, check-engine, bench from runtime_cli)."""
 
 from __future__ import annotations
 
@@ -108,6 +108,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="report folder")
     e.add_argument("--threads", type=int, default=0)
     e.set_defaults(func=_eval)
+
+    s = sub.add_parser("synthesize", help="more defective images: real defects' masked cut-outs blended into good images",
+                       description="Write COUNT new defective images (+ masks/ and manifest.json) by blending masked, "
+                       "flipped / rotated, brightness-matched cut-outs of real defects into good images; the folder "
+                       "is a --bad folder for `inspectd train --method classifier`. Every input is checked first.")
+    s.add_argument("--good", required=True, help="folder of good images (the destinations)")
+    s.add_argument("--bad", required=True, help="folder of real defective images (at least 8), each with a mask")
+    s.add_argument("--out", required=True, help="output folder (created; must be empty unless --force)")
+    s.add_argument("--masks", default=None,
+                   help="folder of the defects' masks named like the images (255 = defect; default: BAD/masks)")
+    s.add_argument("--count", type=int, default=200, help="images to write (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dilation", type=int, default=0,
+                   help="px of context kept around each defect and feathered (default 0: 2%% of the short side)")
+    s.add_argument("--region", default="0,0,1,1", metavar="X0,Y0,X1,Y1",
+                   help="where defects may be placed, fractions of the good image (default: anywhere, for "
+                        "tightly cropped parts)")
+    s.add_argument("--include-real", action="store_true",
+                   help="copy the real defects (and masks) into the output too: one --bad folder for training")
+    s.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    s.set_defaults(func=_synthesize)
 
     try:
         runtime_cli = importlib.import_module("inspectd.engines.runtime_cli")
@@ -233,4 +254,15 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate(args.bundle, args.good, args.bad, args.out, masks_dir=args.masks, threads=args.threads)
     print(json.dumps(report, indent=2))
     print(f"report written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from inspectd.engines.synthesize import SynthesizeConfig, parse_region, synthesize
+
+    cfg = SynthesizeConfig(count=args.count, seed=args.seed, dilation=args.dilation,
+                           region=parse_region(args.region), include_real=args.include_real)
+    manifest = synthesize(args.good, args.bad, args.out, masks=args.masks, cfg=cfg, force=args.force)
+    print(f"{len(manifest['items'])} synthesized defects from {manifest['bad']['n']} real ones on "
+          f"{manifest['good']['n']} good images -> {args.out} (masks in {args.out}/masks, manifest.json)")
     return 0
