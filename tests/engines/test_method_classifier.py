@@ -17,8 +17,8 @@ from inspectd.cli import main
 from inspectd.engines import methods
 from inspectd.engines.backbone import load_backbone
 from inspectd.engines.bundle import load_bundle
-from inspectd.engines.methods.classifier import (ClassifierModel, ClassifierOptions, paste, stage_starts,
-                                                 training_set)
+from inspectd.engines.methods.classifier import (ClassifierModel, ClassifierOptions, cam_resampler, paste,
+                                                 stage_starts, training_set)
 from inspectd.engines.model import build_from_bundle
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.preprocess import list_images, load_prepared
@@ -110,6 +110,37 @@ def test_cam_equals_autograd_grad_cam_on_random_inputs() -> None:
         assert grad_cam.abs().max() > 0.1  # not trivially zero
         assert torch.allclose(cam.mean(dim=(1, 2)), score.detach(), rtol=1e-5, atol=1e-5)
         assert torch.allclose(model(images)[0], score.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_map_is_drawn_where_each_cam_cell_looks() -> None:
+    """CAM cell (i, j) of the ImageNet backbone looks at input pixel (32 i, 32 j) (padding k // 2 centres
+    every stride-2 output on input pixel 2j): the centroid of |d cell / d input| near it lands there,
+    not on the cell's block centre 32 i + 16; and the map puts a one-cell CAM's peak on that pixel."""
+    torch.manual_seed(0)
+    mc = ModelConfig(image_height=128, image_width=128, taps=[4])
+    model = ClassifierModel(mc, load_backbone(mc.backbone, [15]), ClassifierOptions()).eval()
+    x = (torch.randn(4, 3, 128, 128) * 0.5).requires_grad_(True)
+    bb = model.backbone
+    a = bb.act(bb._bn0(bb._conv_stem(x)))
+    for block in bb._blocks:
+        a = block(a)
+    assert a.shape[-2:] == (4, 4)
+    (g,) = torch.autograd.grad(a[:, :, 2, 2].abs().sum(), x)
+    w = g.abs().sum(dim=(0, 1))
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    near = ((yy - 64).abs() <= 40) & ((xx - 64).abs() <= 40)  # a window centred on the expected pixel
+    w = w * near
+    cy, cx = float((w * yy).sum() / w.sum()), float((w * xx).sum() / w.sum())
+    assert abs(cy - 64) <= 4 and abs(cx - 64) <= 4, (cy, cx)  # the block centre would be (80, 80)
+    cam = torch.zeros(1, 4, 4)
+    cam[0, 2, 1] = 1.0
+    amap = model.cam_to_map(cam)[0]
+    assert amap.shape == (32, 32)
+    r, c = divmod(int(amap.argmax()), 32)
+    assert r * 4 <= 64 < (r + 1) * 4 + 1 and c * 4 <= 32 < (c + 1) * 4 + 1, (r, c)
+    rows = cam_resampler(128, 32, 4)
+    assert torch.allclose(rows.sum(1), torch.ones(32))  # convex weights: a constant CAM stays constant
+    assert rows[0, 0] > 0.9 and rows[-1, -1] == 1.0  # past the last cell's centre (pixel 96): clamped
 
 
 def test_training_set_placements_and_paste_geometry() -> None:

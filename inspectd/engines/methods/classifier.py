@@ -6,7 +6,14 @@
       -> CAM  m(x, y) = sum_k (w_NG - w_OK)_k A_k(x, y) + (b_NG - b_OK)     (a 1x1 convolution)
       -> score = mean of m over positions = z_NG - z_OK, the NG log-odds (logit of the NG probability):
                  exactly the head's output, since the head is global average pooling + one linear layer
-      -> map:   m, upsampled / smoothed by MapHead (in log-odds units, no standardisation)
+      -> map:   m, placed on the map grid where each cell looks (`cam_to_map`), smoothed by MapHead
+                (in log-odds units, no standardisation)
+
+Where the map is drawn: every stride-2 layer (3x3 / 5x5, padding k // 2) centres its output j on input
+pixel 2j, so CAM cell (i, j) is centred on input pixel (32 i, 32 j): the top-left corner of the
+32 x 32 block a plain resize assigns it, not its centre. `cam_to_map` resamples the CAM bilinearly
+at those centres (fixed matrices in the graph; clamped past the last row / column), so the map's
+peak sits over the part of the image the peak cell sees, instead of half a cell (16 px) down-right.
 
 For global average pooling + one linear layer, Grad-CAM of the score equals the CAM: dScore/dA_k(x,y)
 = (w_NG - w_OK)_k / (h w) at every position, so Grad-CAM = ReLU(sum_k alpha_k A_k) = ReLU(m - b)/(h w)
@@ -119,6 +126,11 @@ class ClassifierModel(nn.Module):
         self.split = stage_starts(backbone.variant)[len(STAGES) - options.train_stages]
         self.head = nn.Linear(backbone.tap_channels[-1], len(CLASSES))
         self.map_head = MapHead(config, 1)  # nll_mean 0, nll_std 1: the map stays in log-odds units
+        stride = backbone.tap_strides[-1]
+        rows = cam_resampler(config.image_height, stride, config.map_stride)
+        cols = cam_resampler(config.image_width, stride, config.map_stride)
+        self.register_buffer("map_rows", rows, persistent=False)     # (map h, CAM h): fixed by the config
+        self.register_buffer("map_cols_t", cols.t().contiguous(), persistent=False)  # (CAM w, map w)
 
     def early(self, tiles: torch.Tensor) -> torch.Tensor:
         """Frozen part: uint8 -> features at the input of the first fine-tuned block (what is cached)."""
@@ -144,11 +156,38 @@ class ClassifierModel(nn.Module):
         b = self.head.bias[1] - self.head.bias[0]
         return F.conv2d(feats, w)[:, 0] + b
 
+    def cam_to_map(self, m: torch.Tensor) -> torch.Tensor:
+        """CAM (N, h, w) -> (N, H / map_stride, W / map_stride), each map cell read at its own centre
+        from the CAM cells' receptive-field centres (module docstring)."""
+        return torch.matmul(torch.matmul(self.map_rows, m), self.map_cols_t)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.cam(self.late(self.early(tile_images(images, self.config))))
         score = m.mean(dim=(1, 2))  # = logits[:, 1] - logits[:, 0]
-        _, amap = self.map_head([m])
+        _, amap = self.map_head([self.cam_to_map(m)])
         return score, amap
+
+
+def feature_size(size: int, stride: int) -> int:
+    """Output length of `size` input pixels after log2(stride) stride-2 layers with padding k // 2."""
+    while stride > 1:
+        size, stride = (size + 1) // 2, stride // 2
+    return size
+
+
+def cam_resampler(size: int, stride: int, map_stride: int) -> torch.Tensor:
+    """(size // map_stride, feature_size) bilinear weights: map cell u (input pixels map_stride u ..
+    map_stride (u + 1) - 1, centre map_stride u + (map_stride - 1) / 2) read from CAM cells centred on
+    input pixels stride j; clamped to the first / last cell beyond them."""
+    n = feature_size(size, stride)
+    out = torch.zeros(size // map_stride, n)
+    for u in range(out.shape[0]):
+        t = min(max((map_stride * u + (map_stride - 1) / 2) / stride, 0.0), n - 1.0)
+        j0 = int(math.floor(t))
+        j1 = min(j0 + 1, n - 1)
+        out[u, j0] += 1.0 - (t - j0)
+        out[u, j1] += t - j0
+    return out
 
 
 # -- augmentation ------------------------------------------------------------------------------
