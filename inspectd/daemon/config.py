@@ -149,6 +149,9 @@ class ReplaySourceConfig(_Strict):
     labels_from_subfolders: bool = True
     # auto: grey files give H x W frames, colour files RGB; or force one for every frame.
     color: Literal["auto", "rgb", "gray"] = "auto"
+    # A looping replay keeps its first pass decoded in memory (MiB) instead of decoding every
+    # pass, as a camera hands over decoded frames; 0 = decode every pass.
+    cache_mb: float = Field(256, ge=0)
 
 
 SourceConfig = Annotated[Union[GenicamSourceConfig, ReplaySourceConfig], Field(discriminator="type")]

@@ -91,6 +91,50 @@ def test_loop_repeats_and_keeps_counting(tmp_path: Path) -> None:
     assert [f.frame_id for f in frames] == list(range(1, 8))
 
 
+def test_loop_replays_later_passes_from_memory(tmp_path: Path) -> None:
+    # Later passes come from the first pass's decoded frames: changing the files after the
+    # first pass changes nothing (with cache_mb 0 the change shows, every pass decodes).
+    for i in range(3):
+        _write_rgb(tmp_path / f"{i}.png", _rgb(i * 50))
+    with ReplaySource("l1", tmp_path, loop=True) as cached, \
+            ReplaySource("l1", tmp_path, loop=True, cache_mb=0, decode_ahead=0) as uncached:
+        first = [cached.read(1.0) for _ in range(3)]
+        assert [uncached.read(1.0).image[0, 0, 0] for _ in range(3)] == [0, 50, 100]
+        for i in range(3):
+            _write_rgb(tmp_path / f"{i}.png", _rgb(7))
+        first[0].meta["extra"] = 1          # a consumer's note on one frame's meta
+        later = [cached.read(1.0) for _ in range(4)]
+        assert [uncached.read(1.0).image[0, 0, 0] for _ in range(3)] == [7, 7, 7]
+    assert [f.image[0, 0, 0] for f in later] == [0, 50, 100, 0]
+    assert [Path(f.meta["path"]).name for f in later] == ["0.png", "1.png", "2.png", "0.png"]
+    assert "extra" not in later[0].meta and [f.frame_id for f in later] == [4, 5, 6, 7]
+    assert all(not f.image.flags.writeable for f in later)  # shared: nobody may draw on it
+    with pytest.raises(ValueError):
+        later[0].image[0, 0, 0] = 1
+
+
+def test_loop_larger_than_the_cache_decodes_every_pass(tmp_path: Path) -> None:
+    for i in range(3):
+        _write_rgb(tmp_path / f"{i}.png", _rgb(i * 50, size=256))   # 192 KiB each
+    with ReplaySource("l1", tmp_path, loop=True, cache_mb=0.3, decode_ahead=0) as src:
+        assert [src.read(1.0).image[0, 0, 0] for _ in range(3)] == [0, 50, 100]
+        _write_rgb(tmp_path / "1.png", _rgb(9, size=256))
+        assert [src.read(1.0).image[0, 0, 0] for _ in range(3)] == [0, 9, 100]
+
+
+def test_one_decode_gives_the_same_frames_as_reading_in_each_mode(tmp_path: Path) -> None:
+    from inspectd.engines.preprocess import read_image
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, (20, 30), dtype=np.uint8)
+    assert cv2.imwrite(str(tmp_path / "a_grey.jpg"), grey)
+    _write_rgb(tmp_path / "b_rgb.jpg", rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    with ReplaySource("l1", tmp_path) as src:
+        a, b = src.read(1.0), src.read(1.0)
+    np.testing.assert_array_equal(a.image, read_image(tmp_path / "a_grey.jpg", "gray")[:, :, 0])
+    np.testing.assert_array_equal(b.image, read_image(tmp_path / "b_rgb.jpg", "rgb"))
+
+
 def test_pacing_follows_fps_without_drift(tmp_path: Path) -> None:
     for i in range(10):
         _write_rgb(tmp_path / f"{i:02d}.png", _rgb(i))
@@ -193,6 +237,8 @@ def test_bad_arguments() -> None:
         ReplaySource("l1", ".", fps=0)
     with pytest.raises(SourceError, match="color"):
         ReplaySource("l1", ".", color="bgr")
+    with pytest.raises(SourceError, match="cache_mb"):
+        ReplaySource("l1", ".", cache_mb=-1)
 
 
 def test_replays_the_shared_synthetic_parts(synthetic_parts) -> None:
