@@ -15,8 +15,29 @@ Reported per placement, scored through ONNX Runtime (the deployed graph):
   - NG recall at that threshold (test defects), false rejects (test good images above it)
   - image AUROC
   - CAM peak in mask: how often the activation map's maximum falls inside the defect mask
-    (its map cell overlaps the mask), over detected defects and over all test defects.
-Not done here: the shifted / cluttered copy of the test set on unseen backgrounds (issue 13).
+    (its map cell, map_stride = 4 px, overlaps the mask), over detected defects and over all test
+    defects.
+  - peak CAM cell overlaps mask: the same question at the resolution the CAM is computed at: the
+    map's maximum belongs to one CAM cell (stride 32: 8 x 8 cells at 256 px; the cell whose
+    receptive-field centre, input pixel (32 i, 32 j), is nearest the peak); counted when the block
+    of pixels nearest that centre (32 x 32, cut at the frame) overlaps the mask. The map cannot say
+    more than which cell: a 17 px defect (MTD's median) inside a 32 px cell is found by the right
+    cell, but the peak pixel is the cell's centre whether the defect covers it or not.
+  - the first column again from the map as it was drawn before the alignment fix (the same weights,
+    the CAM resized to the map grid as if each cell looked at its block's centre; PyTorch), so the
+    fix's effect is visible on the same models.
+
+Shifted / cluttered copy of the test set (issue 13), declared before any run, the same for every
+placement: each test image (good and defective, as prepared for the model) is scaled by
+s ~ U[0.6, 0.9] (both axes, INTER_AREA) and pasted at a uniform random offset, wholly inside the
+frame, onto a background never used in training: a real surface, a random KolektorSDD *good* image
+(../shared/datasets/ksdd/good, 347 commutator surfaces; training pastes use generated textures and
+no KSDD image is in any MTD training), a random square crop of side U[0.5, 1.0] x its width at a
+uniform position, resized to the input, flipped left-right with probability 1/2. The defect mask
+gets the same scale (INTER_NEAREST) and offset. One numpy generator, seed `--shift-seed` (1301),
+drawn over the good images then the defective ones in sorted order; written once as PNG under
+<out>/shifted-<seed>/ and reused. The threshold stays the one calibrated on the original held-out
+good images (what the line would run with when the scene shifts).
 """
 
 from __future__ import annotations
@@ -36,9 +57,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import MTD_DEFECTS, split_folders  # noqa: E402
 
 from inspectd.cli import main as inspectd_main  # noqa: E402
+from datasets import SHARED  # noqa: E402
+
 from inspectd.engines.bundle import load_bundle  # noqa: E402
 from inspectd.engines.fitting import batches  # noqa: E402
-from inspectd.engines.preprocess import list_images, load_prepared, prepare_mask  # noqa: E402
+from inspectd.engines.model import build_from_bundle  # noqa: E402
+from inspectd.engines.preprocess import InputSpec, list_images, load_prepared, prepare_mask, read_image  # noqa: E402
 from inspectd.stats import roc_auc  # noqa: E402
 
 
@@ -74,6 +98,121 @@ def peak_in_mask(amap: np.ndarray, mask: np.ndarray) -> bool:
     return bool(mask[int(r * sy):int(np.ceil((r + 1) * sy)), int(c * sx):int(np.ceil((c + 1) * sx))].any())
 
 
+def cell_block(i: int, n: int, stride: int, size: int) -> tuple[int, int]:
+    """Pixels (lo, hi) nearest CAM cell i's receptive-field centre (input pixel stride * i) along one
+    axis of `size` pixels with n cells: the cells partition the axis."""
+    lo = max(0, stride * i - stride // 2)
+    hi = size if i == n - 1 else min(size, stride * i + stride // 2)
+    return lo, hi
+
+
+def peak_cell_in_mask(amap: np.ndarray, mask: np.ndarray, stride: int = 32) -> bool:
+    """The CAM cell holding the map's maximum (nearest receptive-field centre to the peak map cell's
+    centre) has its block of nearest pixels overlapping the mask."""
+    r, c = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    H, W = mask.shape
+    sy, sx = H / amap.shape[0], W / amap.shape[1]
+    ny, nx = -(-H // stride), -(-W // stride)
+    i = min(ny - 1, int(round(((r + 0.5) * sy - 0.5) / stride)))
+    j = min(nx - 1, int(round(((c + 0.5) * sx - 0.5) / stride)))
+    y0, y1 = cell_block(i, ny, stride, H)
+    x0, x1 = cell_block(j, nx, stride, W)
+    return bool(mask[y0:y1, x0:x1].any())
+
+
+def build_shifted(work: Path, spec: InputSpec, good: list[Path], bad: list[Path], masks: Path,
+                  seed: int) -> tuple[list[Path], list[Path], Path]:
+    """The shifted / cluttered copy of the test set (module docstring): good and defective PNGs and
+    their masks at the input size, under `work`; built once (a `done` file marks it complete)."""
+    out = {k: work / k for k in ("good", "bad", "masks")}
+    names = lambda paths: [out_dir / (p.stem + ".png") for p, out_dir in paths]  # noqa: E731
+    good_out = names([(p, out["good"]) for p in good])
+    bad_out = names([(p, out["bad"]) for p in bad])
+    if (work / "done").exists():
+        return good_out, bad_out, out["masks"]
+    for d in out.values():
+        d.mkdir(parents=True, exist_ok=True)
+    backgrounds = sorted((SHARED / "ksdd" / "good").glob("*.jpg"))
+    if not backgrounds:
+        raise SystemExit("no KSDD good images for the shifted test set's backgrounds")
+    rng = np.random.default_rng(seed)
+    h, w = spec.height, spec.width
+
+    def one(src: Path, dst: Path, mask_src: Path | None) -> None:
+        img = load_prepared(src, spec)
+        bg_src = read_image(backgrounds[int(rng.integers(len(backgrounds)))], spec.color_mode)
+        side = int(round(rng.uniform(0.5, 1.0) * min(bg_src.shape[0], bg_src.shape[1])))
+        by = int(rng.integers(0, bg_src.shape[0] - side + 1))
+        bx = int(rng.integers(0, bg_src.shape[1] - side + 1))
+        bg = cv2.resize(np.ascontiguousarray(bg_src[by:by + side, bx:bx + side]), (w, h), interpolation=cv2.INTER_AREA)
+        bg = bg.reshape(h, w, -1)
+        if rng.random() < 0.5:
+            bg = np.ascontiguousarray(bg[:, ::-1])
+        s = rng.uniform(0.6, 0.9)
+        ph, pw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+        oy, ox = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
+        part = cv2.resize(img, (pw, ph), interpolation=cv2.INTER_AREA).reshape(ph, pw, -1)
+        bg[oy:oy + ph, ox:ox + pw] = part
+        cv2.imwrite(str(dst), bg if bg.shape[2] == 1 else cv2.cvtColor(bg, cv2.COLOR_RGB2BGR))
+        if mask_src is not None and mask_src.exists():
+            raw = cv2.imread(str(mask_src), cv2.IMREAD_GRAYSCALE)
+            src_img = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
+            m = prepare_mask(raw, spec, src_img.shape[:2]).astype(np.uint8) * 255
+            full = np.zeros((h, w), np.uint8)
+            full[oy:oy + ph, ox:ox + pw] = cv2.resize(m, (pw, ph), interpolation=cv2.INTER_NEAREST)
+            cv2.imwrite(str(out["masks"] / dst.name), full)
+
+    for p, d in zip(good, good_out):
+        one(p, d, None)
+    for p, d in zip(bad, bad_out):
+        one(p, d, masks / (p.stem + ".png"))
+    (work / "done").write_text(json.dumps({"seed": seed, "good": len(good), "bad": len(bad)}))
+    return good_out, bad_out, out["masks"]
+
+
+@torch.no_grad()
+def legacy_maps(bundle, paths: list[Path]) -> np.ndarray:
+    """The map as drawn before the alignment fix, same weights: the raw CAM resized by MapHead
+    (bilinear, as if each cell looked at its block's centre), then smoothed as before."""
+    model = build_from_bundle(bundle).eval()
+    out = []
+    for sl in batches(len(paths), 16):
+        x = torch.from_numpy(np.stack([load_prepared(p, bundle.input_spec) for p in paths[sl]]))
+        m = model.cam(model.late(model.early(x)))
+        out.append(model.map_head([m])[1].numpy())
+    return np.concatenate(out)
+
+
+def evaluate(sess, bundle, thr: float, good_paths: list[Path], bad_paths: list[Path],
+             mask_of) -> dict:
+    """Recall / false rejects at thr, AUROC and the three peak columns; mask_of(path) -> bool mask or None."""
+    good, _ = score(sess, bundle, good_paths)
+    bad, maps = score(sess, bundle, bad_paths)
+    old = legacy_maps(bundle, bad_paths)
+    detected = bad > thr
+    cols: dict[str, list] = {"peak": [], "cell": [], "legacy": []}
+    for i, p in enumerate(bad_paths):
+        mask = mask_of(p)
+        ok = mask is not None
+        cols["peak"].append(peak_in_mask(maps[i], mask) if ok else None)
+        cols["cell"].append(peak_cell_in_mask(maps[i], mask) if ok else None)
+        cols["legacy"].append(peak_in_mask(old[i], mask) if ok else None)
+
+    def rate(hits: list, only_detected: bool) -> float | None:
+        v = [h for h, d in zip(hits, detected) if h is not None and (d or not only_detected)]
+        return round(float(np.mean(v)), 4) if v else None
+
+    row = {"ng_recall": round(float(detected.mean()), 4), "ng_found": int(detected.sum()), "n_bad": len(bad),
+           "false_rejects": int((good > thr).sum()), "n_good": len(good),
+           "auroc": round(float(roc_auc(good, bad)), 4)}
+    for key, name in (("peak", "cam_peak_in_mask"), ("cell", "peak_cam_cell_overlaps_mask"),
+                      ("legacy", "cam_peak_in_mask_before_alignment_fix")):
+        row[name + "_detected"] = rate(cols[key], True)
+        row[name + "_all"] = rate(cols[key], False)
+        row[name + "_n_detected_with_mask"] = sum(1 for h, d in zip(cols[key], detected) if h is not None and d)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -82,6 +221,7 @@ def main() -> None:
     ap.add_argument("--image-size", default="256")
     ap.add_argument("--epochs-a", type=int, default=4, help="passes for A; B and C get half (same steps)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shift-seed", type=int, default=1301, help="the shifted test set's draws (declared)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import onnxruntime as ort
@@ -117,34 +257,35 @@ def main() -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         sess = ort.InferenceSession(str(bundle.model_path), opts, providers=["CPUExecutionProvider"])
-        good, _ = score(sess, bundle, test_good)
-        bad, maps = score(sess, bundle, test_bad)
-        thr = bundle.manifest.score.good_quantiles["0.99"]
-        detected = bad > thr
-        hits = []
-        for i, p in enumerate(test_bad):
+        thr = float(bundle.manifest.score.good_quantiles["0.99"])
+
+        def original_mask(p: Path, spec=bundle.input_spec):
             mp = dirs["masks"] / (p.stem + ".png")
             raw = cv2.imread(str(mp), cv2.IMREAD_GRAYSCALE) if mp.exists() else None
             src = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
-            if raw is None or src is None:
-                hits.append(None)
-                continue
-            hits.append(peak_in_mask(maps[i], prepare_mask(raw, bundle.input_spec, src.shape[:2])))
-        det_hits = [h for h, d in zip(hits, detected) if d and h is not None]
-        all_hits = [h for h in hits if h is not None]
+            return None if raw is None or src is None else prepare_mask(raw, spec, src.shape[:2])
+
+        t1 = time.monotonic()
+        original = evaluate(sess, bundle, thr, test_good, test_bad, original_mask)
+        s_good, s_bad, s_masks = build_shifted(args.out / f"shifted-{args.shift_seed}", bundle.input_spec,
+                                               test_good, test_bad, dirs["masks"], args.shift_seed)
+
+        def shifted_mask(p: Path):
+            m = cv2.imread(str(s_masks / p.name), cv2.IMREAD_GRAYSCALE)
+            return None if m is None else m > 127
+
+        shifted = evaluate(sess, bundle, thr, s_good, s_bad, shifted_mask)
         row = {"placement": placement, "epochs": epochs, "train_s": round(train_s, 1),
-               "threshold_p99_holdout_good": round(float(thr), 4),
-               "ng_recall": round(float(detected.mean()), 4), "ng_found": int(detected.sum()), "n_bad": len(bad),
-               "false_rejects": int((good > thr).sum()), "n_good": len(good),
-               "auroc": round(float(roc_auc(good, bad)), 4),
-               "cam_peak_in_mask_detected": round(float(np.mean(det_hits)), 4) if det_hits else None,
-               "cam_peak_in_mask_all": round(float(np.mean(all_hits)), 4) if all_hits else None,
+               "eval_s": round(time.monotonic() - t1, 1),
+               "threshold_p99_holdout_good": round(thr, 4),
+               "original": original, "shifted": shifted,
                "train_accuracy_last_epoch": bundle.manifest.method.details.get("train_accuracy_last_epoch")}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    (args.out / "results.json").write_text(json.dumps({"rows": rows, "defects": args.defects, "seed": args.seed,
-                                                       "image_size": args.image_size, "host": platform.node()},
-                                                      indent=2))
+    name = "results-" + "".join(r["placement"] for r in rows) + ".json"
+    (args.out / name).write_text(json.dumps({"rows": rows, "defects": args.defects, "seed": args.seed,
+                                             "shift_seed": args.shift_seed, "image_size": args.image_size,
+                                             "host": platform.node()}, indent=2))
 
 
 if __name__ == "__main__":
