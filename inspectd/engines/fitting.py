@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -109,22 +110,28 @@ class ScheduledSteps:
     the gradient step (optionally clipped), a refusal to go on once the loss is not finite, and an
     exponential average of the loss for the progress bar and the result."""
 
-    def __init__(self, opt: torch.optim.Optimizer, total: int, cfg: "TrainConfig", label: str,
+    def __init__(self, opt: torch.optim.Optimizer | None, total: int, cfg: "TrainConfig", label: str,
                  clip: float | None = None) -> None:
         self.opt, self.total, self.cfg, self.label, self.clip = opt, total, cfg, label, clip
         self.done = 0
         self.ema: float | None = None
         self.bar = Progress(total, label)
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, apply: Callable[[float], None] | None = None) -> None:
+        """One step at this step's learning rate: loss.backward() + opt.step(), or, given `apply`,
+        apply(lr) makes the update itself (a method with several gradients / optimizers; opt unused)."""
         lr = lr_at(self.done, self.total, self.cfg)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.clip)
-        self.opt.step()
+        if apply is not None:
+            apply(lr)
+        else:
+            assert self.opt is not None, "ScheduledSteps without an optimizer needs apply"
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.clip)
+            self.opt.step()
         if not torch.isfinite(loss):
             raise DataError(f"training diverged ({self.label}: the loss is not finite); try a lower learning rate")
         value = loss.item()
@@ -173,3 +180,26 @@ def pick_best(rows: list[dict[str, Any]], key: str = "validation_auroc") -> int:
         if row[key] > rows[best][key] + 1e-9:
             best = i
     return best
+
+
+@torch.no_grad()
+def select_reduction(model: torch.nn.Module, cfg: "TrainConfig", hold: Sequence[np.ndarray],
+                     device: torch.device) -> dict[str, Any]:
+    """Label-free choice of a MapHead engine's map reduction (model.head): the candidate of
+    cfg.select_reductions that best separates held-out good images from synthetic defects made from
+    them. Sets it on the model, its config and cfg.model; returns the manifest's selection record."""
+    from inspectd.engines.validation import make_validation_set
+
+    val = make_validation_set(list(hold), cfg.seed)
+    imgs = list(val.good) + list(val.bad)
+    maps = torch.cat([model(torch.from_numpy(np.stack(imgs[sl])).to(device))[1].flatten(1).cpu()
+                      for sl in batches(len(imgs), 8)])
+    rows = [{"reduction": red, "validation_auroc": round(validation_auroc(reduce_maps(maps, red, model.head.topk),
+                                                                          len(val.good)), 4)}
+            for red in cfg.select_reductions]
+    best = rows[pick_best(rows)]
+    model.config.reduction = model.head.reduction = cfg.model.reduction = best["reduction"]
+    print(f"inspectd train: selected {best['reduction']} reduction (validation AUROC {best['validation_auroc']:.4f} "
+          f"on {len(val.good)} held-out good images vs {len(val.bad)} synthetic defects)", file=sys.stderr)
+    return {"enabled": True, "validation": "held-out good images + synthetic defects made from them",
+            "candidates": rows, "chosen": best}

@@ -63,11 +63,11 @@ def tile_images(images: torch.Tensor, c: ModelConfig) -> torch.Tensor:
 
 def resample_grid(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A feature map (N, C, h, w) onto a coarser grid by average pooling (local aggregation, like patch
-    pooling), or onto a finer one bilinearly."""
+    pooling) where the sizes divide, else (a finer grid, or one that does not divide) bilinearly."""
     h, w = int(f.shape[-2]), int(f.shape[-1])  # static: input sizes are fixed per bundle
     if (h, w) == size:
         return f
-    if h >= size[0] and w >= size[1]:
+    if h >= size[0] and w >= size[1] and h % size[0] == 0 and w % size[1] == 0:
         return F.avg_pool2d(f, kernel_size=(h // size[0], w // size[1]))  # local aggregation, like patch pooling
     return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
 

@@ -10,7 +10,7 @@ __all__ = ["FitData", "Fitted", "Method", "MethodBase", "NAMES", "get", "options
 
 # name -> module under inspectd.engines.methods (imported on use: they import torch)
 _MODULES = {"flow": "flow", "cutpaste-ae": "cutpaste_ae", "inpaint": "inpaint",
-            "classifier": "classifier"}
+            "classifier": "classifier", "vae": "vae"}
 NAMES = tuple(_MODULES)
 
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import copy
 import io
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +67,7 @@ from torch import nn
 
 from inspectd.engines.bundle import INPUT_NAME, OUTPUT_NAMES
 from inspectd.engines.export import OPSET, export_onnx
-from inspectd.engines.fitting import ScheduledSteps, batches, pick_best, reduce_maps, validation_auroc
+from inspectd.engines.fitting import ScheduledSteps, batches, select_reduction
 from inspectd.engines.methods.base import FitData, Fitted, MethodBase
 from inspectd.engines.model import MapHead, gaussian_kernel1d, tile_images
 from inspectd.engines.model_config import ModelConfig
@@ -430,26 +429,6 @@ def calibrate(model: InpaintModel, train_x: torch.Tensor, hold_x: torch.Tensor) 
     model.head.nll_mean[0] = maps.mean()
     model.head.nll_std[0] = maps.std().clamp_min(1e-6)
     return facts
-
-
-@torch.no_grad()
-def select_reduction(model: InpaintModel, cfg: Any, hold: list[np.ndarray], device: torch.device) -> dict[str, Any]:
-    """Label-free: the map reduction that best separates held-out good from synthetic defects."""
-    from inspectd.engines.validation import make_validation_set
-
-    val = make_validation_set(hold, cfg.seed)
-    imgs = list(val.good) + list(val.bad)
-    maps = torch.cat([model(torch.from_numpy(np.stack(imgs[sl])).to(device))[1].flatten(1).cpu()
-                      for sl in batches(len(imgs), 8)])
-    rows = [{"reduction": red, "validation_auroc": round(validation_auroc(reduce_maps(maps, red, model.head.topk),
-                                                                          len(val.good)), 4)}
-            for red in cfg.select_reductions]
-    best = rows[pick_best(rows)]
-    model.config.reduction = model.head.reduction = cfg.model.reduction = best["reduction"]
-    print(f"inspectd train: selected {best['reduction']} reduction (validation AUROC {best['validation_auroc']:.4f} "
-          f"on {len(val.good)} held-out good images vs {len(val.bad)} synthetic defects)", file=sys.stderr)
-    return {"enabled": True, "validation": "held-out good images + synthetic defects made from them",
-            "candidates": rows, "chosen": best}
 
 
 class InpaintMethod(MethodBase):
