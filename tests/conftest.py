@@ -45,6 +45,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Synth
 TINY_METHOD_OPTIONS: dict[str, dict[str, str]] = {
     "cutpaste-ae": {"epochs": "40", "classifier_epochs": "40"},  # 36 tiles, ~10 s
     "inpaint": {"epochs": "10", "size": "64"},                   # 160 steps at 64 px, ~15-40 s
+    "vae": {"epochs": "20", "size": "64", "width": "8"},         # 320 steps at 64 px, ~12 s
 }
 
 

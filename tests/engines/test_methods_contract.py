@@ -24,7 +24,8 @@ def _run(capsys, *argv: str) -> tuple[int, str]:
 
 
 def test_every_listed_method_implements_the_interface() -> None:
-    assert methods.NAMES[0] == "flow" and set(methods.NAMES) == {"flow", "cutpaste-ae", "inpaint", "classifier"}
+    assert methods.NAMES[0] == "flow" and set(methods.NAMES) == {"flow", "cutpaste-ae", "inpaint", "classifier",
+                                                                    "vae"}
     for name in methods.NAMES:
         m = methods.get(name)
         assert m.name == name and m.default_epochs > 0 and m.summary
@@ -68,6 +69,7 @@ def test_unknown_method_is_a_usage_error(capsys, tmp_path, synthetic_parts) -> N
     ("cutpaste-ae", "bogus=1", "option 'bogus' is not an option of method cutpaste-ae"),
     ("inpaint", "epochs=many", "option epochs='many': expected int for method inpaint"),
     ("inpaint", "novalue", "--option 'novalue': expected KEY=VALUE"),
+    ("vae", "training=both", "option training='both': choose from decoupled, joint for method vae"),
 ])
 def test_bad_method_options_are_one_line_usage_errors(capsys, tmp_path, synthetic_parts, method, option,
                                                        message) -> None:
