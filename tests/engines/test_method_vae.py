@@ -18,7 +18,7 @@ from inspectd.engines.methods.vae import (METHOD, ConvVAE, DecoupledUpdate, VAEM
                                           working_size)
 from inspectd.engines.model import build_from_bundle
 from inspectd.engines.model_config import ModelConfig
-from inspectd.engines.preprocess import list_images, load_prepared
+from inspectd.engines.preprocess import InputSpec, list_images, load_prepared
 from inspectd.engines.train import TrainConfig
 from inspectd.errors import ConfigError
 from inspectd.stats import roc_auc
@@ -268,3 +268,19 @@ def test_bad_options_are_config_errors(option: str, message: str, synthetic_part
     text = str(exc.value)
     assert message in text and "\n" not in text, text
     assert not (tmp_path / "b").exists()
+
+
+def test_label_free_reduction_choice_sets_the_head(synthetic_parts) -> None:
+    """`inspectd train` selects the map reduction on held-out good + synthetic defects (the shared
+    fitting.select_reduction): it runs on a vae engine and sets the head, config and cfg alike."""
+    from inspectd.engines.fitting import select_reduction
+
+    mc = ModelConfig(image_height=128, image_width=128)
+    cfg = TrainConfig(model=mc, method="vae", seed=0)
+    hold = [load_prepared(p, InputSpec(128, 128, "gray")) for p in list_images(synthetic_parts.train_good)[:6]]
+    torch.manual_seed(0)
+    model = VAEModel(mc, VAEOptions(size=32, latent=4, width=4)).eval()
+    record = select_reduction(model, cfg, hold, torch.device("cpu"))
+    chosen = record["chosen"]["reduction"]
+    assert record["enabled"] and [r["reduction"] for r in record["candidates"]] == list(cfg.select_reductions)
+    assert model.head.reduction == model.config.reduction == cfg.model.reduction == chosen
