@@ -167,7 +167,7 @@ def main() -> None:
                 found[arm] = bad > threshold_at_frr(good, frr)[0]
             only_b, only_a = int((found["b"] & ~found["a"]).sum()), int((found["a"] & ~found["b"]).sum())
             paired[f"frr_{frr:g}"] = {"found_by_b_only": only_b, "found_by_a_only": only_a,
-                                      "mcnemar_p": round(mcnemar_p(only_b, only_a), 4),
+                                      "mcnemar_p": float(f"{mcnemar_p(only_b, only_a):.2g}"),
                                       "b_beats_a": bool(found["b"].sum() > found["a"].sum())}
         print(json.dumps({"paired": paired}), flush=True)
     (args.out / "results.json").write_text(json.dumps(
