@@ -23,9 +23,9 @@ Reported per placement, scored through ONNX Runtime (the deployed graph):
     of pixels nearest that centre (32 x 32, cut at the frame) overlaps the mask. The map cannot say
     more than which cell: a 17 px defect (MTD's median) inside a 32 px cell is found by the right
     cell, but the peak pixel is the cell's centre whether the defect covers it or not.
-  - the first column again from the map as it was drawn before the alignment fix (the same weights,
-    the CAM resized to the map grid as if each cell looked at its block's centre; PyTorch), so the
-    fix's effect is visible on the same models.
+  - the first column again from the map as it was drawn before the map fixes (the same weights,
+    PyTorch: the CAM resized to the map grid as if each cell looked at its block's centre, then
+    smoothed by MapHead), so the fixes' effect is visible on the same models.
 
 Shifted / cluttered copy of the test set (issue 13), declared before any run, the same for every
 placement: each test image (good and defective, as prepared for the model) is scaled by
@@ -172,8 +172,8 @@ def build_shifted(work: Path, spec: InputSpec, good: list[Path], bad: list[Path]
 
 @torch.no_grad()
 def legacy_maps(bundle, paths: list[Path]) -> np.ndarray:
-    """The map as drawn before the alignment fix, same weights: the raw CAM resized by MapHead
-    (bilinear, as if each cell looked at its block's centre), then smoothed as before."""
+    """The map as drawn before the map fixes, same weights: the raw CAM resized by MapHead
+    (bilinear, as if each cell looked at its block's centre), then smoothed (model config sigma)."""
     model = build_from_bundle(bundle).eval()
     out = []
     for sl in batches(len(paths), 16):
@@ -206,7 +206,7 @@ def evaluate(sess, bundle, thr: float, good_paths: list[Path], bad_paths: list[P
            "false_rejects": int((good > thr).sum()), "n_good": len(good),
            "auroc": round(float(roc_auc(good, bad)), 4)}
     for key, name in (("peak", "cam_peak_in_mask"), ("cell", "peak_cam_cell_overlaps_mask"),
-                      ("legacy", "cam_peak_in_mask_before_alignment_fix")):
+                      ("legacy", "cam_peak_in_mask_before_map_fixes")):
         row[name + "_detected"] = rate(cols[key], True)
         row[name + "_all"] = rate(cols[key], False)
         row[name + "_n_detected_with_mask"] = sum(1 for h, d in zip(cols[key], detected) if h is not None and d)

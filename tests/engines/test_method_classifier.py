@@ -110,6 +110,14 @@ def test_cam_equals_autograd_grad_cam_on_random_inputs() -> None:
         assert grad_cam.abs().max() > 0.1  # not trivially zero
         assert torch.allclose(cam.mean(dim=(1, 2)), score.detach(), rtol=1e-5, atol=1e-5)
         assert torch.allclose(model(images)[0], score.detach(), rtol=1e-4, atol=1e-4)
+        # The map is the CAM resampled, unsmoothed: its maximum stays in the CAM's strongest cell.
+        amap = model(images)[1]
+        assert amap.shape == (3, 16, 24)
+        assert torch.allclose(amap, model.cam_to_map(model.cam(feats)), rtol=1e-4, atol=1e-4)
+        for k in range(3):
+            r, c = divmod(int(amap[k].argmax()), 24)
+            i, j = divmod(int(cam[k].argmax()), 3)
+            assert (min(1, round((4 * r + 1.5) / 32)), min(2, round((4 * c + 1.5) / 32))) == (i, j)
 
 
 def test_map_is_drawn_where_each_cam_cell_looks() -> None:

@@ -6,14 +6,21 @@
       -> CAM  m(x, y) = sum_k (w_NG - w_OK)_k A_k(x, y) + (b_NG - b_OK)     (a 1x1 convolution)
       -> score = mean of m over positions = z_NG - z_OK, the NG log-odds (logit of the NG probability):
                  exactly the head's output, since the head is global average pooling + one linear layer
-      -> map:   m, placed on the map grid where each cell looks (`cam_to_map`), smoothed by MapHead
-                (in log-odds units, no standardisation)
+      -> map:   m, placed on the map grid where each cell looks (`cam_to_map`), in log-odds units;
+                not smoothed (below)
 
 Where the map is drawn: every stride-2 layer (3x3 / 5x5, padding k // 2) centres its output j on input
 pixel 2j, so CAM cell (i, j) is centred on input pixel (32 i, 32 j): the top-left corner of the
 32 x 32 block a plain resize assigns it, not its centre. `cam_to_map` resamples the CAM bilinearly
 at those centres (fixed matrices in the graph; clamped past the last row / column), so the map's
 peak sits over the part of the image the peak cell sees, instead of half a cell (16 px) down-right.
+The bilinear resampling is the map's only interpolation, as in paper 001's Grad-CAM: the model
+config's `smoothing_sigma` is not applied to it. Smoothing a piecewise-linear CAM lowers an
+isolated peak (one cell far above its neighbours: a small defect) more than a broad one, so the
+smoothed map's maximum left the CAM's strongest cell - the cell that drives the NG decision - for
+5 of the 56 MTD training defects at the default sigma (1 map pixel); unsmoothed, 55 of 56 stay
+(the other: two cells' shares of one map pixel). MapHead stays as a submodule only so bundles'
+weights load as before.
 
 For global average pooling + one linear layer, Grad-CAM of the score equals the CAM: dScore/dA_k(x,y)
 = (w_NG - w_OK)_k / (h w) at every position, so Grad-CAM = ReLU(sum_k alpha_k A_k) = ReLU(m - b)/(h w)
@@ -125,7 +132,7 @@ class ClassifierModel(nn.Module):
         self.backbone = backbone
         self.split = stage_starts(backbone.variant)[len(STAGES) - options.train_stages]
         self.head = nn.Linear(backbone.tap_channels[-1], len(CLASSES))
-        self.map_head = MapHead(config, 1)  # nll_mean 0, nll_std 1: the map stays in log-odds units
+        self.map_head = MapHead(config, 1)  # not used by forward (module docstring); its buffers stay in bundles
         stride = backbone.tap_strides[-1]
         rows = cam_resampler(config.image_height, stride, config.map_stride)
         cols = cam_resampler(config.image_width, stride, config.map_stride)
@@ -164,8 +171,7 @@ class ClassifierModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.cam(self.late(self.early(tile_images(images, self.config))))
         score = m.mean(dim=(1, 2))  # = logits[:, 1] - logits[:, 0]
-        _, amap = self.map_head([self.cam_to_map(m)])
-        return score, amap
+        return score, self.cam_to_map(m)
 
 
 def feature_size(size: int, stride: int) -> int:
