@@ -1,4 +1,4 @@
-"""Small helpers shared by the daemon and reliability tests."""
+"""Small helpers shared by the daemon, reliability and method tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import socket
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 from inspectd.daemon.frame import Verdict
 
@@ -73,3 +75,19 @@ class NotifyListener:
         self._stop.set()
         self._thread.join(2)
         self.sock.close()
+
+
+def prepared_images(bundle_path: Path, folder: Path) -> np.ndarray:
+    """Every image of `folder` through the bundle's shared preprocessing, as one uint8 batch."""
+    from inspectd.engines.bundle import load_bundle
+    from inspectd.engines.preprocess import list_images, load_prepared
+
+    spec = load_bundle(bundle_path).input_spec
+    return np.stack([load_prepared(p, spec) for p in list_images(folder)])
+
+
+def ort_session(path: Path):
+    """A plain CPU ONNX Runtime session on an exported graph."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

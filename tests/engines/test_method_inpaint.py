@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -19,9 +18,10 @@ from inspectd.engines.methods.inpaint import (InpaintModel, InpaintOptions, appl
                                               ssim_kernel)
 from inspectd.engines.model import build_from_bundle
 from inspectd.engines.model_config import ModelConfig
-from inspectd.engines.preprocess import list_images, load_prepared
 from inspectd.errors import ConfigError
 from inspectd.stats import roc_auc
+from tests.helpers import ort_session, prepared_images
+
 
 @pytest.fixture(scope="module")
 def bundle_path(tiny_method_bundles) -> Path:
@@ -32,19 +32,13 @@ def bundle_path(tiny_method_bundles) -> Path:
 
 @pytest.fixture(scope="module")
 def test_images(bundle_path: Path, synthetic_parts) -> tuple[np.ndarray, np.ndarray]:
-    spec = load_bundle(bundle_path).input_spec
-    good = np.stack([load_prepared(p, spec) for p in list_images(synthetic_parts.test_good)])
-    bad = np.stack([load_prepared(p, spec) for p in list_images(synthetic_parts.test_bad)])
-    return good, bad
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return (prepared_images(bundle_path, synthetic_parts.test_good),
+            prepared_images(bundle_path, synthetic_parts.test_bad))
 
 
 def test_trained_engine_separates_bad_from_good(bundle_path: Path, test_images) -> None:
     good, bad = test_images
-    sess = _session(bundle_path / "model.onnx")
+    sess = ort_session(bundle_path / "model.onnx")
     sg = sess.run(["score"], {"images": good})[0]
     sb = sess.run(["score"], {"images": bad})[0]
     auc = roc_auc(sg, sb)
@@ -59,7 +53,7 @@ def test_onnx_runtime_matches_torch_and_batches_are_independent(bundle_path: Pat
     model = build_from_bundle(load_bundle(bundle_path))  # load_state_dict strict=True from weights.npz
     with torch.no_grad():
         ts, tm = (t.numpy() for t in model(torch.from_numpy(images)))
-    sess = _session(bundle_path / "model.onnx")
+    sess = ort_session(bundle_path / "model.onnx")
     os_, om = sess.run(None, {"images": images})
     # Tolerance: 1e-3 relative on scores (train.py's gate), 1e-3 of the map's range on maps.
     np.testing.assert_allclose(os_, ts, rtol=1e-3, atol=1e-3 * float(np.abs(ts).max()))
@@ -90,7 +84,7 @@ def test_dynamic_loop_is_in_the_graph_and_its_pass_count_responds(bundle_path: P
     model.dyn.max_iterations = 2
     with torch.no_grad():
         want = model(good[:2])[0].numpy()
-    got = _session(tmp_path / "fixed2.onnx").run(["score"], {"images": test_images[0][:2]})[0]
+    got = ort_session(tmp_path / "fixed2.onnx").run(["score"], {"images": test_images[0][:2]})[0]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
@@ -132,7 +126,7 @@ def test_rgb_and_tiled_engines_export(color_mode: str, tiles: tuple[int, int], t
         score, amap = model(images)
     assert score.shape == (2,) and amap.shape == (2, mc.input_height // 4, mc.input_width // 4)
     export_engine(model, tmp_path / "m.onnx")
-    s, m = _session(tmp_path / "m.onnx").run(None, {"images": images.numpy()})
+    s, m = ort_session(tmp_path / "m.onnx").run(None, {"images": images.numpy()})
     np.testing.assert_allclose(s, score.numpy(), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(m, amap.numpy(), rtol=1e-3, atol=1e-3)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -22,6 +21,7 @@ from inspectd.engines.preprocess import InputSpec, list_images, load_prepared
 from inspectd.engines.train import TrainConfig
 from inspectd.errors import ConfigError
 from inspectd.stats import roc_auc
+from tests.helpers import ort_session, prepared_images
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,8 @@ def bundle_path(tiny_method_bundles) -> Path:
 
 @pytest.fixture(scope="module")
 def test_images(bundle_path: Path, synthetic_parts) -> tuple[np.ndarray, np.ndarray]:
-    spec = load_bundle(bundle_path).input_spec
-    good = np.stack([load_prepared(p, spec) for p in list_images(synthetic_parts.test_good)])
-    bad = np.stack([load_prepared(p, spec) for p in list_images(synthetic_parts.test_bad)])
-    return good, bad
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return (prepared_images(bundle_path, synthetic_parts.test_good),
+            prepared_images(bundle_path, synthetic_parts.test_bad))
 
 
 def _small_vae(seed: int = 0, latent: int = 4) -> ConvVAE:
@@ -50,7 +44,7 @@ def _small_vae(seed: int = 0, latent: int = 4) -> ConvVAE:
 
 def test_trained_engine_separates_bad_from_good(bundle_path: Path, test_images) -> None:
     good, bad = test_images
-    sess = _session(bundle_path / "model.onnx")
+    sess = ort_session(bundle_path / "model.onnx")
     sg = sess.run(["score"], {"images": good})[0]
     sb = sess.run(["score"], {"images": bad})[0]
     auc = roc_auc(sg, sb)
@@ -73,7 +67,7 @@ def test_onnx_runtime_matches_torch_and_batches_are_independent(bundle_path: Pat
     model = build_from_bundle(load_bundle(bundle_path))  # load_state_dict strict=True from weights.npz
     with torch.no_grad():
         ts, tm = (t.numpy() for t in model(torch.from_numpy(images)))
-    sess = _session(bundle_path / "model.onnx")
+    sess = ort_session(bundle_path / "model.onnx")
     os_, om = sess.run(None, {"images": images})
     np.testing.assert_allclose(os_, ts, rtol=1e-3, atol=1e-3 * float(np.abs(ts).max()))
     assert np.abs(om - tm).max() <= 1e-3 * max(1.0, float(np.abs(tm).max()))
@@ -237,7 +231,7 @@ def test_rgb_tiled_and_non_square_engines_export(color_mode: str, tiles: tuple[i
         score, amap = model(images)
     assert score.shape == (2,) and amap.shape == (2, mc.input_height // 4, mc.input_width // 4)
     METHOD.export(model, tmp_path / "m.onnx")
-    s, m = _session(tmp_path / "m.onnx").run(None, {"images": images.numpy()})
+    s, m = ort_session(tmp_path / "m.onnx").run(None, {"images": images.numpy()})
     np.testing.assert_allclose(s, score.numpy(), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(m, amap.numpy(), rtol=1e-3, atol=1e-3)
 
