@@ -46,12 +46,23 @@ TINY_METHOD_OPTIONS: dict[str, dict[str, str]] = {
     "cutpaste-ae": {"epochs": "40", "classifier_epochs": "40"},  # 36 tiles, ~10 s
     "inpaint": {"epochs": "10", "size": "64"},                   # 160 steps at 64 px, ~15-40 s
     "vae": {"epochs": "20", "size": "64", "width": "8"},         # 320 steps at 64 px, ~12 s
+    "classifier": {"epochs": "4"},                               # 4 x 27 steps on cached features, ~10 s
 }
 
 
 @pytest.fixture(scope="session")
-def tiny_method_bundles(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: SyntheticSet):
+def other_defects(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSet:
+    """Defective parts of another seed (test_bad: 12): what the methods that learn from defects
+    train on, so every shared check scores them on synthetic_parts' defects, never seen."""
+    return make_dataset(tmp_path_factory.mktemp("other-defects"), n_train=0, n_test_good=0, n_test_bad=12,
+                        size=TINY_IMAGE_SIZE, seed=21)
+
+
+@pytest.fixture(scope="session")
+def tiny_method_bundles(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: SyntheticSet,
+                        other_defects: SyntheticSet):
     """method name -> a real tiny bundle of that method, trained once per session on first use."""
+    from inspectd.engines import methods
     from inspectd.engines.model import ModelConfig
     from inspectd.engines.train import TrainConfig, train
 
@@ -61,7 +72,9 @@ def tiny_method_bundles(tmp_path_factory: pytest.TempPathFactory, synthetic_part
         if method not in made:
             out = tmp_path_factory.mktemp("bundle") / method
             cfg = TrainConfig(model=ModelConfig(image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, taps=[4, 10]),
-                              method=method, options=dict(TINY_METHOD_OPTIONS[method]), seed=0, select=False)
+                              method=method, options=dict(TINY_METHOD_OPTIONS[method]), seed=0, select=False,
+                              bad=str(other_defects.test_bad) if getattr(methods.get(method), "needs_defects", False)
+                              else None)
             train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
             made[method] = out
         return made[method]

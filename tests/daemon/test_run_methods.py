@@ -29,7 +29,7 @@ def _ort_scores(bundle: Any, folder: Path) -> np.ndarray:
         backend.close()
 
 
-@pytest.mark.parametrize("method", ["cutpaste-ae", "inpaint", "vae"])
+@pytest.mark.parametrize("method", ["cutpaste-ae", "inpaint", "vae", "classifier"])
 def test_every_method_runs_in_the_daemon(method: str, tmp_path: Path, tiny_method_bundles: Any,
                                          synthetic_parts: Any) -> None:
     bundle_path = tiny_method_bundles(method)
