@@ -36,19 +36,24 @@ from inspectd.engines.preprocess import list_images, load_prepared  # noqa: E402
 from inspectd.progress import Progress  # noqa: E402
 from inspectd.stats import roc_auc  # noqa: E402
 
-RULES = ("cutpaste", "ae", "combined")
+RULES = ("cutpaste", "ae", "combined", "equal-sum")
 
 
 @torch.no_grad()
-def score_rules(model: torch.nn.Module, paths: list[Path], spec, batch: int = 8) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """rule -> (image scores, maps) for the images at `paths`, one forward pass per batch."""
+def score_rules(model: torch.nn.Module, paths: list[Path], spec, weights: dict[str, float], batch: int = 8
+                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """rule -> (image scores, maps) for the images at `paths`, one forward pass per batch. combined =
+    the engine's (validation-weighted) sum; equal-sum = the plain sum of the two z-scores (the
+    weights, recorded in the manifest, divided back out)."""
     parts: dict[str, list[list[np.ndarray]]] = {r: [[], []] for r in RULES}
     bar = Progress(len(paths), "score")
     for sl in batches(len(paths), batch):
         imgs = torch.from_numpy(np.stack([load_prepared(p, spec) for p in paths[sl]]))
         c = model.components(imgs, "combined")
         rules = {"cutpaste": (c["cutpaste"], c["cutpaste_map"]), "ae": (c["ae"], c["ae_map"]),
-                 "combined": (c["cutpaste"] + c["ae"], 0.5 * (c["cutpaste_map"] + c["ae_map"]))}
+                 "combined": (c["cutpaste"] + c["ae"], 0.5 * (c["cutpaste_map"] + c["ae_map"])),
+                 "equal-sum": (c["cutpaste"] / weights["cutpaste"] + c["ae"] / weights["ae"],
+                               0.5 * (c["cutpaste_map"] + c["ae_map"]))}
         for r, (s, m) in rules.items():
             parts[r][0].append(s.numpy())
             parts[r][1].append(m.numpy())
@@ -81,7 +86,8 @@ def main() -> None:
     model = build_from_bundle(bundle)
     good_paths, bad_paths = list_images(dirs["test_good"]), list_images(dirs["test_bad"])
     t1 = time.monotonic()
-    scored = score_rules(model, good_paths + bad_paths, spec)
+    weights = m.method.details["combination_weights"]
+    scored = score_rules(model, good_paths + bad_paths, spec, weights)
     score_s = time.monotonic() - t1
     labels = np.array([0] * len(good_paths) + [1] * len(bad_paths))
     masks = load_masks(mask_paths(bad_paths, dirs["masks"]), spec)
@@ -100,7 +106,7 @@ def main() -> None:
                "input": [m.input.height, m.input.width], "train_s": round(train_s, 1),
                "score_s": round(score_s, 1), "n_train": m.training.n_train, "n_holdout": m.training.n_holdout,
                "n_test_good": len(good_paths), "n_test_bad": len(bad_paths),
-               "validation": m.method.details.get("validation"),
+               "validation": m.method.details.get("validation"), "combination_weights": weights,
                "standardisation": m.method.details.get("standardisation"), "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from inspectd.engines.bundle import load_bundle
+from inspectd.engines.methods.cutpaste_ae import MIN_WEIGHT, combination_weights
 from inspectd.engines.model import ModelConfig
 from inspectd.engines.preprocess import list_images, load_prepared
 from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -75,9 +76,24 @@ def test_manifest_records_method_and_components(cpae_bundle):
     assert m.score.reduction == details["score_rule"] and "+" in details["score_rule"]
     std = details["standardisation"]
     assert std["score_std"]["cutpaste"] > 0 and std["score_std"]["ae"] > 0
-    for key in ("cutpaste_auroc", "ae_auroc", "combined_auroc"):
+    for key in ("cutpaste_auroc", "ae_auroc", "combined_auroc", "unweighted_sum_auroc"):
         assert 0.0 <= details["validation"][key] <= 1.0
+    # The combined rule's weights come from the two sources' validation AUROCs (default combine).
+    assert m.method.options["combine"] == "validation"
+    expected = combination_weights(details["validation"], "validation")
+    assert details["combination_weights"] == pytest.approx(expected, abs=1e-4)
     assert m.backbone.name == "efficientnet-lite0" and m.backbone.taps == [4, 10]
+
+
+def test_combination_weights_follow_validation() -> None:
+    # AUROC - 0.5, floored at MIN_WEIGHT, scaled to sum to 2: equal AUROCs give the plain sum.
+    assert combination_weights({"cutpaste_auroc": 0.8, "ae_auroc": 0.8}, "validation") == pytest.approx(
+        {"cutpaste": 1.0, "ae": 1.0})
+    assert combination_weights({"cutpaste_auroc": 0.9, "ae_auroc": 0.6}, "validation") == pytest.approx(
+        {"cutpaste": 1.6, "ae": 0.4})
+    w = combination_weights({"cutpaste_auroc": 0.95, "ae_auroc": 0.4}, "validation")
+    assert w["ae"] == pytest.approx(2 * MIN_WEIGHT / (0.45 + MIN_WEIGHT)) and sum(w.values()) == pytest.approx(2)
+    assert combination_weights({"cutpaste_auroc": 0.95, "ae_auroc": 0.4}, "equal") == {"cutpaste": 1.0, "ae": 1.0}
 
 
 def test_score_rule_switches_on_a_loaded_model(cpae_bundle, synthetic_parts):
@@ -121,6 +137,7 @@ def test_tiles_and_rgb(synthetic_parts, tmp_path):
     ({"embed_dim": 2.5}, ["embed_dim", "expected int"]),
     ({"epochs": 0}, ["epochs", "1..1000"]),
     ({"score": "best"}, ["score", "combined, cutpaste, ae"]),
+    ({"combine": "max"}, ["combine", "validation, equal"]),
     ({"ae_scale": 3}, ["ae-scale", "choose 1, 2 or 4"]),
     ({"ae_per_position": "maybe"}, ["ae_per_position", "expected bool"]),
 ])

@@ -14,8 +14,12 @@
                 -> score: the map's reduction (`ae_reduction`: top-k mean by default)
       -> each map standardised (MapHead buffers, statistics of held-out good positions), stitched,
          smoothed; each image score standardised by held-out good images (score_mean / score_std)
-      -> score rule (`score` option): cutpaste = z_cutpaste, ae = z_ae, combined = z_cutpaste + z_ae;
-         map: the rule's map, or for combined the mean of the two standardised maps.
+      -> score rule (`score` option): cutpaste = z_cutpaste, ae = z_ae, combined = w_cutpaste z_cutpaste
+         + w_ae z_ae; map: the rule's map, or for combined the mean of the two standardised maps.
+         Weights (`combine` option): `validation` (default) w_k = max(AUROC_k - 0.5, 0.05) of each
+         source on the label-free validation set, scaled to sum to 2 (equal AUROCs give 1 + 1): a
+         source that cannot tell synthetic defects from held-out good parts adds little but noise;
+         `equal` = 1 + 1. The weights are folded into score_std (the engine graph is unchanged).
 
 Training (good images only, plus synthetic defects made from them by validation.synthesize):
   - the projection and a 3-way linear classifier (normal / cutpaste / scar) on the mean-pooled
@@ -55,6 +59,8 @@ from inspectd.engines.validation import make_validation_set, synthesize
 
 NAME = "cutpaste-ae"
 SCORE_RULES = ("combined", "cutpaste", "ae")
+COMBINE_RULES = ("validation", "equal")
+MIN_WEIGHT = 0.05  # floor of a source's (AUROC - 0.5): a weak source still counts a little
 CLASSES = ("normal", "cutpaste", "scar")
 
 
@@ -63,6 +69,7 @@ class CutPasteAEOptions:
     epochs: int = 20              # autoencoder passes over the good tiles
     classifier_epochs: int = 20   # CutPaste classifier passes over the cached good tiles and pool
     score: str = "combined"       # image score / map rule: combined, cutpaste or ae
+    combine: str = "validation"   # combined: weights from label-free validation AUROCs, or equal
     embed_dim: int = 64           # width of the projection (patch / image embedding)
     grid_stride: int = 16         # input pixels per patch embedding (taps resampled to this grid)
     pool_cycles: int = 1          # fixed pools of synthetic defects the classifier cycles through
@@ -84,6 +91,8 @@ class CutPasteAEOptions:
             raise bad("classifier_epochs", "must be 1..1000")
         if self.score not in SCORE_RULES:
             raise bad("score", f"choose from {', '.join(SCORE_RULES)}")
+        if self.combine not in COMBINE_RULES:
+            raise bad("combine", f"choose from {', '.join(COMBINE_RULES)}")
         if not 4 <= self.embed_dim <= 512:
             raise bad("embed_dim", "must be 4..512")
         if self.grid_stride not in (8, 16, 32):
@@ -391,12 +400,27 @@ def standardise(model: CutPasteAEModel, holdout: Sequence[np.ndarray]) -> dict[s
             "score_std": {"cutpaste": float(model.score_std[0]), "ae": float(model.score_std[1])}}
 
 
+def combination_weights(validation: dict[str, float], rule: str) -> dict[str, float]:
+    """Weights of the two standardised image scores in the combined rule (see the module docstring)."""
+    if rule == "equal":
+        return {"cutpaste": 1.0, "ae": 1.0}
+    raw = {k: max(float(validation[f"{k}_auroc"]) - 0.5, MIN_WEIGHT) for k in ("cutpaste", "ae")}
+    total = sum(raw.values())
+    return {k: 2.0 * v / total for k, v in raw.items()}
+
+
+def apply_weights(model: CutPasteAEModel, weights: dict[str, float]) -> None:
+    """Fold the weights into the score standardisation: z_k * w_k = (s_k - mean_k) / (std_k / w_k)."""
+    for i, key in enumerate(("cutpaste", "ae")):
+        model.score_std[i] = model.score_std[i] / weights[key]
+
+
 def _score_rule(options: CutPasteAEOptions, model_config: ModelConfig) -> str:
     ae_red = (f"top{model_config.topk_fraction:g}-mean" if options.ae_reduction == "topk" else options.ae_reduction)
     parts = {"cutpaste": "z(Mahalanobis of pooled CutPaste embedding, max over tiles)",
              "ae": f"z({ae_red} of AE squared-error map)"}
     if options.score == "combined":
-        return f"{parts['cutpaste']} + {parts['ae']}"
+        return f"w_cutpaste {parts['cutpaste']} + w_ae {parts['ae']} (weights: {options.combine})"
     return parts[options.score]
 
 
@@ -451,7 +475,14 @@ class CutPasteAEMethod(MethodBase):
                                 f"({', '.join(sorted(set(val.kinds)))})",
                       "note": "the same held-out good images also set the standardisation",
                       **{f"{k}_auroc": round(validation_auroc(v, len(val.good)), 4) for k, v in scores.items()}}
+        weights = combination_weights(validation, opts.combine)
+        apply_weights(model, weights)
+        # The combined rule as the engine now computes it (the weighted sum), on the same images.
+        validation["combined_auroc"] = round(validation_auroc(
+            weights["cutpaste"] * scores["cutpaste"] + weights["ae"] * scores["ae"], len(val.good)), 4)
+        validation["unweighted_sum_auroc"] = round(validation_auroc(scores["combined"], len(val.good)), 4)
         details = {"score_rule": _score_rule(opts, mc), "score": opts.score,
+                   "combination_weights": {k: round(v, 4) for k, v in weights.items()},
                    "classifier": {"classes": list(CLASSES), "final_loss": cls_loss, "embed_dim": opts.embed_dim,
                                   "grid_stride": opts.grid_stride, "pool_cycles": opts.pool_cycles},
                    "autoencoder": {"final_mse": ae_loss, "width": opts.ae_width, "latent": opts.ae_latent,
