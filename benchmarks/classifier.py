@@ -82,6 +82,27 @@ def draw_defects(paths: list[Path], n: int, seed: int) -> list[Path]:
     return chosen
 
 
+def link_all(paths: list[Path], folder: Path) -> Path:
+    """`folder` holding a symlink to each of `paths` (a training folder without copying images)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        if not (folder / p.name).exists():
+            (folder / p.name).symlink_to(p.resolve())
+    return folder
+
+
+def few_defect_split(out: Path, n_defects: int, seed: int
+                     ) -> tuple[dict[str, Path], Path, list[Path], list[Path], list[Path]]:
+    """The declared MTD few-defect split: (standard split folders, a folder linking the `n_defects`
+    drawn to train, those defects, the other defective images, the standard good test images)."""
+    dirs = split_folders("mtd", out / "split")
+    bad_paths = list_images(dirs["test_bad"])
+    train_bad = draw_defects(bad_paths, n_defects, seed)
+    chosen = {p.name for p in train_bad}
+    test_bad = [p for p in bad_paths if p.name not in chosen]
+    return dirs, link_all(train_bad, out / "train_bad"), train_bad, test_bad, list_images(dirs["test_good"])
+
+
 def score(sess, bundle, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     scores, maps = [], []
     for sl in batches(len(paths), 16):
@@ -227,17 +248,7 @@ def main() -> None:
     import onnxruntime as ort
 
     args.out.mkdir(parents=True, exist_ok=True)
-    dirs = split_folders("mtd", args.out / "split")
-    bad_paths = list_images(dirs["test_bad"])
-    train_bad = draw_defects(bad_paths, args.defects, args.seed)
-    bad_dir = args.out / "train_bad"
-    bad_dir.mkdir(exist_ok=True)
-    for p in train_bad:
-        if not (bad_dir / p.name).exists():
-            (bad_dir / p.name).symlink_to(p.resolve())
-    chosen = {p.name for p in train_bad}
-    test_bad = [p for p in bad_paths if p.name not in chosen]
-    test_good = list_images(dirs["test_good"])
+    dirs, bad_dir, train_bad, test_bad, test_good = few_defect_split(args.out, args.defects, args.seed)
     print(f"split: {len(train_bad)} defects to train "
           f"({', '.join(f'{c}: {sum(p.name.startswith(c) for p in train_bad)}' for c in MTD_DEFECTS)}), "
           f"{len(test_bad)} defects + {len(test_good)} good to test", file=sys.stderr)

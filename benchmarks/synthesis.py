@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classifier import draw_defects, score  # noqa: E402
-from datasets import MTD_DEFECTS, split_folders  # noqa: E402
+from classifier import few_defect_split, link_all, score  # noqa: E402
+from datasets import MTD_DEFECTS  # noqa: E402
 
 from inspectd.cli import main as inspectd_main  # noqa: E402
 from inspectd.engines.bundle import load_bundle  # noqa: E402
@@ -53,14 +53,6 @@ from inspectd.stats import roc_auc  # noqa: E402
 
 FRR_LEVELS = (0.01, 0.02, 0.05)
 PRIMARY = 0.02
-
-
-def link_all(paths: list[Path], folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in paths:
-        if not (folder / p.name).exists():
-            (folder / p.name).symlink_to(p.resolve())
-    return folder
 
 
 def threshold_at_frr(good: np.ndarray, frr: float) -> tuple[float, int]:
@@ -91,13 +83,7 @@ def main() -> None:
     import onnxruntime as ort
 
     args.out.mkdir(parents=True, exist_ok=True)
-    dirs = split_folders("mtd", args.out / "split")
-    bad_paths = list_images(dirs["test_bad"])
-    train_bad = draw_defects(bad_paths, args.defects, args.seed)
-    real_dir = link_all(train_bad, args.out / "train_bad")
-    chosen = {p.name for p in train_bad}
-    test_bad = [p for p in bad_paths if p.name not in chosen]
-    test_good = list_images(dirs["test_good"])
+    dirs, real_dir, train_bad, test_bad, test_good = few_defect_split(args.out, args.defects, args.seed)
     # The good images the classifier trains on (train.py: seed permutation, 10 % held out).
     good_paths = list_images(dirs["train_good"])
     order = np.random.default_rng(args.seed).permutation(len(good_paths))

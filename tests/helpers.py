@@ -91,3 +91,23 @@ def ort_session(path: Path):
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def assert_onnx_matches_torch(bundle_path: Path, images: np.ndarray) -> None:
+    """The bundle's model.onnx (ONNX Runtime) and its PyTorch rebuild (weights.npz, strict) agree on
+    `images`, and a frame's score does not depend on the rest of its batch. Tolerance: 1e-3
+    relative on scores (train.py's gate), 1e-3 of the map's range on maps."""
+    import torch
+
+    from inspectd.engines.bundle import load_bundle
+    from inspectd.engines.model import build_from_bundle
+
+    model = build_from_bundle(load_bundle(bundle_path))
+    with torch.no_grad():
+        ts, tm = (t.numpy() for t in model(torch.from_numpy(images)))
+    sess = ort_session(bundle_path / "model.onnx")
+    os_, om = sess.run(None, {"images": images})
+    np.testing.assert_allclose(os_, ts, rtol=1e-3, atol=1e-3 * float(np.abs(ts).max()))
+    assert np.abs(om - tm).max() <= 1e-3 * max(1.0, float(np.abs(tm).max()))
+    one = np.concatenate([sess.run(["score"], {"images": images[i:i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(one, os_[:3], rtol=1e-4, atol=1e-5)

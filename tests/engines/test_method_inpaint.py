@@ -20,7 +20,7 @@ from inspectd.engines.model import build_from_bundle
 from inspectd.engines.model_config import ModelConfig
 from inspectd.errors import ConfigError
 from inspectd.stats import roc_auc
-from tests.helpers import ort_session, prepared_images
+from tests.helpers import assert_onnx_matches_torch, ort_session, prepared_images
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +49,7 @@ def test_trained_engine_separates_bad_from_good(bundle_path: Path, test_images) 
 
 
 def test_onnx_runtime_matches_torch_and_batches_are_independent(bundle_path: Path, test_images) -> None:
-    images = np.concatenate(test_images)
-    model = build_from_bundle(load_bundle(bundle_path))  # load_state_dict strict=True from weights.npz
-    with torch.no_grad():
-        ts, tm = (t.numpy() for t in model(torch.from_numpy(images)))
-    sess = ort_session(bundle_path / "model.onnx")
-    os_, om = sess.run(None, {"images": images})
-    # Tolerance: 1e-3 relative on scores (train.py's gate), 1e-3 of the map's range on maps.
-    np.testing.assert_allclose(os_, ts, rtol=1e-3, atol=1e-3 * float(np.abs(ts).max()))
-    assert np.abs(om - tm).max() <= 1e-3 * max(1.0, float(np.abs(tm).max()))
-    one = np.concatenate([sess.run(["score"], {"images": images[i:i + 1]})[0] for i in range(3)])
-    np.testing.assert_allclose(one, os_[:3], rtol=1e-4, atol=1e-5)
+    assert_onnx_matches_torch(bundle_path, np.concatenate(test_images))
 
 
 def test_dynamic_loop_is_in_the_graph_and_its_pass_count_responds(bundle_path: Path, test_images,

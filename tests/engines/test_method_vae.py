@@ -15,13 +15,12 @@ from inspectd.engines.bundle import load_bundle
 from inspectd.engines.methods.vae import (METHOD, ConvVAE, DecoupledUpdate, VAEModel, VAEOptions, active_units,
                                           decoupled_gradients, kld, latent_means, losses, steering_gains, train_vae,
                                           working_size)
-from inspectd.engines.model import build_from_bundle
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.preprocess import InputSpec, list_images, load_prepared
 from inspectd.engines.train import TrainConfig
 from inspectd.errors import ConfigError
 from inspectd.stats import roc_auc
-from tests.helpers import ort_session, prepared_images
+from tests.helpers import assert_onnx_matches_torch, ort_session, prepared_images
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +62,7 @@ def test_trained_engine_separates_bad_from_good(bundle_path: Path, test_images) 
 
 
 def test_onnx_runtime_matches_torch_and_batches_are_independent(bundle_path: Path, test_images) -> None:
-    images = np.concatenate(test_images)
-    model = build_from_bundle(load_bundle(bundle_path))  # load_state_dict strict=True from weights.npz
-    with torch.no_grad():
-        ts, tm = (t.numpy() for t in model(torch.from_numpy(images)))
-    sess = ort_session(bundle_path / "model.onnx")
-    os_, om = sess.run(None, {"images": images})
-    np.testing.assert_allclose(os_, ts, rtol=1e-3, atol=1e-3 * float(np.abs(ts).max()))
-    assert np.abs(om - tm).max() <= 1e-3 * max(1.0, float(np.abs(tm).max()))
-    one = np.concatenate([sess.run(["score"], {"images": images[i:i + 1]})[0] for i in range(3)])
-    np.testing.assert_allclose(one, os_[:3], rtol=1e-4, atol=1e-5)
+    assert_onnx_matches_torch(bundle_path, np.concatenate(test_images))
 
 
 def test_decoupled_gradients_reach_only_where_the_paper_routes_them() -> None:
@@ -249,6 +239,7 @@ def test_working_size_keeps_the_aspect_in_multiples_of_16() -> None:
     ("latent=0", "option latent=0: must be 1..512"),
     ("kld_target=0", "option kld-target=0.0: must be > 0"),
     ("mse_target=1.5", "option mse-target=1.5: must be in (0, 1)"),
+    ("joint_mse=median", "option joint-mse='median': choose from sum, mean for method vae"),
     ("epochs=0", "option epochs=0: must be 1..1000"),
     ("latent=many", "option latent='many': expected int for method vae"),
 ])
