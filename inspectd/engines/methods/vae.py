@@ -21,7 +21,8 @@ sampled z = mu + s * eps. We report MSE per pixel (mean over pixels and channels
 write P for the pixels x channels of the working size, so ||x - x_hat||^2 = P * MSE.
 
 `training=joint` (the conventional way): one Adam on all weights, loss KLD + P * MSE (the paper's sum
-of the two losses as defined, ||.||^2 summed; with unit weights, no annealing).
+of the two losses as defined, ||.||^2 summed; with unit weights, no annealing); `joint_mse=mean`
+uses KLD + MSE instead (the per-pixel mean, a common implementation that weighs the KLD P times more).
 
 `training=decoupled` (the paper's Fig. 1): three gradients, each from ONE loss by autograd,
     E1 = dKLD/d(encoder)   E2 = dMSE/d(encoder)   D = dMSE/d(decoder)
@@ -75,6 +76,9 @@ from inspectd.engines.model_config import ModelConfig
 
 NAME = "vae"
 TRAININGS = ("decoupled", "joint")
+# joint: the reconstruction term summed over the P pixels (as paper 002 prints it) or averaged (a
+# common implementation, which weighs the KLD P times more: the setting where joint VAEs collapse).
+JOINT_MSE = ("sum", "mean")
 LEVELS = 4                 # stride-2 stages: the working size is a multiple of 2**LEVELS
 LOGVAR_RANGE = (-12.0, 6.0)
 ACTIVE_THRESHOLD = 0.01    # Burda et al.: Cov_x(E_q[z_u|x]) above this = an active unit
@@ -92,6 +96,7 @@ class VAEOptions:
     training: str = "decoupled"    # decoupled (paper 002's three gradients) or joint (KLD + ||x - x_hat||^2)
     kld_target: float = 32.0       # decoupled: KLD target, nats per image (1 nat per unit of the default latent)
     mse_target: float = 0.25       # decoupled: MSE target as a fraction of the baseline (mean-tile) MSE
+    joint_mse: str = "sum"         # joint: ||x - x_hat||^2 summed over pixels (the paper) or their mean
 
     def check(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -111,6 +116,8 @@ class VAEOptions:
             raise bad("kld_target", "must be > 0 (nats per image)")
         if not (math.isfinite(self.mse_target) and 0 < self.mse_target < 1):
             raise bad("mse_target", "must be in (0, 1) (a fraction of the mean-tile MSE)")
+        if self.joint_mse not in JOINT_MSE:
+            raise bad("joint_mse", f"choose from {', '.join(JOINT_MSE)}")
 
 
 def working_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -279,6 +286,7 @@ def train_vae(vae: ConvVAE, x: torch.Tensor, options: VAEOptions, cfg: Any, devi
     total = steps_per_epoch * options.epochs
     pixels = float(x[0].numel())
     joint = options.training == "joint"
+    joint_weight = pixels if options.joint_mse == "sum" else 1.0
     if joint:
         opt: torch.optim.Optimizer | None = torch.optim.Adam(vae.parameters(), lr=cfg.lr_max)
         update = None
@@ -295,7 +303,7 @@ def train_vae(vae: ConvVAE, x: torch.Tensor, options: VAEOptions, cfg: Any, devi
             eps = torch.randn(batch.shape[0], vae.latent, generator=gen).to(device)
             if joint:
                 k, m = losses(vae, batch, eps)
-                steps.step(k + pixels * m)
+                steps.step(k + joint_weight * m)
                 g_k = g_m = 1.0
             else:
                 k, m, grads = decoupled_gradients(vae, batch, eps)
