@@ -72,6 +72,18 @@ def resample_grid(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
 
 
+def shift_map(amap: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
+    """(..., H, W) maps drawn `shift` = (down, right) pixels further (negative: up / left), the
+    borders replicated: where a feature cell looks is not the centre of its block (RESULTS.md §17)."""
+    dy, dx = shift
+    if dy == 0 and dx == 0:
+        return amap
+    h, w = amap.shape[-2:]
+    p = max(abs(dy), abs(dx))
+    padded = F.pad(amap, (p, p, p, p), mode="replicate")
+    return padded[..., p - dy:p - dy + h, p - dx:p - dx + w]
+
+
 class MapHead(nn.Module):
     """The method's per-tile maps (one or more sources) -> one stitched, smoothed anomaly map of the
     frame -> image score. Each source is standardised by its statistics on good training positions
@@ -85,6 +97,7 @@ class MapHead(nn.Module):
         self.tiles = tuple(c.tiles)
         self.stride = (c.tile_stride[0] // c.map_stride, c.tile_stride[1] // c.map_stride)
         self.reduction = c.reduction
+        self.shift = tuple(int(v) for v in c.map_shift)  # (down, right) in map pixels
         self.topk = max(1, int(round(c.topk_fraction * self.frame_map[0] * self.frame_map[1])))
         self.register_buffer("nll_mean", torch.zeros(n_maps))
         self.register_buffer("nll_std", torch.ones(n_maps))
@@ -119,7 +132,7 @@ class MapHead(nn.Module):
             if tuple(m.shape[-2:]) != self.tile_map:
                 m = F.interpolate(m, size=self.tile_map, mode="bilinear", align_corners=False)
             acc = m if acc is None else acc + m
-        amap = self.stitch((acc / len(maps))[:, 0])[:, None]
+        amap = shift_map(self.stitch((acc / len(maps))[:, 0])[:, None], self.shift)
         r = self.kernel.numel() // 2
         if r > 0:
             amap = F.pad(amap, (r, r, r, r), mode="replicate")

@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+# The largest map shift tried or allowed, in input pixels: the deepest backbone tap's stride.
+MAX_MAP_SHIFT_PX = 32
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "efficientnet-lite0"
@@ -30,6 +34,9 @@ class ModelConfig:
     clamp: float = 2.0
     map_stride: int = 4             # input pixels per anomaly-map pixel
     smoothing_sigma: float = 1.0    # in map pixels
+    # Map pixels the stitched map is drawn further down / right (negative: up / left), so each cell
+    # sits where its features look: chosen label-free by `inspectd train` (fitting.select_map_shift).
+    map_shift: tuple[int, int] = (0, 0)
     # Per-position anomaly: "nll" = 0.5|z|^2 - log|det J| (the training loss), or "z2" = 0.5|z|^2
     # alone (DifferNet / CS-Flow score with the Jacobian term dropped).
     score_term: str = "z2"
@@ -52,6 +59,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tiles"] = list(self.tiles)
+        d["map_shift"] = list(self.map_shift)
         return d
 
     @classmethod
@@ -64,6 +72,8 @@ class ModelConfig:
             d["fused_stride"] = max(1, d.get("image_height", 256) // d["fused_size"])
         if "tiles" in d:
             d["tiles"] = tuple(d["tiles"])
+        if "map_shift" in d:
+            d["map_shift"] = tuple(d["map_shift"])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -85,6 +95,9 @@ class ModelConfig:
             raise ValueError(f"fused_stride {self.fused_stride}: choose 8, 16 or 32")
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
             raise ValueError(f"neighbourhood {self.neighbourhood}: an odd size >= 1")
+        if len(self.map_shift) != 2 or any(abs(int(v)) > MAX_MAP_SHIFT_PX // self.map_stride for v in self.map_shift):
+            raise ValueError(f"map_shift {self.map_shift}: two map-pixel shifts of at most "
+                             f"{MAX_MAP_SHIFT_PX} input pixels each")
         if self.reduction not in ("mean", "max", "topk"):
             raise ValueError(f"reduction must be mean, max or topk, not {self.reduction!r}")
         if not 0 < self.topk_fraction <= 1:

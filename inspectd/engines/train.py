@@ -24,7 +24,7 @@ from inspectd import __version__
 from inspectd.engines import bundle as bundle_mod
 from inspectd.engines import methods
 from inspectd.engines.export import OPSET
-from inspectd.engines.fitting import score_images
+from inspectd.engines.fitting import score_images, select_map_shift
 from inspectd.engines.model import WEIGHTS_FILE, save_weights
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.preprocess import (RESIZE_METHOD, InputSpec, fingerprint, list_images, load_prepared,
@@ -187,6 +187,8 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
                                         bad=extra.get("bad", ([], []))[1],
                                         backgrounds=extra.get("backgrounds", ([], []))[1]))
     model, final_loss, selection = fitted.model.cpu().eval(), fitted.final_loss, fitted.selection
+    if cfg.select and method.map_shift_selection:
+        selection = {**selection, "map_shift": select_map_shift(model, cfg, hold_imgs, torch.device("cpu"))}
     hold_scores, hold_maps = score_images(model, hold_imgs, torch.device("cpu"))
     staging = bundle_mod.staging_dir(out)
     try:

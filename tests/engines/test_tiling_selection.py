@@ -121,6 +121,9 @@ def test_tile_defect_lights_its_tile_and_selection_reads_only_the_training_folde
     sel = manifest["training"]["config"]["selection"]
     assert sel["enabled"] and sel["chosen"]["reduction"] in ("mean", "topk", "max")
     assert {c["reduction"] for c in sel["candidates"]} == {"mean", "topk", "max"}
+    # Where the map is drawn: chosen from the same held-out images, kept in the engine's config.
+    shift = sel["map_shift"]["chosen"]["map_shift"]
+    assert sel["map_shift"]["enabled"] and manifest["training"]["config"]["model"]["map_shift"] == shift
     assert manifest["input"]["height"] == 96 and manifest["input"]["width"] == 96  # 2 tiles of 64, 32 shared
 
     import onnxruntime as ort

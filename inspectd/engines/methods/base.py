@@ -116,6 +116,9 @@ class MethodBase:
 
     name: str
     options_cls: type
+    # Whether the engine's map goes through MapHead, so `inspectd train` chooses where it is drawn
+    # (fitting.select_map_shift); a method placing its own map (the classifier's CAM) says False.
+    map_shift_selection: bool = True
 
     def parse_options(self, raw: dict[str, Any]) -> Any:
         return options_from(self.options_cls, raw, self.name)

@@ -324,6 +324,7 @@ class ClassifierMethod(MethodBase):
     summary = "supervised OK/NG classifier, class-activation-map heatmaps (paper 001)"
     options_cls = ClassifierOptions
     default_epochs = ClassifierOptions.epochs
+    map_shift_selection = False  # the CAM is drawn at its cells' own centres (cam_to_map)
     needs_defects = True
     min_defects = MIN_DEFECTS
     uses_backgrounds = True

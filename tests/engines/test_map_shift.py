@@ -1,0 +1,84 @@
+"""Where the anomaly map is drawn: shift_map moves a map by whole map pixels (borders replicated),
+MapHead draws its stitched map at ModelConfig.map_shift, and `inspectd train`'s label-free choice
+(fitting.select_map_shift) finds the shift that undoes a known misplacement of an engine's map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inspectd.engines.fitting import select_map_shift
+from inspectd.engines.model import MapHead, shift_map
+from inspectd.engines.model_config import ModelConfig
+from inspectd.engines.train import TrainConfig
+
+
+def test_shift_map_moves_content_and_replicates_borders() -> None:
+    m = torch.zeros(1, 1, 8, 8)
+    m[0, 0, 3, 4] = 1.0
+    m[0, 0, 0, :] = 0.5                     # top row: replicated when the map moves down
+    out = shift_map(m, (2, -1))             # 2 down, 1 left
+    assert out.shape == m.shape
+    assert out[0, 0, 5, 3] == 1.0 and out.sum() > 0
+    assert torch.all(out[0, 0, :3, :] == 0.5)  # rows 0..2 repeat the old top row
+    assert torch.equal(shift_map(m, (0, 0)), m)
+    back = shift_map(out, (-2, 1))
+    assert back[0, 0, 3, 4] == 1.0
+
+
+def test_map_head_draws_the_stitched_map_at_the_configured_shift() -> None:
+    base = ModelConfig(image_height=64, image_width=64, smoothing_sigma=0.0, reduction="max")
+    maps = [torch.rand(2, 4, 4)]            # a 4x4 source grid, upsampled to the 16x16 map
+    _, plain = MapHead(base, 1)(maps)
+    _, moved = MapHead(ModelConfig(**{**base.to_dict(), "tiles": (1, 1), "map_shift": (3, -2)}), 1)(maps)
+    torch.testing.assert_close(moved, shift_map(plain[:, None], (3, -2))[:, 0])
+
+
+def test_map_shift_is_checked_and_old_configs_load_unshifted() -> None:
+    with pytest.raises(ValueError, match="map_shift"):
+        ModelConfig(map_shift=(9, 0)).check()        # 36 input px at map stride 4: over 32
+    ModelConfig(map_shift=(-8, 8)).check()
+    assert ModelConfig.from_dict({"image_height": 64, "image_width": 64}).map_shift == (0, 0)
+    assert ModelConfig.from_dict(ModelConfig(map_shift=(1, -2)).to_dict()).map_shift == (1, -2)
+
+
+class MisplacedTemplateEngine(nn.Module):
+    """Test double of an engine (real computation, not a trained model): |image - mean good image|,
+    pooled to the map grid, then drawn `misplaced` map pixels off, before a real MapHead. A feature
+    engine whose cells look elsewhere than their blocks behaves like this."""
+
+    def __init__(self, config: ModelConfig, good: list[np.ndarray], misplaced: tuple[int, int]) -> None:
+        super().__init__()
+        self.config = config
+        self.misplaced = misplaced
+        self.register_buffer("template", torch.from_numpy(np.mean(good, axis=0)).permute(2, 0, 1)[None].float())
+        self.head = MapHead(config, 1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).float()
+        cells = F.avg_pool2d((x - self.template).abs().mean(1, keepdim=True), self.config.map_stride)
+        return self.head([shift_map(cells, self.misplaced)[:, 0]])
+
+
+def test_selection_undoes_a_known_misplacement() -> None:
+    rng = np.random.default_rng(0)  # plain parts: the template engine sees every defect clearly
+    held_out = [np.clip(128 + rng.normal(0, 3, (128, 128, 1)), 0, 255).astype(np.uint8) for _ in range(8)]
+    chosen = {}
+    for misplaced in ((0, 0), (3, 2)):
+        config = ModelConfig(image_height=128, image_width=128, smoothing_sigma=1.0)
+        engine = MisplacedTemplateEngine(config, held_out, misplaced).eval()
+        record = select_map_shift(engine, TrainConfig(model=config, seed=0), held_out, torch.device("cpu"))
+        chosen[misplaced] = tuple(record["chosen"]["map_shift"])
+        assert config.map_shift == chosen[misplaced] and engine.head.shift == chosen[misplaced]
+        unshifted = record["candidates"][0]
+        assert unshifted["shift"] == [0, 0] and record["chosen"]["pixel_auroc"] >= unshifted["pixel_auroc"]
+        assert record["chosen"]["input_px"] == [4 * v for v in chosen[misplaced]]
+        # Every candidate stays within the largest shift allowed (32 input px = 8 map px here).
+        assert all(max(abs(v) for v in row["shift"]) <= 8 for row in record["candidates"])
+    # 16 synthetic defects leave the aligned engine's optimum within a map pixel of no shift; the
+    # misplaced engine's choice moves by exactly the misplacement, undoing it.
+    assert all(abs(v) <= 1 for v in chosen[(0, 0)]), chosen
+    assert (chosen[(3, 2)][0] - chosen[(0, 0)][0], chosen[(3, 2)][1] - chosen[(0, 0)][1]) == (-3, -2), chosen
