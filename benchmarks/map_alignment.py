@@ -33,7 +33,7 @@ from inspectd.stats import roc_auc
 def held_out(good: list[Path], seed: int) -> list[Path]:
     """The images `inspectd train` holds out (train.py: seed permutation, 10 %, at least 2)."""
     order = np.random.default_rng(seed).permutation(len(good))
-    return [good[i] for i in order[:max(2, int(round(len(good) * 0.1)))]]
+    return [good[i] for i in sorted(order[:max(2, int(round(len(good) * 0.1)))])]
 
 
 def cell_offsets(model: torch.nn.Module, shape: tuple[int, int, int], seed: int, n_images: int = 3
