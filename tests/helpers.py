@@ -111,3 +111,21 @@ def assert_onnx_matches_torch(bundle_path: Path, images: np.ndarray) -> None:
     assert np.abs(om - tm).max() <= 1e-3 * max(1.0, float(np.abs(tm).max()))
     one = np.concatenate([sess.run(["score"], {"images": images[i:i + 1]})[0] for i in range(3)])
     np.testing.assert_allclose(one, os_[:3], rtol=1e-4, atol=1e-5)
+
+
+def assert_bad_option_refused(method: str, option: str, message: str, good: Path, out: Path) -> None:
+    """`train` with one bad `--option KEY=VALUE` for `method`: a one-line ConfigError containing
+    `message`, raised before anything is written to `out`."""
+    import pytest
+
+    from inspectd.engines.model_config import ModelConfig
+    from inspectd.engines.train import TrainConfig, train
+    from inspectd.errors import ConfigError
+
+    key, value = option.split("=", 1)
+    cfg = TrainConfig(model=ModelConfig(image_height=128, image_width=128), method=method, options={key: value})
+    with pytest.raises(ConfigError) as exc:
+        train(good, out, cfg)
+    text = str(exc.value)
+    assert message in text and "\n" not in text, text
+    assert not out.exists()

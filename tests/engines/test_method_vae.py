@@ -18,9 +18,8 @@ from inspectd.engines.methods.vae import (METHOD, ConvVAE, DecoupledUpdate, VAEM
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.preprocess import InputSpec, list_images, load_prepared
 from inspectd.engines.train import TrainConfig
-from inspectd.errors import ConfigError
 from inspectd.stats import roc_auc
-from tests.helpers import assert_onnx_matches_torch, ort_session, prepared_images
+from tests.helpers import assert_bad_option_refused, assert_onnx_matches_torch, ort_session, prepared_images
 
 
 @pytest.fixture(scope="module")
@@ -244,15 +243,7 @@ def test_working_size_keeps_the_aspect_in_multiples_of_16() -> None:
     ("latent=many", "option latent='many': expected int for method vae"),
 ])
 def test_bad_options_are_config_errors(option: str, message: str, synthetic_parts, tmp_path: Path) -> None:
-    from inspectd.engines.train import train
-
-    key, value = option.split("=")
-    cfg = TrainConfig(model=ModelConfig(image_height=128, image_width=128), method="vae", options={key: value})
-    with pytest.raises(ConfigError) as exc:
-        train(synthetic_parts.train_good, tmp_path / "b", cfg)
-    text = str(exc.value)
-    assert message in text and "\n" not in text, text
-    assert not (tmp_path / "b").exists()
+    assert_bad_option_refused("vae", option, message, synthetic_parts.train_good, tmp_path / "b")
 
 
 def test_label_free_reduction_choice_sets_the_head(synthetic_parts) -> None:
