@@ -24,16 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from inspectd.engines.bundle import load_bundle
-from inspectd.engines.model import build_from_bundle
+from inspectd.engines.fitting import validation_frames
+from inspectd.engines.model import build_from_bundle, shift_map
 from inspectd.engines.preprocess import list_images, load_prepared
-from inspectd.engines.validation import make_validation_set
+from inspectd.engines.train import TrainConfig, holdout_split
 from inspectd.stats import roc_auc
-
-
-def held_out(good: list[Path], seed: int) -> list[Path]:
-    """The images `inspectd train` holds out (train.py: seed permutation, 10 %, at least 2)."""
-    order = np.random.default_rng(seed).permutation(len(good))
-    return [good[i] for i in sorted(order[:max(2, int(round(len(good) * 0.1)))])]
 
 
 def cell_offsets(model: torch.nn.Module, shape: tuple[int, int, int], seed: int, n_images: int = 3
@@ -68,28 +63,24 @@ def main() -> int:
     bundle = load_bundle(args.bundle)
     spec = bundle.input_spec
     model = build_from_bundle(bundle).eval()
-    images = [load_prepared(p, spec) for p in held_out(list_images(args.good), args.seed)]
-    val = make_validation_set(images, args.seed)
-    good, bad = np.stack(val.good), np.stack(val.bad)
-    per = len(val.bad) // len(val.good)
-    masks = np.concatenate([np.zeros(good.shape[:3], bool), np.any(bad != np.repeat(good, per, 0), axis=-1)])
-    frames = np.concatenate([good, bad])
+    good_paths = list_images(args.good)
+    hold_idx, _ = holdout_split(len(good_paths), np.random.default_rng(args.seed), TrainConfig(seed=args.seed))
+    frames, masks = validation_frames([load_prepared(good_paths[i], spec) for i in hold_idx], args.seed)
+    n_good = len(hold_idx)
     with torch.no_grad():
         maps = torch.cat([model(torch.from_numpy(frames[i:i + 16]))[1] for i in range(0, len(frames), 16)])
     h, w = spec.height, spec.width
     up = F.interpolate(maps[:, None], size=(h, w), mode="bilinear", align_corners=False)
-    pad = 64
-    padded = F.pad(up, (pad, pad, pad, pad), mode="replicate")[:, 0]
     sub = (slice(None), slice(None, None, 2), slice(None, None, 2))  # every 4th pixel: same ranking, 4x faster
 
     def auroc(dy: int, dx: int) -> float:
         """The map drawn dy pixels lower and dx further right (negative: up / left)."""
-        s = padded[:, pad - dy:pad - dy + h, pad - dx:pad - dx + w].numpy()[sub]
+        s = shift_map(up, (dy, dx))[:, 0].numpy()[sub]
         return roc_auc(s[~masks[sub]], s[masks[sub]])
 
     start, stop, step = (int(v) for v in args.shifts.split(":"))
     print(f"{args.bundle} ({bundle.manifest.method.name}, {h}x{w}, map {tuple(maps.shape[-2:])}): "
-          f"{len(val.good)} held-out good + {len(val.bad)} synthetic defects, "
+          f"{n_good} held-out good + {len(frames) - n_good} synthetic defects, "
           f"{int(masks.sum())} defect pixels", file=sys.stderr)
     print("| shift px | dy only | dx only | both |\n|---|---|---|---|")
     best = (auroc(0, 0), 0)

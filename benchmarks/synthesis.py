@@ -49,6 +49,7 @@ from datasets import MTD_DEFECTS  # noqa: E402
 from inspectd.cli import main as inspectd_main  # noqa: E402
 from inspectd.engines.bundle import load_bundle  # noqa: E402
 from inspectd.engines.preprocess import list_images  # noqa: E402
+from inspectd.engines.train import TrainConfig, holdout_split  # noqa: E402
 from inspectd.stats import roc_auc  # noqa: E402
 
 FRR_LEVELS = (0.01, 0.02, 0.05)
@@ -84,11 +85,10 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     dirs, real_dir, train_bad, test_bad, test_good = few_defect_split(args.out, args.defects, args.seed)
-    # The good images the classifier trains on (train.py: seed permutation, 10 % held out).
+    # The good images the classifier trains on (the rest are the ones `inspectd train` holds out).
     good_paths = list_images(dirs["train_good"])
-    order = np.random.default_rng(args.seed).permutation(len(good_paths))
-    n_hold = max(2, int(round(len(good_paths) * 0.1)))
-    held = {good_paths[i].name for i in order[:n_hold]}
+    hold_idx, _ = holdout_split(len(good_paths), np.random.default_rng(args.seed), TrainConfig(seed=args.seed))
+    held = {good_paths[i].name for i in hold_idx}
     dest_dir = link_all([p for p in good_paths if p.name not in held], args.out / "synth_good")
     per_class = {c: sum(p.name.startswith(c + "__") for p in train_bad) for c in MTD_DEFECTS}
     print(f"split: {len(train_bad)} defects to train ({per_class}), {len(test_bad)} defects + {len(test_good)} "

@@ -121,6 +121,15 @@ def read_good_images(folder: str | os.PathLike, spec: InputSpec, what: str = "go
     return good_paths, images, skipped
 
 
+def holdout_split(n: int, rng: np.random.Generator, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """(held-out, training) indices of n good images, each sorted: cfg.holdout_fraction of them (at
+    least cfg.min_holdout) drawn by one permutation of `rng` (benchmarks pass default_rng(seed) to
+    find the images `inspectd train` held out)."""
+    order = rng.permutation(n)
+    n_hold = max(cfg.min_holdout, int(round(n * cfg.holdout_fraction)))
+    return sorted(int(i) for i in order[:n_hold]), sorted(int(i) for i in order[n_hold:])
+
+
 def _extra_folders(method: Any, cfg: TrainConfig, spec: InputSpec) -> dict[str, tuple[list[Path], list[np.ndarray]]]:
     """--bad / --backgrounds for the methods that use them: read like the good images; refused in one
     line when a method needs defects and has too few; ignored with a one-line warning otherwise."""
@@ -171,9 +180,7 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
     paths, images, skipped = read_good_images(good_dir, spec)
     _seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(images))
-    n_hold = max(cfg.min_holdout, int(round(len(images) * cfg.holdout_fraction)))
-    hold_idx, train_idx = sorted(order[:n_hold]), sorted(order[n_hold:])
+    hold_idx, train_idx = holdout_split(len(images), rng, cfg)
     train_imgs = [images[i] for i in train_idx]
     hold_imgs = [images[i] for i in hold_idx]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
