@@ -129,3 +129,14 @@ def assert_bad_option_refused(method: str, option: str, message: str, good: Path
     text = str(exc.value)
     assert message in text and "\n" not in text, text
     assert not out.exists()
+
+
+def assert_onnx_separates(bundle_path: Path, good: np.ndarray, bad: np.ndarray, minimum: float = 0.7) -> None:
+    """The bundle's model.onnx scores `bad` above `good`: image AUROC >= `minimum`."""
+    from inspectd.stats import roc_auc
+
+    sess = ort_session(bundle_path / "model.onnx")
+    sg = sess.run(["score"], {"images": good})[0]
+    sb = sess.run(["score"], {"images": bad})[0]
+    auc = roc_auc(sg, sb)
+    assert auc >= minimum, f"image AUROC {auc:.3f} (good {sg}, bad {sb})"
