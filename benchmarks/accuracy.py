@@ -57,6 +57,21 @@ def pixel_auroc(maps: np.ndarray, masks: list[np.ndarray | None], n_good: int, s
     return roc_auc(up[~mk], up[mk])
 
 
+def fit_method(method, split, size: tuple[int, int], opts: dict, device: torch.device):
+    """One method trained on a split's training images (its held-out ones for standardisation and
+    label-free choices) as `inspectd train` fits it, seed 0: (fitted, options, seconds)."""
+    from inspectd.engines.methods import FitData
+    from inspectd.engines.train import TrainConfig
+
+    cfg = TrainConfig(model=ModelConfig(image_height=size[0], image_width=size[1]), method=method.name,
+                      options=opts, seed=0, select=True)
+    options = method.parse_options(opts)
+    torch.manual_seed(0)
+    t0 = time.monotonic()
+    fitted = method.fit(FitData(split.train, split.holdout, cfg, options, np.random.default_rng(0), device))
+    return fitted, options, time.monotonic() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=["mtd", "ksdd"], required=True)

@@ -28,11 +28,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import load_masks, pixel_auroc  # noqa: E402
+from accuracy import fit_method, load_masks, pixel_auroc  # noqa: E402
 from datasets import load_split  # noqa: E402
 
 from inspectd.engines.fitting import batches  # noqa: E402
-from inspectd.engines.methods import FitData  # noqa: E402
 from inspectd.engines.methods.inpaint import (METHOD, InpaintModel, _tiles, calibrate,  # noqa: E402
                                               export_engine, export_fixed_iterations, select_reduction)
 from inspectd.engines.model_config import ModelConfig  # noqa: E402
@@ -105,14 +104,8 @@ def main() -> None:
 
     rows, model3 = [], None
     for name, flags in ROWS:
-        opts = {"epochs": args.epochs, "size": args.size, **flags}
-        cfg = TrainConfig(model=ModelConfig(image_height=size[0], image_width=size[1]), method="inpaint",
-                          options=opts, seed=0, select=True)
-        options = METHOD.parse_options(opts)
-        torch.manual_seed(0)
-        t0 = time.monotonic()
-        fitted = METHOD.fit(FitData(split.train, split.holdout, cfg, options, np.random.default_rng(0), device))
-        seconds = time.monotonic() - t0
+        fitted, _, seconds = fit_method(METHOD, split, size, {"epochs": args.epochs, "size": args.size, **flags},
+                                        device)
         rows.append(evaluate(name, fitted.model, seconds, {"final_loss": round(fitted.final_loss, 4)}))
         model3 = fitted.model
 

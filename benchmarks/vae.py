@@ -23,19 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import load_masks, pixel_auroc  # noqa: E402
+from accuracy import fit_method, load_masks, pixel_auroc  # noqa: E402
 from datasets import load_split  # noqa: E402
 
 from inspectd.engines.fitting import score_images  # noqa: E402
-from inspectd.engines.methods import FitData  # noqa: E402
 from inspectd.engines.methods.vae import METHOD  # noqa: E402
-from inspectd.engines.model_config import ModelConfig  # noqa: E402
 from inspectd.engines.preprocess import InputSpec  # noqa: E402
-from inspectd.engines.train import TrainConfig  # noqa: E402
 from inspectd.stats import roc_auc  # noqa: E402
 
 # Rows: name -> the options that differ from the product default. joint-mean (the per-pixel mean
@@ -68,14 +64,7 @@ def main() -> None:
         print(f"{dataset}: {len(split.train)} train, {len(split.holdout)} holdout, {n_good} test good, "
               f"{len(split.test_bad)} test bad; input {size}", file=sys.stderr)
         for training in args.rows.split(","):
-            opts = dict(ROWS[training])
-            cfg = TrainConfig(model=ModelConfig(image_height=size[0], image_width=size[1]), method="vae",
-                              options=opts, seed=0, select=True)
-            options = METHOD.parse_options(opts)
-            torch.manual_seed(0)
-            t0 = time.monotonic()
-            fitted = METHOD.fit(FitData(split.train, split.holdout, cfg, options, np.random.default_rng(0), device))
-            train_s = time.monotonic() - t0
+            fitted, options, train_s = fit_method(METHOD, split, size, dict(ROWS[training]), device)
             scores, maps = score_images(fitted.model.eval(), test, device)
             d = fitted.details
             row = {"dataset": dataset, "training": training,
