@@ -68,22 +68,7 @@ def main() -> None:
     taps = [int(t) for t in args.taps.split(",")] if args.taps else ModelConfig().taps
     base = ModelConfig(backbone=args.backbone, taps=taps, image_height=h, image_width=w, tiles=tiles,
                        fusion="separate")
-    split = load_split(args.dataset, (base.input_height, base.input_width))
-    key = f"{args.dataset}-{args.backbone}-{base.input_height}x{base.input_width}-{args.tiles}"
-    if args.taps:
-        key += "-taps" + "_".join(map(str, taps))
-    cache_file = Path(args.cache) / f"{key}.pt"
-    if cache_file.exists():
-        cached = torch.load(cache_file)
-    else:
-        extractor = FeatureGraph(build_model(base).eval())
-        val = make_validation_set(split.holdout, seed=0)
-        cached = {}
-        for name, imgs in (("train", split.train), ("val_good", val.good), ("val_bad", val.bad),
-                           ("test_good", split.test_good), ("test_bad", split.test_bad)):
-            cached[name] = extract_features(extractor, imgs, torch.device("cpu"), name)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(cached, cache_file)
+    cached = cached_taps(args.dataset, base, args.cache)
     n_tiles = tiles[0] * tiles[1]
     for overrides in json.loads(args.variants):
         epochs = overrides.pop("epochs", args.epochs)
@@ -109,6 +94,27 @@ def main() -> None:
             if args.out:
                 with open(args.out, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
+
+
+def cached_taps(dataset: str, base: ModelConfig, cache: str) -> dict[str, list[torch.Tensor]]:
+    """The raw backbone taps of the training rows, the validation set (held-out good + synthetic
+    defects) and the test split at `base`'s input, computed once and kept under `cache`."""
+    key = f"{dataset}-{base.backbone}-{base.input_height}x{base.input_width}-{base.tiles[0]}x{base.tiles[1]}"
+    if list(base.taps) != ModelConfig().taps:
+        key += "-taps" + "_".join(map(str, base.taps))
+    cache_file = Path(cache) / f"{key}.pt"
+    if cache_file.exists():
+        return torch.load(cache_file)
+    split = load_split(dataset, (base.input_height, base.input_width))
+    extractor = FeatureGraph(build_model(base).eval())
+    val = make_validation_set(split.holdout, seed=0)
+    cached = {}
+    for name, imgs in (("train", split.train), ("val_good", val.good), ("val_bad", val.bad),
+                       ("test_good", split.test_good), ("test_bad", split.test_bad)):
+        cached[name] = extract_features(extractor, imgs, torch.device("cpu"), name)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(cached, cache_file)
+    return cached
 
 
 def _embed_all(model, raw: list[torch.Tensor], batch: int = 64) -> list[torch.Tensor]:

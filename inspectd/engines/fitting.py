@@ -217,29 +217,15 @@ def validation_frames(hold: Sequence[np.ndarray], seed: int) -> tuple[np.ndarray
     return np.concatenate([good, bad]), np.concatenate([np.zeros(good.shape[:3], bool), changed])
 
 
-@torch.no_grad()
-def select_map_shift(model: torch.nn.Module, cfg: "TrainConfig", hold: Sequence[np.ndarray],
-                     device: torch.device) -> dict[str, Any]:
-    """Label-free choice of where the engine's map is drawn (ModelConfig.map_shift): the shift, in
-    map pixels up to MAX_MAP_SHIFT_PX input pixels each way, under which the upsampled maps best
-    separate the pixels synthetic defects changed from all other pixels, on held-out good images and
-    the defects made from them (validation_frames); rows first, then columns, repeated until
-    neither moves; ties keep no shift.
-    Sets it on every MapHead of the model and on cfg.model; returns the manifest's record."""
+def _best_shift(maps: torch.Tensor, masks: np.ndarray, size: tuple[int, int], reach: int) -> tuple[tuple[int, int], dict]:
+    """The shift (map pixels, each way up to `reach`) under which the upsampled maps (N, 1, h, w)
+    best separate the masked pixels from all others: rows, then columns, again until neither moves
+    (at most 3 rounds); ties keep no shift. Returns it and every candidate's pixel AUROC."""
     import torch.nn.functional as F
 
-    from inspectd.engines.model import MapHead, shift_map
-    from inspectd.engines.model_config import MAX_MAP_SHIFT_PX
+    from inspectd.engines.model import shift_map
     from inspectd.stats import roc_auc
 
-    heads = [m for m in model.modules() if isinstance(m, MapHead)]
-    for head in heads:
-        head.shift = (0, 0)
-    frames, masks = validation_frames(hold, cfg.seed)
-    masks = masks[:, ::2, ::2]  # every 4th pixel: the same ranking, 4x less to sort
-    maps = torch.cat([model(torch.from_numpy(frames[sl]).to(device))[1].cpu()
-                      for sl in batches(len(frames), 8)])[:, None]
-    size = frames.shape[1:3]
     seen: dict[tuple[int, int], float] = {}  # shift -> validation pixel AUROC, each computed once
 
     def auroc(shift: tuple[int, int]) -> float:
@@ -249,14 +235,12 @@ def select_map_shift(model: torch.nn.Module, cfg: "TrainConfig", hold: Sequence[
             seen[shift] = round(roc_auc(v[~masks], v[masks]), 4)
         return seen[shift]
 
-    reach = MAX_MAP_SHIFT_PX // cfg.model.map_stride
     steps = [0] + [d for d in range(-reach, reach + 1) if d != 0]  # no shift first: ties keep it
 
     def best_of(candidates: list[tuple[int, int]]) -> tuple[int, int]:
         rows = [{"pixel_auroc": auroc(c)} for c in candidates]
         return candidates[pick_best(rows, "pixel_auroc")]
 
-    # Rows, then columns, again until neither moves (at most 3 rounds).
     chosen = (0, 0)
     for _ in range(3):
         dy = best_of([(d, chosen[1]) for d in steps])[0]
@@ -264,15 +248,59 @@ def select_map_shift(model: torch.nn.Module, cfg: "TrainConfig", hold: Sequence[
         if moved == chosen:
             break
         chosen = moved
-    for head in heads:
-        head.shift = chosen
-    cfg.model.map_shift = chosen
-    if getattr(model, "config", None) is not None and model.config is not cfg.model:
-        model.config.map_shift = chosen
-    px = [v * cfg.model.map_stride for v in chosen]
-    print(f"inspectd train: map drawn {px[0]:+d} px down, {px[1]:+d} px right (validation pixel AUROC "
-          f"{seen[chosen]:.4f}, unshifted {seen[(0, 0)]:.4f})", file=sys.stderr)
-    return {"enabled": True, "validation": "pixel AUROC: pixels changed by synthetic defects vs all others, "
-            "held-out good images + the defects made from them", "unit": f"map pixels ({cfg.model.map_stride} input px)",
-            "candidates": [{"shift": list(k), "pixel_auroc": v} for k, v in seen.items()],
-            "chosen": {"map_shift": list(chosen), "input_px": px, "pixel_auroc": seen[chosen]}}
+    return chosen, seen
+
+
+@torch.no_grad()
+def select_map_shift(model: torch.nn.Module, cfg: "TrainConfig", hold: Sequence[np.ndarray],
+                     device: torch.device) -> dict[str, Any]:
+    """Label-free choice of where each of the engine's map heads draws its map: the shift, in map
+    pixels up to MAX_MAP_SHIFT_PX input pixels each way, under which that head's upsampled maps best
+    separate the pixels synthetic defects changed from all other pixels, on held-out good images and
+    the defects made from them (validation_frames). Each head is judged on its own map, so sources
+    that look in different places (cutpaste_head / ae_head) each get their own shift.
+    Sets the shifts on the model's heads and on cfg.model (map_shift for a one-head engine,
+    head_shifts for several); returns the manifest's record."""
+    from inspectd.engines.model import map_heads
+    from inspectd.engines.model_config import MAX_MAP_SHIFT_PX
+
+    heads = map_heads(model)
+    for head in heads.values():
+        head.shift = (0, 0)
+    seen_maps: dict[str, list[torch.Tensor]] = {name: [] for name in heads}
+    hooks = [head.register_forward_hook(lambda _m, _in, out, name=name: seen_maps[name].append(out[1].cpu()))
+             for name, head in heads.items()]
+    frames, masks = validation_frames(hold, cfg.seed)
+    try:
+        for sl in batches(len(frames), 8):
+            model(torch.from_numpy(frames[sl]).to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    masks = masks[:, ::2, ::2]  # every 4th pixel: the same ranking, 4x less to sort
+    size = frames.shape[1:3]
+    reach = MAX_MAP_SHIFT_PX // cfg.model.map_stride
+    unit = f"map pixels ({cfg.model.map_stride} input px)"
+    records: dict[str, dict[str, Any]] = {}
+    for name, parts in seen_maps.items():
+        if not parts:  # a head this engine's score rule does not use
+            continue
+        chosen, seen = _best_shift(torch.cat(parts)[:, None], masks, size, reach)
+        heads[name].shift = chosen
+        px = [v * cfg.model.map_stride for v in chosen]
+        print(f"inspectd train: {name} map drawn {px[0]:+d} px down, {px[1]:+d} px right (validation pixel AUROC "
+              f"{seen[chosen]:.4f}, unshifted {seen[(0, 0)]:.4f})", file=sys.stderr)
+        records[name] = {"candidates": [{"shift": list(k), "pixel_auroc": v} for k, v in seen.items()],
+                         "chosen": {"map_shift": list(chosen), "input_px": px, "pixel_auroc": seen[chosen]}}
+    configs = [cfg.model] + ([model.config] if getattr(model, "config", None) not in (None, cfg.model) else [])
+    record: dict[str, Any] = {"enabled": True, "validation": "pixel AUROC of each map head's own map: pixels "
+                              "changed by synthetic defects vs all others, held-out good images + the defects "
+                              "made from them", "unit": unit}
+    if len(records) == 1:
+        (name, one), = records.items()
+        for c in configs:
+            c.map_shift = tuple(one["chosen"]["map_shift"])
+        return {**record, "head": name, **one}
+    for c in configs:
+        c.head_shifts = {name: tuple(r["chosen"]["map_shift"]) for name, r in records.items()}
+    return {**record, "heads": records}

@@ -24,8 +24,8 @@ from torch import nn
 
 from inspectd.engines.model_config import ModelConfig
 
-__all__ = ["InputAdapter", "MapHead", "ModelConfig", "build_from_bundle", "resample_grid", "save_weights",
-           "tile_images"]
+__all__ = ["InputAdapter", "MapHead", "ModelConfig", "build_from_bundle", "map_heads", "place_maps", "resample_grid",
+           "save_weights", "tile_images"]
 
 
 class InputAdapter(nn.Module):
@@ -149,6 +149,17 @@ class MapHead(nn.Module):
         return score, amap
 
 
+def map_heads(model: nn.Module) -> dict[str, MapHead]:
+    """The engine's map heads by module name (the keys of ModelConfig.head_shifts)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MapHead)}
+
+
+def place_maps(model: nn.Module, config: ModelConfig) -> None:
+    """Draw every map head's map where the config says (ModelConfig.shift_of)."""
+    for name, head in map_heads(model).items():
+        head.shift = config.shift_of(name)
+
+
 WEIGHTS_FILE = "weights.npz"
 
 
@@ -166,7 +177,9 @@ def build_from_bundle(bundle: Any, device: str = "cpu") -> nn.Module:
 
     config = bundle.manifest.training.config
     method = methods.get(bundle.manifest.method.name)
-    model = method.build(ModelConfig.from_dict(config["model"]), config.get("options", {}))
+    model_config = ModelConfig.from_dict(config["model"])
+    model = method.build(model_config, config.get("options", {}))
+    place_maps(model, model_config)
     with np.load(bundle.path / WEIGHTS_FILE, allow_pickle=False) as data:
         state = {k: torch.from_numpy(data[k]) for k in data.files}
     model.load_state_dict(state, strict=True)

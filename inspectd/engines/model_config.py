@@ -28,6 +28,9 @@ class ModelConfig:
     fused_stride: int = 32
     neighbourhood: int = 1          # k x k average of each tap before fusion (local context)
     positional: int = 0             # sinusoidal position channels given to every subnet (0: none)
+    # The flow models each embedding's top `components` principal components (0: every channel,
+    # standardised, as bundles before it).
+    components: int = 0
     steps: int = 8                  # coupling steps (8 beat 4 on label-free validation, RESULTS.md §6)
     hidden_ratio: float = 0.4
     kernel_size: int = 3
@@ -37,6 +40,9 @@ class ModelConfig:
     # Map pixels the stitched map is drawn further down / right (negative: up / left), so each cell
     # sits where its features look: chosen label-free by `inspectd train` (fitting.select_map_shift).
     map_shift: tuple[int, int] = (0, 0)
+    # Per-map-head shifts by module name (e.g. cutpaste_head / ae_head), overriding map_shift for
+    # engines whose sources look in different places; empty: every head at map_shift.
+    head_shifts: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Per-position anomaly: "nll" = 0.5|z|^2 - log|det J| (the training loss), or "z2" = 0.5|z|^2
     # alone (DifferNet / CS-Flow score with the Jacobian term dropped).
     score_term: str = "z2"
@@ -56,10 +62,15 @@ class ModelConfig:
     def input_width(self) -> int:
         return self.image_width + (self.tiles[1] - 1) * self.tile_stride[1]
 
+    def shift_of(self, head: str) -> tuple[int, int]:
+        """Where the map head named `head` (its module name in the engine) draws its map."""
+        return tuple(int(v) for v in self.head_shifts.get(head, self.map_shift))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tiles"] = list(self.tiles)
         d["map_shift"] = list(self.map_shift)
+        d["head_shifts"] = {k: list(v) for k, v in self.head_shifts.items()}
         return d
 
     @classmethod
@@ -74,6 +85,8 @@ class ModelConfig:
             d["tiles"] = tuple(d["tiles"])
         if "map_shift" in d:
             d["map_shift"] = tuple(d["map_shift"])
+        if "head_shifts" in d:
+            d["head_shifts"] = {str(k): tuple(v) for k, v in d["head_shifts"].items()}
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -95,12 +108,15 @@ class ModelConfig:
             raise ValueError(f"fused_stride {self.fused_stride}: choose 8, 16 or 32")
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
             raise ValueError(f"neighbourhood {self.neighbourhood}: an odd size >= 1")
-        if len(self.map_shift) != 2 or any(abs(int(v)) > MAX_MAP_SHIFT_PX // self.map_stride for v in self.map_shift):
-            raise ValueError(f"map_shift {self.map_shift}: two map-pixel shifts of at most "
-                             f"{MAX_MAP_SHIFT_PX} input pixels each")
+        for name, shift in [("map_shift", self.map_shift)] + [(f"head_shifts.{k}", v) for k, v in self.head_shifts.items()]:
+            if len(shift) != 2 or any(abs(int(v)) > MAX_MAP_SHIFT_PX // self.map_stride for v in shift):
+                raise ValueError(f"{name} {tuple(shift)}: two map-pixel shifts of at most "
+                                 f"{MAX_MAP_SHIFT_PX} input pixels each")
         if self.reduction not in ("mean", "max", "topk"):
             raise ValueError(f"reduction must be mean, max or topk, not {self.reduction!r}")
         if not 0 < self.topk_fraction <= 1:
             raise ValueError(f"topk_fraction {self.topk_fraction}: must be in (0, 1]")
+        if self.components < 0 or self.components == 1:
+            raise ValueError(f"components {self.components}: at least 2 (the flow splits its channels), or 0")
         if self.positional < 0 or self.positional % 4:
             raise ValueError(f"positional {self.positional}: a multiple of 4 (sin/cos per axis), or 0")

@@ -4,6 +4,8 @@ MapHead draws its stitched map at ModelConfig.map_shift, and `inspectd train`'s 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inspectd.engines.fitting import select_map_shift
-from inspectd.engines.model import MapHead, shift_map
+from inspectd.engines.model import MapHead, place_maps, shift_map
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.train import TrainConfig
 
@@ -82,3 +84,46 @@ def test_selection_undoes_a_known_misplacement() -> None:
     # misplaced engine's choice moves by exactly the misplacement, undoing it.
     assert all(abs(v) <= 1 for v in chosen[(0, 0)]), chosen
     assert (chosen[(3, 2)][0] - chosen[(0, 0)][0], chosen[(3, 2)][1] - chosen[(0, 0)][1]) == (-3, -2), chosen
+
+
+class TwoSourceEngine(nn.Module):
+    """Test double with two map heads, as cutpaste-ae has (cutpaste_head / ae_head): the same
+    template difference drawn `first` and `second` map pixels off, combined as that method does."""
+
+    def __init__(self, config: ModelConfig, good: list[np.ndarray], first: tuple[int, int],
+                 second: tuple[int, int]) -> None:
+        super().__init__()
+        self.config = config
+        self.a = MisplacedTemplateEngine(config, good, first)
+        self.b = MisplacedTemplateEngine(config, good, second)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (sa, ma), (sb, mb) = self.a(images), self.b(images)
+        return sa + sb, 0.5 * (ma + mb)
+
+
+def test_each_map_head_gets_its_own_shift_and_bundles_rebuild_with_them() -> None:
+    rng = np.random.default_rng(0)
+    held_out = [np.clip(128 + rng.normal(0, 3, (128, 128, 1)), 0, 255).astype(np.uint8) for _ in range(8)]
+    config = ModelConfig(image_height=128, image_width=128, smoothing_sigma=1.0)
+    engine = TwoSourceEngine(config, held_out, (0, 0), (3, 2)).eval()
+    record = select_map_shift(engine, TrainConfig(model=config, seed=0), held_out, torch.device("cpu"))
+    chosen = {name: tuple(r["chosen"]["map_shift"]) for name, r in record["heads"].items()}
+    assert set(chosen) == {"a.head", "b.head"}
+    # One shared shift could undo at most one of the two misplacements; per head, both are undone.
+    assert (chosen["b.head"][0] - chosen["a.head"][0], chosen["b.head"][1] - chosen["a.head"][1]) == (-3, -2), chosen
+    assert engine.a.head.shift == chosen["a.head"] and engine.b.head.shift == chosen["b.head"]
+    assert config.head_shifts == chosen and config.map_shift == (0, 0)
+    # The manifest's config round-trips, and place_maps (build_from_bundle) draws each head there.
+    saved = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert saved.head_shifts == chosen and saved.shift_of("a.head") == chosen["a.head"]
+    rebuilt = TwoSourceEngine(saved, held_out, (0, 0), (3, 2)).eval()
+    place_maps(rebuilt, saved)
+    frames = torch.from_numpy(np.stack(held_out[:2]))
+    torch.testing.assert_close(rebuilt(frames)[1], engine(frames)[1])
+
+
+def test_head_shifts_are_checked() -> None:
+    with pytest.raises(ValueError, match="head_shifts.ae_head"):
+        ModelConfig(head_shifts={"ae_head": (0, 9)}).check()
+    assert ModelConfig(map_shift=(1, 1), head_shifts={"ae_head": (0, -2)}).shift_of("cutpaste_head") == (1, 1)

@@ -1,0 +1,167 @@
+"""Two probes of why the flow trails nearest-neighbour patches on MTD (RESULTS.md §6, probes).
+
+    python benchmarks/flow_probes.py nn-scaling    --dataset mtd --image-size 256
+    python benchmarks/flow_probes.py feature-noise --dataset mtd --image-size 256 --noise 0.2,0.5
+
+nn-scaling: nearest-neighbour patches (the baseline of baselines.py: taps pooled to the stride-32
+grid, Euclidean distance to the nearest training patch) on the raw taps, on per-channel
+standardised taps (what the flow sees), and on each tap alone.
+feature-noise: the default flow (8 coupling steps, 20 epochs) trained with Gaussian noise of
+standard deviation sigma added to its standardised inputs during training only (a floor under the
+variances it can learn, as PaDiM's ridge term).
+pca: the same flow on the top-k principal components of the raw fused taps (a fixed projection
+before the flow, each component scaled to unit variance), so it models only the directions in
+which good parts vary most, as the raw nearest-neighbour distance weighs them.
+All read the backbone taps design_study.py caches (the same training rows, hold-out and
+validation set); both report validation AUROC (held-out good vs synthetic defects) and test AUROC
+(reported only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import design_study as ds  # noqa: E402
+
+from inspectd.engines.fitting import ScheduledSteps  # noqa: E402
+from inspectd.engines.coupling import ScaleFlow  # noqa: E402
+from inspectd.engines.methods.flow import FlowModel, build_model, fit_nll_statistics, fit_statistics  # noqa: E402
+from inspectd.engines.model import ModelConfig  # noqa: E402
+from inspectd.engines.train import TrainConfig  # noqa: E402
+from inspectd.stats import roc_auc  # noqa: E402
+
+SETS = ("val", "test")
+
+
+def _auroc(good, bad) -> float:
+    return round(float(roc_auc(good, bad)), 4)
+
+
+def nn_scaling(cached: dict, stride: int = 32) -> list[dict]:
+    train = cached["train"]
+    grid = (train[0].shape[-2] * 8 // stride, train[0].shape[-1] * 8 // stride)  # tap 0 is at stride 8
+
+    def pooled(taps):
+        return torch.cat([F.adaptive_avg_pool2d(t.float(), grid) for t in taps], dim=1)
+    tr = pooled(train)
+    widths = [t.shape[1] for t in train]
+    mu, sd = tr.mean((0, 2, 3), keepdim=True), tr.std((0, 2, 3), keepdim=True).clamp_min(1e-3)
+    rows = []
+    variants = [("raw, all taps", None, False), ("standardised, all taps", None, True)]
+    variants += [(f"raw, tap {i} only", i, False) for i in range(len(widths))]
+    for name, tap, standardise in variants:
+        lo = 0 if tap is None else sum(widths[:tap])
+        hi = sum(widths) if tap is None else lo + widths[tap]
+
+        def norm(x):
+            return ((x - mu) / sd if standardise else x)[:, lo:hi]
+        bank = norm(tr).permute(0, 2, 3, 1).reshape(-1, hi - lo)
+        row = {"probe": "nn-scaling", "variant": name}
+        for s in SETS:
+            good, bad = cached[f"{s}_good"], cached[f"{s}_bad"]
+            q = norm(pooled([torch.cat([g, b]) for g, b in zip(good, bad)]))
+            d = torch.cat([torch.cdist(q[i:i + 16].permute(0, 2, 3, 1).reshape(-1, hi - lo), bank).min(1).values
+                           for i in range(0, q.shape[0], 16)]).reshape(q.shape[0], -1)
+            n = good[0].shape[0]
+            for red, x in (("mean", d.mean(1)), ("max", d.max(1).values)):
+                row[f"{s}_{red}"] = _auroc(x[:n].numpy(), x[n:].numpy())
+        rows.append(row)
+    return rows
+
+
+class ProjectedFlow(FlowModel):
+    """The flow engine with a fixed projection onto the top principal components of the raw fused
+    embedding before the flow (feat_mean / feat_std then standardise the components)."""
+
+    def __init__(self, config: ModelConfig, backbone, basis: torch.Tensor, centre: torch.Tensor) -> None:
+        super().__init__(config, backbone)
+        k = basis.shape[1]
+        self.register_buffer("basis", basis.T.reshape(k, -1, 1, 1).contiguous())
+        self.register_buffer("centre", centre.view(1, -1, 1, 1))
+        self.feat_mean[0] = torch.nn.Parameter(torch.zeros(1, k, 1, 1), requires_grad=False)
+        self.feat_std[0] = torch.nn.Parameter(torch.ones(1, k, 1, 1), requires_grad=False)
+        self.flows[0] = ScaleFlow(k, config.steps, config.hidden_ratio, config.kernel_size, config.clamp,
+                                  config.seed * 10)
+
+    def embed(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [F.conv2d(e - self.centre, self.basis) for e in super().embed(feats)]
+
+
+def feature_noise(cached: dict, base: ModelConfig, sigma: float, epochs: int, components: int = 0) -> dict:
+    mc = replace(base, fusion="fused", steps=8)
+    model = build_model(mc)
+    cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1)
+    t0 = time.monotonic()
+    emb = ds._embed_all(model, cached["train"])
+    if components:
+        x = emb[0].float().permute(0, 2, 3, 1).reshape(-1, emb[0].shape[1])
+        centre = x.mean(0)
+        _, _, v = torch.linalg.svd(x - centre, full_matrices=False)
+        model = ProjectedFlow(mc, model.backbone, v[:components].T.contiguous(), centre)
+        emb = ds._embed_all(model, cached["train"])
+    n = emb[0].shape[0]
+    fit_statistics(model, emb, n)
+    flow = model.flows[0]
+    opt = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=cfg.lr_min,
+                           weight_decay=cfg.weight_decay)
+    per_epoch = max(1, n // cfg.batch_size)
+    steps = ScheduledSteps(opt, per_epoch * epochs, cfg, "train", clip=5.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    flow.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for b in range(per_epoch):
+            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            f = (emb[0][rows].float() - model.feat_mean[0]) / model.feat_std[0]
+            steps.step(flow(f + sigma * torch.randn(f.shape, generator=gen), None).mean())
+    flow.eval()
+    steps.close()
+    fit_nll_statistics(model, emb, n, torch.device("cpu"))
+    model.eval()
+    s = {k: ds.score_cached(model, cached[k]) for k in ("val_good", "val_bad", "test_good", "test_bad")}
+    row = {"probe": "pca" if components else "feature-noise", "noise": sigma, "components": components, "epochs": epochs, "train_s": round(time.monotonic() - t0, 1)}
+    for red in ds.REDUCTIONS:
+        for k in SETS:
+            row[f"{k}_{red}"] = _auroc(s[f"{k}_good"][red], s[f"{k}_bad"][red])
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("probe", choices=["nn-scaling", "feature-noise", "pca"])
+    ap.add_argument("--dataset", choices=["mtd", "ksdd"], default="mtd")
+    ap.add_argument("--image-size", default="256", help="HxW (or one number: square)")
+    ap.add_argument("--noise", default="0.2", help="comma-separated standard deviations (feature-noise)")
+    ap.add_argument("--components", default="128", help="comma-separated k (pca)")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--cache", default="/tmp/design-cache")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    args = ap.parse_args()
+    h, w = (int(v) for v in (args.image_size.split("x") if "x" in args.image_size else [args.image_size] * 2))
+    base = ModelConfig(image_height=h, image_width=w, fusion="separate")
+    cached = ds.cached_taps(args.dataset, base, args.cache)
+    if args.probe == "nn-scaling":
+        rows = nn_scaling(cached)
+    elif args.probe == "pca":
+        rows = [feature_noise(cached, base, 0.0, args.epochs, components=int(k)) for k in args.components.split(",")]
+    else:
+        rows = [feature_noise(cached, base, float(s), args.epochs) for s in args.noise.split(",")]
+    for row in rows:
+        row = {"dataset": args.dataset, "size": f"{h}x{w}", **row}
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
