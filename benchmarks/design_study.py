@@ -86,7 +86,7 @@ def main() -> None:
         s = {k: score_cached(model, cached[k]) for k in ("val_good", "val_bad", "test_good", "test_bad")}
         for red in REDUCTIONS:
             row = {"dataset": args.dataset, "size": f"{h}x{w}", "tiles": args.tiles, "backbone": args.backbone,
-                   "taps": taps, "epochs": cfg.epochs, **overrides, "reduction": red,
+                   "taps": taps, "epochs": cfg.epochs, "components": mc.components, **overrides, "reduction": red,
                    "val_auroc": round(roc_auc(s["val_good"][red], s["val_bad"][red]), 4),
                    "test_auroc": round(roc_auc(s["test_good"][red], s["test_bad"][red]), 4),
                    "train_s": round(train_s, 1), "n_tiles": n_tiles}

@@ -25,9 +25,10 @@ from inspectd.engines.methods.flow import build_model
 from inspectd.engines.model import ModelConfig
 
 DESIGNS = {
-    "previous default (256x256, 4 coupling steps)": {"steps": 4},
-    "default at 256x256 (MTD; 8 coupling steps)": {},
-    "default at 640x256 (KSDD; 8 coupling steps)": {"image_height": 640, "image_width": 256},
+    "previous default (256x256, 4 coupling steps)": {"steps": 4, "components": 0},
+    "8 coupling steps, every channel (default before the projection)": {"components": 0},
+    "default at 256x256 (MTD; 8 coupling steps, 256 components)": {},
+    "default at 640x256 (KSDD; 8 coupling steps, 256 components)": {"image_height": 640, "image_width": 256},
 }
 
 

@@ -1,7 +1,8 @@
 """Two probes of why the flow trails nearest-neighbour patches on MTD (RESULTS.md §6, probes).
 
     python benchmarks/flow_probes.py nn-scaling    --dataset mtd --image-size 256
-    python benchmarks/flow_probes.py feature-noise --dataset mtd --image-size 256 --noise 0.2,0.5
+    python benchmarks/flow_probes.py feature-noise --dataset mtd --image-size 256 --noise 0.2,0.5 --components 0
+    python benchmarks/flow_probes.py pca --dataset mtd --image-size 256 --components 64,128,256,384,472
 
 nn-scaling: nearest-neighbour patches (the baseline of baselines.py: taps pooled to the stride-32
 grid, Euclidean distance to the nearest training patch) on the raw taps, on per-channel
@@ -9,9 +10,9 @@ standardised taps (what the flow sees), and on each tap alone.
 feature-noise: the default flow (8 coupling steps, 20 epochs) trained with Gaussian noise of
 standard deviation sigma added to its standardised inputs during training only (a floor under the
 variances it can learn, as PaDiM's ridge term).
-pca: the same flow on the top-k principal components of the raw fused taps (a fixed projection
-before the flow, each component scaled to unit variance), so it models only the directions in
-which good parts vary most, as the raw nearest-neighbour distance weighs them.
+pca: the same flow on the top-k principal components of the raw fused taps (ModelConfig.components:
+a fixed projection before the flow, each component scaled to unit variance), so it models only the
+directions in which good parts vary most, as the raw nearest-neighbour distance weighs them.
 All read the backbone taps design_study.py caches (the same training rows, hold-out and
 validation set); both report validation AUROC (held-out good vs synthetic defects) and test AUROC
 (reported only).
@@ -33,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import design_study as ds  # noqa: E402
 
 from inspectd.engines.fitting import ScheduledSteps  # noqa: E402
-from inspectd.engines.coupling import ScaleFlow  # noqa: E402
-from inspectd.engines.methods.flow import FlowModel, build_model, fit_nll_statistics, fit_statistics  # noqa: E402
+from inspectd.engines.methods.flow import build_model, fit_nll_statistics, fit_statistics  # noqa: E402
 from inspectd.engines.model import ModelConfig  # noqa: E402
 from inspectd.engines.train import TrainConfig  # noqa: E402
 from inspectd.stats import roc_auc  # noqa: E402
@@ -78,36 +78,14 @@ def nn_scaling(cached: dict, stride: int = 32) -> list[dict]:
     return rows
 
 
-class ProjectedFlow(FlowModel):
-    """The flow engine with a fixed projection onto the top principal components of the raw fused
-    embedding before the flow (feat_mean / feat_std then standardise the components)."""
-
-    def __init__(self, config: ModelConfig, backbone, basis: torch.Tensor, centre: torch.Tensor) -> None:
-        super().__init__(config, backbone)
-        k = basis.shape[1]
-        self.register_buffer("basis", basis.T.reshape(k, -1, 1, 1).contiguous())
-        self.register_buffer("centre", centre.view(1, -1, 1, 1))
-        self.feat_mean[0] = torch.nn.Parameter(torch.zeros(1, k, 1, 1), requires_grad=False)
-        self.feat_std[0] = torch.nn.Parameter(torch.ones(1, k, 1, 1), requires_grad=False)
-        self.flows[0] = ScaleFlow(k, config.steps, config.hidden_ratio, config.kernel_size, config.clamp,
-                                  config.seed * 10)
-
-    def embed(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [F.conv2d(e - self.centre, self.basis) for e in super().embed(feats)]
-
-
-def feature_noise(cached: dict, base: ModelConfig, sigma: float, epochs: int, components: int = 0) -> dict:
-    mc = replace(base, fusion="fused", steps=8)
+def feature_noise(cached: dict, base: ModelConfig, sigma: float, epochs: int, components: int) -> dict:
+    """The flow (8 coupling steps, `components` as ModelConfig.components: the product's projection)
+    trained on cached taps, with `sigma` noise on its inputs during training."""
+    mc = replace(base, fusion="fused", steps=8, components=components)
     model = build_model(mc)
     cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1)
     t0 = time.monotonic()
     emb = ds._embed_all(model, cached["train"])
-    if components:
-        x = emb[0].float().permute(0, 2, 3, 1).reshape(-1, emb[0].shape[1])
-        centre = x.mean(0)
-        _, _, v = torch.linalg.svd(x - centre, full_matrices=False)
-        model = ProjectedFlow(mc, model.backbone, v[:components].T.contiguous(), centre)
-        emb = ds._embed_all(model, cached["train"])
     n = emb[0].shape[0]
     fit_statistics(model, emb, n)
     flow = model.flows[0]
@@ -121,7 +99,7 @@ def feature_noise(cached: dict, base: ModelConfig, sigma: float, epochs: int, co
         order = torch.randperm(n, generator=gen)
         for b in range(per_epoch):
             rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            f = (emb[0][rows].float() - model.feat_mean[0]) / model.feat_std[0]
+            f = model.flow_input(0, emb[0][rows].float())
             steps.step(flow(f + sigma * torch.randn(f.shape, generator=gen), None).mean())
     flow.eval()
     steps.close()
@@ -141,7 +119,8 @@ def main() -> None:
     ap.add_argument("--dataset", choices=["mtd", "ksdd"], default="mtd")
     ap.add_argument("--image-size", default="256", help="HxW (or one number: square)")
     ap.add_argument("--noise", default="0.2", help="comma-separated standard deviations (feature-noise)")
-    ap.add_argument("--components", default="128", help="comma-separated k (pca)")
+    ap.add_argument("--components", default="256",
+                    help="comma-separated k (pca); feature-noise: one k, 0 = every channel (the previous default)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--cache", default="/tmp/design-cache")
     ap.add_argument("--out", default=None, help="append JSON lines here")
@@ -154,7 +133,7 @@ def main() -> None:
     elif args.probe == "pca":
         rows = [feature_noise(cached, base, 0.0, args.epochs, components=int(k)) for k in args.components.split(",")]
     else:
-        rows = [feature_noise(cached, base, float(s), args.epochs) for s in args.noise.split(",")]
+        rows = [feature_noise(cached, base, float(s), args.epochs, int(args.components)) for s in args.noise.split(",")]
     for row in rows:
         row = {"dataset": args.dataset, "size": f"{h}x{w}", **row}
         print(json.dumps(row), flush=True)

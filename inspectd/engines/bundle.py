@@ -90,6 +90,7 @@ class FlowInfo(_Strict):
     clamp: float
     fusion: str
     score_term: str
+    components: int = 0  # principal components the flow models (0: every channel; older bundles)
 
 
 class MethodInfo(_Strict):

@@ -81,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="coupling steps of the flow (default %(default)s)")
     p.add_argument("--hidden-ratio", type=float, default=_DEFAULT.hidden_ratio,
                    help="subnet width / channels (default %(default)s)")
+    p.add_argument("--components", type=int, default=_DEFAULT.components,
+                   help="principal components of the features the flow models, largest first (0: every "
+                        "channel; default %(default)s)")
     p.add_argument("--fusion", choices=["fused", "separate"], default=_DEFAULT.fusion,
                    help=f"fused: taps resampled to one grid (stride {_DEFAULT.fused_stride}) and modelled jointly "
                         "(default); separate: one flow per tap")
@@ -226,7 +229,8 @@ def _train(args: argparse.Namespace) -> int:
     tiles = parse_tiles(args.tiles, ConfigError, "--tiles")
     model_cfg = ModelConfig(backbone=args.backbone, taps=args.taps, image_height=height, image_width=width,
                             tiles=tiles, tile_overlap=args.tile_overlap, color_mode=color, steps=args.steps,
-                            hidden_ratio=args.hidden_ratio, seed=args.seed, fusion=args.fusion,
+                            hidden_ratio=args.hidden_ratio, components=args.components, seed=args.seed,
+                            fusion=args.fusion,
                             kernel_size=args.kernel_size, score_term=args.score_term,
                             reduction=args.reduction or "mean")
     try:

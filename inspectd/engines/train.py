@@ -218,6 +218,9 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
         # Fixed heatmap range: 0 at the typical good pixel, full scale at twice the worst held-out good
         # image's peak, so OK parts stay cool and NG parts stand out (never stretched per image).
         display_lo = float(np.median(hold_maps))
+        # The peak is the map's, not the image score: a mean or top-k score can sit below the
+        # median pixel, which would turn the range over (and the parity gate's map tolerance with it).
+        display_hi = display_lo + 2 * max(float(hold_maps.max()) - display_lo, 1e-6)
         quantiles = {q: float(np.quantile(hold_scores, float(q))) for q in ("0.5", "0.9", "0.99", "1.0")}
         seconds = time.monotonic() - t0
         fields = {
@@ -233,7 +236,7 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
                       "tiles": list(mc.tiles), "tile_overlap": mc.tile_overlap},
             "map": {"height": int(hold_maps.shape[1]), "width": int(hold_maps.shape[2]),
                     "smoothing_sigma": mc.smoothing_sigma,
-                    "display_lo": display_lo, "display_hi": display_lo + 2 * (float(hold_scores.max()) - display_lo)},
+                    "display_lo": display_lo, "display_hi": display_hi},
             "score": {"reduction": fitted.details.get("score_rule") or
                       (f"top{mc.topk_fraction:g}-mean" if mc.reduction == "topk" else mc.reduction),
                       "good_mean": mean, "good_std": std, "good_quantiles": quantiles,

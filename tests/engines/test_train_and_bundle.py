@@ -31,9 +31,12 @@ def test_trained_bundle_separates_good_from_bad(tiny_bundle, synthetic_parts):
         bad = _scores(backend, synthetic_parts.test_bad)
     auc = roc_auc(good, bad)
     assert auc >= 0.9, f"image AUROC {auc:.3f} on generated parts (good {good}, bad {bad})"
-    # Normalised scores of unseen good parts sit near the held-out statistics, bad parts far above.
-    assert abs(float(np.median(bundle.normalize(good)))) < 3.0
-    assert float(np.median(bundle.normalize(bad))) > float(np.median(bundle.normalize(good)))
+    # Normalised scores of unseen good parts do not sit above the held-out statistics (no false
+    # rejects from the normalisation; below them is possible: they come from only 4 held-out
+    # images), and bad parts sit far above the good ones.
+    good_median, bad_median = float(np.median(bundle.normalize(good))), float(np.median(bundle.normalize(bad)))
+    assert good_median < 1.0
+    assert bad_median > good_median + 3.0
 
 
 def test_onnx_runtime_matches_pytorch(tiny_bundle, synthetic_parts):

@@ -2,7 +2,8 @@
 
     images uint8 N x H x W x C
       -> tiles, InputAdapter, EfficientNet taps (frozen, ImageNet weights)     (model.py, backbone.py)
-      -> taps fused on one grid (or one flow per tap), per-channel standardised
+      -> taps fused on one grid (or one flow per tap)
+      -> projected onto its top principal components (ModelConfig.components), each standardised
       -> affine coupling steps -> per-position 0.5|z|^2 (or the full NLL)       (coupling.py)
       -> MapHead: standardised, stitched, smoothed map -> mean / top-k / max
 
@@ -62,6 +63,15 @@ class FlowModel(nn.Module):
         else:
             channels = [sum(backbone.tap_channels)]
             self.grids = [(th // config.fused_stride, tw // config.fused_stride)]
+        # The flow models each embedding's top principal components (a fixed 1x1 projection fitted
+        # on the training positions): the directions good parts vary least in are left out, where
+        # a flow would otherwise weigh feature noise most (RESULTS.md §6, probes).
+        self.embed_channels = channels
+        channels = [min(config.components, c) if config.components else c for c in channels]
+        if config.components:
+            for i, (c_in, k) in enumerate(zip(self.embed_channels, channels)):
+                self.register_buffer(f"centre{i}", torch.zeros(1, c_in, 1, 1))
+                self.register_buffer(f"basis{i}", torch.eye(c_in)[:k].reshape(k, c_in, 1, 1).clone())
         self.feat_mean = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1), requires_grad=False)
                                           for c in channels)
         self.feat_std = nn.ParameterList(nn.Parameter(torch.ones(1, c, 1, 1), requires_grad=False)
@@ -92,11 +102,21 @@ class FlowModel(nn.Module):
         pe = getattr(self, f"pos{i}")
         return pe.expand(n, -1, -1, -1) if pe.shape[1] else None
 
+    def project(self, i: int, f: torch.Tensor) -> torch.Tensor:
+        """Embedding i -> its principal components (unchanged when ModelConfig.components is 0)."""
+        if not self.config.components:
+            return f
+        return F.conv2d(f - getattr(self, f"centre{i}"), getattr(self, f"basis{i}"))
+
+    def flow_input(self, i: int, f: torch.Tensor) -> torch.Tensor:
+        """Embedding i (as training caches it) -> what flow i transforms: projected, standardised."""
+        return (self.project(i, f) - self.feat_mean[i]) / self.feat_std[i]
+
     def nll_maps(self, embedded: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-position anomaly maps, one per flow (see ModelConfig.score_term)."""
         out = []
-        for i, (f, m, s, flow) in enumerate(zip(embedded, self.feat_mean, self.feat_std, self.flows)):
-            half_z2, logdet = flow.transform((f - m) / s, self.cond(i, f.shape[0]))
+        for i, (f, flow) in enumerate(zip(embedded, self.flows)):
+            half_z2, logdet = flow.transform(self.flow_input(i, f), self.cond(i, f.shape[0]))
             out.append(half_z2 if self.config.score_term == "z2" else half_z2 - logdet)
         return out
 
@@ -131,8 +151,6 @@ def train_flows(model: FlowModel, cache: list[torch.Tensor], n_images: int, cfg:
     gen = torch.Generator().manual_seed(cfg.seed)
     model.flows.train()
     steps = ScheduledSteps(opt, total, cfg, "train", clip=5.0)
-    mean = [m.to(device) for m in model.feat_mean]
-    std = [s.to(device) for s in model.feat_std]
     for _epoch in range(cfg.epochs):
         order = torch.randperm(n_images, generator=gen)
         for b in range(steps_per_epoch):
@@ -141,7 +159,7 @@ def train_flows(model: FlowModel, cache: list[torch.Tensor], n_images: int, cfg:
             rows = view * n_images + idx
             loss = torch.zeros((), device=device)
             for t, flow in enumerate(model.flows):
-                f = (cache[t][rows].to(device).float() - mean[t]) / std[t]
+                f = model.flow_input(t, cache[t][rows].to(device).float())
                 loss = loss + flow(f, model.cond(t, f.shape[0])).mean()
             steps.step(loss / len(model.flows))
     model.flows.eval()
@@ -149,10 +167,36 @@ def train_flows(model: FlowModel, cache: list[torch.Tensor], n_images: int, cfg:
 
 
 @torch.no_grad()
-def fit_statistics(model: FlowModel, cache: list[torch.Tensor], n_images: int) -> None:
-    """Per-channel mean/std of each embedding from the original views (before flow training)."""
+def fit_projection(model: FlowModel, cache: list[torch.Tensor], n_images: int, chunk: int = 256) -> None:
+    """Each embedding's mean and top principal directions (ModelConfig.components) over the training
+    positions of the original views: the eigenvectors of their covariance, largest first."""
     for t, feats in enumerate(cache):
-        f = feats[:n_images].float()
+        c = feats.shape[1]
+        total, count = torch.zeros(c, dtype=torch.float64), 0
+        gram = torch.zeros(c, c, dtype=torch.float64)
+        for i in range(0, n_images, chunk):
+            x = feats[i:min(i + chunk, n_images)].double().permute(0, 2, 3, 1).reshape(-1, c)
+            total += x.sum(0)
+            gram += x.T @ x
+            count += x.shape[0]
+        mean = total / count
+        cov = (gram - count * torch.outer(mean, mean)) / max(1, count - 1)
+        _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+        k = model.feat_mean[t].shape[1]
+        basis = vectors.flip(1)[:, :k].T.float()
+        getattr(model, f"centre{t}").copy_(mean.float().view(1, c, 1, 1))
+        getattr(model, f"basis{t}").copy_(basis.reshape(k, c, 1, 1))
+
+
+@torch.no_grad()
+def fit_statistics(model: FlowModel, cache: list[torch.Tensor], n_images: int, chunk: int = 256) -> None:
+    """The projection (if any), then the per-channel mean/std of what each flow sees, from the
+    original views (before flow training)."""
+    if model.config.components:
+        fit_projection(model, cache, n_images, chunk)
+    for t, feats in enumerate(cache):
+        f = torch.cat([model.project(t, feats[i:min(i + chunk, n_images)].float())
+                       for i in range(0, n_images, chunk)])
         model.feat_mean[t].copy_(f.mean(dim=(0, 2, 3), keepdim=True))
         model.feat_std[t].copy_(f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3))
 
@@ -268,6 +312,7 @@ class FlowMethod(MethodBase):
         return Fitted(model, loss, selection, details={
             "steps": mc.steps, "hidden_ratio": mc.hidden_ratio, "kernel_size": mc.kernel_size, "clamp": mc.clamp,
             "fusion": mc.fusion if mc.fusion == "separate" else f"fused at stride {mc.fused_stride}",
+            "components": mc.components,
             "score_term": mc.score_term})
 
     def build(self, model_config: ModelConfig, options: dict[str, Any]) -> nn.Module:
