@@ -4,7 +4,6 @@ and old bundles (components 0) keep their per-channel path."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
