@@ -30,7 +30,7 @@ class ModelConfig:
     positional: int = 0             # sinusoidal position channels given to every subnet (0: none)
     # The flow models each embedding's top `components` principal components (0: every channel,
     # standardised, as bundles before it). 256 of Lite0's 472 fused channels won label-free
-    # validation on MTD and KSDD (RESULTS.md §6, probes).
+    # validation on MTD and KSDD (RESULTS.md §6b).
     components: int = 256
     steps: int = 8                  # coupling steps (8 beat 4 on label-free validation, RESULTS.md §6)
     hidden_ratio: float = 0.4

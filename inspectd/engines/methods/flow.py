@@ -65,7 +65,7 @@ class FlowModel(nn.Module):
             self.grids = [(th // config.fused_stride, tw // config.fused_stride)]
         # The flow models each embedding's top principal components (a fixed 1x1 projection fitted
         # on the training positions): the directions good parts vary least in are left out, where
-        # a flow would otherwise weigh feature noise most (RESULTS.md §6, probes).
+        # a flow would otherwise weigh feature noise most (RESULTS.md §6b).
         self.embed_channels = channels
         channels = [min(config.components, c) if config.components else c for c in channels]
         if config.components:
@@ -195,7 +195,8 @@ def fit_statistics(model: FlowModel, cache: list[torch.Tensor], n_images: int, c
     if model.config.components:
         fit_projection(model, cache, n_images, chunk)
     for t, feats in enumerate(cache):
-        f = torch.cat([model.project(t, feats[i:min(i + chunk, n_images)].float())
+        device = model.feat_mean[t].device  # the cache stays on the CPU; the model may be on a GPU
+        f = torch.cat([model.project(t, feats[i:min(i + chunk, n_images)].to(device).float())
                        for i in range(0, n_images, chunk)])
         model.feat_mean[t].copy_(f.mean(dim=(0, 2, 3), keepdim=True))
         model.feat_std[t].copy_(f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3))
