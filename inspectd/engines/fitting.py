@@ -188,19 +188,17 @@ def select_reduction(model: torch.nn.Module, cfg: "TrainConfig", hold: Sequence[
     """Label-free choice of a MapHead engine's map reduction (model.head): the candidate of
     cfg.select_reductions that best separates held-out good images from synthetic defects made from
     them. Sets it on the model, its config and cfg.model; returns the manifest's selection record."""
-    from inspectd.engines.validation import make_validation_set
-
-    val = make_validation_set(list(hold), cfg.seed)
-    imgs = list(val.good) + list(val.bad)
-    maps = torch.cat([model(torch.from_numpy(np.stack(imgs[sl])).to(device))[1].flatten(1).cpu()
-                      for sl in batches(len(imgs), 8)])
+    frames, _ = validation_frames(hold, cfg.seed)
+    n_good = len(hold)
+    maps = torch.cat([model(torch.from_numpy(frames[sl]).to(device))[1].flatten(1).cpu()
+                      for sl in batches(len(frames), 8)])
     rows = [{"reduction": red, "validation_auroc": round(validation_auroc(reduce_maps(maps, red, model.head.topk),
-                                                                          len(val.good)), 4)}
+                                                                          n_good), 4)}
             for red in cfg.select_reductions]
     best = rows[pick_best(rows)]
     model.config.reduction = model.head.reduction = cfg.model.reduction = best["reduction"]
     print(f"inspectd train: selected {best['reduction']} reduction (validation AUROC {best['validation_auroc']:.4f} "
-          f"on {len(val.good)} held-out good images vs {len(val.bad)} synthetic defects)", file=sys.stderr)
+          f"on {n_good} held-out good images vs {len(frames) - n_good} synthetic defects)", file=sys.stderr)
     return {"enabled": True, "validation": "held-out good images + synthetic defects made from them",
             "candidates": rows, "chosen": best}
 
@@ -292,7 +290,8 @@ def select_map_shift(model: torch.nn.Module, cfg: "TrainConfig", hold: Sequence[
               f"{seen[chosen]:.4f}, unshifted {seen[(0, 0)]:.4f})", file=sys.stderr)
         records[name] = {"candidates": [{"shift": list(k), "pixel_auroc": v} for k, v in seen.items()],
                          "chosen": {"map_shift": list(chosen), "input_px": px, "pixel_auroc": seen[chosen]}}
-    configs = [cfg.model] + ([model.config] if getattr(model, "config", None) not in (None, cfg.model) else [])
+    own = getattr(model, "config", None)  # the engine's own config, when it is not cfg.model itself
+    configs = [cfg.model] + ([own] if own is not None and own is not cfg.model else [])
     record: dict[str, Any] = {"enabled": True, "validation": "pixel AUROC of each map head's own map: pixels "
                               "changed by synthetic defects vs all others, held-out good images + the defects "
                               "made from them", "unit": unit}

@@ -66,10 +66,10 @@ class FlowModel(nn.Module):
         # The flow models each embedding's top principal components (a fixed 1x1 projection fitted
         # on the training positions): the directions good parts vary least in are left out, where
         # a flow would otherwise weigh feature noise most (RESULTS.md §6b).
-        self.embed_channels = channels
+        embed_channels = channels
         channels = [min(config.components, c) if config.components else c for c in channels]
         if config.components:
-            for i, (c_in, k) in enumerate(zip(self.embed_channels, channels)):
+            for i, (c_in, k) in enumerate(zip(embed_channels, channels)):
                 self.register_buffer(f"centre{i}", torch.zeros(1, c_in, 1, 1))
                 self.register_buffer(f"basis{i}", torch.eye(c_in)[:k].reshape(k, c_in, 1, 1).clone())
         self.feat_mean = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1), requires_grad=False)
