@@ -26,9 +26,10 @@ from inspectd.engines.model import ModelConfig
 
 DESIGNS = {
     "previous default (256x256, 4 coupling steps)": {"steps": 4, "components": 0},
-    "8 coupling steps, every channel (default before the projection)": {"components": 0},
-    "default at 256x256 (MTD; 8 coupling steps, 256 components)": {},
-    "default at 640x256 (KSDD; 8 coupling steps, 256 components)": {"image_height": 640, "image_width": 256},
+    "256 components at 256x256 (the default before 384 px)": {},
+    "default at 384x384 (MTD)": {"image_height": 384, "image_width": 384},
+    "256 components at 640x256 (KSDD before 384 px)": {"image_height": 640, "image_width": 256},
+    "default at 960x384 (KSDD)": {"image_height": 960, "image_width": 384},
 }
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from inspectd.engines.methods import NAMES as METHOD_NAMES
-from inspectd.engines.model_config import ModelConfig
+from inspectd.engines.model_config import DEFAULT_SHORT_SIDE, ModelConfig, default_short_side
 from inspectd.errors import ConfigError, DataError
 
 _DEFAULT = ModelConfig()  # the one source of the engine's defaults
@@ -51,9 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option (repeatable), e.g. --option ssim-class=II for inpaint; "
                         "see docs/methods.md")
-    p.add_argument("--image-size", default=str(_DEFAULT.image_height),
+    p.add_argument("--image-size", default=None,
                    help="engine input per tile: S (short side S, long side from the images' aspect) or HxW "
-                        "(height x width), multiples of 32 (default %(default)s)")
+                        f"(height x width), multiples of 32 (default: {default_short_side('flow')} for the flow, "
+                        f"{DEFAULT_SHORT_SIDE} for the other methods)")
     p.add_argument("--tiles", default="1x1", help="ROWSxCOLS overlapping tiles of each frame, run as one batch "
                    "and stitched back into one map (default 1x1)")
     p.add_argument("--tile-overlap", type=int, default=_DEFAULT.tile_overlap,
@@ -225,7 +226,7 @@ def _train(args: argparse.Namespace) -> int:
 
     refuse_existing(Path(args.out), args.force)  # before any slow work
     color = _detect_color(args.good) if args.color == "auto" else args.color
-    height, width = _image_size_arg(args.image_size, args.good, roi)
+    height, width = _image_size_arg(args.image_size or str(default_short_side(args.method)), args.good, roi)
     tiles = parse_tiles(args.tiles, ConfigError, "--tiles")
     model_cfg = ModelConfig(backbone=args.backbone, taps=args.taps, image_height=height, image_width=width,
                             tiles=tiles, tile_overlap=args.tile_overlap, color_mode=color, steps=args.steps,

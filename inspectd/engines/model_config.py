@@ -10,6 +10,17 @@ from typing import Any
 # The largest map shift tried or allowed, in input pixels: the deepest backbone tap's stride.
 MAX_MAP_SHIFT_PX = 32
 
+# Short side of the engine input (per tile) when `inspectd train` is not given --image-size. The
+# flow's 384 beat 256 and 320 on label-free validation on MTD and KSDD (RESULTS.md §6c); the other
+# methods were sized for this CPU at 256 and not studied larger.
+DEFAULT_SHORT_SIDE = 256
+METHOD_SHORT_SIDE = {"flow": 384}
+
+
+def default_short_side(method: str) -> int:
+    """The short side `inspectd train --method METHOD` uses without --image-size."""
+    return METHOD_SHORT_SIDE.get(method, DEFAULT_SHORT_SIDE)
+
 
 @dataclass
 class ModelConfig:

@@ -126,7 +126,7 @@ def test_no_flags_train_the_configs_defaults(monkeypatch, tmp_path, synthetic_pa
     monkeypatch.setattr(train_mod, "train", capture)
     assert main(["train", "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b")]) == 1
     cfg, default = seen["cfg"], train_mod.TrainConfig()
-    sized = {"image_height", "image_width", "color_mode"}  # from the images (size: short side 256)
+    sized = {"image_height", "image_width", "color_mode"}  # from the images (size: the flow's short side)
     for f in fields(ModelConfig):
         if f.name not in sized:
             assert getattr(cfg.model, f.name) == getattr(ModelConfig(), f.name), f.name
@@ -134,3 +134,26 @@ def test_no_flags_train_the_configs_defaults(monkeypatch, tmp_path, synthetic_pa
         assert getattr(cfg, name) == getattr(default, name), name
     assert cfg.select and cfg.select_epochs == list(train_mod.SELECT_EPOCHS)
     assert cfg.select_reductions == list(train_mod.SELECT_REDUCTIONS)
+
+
+def test_default_input_size_is_the_methods(monkeypatch, tmp_path, synthetic_parts):
+    """Without --image-size the flow trains at its validated short side (384) and the other methods
+    at 256; a given --image-size wins for every method."""
+    import inspectd.engines.train as train_mod
+    from inspectd.engines.model_config import DEFAULT_SHORT_SIDE, default_short_side
+
+    seen = []
+
+    def capture(good_dir, out, cfg, force=False, golden_bad_dir=None):
+        seen.append((cfg.method, cfg.model.image_height, cfg.model.image_width))
+        raise train_mod.DataError("captured")  # stop before the slow part
+
+    monkeypatch.setattr(train_mod, "train", capture)
+    base = ["train", "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b")]
+    assert main(base) == 1
+    assert main([*base, "--method", "cutpaste-ae"]) == 1
+    assert main([*base, "--method", "cutpaste-ae", "--image-size", "96"]) == 1
+    assert main([*base, "--image-size", "64x96"]) == 1
+    assert default_short_side("flow") == 384 != DEFAULT_SHORT_SIDE == default_short_side("cutpaste-ae") == 256
+    # the synthetic parts are square, so a short side S gives S x S
+    assert seen == [("flow", 384, 384), ("cutpaste-ae", 256, 256), ("cutpaste-ae", 96, 96), ("flow", 64, 96)]
