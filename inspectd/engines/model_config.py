@@ -11,8 +11,8 @@ from typing import Any
 MAX_MAP_SHIFT_PX = 32
 
 # Short side of the engine input (per tile) when `inspectd train` is not given --image-size. The
-# flow's 384 beat 256 and 320 on label-free validation on MTD and KSDD (RESULTS.md §6c); the other
-# methods were sized for this CPU at 256 and not studied larger.
+# flow's 384 beat 256 and 320 on label-free validation on MTD and KSDD, and 480 on KSDD (RESULTS.md
+# §6c); the other methods were sized for this CPU at 256 and not studied larger.
 DEFAULT_SHORT_SIDE = 256
 METHOD_SHORT_SIDE = {"flow": 384}
 
@@ -28,6 +28,7 @@ class ModelConfig:
     taps: list[int] = field(default_factory=lambda: [4, 10, 15])
     # The engine's input per tile (height x width). With tiles (rows x cols), the bundle input is
     # the canvas those overlapping tiles cover (input_height x input_width): the graph cuts it.
+    # `inspectd train` sets both from --image-size or default_short_side(method) and the images' aspect.
     image_height: int = 256
     image_width: int = 256
     color_mode: str = "gray"
