@@ -29,8 +29,8 @@ class ModelConfig:
     # The engine's input per tile (height x width). With tiles (rows x cols), the bundle input is
     # the canvas those overlapping tiles cover (input_height x input_width): the graph cuts it.
     # `inspectd train` sets both from --image-size or default_short_side(method) and the images' aspect.
-    image_height: int = 256
-    image_width: int = 256
+    image_height: int = DEFAULT_SHORT_SIDE
+    image_width: int = DEFAULT_SHORT_SIDE
     color_mode: str = "gray"
     tiles: tuple[int, int] = (1, 1)
     tile_overlap: int = 32          # pixels shared by neighbouring tiles (a multiple of 32)

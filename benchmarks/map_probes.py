@@ -1,0 +1,180 @@
+"""Probes of a trained bundle's image scores (RESULTS.md §7 and §10): read-only, nothing is chosen here.
+
+    python benchmarks/map_probes.py reductions --bundle /tmp/bench/mtd-pca/bundle --split /tmp/bench/mtd/split
+    python benchmarks/map_probes.py cutpaste-weights --bundle /tmp/bench/cutpaste-ae-mtd-heads/bundle \
+        --split /tmp/bench/mtd/split
+
+reductions: the bundle's maps (ONNX Runtime) on its label-free validation set (the held-out good
+images named in its manifest + the synthetic defects `inspectd train` makes from them) and on the
+test split, reduced by mean / top-k 3 % / max and by two combinations z-standardised on the held-out
+good images (max of z(mean), z(max); their sum). With masks and class-prefixed file names (MTD):
+test AUROC per defect class, and the median of the map over the pixels at least `--margin` input
+px away from the annotated defect, against the good images' median (does the image differ away
+from its defect?), beside plain image statistics of the files.
+cutpaste-weights: a cutpaste-ae bundle's two standardised scores, its combined rule re-weighted by
+validation AUROC on every synthetic kind and on only the kinds neither head trains on (blob, blur,
+crack), and the CutPaste head scored by its patch map's max instead of its pooled embedding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from inspectd.engines.bundle import load_bundle
+from inspectd.engines.fitting import batches
+from inspectd.engines.methods.cutpaste_ae import MIN_WEIGHT
+from inspectd.engines.model import build_from_bundle
+from inspectd.engines.preprocess import list_images, prepare, prepare_mask, read_image
+from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from inspectd.engines.validation import KINDS, make_validation_set
+from inspectd.stats import roc_auc
+
+SETS = ("val_good", "val_bad", "test_good", "test_bad")
+
+
+def _auroc(good: np.ndarray, bad: np.ndarray) -> float:
+    return round(float(roc_auc(good, bad)), 4)
+
+
+def _images(bundle_dir: Path, split: Path) -> tuple[dict[str, list[np.ndarray]], list[str], list[Path]]:
+    """Prepared images of every set, the validation defects' kinds and the test_bad paths."""
+    spec = load_bundle(bundle_dir).input_spec
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    hold = set(manifest["training"]["holdout_names"])
+    seed = manifest["training"]["config"].get("seed", 0)
+
+    def prep(paths: list[Path]) -> list[np.ndarray]:
+        return [prepare(read_image(p, spec.color_mode), spec) for p in paths]
+    val = make_validation_set(prep([p for p in list_images(split / "train_good") if p.name in hold]), seed)
+    bad_paths = list_images(split / "test_bad")
+    return ({"val_good": list(val.good), "val_bad": list(val.bad),
+             "test_good": prep(list_images(split / "test_good")), "test_bad": prep(bad_paths)},
+            list(val.kinds), bad_paths)
+
+
+def _report(name: str, scores: dict[str, np.ndarray], kinds: list[str]) -> None:
+    kinds_a = np.array(kinds)
+    per_kind = " ".join(f"{k} {_auroc(scores['val_good'], scores['val_bad'][kinds_a == k]):.3f}" for k in KINDS)
+    print(f"{name:22s} validation {_auroc(scores['val_good'], scores['val_bad']):.4f} ({per_kind})  "
+          f"test {_auroc(scores['test_good'], scores['test_bad']):.4f}")
+
+
+def reductions(args: argparse.Namespace) -> None:
+    bundle = load_bundle(args.bundle)
+    backend = OnnxRuntimeBackend(bundle)
+    images, kinds, bad_paths = _images(args.bundle, args.split)
+    maps = {s: np.stack([backend.infer(im[None])[1][0] for im in images[s]]) for s in SETS}
+    flat = {s: m.reshape(len(m), -1) for s, m in maps.items()}
+    k = max(1, round(0.03 * flat["val_good"].shape[1]))
+    red = {s: {"mean": f.mean(1), "top-k 3 %": np.sort(f, 1)[:, -k:].mean(1), "max": f.max(1)}
+           for s, f in flat.items()}
+    ref = red["val_good"]
+    for s in SETS:  # z on the held-out good images, as the engine standardises its scores
+        z = {r: (red[s][r] - ref[r].mean()) / ref[r].std(ddof=1) for r in ("mean", "max")}
+        red[s]["z-max(mean, max)"] = np.maximum(z["mean"], z["max"])
+        red[s]["z-sum(mean, max)"] = z["mean"] + z["max"]
+    for r in red["val_good"]:
+        _report(r, {s: red[s][r] for s in SETS}, kinds)
+    # MTD names its defective files CLASS__...; other datasets get one class
+    classes = np.array([p.name.split("__")[0] if "__" in p.name else "all" for p in bad_paths])
+    if len(set(classes)) > 1:
+        for r in ("mean", "top-k 3 %", "max"):
+            print(f"test by class, {r}: " + " ".join(
+                f"{c} {_auroc(red['test_good'][r], red['test_bad'][r][classes == c]):.3f}" for c in sorted(set(classes))))
+    masks_dir = args.split / "masks"
+    if masks_dir.is_dir():
+        _away_from_defect(bundle, maps, bad_paths, classes, masks_dir, args.margin)
+        _file_statistics(args.split)
+
+
+def _away_from_defect(bundle, maps: dict[str, np.ndarray], bad_paths: list[Path], classes: np.ndarray,
+                      masks_dir: Path, margin: int) -> None:
+    spec = bundle.input_spec
+    h, w = maps["test_bad"].shape[1:]
+    radius = max(1, round(margin * h / spec.shape[0]))  # input px -> map px
+    kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    away = []
+    for path, amap in zip(bad_paths, maps["test_bad"]):
+        mask_file = masks_dir / (path.stem + ".png")
+        mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE) if mask_file.exists() else None
+        if mask is None:
+            away.append(np.nan)
+            continue
+        m = prepare_mask(mask, spec, read_image(path, spec.color_mode).shape[:2])
+        near = cv2.dilate((cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_AREA) > 0).astype(np.uint8),
+                          kernel) > 0
+        away.append(float(np.median(amap[~near])) if (~near).sum() >= 20 else np.nan)
+    away_a = np.array(away)
+    ok = ~np.isnan(away_a)
+    good = np.median(maps["test_good"].reshape(len(maps["test_good"]), -1), axis=1)
+    by_class = ""
+    if len(set(classes)) > 1:
+        by_class = "; by class " + " ".join(f"{c} {_auroc(good, away_a[ok & (classes == c)]):.3f}"
+                                            for c in sorted(set(classes)) if (ok & (classes == c)).any())
+    print(f"median map >= {margin} input px from the defect vs good images' median map: AUROC "
+          f"{_auroc(good, away_a[ok]):.4f} over {ok.sum()} defective images{by_class}")
+
+
+def _file_statistics(split: Path) -> None:
+    def stats(folder: Path) -> np.ndarray:
+        rows = []
+        for p in list_images(folder):
+            im = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+            rows.append((im.mean(), im.std(), np.abs(cv2.Laplacian(im, cv2.CV_32F)).mean(), im.size))
+        return np.array(rows)
+    good, bad = stats(split / "test_good"), stats(split / "test_bad")
+    parts = []
+    for i, name in enumerate(("brightness", "contrast", "sharpness", "image size")):
+        a = roc_auc(good[:, i], bad[:, i])
+        parts.append(f"{name} {max(a, 1 - a):.3f}")
+    print("plain image statistics, good vs defective (AUROC, either direction): " + ", ".join(parts))
+
+
+def _weights(auroc: dict[str, float]) -> dict[str, float]:
+    """cutpaste_ae.combination_weights' rule on given AUROCs."""
+    raw = {k: max(v - 0.5, MIN_WEIGHT) for k, v in auroc.items()}
+    return {k: 2.0 * v / sum(raw.values()) for k, v in raw.items()}
+
+
+@torch.no_grad()
+def cutpaste_weights(args: argparse.Namespace) -> None:
+    bundle = load_bundle(args.bundle)
+    model = build_from_bundle(bundle)
+    images, kinds, _ = _images(args.bundle, args.split)
+    got: dict[str, dict[str, np.ndarray]] = {}
+    for s in SETS:
+        parts = [model.components(torch.from_numpy(np.stack(images[s][sl]))) for sl in batches(len(images[s]), 8)]
+        got[s] = {k: torch.cat([p[k] for p in parts]).numpy() for k in ("cutpaste", "ae")}
+        got[s]["cutpaste map max"] = torch.cat([p["cutpaste_map"].flatten(1).max(1).values for p in parts]).numpy()
+    folded = bundle.manifest.method.details["combination_weights"]  # folded into the engine's score_std
+    z = {s: {k: got[s][k] / folded[k] for k in ("cutpaste", "ae")} for s in SETS}
+    for k in ("cutpaste", "ae", "cutpaste map max"):
+        _report(k, {s: got[s][k] for s in SETS}, kinds)
+    kinds_a = np.array(kinds)
+    for label, subset in (("every kind", KINDS), ("blob, blur, crack", ("blob", "blur", "crack"))):
+        sel = np.isin(kinds_a, subset)
+        w = _weights({k: roc_auc(z["val_good"][k], z["val_bad"][k][sel]) for k in ("cutpaste", "ae")})
+        comb = {s: w["cutpaste"] * z[s]["cutpaste"] + w["ae"] * z[s]["ae"] for s in SETS}
+        print(f"weights from validation on {label}: cutpaste {w['cutpaste']:.3f}, ae {w['ae']:.3f} -> combined test "
+              f"{_auroc(comb['test_good'], comb['test_bad']):.4f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("probe", choices=["reductions", "cutpaste-weights"])
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--split", type=Path, required=True, help="folder with train_good/, test_good/, test_bad/ [, masks/]")
+    ap.add_argument("--margin", type=int, default=48, help="input px kept clear of the defect (reductions)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    (reductions if args.probe == "reductions" else cutpaste_weights)(args)
+
+
+if __name__ == "__main__":
+    main()
