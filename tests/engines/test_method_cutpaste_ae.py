@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from inspectd.engines.bundle import load_bundle
-from inspectd.engines.methods.cutpaste_ae import MIN_WEIGHT, combination_weights
+from inspectd.engines.methods.cutpaste_ae import MIN_WEIGHT, combination_weights, ledoit_wolf
 from inspectd.engines.model import ModelConfig
 from inspectd.engines.preprocess import list_images, load_prepared
 from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -94,6 +94,26 @@ def test_combination_weights_follow_validation() -> None:
     w = combination_weights({"cutpaste_auroc": 0.95, "ae_auroc": 0.4}, "validation")
     assert w["ae"] == pytest.approx(2 * MIN_WEIGHT / (0.45 + MIN_WEIGHT)) and sum(w.values()) == pytest.approx(2)
     assert combination_weights({"cutpaste_auroc": 0.95, "ae_auroc": 0.4}, "equal") == {"cutpaste": 1.0, "ae": 1.0}
+
+
+def test_ledoit_wolf_matches_its_definition() -> None:
+    """The O(n d) shrinkage estimate equals Ledoit & Wolf's per-sample sum written out."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.normal(size=(60, 8)) @ rng.normal(size=(8, 8)) + 5.0)
+    mean, cov = ledoit_wolf(x)
+    xc = (x - x.mean(0)).double()
+    n, d = xc.shape
+    s = xc.T @ xc / n
+    mu = torch.trace(s) / d
+    delta = ((s - mu * torch.eye(d, dtype=s.dtype)) ** 2).sum() / d
+    beta = sum(((xc[i, :, None] * xc[i, None, :] - s) ** 2).sum() / d for i in range(n)) / n ** 2
+    shrink = float(min(beta, delta) / delta)
+    assert 0.0 < shrink < 1.0
+    want = (1 - shrink) * s + shrink * mu * torch.eye(d, dtype=s.dtype)
+    np.testing.assert_allclose(cov.numpy(), want.numpy(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(mean.numpy(), x.mean(0).numpy(), rtol=1e-12)
 
 
 def test_score_rule_switches_on_a_loaded_model(cpae_bundle, synthetic_parts):

@@ -135,12 +135,10 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cov = xc.T @ xc / n
     mu = torch.trace(cov) / d
     delta = ((cov - mu * torch.eye(d, dtype=x.dtype)) ** 2).sum() / d
-    # beta: the estimate's own variance, computed in chunks (n x d x d would not fit for many patches)
-    beta = torch.zeros((), dtype=x.dtype)
-    for sl in batches(n, 4096):
-        xs = xc[sl]
-        beta = beta + ((xs[:, :, None] * xs[:, None, :] - cov) ** 2).sum() / d
-    beta = torch.minimum(beta / n ** 2, delta)
+    # beta = sum_i ||x_i x_i^T - cov||_F^2 / (d n^2); expanding the square with sum_i x_i x_i^T = n cov
+    # gives sum_i ||x_i||^4 - n ||cov||_F^2: O(n d) instead of O(n d^2) (exact, not an approximation)
+    beta = ((xc * xc).sum(1) ** 2).sum() - n * (cov ** 2).sum()
+    beta = torch.minimum(beta.clamp_min(0) / (d * n ** 2), delta)
     shrink = float(beta / delta) if float(delta) > 0 else 1.0
     return mean, (1 - shrink) * cov + shrink * mu * torch.eye(d, dtype=x.dtype)
 
