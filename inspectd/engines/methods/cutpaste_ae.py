@@ -33,7 +33,10 @@ Training (good images only, plus synthetic defects made from them by validation.
   - held-out good images give the map and score standardisation; label-free validation (held-out
     good + make_validation_set synthetic defects) reports each rule's AUROC in the manifest.
 The paper gives no architecture, combination or hyperparameters: everything above is our choice.
-Defaults are sized for a shared 2-core CPU (full MTD at 256 px: ~3 min). ae_scale 4 (the AE works
+Defaults are sized for a 2-core CPU (full MTD at 256 px: ~5 min). embed_dim 256 was chosen on label-free
+validation over 64 / 128 / 256 / 512 (mean CutPaste validation AUROC of MTD and KSDD; benchmarks/RESULTS.md
+section 10): a narrow projection discards the frozen features' directions that the pasted patches
+do not exercise, and real defects need them. ae_scale 4 (the AE works
 at the map resolution) for time; ae_levels 3 and ae_per_position on were chosen on MTD's label-free
 validation (AE AUROC 0.61, vs 0.50 with 4 levels and 0.52 without per-position statistics).
 """
@@ -70,7 +73,7 @@ class CutPasteAEOptions:
     classifier_epochs: int = 20   # CutPaste classifier passes over the cached good tiles and pool
     score: str = "combined"       # image score / map rule: combined, cutpaste or ae
     combine: str = "validation"   # combined: weights from label-free validation AUROCs, or equal
-    embed_dim: int = 64           # width of the projection (patch / image embedding)
+    embed_dim: int = 256          # width of the projection (patch / image embedding); chosen on validation
     grid_stride: int = 16         # input pixels per patch embedding (taps resampled to this grid)
     pool_cycles: int = 1          # fixed pools of synthetic defects the classifier cycles through
     ae_width: int = 16            # autoencoder channels at its first level (x2, x4, x4 deeper)
