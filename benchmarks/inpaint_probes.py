@@ -38,6 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import fit_method, load_masks, pixel_auroc  # noqa: E402
 from datasets import load_split  # noqa: E402
+from inpaint import ROWS as ABLATION_ROWS  # noqa: E402
 
 from inspectd.engines.fitting import batches, reduce_maps, validation_auroc, validation_frames  # noqa: E402
 from inspectd.engines.methods.inpaint import METHOD, InpaintModel, _tiles, apply_fuzzy, calibrate  # noqa: E402
@@ -46,16 +47,13 @@ from inspectd.engines.preprocess import InputSpec  # noqa: E402
 from inspectd.stats import roc_auc  # noqa: E402
 
 SIZE = (256, 256)
-ROWS = {"1": {"fuzzy": False, "skips": False, "wssim": False},
-        "2": {"fuzzy": True, "skips": False, "wssim": False},
-        "3": {"fuzzy": True, "skips": True, "wssim": True}}
+ROWS = {str(i + 1): flags for i, (_, flags) in enumerate(ABLATION_ROWS)}  # benchmarks/inpaint.py's rows 1-3
 
 
 def train(args: argparse.Namespace) -> None:
     split = load_split(args.dataset, SIZE, args.work / f"{args.dataset}-split")
     for r in args.rows.split(","):
-        fitted, _, seconds = fit_method(METHOD, split, SIZE, {"epochs": METHOD.default_epochs, "size": 128,
-                                                              "dynamic": False, **ROWS[r]}, torch.device("cpu"))
+        fitted, _, seconds = fit_method(METHOD, split, SIZE, {"epochs": METHOD.default_epochs, "size": 128, **ROWS[r]}, torch.device("cpu"))
         torch.save(fitted.model.state_dict(), args.work / f"{args.dataset}-row{r}.pt")
         print(json.dumps({"row": r, "seconds": round(seconds, 1), "loss": fitted.final_loss}), flush=True)
 
@@ -65,7 +63,7 @@ def readings(args: argparse.Namespace) -> None:
     split = load_split(args.dataset, SIZE, args.work / f"{args.dataset}-split")
     masks = load_masks(split.masks, InputSpec(SIZE[0], SIZE[1], "gray"))
     model = InpaintModel(ModelConfig(image_height=SIZE[0], image_width=SIZE[1]),
-                         METHOD.parse_options({"size": 128, "dynamic": True, **ROWS[args.row]}))
+                         METHOD.parse_options({**ROWS[args.row], "size": 128, "dynamic": True}))
     state = torch.load(args.work / f"{args.dataset}-row{args.row}.pt")
     own = model.state_dict()
     model.load_state_dict({k: (own[k] if k.startswith("head.") else state.get(k, own[k])) for k in own})
@@ -122,8 +120,7 @@ def readings(args: argparse.Namespace) -> None:
             row[f"val_{red}"] = round(validation_auroc(reduce_maps(vm.flatten(1), red, model.head.topk), n_hold), 4)
             s = reduce_maps(tm.flatten(1), red, model.head.topk)
             row[f"test_{red}"] = round(roc_auc(s[:n_good], s[n_good:]), 4)
-        up = F.interpolate(vm[:, None].float(), size=frames.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
-        row["val_pixel"] = round(roc_auc(up.numpy()[~vmasks], up.numpy()[vmasks]), 4)
+        row["val_pixel"] = round(pixel_auroc(vm.numpy(), list(vmasks[n_hold:]), n_hold, frames.shape[1:3]), 4)
         row["test_pixel"] = round(pixel_auroc(tm.numpy(), masks, n_good, SIZE), 4)
         print(json.dumps(row), flush=True)
 
