@@ -79,6 +79,25 @@ def parse_region(text: str) -> tuple[float, float, float, float]:
     return (x0, y0, x1, y1)
 
 
+def synthesized_names(folder: str | os.PathLike) -> set[str]:
+    """Names of the images in `folder` that `inspectd synthesize` made (its manifest's items); empty
+    for a folder without one. Training keeps them apart from the real defects copied in beside them."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return set()
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable synthesize manifest ({exc.__class__.__name__}); remove it or "
+                        f"rerun inspectd synthesize") from None
+    if not isinstance(manifest, dict) or manifest.get("tool") != "inspectd synthesize":
+        return set()  # some other tool's manifest: every image counts as real
+    items = manifest.get("items")
+    if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("image"), str) for i in items):
+        raise DataError(f"{path}: synthesize manifest without a list of items; rerun inspectd synthesize")
+    return {i["image"] for i in items}
+
+
 def _names(paths: list[Path]) -> str:
     return ", ".join(p.name for p in paths[:_LIST]) + (f", ... ({len(paths)} in all)" if len(paths) > _LIST else "")
 

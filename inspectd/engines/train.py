@@ -29,6 +29,7 @@ from inspectd.engines.model import WEIGHTS_FILE, save_weights
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.preprocess import (RESIZE_METHOD, InputSpec, fingerprint, list_images, load_prepared,
                                           sha256_file)
+from inspectd.engines.synthesize import synthesized_names
 from inspectd.errors import ConfigError, DataError
 
 log = logging.getLogger("inspectd.train")
@@ -148,9 +149,15 @@ def _extra_folders(method: Any, cfg: TrainConfig, spec: InputSpec) -> dict[str, 
             continue
         if key == "bad":  # read_good_images -> list_images names a missing folder or a file
             paths, images, _ = read_good_images(folder, spec, what, minimum=0)
+            made = synthesized_names(folder)
+            if made:  # an `inspectd synthesize` folder: its outputs are not real defects
+                syn = [i for i, p in enumerate(paths) if p.name in made]
+                out["synthetic"] = ([paths[i] for i in syn], [images[i] for i in syn])
+                real = [i for i, p in enumerate(paths) if p.name not in made]
+                paths, images = [paths[i] for i in real], [images[i] for i in real]
             if len(images) < needs:
-                raise DataError(f"{folder}: {len(images)} readable defective images; method {method.name} needs at "
-                                f"least {needs} to learn from")
+                raise DataError(f"{folder}: {len(images)} readable {'real ' if made else ''}defective images; "
+                                f"method {method.name} needs at least {needs} to learn from")
         else:
             paths, images, _ = read_good_images(folder, spec, what, minimum=1)
         out[key] = (paths, images)
@@ -192,6 +199,7 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
 
     fitted = method.fit(methods.FitData(train_imgs, hold_imgs, cfg, options, rng, device,
                                         bad=extra.get("bad", ([], []))[1],
+                                        synthetic=extra.get("synthetic", ([], []))[1],
                                         backgrounds=extra.get("backgrounds", ([], []))[1]))
     model, final_loss, selection = fitted.model.cpu().eval(), fitted.final_loss, fitted.selection
     if cfg.select and method.map_shift_selection:
@@ -248,6 +256,7 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
                          "n_train": len(train_imgs), "n_holdout": len(hold_imgs), "skipped": skipped,
                          "config": {**cfg.to_dict(), "options": method.options_dict(options), "selection": selection},
                          **{k: _folder_record(v[0]) for k, v in (("defects", extra.get("bad")),
+                                                                 ("synthetic_defects", extra.get("synthetic")),
                                                                  ("backgrounds", extra.get("backgrounds")))
                             if v is not None},
                          "final_loss": final_loss,

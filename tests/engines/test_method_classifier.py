@@ -17,8 +17,8 @@ from inspectd.cli import main
 from inspectd.engines import methods
 from inspectd.engines.backbone import load_backbone
 from inspectd.engines.bundle import load_bundle
-from inspectd.engines.methods.classifier import (ClassifierModel, ClassifierOptions, cam_resampler, paste,
-                                                 stage_starts, training_set)
+from inspectd.engines.methods.classifier import (GOOD, REAL, SYNTHESIZED, ClassifierModel, ClassifierOptions,
+                                                 cam_resampler, defect_draw, paste, stage_starts, training_set)
 from inspectd.engines.model import build_from_bundle
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.preprocess import list_images, load_prepared
@@ -158,8 +158,14 @@ def test_training_set_placements_and_paste_geometry() -> None:
     bg = [np.zeros((32, 32, 1), np.uint8)]
     for placement, n in (("A", 3 + 4), ("B", 3 * (3 + 4)), ("C", 3 * (3 + 4))):
         opts = methods.get("classifier").parse_options({"placement": placement.lower(), "pastes": "2"})
-        imgs, labels = training_set(good, bad, bg, opts, rng)
-        assert len(imgs) == n and labels.sum() == n * 4 // 7  # flips double the defects; balanced per copy
+        imgs, kinds = training_set(good, bad, bg, opts, rng)
+        assert len(imgs) == n and (kinds == REAL).sum() == n * 4 // 7  # flips double the defects; balanced per copy
+        assert (kinds == GOOD).sum() == n * 3 // 7 and not (kinds == SYNTHESIZED).any()
+    # synthesized defects are flipped and pasted like the real ones and keep their own kind
+    syn = [np.full((32, 32, 1), 150, np.uint8) for _ in range(5)]
+    imgs, kinds = training_set(good, bad, bg, ClassifierOptions(placement="C", pastes=1), rng, syn)
+    assert len(imgs) == 2 * (3 + 4 + 10) and (kinds == SYNTHESIZED).sum() == 2 * 10 and (kinds == REAL).sum() == 2 * 4
+    assert all(imgs[i].max() == 150 for i in np.flatnonzero(kinds == SYNTHESIZED))
     opts = ClassifierOptions(part_scale=0.5)
     centred = paste(bad[0], bg[0], opts, rng, centred=True)
     assert (centred[8:24, 8:24] == 200).all() and centred.sum() == 200 * 16 * 16
@@ -169,6 +175,16 @@ def test_training_set_placements_and_paste_geometry() -> None:
                   ClassifierOptions(box="0,0,0.5,0.5", part_scale=1.0), rng, centred=True)
     assert (boxed[8:24, 8:24, 0] == np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)[:16, :16]).all()
     assert stage_starts("efficientnet-lite0") == [0, 1, 3, 5, 8, 11, 15]
+
+
+def test_defect_draw_keeps_the_real_share_however_many_are_synthesized() -> None:
+    real, syn = torch.arange(0, 10), torch.arange(10, 1010)  # 10 real, 1000 synthesized
+    gen = torch.Generator().manual_seed(0)
+    for share in (0.5, 0.25, 1.0):
+        d = defect_draw(real, syn, 8000, share, gen)
+        assert abs(float((d < 10).float().mean()) - share) < 0.02, share
+        assert set(d[d < 10].tolist()) == set(range(10))  # every real defect is drawn
+    assert defect_draw(real, syn[:0], 100, 0.5, gen).max() < 10  # none synthesized: all real
 
 
 def _train(capsys, *argv: str) -> tuple[int, list[str]]:
@@ -216,3 +232,30 @@ def test_good_only_methods_ignore_bad_and_backgrounds_with_one_warning(capsys, s
     extra = _extra_folders(methods.get("classifier"), cfg, InputSpec(64, 64, "gray"))
     assert len(extra["bad"][1]) == 12 and len(extra["backgrounds"][1]) == 12
     assert extra["bad"][1][0].shape == (64, 64, 1)
+
+
+def test_a_synthesize_folder_keeps_its_real_and_synthesized_defects_apart(capsys, tmp_path: Path,
+                                                                           synthetic_parts) -> None:
+    """`inspectd synthesize --include-real` writes one --bad folder; training reads its manifest: the
+    real copies count towards the minimum, the synthesized ones are drawn at the rest of the share."""
+    from inspectd.engines.preprocess import InputSpec
+    from inspectd.engines.train import TrainConfig, _extra_folders
+
+    syn = tmp_path / "syn"
+    assert main(["synthesize", "--good", str(synthetic_parts.train_good), "--bad", str(synthetic_parts.test_bad),
+                 "--masks", str(synthetic_parts.masks), "--out", str(syn), "--count", "20", "--include-real"]) == 0
+    extra = _extra_folders(methods.get("classifier"), TrainConfig(bad=str(syn)), InputSpec(64, 64, "gray"))
+    assert [p.name for p in extra["bad"][0]] == sorted(f"real_{p.stem}.png" for p in list_images(synthetic_parts.test_bad))
+    assert [p.name for p in extra["synthetic"][0]] == [f"syn_{i:05d}.png" for i in range(20)]
+    # 7 real + 20 synthesized: too few real defects, however many were synthesized
+    for p in [p for p in list_images(syn) if p.name.startswith("real_")][:5]:
+        p.unlink()
+    capsys.readouterr()
+    code, err = _train(capsys, "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"),
+                       "--method", "classifier", "--bad", str(syn))
+    assert code == 1 and len(err) == 1 and "readable real defective images" in err[0] and "at least 8" in err[0], err
+    (syn / "manifest.json").write_text("{not json")
+    code, err = _train(capsys, "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"),
+                       "--method", "classifier", "--bad", str(syn))
+    assert code == 1 and len(err) == 1 and "manifest.json: not a readable synthesize manifest" in err[0], err
+    assert not (tmp_path / "b").exists()

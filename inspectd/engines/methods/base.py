@@ -37,6 +37,9 @@ class FitData:
     # Defective images (--bad), prepared like the good ones; empty for good-only methods, which
     # train() never gives them to. Only methods with `needs_defects = True` receive them.
     bad: list[np.ndarray] = field(default_factory=list)
+    # Defects made by `inspectd synthesize` found in the --bad folder (named in its manifest), kept
+    # apart from the real ones so a method can weigh them (classifier: `real_share`).
+    synthetic: list[np.ndarray] = field(default_factory=list)
     # Background images (--backgrounds) at the input size, for methods with `uses_backgrounds = True`
     # (empty: none given; such a method generates its own).
     backgrounds: list[np.ndarray] = field(default_factory=list)

@@ -38,6 +38,9 @@ Training (good images and >= MIN_DEFECTS defective ones, --bad):
     (BatchNorm statistics kept from ImageNet: batches are small) and the head train with Adam at the
     paper's learning rates (1e-4 backbone, 1e-3 head), constant, on class-balanced batches (half
     good, half defective), cross-entropy, `epochs` passes over the good set.
+  - defects made by `inspectd synthesize` (named in the --bad folder's manifest) are kept apart
+    from the real ones: `real_share` of each batch's defective half comes from the real defects, the
+    rest from the synthesized ones, however many of those there are.
 The paper's InceptionV3, 300 px and stopping at 100 % training accuracy are replaced by Lite0,
 the bundle's input size and a predeclared number of epochs (sized for a 2-core CPU).
 """
@@ -79,6 +82,10 @@ class ClassifierOptions:
     train_stages: int = 2         # last EfficientNet stages fine-tuned (earlier ones frozen, cached)
     lr_backbone: float = 1e-4     # Adam, fine-tuned stages (paper)
     lr_head: float = 1e-3         # Adam, OK/NG linear head (paper)
+    # With synthesized defects in --bad (an `inspectd synthesize` folder): the share of each batch's
+    # defective half drawn from the real defects (and their flips / pastes), so that many synthesized
+    # defects add variety without crowding out the few real ones. Without synthesized ones: all real.
+    real_share: float = 0.5
 
     def check(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -106,6 +113,8 @@ class ClassifierOptions:
             raise bad("lr_backbone", "must be in [0, 1] (0: backbone frozen)")
         if not 0 < self.lr_head <= 1:
             raise bad("lr_head", "must be in (0, 1]")
+        if not 0 < self.real_share <= 1:
+            raise bad("real_share", "must be in (0, 1]")
 
 
 def stage_starts(variant: str) -> list[int]:
@@ -248,12 +257,20 @@ def paste(image: np.ndarray, background: np.ndarray, opts: ClassifierOptions, rn
     return out
 
 
+GOOD, REAL, SYNTHESIZED = 0, 1, 2  # kinds of training image; the label is NG for REAL and SYNTHESIZED
+
+
 def training_set(good: Sequence[np.ndarray], bad: Sequence[np.ndarray], backgrounds: Sequence[np.ndarray],
-                 opts: ClassifierOptions, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
-    """Images and labels (0 OK, 1 NG): originals, flipped defects, and the placement's pasted copies."""
-    defects = list(bad) + ([np.ascontiguousarray(b[:, ::-1]) for b in bad] if opts.flip else [])
-    images = list(good) + defects
-    labels = [0] * len(good) + [1] * len(defects)
+                 opts: ClassifierOptions, rng: np.random.Generator,
+                 synthetic: Sequence[np.ndarray] = ()) -> tuple[list[np.ndarray], np.ndarray]:
+    """Images and their kinds (GOOD, REAL, SYNTHESIZED): originals, flipped defects, and the placement's
+    pasted copies (a copy keeps its source's kind)."""
+    images: list[np.ndarray] = list(good)
+    labels = [GOOD] * len(good)
+    for kind, defects in ((REAL, list(bad)), (SYNTHESIZED, list(synthetic))):
+        defects += [np.ascontiguousarray(b[:, ::-1]) for b in defects] if opts.flip else []
+        images += defects
+        labels += [kind] * len(defects)
     if opts.placement != "A":
         h, w, c = images[0].shape
         for img, label in list(zip(images, labels)):
@@ -281,8 +298,10 @@ def fine_tune(model: ClassifierModel, feats: torch.Tensor, labels: np.ndarray, o
         groups.append({"params": late, "lr": opts.lr_backbone})
     opt = torch.optim.Adam(groups)
     model.eval()  # BatchNorm keeps its ImageNet statistics (small batches); only weights move
-    good_idx = torch.from_numpy(np.flatnonzero(labels == 0))
-    bad_idx = torch.from_numpy(np.flatnonzero(labels == 1))
+    good_idx = torch.from_numpy(np.flatnonzero(labels == GOOD))
+    real_idx = torch.from_numpy(np.flatnonzero(labels == REAL))
+    syn_idx = torch.from_numpy(np.flatnonzero(labels == SYNTHESIZED))
+    targets = (labels != GOOD).astype(np.int64)
     half = max(1, batch // 2)
     steps_per_epoch = max(1, math.ceil(len(good_idx) / half))
     bar = Progress(steps_per_epoch * opts.epochs, "classifier")
@@ -292,9 +311,9 @@ def fine_tune(model: ClassifierModel, feats: torch.Tensor, labels: np.ndarray, o
         right = seen = 0
         for b in range(steps_per_epoch):
             g = order[b * half:(b + 1) * half]
-            d = bad_idx[torch.randint(len(bad_idx), (len(g),), generator=gen)]
+            d = defect_draw(real_idx, syn_idx, len(g), opts.real_share, gen)
             idx = torch.cat([g, d])
-            y = torch.from_numpy(labels[idx.numpy()])
+            y = torch.from_numpy(targets[idx.numpy()])
             logits = model.logits(model.late(feats[idx].float()))
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -311,6 +330,17 @@ def fine_tune(model: ClassifierModel, feats: torch.Tensor, labels: np.ndarray, o
     for p in model.parameters():
         p.requires_grad_(False)
     return float(ema if ema is not None else float("nan")), acc
+
+
+def defect_draw(real: torch.Tensor, synthesized: torch.Tensor, n: int, real_share: float,
+                gen: torch.Generator) -> torch.Tensor:
+    """n defective training indices: each from the real pool with probability real_share, else from
+    the synthesized pool (all real when there are no synthesized ones)."""
+    pick = real[torch.randint(len(real), (n,), generator=gen)]
+    if len(synthesized) == 0:
+        return pick
+    syn = synthesized[torch.randint(len(synthesized), (n,), generator=gen)]
+    return torch.where(torch.rand(n, generator=gen) < real_share, pick, syn)
 
 
 @torch.no_grad()
@@ -345,7 +375,7 @@ class ClassifierMethod(MethodBase):
         rng = np.random.default_rng(cfg.seed + 1001)
         n_blocks = len(block_specs(mc.backbone))
         model = ClassifierModel(mc, load_backbone(mc.backbone, [n_blocks - 1], cfg.weights), opts)
-        images, labels = training_set(data.train, data.bad, data.backgrounds, opts, rng)
+        images, labels = training_set(data.train, data.bad, data.backgrounds, opts, rng, data.synthetic)
         feats = extract_features(PartGraph(model, "early"), images, torch.device("cpu"), "features")[0]
         batch = max(2, cfg.batch_size + cfg.batch_size % 2)
         loss, acc = fine_tune(model, feats, labels, opts, batch, gen)
@@ -357,8 +387,10 @@ class ClassifierMethod(MethodBase):
             "map": "NG-vs-OK class activation map (= Grad-CAM before its ReLU, up to 1/(h w) and the bias), "
                    "log-odds units",
             "fine_tuned_blocks": f"{model.split}..{n_blocks - 1} (last {opts.train_stages} stages)",
-            "training_set": {"good": int((labels == 0).sum()), "defective": int((labels == 1).sum()),
+            "training_set": {"good": int((labels == GOOD).sum()), "defective": int((labels != GOOD).sum()),
                              "real_good": len(data.train), "real_defects": len(data.bad),
+                             "synthesized_defects": len(data.synthetic),
+                             "real_share": opts.real_share if data.synthetic else 1.0,
                              "placement": opts.placement,
                              "backgrounds": (f"{len(data.backgrounds)} from --backgrounds" if data.backgrounds
                                              else "generated textures")},
