@@ -104,6 +104,18 @@ def read_threshold_file(path: Path) -> float:
     return float(value)
 
 
+def drift_watch(line: str, path: Path) -> Any:
+    """A DriftWatch on a calibration file's good scores, or None (a file without them: drift is a
+    diagnostic, its absence never stops a line)."""
+    from inspectd.stats import DriftWatch
+
+    try:
+        return DriftWatch.from_calibration(path)
+    except Exception as exc:  # a malformed good_scores list included: never stops a line
+        log.info("line %s: no score drift metric (%s)", line, exc)
+        return None
+
+
 class LineThreshold:
     """The threshold on the normalized score. Readers get one float (a single attribute read, so
     a reload is atomic for them); `reload()` re-reads the calibration file and keeps the old
@@ -115,8 +127,11 @@ class LineThreshold:
         self.line = line
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()  # one reload at a time
+        # The score-drift reference: the calibration file's good scores (a number has none).
+        self.drift: Any = None
         if self.path is not None:
             self._value = read_threshold_file(self.path)
+            self.drift = drift_watch(self.line, self.path)
         else:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"line {line}: threshold {value!r} is not a finite number")
@@ -156,6 +171,8 @@ class LineThreshold:
             old, self._value = self._value, new
             moved = path != self.path
             self.path = path
+            # A re-read file may hold a new calibration (new good scores) even at the same threshold.
+            self.drift = drift_watch(self.line, path) if path is not None else None
         where = f"from {path}" if path is not None else "from the config"
         if new != old:
             log.info("line %s: threshold %.4g -> %.4g (%s)", self.line, old, new, where)

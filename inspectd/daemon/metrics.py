@@ -158,6 +158,14 @@ class Metrics:
             self.engine_info.labels(line=line, backend=backend, bundle_id=bundle_id).set(1)
             self._engine_labels[line] = (backend, bundle_id)
 
+    def clear_drift(self, line: str) -> None:
+        """No drift figure for the line until its (new) reference has enough scores: a stale one
+        would describe another recipe or calibration."""
+        try:
+            self.score_drift.remove(line)
+        except KeyError:
+            pass
+
     def set_recipe(self, line: str, recipe: str) -> None:
         """Exactly one inspectd_recipe_info series per line: the active recipe."""
         with self._engine_lock:

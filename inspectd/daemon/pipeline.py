@@ -193,7 +193,6 @@ class LinePipeline:
         self.shadow: Any = None                   # a ShadowScorer (daemon/shadow.py) or None
         self.sink = as_sink(sink)
         self.metrics = metrics
-        self.drift: Any = None  # the line's DriftWatch, read by its DriftSink (a SIGHUP reload may swap it)
         self._backend_opener = backend_opener
         self._failover_after = max(1, int(failover_after_errors))
         self._consecutive_engine_errors = 0
@@ -292,6 +291,15 @@ class LinePipeline:
                             threshold_spec if threshold_spec is not None else
                             (threshold.path if threshold.path is not None else threshold.value))
 
+    def drift_for(self, verdict: Verdict) -> Any:
+        """The drift watch of the recipe that judged `verdict` while it is still the active one
+        (its threshold's calibration file: threshold.drift); None otherwise, so that no score is
+        ever compared with another bundle's or calibration's reference."""
+        active = self._active
+        if verdict.recipe != active.name or verdict.bundle_id != active.bundle.bundle_id:
+            return None
+        return active.threshold.drift
+
     def activate(self, new: ActiveRecipe) -> ActiveRecipe:
         """Make `new` (a warm engine: RecipeNotReady otherwise) the active recipe, atomically for the
         worker: the next frame it takes is judged by `new` alone. Returns the recipe it replaced
@@ -308,6 +316,8 @@ class LinePipeline:
             self.metrics.threshold.labels(line=self.line).set(new.threshold.value)
             if hasattr(self.metrics, "set_recipe"):
                 self.metrics.set_recipe(self.line, new.name)
+            if hasattr(self.metrics, "clear_drift"):  # the old recipe's figure; the new one's comes with its scores
+                self.metrics.clear_drift(self.line)
         log.info("line %s: recipe %s active (bundle %s, threshold %.4g, %s)", self.line, new.name,
                  new.bundle.bundle_id, new.threshold.value, new.backend)
         return old

@@ -128,7 +128,6 @@ class Daemon:
             check_line_roi(spec.roi, bundle.roi, f"lines[{self.config.lines.index(cfg)}].roi (line {cfg.id}{named})",
                            bundle.path)
             source = make_source(cfg)
-            drift = self._drift_for(cfg)
             archive = None
             self.metrics.archive_enabled.labels(line=cfg.id).set(0)
             trigger = getattr(cfg.source, "trigger", None)
@@ -140,7 +139,6 @@ class Daemon:
             sinks = Sinks()
             pipeline = LinePipeline(settings, source, bundle, threshold, sinks, metrics=self.metrics,
                                     recipe=spec.name)
-            pipeline.drift = drift
             self._wire_sinks(sinks, cfg, pipeline, archive)
             self.lines[cfg.id] = pipeline
             recipes.attach(pipeline, self.publisher, self.metrics)
@@ -264,17 +262,6 @@ class Daemon:
                 return True
         return True
 
-    def _drift_for(self, cfg: LineConfig) -> Any:
-        if not isinstance(cfg.threshold, ThresholdFile):
-            return None
-        from inspectd.stats import DriftWatch
-
-        try:
-            return DriftWatch.from_calibration(cfg.threshold.file)
-        except Exception as exc:  # drift is a diagnostic: its absence never stops a line
-            log.info("line %s: no score drift metric (%s)", cfg.id, exc)
-            return None
-
     def _wire_sinks(self, sinks: Sinks, cfg: LineConfig, pipeline: LinePipeline, archive: NgArchive | None) -> None:
         """Where a line's verdicts go, in one place: published first (the reject signal), then
         counted, archived and fed to the drift watch. A failing sink never starves the others."""
@@ -283,8 +270,8 @@ class Daemon:
         sinks.add("metrics", MetricsSink(self.metrics))
         if archive is not None:
             sinks.add("archive", ArchiveSink(archive, cfg.archive.save))
-        # Reads pipeline.drift at each verdict: a SIGHUP reload may swap the drift watch.
-        sinks.add("drift", DriftSink(lambda: pipeline.drift, self.metrics))
+        # The drift watch of the recipe that judged the verdict (its calibration file's good scores).
+        sinks.add("drift", DriftSink(pipeline.drift_for, self.metrics))
         # Counters and references only (the latest NG frame and its map); rendered on request.
         if self.live is not None:
             sinks.add("live", self.live.add_line(cfg.id, pipeline.status, lambda: pipeline.bundle))
@@ -373,9 +360,10 @@ class Daemon:
             spec: float | Path | None = recipes.threshold_spec(cfg) if recipes is not None else None
             before = pipeline.threshold.path
             before_value = pipeline.threshold.value
-            if pipeline.threshold.reload(spec) or pipeline.threshold.path != before:
-                # The drift reference is the calibration's good scores: follow the new file.
-                pipeline.drift = self._drift_for(cfg) if cfg is not None else pipeline.drift
+            drift_before = pipeline.threshold.drift
+            pipeline.threshold.reload(spec)  # re-reads the calibration: threshold and drift reference
+            if pipeline.threshold.drift is not drift_before:
+                self.metrics.clear_drift(pipeline.line)
             self.metrics.threshold.labels(line=pipeline.line).set(pipeline.threshold.value)
             if pipeline.threshold.value != before_value or pipeline.threshold.path != before:
                 self._record_change(pipeline.line, "threshold",

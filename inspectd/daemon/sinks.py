@@ -125,14 +125,14 @@ class DriftSink:
     """OK scores to the drift watch (compared with the calibration's good scores)."""
 
     def __init__(self, drift: Any, metrics: Any | None = None) -> None:
-        """`drift`: a DriftWatch, or a callable returning the current one (or None: no drift
-        reference for this line), so a reload can swap it."""
+        """`drift`: a DriftWatch, or a callable giving the one for a verdict (or None: no drift
+        reference for it), so that each recipe's scores meet their own calibration."""
         self._drift, self.metrics = drift, metrics
 
     def accept(self, verdict: Verdict) -> None:
         if verdict.verdict != "OK" or verdict.score is None:
             return
-        drift = self._drift() if callable(self._drift) else self._drift
+        drift = self._drift(verdict) if callable(self._drift) else self._drift
         if drift is None:
             return
         drift.update(verdict.score)

@@ -290,3 +290,53 @@ def test_shadow_off_critical_path_promote_rollback_persist(tmp_path: Path, tiny_
     assert [r["generation"] for r in records] == [1, 2, 3, 4]
     assert records[2]["old"]["bundle_id"] == a.bundle_id and records[2]["new"]["bundle_id"] == b.bundle_id
     assert records[2]["reason"] == "better recall" and records[3]["new"]["bundle_id"] == a.bundle_id
+
+
+def test_drift_watch_follows_the_active_recipe(tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
+    """inspectd_score_drift compares the line's OK scores with the ACTIVE recipe's calibration good
+    scores: after a switch to a recipe with another calibration file (or a plain number) the old
+    file's reference must not be used, and a SIGHUP re-reads the active recipe's file. Two files for the same bundle: `wide` spreads its reference
+    far around every real score (KS about 0.5), `far` lies wholly above them (KS 1)."""
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps({"threshold": 1e6, "good_scores": [float(v) for v in range(-10000, 10001, 10)]}))
+    far = tmp_path / "far.json"
+    far.write_text(json.dumps({"threshold": 1e6, "good_scores": [1e5 + v for v in range(200)]}))
+    cfg = _config(tmp_path, _replay(tmp_path, synthetic_parts), tiny_bundle, threshold={"file": str(wide)}, recipes=[
+        {"name": "far", "bundle": str(tiny_bundle), "threshold": {"file": str(far)}, "preload": True},
+        {"name": "number", "bundle": str(tiny_bundle), "threshold": 1e6, "preload": True}])
+    sock = socket_path(tmp_path / "state")
+    daemon = Daemon(cfg)
+    key = 'inspectd_score_drift{line="line1"}'
+
+    def drift_until(cond: Any, timeout_s: float = 30.0) -> float | None:
+        end = time.monotonic() + timeout_s
+        value = None
+        while time.monotonic() < end:
+            value = _scrape(port).get(key)
+            if cond(value):
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"score drift stayed at {value}")
+
+    try:
+        port = int(daemon.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        daemon.wait_log(r"ready: line1")
+        daemon.wait_log(r"recipe far engine onnxruntime warmed up")
+        daemon.wait_log(r"recipe number engine onnxruntime warmed up")
+        assert 0.3 < drift_until(lambda v: v is not None) < 0.7
+        assert request(sock, {"op": "recipe", "line": "line1", "name": "far"})["ok"]
+        assert drift_until(lambda v: v is not None and v > 0.99) == 1.0
+        # Recalibrated in place + SIGHUP: the active recipe's reference is re-read with its threshold.
+        far.write_text(wide.read_text())
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert 0.3 < drift_until(lambda v: v is not None and v < 0.99) < 0.7
+        # A plain number has no calibration scores: no drift figure rather than another recipe's.
+        assert request(sock, {"op": "recipe", "line": "line1", "name": "number"})["ok"]
+        drift_until(lambda v: v is None)
+        time.sleep(1.0)
+        assert _scrape(port).get(key) is None
+        assert request(sock, {"op": "recipe", "line": "line1", "name": "default"})["ok"]
+        assert 0.3 < drift_until(lambda v: v is not None) < 0.7
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
