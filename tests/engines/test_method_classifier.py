@@ -83,6 +83,41 @@ def test_onnx_runtime_matches_torch(clf_bundle: Path, held_out) -> None:
     assert np.max(np.abs(o_map - t_map)) <= 1e-3 * max(1.0, float(np.max(np.abs(t_map))))
 
 
+def test_cam_stride_16_is_the_same_network_on_every_other_cell(tmp_path: Path, synthetic_parts) -> None:
+    """cam-stride 16 (atrous last stage): before any training, its last feature maps on the even
+    positions equal the stride-32 network's (ImageNet weights, same input); the bundle it trains
+    draws a map from a CAM twice as fine and exports (ONNX Runtime = torch)."""
+    mc = ModelConfig(image_height=96, image_width=128, taps=[4])
+    coarse = ClassifierModel(mc, load_backbone(mc.backbone, [15]), ClassifierOptions()).eval()
+    fine = ClassifierModel(mc, load_backbone(mc.backbone, [15]), ClassifierOptions(cam_stride=16)).eval()
+    images = torch.randint(0, 256, (2, 96, 128, 1), dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = coarse.late(coarse.early(images)), fine.late(fine.early(images))
+    assert a.shape[-2:] == (3, 4) and b.shape[-2:] == (6, 8)
+    assert torch.allclose(b[..., ::2, ::2], a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    assert not torch.allclose(b[..., 1::2, 1::2], a, rtol=1e-2, atol=1e-2)  # the new cells are new
+    with pytest.raises(ValueError, match="cam-stride"):
+        methods.get("classifier").parse_options({"cam-stride": "8"})
+
+    from inspectd.engines.train import TrainConfig, train
+
+    out = tmp_path / "fine"
+    train(synthetic_parts.train_good, out, TrainConfig(
+        model=ModelConfig(image_height=SIZE, image_width=SIZE, taps=[4, 10]), method="classifier",
+        options={"epochs": "1", "cam-stride": "16"}, bad=str(synthetic_parts.test_bad), seed=0, select=False))
+    bundle = load_bundle(out)
+    assert bundle.manifest.method.options["cam_stride"] == 16
+    model = build_from_bundle(bundle).eval()
+    assert model.map_rows.shape == (SIZE // 4, SIZE // 16)  # read from an 8 x 8 CAM at 128 px
+    imgs = _images(bundle, synthetic_parts.test_bad)[:4]
+    o_score, o_map = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"]).run(
+        None, {"images": imgs})
+    with torch.no_grad():
+        t_score, t_map = (t.numpy() for t in model(torch.from_numpy(imgs)))
+    assert np.max(np.abs(o_score - t_score)) <= 1e-3 * max(1.0, float(np.max(np.abs(t_score))))
+    assert np.max(np.abs(o_map - t_map)) <= 1e-3 * max(1.0, float(np.max(np.abs(t_map))))
+
+
 def test_cam_equals_autograd_grad_cam_on_random_inputs() -> None:
     """GAP + one linear layer: Grad-CAM of the NG log-odds = ReLU(CAM - bias) / (h w), and the CAM's mean
     is the score the head computes."""

@@ -80,6 +80,7 @@ class ClassifierOptions:
     box: str = ""                 # cut-out box "x0,y0,x1,y1" as fractions of the image; empty: whole image
     flip: bool = True             # add horizontally flipped copies of the defects
     train_stages: int = 2         # last EfficientNet stages fine-tuned (earlier ones frozen, cached)
+    cam_stride: int = 32          # 16: the last stride-2 block keeps its resolution (atrous), CAM twice as fine
     lr_backbone: float = 1e-4     # Adam, fine-tuned stages (paper)
     lr_head: float = 1e-3         # Adam, OK/NG linear head (paper)
     # With synthesized defects in --bad (an `inspectd synthesize` folder): the share of each batch's
@@ -109,6 +110,8 @@ class ClassifierOptions:
                 raise bad("box", "needs 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
         if not 1 <= self.train_stages <= len(STAGES) - 1:
             raise bad("train_stages", f"must be 1..{len(STAGES) - 1}")
+        if self.cam_stride not in (16, 32):
+            raise bad("cam_stride", "choose 32 (the backbone's own) or 16 (last stride-2 block made atrous)")
         if not 0 <= self.lr_backbone <= 1:
             raise bad("lr_backbone", "must be in [0, 1] (0: backbone frozen)")
         if not 0 < self.lr_head <= 1:
@@ -143,6 +146,8 @@ class ClassifierModel(nn.Module):
         self.head = nn.Linear(backbone.tap_channels[-1], len(CLASSES))
         self.map_head = MapHead(config, 1)  # not used by forward (module docstring); its buffers stay in bundles
         stride = backbone.tap_strides[-1]
+        if options.cam_stride < stride:
+            stride = make_atrous(backbone, self.split)
         rows = cam_resampler(config.image_height, stride, config.map_stride)
         cols = cam_resampler(config.image_width, stride, config.map_stride)
         self.register_buffer("map_rows", rows, persistent=False)     # (map h, CAM h): fixed by the config
@@ -181,6 +186,25 @@ class ClassifierModel(nn.Module):
         m = self.cam(self.late(self.early(tile_images(images, self.config))))
         score = m.mean(dim=(1, 2))  # = logits[:, 1] - logits[:, 0]
         return score, self.cam_to_map(m)
+
+
+def make_atrous(backbone: EfficientNetFeatures, first_tuned: int) -> int:
+    """The last stride-2 depthwise convolution keeps its input's resolution and every later one is
+    dilated by 2 (DeepLab's atrous conversion): on the even output positions the pretrained network
+    computes exactly what it did, the odd ones fill in between, so the last feature maps (and the
+    CAM) are twice as fine. Only fine-tuned blocks may change (the cached early features stay as
+    they are). Returns the new output stride."""
+    blocks = list(backbone._blocks)
+    last = max(i for i, b in enumerate(blocks) if b.spec.stride == 2)
+    if last < first_tuned:
+        raise ConfigError(f"method {NAME}: cam-stride 16 needs the last stride-2 block ({last}) among the "
+                          f"fine-tuned ones (from block {first_tuned}): raise train-stages")
+    blocks[last]._depthwise_conv.stride = (1, 1)
+    for b in blocks[last + 1:]:
+        conv = b._depthwise_conv
+        conv.dilation = (2, 2)
+        conv.padding = (2 * (conv.kernel_size[0] // 2), 2 * (conv.kernel_size[1] // 2))
+    return backbone.tap_strides[-1] // 2
 
 
 def feature_size(size: int, stride: int) -> int:
