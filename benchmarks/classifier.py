@@ -18,7 +18,8 @@ Reported per placement, scored through ONNX Runtime (the deployed graph):
     (its map cell, map_stride = 4 px, overlaps the mask), over detected defects and over all test
     defects.
   - peak CAM cell overlaps mask: the same question at the resolution the CAM is computed at: the
-    map's maximum belongs to one CAM cell (stride 32: 8 x 8 cells at 256 px; the cell whose
+    map's maximum belongs to one CAM cell (stride 32: 8 x 8 cells at 256 px, or the bundle's
+    cam-stride 16: 16 x 16; the cell whose
     receptive-field centre, input pixel (32 i, 32 j), is nearest the peak); counted when the block
     of pixels nearest that centre (32 x 32, cut at the frame) overlaps the mask. The map cannot say
     more than which cell: a 17 px defect (MTD's median) inside a 32 px cell is found by the right
@@ -210,13 +211,14 @@ def evaluate(sess, bundle, thr: float, good_paths: list[Path], bad_paths: list[P
     good, _ = score(sess, bundle, good_paths)
     bad, maps = score(sess, bundle, bad_paths)
     old = legacy_maps(bundle, bad_paths)
+    cam_stride = int(bundle.manifest.method.options.get("cam_stride", 32))
     detected = bad > thr
     cols: dict[str, list] = {"peak": [], "cell": [], "legacy": []}
     for i, p in enumerate(bad_paths):
         mask = mask_of(p)
         ok = mask is not None
         cols["peak"].append(peak_in_mask(maps[i], mask) if ok else None)
-        cols["cell"].append(peak_cell_in_mask(maps[i], mask) if ok else None)
+        cols["cell"].append(peak_cell_in_mask(maps[i], mask, cam_stride) if ok else None)
         cols["legacy"].append(peak_in_mask(old[i], mask) if ok else None)
 
     def rate(hits: list, only_detected: bool) -> float | None:
@@ -243,6 +245,8 @@ def main() -> None:
     ap.add_argument("--epochs-a", type=int, default=4, help="passes for A; B and C get half (same steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shift-seed", type=int, default=1301, help="the shifted test set's draws (declared)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further classifier option for every placement (e.g. cam-stride=16)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import onnxruntime as ort
@@ -260,7 +264,7 @@ def main() -> None:
         code = inspectd_main(["train", "--method", "classifier", "--good", str(dirs["train_good"]),
                               "--bad", str(bad_dir), "--out", str(out), "--image-size", args.image_size, "--seed", str(args.seed), "--force",
                               "--option", f"placement={placement}", "--option", f"epochs={epochs}",
-                              "--option", "pastes=1"])
+                              "--option", "pastes=1", *[a for o in args.option for a in ("--option", o)]])
         if code != 0:
             raise SystemExit(f"training {placement} failed ({code})")
         train_s = time.monotonic() - t0
@@ -295,6 +299,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     name = "results-" + "".join(r["placement"] for r in rows) + ".json"
     (args.out / name).write_text(json.dumps({"rows": rows, "defects": args.defects, "seed": args.seed,
+                                             "options": args.option,
                                              "shift_seed": args.shift_seed, "image_size": args.image_size,
                                              "host": platform.node()}, indent=2))
 

@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--image-size", default="256")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arms", default="a,b")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score an arm's bundle already in --out instead of training it again (training is "
+                         "deterministic; its training time is then the manifest's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import onnxruntime as ort
@@ -109,13 +112,16 @@ def main() -> None:
     for arm in [a.strip() for a in args.arms.split(",") if a.strip()]:
         out = args.out / f"bundle-{arm}"
         t0 = time.monotonic()
-        code = inspectd_main(["train", "--method", "classifier", "--good", str(dirs["train_good"]),
-                              "--bad", str(arms[arm]), "--out", str(out), "--image-size", args.image_size,
-                              "--seed", str(args.seed), "--epochs", str(args.epochs), "--force"])
-        if code != 0:
-            raise SystemExit(f"training arm {arm} failed ({code})")
+        if not (args.reuse and (out / "manifest.json").is_file()):
+            code = inspectd_main(["train", "--method", "classifier", "--good", str(dirs["train_good"]),
+                                  "--bad", str(arms[arm]), "--out", str(out), "--image-size", args.image_size,
+                                  "--seed", str(args.seed), "--epochs", str(args.epochs), "--force"])
+            if code != 0:
+                raise SystemExit(f"training arm {arm} failed ({code})")
         train_s = time.monotonic() - t0
         bundle = load_bundle(out)
+        if args.reuse and train_s < 60:
+            train_s = float(bundle.manifest.training.seconds)
         if set(bundle.manifest.training.holdout_names) != held:
             raise SystemExit("the bundle's held-out good images differ from the ones kept out of synthesis")
         opts = ort.SessionOptions()

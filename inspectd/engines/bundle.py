@@ -133,6 +133,7 @@ class TrainingInfo(_Strict):
     # Methods that learn from defects / paste on backgrounds: fingerprint, count and names of those
     # folders' images (absent for good-only methods and older bundles).
     defects: dict[str, Any] | None = None
+    synthetic_defects: dict[str, Any] | None = None  # made by `inspectd synthesize`, named in its manifest
     backgrounds: dict[str, Any] | None = None
 
 

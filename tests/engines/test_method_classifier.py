@@ -282,6 +282,13 @@ def test_a_synthesize_folder_keeps_its_real_and_synthesized_defects_apart(capsys
     extra = _extra_folders(methods.get("classifier"), TrainConfig(bad=str(syn)), InputSpec(64, 64, "gray"))
     assert [p.name for p in extra["bad"][0]] == sorted(f"real_{p.stem}.png" for p in list_images(synthetic_parts.test_bad))
     assert [p.name for p in extra["synthetic"][0]] == [f"syn_{i:05d}.png" for i in range(20)]
+    code, err = _train(capsys, "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "ok"),
+                       "--method", "classifier", "--bad", str(syn), "--image-size", "64", "--option", "epochs=1")
+    assert code == 0, err
+    m = load_bundle(tmp_path / "ok").manifest
+    assert m.training.defects["n"] == 12 and m.training.synthetic_defects["n"] == 20
+    assert m.method.details["training_set"]["synthesized_defects"] == 20
+    assert m.method.details["training_set"]["real_share"] == 0.5
     # 7 real + 20 synthesized: too few real defects, however many were synthesized
     for p in [p for p in list_images(syn) if p.name.startswith("real_")][:5]:
         p.unlink()
