@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from inspectd.engines.bundle import load_bundle
-from inspectd.engines.methods.cutpaste_ae import MIN_WEIGHT, combination_weights, ledoit_wolf
+from inspectd.engines.methods.cutpaste_ae import RATIOS, combination_weights, ledoit_wolf
 from inspectd.engines.model import ModelConfig
 from inspectd.engines.preprocess import list_images, load_prepared
 from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -78,22 +78,30 @@ def test_manifest_records_method_and_components(cpae_bundle):
     assert std["score_std"]["cutpaste"] > 0 and std["score_std"]["ae"] > 0
     for key in ("cutpaste_auroc", "ae_auroc", "combined_auroc", "unweighted_sum_auroc"):
         assert 0.0 <= details["validation"][key] <= 1.0
-    # The combined rule's weights come from the two sources' validation AUROCs (default combine).
+    # The combined rule's weights: the ratio of RATIOS that validation ranks first (default combine),
+    # and the weighted sum validates at least as well as the plain one.
     assert m.method.options["combine"] == "validation"
-    expected = combination_weights(details["validation"], "validation")
-    assert details["combination_weights"] == pytest.approx(expected, abs=1e-4)
+    w = details["combination_weights"]
+    assert sum(w.values()) == pytest.approx(2, abs=1e-3)
+    assert min(RATIOS, key=lambda r: abs(r - w["ae"] / w["cutpaste"])) == pytest.approx(w["ae"] / w["cutpaste"], rel=1e-3)
+    assert details["validation"]["combined_auroc"] >= details["validation"]["unweighted_sum_auroc"] - 1e-4
     assert m.backbone.name == "efficientnet-lite0" and m.backbone.taps == [4, 10]
 
 
 def test_combination_weights_follow_validation() -> None:
-    # AUROC - 0.5, floored at MIN_WEIGHT, scaled to sum to 2: equal AUROCs give the plain sum.
-    assert combination_weights({"cutpaste_auroc": 0.8, "ae_auroc": 0.8}, "validation") == pytest.approx(
-        {"cutpaste": 1.0, "ae": 1.0})
-    assert combination_weights({"cutpaste_auroc": 0.9, "ae_auroc": 0.6}, "validation") == pytest.approx(
-        {"cutpaste": 1.6, "ae": 0.4})
-    w = combination_weights({"cutpaste_auroc": 0.95, "ae_auroc": 0.4}, "validation")
-    assert w["ae"] == pytest.approx(2 * MIN_WEIGHT / (0.45 + MIN_WEIGHT)) and sum(w.values()) == pytest.approx(2)
-    assert combination_weights({"cutpaste_auroc": 0.95, "ae_auroc": 0.4}, "equal") == {"cutpaste": 1.0, "ae": 1.0}
+    """The ratio whose weighted sum separates the validation set best; both sources always count."""
+    rng = np.random.default_rng(0)
+    n = 50
+    label = np.r_[np.zeros(n), np.ones(n)]
+    strong, weak = rng.normal(size=2 * n) + 2.0 * label, rng.normal(size=2 * n) + 0.3 * label
+    w = combination_weights({"cutpaste": strong, "ae": weak}, n, "validation")
+    assert sum(w.values()) == pytest.approx(2) and w["ae"] < w["cutpaste"] and w["ae"] > 0
+    w2 = combination_weights({"cutpaste": weak, "ae": strong}, n, "validation")
+    assert w2["ae"] > w2["cutpaste"] > 0
+    # a source that points the wrong way gets the smallest weight the grid allows
+    w3 = combination_weights({"cutpaste": strong, "ae": np.r_[np.ones(n), np.zeros(n)]}, n, "validation")
+    assert w3["ae"] / w3["cutpaste"] == pytest.approx(RATIOS[0])
+    assert combination_weights({"cutpaste": strong, "ae": weak}, n, "equal") == {"cutpaste": 1.0, "ae": 1.0}
 
 
 def test_ledoit_wolf_matches_its_definition() -> None:

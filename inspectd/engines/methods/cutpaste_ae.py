@@ -16,10 +16,12 @@
          smoothed; each image score standardised by held-out good images (score_mean / score_std)
       -> score rule (`score` option): cutpaste = z_cutpaste, ae = z_ae, combined = w_cutpaste z_cutpaste
          + w_ae z_ae; map: the rule's map, or for combined the mean of the two standardised maps.
-         Weights (`combine` option): `validation` (default) w_k = max(AUROC_k - 0.5, 0.05) of each
-         source on the label-free validation set, scaled to sum to 2 (equal AUROCs give 1 + 1): a
-         source that cannot tell synthetic defects from held-out good parts adds little but noise;
+         Weights (`combine` option): `validation` (default) the ratio w_ae / w_cutpaste of RATIOS
+         (1/16 .. 16, both sources always count) whose weighted sum has the highest AUROC on the
+         label-free validation set (the first, i.e. smallest, of equal ones), scaled to sum to 2;
          `equal` = 1 + 1. The weights are folded into score_std (the engine graph is unchanged).
+         (Before: w_k = max(AUROC_k - 0.5, 0.05), which validation itself ranked below the best
+         ratio on MTD and KSDD: benchmarks/RESULTS.md section 10.)
 
 Training (good images only, plus synthetic defects made from them by validation.synthesize):
   - the projection and a 3-way linear classifier (normal / cutpaste / scar) on the mean-pooled
@@ -63,7 +65,7 @@ from inspectd.engines.validation import make_validation_set, synthesize
 NAME = "cutpaste-ae"
 SCORE_RULES = ("combined", "cutpaste", "ae")
 COMBINE_RULES = ("validation", "equal")
-MIN_WEIGHT = 0.05  # floor of a source's (AUROC - 0.5): a weak source still counts a little
+RATIOS = tuple(2.0 ** k for k in range(-4, 5))  # w_ae / w_cutpaste tried on validation: 1/16 .. 16
 CLASSES = ("normal", "cutpaste", "scar")
 
 
@@ -401,13 +403,14 @@ def standardise(model: CutPasteAEModel, holdout: Sequence[np.ndarray]) -> dict[s
             "score_std": {"cutpaste": float(model.score_std[0]), "ae": float(model.score_std[1])}}
 
 
-def combination_weights(validation: dict[str, float], rule: str) -> dict[str, float]:
-    """Weights of the two standardised image scores in the combined rule (see the module docstring)."""
+def combination_weights(scores: dict[str, np.ndarray], n_good: int, rule: str) -> dict[str, float]:
+    """Weights of the two standardised image scores in the combined rule (see the module docstring):
+    `scores` are both sources' standardised validation scores, the first n_good of good images."""
     if rule == "equal":
         return {"cutpaste": 1.0, "ae": 1.0}
-    raw = {k: max(float(validation[f"{k}_auroc"]) - 0.5, MIN_WEIGHT) for k in ("cutpaste", "ae")}
-    total = sum(raw.values())
-    return {k: 2.0 * v / total for k, v in raw.items()}
+    aurocs = [validation_auroc(scores["cutpaste"] + r * scores["ae"], n_good) for r in RATIOS]
+    r = RATIOS[int(np.argmax(aurocs))]
+    return {"cutpaste": 2.0 / (1.0 + r), "ae": 2.0 * r / (1.0 + r)}
 
 
 def apply_weights(model: CutPasteAEModel, weights: dict[str, float]) -> None:
@@ -476,7 +479,7 @@ class CutPasteAEMethod(MethodBase):
                                 f"({', '.join(sorted(set(val.kinds)))})",
                       "note": "the same held-out good images also set the standardisation",
                       **{f"{k}_auroc": round(validation_auroc(v, len(val.good)), 4) for k, v in scores.items()}}
-        weights = combination_weights(validation, opts.combine)
+        weights = combination_weights(scores, len(val.good), opts.combine)
         apply_weights(model, weights)
         # The combined rule as the engine now computes it (the weighted sum), on the same images.
         validation["combined_auroc"] = round(validation_auroc(
