@@ -346,6 +346,32 @@ class LineRecipes:
         spec = config_specs(fresh).get(name)
         return spec.threshold if spec is not None else None
 
+    def reload_waiting(self, fresh: LineConfig | None, who: dict[str, Any]) -> None:
+        """SIGHUP for the recipes that are not active (run.py reloads the active one): each spec takes
+        its threshold as the re-read config now gives it (a promoted recipe keeps its own file), and
+        every warm engine waiting in standby or for a rollback re-reads its threshold, so a
+        recalibrated recipe judges with the new value from its first frame after a switch."""
+        assert self.pipeline is not None
+        with self._lock:
+            overrides = self.state.get("overrides") or {}
+            if fresh is not None:
+                for name, spec in config_specs(fresh).items():
+                    if name in self.specs and name not in overrides:
+                        self.specs[name] = dataclasses.replace(self.specs[name], threshold=spec.threshold)
+            for pool, spec_of in ((self.standby, lambda n: self.specs[n].threshold if n in self.specs else None),
+                                  (self.previous, lambda n: None)):
+                for name, r in list(pool.items()):
+                    if not isinstance(r, ActiveRecipe) or r is self.pipeline.active:
+                        continue
+                    before = self._desc(r)
+                    spec = spec_of(name)
+                    r.threshold.reload(spec)
+                    if spec is not None and spec != r.threshold_spec:
+                        r = pool[name] = dataclasses.replace(r, threshold_spec=spec)
+                    after = self._desc(r)
+                    if (after["threshold"], after["threshold_file"]) != (before["threshold"], before["threshold_file"]):
+                        self._record("threshold", before, after, who, "SIGHUP reload (recipe waiting)")
+
     def stop(self) -> None:
         if self.shadow is not None:
             self.shadow.stop(1.0)

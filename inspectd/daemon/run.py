@@ -373,6 +373,8 @@ class Daemon:
                                      "threshold_file": str(pipeline.threshold.path) if pipeline.threshold.path
                                      else None},
                                     dict(local_who(), via="SIGHUP"), "SIGHUP reload")
+            if recipes is not None:  # standby and rollback engines: a switch must not bring a stale threshold
+                recipes.reload_waiting(cfg, dict(local_who(), via="SIGHUP"))
 
     # ---- stop ------------------------------------------------------------------------------------
 

@@ -340,3 +340,45 @@ def test_drift_watch_follows_the_active_recipe(tmp_path: Path, tiny_bundle: Path
     finally:
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.proc.wait(10)
+
+
+def test_sighup_reloads_every_recipes_threshold(tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
+    """Recalibration under recipes: a SIGHUP after `inspectd calibrate` rewrote a preloaded (standby)
+    recipe's file, or after the config gave another recipe a new threshold, applies when the line
+    switches to that recipe, not the value read at start-up."""
+    b_file = _calib(tmp_path / "b.json", 7.0)
+    recipes = [{"name": "B", "bundle": str(tiny_bundle), "threshold": {"file": str(b_file)}, "preload": True},
+               {"name": "C", "bundle": str(tiny_bundle), "threshold": 3.0}]
+    replay = _replay(tmp_path, synthetic_parts)
+    cfg = _config(tmp_path, replay, tiny_bundle, recipes=recipes)
+    sock = socket_path(tmp_path / "state")
+    daemon = Daemon(cfg)
+    col = _Collector(f"ipc://{tmp_path}/pub.sock")
+
+    def switch_and_threshold(name: str) -> float:
+        assert request(sock, {"op": "recipe", "line": "line1", "name": name})["ok"]
+        n = len(col.headers())
+        col.wait(lambda: len([h for h in col.headers()[n:] if h["recipe"] == name]) >= 5)
+        return [h for h in col.headers()[n:] if h["recipe"] == name][-1]["threshold"]
+
+    try:
+        daemon.wait_log(r"ready: line1")
+        daemon.wait_log(r"recipe B engine onnxruntime warmed up")
+        col.wait(lambda: len(col.headers()) >= 5)
+        _calib(b_file, 8.0)                                  # recalibrated while B waits in standby
+        recipes[1]["threshold"] = 4.0                        # and the config moves C
+        _config(tmp_path, replay, tiny_bundle, recipes=recipes)
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"SIGHUP: reloading thresholds")
+        time.sleep(0.5)
+        assert switch_and_threshold("B") == 8.0
+        assert switch_and_threshold("C") == 4.0
+        assert switch_and_threshold("default") == 5.0
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+        col.close()
+    records = _audit(cfg)
+    assert [r["what"] for r in records] == ["threshold", "recipe", "recipe", "recipe"], records
+    assert (records[0]["old"]["recipe"], records[0]["old"]["threshold"], records[0]["new"]["threshold"]) == ("B", 7.0, 8.0)
+    assert records[0]["who"]["via"] == "SIGHUP"
