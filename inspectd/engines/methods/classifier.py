@@ -3,6 +3,7 @@
     images uint8 N x H x W x C (whole frames: tiles are refused)
       -> InputAdapter -> EfficientNet stem and early stages (frozen, ImageNet weights)
       -> the last `train_stages` stages (fine-tuned) -> last feature maps A (N, K, h, w), stride 32
+         (16 with `cam_stride` 16: make_atrous)
       -> CAM  m(x, y) = sum_k (w_NG - w_OK)_k A_k(x, y) + (b_NG - b_OK)     (a 1x1 convolution)
       -> score = mean of m over positions = z_NG - z_OK, the NG log-odds (logit of the NG probability):
                  exactly the head's output, since the head is global average pooling + one linear layer
@@ -290,14 +291,14 @@ def training_set(good: Sequence[np.ndarray], bad: Sequence[np.ndarray], backgrou
     """Images and their kinds (GOOD, REAL, SYNTHESIZED): originals, flipped defects, and the placement's
     pasted copies (a copy keeps its source's kind)."""
     images: list[np.ndarray] = list(good)
-    labels = [GOOD] * len(good)
+    kinds = [GOOD] * len(good)
     for kind, defects in ((REAL, list(bad)), (SYNTHESIZED, list(synthetic))):
         defects += [np.ascontiguousarray(b[:, ::-1]) for b in defects] if opts.flip else []
         images += defects
-        labels += [kind] * len(defects)
+        kinds += [kind] * len(defects)
     if opts.placement != "A":
         h, w, c = images[0].shape
-        for img, label in list(zip(images, labels)):
+        for img, kind in list(zip(images, kinds)):
             for _ in range(opts.pastes):
                 if backgrounds:
                     bg = backgrounds[int(rng.integers(len(backgrounds)))]
@@ -305,12 +306,12 @@ def training_set(good: Sequence[np.ndarray], bad: Sequence[np.ndarray], backgrou
                 else:
                     bg = texture(rng, h, w, c)
                 images.append(paste(img, bg, opts, rng, centred=opts.placement == "B"))
-                labels.append(label)
-    return images, np.asarray(labels, dtype=np.int64)
+                kinds.append(kind)
+    return images, np.asarray(kinds, dtype=np.int64)
 
 
 # -- training ------------------------------------------------------------------------------------
-def fine_tune(model: ClassifierModel, feats: torch.Tensor, labels: np.ndarray, opts: ClassifierOptions,
+def fine_tune(model: ClassifierModel, feats: torch.Tensor, kinds: np.ndarray, opts: ClassifierOptions,
               batch: int, gen: torch.Generator) -> tuple[float, float]:
     """Late stages + head on cached early features, class-balanced batches; (final loss, last-epoch
     training accuracy)."""
@@ -322,10 +323,10 @@ def fine_tune(model: ClassifierModel, feats: torch.Tensor, labels: np.ndarray, o
         groups.append({"params": late, "lr": opts.lr_backbone})
     opt = torch.optim.Adam(groups)
     model.eval()  # BatchNorm keeps its ImageNet statistics (small batches); only weights move
-    good_idx = torch.from_numpy(np.flatnonzero(labels == GOOD))
-    real_idx = torch.from_numpy(np.flatnonzero(labels == REAL))
-    syn_idx = torch.from_numpy(np.flatnonzero(labels == SYNTHESIZED))
-    targets = (labels != GOOD).astype(np.int64)
+    good_idx = torch.from_numpy(np.flatnonzero(kinds == GOOD))
+    real_idx = torch.from_numpy(np.flatnonzero(kinds == REAL))
+    syn_idx = torch.from_numpy(np.flatnonzero(kinds == SYNTHESIZED))
+    targets = (kinds != GOOD).astype(np.int64)  # 0 OK, 1 NG
     half = max(1, batch // 2)
     steps_per_epoch = max(1, math.ceil(len(good_idx) / half))
     bar = Progress(steps_per_epoch * opts.epochs, "classifier")
@@ -399,10 +400,10 @@ class ClassifierMethod(MethodBase):
         rng = np.random.default_rng(cfg.seed + 1001)
         n_blocks = len(block_specs(mc.backbone))
         model = ClassifierModel(mc, load_backbone(mc.backbone, [n_blocks - 1], cfg.weights), opts)
-        images, labels = training_set(data.train, data.bad, data.backgrounds, opts, rng, data.synthetic)
+        images, kinds = training_set(data.train, data.bad, data.backgrounds, opts, rng, data.synthetic)
         feats = extract_features(PartGraph(model, "early"), images, torch.device("cpu"), "features")[0]
         batch = max(2, cfg.batch_size + cfg.batch_size % 2)
-        loss, acc = fine_tune(model, feats, labels, opts, batch, gen)
+        loss, acc = fine_tune(model, feats, kinds, opts, batch, gen)
         del feats
         model.eval()
         hold = ng_scores(model, data.holdout)
@@ -411,7 +412,7 @@ class ClassifierMethod(MethodBase):
             "map": "NG-vs-OK class activation map (= Grad-CAM before its ReLU, up to 1/(h w) and the bias), "
                    "log-odds units",
             "fine_tuned_blocks": f"{model.split}..{n_blocks - 1} (last {opts.train_stages} stages)",
-            "training_set": {"good": int((labels == GOOD).sum()), "defective": int((labels != GOOD).sum()),
+            "training_set": {"good": int((kinds == GOOD).sum()), "defective": int((kinds != GOOD).sum()),
                              "real_good": len(data.train), "real_defects": len(data.bad),
                              "synthesized_defects": len(data.synthetic),
                              "real_share": opts.real_share if data.synthetic else 1.0,
