@@ -18,10 +18,10 @@ Reported per placement, scored through ONNX Runtime (the deployed graph):
     (its map cell, map_stride = 4 px, overlaps the mask), over detected defects and over all test
     defects.
   - peak CAM cell overlaps mask: the same question at the resolution the CAM is computed at: the
-    map's maximum belongs to one CAM cell (stride 32: 8 x 8 cells at 256 px, or the bundle's
-    cam-stride 16: 16 x 16; the cell whose
-    receptive-field centre, input pixel (32 i, 32 j), is nearest the peak); counted when the block
-    of pixels nearest that centre (32 x 32, cut at the frame) overlaps the mask. The map cannot say
+    map's maximum belongs to one CAM cell (stride s = 32: 8 x 8 cells at 256 px, or s = 16 for a
+    bundle trained with cam-stride 16: 16 x 16; the cell whose receptive-field centre, input pixel
+    (s i, s j), is nearest the peak); counted when the block of pixels nearest that centre (s x s,
+    cut at the frame) overlaps the mask. The map cannot say
     more than which cell: a 17 px defect (MTD's median) inside a 32 px cell is found by the right
     cell, but the peak pixel is the cell's centre whether the defect covers it or not.
   - the first column again from the map as it was drawn before the map fixes (the same weights,

@@ -112,16 +112,15 @@ def main() -> None:
     for arm in [a.strip() for a in args.arms.split(",") if a.strip()]:
         out = args.out / f"bundle-{arm}"
         t0 = time.monotonic()
-        if not (args.reuse and (out / "manifest.json").is_file()):
+        reused = args.reuse and (out / "manifest.json").is_file()
+        if not reused:
             code = inspectd_main(["train", "--method", "classifier", "--good", str(dirs["train_good"]),
                                   "--bad", str(arms[arm]), "--out", str(out), "--image-size", args.image_size,
                                   "--seed", str(args.seed), "--epochs", str(args.epochs), "--force"])
             if code != 0:
                 raise SystemExit(f"training arm {arm} failed ({code})")
-        train_s = time.monotonic() - t0
         bundle = load_bundle(out)
-        if args.reuse and train_s < 60:
-            train_s = float(bundle.manifest.training.seconds)
+        train_s = float(bundle.manifest.training.seconds) if reused else time.monotonic() - t0
         if set(bundle.manifest.training.holdout_names) != held:
             raise SystemExit("the bundle's held-out good images differ from the ones kept out of synthesis")
         opts = ort.SessionOptions()
