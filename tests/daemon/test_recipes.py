@@ -295,8 +295,9 @@ def test_shadow_off_critical_path_promote_rollback_persist(tmp_path: Path, tiny_
 def test_drift_watch_follows_the_active_recipe(tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
     """inspectd_score_drift compares the line's OK scores with the ACTIVE recipe's calibration good
     scores: after a switch to a recipe with another calibration file (or a plain number) the old
-    file's reference must not be used, and a SIGHUP re-reads the active recipe's file. Two files for the same bundle: `wide` spreads its reference
-    far around every real score (KS about 0.5), `far` lies wholly above them (KS 1)."""
+    file's reference must not be used, and a SIGHUP re-reads the active recipe's file. Two files for
+    the same bundle: `wide` spreads its reference far around every real score (KS about 0.5), `far`
+    lies wholly above them (KS 1)."""
     wide = tmp_path / "wide.json"
     wide.write_text(json.dumps({"threshold": 1e6, "good_scores": [float(v) for v in range(-10000, 10001, 10)]}))
     far = tmp_path / "far.json"
