@@ -104,6 +104,24 @@ def test_combination_weights_follow_validation() -> None:
     assert combination_weights({"cutpaste": strong, "ae": weak}, n, "equal") == {"cutpaste": 1.0, "ae": 1.0}
 
 
+def test_autoencoder_does_not_depend_on_the_cutpaste_heads_options(tmp_path, synthetic_parts) -> None:
+    """The autoencoder trains on streams of its own: a different projection width and classifier
+    epoch count leave its weights identical (and the CutPaste head's are not)."""
+    from inspectd.engines.train import TrainConfig, train
+
+    weights = {}
+    for name, opts in (("a", {"embed-dim": "16", "classifier-epochs": "1"}),
+                       ("b", {"embed-dim": "32", "classifier-epochs": "2"})):
+        out = tmp_path / name
+        train(synthetic_parts.train_good, out, TrainConfig(
+            model=ModelConfig(image_height=64, image_width=64, taps=[4, 10]), method="cutpaste-ae",
+            options={"epochs": "1", **opts}, seed=0, select=False))
+        weights[name] = dict(np.load(out / "weights.npz"))
+    ae = [k for k in weights["a"] if k.startswith("autoencoder.")]
+    assert ae and all(np.array_equal(weights["a"][k], weights["b"][k]) for k in ae)
+    assert weights["a"]["projection.0.weight"].shape != weights["b"]["projection.0.weight"].shape
+
+
 def test_ledoit_wolf_matches_its_definition() -> None:
     """The O(n d) shrinkage estimate equals Ledoit & Wolf's per-sample sum written out."""
     import torch

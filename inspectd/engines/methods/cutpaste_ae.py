@@ -67,6 +67,7 @@ SCORE_RULES = ("combined", "cutpaste", "ae")
 COMBINE_RULES = ("validation", "equal")
 RATIOS = tuple(2.0 ** k for k in range(-4, 5))  # w_ae / w_cutpaste tried on validation: 1/16 .. 16
 CLASSES = ("normal", "cutpaste", "scar")
+AE_SEED = 4004  # offset of the autoencoder's own random streams from the training seed
 
 
 @dataclass
@@ -467,7 +468,16 @@ class CutPasteAEMethod(MethodBase):
         model.eval()
         fit_gaussians(model, normal)
         del pools, normal
-        ae_loss = train_autoencoder(model, tiles, opts, cfg, rng, gen)
+        # The autoencoder draws from streams of its own (initial weights, order, synthetic defects),
+        # so an option of the CutPaste head never changes the autoencoder it gets.
+        ae_gen = torch.Generator().manual_seed(cfg.seed + AE_SEED)
+        ae_rng = np.random.default_rng(cfg.seed + AE_SEED)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + AE_SEED)
+            for m in model.autoencoder.modules():
+                if m is not model.autoencoder and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        ae_loss = train_autoencoder(model, tiles, opts, cfg, ae_rng, ae_gen)
         model.eval()
         if opts.ae_per_position:
             fit_ae_positions(model, tiles)
