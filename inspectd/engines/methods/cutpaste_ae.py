@@ -31,7 +31,8 @@ Training (good images only, plus synthetic defects made from them by validation.
   - then the Gaussians: mean and Ledoit-Wolf shrinkage covariance of the good training tiles'
     pooled embeddings (image score) and of all their patch embeddings (map).
   - the autoencoder learns to reconstruct the clean tile from the clean tile or (with probability
-    `ae_defect_fraction`) a cutpaste / scar copy of it (denoising): MSE to the clean tile.
+    `ae_defect_fraction`) a cutpaste / scar copy of it (denoising): MSE to the clean tile. It draws
+    from random streams of its own (seed + AE_SEED), so the CutPaste head's options never change it.
   - held-out good images give the map and score standardisation; label-free validation (held-out
     good + make_validation_set synthetic defects) reports each rule's AUROC in the manifest.
 The paper gives no architecture, combination or hyperparameters: everything above is our choice.
