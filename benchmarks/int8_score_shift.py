@@ -18,11 +18,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from inspectd.engines.bundle import load_bundle
 from inspectd.engines.preprocess import list_images, load_prepared
 from inspectd.engines.runtime import ort_int8
+from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 
 def main() -> None:
@@ -35,18 +35,16 @@ def main() -> None:
     int8_path, built = ort_int8.build_int8(bundle)  # the cached engine when it is still valid
     if built:
         print(f"built {int8_path}: {built}")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    engines = {name: ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-               for name, path in (("fp32", bundle.model_path), ("int8", int8_path))}
-    name = bundle.manifest.model.input_name
+    # The engines as a line runs them (the INT8 one is the cached model build_int8 verified).
+    engines = {"fp32": OnnxRuntimeBackend(bundle, intra_op_threads=1),
+               "int8": OnnxRuntimeBackend(bundle, intra_op_threads=1, precision="int8")}
     for kind in ("test_good", "test_bad"):
         paths = list_images(args.split / kind)[: args.count]
         scores = {k: [] for k in engines}
         for p in paths:
             x = load_prepared(p, bundle.input_spec)[None]
-            for k, sess in engines.items():
-                scores[k].append(bundle.normalize(float(sess.run(None, {name: x})[0][0])))
+            for k, engine in engines.items():
+                scores[k].append(bundle.normalize(float(engine.infer(x)[0][0])))
         a, b = np.asarray(scores["fp32"]), np.asarray(scores["int8"])
         d = b - a
         fit = np.polyfit(b, a, 1)
