@@ -114,9 +114,14 @@ class DriftWatch:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{p}: unreadable calibration file ({exc})") from None
+        return cls.from_calibration_data(data, p, **kwargs)
+
+    @classmethod
+    def from_calibration_data(cls, data: Any, source: str | os.PathLike, **kwargs: Any) -> "DriftWatch":
+        """From a calibration file's parsed JSON (`source` names it in errors); see from_calibration."""
         scores = data.get("good_scores") if isinstance(data, dict) else None
         if not isinstance(scores, list) or not scores:
-            raise ConfigError(f"{p}: calibration file has no good_scores list (needed for drift)")
+            raise ConfigError(f"{source}: calibration file has no good_scores list (needed for drift)")
         ref = np.asarray(scores, dtype=np.float64)
         threshold = data.get("threshold")
         if isinstance(threshold, (int, float)):

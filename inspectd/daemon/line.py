@@ -88,8 +88,8 @@ class LineSettings:
             raise ConfigError(f"line {self.line}: queue size must be >= 1")
 
 
-def read_threshold_file(path: Path) -> float:
-    """The `threshold` of a calibration JSON file; ConfigError naming the file and what is wrong."""
+def read_calibration(path: Path) -> dict[str, Any]:
+    """A calibration JSON file with a finite `threshold`; ConfigError naming the file and what is wrong."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -101,16 +101,22 @@ def read_threshold_file(path: Path) -> float:
     value = data["threshold"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{path}: threshold {value!r} is not a finite number")
-    return float(value)
+    return data
 
 
-def drift_watch(line: str, path: Path) -> Any:
-    """A DriftWatch on a calibration file's good scores, or None (a file without them: drift is a
-    diagnostic, its absence never stops a line)."""
+def read_threshold_file(path: Path) -> float:
+    """The `threshold` of a calibration JSON file; ConfigError naming the file and what is wrong."""
+    return float(read_calibration(path)["threshold"])
+
+
+def drift_watch(line: str, calibration: dict[str, Any], path: Path) -> Any:
+    """A DriftWatch on a calibration's good scores (read once with its threshold, so both come from
+    the same version of the file), or None (a file without them: drift is a diagnostic, its absence
+    never stops a line)."""
     from inspectd.stats import DriftWatch
 
     try:
-        return DriftWatch.from_calibration(path)
+        return DriftWatch.from_calibration_data(calibration, path)
     except Exception as exc:  # a malformed good_scores list included: never stops a line
         log.info("line %s: no score drift metric (%s)", line, exc)
         return None
@@ -130,8 +136,9 @@ class LineThreshold:
         # The score-drift reference: the calibration file's good scores (a number has none).
         self.drift: Any = None
         if self.path is not None:
-            self._value = read_threshold_file(self.path)
-            self.drift = drift_watch(self.line, self.path)
+            data = read_calibration(self.path)
+            self._value = float(data["threshold"])
+            self.drift = drift_watch(self.line, data, self.path)
         else:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"line {line}: threshold {value!r} is not a finite number")
@@ -158,9 +165,11 @@ class LineThreshold:
         with self._lock:
             path = self.path if spec is None else (
                 None if isinstance(spec, (int, float)) and not isinstance(spec, bool) else Path(spec))
+            data = None
             try:
                 if path is not None:
-                    new = read_threshold_file(path)
+                    data = read_calibration(path)
+                    new = float(data["threshold"])
                 elif isinstance(spec, bool) or not math.isfinite(float(spec)):  # type: ignore[arg-type]
                     raise ConfigError(f"threshold {spec!r} is not a finite number")
                 else:
@@ -172,7 +181,7 @@ class LineThreshold:
             moved = path != self.path
             self.path = path
             # A re-read file may hold a new calibration (new good scores) even at the same threshold.
-            self.drift = drift_watch(self.line, path) if path is not None else None
+            self.drift = drift_watch(self.line, data, path) if data is not None else None
         where = f"from {path}" if path is not None else "from the config"
         if new != old:
             log.info("line %s: threshold %.4g -> %.4g (%s)", self.line, old, new, where)
