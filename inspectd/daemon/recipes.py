@@ -351,20 +351,19 @@ class LineRecipes:
         its threshold as the re-read config now gives it (a promoted recipe keeps its own file), and
         every warm engine waiting in standby or for a rollback re-reads its threshold, so a
         recalibrated recipe judges with the new value from its first frame after a switch."""
-        assert self.pipeline is not None
         with self._lock:
             overrides = self.state.get("overrides") or {}
             if fresh is not None:
                 for name, spec in config_specs(fresh).items():
                     if name in self.specs and name not in overrides:
                         self.specs[name] = dataclasses.replace(self.specs[name], threshold=spec.threshold)
-            for pool, spec_of in ((self.standby, lambda n: self.specs[n].threshold if n in self.specs else None),
-                                  (self.previous, lambda n: None)):
+            for pool in (self.standby, self.previous):
                 for name, r in list(pool.items()):
-                    if not isinstance(r, ActiveRecipe) or r is self.pipeline.active:
+                    if not isinstance(r, ActiveRecipe):  # a preload that failed: its reason, no engine
                         continue
                     before = self._desc(r)
-                    spec = spec_of(name)
+                    # standby: its spec's (re-read) threshold; rollback: its own file, re-read
+                    spec = self.specs[name].threshold if pool is self.standby and name in self.specs else None
                     r.threshold.reload(spec)
                     if spec is not None and spec != r.threshold_spec:
                         r = pool[name] = dataclasses.replace(r, threshold_spec=spec)
