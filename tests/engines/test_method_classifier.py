@@ -248,6 +248,8 @@ def test_too_few_or_no_defects_are_one_line_refusals(capsys, tmp_path: Path, syn
     ("part-scale=0", "option part-scale=0.0: must be in [0.1, 1] for method classifier"),
     ("train-stages=9", "option train-stages=9: must be 1..6 for method classifier"),
     ("flip=maybe", "option flip='maybe': expected bool for method classifier"),
+    ("real-share=0", "option real-share=0.0: must be in (0, 1] for method classifier"),
+    ("cam-stride=8", "option cam-stride=8: choose 32 (the backbone's own) or 16 (last stride-2 block made atrous)"),
 ])
 def test_bad_options_are_one_line_errors(capsys, tmp_path: Path, synthetic_parts, option: str, message: str) -> None:
     code, err = _train(capsys, "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"),
