@@ -73,8 +73,12 @@ def main() -> None:
     for overrides in json.loads(args.variants):
         epochs = overrides.pop("epochs", args.epochs)
         mc = replace(base, **{"fusion": "fused", **overrides})
+        # The subnets' first convolutions draw their initial weights from torch's global stream:
+        # seeded per variant as `inspectd train` seeds it, so a row is reproducible (before this,
+        # every run drew another initialisation; RESULTS.md §6c, seventh session).
+        torch.manual_seed(mc.seed)
         model = build_model(mc)
-        cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1)
+        cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1, seed=mc.seed)
         t0 = time.monotonic()
         emb = _embed_all(model, cached["train"])
         n_rows = emb[0].shape[0]

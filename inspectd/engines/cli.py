@@ -85,6 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--components", type=int, default=_DEFAULT.components,
                    help="principal components of the features the flow models, largest first (0: every "
                         "channel; default %(default)s)")
+    p.add_argument("--positional", type=int, default=_DEFAULT.positional,
+                   help="sinusoidal position channels the flow is conditioned on, a multiple of 4 (0: none, for "
+                        "parts that are not fixtured; default %(default)s)")
     p.add_argument("--fusion", choices=["fused", "separate"], default=_DEFAULT.fusion,
                    help=f"fused: taps resampled to one grid (stride {_DEFAULT.fused_stride}) and modelled jointly "
                         "(default); separate: one flow per tap")
@@ -231,6 +234,7 @@ def _train(args: argparse.Namespace) -> int:
     model_cfg = ModelConfig(backbone=args.backbone, taps=args.taps, image_height=height, image_width=width,
                             tiles=tiles, tile_overlap=args.tile_overlap, color_mode=color, steps=args.steps,
                             hidden_ratio=args.hidden_ratio, components=args.components, seed=args.seed,
+                            positional=args.positional,
                             fusion=args.fusion,
                             kernel_size=args.kernel_size, score_term=args.score_term,
                             reduction=args.reduction or "mean")

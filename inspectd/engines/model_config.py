@@ -99,6 +99,7 @@ class ModelConfig:
         if "map_shift" in d:
             d["map_shift"] = tuple(d["map_shift"])
         d.setdefault("components", 0)  # bundles written before the projection model every channel
+        d.setdefault("positional", 0)  # bundles written before position channels existed have none
         if "head_shifts" in d:
             d["head_shifts"] = {str(k): tuple(v) for k, v in d["head_shifts"].items()}
         known = {f for f in cls.__dataclass_fields__}
