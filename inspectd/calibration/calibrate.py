@@ -69,8 +69,9 @@ def calibrate(req: CalibrationRequest, progress_stream: TextIO | None = None) ->
         th.check_rate(req.target_escape, "--target-escape", upper=1.0)
     if req.target_escape is not None and req.bad is None:
         raise DataError("--target-escape needs --bad images")
+    bundle = load_bundle(req.bundle)
     if req.write_config:
-        check_line(req.config, req.line)
+        check_line(req.config, req.line, bundle.bundle_id)
     report_dir = req.report_dir or (state_dir(req.config) / req.line / "calibration" / utc_stamp())
     _check_report_dir(report_dir, default=req.report_dir is None)
     good_paths = _images(req.good, "good")
@@ -80,7 +81,6 @@ def calibrate(req: CalibrationRequest, progress_stream: TextIO | None = None) ->
         raise DataError(f"{req.good}: {len(good_paths)} good images cannot support a false-reject target of "
                         f"{req.target_false_reject:.3%} at {req.confidence:.0%} confidence: need at least "
                         f"{needed} good images not used in training")
-    bundle = load_bundle(req.bundle)
     overlap = training_overlap(bundle, good_paths + (bad_paths or []))
     if overlap["count"]:
         what = (f"{overlap['count']} calibration images are in the bundle's training set "

@@ -89,13 +89,31 @@ def find_line(data: dict[str, Any], line_id: str, config_path: str | os.PathLike
     raise ConfigError(f"{config_path}: line {line_id!r} is not in the config (lines: {known})")
 
 
-def check_line(config_path: str | os.PathLike, line_id: str) -> Any:
-    """Fail early (before any scoring) when the config or the line is unusable; returns the
-    line's current threshold setting."""
-    _, data = read_config(config_path)
-    threshold = find_line(data, line_id, config_path).get("threshold")
-    _validate_with_daemon_schema(Path(config_path), data)
-    threshold_target(config_path, data, line_id)  # a file clash fails now, not after scoring
+def check_line(config_path: str | os.PathLike, line_id: str, bundle_id: str | None = None) -> Any:
+    """Fail early (before any scoring) when the config or the line is unusable, or (with
+    `bundle_id`, the bundle being calibrated) when the line's own threshold file would be written
+    for another bundle than the line's: the daemon would refuse it (daemon/line.read_calibration).
+    Returns the line's current threshold setting."""
+    config = Path(config_path)
+    _, data = read_config(config)
+    threshold = find_line(data, line_id, config).get("threshold")
+    _validate_with_daemon_schema(config, data)
+    threshold_target(config, data, line_id)  # a file clash fails now, not after scoring
+    if bundle_id is not None:
+        from inspectd.daemon.config import config_from_dict
+        from inspectd.engines.bundle import load_bundle
+        from inspectd.errors import InspectdError
+
+        line = next(c for c in config_from_dict(data, source=str(config), base_dir=config.resolve().parent).lines
+                    if c.id == line_id)
+        try:
+            own = load_bundle(line.bundle).bundle_id
+        except InspectdError:  # the daemon reports a line bundle that does not load; nothing to compare
+            return threshold
+        if own != bundle_id:
+            raise ConfigError(f"{config}: line {line_id} runs bundle {own} ({line.bundle}), not bundle {bundle_id}: "
+                              f"its threshold file would be refused there; for a candidate use --dry-run --report "
+                              f"DIR and give DIR/report.json to `inspectd shadow --threshold-file`")
     return threshold
 
 

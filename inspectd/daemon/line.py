@@ -88,8 +88,11 @@ class LineSettings:
             raise ConfigError(f"line {self.line}: queue size must be >= 1")
 
 
-def read_calibration(path: Path) -> dict[str, Any]:
-    """A calibration JSON file with a finite `threshold`; ConfigError naming the file and what is wrong."""
+def read_calibration(path: Path, bundle_id: str | None = None) -> dict[str, Any]:
+    """A calibration JSON file with a finite `threshold`; ConfigError naming the file and what is wrong.
+    With `bundle_id` (the bundle the threshold will judge), a file calibrated for another bundle is
+    refused: its threshold and good scores are on that bundle's scale (`inspectd calibrate --bundle
+    <candidate> --line L` writes L's own file). Files that name no bundle are accepted."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -101,6 +104,10 @@ def read_calibration(path: Path) -> dict[str, Any]:
     value = data["threshold"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{path}: threshold {value!r} is not a finite number")
+    made_for = data.get("bundle_id")
+    if bundle_id is not None and isinstance(made_for, str) and made_for != bundle_id:
+        raise ConfigError(f"{path}: calibrated for bundle {made_for}, not for bundle {bundle_id} that it would "
+                          f"judge (calibrate that bundle, or use the file calibrated for it)")
     return data
 
 
@@ -127,16 +134,18 @@ class LineThreshold:
     a reload is atomic for them); `reload()` re-reads the calibration file and keeps the old
     value if the new one is bad."""
 
-    def __init__(self, line: str, value: float | None = None, path: str | Path | None = None) -> None:
+    def __init__(self, line: str, value: float | None = None, path: str | Path | None = None,
+                 bundle_id: str | None = None) -> None:
         if (value is None) == (path is None):
             raise ConfigError(f"line {line}: threshold needs exactly one of a value or a calibration file")
         self.line = line
         self.path = Path(path) if path is not None else None
+        self.bundle_id = bundle_id  # the bundle it judges: calibration files made for another are refused
         self._lock = threading.Lock()  # one reload at a time
         # The score-drift reference: the calibration file's good scores (a number has none).
         self.drift: Any = None
         if self.path is not None:
-            data = read_calibration(self.path)
+            data = read_calibration(self.path, bundle_id)
             self._value = float(data["threshold"])
             self.drift = drift_watch(self.line, data, self.path)
         else:
@@ -168,7 +177,7 @@ class LineThreshold:
             data = None
             try:
                 if path is not None:
-                    data = read_calibration(path)
+                    data = read_calibration(path, self.bundle_id)
                     new = float(data["threshold"])
                 elif isinstance(spec, bool) or not math.isfinite(float(spec)):  # type: ignore[arg-type]
                     raise ConfigError(f"threshold {spec!r} is not a finite number")

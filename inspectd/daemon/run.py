@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inspectd.daemon.config import (DaemonConfig, LineConfig, ThresholdFile, config_warnings, load_config,
+from inspectd.daemon.config import (DaemonConfig, LineConfig, config_warnings, load_config,
                                     summary)
 from inspectd.errors import ConfigError, InspectdError
 from inspectd.daemon.audit import AuditLog, audit_path, local_who
 from inspectd.daemon.control import ControlServer, socket_path
 from inspectd.daemon.recipes import LineRecipes, make_threshold
 from inspectd.daemon.archive import NgArchive
-from inspectd.daemon.line import LineSettings, LineThreshold, options_dict
+from inspectd.daemon.line import LineSettings, options_dict
 from inspectd.daemon.live import LiveView
 from inspectd.daemon.metrics import Metrics, MetricsServer
 from inspectd.daemon.pipeline import LinePipeline
@@ -52,12 +52,6 @@ def line_settings(cfg: LineConfig, ort_lines: int = 1) -> LineSettings:
             ort["intra_op_threads"] = default_intra_op_threads(ort_lines)
         options["onnxruntime"] = ort
     return LineSettings.from_config(cfg, backend_options=options)
-
-
-def line_threshold(cfg: LineConfig) -> LineThreshold:
-    if isinstance(cfg.threshold, ThresholdFile):
-        return LineThreshold(cfg.id, path=cfg.threshold.file)
-    return LineThreshold(cfg.id, value=float(cfg.threshold))
 
 
 def _curve_keys(config: DaemonConfig) -> CurveServerKeys | None:
@@ -121,8 +115,8 @@ class Daemon:
             recipes = LineRecipes(cfg, self.config.state_dir, self._record_change)
             spec = recipes.initial
             settings = dataclasses.replace(line_settings(cfg, ort_lines), roi=spec.roi)
-            threshold = make_threshold(cfg.id, spec.threshold)
             bundle = load_bundle(spec.bundle)
+            threshold = make_threshold(cfg.id, spec.threshold, bundle.bundle_id)
             # Same pixels as training: a line ROI other than the bundle's is refused (none: the bundle's applies).
             named = f", recipe {spec.name}" if cfg.recipes else ""  # no recipes: the line's own bundle
             check_line_roi(spec.roi, bundle.roi, f"lines[{self.config.lines.index(cfg)}].roi (line {cfg.id}{named})",

@@ -217,3 +217,26 @@ def test_unusable_state_dir_fails_before_scoring(tiny_bundle: Path, held_out_goo
                         "--target-false-reject", "5%", "--config", str(config)], config, capsys)
     assert rc == 2 and f"{blocker}/line1/calibration/" in err and "not a folder" in err
     assert "set state_dir in the config or give --report DIR" in err
+
+
+def test_calibrating_another_bundle_into_the_lines_file_is_refused_and_dry_run_makes_its_file(
+        tiny_bundle: Path, tiny_method_bundles, held_out_good: Path, config: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """line1 runs tiny_bundle: a candidate's threshold must not land in line1's own file (the
+    daemon would refuse it there); --dry-run writes the candidate's file for shadow / promote."""
+    from inspectd.daemon.line import read_calibration
+    from inspectd.errors import ConfigError
+
+    candidate = tiny_method_bundles("cutpaste-ae")
+    ids = load_bundle(tiny_bundle).bundle_id, load_bundle(candidate).bundle_id
+    args = ["calibrate", "--bundle", str(candidate), "--good", str(held_out_good), "--line", "line1",
+            "--target-false-reject", "5%", "--config", str(config)]
+    rc, err = _run_bad(args, config, capsys)
+    assert rc == 2 and ids[0] in err and ids[1] in err and "--dry-run" in err, err
+    assert not (tmp_path / "state").exists()   # refused before scoring: no report either
+
+    assert main(args + ["--dry-run", "--report", str(tmp_path / "rep")]) == 0
+    report = tmp_path / "rep" / "report.json"
+    assert read_calibration(report, ids[1])["bundle_id"] == ids[1]
+    with pytest.raises(ConfigError, match=f"calibrated for bundle {ids[1]}, not for bundle {ids[0]}"):
+        read_calibration(report, ids[0])

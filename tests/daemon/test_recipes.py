@@ -382,3 +382,47 @@ def test_sighup_reloads_every_recipes_threshold(tmp_path: Path, tiny_bundle: Pat
     assert [r["what"] for r in records] == ["threshold", "recipe", "recipe", "recipe"], records
     assert (records[0]["old"]["recipe"], records[0]["old"]["threshold"], records[0]["new"]["threshold"]) == ("B", 7.0, 8.0)
     assert records[0]["who"]["via"] == "SIGHUP"
+
+
+def test_a_threshold_file_calibrated_for_another_bundle_never_judges(tmp_path: Path, tiny_bundle: Path,
+                                                                     tiny_method_bundles: Any,
+                                                                     synthetic_parts: Any) -> None:
+    """`inspectd calibrate --bundle <candidate> --line L` writes L's own threshold file: a threshold
+    (and drift reference) meant for another bundle. Whatever path such a file takes to the daemon —
+    start, SIGHUP, a recipe that names it — it is refused with both bundle ids, and the line keeps
+    judging with the threshold calibrated for its own bundle."""
+    a, b = load_bundle(tiny_bundle), load_bundle(tiny_method_bundles("cutpaste-ae"))
+    own = tmp_path / "line1.threshold.json"
+    own.write_text(json.dumps({"threshold": 5.0, "bundle_id": a.bundle_id}))
+    for_b = tmp_path / "b.threshold.json"
+    for_b.write_text(json.dumps({"threshold": 0.5, "bundle_id": b.bundle_id}))
+    replay = _replay(tmp_path, synthetic_parts)
+
+    # At start: exit 2, one line naming the file and both bundles.
+    cfg = _config(tmp_path, replay, tiny_bundle, threshold={"file": str(for_b)})
+    proc = subprocess.run(CLI + ["run", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert str(for_b) in err[0] and a.bundle_id in err[0] and b.bundle_id in err[0], err[0]
+
+    cfg = _config(tmp_path, replay, tiny_bundle, threshold={"file": str(own)}, recipes=[
+        {"name": "mixed", "bundle": str(tiny_bundle), "threshold": {"file": str(for_b)}}])
+    daemon = Daemon(cfg)
+    col = _Collector(f"ipc://{tmp_path}/pub.sock")
+    try:
+        daemon.wait_log(r"ready: line1")
+        col.wait(lambda: len(col.headers()) >= 5)
+        # A recipe whose file belongs to another bundle is not ready: refused with the reason.
+        refused = request(socket_path(tmp_path / "state"), {"op": "recipe", "line": "line1", "name": "mixed"})
+        assert not refused["ok"] and b.bundle_id in refused["error"] and a.bundle_id in refused["error"], refused
+        # The candidate's calibration lands in the line's own file, then SIGHUP: kept out, logged.
+        shutil.copyfile(for_b, own)
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"line line1: threshold reload failed, keeping 5: .*" + b.bundle_id)
+        n = len(col.headers())
+        col.wait(lambda: len(col.headers()) >= n + 10)
+        assert {h["threshold"] for h in col.headers()} == {5.0}
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+        col.close()
