@@ -20,6 +20,7 @@ state names but the config no longer has is ignored (logged).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -181,10 +182,28 @@ class LineRecipes:
         return self.pipeline.open_recipe_engine(spec.name, bundle, threshold, spec.roi,
                                                 threshold_spec=spec.threshold, backends=backends, settings=settings)
 
-    def _save_state(self) -> None:
+    def _save_state(self, state: dict[str, Any]) -> None:
+        """Persist `state` (then it is self.state). Every operation saves BEFORE it changes the line:
+        a change the next start would undo (full disk, read-only state_dir) is refused instead, and
+        nothing changes (RecipeNotReady, so the requester's answer and the line always agree)."""
         path = state_path(self.state_dir, self.line)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, (json.dumps(self.state, indent=2, default=str) + "\n").encode(), mode=0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, (json.dumps(state, indent=2, default=str) + "\n").encode(), mode=0o644)
+        except OSError as exc:
+            raise RecipeNotReady(f"line {self.line}: cannot record the change in {path} "
+                                 f"({exc.strerror or exc}); nothing changed") from None
+        self.state = state
+
+    def _save_or_drop(self, state: dict[str, Any], opened: ActiveRecipe | None) -> None:
+        """_save_state; if it refuses, the engine opened for the change is closed again."""
+        try:
+            self._save_state(state)
+        except RecipeNotReady:
+            if opened is not None:
+                assert self.pipeline is not None
+                self.pipeline.retire(opened)
+            raise
 
     def _record(self, what: str, old: Any, new: Any, who: dict[str, Any], reason: str | None) -> int:
         return self.audit(self.line, what, old, new, who, reason)
@@ -224,18 +243,18 @@ class LineRecipes:
             if isinstance(sb, str):
                 raise RecipeNotReady(f"recipe {name!r} is not ready: {sb}")
             new = sb if isinstance(sb, ActiveRecipe) else self._open(self.specs[name])
+            self._save_or_drop(dict(self.state, active=name), None if new is sb else new)
             old = self.pipeline.activate(new)
             self.standby.pop(name, None)
             if self.specs[old.name].preload:
                 self.standby[old.name] = old    # stays warm for the next switch back
             elif old.name not in self.previous or self.previous[old.name] is not old:
                 self.pipeline.retire(old)
-            self.state["active"] = name
-            self._save_state()
             self._record("recipe", self._desc(old), self._desc(new), who, reason)
             return {"line": self.line, "active": self._desc(new), "changed": True}
 
-    def _start_shadow(self, spec: RecipeSpec) -> Any:
+    def _start_shadow(self, spec: RecipeSpec, state: dict[str, Any] | None = None) -> Any:
+        """Open and start the shadow scorer for `spec`; with `state`, persist it first (set_shadow)."""
         from inspectd.daemon.shadow import ShadowScorer
 
         assert self.pipeline is not None
@@ -247,6 +266,8 @@ class LineRecipes:
             opts["onnxruntime"]["intra_op_threads"] = 1
         settings = dataclasses.replace(self.pipeline.settings, backend_options=opts)
         recipe = self._open(spec, settings=settings)
+        if state is not None:
+            self._save_or_drop(state, recipe)
         sc = self.cfg.shadow
         scorer = ShadowScorer(self.line, recipe, self.publisher, self.metrics,
                               queue_size=sc.queue_size if sc else 2, window=sc.correlation_window if sc else 200)
@@ -264,21 +285,18 @@ class LineRecipes:
         with self._lock:
             old = self.shadow.stats() if self.shadow is not None else None
             if bundle is None:
+                self._save_state(dict(self.state, shadow=None))
                 if self.shadow is not None:
                     self.pipeline.shadow = None
                     self.shadow.stop()
                 self.shadow, self.shadow_spec = None, None
-                self.state["shadow"] = None
-                self._save_state()
                 self._record("shadow", old, None, who, reason)
                 return {"line": self.line, "shadow": None}
             if isinstance(threshold, bool) or threshold is None:
                 raise RecipeNotReady("shadow: a threshold (number) or threshold_file is required")
             spec = RecipeSpec("shadow", Path(bundle), float(threshold) if isinstance(threshold, (int, float))
                               else Path(threshold), self.pipeline.active.roi)
-            scorer = self._start_shadow(spec)
-            self.state["shadow"] = spec.describe()
-            self._save_state()
+            scorer = self._start_shadow(spec, dict(self.state, shadow=spec.describe()))
             self._record("shadow", old, dict(spec.describe(), bundle_id=scorer.bundle_id), who, reason)
             return {"line": self.line, "shadow": scorer.stats()}
 
@@ -296,6 +314,14 @@ class LineRecipes:
                                      f"threshold: {{file: ...}}")
             current = self.pipeline.active
             new = self._open(dataclasses.replace(spec, name=current.name, roi=current.roi))  # parity gate here
+            promoted = RecipeSpec(current.name, spec.bundle, spec.threshold, current.roi,
+                                  self.specs[current.name].preload)
+            state = copy.deepcopy(self.state)
+            state.setdefault("overrides", {})[current.name] = promoted.describe()
+            state.setdefault("previous", {})[current.name] = {"bundle": str(current.bundle.path),
+                                                              "threshold": threshold_json(current.threshold_spec)}
+            state["shadow"] = None
+            self._save_or_drop(state, new)
             old = self.pipeline.activate(new)
             prev = self.previous.pop(old.name, None)
             if prev is not None:
@@ -304,13 +330,7 @@ class LineRecipes:
             self.pipeline.shadow = None
             self.shadow.stop()
             self.shadow, self.shadow_spec = None, None
-            promoted = RecipeSpec(old.name, spec.bundle, spec.threshold, old.roi, self.specs[old.name].preload)
             self.specs[old.name] = promoted
-            self.state.setdefault("overrides", {})[old.name] = promoted.describe()
-            self.state.setdefault("previous", {})[old.name] = {"bundle": str(old.bundle.path),
-                                                               "threshold": threshold_json(old.threshold_spec)}
-            self.state["shadow"] = None
-            self._save_state()
             self._record("promote", self._desc(old), self._desc(new), who, reason)
             return {"line": self.line, "active": self._desc(new), "previous": self._desc(old)}
 
@@ -318,24 +338,27 @@ class LineRecipes:
         assert self.pipeline is not None
         with self._lock:
             current = self.pipeline.active
-            new = self.previous.pop(current.name, None)
+            warm = self.previous.get(current.name)
             entry = (self.state.get("previous") or {}).get(current.name)
+            new = warm
             if new is None:
                 if entry is None:
                     raise RecipeNotReady(f"nothing to roll back to for recipe {current.name!r} (no promote recorded)")
                 new = self._open(dataclasses.replace(_from_state(current.name, entry, current.roi)))
-            old = self.pipeline.activate(new)
-            self.pipeline.retire(old)
             base = config_specs(self.cfg)[current.name]
             restored = RecipeSpec(current.name, Path(new.bundle.path), new.threshold_spec, new.roi, base.preload)
-            self.specs[current.name] = restored
-            overrides = self.state.setdefault("overrides", {})
+            state = copy.deepcopy(self.state)
+            overrides = state.setdefault("overrides", {})
             if (restored.bundle, restored.threshold) == (base.bundle, base.threshold):
                 overrides.pop(current.name, None)
             else:
                 overrides[current.name] = restored.describe()
-            (self.state.get("previous") or {}).pop(current.name, None)
-            self._save_state()
+            (state.get("previous") or {}).pop(current.name, None)
+            self._save_or_drop(state, None if new is warm else new)
+            self.previous.pop(current.name, None)
+            old = self.pipeline.activate(new)
+            self.pipeline.retire(old)
+            self.specs[current.name] = restored
             self._record("rollback", self._desc(old), self._desc(new), who, reason)
             return {"line": self.line, "active": self._desc(new), "previous": self._desc(old)}
 

@@ -426,3 +426,47 @@ def test_a_threshold_file_calibrated_for_another_bundle_never_judges(tmp_path: P
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.proc.wait(10)
         col.close()
+
+
+def test_a_switch_that_cannot_be_persisted_changes_nothing(tmp_path: Path, tiny_bundle: Path, tiny_method_bundles: Any,
+                                                           synthetic_parts: Any, tiny_tmpfs: Path) -> None:
+    """state_dir on a real, full filesystem (the NG archive filled it): a recipe switch that cannot
+    be written to recipes.json would be undone by the next restart, so it is refused and nothing
+    changes — the requester's answer and the line agree. When space returns, the same switch works."""
+    bundle_b = tiny_method_bundles("cutpaste-ae")
+    cfg = _config(tmp_path, _replay(tmp_path, synthetic_parts), tiny_bundle, state=tiny_tmpfs,
+                  recipes=[{"name": "B", "bundle": str(bundle_b), "threshold": 6.0}])
+    sock = socket_path(tiny_tmpfs)
+    daemon = Daemon(cfg)
+    col = _Collector(f"ipc://{tmp_path}/pub.sock")
+    filler = tiny_tmpfs / "filler"
+    try:
+        port = int(daemon.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        daemon.wait_log(r"ready: line1")
+        col.wait(lambda: len(col.headers()) >= 5)
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)   # fill the disk
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        answer = request(sock, {"op": "recipe", "line": "line1", "name": "B", "reason": "order 4711"})
+        n = len(col.headers())
+        col.wait(lambda: len(col.headers()) >= n + 10)
+        assert {h["recipe"] for h in col.headers()} == {"default"}
+        assert not answer["ok"] and "nothing changed" in answer["error"], answer
+        assert _scrape(port)['inspectd_recipe_info{line="line1",recipe="default"}'] == 1
+        assert request(sock, {"op": "list", "line": "line1"})["active"]["recipe"] == "default"
+
+        filler.unlink()   # space again: the switch goes through and is recorded
+        assert request(sock, {"op": "recipe", "line": "line1", "name": "B"})["ok"]
+        assert json.loads((tiny_tmpfs / "line1" / "recipes.json").read_text())["active"] == "B"
+        n = len(col.headers())
+        col.wait(lambda: len(col.headers()) >= n + 5)
+        assert col.headers()[-1]["recipe"] == "B"
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+        col.close()
