@@ -15,6 +15,7 @@ import logging
 import math
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -77,7 +78,14 @@ class ActiveRecipe:
     roi: tuple[int, int, int, int] | None
     runner: "_EngineRunner | None" = None
     backend: str = "none"
-    threshold_spec: Any = None       # float or Path (calibration file): for the state file / audit
+
+    @property
+    def threshold_spec(self) -> float | Path:
+        """Where the threshold comes from NOW (its calibration file, or the number), for the state
+        file and the audit: it follows SIGHUP reloads, so a promote records (and a rollback brings
+        back) what the recipe really judged with, not what it started with."""
+        t = self.threshold
+        return t.path if t.path is not None else t.value
 
 
 class EngineStalled(Exception):
@@ -186,8 +194,7 @@ class LinePipeline:
         self.line = settings.line
         self.source = source
         # The active recipe: swapped whole (activate()), read once per frame by the worker.
-        self._active = ActiveRecipe(recipe, bundle, threshold, settings.roi,
-                                    threshold_spec=threshold.path if threshold.path is not None else threshold.value)
+        self._active = ActiveRecipe(recipe, bundle, threshold, settings.roi)
         self._swap_lock = threading.Lock()
         self._retired: list[_EngineRunner] = []   # runners swapped out: closed by the worker between frames
         self.shadow: Any = None                   # a ShadowScorer (daemon/shadow.py) or None
@@ -258,7 +265,7 @@ class LinePipeline:
         return self._active.name
 
     def open_recipe_engine(self, name: str, bundle: Bundle, threshold: LineThreshold,
-                           roi: tuple[int, int, int, int] | None, threshold_spec: Any = None,
+                           roi: tuple[int, int, int, int] | None,
                            backends: tuple[str, ...] | None = None, settings: LineSettings | None = None) -> ActiveRecipe:
         """Load, parity-gate and warm an engine for `bundle` (on its own runner thread, in the
         calling thread's time: never the line's worker). RecipeNotReady with the reason when it
@@ -287,9 +294,7 @@ class LinePipeline:
             raise RecipeNotReady(f"recipe {name!r}: engine warm-up failed: {exc}") from None
         log.info("line %s: recipe %s engine %s warmed up (bundle %s)", self.line, name, info.backend,
                  bundle.bundle_id)
-        return ActiveRecipe(name, bundle, threshold, roi, runner, info.backend,
-                            threshold_spec if threshold_spec is not None else
-                            (threshold.path if threshold.path is not None else threshold.value))
+        return ActiveRecipe(name, bundle, threshold, roi, runner, info.backend)
 
     def drift_for(self, verdict: Verdict) -> Any:
         """The drift watch of the recipe that judged `verdict` while it is still the active one
@@ -607,7 +612,11 @@ class LinePipeline:
                 self._process(active, *item)
                 if active.runner is not None and (self._stalled or
                                                   self._consecutive_engine_errors >= self._failover_after):
-                    self._install_runner(active, self._fail_over(active.runner))
+                    if self._active is active:
+                        self._install_runner(active, self._fail_over(active.runner, active.backend))
+                    else:  # switched away meanwhile: the outgoing engine's trouble is not the new recipe's
+                        self._stalled = False
+                        self._consecutive_engine_errors = 0
                 self._close_retired()
         except Exception as exc:  # never let one line's worker take the process down
             self.failed = f"worker crashed: {type(exc).__name__}: {exc}"
@@ -633,11 +642,10 @@ class LinePipeline:
             elif runner is not None and runner is not expected.runner:
                 self._retired.append(runner)
 
-    def _fail_over(self, runner: _EngineRunner) -> _EngineRunner | None:
-        """The current backend keeps failing or stalled: give it up and open the next one of the
-        line's list (through the opener, so the parity gate applies). Without another backend,
-        keep this one (the line is not ready until it answers again)."""
-        failed = self.backend_name
+    def _fail_over(self, runner: _EngineRunner, failed: str) -> _EngineRunner | None:
+        """The active recipe's backend (`failed`) keeps failing or stalled: give it up and open the
+        next one of the line's list (through the opener, so the parity gate applies). Without
+        another backend, keep this one (the line is not ready until it answers again)."""
         why = "stalled" if self._stalled else f"failed {self._consecutive_engine_errors} frames in a row"
         remaining = tuple(b for b in self.settings.backend_preference
                           if b != failed and b not in self._excluded_backends)

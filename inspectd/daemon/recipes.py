@@ -180,7 +180,7 @@ class LineRecipes:
         except (InspectdError, OSError) as exc:
             raise RecipeNotReady(f"recipe {spec.name!r}: {exc}") from None
         return self.pipeline.open_recipe_engine(spec.name, bundle, threshold, spec.roi,
-                                                threshold_spec=spec.threshold, backends=backends, settings=settings)
+                                                backends=backends, settings=settings)
 
     def _save_state(self, state: dict[str, Any]) -> None:
         """Persist `state` (then it is self.state). Every operation saves BEFORE it changes the line:
@@ -391,8 +391,6 @@ class LineRecipes:
                     # standby: its spec's (re-read) threshold; rollback: its own file, re-read
                     spec = self.specs[name].threshold if pool is self.standby and name in self.specs else None
                     r.threshold.reload(spec)
-                    if spec is not None and spec != r.threshold_spec:
-                        r = pool[name] = dataclasses.replace(r, threshold_spec=spec)
                     after = self._desc(r)
                     if (after["threshold"], after["threshold_file"]) != (before["threshold"], before["threshold_file"]):
                         self._record("threshold", before, after, who, "SIGHUP reload (recipe waiting)")

@@ -97,6 +97,11 @@ class ShadowScorer:
         runner = self.recipe.runner
         if runner is not None:
             runner.close(0.0 if runner.busy else timeout_s)
+        if self.metrics is not None:  # promoted, cleared or replaced: its correlation describes no candidate now
+            try:
+                self.metrics.shadow_correlation.remove(self.line)
+            except KeyError:
+                pass
 
     def _run(self) -> None:
         try:  # this thread only (Linux: a thread is a task with its own nice value)

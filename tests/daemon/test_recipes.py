@@ -260,6 +260,8 @@ def test_shadow_off_critical_path_promote_rollback_persist(tmp_path: Path, tiny_
         switched = [i for i, h in enumerate(after) if h["bundle_id"] == b.bundle_id]
         assert switched and all(h["bundle_id"] == b.bundle_id and h["threshold"] == 6.5 and h["recipe"] == "default"
                                 for h in after[switched[0]:])
+        # No shadow any more: no correlation figure left over from the promoted candidate.
+        assert 'inspectd_shadow_score_correlation{line="line1"}' not in _scrape(port)
     finally:
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.proc.wait(10)
@@ -466,6 +468,51 @@ def test_a_switch_that_cannot_be_persisted_changes_nothing(tmp_path: Path, tiny_
         n = len(col.headers())
         col.wait(lambda: len(col.headers()) >= n + 5)
         assert col.headers()[-1]["recipe"] == "B"
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+        col.close()
+
+
+def test_rollback_after_a_restart_restores_the_recalibrated_threshold(tmp_path: Path, tiny_bundle: Path,
+                                                                     tiny_method_bundles: Any,
+                                                                     synthetic_parts: Any) -> None:
+    """A line started at 5.0 is calibrated (the config now points to a file, 4.2) and SIGHUPed, then a
+    candidate is promoted. After a restart, rollback must bring back what the line ran before the
+    promote — the calibrated file, which later recalibrations + SIGHUP still move — not the number
+    the line had at its start."""
+    replay = _replay(tmp_path, synthetic_parts)
+    shadow = {"bundle": str(tiny_method_bundles("cutpaste-ae")), "threshold": {"file": str(_calib(tmp_path / "b.json", 6.0))}}
+    cfg = _config(tmp_path, replay, tiny_bundle, threshold=5.0, shadow=shadow)
+    daemon = Daemon(cfg)
+    try:
+        daemon.wait_log(r"ready: line1")
+        daemon.wait_log(r"shadow bundle .* scoring alongside")
+        own = _calib(tmp_path / "line1.threshold.json", 4.2)
+        _config(tmp_path, replay, tiny_bundle, threshold={"file": str(own)}, shadow=shadow)  # what calibrate does
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"line line1: threshold 5 -> 4\.2")
+        proc = _cli("promote", "--config", str(cfg), "--line", "line1", "--reason", "candidate")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+
+    daemon = Daemon(cfg)
+    col = _Collector(f"ipc://{tmp_path}/pub.sock")
+    try:
+        daemon.wait_log(r"ready: line1")
+        proc = _cli("rollback", "--config", str(cfg), "--line", "line1")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        n = len(col.headers())
+        col.wait(lambda: len(col.headers()) >= n + 10)
+        assert col.headers()[-1]["threshold"] == 4.2, col.headers()[-1]
+        _calib(own, 3.9)   # recalibrated again: SIGHUP still reaches it
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"line line1: threshold 4\.2 -> 3\.9")
+        n = len(col.headers())
+        col.wait(lambda: len(col.headers()) >= n + 5)
+        assert col.headers()[-1]["threshold"] == 3.9
     finally:
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.proc.wait(10)

@@ -334,3 +334,54 @@ def test_stalled_engine_without_another_backend_is_not_ready_until_it_answers_ag
             b.release.set()
         pipe.stop(timeout_s=3.0)
     assert len(made) == 1 and pipe.engine_stalls == 1  # kept (nothing to fail over to), one stall
+
+
+def test_a_switch_away_from_a_stalled_engine_is_not_a_failover_of_the_new_one(toy: Bundle, toy_frames: Path) -> None:
+    """The operator switches (or rolls back) exactly when an engine misbehaves: the outgoing
+    engine's stall must not be blamed on the recipe switched in — no backend given up, no engine
+    opened for it, the heartbeat's backend the one that judges."""
+    metrics = Metrics()
+    made: list[StallingBackendDouble] = []
+    calls: list[tuple[str, ...]] = []
+
+    def opener(bundle: Bundle, settings: LineSettings, on_fallback: Any,
+               threshold: float) -> tuple[Backend, EngineInfo]:
+        calls.append(tuple(settings.backend_preference))
+        if settings.backend_preference[0] == "gpu":
+            inner, _ = open_backend(bundle, ["onnxruntime"])
+            # the line's first gpu engine hangs after its warm-up; the recipe opened later is healthy
+            made.append(StallingBackendDouble(inner, "gpu", good=2 if not made else 10 ** 9))
+            return made[-1], EngineInfo(backend="gpu", details={})
+        return open_backend(bundle, ["onnxruntime"], on_fallback=on_fallback)
+
+    settings = line_settings("sw", latency_budget_ms=100, on_deadline_miss="NG",
+                             backend_preference=("gpu", "onnxruntime"), queue_size=8)
+    collected = Collector()
+    out = Sinks().add("collector", collected).add("metrics", MetricsSink(metrics))
+    pipe = LinePipeline(settings, ReplaySource("sw", toy_frames, fps=40, loop=True), toy,
+                        LineThreshold("sw", value=THRESHOLD), out, metrics=metrics, backend_opener=opener,
+                        stall_after_s=1.0).start()
+    try:
+        assert pipe.wait_ready(20.0)
+        healthy = pipe.open_recipe_engine("default", toy, LineThreshold("sw", value=THRESHOLD), None)
+        end = time.monotonic() + 10
+        while made[0].calls <= 2:      # the first frame is stuck in the line's engine
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        pipe.retire(pipe.activate(healthy))
+        n = len(collected.verdicts)
+        collected.wait_for(n + 20)
+        time.sleep(1.5)                 # past the stall bound of the frame that was stuck
+        n = len(collected.verdicts)
+        collected.wait_for(n + 10)
+    finally:
+        pipe.request_stop()
+        time.sleep(0.3)
+        pipe.stop(timeout_s=3.0)
+        for b in made:
+            b.release.set()
+    assert calls == [("gpu", "onnxruntime")] * 2, calls   # the line's engine, the switched-in one: nothing else
+    assert sample(metrics, "inspectd_backend_fallbacks_total", line="sw", backend="gpu") == 0
+    assert pipe.status()["backend"] == "gpu" and pipe.status()["engine_ready"] is True
+    assert [v.backend for v in collected.verdicts[-10:]] == ["gpu"] * 10
+    assert all(v.score is not None for v in collected.verdicts[-10:])
