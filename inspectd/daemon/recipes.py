@@ -112,7 +112,10 @@ class LineRecipes:
         self.pipeline: LinePipeline | None = None
         self.publisher: Any = None
         self.metrics: Any = None
-        self._lock = threading.Lock()
+        # One change at a time: switch / shadow / promote / rollback and the SIGHUP reload (run.py
+        # holds it through a line's whole reload, so a reload never lands inside a switch and the
+        # recipe switched in is the one that re-reads its calibration). Re-entrant: reload_waiting.
+        self.lock = threading.RLock()
         self.state = read_state(self.state_dir, self.line)
         self.specs = config_specs(cfg)
         for name, entry in dict(self.state.get("overrides") or {}).items():
@@ -233,7 +236,7 @@ class LineRecipes:
 
     def switch(self, name: str, who: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
         assert self.pipeline is not None
-        with self._lock:
+        with self.lock:
             if name not in self.specs:
                 raise RecipeNotReady(f"unknown recipe {name!r} (line {self.line} has: {', '.join(self.specs)})")
             current = self.pipeline.active
@@ -282,7 +285,7 @@ class LineRecipes:
     def set_shadow(self, bundle: str | None, threshold: Any, who: dict[str, Any],
                    reason: str | None = None) -> dict[str, Any]:
         assert self.pipeline is not None
-        with self._lock:
+        with self.lock:
             old = self.shadow.stats() if self.shadow is not None else None
             if bundle is None:
                 self._save_state(dict(self.state, shadow=None))
@@ -304,7 +307,7 @@ class LineRecipes:
         """The shadow bundle becomes the active recipe's bundle (with its calibrated threshold file),
         after the parity gate passes on the line's backends; the old one is kept for rollback."""
         assert self.pipeline is not None
-        with self._lock:
+        with self.lock:
             spec = self.shadow_spec
             if spec is None:
                 raise RecipeNotReady("no shadow bundle to promote (set one: `shadow:` in the config or the socket)")
@@ -336,7 +339,7 @@ class LineRecipes:
 
     def rollback(self, who: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
         assert self.pipeline is not None
-        with self._lock:
+        with self.lock:
             current = self.pipeline.active
             warm = self.previous.get(current.name)
             entry = (self.state.get("previous") or {}).get(current.name)
@@ -377,7 +380,7 @@ class LineRecipes:
         its threshold as the re-read config now gives it (a promoted recipe keeps its own file), and
         every warm engine waiting in standby or for a rollback re-reads its threshold, so a
         recalibrated recipe judges with the new value from its first frame after a switch."""
-        with self._lock:
+        with self.lock:
             overrides = self.state.get("overrides") or {}
             if fresh is not None:
                 for name, spec in config_specs(fresh).items():

@@ -349,26 +349,34 @@ class Daemon:
                 log.error("line %s: threshold reload failed, keeping %.4g: the line is no longer in %s",
                           pipeline.line, pipeline.threshold.value, config_path)
                 continue
-            # The ACTIVE recipe's threshold as the config now gives it (a promoted bundle's file: re-read).
             recipes = self.recipes.get(pipeline.line)
-            spec: float | Path | None = recipes.threshold_spec(cfg) if recipes is not None else None
-            before = pipeline.threshold.path
-            before_value = pipeline.threshold.value
-            drift_before = pipeline.threshold.drift
-            pipeline.threshold.reload(spec)  # re-reads the calibration: threshold and drift reference
-            if pipeline.threshold.drift is not drift_before:
-                self.metrics.clear_drift(pipeline.line)
-            self.metrics.threshold.labels(line=pipeline.line).set(pipeline.threshold.value)
-            if pipeline.threshold.value != before_value or pipeline.threshold.path != before:
-                self._record_change(pipeline.line, "threshold",
-                                    {"recipe": pipeline.recipe, "threshold": before_value,
-                                     "threshold_file": str(before) if before else None},
-                                    {"recipe": pipeline.recipe, "threshold": pipeline.threshold.value,
-                                     "threshold_file": str(pipeline.threshold.path) if pipeline.threshold.path
-                                     else None},
-                                    dict(local_who(), via="SIGHUP"), "SIGHUP reload")
-            if recipes is not None:  # standby and rollback engines: a switch must not bring a stale threshold
-                recipes.reload_waiting(cfg, dict(local_who(), via="SIGHUP"))
+            if recipes is None:
+                self._reload_line(pipeline, None, cfg)
+                continue
+            with recipes.lock:  # after any switch in progress: the recipe it switched in is reloaded
+                self._reload_line(pipeline, recipes, cfg)
+
+    def _reload_line(self, pipeline: LinePipeline, recipes: LineRecipes | None, cfg: LineConfig | None) -> None:
+        """One line's SIGHUP work: the active recipe's threshold, then the recipes waiting."""
+        # The ACTIVE recipe's threshold as the config now gives it (a promoted bundle's file: re-read).
+        spec: float | Path | None = recipes.threshold_spec(cfg) if recipes is not None else None
+        before = pipeline.threshold.path
+        before_value = pipeline.threshold.value
+        drift_before = pipeline.threshold.drift
+        pipeline.threshold.reload(spec)  # re-reads the calibration: threshold and drift reference
+        if pipeline.threshold.drift is not drift_before:
+            self.metrics.clear_drift(pipeline.line)
+        self.metrics.threshold.labels(line=pipeline.line).set(pipeline.threshold.value)
+        if pipeline.threshold.value != before_value or pipeline.threshold.path != before:
+            self._record_change(pipeline.line, "threshold",
+                                {"recipe": pipeline.recipe, "threshold": before_value,
+                                 "threshold_file": str(before) if before else None},
+                                {"recipe": pipeline.recipe, "threshold": pipeline.threshold.value,
+                                 "threshold_file": str(pipeline.threshold.path) if pipeline.threshold.path
+                                 else None},
+                                dict(local_who(), via="SIGHUP"), "SIGHUP reload")
+        if recipes is not None:  # standby and rollback engines: a switch must not bring a stale threshold
+            recipes.reload_waiting(cfg, dict(local_who(), via="SIGHUP"))
 
     # ---- stop ------------------------------------------------------------------------------------
 
