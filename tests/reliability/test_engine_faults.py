@@ -231,6 +231,43 @@ def test_undecodable_replay_files_are_skipped_and_counted(toy: Bundle, toy_frame
     assert source.stats.skipped_files == 2
 
 
+def _stalling_gpu_line(line: str, toy: Bundle, toy_frames: Path, metrics: Metrics, only_first_stalls: bool = False
+                       ) -> tuple[LinePipeline, Collector, list[StallingBackendDouble], list[tuple[str, ...]]]:
+    """A started line preferring backend "gpu" (StallingBackendDouble: the real ONNX Runtime, hung
+    after its two warm-up calls), then onnxruntime; 100 ms budget, 8 frames of queue at 40 fps
+    (200 ms of queue: during a stall the frame pushed out of the full queue was already resolved by
+    its deadline). With `only_first_stalls`, gpu engines opened after the line's own answer.
+    Returns the line, its collector, the doubles made and every opener call's backend list."""
+    made: list[StallingBackendDouble] = []
+    calls: list[tuple[str, ...]] = []
+
+    def opener(bundle: Bundle, settings: LineSettings, on_fallback: Any,
+               threshold: float) -> tuple[Backend, EngineInfo]:
+        calls.append(tuple(settings.backend_preference))
+        if settings.backend_preference[0] == "gpu":
+            inner, _ = open_backend(bundle, ["onnxruntime"])
+            made.append(StallingBackendDouble(inner, "gpu", good=10 ** 9 if only_first_stalls and made else 2))
+            return made[-1], EngineInfo(backend="gpu", details={})
+        return open_backend(bundle, ["onnxruntime"], on_fallback=on_fallback)
+
+    settings = line_settings(line, latency_budget_ms=100, on_deadline_miss="NG",
+                             backend_preference=("gpu", "onnxruntime"), queue_size=8)
+    collected = Collector()
+    out = Sinks().add("collector", collected).add("metrics", MetricsSink(metrics))
+    pipe = LinePipeline(settings, ReplaySource(line, toy_frames, fps=40, loop=True), toy,
+                        LineThreshold(line, value=THRESHOLD), out, metrics=metrics, backend_opener=opener,
+                        stall_after_s=1.0).start()
+    return pipe, collected, made, calls
+
+
+def _stop_stalling_line(pipe: LinePipeline, made: list[StallingBackendDouble]) -> None:
+    pipe.request_stop()
+    time.sleep(0.3)
+    pipe.stop(timeout_s=3.0)
+    for b in made:
+        b.release.set()
+
+
 def test_stalled_engine_is_failed_over_and_each_frame_is_counted_once(toy: Bundle, toy_frames: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """A backend that stops answering (no exception) is given up after the stall bound, like an
@@ -239,25 +276,7 @@ def test_stalled_engine_is_failed_over_and_each_frame_is_counted_once(toy: Bundl
     counted as a queue drop."""
     caplog.set_level(logging.INFO, logger="inspectd.pipeline")
     metrics = Metrics()
-    made: list[StallingBackendDouble] = []
-
-    def opener(bundle: Bundle, settings: LineSettings, on_fallback: Any,
-               threshold: float) -> tuple[Backend, EngineInfo]:
-        if settings.backend_preference[0] == "gpu":
-            inner, _ = open_backend(bundle, ["onnxruntime"])
-            made.append(StallingBackendDouble(inner, "gpu"))
-            return made[-1], EngineInfo(backend="gpu", details={})
-        return open_backend(bundle, ["onnxruntime"], on_fallback=on_fallback)
-
-    settings = line_settings("st", latency_budget_ms=100, on_deadline_miss="NG",
-                             backend_preference=("gpu", "onnxruntime"), queue_size=8)
-    # 8 frames at 40 fps = 200 ms of queue > the 100 ms budget: during the stall the frame pushed
-    # out of the full queue was already resolved by its deadline.
-    collected = Collector()
-    out = Sinks().add("collector", collected).add("metrics", MetricsSink(metrics))
-    pipe = LinePipeline(settings, ReplaySource("st", toy_frames, fps=40, loop=True), toy,
-                        LineThreshold("st", value=THRESHOLD), out, metrics=metrics, backend_opener=opener,
-                        stall_after_s=1.0).start()
+    pipe, collected, made, _ = _stalling_gpu_line("st", toy, toy_frames, metrics)
     try:
         assert pipe.wait_ready(20.0)
         end = time.monotonic() + 15
@@ -268,11 +287,7 @@ def test_stalled_engine_is_failed_over_and_each_frame_is_counted_once(toy: Bundl
         n = len(collected.verdicts)
         collected.wait_for(n + 10)
     finally:
-        pipe.request_stop()
-        time.sleep(0.3)
-        pipe.stop(timeout_s=3.0)
-        for b in made:
-            b.release.set()
+        _stop_stalling_line(pipe, made)
     verdicts = collected.verdicts
     ids = [v.frame_id for v in verdicts]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == pipe.frames_acquired  # one verdict per frame
@@ -341,26 +356,7 @@ def test_a_switch_away_from_a_stalled_engine_is_not_a_failover_of_the_new_one(to
     engine's stall must not be blamed on the recipe switched in — no backend given up, no engine
     opened for it, the heartbeat's backend the one that judges."""
     metrics = Metrics()
-    made: list[StallingBackendDouble] = []
-    calls: list[tuple[str, ...]] = []
-
-    def opener(bundle: Bundle, settings: LineSettings, on_fallback: Any,
-               threshold: float) -> tuple[Backend, EngineInfo]:
-        calls.append(tuple(settings.backend_preference))
-        if settings.backend_preference[0] == "gpu":
-            inner, _ = open_backend(bundle, ["onnxruntime"])
-            # the line's first gpu engine hangs after its warm-up; the recipe opened later is healthy
-            made.append(StallingBackendDouble(inner, "gpu", good=2 if not made else 10 ** 9))
-            return made[-1], EngineInfo(backend="gpu", details={})
-        return open_backend(bundle, ["onnxruntime"], on_fallback=on_fallback)
-
-    settings = line_settings("sw", latency_budget_ms=100, on_deadline_miss="NG",
-                             backend_preference=("gpu", "onnxruntime"), queue_size=8)
-    collected = Collector()
-    out = Sinks().add("collector", collected).add("metrics", MetricsSink(metrics))
-    pipe = LinePipeline(settings, ReplaySource("sw", toy_frames, fps=40, loop=True), toy,
-                        LineThreshold("sw", value=THRESHOLD), out, metrics=metrics, backend_opener=opener,
-                        stall_after_s=1.0).start()
+    pipe, collected, made, calls = _stalling_gpu_line("sw", toy, toy_frames, metrics, only_first_stalls=True)
     try:
         assert pipe.wait_ready(20.0)
         healthy = pipe.open_recipe_engine("default", toy, LineThreshold("sw", value=THRESHOLD), None)
@@ -375,11 +371,7 @@ def test_a_switch_away_from_a_stalled_engine_is_not_a_failover_of_the_new_one(to
         n = len(collected.verdicts)
         collected.wait_for(n + 10)
     finally:
-        pipe.request_stop()
-        time.sleep(0.3)
-        pipe.stop(timeout_s=3.0)
-        for b in made:
-            b.release.set()
+        _stop_stalling_line(pipe, made)
     assert calls == [("gpu", "onnxruntime")] * 2, calls   # the line's engine, the switched-in one: nothing else
     assert sample(metrics, "inspectd_backend_fallbacks_total", line="sw", backend="gpu") == 0
     assert pipe.status()["backend"] == "gpu" and pipe.status()["engine_ready"] is True
