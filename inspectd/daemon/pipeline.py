@@ -419,15 +419,26 @@ class LinePipeline:
 
     @property
     def state(self) -> str:
-        """starting | ok | blind (camera down, or a source that will deliver no more frames) |
-        engine_failed (no backend, or the one in use fails or stalls with no alternative left)."""
+        """starting | ok | blind (camera down, a source that will deliver no more frames, or an
+        acquisition loop stuck in a driver call) | engine_failed (no backend, or the one in use
+        fails or stalls with no alternative left)."""
         if self.engine_resolved.is_set() and not self.engine_ok:
             return "engine_failed"
         if not self.engine_resolved.is_set() or not self._source_attempted:
             return "starting"
-        if not self.camera_connected or getattr(self.source, "exhausted", False):
+        if not self.camera_connected or getattr(self.source, "exhausted", False) or self.acquisition_stuck:
             return "blind"
         return "ok"
+
+    @property
+    def acquisition_stuck(self) -> bool:
+        """The acquisition loop has not come back from the source for over two read timeouts (+1 s):
+        no frames will come, although the camera still counts as connected. Reported at once (the
+        heartbeat goes "blind", so a reject gate stops trusting the line) instead of only when the
+        systemd watchdog, much later, restarts the daemon."""
+        if not self._started or self._stop_acquisition.is_set():
+            return False
+        return time.monotonic() - self.last_activity_mono > 2 * self.settings.read_timeout_s + 1.0
 
     def status(self) -> dict[str, Any]:
         """The heartbeat's `status` dict (contract: README, ZeroMQ table)."""

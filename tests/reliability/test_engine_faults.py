@@ -377,3 +377,51 @@ def test_a_switch_away_from_a_stalled_engine_is_not_a_failover_of_the_new_one(to
     assert pipe.status()["backend"] == "gpu" and pipe.status()["engine_ready"] is True
     assert [v.backend for v in collected.verdicts[-10:]] == ["gpu"] * 10
     assert all(v.score is not None for v in collected.verdicts[-10:])
+
+
+class HangingSource(ArraySource):
+    """TEST SOURCE: after `good` frames, a read that does not return (a driver call stuck in the
+    camera's producer: no frame, no exception, no timeout) until `release` is set."""
+
+    def __init__(self, line: str, images: list[Any], good: int) -> None:
+        super().__init__(line, images)
+        self.good = good
+        self.release = threading.Event()
+        self.hung_at: float | None = None
+
+    def read(self, timeout_s: float) -> Frame | None:
+        if self._i == self.good and not self.release.is_set():
+            self.hung_at = time.monotonic()
+            self.release.wait(30)
+        return super().read(timeout_s)
+
+
+def test_a_hung_camera_read_is_blind_in_the_heartbeat_not_ok(toy: Bundle) -> None:
+    """No frames and no verdicts while the status still said "ok" would let an NG-only reject gate
+    pass every part until the systemd watchdog (tens of seconds, or never without one) restarts
+    the daemon: within about two read timeouts the line reports "blind" (clients: not safe), and
+    "ok" again when frames flow."""
+    settings = line_settings("h", latency_budget_ms=2000, backend_preference=("onnxruntime",))
+    source = HangingSource("h", [np.full((32, 32), 128, np.uint8)] * 40, good=3)
+    out = Collector()
+    pipe = LinePipeline(settings, source, toy, LineThreshold("h", value=THRESHOLD), out).start()
+    try:
+        assert pipe.wait_ready(20.0)
+        out.wait_for(3)
+        assert pipe.status()["state"] == "ok"
+        end = time.monotonic() + 2 * settings.read_timeout_s + 5
+        while pipe.status()["state"] == "ok":
+            assert time.monotonic() < end, "a hung read still reported ok"
+            time.sleep(0.05)
+        assert pipe.status()["state"] == "blind"
+        assert source.hung_at is not None and time.monotonic() - source.hung_at >= 2 * settings.read_timeout_s
+        assert pipe.healthy()   # not yet a watchdog matter: the line reports it first
+        source.release.set()
+        out.wait_for(10)
+        end = time.monotonic() + 5
+        while pipe.status()["state"] != "ok":
+            assert time.monotonic() < end
+            time.sleep(0.05)
+    finally:
+        source.release.set()
+        pipe.stop(timeout_s=3.0)
