@@ -247,3 +247,41 @@ def test_make_source_from_config() -> None:
         assert frame.line == "line7" and frame.image.shape == (400, 400, 3)
     finally:
         src.close()
+
+
+def test_an_incomplete_buffer_is_counted_and_the_camera_stays_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One lost GigE packet (one incomplete buffer) is not a lost camera: it is counted
+    (inspectd_incomplete_frames_total), harvesters requeues it, and the next frame is read. Buffers
+    that are all incomplete (an MTU / jumbo-frame mismatch) still let read() return within its
+    timeout, so the acquisition loop never hangs. Real harvesters on the GenTL simulator; the
+    buffer's completeness is what is forced."""
+    import genicam.gentl as gentl
+
+    src = _open()
+    try:
+        assert src.read(3.0) is not None
+        real = gentl.Buffer.is_complete
+        left = {"incomplete": 1}
+
+        def once_incomplete(buffer: object) -> bool:
+            if left["incomplete"]:
+                left["incomplete"] -= 1
+                return False
+            return real(buffer)
+
+        monkeypatch.setattr(gentl.Buffer, "is_complete", once_incomplete)
+        assert src.read(3.0) is not None          # the next complete buffer, no SourceLost
+        assert src.stats.incomplete_frames == 1
+
+        monkeypatch.setattr(gentl.Buffer, "is_complete", lambda buffer: False)
+        got: dict[str, object] = {}
+        t = threading.Thread(target=lambda: got.setdefault("frame", src.read(0.5)), daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        t.join(3.0)
+        assert not t.is_alive() and got["frame"] is None, "read() must return within its timeout"
+        assert time.monotonic() - t0 < 2.0 and src.stats.incomplete_frames > 1
+        monkeypatch.setattr(gentl.Buffer, "is_complete", real)
+        assert src.read(3.0) is not None          # still open: frames flow again
+    finally:
+        src.close()

@@ -205,3 +205,55 @@ def test_absent_camera_keeps_the_watchdog_fed_reports_blind_and_resumes(
             holder.reset()
         notify.close()
     assert "STOPPING=1" in [msg for _, msg in notify.messages]
+
+
+def test_incomplete_buffers_are_counted_not_taken_for_a_lost_camera(tmp_path: Path, toy_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """One buffer in four arrives incomplete (lost packets on a busy GigE link): the line keeps its
+    camera (no "camera lost", no reconnect), counts them in inspectd_incomplete_frames_total and
+    judges the complete frames. Real in-process Daemon on the GenTL simulator; the buffers'
+    completeness is what is forced."""
+    import genicam.gentl as gentl
+
+    cfg = config_from_dict({
+        "zmq": {"endpoint": f"ipc://{tmp_path}/v.sock"}, "metrics": {"port": 0},
+        "lines": [{"id": "cam", "bundle": str(toy_path), "threshold": 1000.0, "latency_budget_ms": 1000,
+                   "backends": ["onnxruntime"], "heatmap": {"publish": "none"},
+                   "source": {"type": "genicam", "cti": str(CTI), "device": {"serial": "1"},
+                              "pixel_format": "Mono8"}}]})
+    handler = _LostLog()
+    pipe_log = logging.getLogger("inspectd.pipeline")
+    old_level = pipe_log.level
+    pipe_log.setLevel(logging.INFO)
+    pipe_log.addHandler(handler)
+    real = gentl.Buffer.is_complete
+    seen = {"n": 0}
+
+    def every_fourth_incomplete(buffer: object) -> bool:
+        seen["n"] += 1
+        return real(buffer) and seen["n"] % 4 != 0
+
+    daemon = Daemon(cfg)
+    daemon.build()
+    try:
+        assert daemon.start(threading.Event())
+        pipe, m = daemon.lines["cam"], daemon.metrics
+        end = time.monotonic() + 20
+        while pipe.verdicts < 3:
+            assert time.monotonic() < end, "no verdicts from the simulator"
+            time.sleep(0.05)
+        monkeypatch.setattr(gentl.Buffer, "is_complete", every_fourth_incomplete)
+        start = pipe.verdicts
+        end = time.monotonic() + 20
+        while pipe.verdicts < start + 20:
+            assert time.monotonic() < end, pipe.status()
+            time.sleep(0.05)
+        monkeypatch.setattr(gentl.Buffer, "is_complete", real)
+        assert handler.lost == [] and sample(m, "inspectd_camera_reconnects_total", line="cam") == 0
+        assert sample(m, "inspectd_incomplete_frames_total", line="cam") >= 4
+        assert pipe.status()["state"] == "ok"
+    finally:
+        monkeypatch.setattr(gentl.Buffer, "is_complete", real)
+        daemon.stop()
+        pipe_log.removeHandler(handler)
+        pipe_log.setLevel(old_level)

@@ -108,14 +108,17 @@ def _device_summary(index: int, info: Any) -> str:
     return f"#{index} id {attr('id_')} serial {attr('serial_number')} ({attr('vendor')} {attr('model')})"
 
 
-class _IncompleteCounter:
-    """harvesters' INCOMPLETE_BUFFER callback: it discards the buffer itself; we only count."""
+def _incomplete_counter(stats: SourceStats) -> Any:
+    """harvesters' INCOMPLETE_BUFFER callback: harvesters requeues the buffer itself; we count.
+    It must be a harvesters Callback: anything else makes harvesters raise a bare TypeError out of
+    the fetch, which read() would take for a lost camera (one lost packet = a reconnect)."""
+    from harvesters.core import Callback
 
-    def __init__(self, stats: SourceStats) -> None:
-        self.stats = stats
+    class IncompleteCounter(Callback):
+        def emit(self, context: object | None = None) -> None:
+            stats.incomplete_frames += 1
 
-    def emit(self, context: object | None = None) -> None:
-        self.stats.incomplete_frames += 1
+    return IncompleteCounter()
 
 
 class GenicamSource(Source):
@@ -174,7 +177,7 @@ class GenicamSource(Source):
             # means ~1000 wake-ups/s per idle camera. A slice returns early when a frame arrives.
             self._ia.timeout_period_on_client_fetch_call = 0.1
             self._ia.timeout_period_on_update_event_data_call = 10
-            self._ia.add_callback(ImageAcquirer.Events.INCOMPLETE_BUFFER, _IncompleteCounter(self.stats))
+            self._ia.add_callback(ImageAcquirer.Events.INCOMPLETE_BUFFER, _incomplete_counter(self.stats))
             self._configure(self._ia.remote_device.node_map)
             self._enable_chunks(self._ia.remote_device.node_map)
             try:
@@ -306,21 +309,24 @@ class GenicamSource(Source):
     def read(self, timeout_s: float) -> Frame | None:
         if self._ia is None:
             raise SourceLost(f"line {self.line}: camera {self._device_name} is not open")
-        from genicam.gentl import TimeoutException
-
         deadline = time.monotonic() + max(timeout_s, 0.0)
         while True:
             remaining = max(deadline - time.monotonic(), 0.001)  # harvesters: 0 would mean "wait forever"
             try:
-                with self._ia.fetch(timeout=remaining) as buffer:
+                # try_fetch, not fetch: fetch restarts its wait after every incomplete buffer, so a
+                # camera delivering only incomplete ones (MTU mismatch) would hang this loop.
+                buffer = self._ia.try_fetch(timeout=remaining)
+                if buffer is None:  # nothing within the timeout, or an incomplete buffer (counted)
+                    if time.monotonic() >= deadline:
+                        self.stats.timeouts += 1
+                        return None
+                    continue
+                with buffer:
                     acquired_ns = time.time_ns()
                     acquired_mono = time.monotonic()
                     image, frame_id = self._copy_out(buffer)
                     # While the buffer is held: harvesters has parsed its chunk data into the node map.
                     meta = self._buffer_meta(buffer) if image is not None else {}
-            except TimeoutException:
-                self.stats.timeouts += 1
-                return None
             except _genicam_errors() as exc:
                 raise SourceLost(f"line {self.line}: camera {self._device_name} lost: {_short(exc)}") from None
             except IndexError as exc:
