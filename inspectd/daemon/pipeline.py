@@ -764,8 +764,8 @@ class LinePipeline:
             return
         try:
             image = frame.image
-            if not isinstance(image, np.ndarray):
-                raise DataError(f"frame image is a {type(image).__name__}, not an array")
+            if not isinstance(image, np.ndarray):  # the source's reason when it gave one
+                raise DataError(frame.meta.get("error") or f"frame image is a {type(image).__name__}, not an array")
             batch = preprocess.prepare(image, active.bundle.input_spec, active.roi)[None]
         except Exception as exc:
             log.warning("line %s: frame %s malformed: %s", self.line, frame.frame_id, exc)

@@ -16,7 +16,7 @@ import pytest
 from inspectd.client import Message, VerdictSubscriber
 from inspectd.daemon.config import config_from_dict
 from inspectd.daemon.run import Daemon
-from tests.helpers import NotifyListener
+from tests.helpers import Collector, NotifyListener
 from tests.reliability.conftest import open_fds, sample
 
 CTI = Path(genicam.__file__).parent / "viky.cti"
@@ -254,6 +254,46 @@ def test_incomplete_buffers_are_counted_not_taken_for_a_lost_camera(tmp_path: Pa
         assert pipe.status()["state"] == "ok"
     finally:
         monkeypatch.setattr(gentl.Buffer, "is_complete", real)
+        daemon.stop()
+        pipe_log.removeHandler(handler)
+        pipe_log.setLevel(old_level)
+
+
+def test_a_pixel_format_it_cannot_convert_gets_fail_safe_verdicts_not_reconnects(
+        tmp_path: Path, toy_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The camera delivers a pixel format inspectd cannot convert (a user set loaded at power-up,
+    no pixel_format in the config): every such frame is a part, so it gets the fail-safe verdict
+    as a malformed frame with the reason — not a "camera lost" reconnect loop that judges nothing.
+    The simulator's RGBa8 is taken out of the supported formats to stand for such a format."""
+    from inspectd.daemon.sources import genicam as source_module
+
+    monkeypatch.delitem(source_module._FORMATS, "RGBa8")
+    cfg = config_from_dict({
+        "zmq": {"endpoint": f"ipc://{tmp_path}/v.sock"}, "metrics": {"port": 0},
+        "lines": [{"id": "cam", "bundle": str(toy_path), "threshold": 1000.0, "latency_budget_ms": 1000,
+                   "backends": ["onnxruntime"], "heatmap": {"publish": "none"}, "on_deadline_miss": "NG",
+                   "source": {"type": "genicam", "cti": str(CTI), "device": {"serial": "1"}}}]})
+    handler = _LostLog()
+    pipe_log = logging.getLogger("inspectd.pipeline")
+    old_level = pipe_log.level
+    pipe_log.setLevel(logging.INFO)
+    pipe_log.addHandler(handler)
+    daemon = Daemon(cfg)
+    daemon.build()
+    collected = Collector()
+    daemon.lines["cam"].sink.add("test", collected)
+    try:
+        assert daemon.start(threading.Event())
+        end = time.monotonic() + 20
+        while len(collected.verdicts) < 10:
+            assert time.monotonic() < end, (daemon.lines["cam"].status(), handler.lost)
+            time.sleep(0.05)
+        verdicts = collected.verdicts
+        m = daemon.metrics
+        assert handler.lost == [] and sample(m, "inspectd_camera_reconnects_total", line="cam") == 0
+        assert all(v.verdict == "NG" and v.score is None and "RGBa8" in (v.error or "") for v in verdicts), verdicts[0]
+        assert sample(m, "inspectd_dropped_frames_total", line="cam", reason="malformed") >= 10
+    finally:
         daemon.stop()
         pipe_log.removeHandler(handler)
         pipe_log.setLevel(old_level)

@@ -324,7 +324,7 @@ class GenicamSource(Source):
                 with buffer:
                     acquired_ns = time.time_ns()
                     acquired_mono = time.monotonic()
-                    image, frame_id = self._copy_out(buffer)
+                    image, frame_id, error = self._copy_out(buffer)
                     # While the buffer is held: harvesters has parsed its chunk data into the node map.
                     meta = self._buffer_meta(buffer) if image is not None else {}
             except _genicam_errors() as exc:
@@ -338,6 +338,10 @@ class GenicamSource(Source):
                 return Frame(line=self.line, frame_id=frame_id, acquired_ns=acquired_ns,
                              acquired_mono=acquired_mono, image=image,
                              meta={"device": self._device_name, **meta})
+            if error is not None:  # a part all the same: its verdict is the fail-safe one ("malformed")
+                return Frame(line=self.line, frame_id=frame_id, acquired_ns=acquired_ns,
+                             acquired_mono=acquired_mono, image=None,
+                             meta={"device": self._device_name, "error": error})
             if time.monotonic() >= deadline:
                 return None
 
@@ -387,9 +391,11 @@ class GenicamSource(Source):
             except Exception as exc:
                 self._chunk_missing(name, f"cannot enable it on {self._device_name}: {_short(exc)}")
 
-    def _copy_out(self, buffer: Any) -> tuple[np.ndarray | None, int]:
-        """Pixels copied out of the buffer (it is requeued after this), or None for a buffer that
-        is empty or of the wrong size (counted as incomplete)."""
+    def _copy_out(self, buffer: Any) -> tuple[np.ndarray | None, int, str | None]:
+        """(pixels copied out of the buffer (it is requeued after this), the camera's frame id,
+        None) — or (None, id, None) for a buffer that is empty or of the wrong size (counted as
+        incomplete), or (None, id, why) for a full buffer in a pixel format we cannot convert (a
+        delivered part: it must get a verdict, and the camera is not lost)."""
         self._counter += 1
         try:
             frame_id = int(buffer.module.frame_id)
@@ -399,15 +405,18 @@ class GenicamSource(Source):
         components = getattr(payload, "components", None) if payload is not None else None
         if not components:
             self.stats.incomplete_frames += 1
-            return None, frame_id
+            return None, frame_id, None
         comp = components[0]
         fmt = str(comp.data_format)
         width, height = int(comp.width), int(comp.height)
-        bpp = bytes_per_pixel(fmt)  # SourceError for a format we cannot convert
+        try:
+            bpp = bytes_per_pixel(fmt)
+        except SourceError as exc:
+            return None, frame_id, f"camera {self._device_name}: {exc}"
         data = comp.data
         if data is None or width <= 0 or height <= 0:
             self.stats.incomplete_frames += 1
-            return None, frame_id
+            return None, frame_id, None
         data = np.asarray(data).view(np.uint8).reshape(-1)
         row = width * bpp
         padding = int(getattr(comp, "x_padding", 0) or 0)
@@ -417,8 +426,8 @@ class GenicamSource(Source):
             self.stats.incomplete_frames += 1
             log.debug("line %s: %s buffer %d of %d bytes, expected %d x %d: skipped",
                       self.line, fmt, frame_id, data.size, width, height)
-            return None, frame_id
-        return convert_pixels(data, fmt, width, height), frame_id
+            return None, frame_id, None
+        return convert_pixels(data, fmt, width, height), frame_id, None
 
 
 def _read_chunk(node_map: Any, name: str, missing: Any) -> Any:
