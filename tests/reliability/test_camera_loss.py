@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import genicam
 import pytest
@@ -41,18 +42,28 @@ class _LostLog(logging.Handler):
             self.reconnected.append(time.monotonic())
 
 
-def test_twenty_camera_losses_reconnect_without_restart_or_leaks(tmp_path: Path, toy_path: Path) -> None:
+@pytest.fixture()
+def lost_log() -> Iterator[_LostLog]:
+    """The "camera lost" / "camera reconnected" lines of inspectd.pipeline, as they are logged."""
+    handler = _LostLog()
+    pipe_log = logging.getLogger("inspectd.pipeline")
+    old_level = pipe_log.level
+    pipe_log.setLevel(logging.INFO)
+    pipe_log.addHandler(handler)
+    yield handler
+    pipe_log.removeHandler(handler)
+    pipe_log.setLevel(old_level)
+
+
+def test_twenty_camera_losses_reconnect_without_restart_or_leaks(tmp_path: Path, toy_path: Path,
+                                                                  lost_log: _LostLog) -> None:
     cfg = config_from_dict({
         "zmq": {"endpoint": f"ipc://{tmp_path}/v.sock"}, "metrics": {"port": 0}, "heartbeat_interval_s": 0.2,
         "lines": [{"id": "cam", "bundle": str(toy_path), "threshold": 1000.0, "latency_budget_ms": 1000,
                    "backends": ["onnxruntime"], "heatmap": {"publish": "none"},
                    "source": {"type": "genicam", "cti": str(CTI), "device": {"serial": "2"},
                               "pixel_format": "Mono8", "reconnect_backoff_s": list(BACKOFF)}}]})
-    handler = _LostLog()
-    pipe_log = logging.getLogger("inspectd.pipeline")
-    old_level = pipe_log.level
-    pipe_log.setLevel(logging.INFO)
-    pipe_log.addHandler(handler)
+    handler = lost_log
     daemon = Daemon(cfg)
     heartbeats: list[Message] = []
     verdicts: list[Message] = []
@@ -95,8 +106,6 @@ def test_twenty_camera_losses_reconnect_without_restart_or_leaks(tmp_path: Path,
     finally:
         sub.stop()
         daemon.stop()
-        pipe_log.removeHandler(handler)
-        pipe_log.setLevel(old_level)
 
     print(f"camera down noticed after max {max(down_after) * 1000:.0f} ms; threads {baseline[0]}->{after[0]}, "
           f"fds {baseline[1]}->{after[1]} over {RECONNECTS} reconnects")
@@ -208,7 +217,8 @@ def test_absent_camera_keeps_the_watchdog_fed_reports_blind_and_resumes(
 
 
 def test_incomplete_buffers_are_counted_not_taken_for_a_lost_camera(tmp_path: Path, toy_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    lost_log: _LostLog) -> None:
     """One buffer in four arrives incomplete (lost packets on a busy GigE link): the line keeps its
     camera (no "camera lost", no reconnect), counts them in inspectd_incomplete_frames_total and
     judges the complete frames. Real in-process Daemon on the GenTL simulator; the buffers'
@@ -221,11 +231,7 @@ def test_incomplete_buffers_are_counted_not_taken_for_a_lost_camera(tmp_path: Pa
                    "backends": ["onnxruntime"], "heatmap": {"publish": "none"},
                    "source": {"type": "genicam", "cti": str(CTI), "device": {"serial": "1"},
                               "pixel_format": "Mono8"}}]})
-    handler = _LostLog()
-    pipe_log = logging.getLogger("inspectd.pipeline")
-    old_level = pipe_log.level
-    pipe_log.setLevel(logging.INFO)
-    pipe_log.addHandler(handler)
+    handler = lost_log
     real = gentl.Buffer.is_complete
     seen = {"n": 0}
 
@@ -255,12 +261,10 @@ def test_incomplete_buffers_are_counted_not_taken_for_a_lost_camera(tmp_path: Pa
     finally:
         monkeypatch.setattr(gentl.Buffer, "is_complete", real)
         daemon.stop()
-        pipe_log.removeHandler(handler)
-        pipe_log.setLevel(old_level)
 
 
 def test_a_pixel_format_it_cannot_convert_gets_fail_safe_verdicts_not_reconnects(
-        tmp_path: Path, toy_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, toy_path: Path, monkeypatch: pytest.MonkeyPatch, lost_log: _LostLog) -> None:
     """The camera delivers a pixel format inspectd cannot convert (a user set loaded at power-up,
     no pixel_format in the config): every such frame is a part, so it gets the fail-safe verdict
     as a malformed frame with the reason — not a "camera lost" reconnect loop that judges nothing.
@@ -273,11 +277,7 @@ def test_a_pixel_format_it_cannot_convert_gets_fail_safe_verdicts_not_reconnects
         "lines": [{"id": "cam", "bundle": str(toy_path), "threshold": 1000.0, "latency_budget_ms": 1000,
                    "backends": ["onnxruntime"], "heatmap": {"publish": "none"}, "on_deadline_miss": "NG",
                    "source": {"type": "genicam", "cti": str(CTI), "device": {"serial": "1"}}}]})
-    handler = _LostLog()
-    pipe_log = logging.getLogger("inspectd.pipeline")
-    old_level = pipe_log.level
-    pipe_log.setLevel(logging.INFO)
-    pipe_log.addHandler(handler)
+    handler = lost_log
     daemon = Daemon(cfg)
     daemon.build()
     collected = Collector()
@@ -295,5 +295,3 @@ def test_a_pixel_format_it_cannot_convert_gets_fail_safe_verdicts_not_reconnects
         assert sample(m, "inspectd_dropped_frames_total", line="cam", reason="malformed") >= 10
     finally:
         daemon.stop()
-        pipe_log.removeHandler(handler)
-        pipe_log.setLevel(old_level)
