@@ -349,17 +349,14 @@ class Daemon:
                 log.error("line %s: threshold reload failed, keeping %.4g: the line is no longer in %s",
                           pipeline.line, pipeline.threshold.value, config_path)
                 continue
-            recipes = self.recipes.get(pipeline.line)
-            if recipes is None:
-                self._reload_line(pipeline, None, cfg)
-                continue
+            recipes = self.recipes[pipeline.line]  # build() gives every line its recipes
             with recipes.lock:  # after any switch in progress: the recipe it switched in is reloaded
                 self._reload_line(pipeline, recipes, cfg)
 
-    def _reload_line(self, pipeline: LinePipeline, recipes: LineRecipes | None, cfg: LineConfig | None) -> None:
+    def _reload_line(self, pipeline: LinePipeline, recipes: LineRecipes, cfg: LineConfig | None) -> None:
         """One line's SIGHUP work: the active recipe's threshold, then the recipes waiting."""
         # The ACTIVE recipe's threshold as the config now gives it (a promoted bundle's file: re-read).
-        spec: float | Path | None = recipes.threshold_spec(cfg) if recipes is not None else None
+        spec: float | Path | None = recipes.threshold_spec(cfg)
         before = pipeline.threshold.path
         before_value = pipeline.threshold.value
         drift_before = pipeline.threshold.drift
@@ -375,8 +372,8 @@ class Daemon:
                                  "threshold_file": str(pipeline.threshold.path) if pipeline.threshold.path
                                  else None},
                                 dict(local_who(), via="SIGHUP"), "SIGHUP reload")
-        if recipes is not None:  # standby and rollback engines: a switch must not bring a stale threshold
-            recipes.reload_waiting(cfg, dict(local_who(), via="SIGHUP"))
+        # standby and rollback engines: a switch must not bring a stale threshold
+        recipes.reload_waiting(cfg, dict(local_who(), via="SIGHUP"))
 
     # ---- stop ------------------------------------------------------------------------------------
 
