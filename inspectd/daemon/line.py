@@ -154,11 +154,12 @@ class LineThreshold:
             self._value = float(value)
 
     @classmethod
-    def from_config(cls, line: str, spec: float | str | Path) -> "LineThreshold":
-        """A number, or a path to a calibration JSON file."""
+    def from_config(cls, line: str, spec: float | str | Path, bundle_id: str | None = None) -> "LineThreshold":
+        """A number, or a path to a calibration JSON file; with `bundle_id` (the bundle it will
+        judge) a file calibrated for another bundle is refused."""
         if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-            return cls(line, value=float(spec))
-        return cls(line, path=spec)
+            return cls(line, value=float(spec), bundle_id=bundle_id)
+        return cls(line, path=spec, bundle_id=bundle_id)
 
     @property
     def value(self) -> float:

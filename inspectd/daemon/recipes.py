@@ -93,13 +93,6 @@ def read_state(state_dir: Path, line: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def make_threshold(line: str, spec: float | Path, bundle_id: str) -> LineThreshold:
-    """The threshold that judges `bundle_id`'s scores: a number, or a calibration file made for that bundle."""
-    if isinstance(spec, float):
-        return LineThreshold(line, value=spec, bundle_id=bundle_id)
-    return LineThreshold(line, path=spec, bundle_id=bundle_id)
-
-
 class LineRecipes:
     """The recipe operations of one running line. `audit(line, what, old, new, who, reason)` records
     a change (and returns its generation)."""
@@ -179,7 +172,7 @@ class LineRecipes:
         try:
             bundle = load_bundle(spec.bundle)
             check_line_roi(spec.roi, bundle.roi, f"recipe {spec.name} roi", bundle.path)
-            threshold = make_threshold(self.line, spec.threshold, bundle.bundle_id)
+            threshold = LineThreshold.from_config(self.line, spec.threshold, bundle.bundle_id)
         except (InspectdError, OSError) as exc:
             raise RecipeNotReady(f"recipe {spec.name!r}: {exc}") from None
         return self.pipeline.open_recipe_engine(spec.name, bundle, threshold, spec.roi,

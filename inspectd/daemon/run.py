@@ -17,9 +17,9 @@ from inspectd.daemon.config import (DaemonConfig, LineConfig, config_warnings, l
 from inspectd.errors import ConfigError, InspectdError
 from inspectd.daemon.audit import AuditLog, audit_path, local_who
 from inspectd.daemon.control import ControlServer, socket_path
-from inspectd.daemon.recipes import LineRecipes, make_threshold
+from inspectd.daemon.recipes import LineRecipes
 from inspectd.daemon.archive import NgArchive
-from inspectd.daemon.line import LineSettings, options_dict
+from inspectd.daemon.line import LineSettings, LineThreshold, options_dict
 from inspectd.daemon.live import LiveView
 from inspectd.daemon.metrics import Metrics, MetricsServer
 from inspectd.daemon.pipeline import LinePipeline
@@ -116,7 +116,7 @@ class Daemon:
             spec = recipes.initial
             settings = dataclasses.replace(line_settings(cfg, ort_lines), roi=spec.roi)
             bundle = load_bundle(spec.bundle)
-            threshold = make_threshold(cfg.id, spec.threshold, bundle.bundle_id)
+            threshold = LineThreshold.from_config(cfg.id, spec.threshold, bundle.bundle_id)
             # Same pixels as training: a line ROI other than the bundle's is refused (none: the bundle's applies).
             named = f", recipe {spec.name}" if cfg.recipes else ""  # no recipes: the line's own bundle
             check_line_roi(spec.roi, bundle.roi, f"lines[{self.config.lines.index(cfg)}].roi (line {cfg.id}{named})",
