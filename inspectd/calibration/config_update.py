@@ -97,15 +97,13 @@ def check_line(config_path: str | os.PathLike, line_id: str, bundle_id: str | No
     config = Path(config_path)
     _, data = read_config(config)
     threshold = find_line(data, line_id, config).get("threshold")
-    _validate_with_daemon_schema(config, data)
+    validated = _validate_with_daemon_schema(config, data)
     threshold_target(config, data, line_id)  # a file clash fails now, not after scoring
     if bundle_id is not None:
-        from inspectd.daemon.config import config_from_dict
         from inspectd.engines.bundle import load_bundle
         from inspectd.errors import InspectdError
 
-        line = next(c for c in config_from_dict(data, source=str(config), base_dir=config.resolve().parent).lines
-                    if c.id == line_id)
+        line = next(c for c in validated.lines if c.id == line_id)
         try:
             own = load_bundle(line.bundle).bundle_id
         except InspectdError:  # the daemon reports a line bundle that does not load; nothing to compare
@@ -251,11 +249,12 @@ def repoint_yaml(config: Path, text: str, line_id: str, file_name: str) -> str:
     return out.getvalue()
 
 
-def _validate_with_daemon_schema(config: Path, data: dict[str, Any]) -> None:
-    """Refuse a config the daemon would reject (its schema, errors naming the file and field)."""
+def _validate_with_daemon_schema(config: Path, data: dict[str, Any]) -> Any:
+    """Refuse a config the daemon would reject (its schema, errors naming the file and field);
+    returns the validated DaemonConfig."""
     from inspectd.daemon.config import config_from_dict
 
-    config_from_dict(data, source=str(config), base_dir=config.resolve().parent)
+    return config_from_dict(data, source=str(config), base_dir=config.resolve().parent)
 
 
 def _write_like(path: Path, data: bytes, like: Path) -> None:
