@@ -72,23 +72,44 @@ class AuditLog:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return 0
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot read the audit log ({exc.strerror or exc})") from None
         try:
             return _last_generation(fd)
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot read the audit log ({exc.strerror or exc})") from None
         finally:
             os.close(fd)
 
-    def append(self, line: str | None, what: str, old: Any, new: Any, who: dict[str, Any],
-               reason: str | None = None, **extra: Any) -> dict[str, Any]:
+    def _open_for_append(self) -> int:
+        """O_APPEND descriptor; a log created here belongs to the state folder's owner, so a first
+        record written by root (`sudo inspectd calibrate`) leaves it writable by the service user."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, AUDIT_MODE)
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, AUDIT_MODE)
+            except FileExistsError:
+                return os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
             raise ConfigError(f"{self.path}: cannot open the audit log ({exc.strerror or exc})") from None
+        folder = os.stat(self.path.parent)
+        if os.geteuid() == 0:
+            try:
+                os.fchown(fd, folder.st_uid, folder.st_gid)
+            except OSError:
+                pass  # the record matters more than its owner
+        return fd
+
+    def append(self, line: str | None, what: str, old: Any, new: Any, who: dict[str, Any],
+               reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        fd = self._open_for_append()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             rfd = os.open(self.path, os.O_RDONLY)
             try:
                 generation = _last_generation(rfd) + 1
+                size = os.fstat(rfd).st_size
+                torn = size > 0 and os.pread(rfd, 1, size - 1) != b"\n"
             finally:
                 os.close(rfd)
             now_ns = time.time_ns()
@@ -96,10 +117,19 @@ class AuditLog:
                       "time_ns": now_ns, "generation": generation, "line": line, "what": what,
                       "old": old, "new": new, "reason": reason, "who": who, **extra}
             data = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
-            written = os.write(fd, data)   # one write on O_APPEND: never interleaved with another writer
-            if written != len(data):
-                raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes)")
-            os.fsync(fd)
+            if torn:
+                data = b"\n" + data  # a record torn by a crash stays its own (unreadable) line
+            try:
+                written = os.write(fd, data)   # one write on O_APPEND: never interleaved with another writer
+                if written != len(data):
+                    raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes)")
+                os.fsync(fd)
+            except OSError:
+                try:  # a full disk tore the record: take it back (we hold the lock), never glue the next to it
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise
             return record
         finally:
             os.close(fd)   # releases the flock

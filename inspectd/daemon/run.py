@@ -137,7 +137,7 @@ class Daemon:
             self.lines[cfg.id] = pipeline
             recipes.attach(pipeline, self.publisher, self.metrics)
             self.recipes[cfg.id] = recipes
-        self.metrics.config_generation.set(self.audit.generation())
+        self.metrics.config_generation.set(self._audit_generation())
         for line_id in self.lines:
             self.publisher.register_line(line_id)
 
@@ -213,10 +213,18 @@ class Daemon:
             record = self.audit.append(line, what, old, new, who, reason)
         except (InspectdError, OSError) as exc:
             log.error("audit log %s: record not written (%s): %s %s -> %s", self.audit.path, exc, what, old, new)
-            return self.audit.generation()
+            return self._audit_generation()
         log.info("audit: generation %d: line %s %s by %s", record["generation"], line, what, who.get("user"))
         self.metrics.config_generation.set(record["generation"])
         return record["generation"]
+
+    def _audit_generation(self) -> int:
+        """The audit log's generation; an unreadable log is logged, never a reason to stop inspecting."""
+        try:
+            return self.audit.generation()
+        except InspectdError as exc:
+            log.error("audit log: %s (config generation reported as 0)", exc)
+            return 0
 
     def _control_request(self, req: dict, who: dict) -> dict:
         op = req.get("op")

@@ -1,0 +1,85 @@
+"""The audit trail under real operations: a full disk that tears a record, a log the daemon cannot
+read or write, a log first created by root (`sudo inspectd calibrate`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inspectd.daemon.audit import AuditLog, audit_path, local_who
+from tests.daemon.test_recipes import _Collector, _config, _replay
+from tests.daemon.test_run import Daemon
+
+
+def _fill(folder: Path) -> Path:
+    """Write into `folder` until its filesystem is full; the filler file is returned."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 1024) > 0:
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_record_torn_by_a_full_disk_never_swallows_the_next_one(tiny_tmpfs: Path) -> None:
+    """The disk fills in the middle of a record: the append fails, and once there is room again the
+    next record (and every later one) is readable, with a generation one above the last good one."""
+    log = AuditLog(tiny_tmpfs / "audit.jsonl")
+    assert log.append("line1", "threshold", 4.0, 5.0, local_who())["generation"] == 1
+    filler = _fill(tiny_tmpfs)
+    with pytest.raises(OSError):
+        log.append("line1", "recipe", "A", "B", local_who(), reason="x" * 20000)  # larger than what is left
+    filler.unlink()
+    promoted = log.append("line1", "promote", "A", "B", local_who())
+    later = log.append("line1", "rollback", "B", "A", local_who())
+    records = list(log.records())
+    assert [r["what"] for r in records] == ["threshold", "promote", "rollback"], records
+    assert [r["generation"] for r in records] == [1, 2, 3]
+    assert (promoted["generation"], later["generation"]) == (2, 3)
+    assert log.path.read_bytes().endswith(b"\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it plays `sudo inspectd calibrate`")
+def test_a_log_first_written_by_root_belongs_to_the_state_folders_owner(tmp_path: Path) -> None:
+    """`sudo inspectd calibrate` is often the first to write the audit log: the file must stay
+    writable by the service user who owns the state folder, or the daemon's own records fail."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    AuditLog(audit_path(state)).append("line1", "calibrate", None, 5.0, local_who())
+    st = audit_path(state).stat()
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+
+
+def test_an_unreadable_audit_log_never_stops_inspection(tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
+    """The audit log cannot be read or written (here: a folder where the file should be; in the field:
+    root-owned after a `sudo` command, or a broken disk). The daemon starts, a SIGHUP recalibration
+    still applies (the record that could not be written is logged), and the line keeps judging."""
+    state = tmp_path / "state"
+    audit_path(state).mkdir(parents=True)
+    replay = _replay(tmp_path, synthetic_parts)
+    cfg = _config(tmp_path, replay, tiny_bundle)
+    daemon = Daemon(cfg)
+    col = _Collector(f"ipc://{tmp_path}/pub.sock")
+    try:
+        daemon.wait_log(r"ready: line1")
+        col.wait(lambda: len(col.headers()) >= 5)
+        _config(tmp_path, replay, tiny_bundle, threshold=6.0)
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"audit log .*: record not written")
+        n = len(col.headers())
+        col.wait(lambda: len([h for h in col.headers()[n:] if h["threshold"] == 6.0]) >= 5)
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        code = daemon.proc.wait(10)
+        col.close()
+    assert code == 0, "\n".join(daemon.lines[-20:])
