@@ -199,6 +199,9 @@ class NgArchive:
                     self._probe(image, heatmap, header)
                 elif self.enabled:
                     self._write(image, heatmap, header)
+            except Exception:  # one bad record must never end the writer: the queue would fill for good
+                self._count_error()
+                log.exception("NG archive %s: record failed", self.line)
             finally:
                 self._queue.task_done()
 
@@ -224,11 +227,14 @@ class NgArchive:
         finally:
             self._probe_queued = False
 
-    def _disable(self, exc: OSError) -> None:
+    def _count_error(self) -> None:
         self.errors += 1
-        self._disabled_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.archive_errors.labels(line=self.line).inc()
+
+    def _disable(self, exc: OSError) -> None:
+        self._count_error()
+        self._disabled_at = time.monotonic()
         if self.enabled:
             self.enabled = False
             if self.metrics is not None:
@@ -267,8 +273,16 @@ class NgArchive:
         while self.total_bytes > self.quota_bytes and len(self._records) > 1:
             rec = self._records.popleft()
             for path in rec.paths:
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     path.unlink()
+                except FileNotFoundError:
+                    pass
+                except PermissionError as exc:
+                    # Made undeletable by someone else (chattr +i, another owner): leave it and stop
+                    # counting it, so the quota is kept on the records this archive can delete.
+                    self._count_error()
+                    log.warning("NG archive %s: cannot delete %s (%s): left in place, no longer counted",
+                                self.line, path, exc.strerror or exc)
             self._stems.discard(rec.stem)
             self.total_bytes -= rec.size
             self.deleted += 1
@@ -294,18 +308,20 @@ class NgArchive:
     def _write(self, image: np.ndarray, heatmap: np.ndarray | None, header: dict) -> None:
         try:
             stem = self._stem_for(header)
-            files: list[tuple[Path, bytes]] = [(stem.with_name(stem.name + ".png"), _encode_png(image, rgb=True))]
-            if heatmap is not None:
-                files.append((stem.with_name(stem.name + "_heatmap.png"), _encode_png(heatmap, rgb=False)))
             sidecar = dict(json_value(header))
-            sidecar["image_file"] = files[0][0].name
-            sidecar["heatmap_file"] = files[1][0].name if heatmap is not None else None
+            files: list[tuple[Path, bytes]] = []
+            # A frame that arrived without pixels (a malformed camera buffer) keeps its sidecar: the
+            # record of the fail-safe verdict is the evidence.
+            for part, array, rgb in (("image_file", image, True), ("heatmap_file", heatmap, False)):
+                sidecar[part] = None
+                if array is not None:
+                    path = stem.with_name(stem.name + (".png" if rgb else "_heatmap.png"))
+                    files.append((path, _encode_png(array, rgb=rgb)))
+                    sidecar[part] = path.name
             files.append((stem.with_name(stem.name + ".json"),
                           json.dumps(sidecar, allow_nan=False, indent=1).encode()))
-        except (ValueError, TypeError) as exc:  # a bad item, not a bad disk: skip it, stay enabled
-            self.errors += 1
-            if self.metrics is not None:
-                self.metrics.archive_errors.labels(line=self.line).inc()
+        except Exception as exc:  # a bad item (cv2.error included), not a bad disk: skip it, stay enabled
+            self._count_error()
             log.error("NG archive %s: record skipped: %s", self.line, exc)
             return
         rec = _Record(stem)

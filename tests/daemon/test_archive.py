@@ -263,3 +263,69 @@ def test_archive_switches_itself_back_on_when_disk_space_returns(tiny_tmpfs, arc
         assert len(list(mnt.rglob("*.json"))) == saved + 4
     finally:
         arch.stop(5)
+
+
+def test_a_frame_without_pixels_is_archived_as_its_record_and_the_writer_lives(tmp_path, archives):
+    """A frame the camera delivered in a format that could not be converted has no image (its
+    fail-safe NG verdict still reaches the archive); an empty image cannot be encoded. Neither may
+    end the archive's thread: the first is kept as its sidecar, the second skipped and counted."""
+    arc = archives(tmp_path, 10_000_000, "line1", queue_size=4)
+    arc.start()
+    broken = Frame(line="line1", frame_id=5, acquired_ns=DAY1, acquired_mono=0.0, image=None,
+                   meta={"error": "pixel format Mono12p cannot be converted"})
+    failsafe = Verdict(line="line1", frame_id=5, acquired_ns=DAY1, verdict="NG", score=None, raw_score=None,
+                       threshold=4.0, latency_ms=1.0, deadline_missed=False, backend="onnxruntime-cpu",
+                       bundle_id="b1", error="malformed frame: pixel format Mono12p cannot be converted")
+    assert arc.submit(broken, failsafe)
+    assert arc.save(np.zeros((0, 0, 3), np.uint8), None, header(6, DAY1 + 1_000_000))
+    for i in range(8):  # more than the queue holds: the writer must still be draining it
+        assert arc.save(image(i), None, header(10 + i, DAY1 + (2 + i) * 1_000_000))
+        assert arc.wait_idle(10)
+    assert arc.enabled and arc.saved == 9 and arc.errors == 1 and arc.dropped == 0
+    side = json.loads((tmp_path / "line1" / "2024-05-01" / "235900000_f0000000005.json").read_text())
+    assert side["image_file"] is None and "Mono12p" in side["error"]
+    assert arc.stop(5)
+
+
+@pytest.fixture
+def immutable():
+    """chattr +i on files (undeletable even by root), undone after the test."""
+    import subprocess
+
+    made = []
+
+    def make(path):
+        proc = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"chattr +i not possible here: {proc.stderr.strip()}")
+        made.append(path)
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def test_a_record_that_cannot_be_deleted_is_left_and_the_quota_still_holds(tmp_path, archives, immutable):
+    """An old evidence image someone made undeletable (chattr +i, another owner, a backup tool's
+    permissions) must not switch the archive off, nor let it grow past its quota: it is left
+    alone, and the quota is kept by deleting the other old records."""
+    first = archives(tmp_path, 10_000_000, "line1")
+    first.start()
+    for i in range(3):
+        first.save(image(0), None, header(i, DAY1 + i * 1_000_000_000))
+        first.wait_idle(10)
+    record = first.total_bytes // 3
+    assert first.stop(5)
+    pinned = tmp_path / "line1" / "2024-05-01" / "235900000_f0000000000.png"
+    immutable(pinned)
+    arc = archives(tmp_path, 4 * record + record // 2, "line1")
+    arc.start()
+    for i in range(12):
+        assert arc.save(image(0), None, header(100 + i, DAY2 + i * 1_000_000_000))
+        assert arc.wait_idle(10)
+    assert arc.enabled and arc.saved == 12
+    assert pinned.exists()
+    on_disk = sum(p.stat().st_size for p in all_files(tmp_path))
+    assert on_disk <= arc.quota_bytes + pinned.stat().st_size, (on_disk, arc.quota_bytes)
+    kept = sorted(p.name for p in (tmp_path / "line1" / "2024-05-02").glob("*.json"))
+    assert kept[-1] == "080011000_f0000000111.json" and len(kept) >= 3
