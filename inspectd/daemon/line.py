@@ -88,6 +88,13 @@ class LineSettings:
             raise ConfigError(f"line {self.line}: queue size must be >= 1")
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer literal no float can hold
+        return False
+
+
 def read_calibration(path: Path, bundle_id: str | None = None) -> dict[str, Any]:
     """A calibration JSON file with a finite `threshold`; ConfigError naming the file and what is wrong.
     With `bundle_id` (the bundle the threshold will judge), a file calibrated for another bundle is
@@ -102,8 +109,8 @@ def read_calibration(path: Path, bundle_id: str | None = None) -> dict[str, Any]
     if not isinstance(data, dict) or "threshold" not in data:
         raise ConfigError(f"{path}: no \"threshold\" field (expected a calibration JSON object)")
     value = data["threshold"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{path}: threshold {value!r} is not a finite number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+        raise ConfigError(f"{path}: threshold {repr(value)[:40]} is not a finite number")
     made_for = data.get("bundle_id")
     if bundle_id is not None and isinstance(made_for, str) and made_for != bundle_id:
         raise ConfigError(f"{path}: calibrated for bundle {made_for}, not for bundle {bundle_id} that it would "

@@ -47,6 +47,7 @@ WARMUP_STALL_S = 60.0        # first calls load kernels / allocate arenas: slowe
 RUNNER_CLOSE_S = 5.0         # closing a backend that is not stuck
 # Watchdog: a loop that has not moved for this long is hung (camera and engine state do not count).
 PROGRESS_STALE_MIN_S = 10.0
+ENGINE_RETRY_S = (10.0, 300.0)  # an engine that failed to open is tried again after this, doubling up to that
 ENGINE_OPEN_STALE_S = 300.0  # loading + parity-gating an engine (never building one): given up after
 
 
@@ -205,6 +206,10 @@ class LinePipeline:
         self._consecutive_engine_errors = 0
         self._stalled = False
         self._excluded_backends: list[str] = []   # failed at run time: never reopened by this line
+        # A failed open may be transient (device memory taken, a driver reset): tried again, backing off.
+        self.engine_retry_s = ENGINE_RETRY_S
+        self._retry_wait_s = 0.0
+        self._retry_at: float | None = None
         self._budget_s = settings.latency_budget_ms / 1000.0
         self.stall_after_s = (float(stall_after_s) if stall_after_s is not None
                               else max(ENGINE_STALL_MIN_S, ENGINE_STALL_BUDGETS * self._budget_s))
@@ -315,6 +320,7 @@ class LinePipeline:
             old, self._active = self._active, new   # the one assignment the worker sees
         self.backend_name = new.backend
         self.failed = None
+        self._retry_at = None
         self._set_engine_ok(True)
         if self.metrics is not None:
             self.metrics.set_engine(self.line, new.backend, new.bundle.bundle_id)
@@ -621,6 +627,8 @@ class LinePipeline:
                     break
                 active = self._active        # once per frame: engine, bundle, ROI, threshold together
                 self._process(active, *item)
+                if active.runner is None and self._active is active:
+                    self._retry_engine(active)
                 if active.runner is not None and (self._stalled or
                                                   self._consecutive_engine_errors >= self._failover_after):
                     if self._active is active:
@@ -643,6 +651,25 @@ class LinePipeline:
                 retired, self._retired = self._retired, []
             for old in retired:
                 old.close(0.0 if old.busy else 1.0)
+
+    def _retry_engine(self, active: ActiveRecipe) -> None:
+        """The active recipe has no engine (its open failed): open it again once the back-off has
+        passed (frames meanwhile get the fail-safe verdict, as they did since the failure)."""
+        now = time.monotonic()
+        if self._retry_at is None:
+            self._retry_wait_s = self.engine_retry_s[0]
+            self._retry_at = now + self._retry_wait_s
+            return
+        if now < self._retry_at:
+            return
+        log.warning("line %s: opening the engine again (%s)", self.line, self.failed)
+        runner = self._open_engine()
+        self._install_runner(active, runner)
+        if runner is None:
+            self._retry_wait_s = min(2.0 * self._retry_wait_s, self.engine_retry_s[1])
+            self._retry_at = time.monotonic() + self._retry_wait_s
+        else:
+            self._retry_at = None
 
     def _install_runner(self, expected: ActiveRecipe, runner: "_EngineRunner | None") -> None:
         """The worker's new runner for the recipe it opened it for; if a recipe was switched in

@@ -28,6 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from inspectd.daemon.audit import local_who
 from inspectd.daemon.config import DEFAULT_RECIPE, LineConfig, ThresholdFile
 from inspectd.daemon.line import LineThreshold
 from inspectd.daemon.pipeline import ActiveRecipe, LinePipeline, RecipeNotReady
@@ -129,6 +130,30 @@ class LineRecipes:
         self.shadow: Any = None
         self.shadow_spec: RecipeSpec | None = None
 
+    def drop_persisted_override(self, exc: Exception) -> bool:
+        """The recipe active at start came from a promote persisted in recipes.json, and it cannot be
+        loaded (`exc`). Go back to the config's spec for it, say so (log, audit) and stop persisting
+        the lost one. False if the spec is the config's own (then the config is wrong: start refused)."""
+        name = self.initial.name
+        base = config_specs(self.cfg)[name]
+        if (self.initial.bundle, self.initial.threshold) == (base.bundle, base.threshold):
+            return False
+        lost = self.initial
+        log.error("line %s: recipe %s as promoted (bundle %s, threshold %s) cannot be used: %s; judging with "
+                  "the config's (bundle %s) instead — restore that bundle and promote it again to go back",
+                  self.line, name, lost.bundle, threshold_json(lost.threshold), exc, base.bundle)
+        self.initial = self.specs[name] = dataclasses.replace(base, preload=lost.preload)
+        state = copy.deepcopy(self.state)
+        for key in ("overrides", "previous"):
+            (state.get(key) or {}).pop(name, None)
+        try:
+            self._save_state(state)
+        except RecipeNotReady as save_exc:
+            log.error("%s", save_exc)
+        self.audit(self.line, "recipe", dict(lost.describe(), recipe=name), dict(base.describe(), recipe=name),
+                   local_who("start"), f"persisted promote unusable at start: {exc}")
+        return True
+
     # ---- start -----------------------------------------------------------------------------------
 
     def attach(self, pipeline: LinePipeline, publisher: Any, metrics: Any) -> None:
@@ -143,25 +168,49 @@ class LineRecipes:
     def _start(self) -> None:
         assert self.pipeline is not None
         self.pipeline.engine_resolved.wait()
-        for spec in self.specs.values():
+        for spec in list(self.specs.values()):
             if spec.preload and spec.name != self.pipeline.recipe:
+                # Opened without the lock (seconds: switches and SIGHUP must not wait), parked with it.
                 try:
-                    self.standby[spec.name] = self._open(spec)
+                    opened: ActiveRecipe | str = self._open(spec)
                 except (RecipeNotReady, InspectdError) as exc:
-                    self.standby[spec.name] = str(exc)
+                    opened = str(exc)
                     log.error("line %s: preload of recipe %s failed: %s", self.line, spec.name, exc)
-        shadow = self.state.get("shadow", "config")
-        spec = None
-        if shadow == "config" and self.cfg.shadow is not None:
-            spec = RecipeSpec("shadow", self.cfg.shadow.bundle, _spec_threshold(self.cfg.shadow.threshold),
-                              self.initial.roi)
-        elif isinstance(shadow, dict):
-            spec = _from_state("shadow", shadow, self.initial.roi)
-        if spec is not None:
-            try:
-                self._start_shadow(spec)
-            except (RecipeNotReady, InspectdError) as exc:
-                log.error("line %s: shadow bundle not started: %s", self.line, exc)
+                self._park_preload(spec.name, opened)
+        with self.lock:  # an operator's shadow set meanwhile wins over the one start-up would open
+            shadow = self.state.get("shadow", "config")
+            spec = None
+            if shadow == "config" and self.cfg.shadow is not None:
+                spec = RecipeSpec("shadow", self.cfg.shadow.bundle, _spec_threshold(self.cfg.shadow.threshold),
+                                  self.initial.roi)
+            elif isinstance(shadow, dict):
+                spec = _from_state("shadow", shadow, self.initial.roi)
+            if spec is not None and self.shadow is None:
+                try:
+                    self._start_shadow(spec)
+                except (RecipeNotReady, InspectdError) as exc:
+                    log.error("line %s: shadow bundle not started: %s", self.line, exc)
+
+    def _park_preload(self, name: str, opened: ActiveRecipe | str) -> None:
+        """A preload's outcome into standby, unless a switch got there first (then its engine is
+        closed). Its threshold is read again: a SIGHUP during the open could not reach it."""
+        assert self.pipeline is not None
+        with self.lock:
+            taken = name == self.pipeline.recipe or isinstance(self.standby.get(name), ActiveRecipe)
+            if taken:
+                if isinstance(opened, ActiveRecipe):
+                    self.pipeline.retire(opened)
+                return
+            self.standby[name] = opened
+            if isinstance(opened, ActiveRecipe):
+                before = self._desc(opened)
+                opened.threshold.reload(self.specs[name].threshold)
+                after = self._desc(opened)
+                if (after["threshold"], after["threshold_file"]) != (before["threshold"], before["threshold_file"]):
+                    self._record("threshold", before, after, local_who("start"),
+                                 "changed while its preloaded engine opened")
+                log.info("line %s: recipe %s ready in standby (threshold %.4g)", self.line, name,
+                         opened.threshold.value)
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -233,16 +282,24 @@ class LineRecipes:
             if name not in self.specs:
                 raise RecipeNotReady(f"unknown recipe {name!r} (line {self.line} has: {', '.join(self.specs)})")
             current = self.pipeline.active
-            if name == current.name:
+            if name == current.name and current.runner is not None:
                 return {"line": self.line, "active": self._desc(current), "changed": False}
             sb = self.standby.get(name)
-            if isinstance(sb, str):
-                raise RecipeNotReady(f"recipe {name!r} is not ready: {sb}")
-            new = sb if isinstance(sb, ActiveRecipe) else self._open(self.specs[name])
+            if isinstance(sb, ActiveRecipe):
+                new = sb
+            else:  # not preloaded, a preload that failed, or the active recipe whose engine failed: open it now
+                try:
+                    new = self._open(self.specs[name])
+                except RecipeNotReady as exc:
+                    if isinstance(sb, str):
+                        self.standby[name] = str(exc)
+                    raise
             self._save_or_drop(dict(self.state, active=name), None if new is sb else new)
             old = self.pipeline.activate(new)
             self.standby.pop(name, None)
-            if self.specs[old.name].preload:
+            if old.runner is None:
+                pass                            # the engine that had failed: nothing to keep or close
+            elif self.specs[old.name].preload:
                 self.standby[old.name] = old    # stays warm for the next switch back
             elif old.name not in self.previous or self.previous[old.name] is not old:
                 self.pipeline.retire(old)

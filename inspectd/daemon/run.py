@@ -101,7 +101,6 @@ class Daemon:
     def build(self) -> None:
         """Everything that can fail on bad input, before any thread starts (errors are one line)."""
         from inspectd.daemon.sources import make_source
-        from inspectd.engines.bundle import check_line_roi, load_bundle
 
         curve = _curve_keys(self.config)
         ort_lines = sum("onnxruntime" in cfg.backends for cfg in self.config.lines)
@@ -113,14 +112,15 @@ class Daemon:
             # The recipe active at start: the config's `recipe` (default: the line's own bundle and
             # threshold) unless a switch/promote persisted in state_dir says otherwise (daemon/recipes.py).
             recipes = LineRecipes(cfg, self.config.state_dir, self._record_change)
-            spec = recipes.initial
+            try:
+                spec, bundle, threshold = self._open_initial(cfg, recipes)
+            except (InspectdError, OSError) as exc:
+                # What a promote persisted can go stale (the candidate's folder cleaned up): that line
+                # goes back to its config's recipe; it never keeps every other line from starting.
+                if not recipes.drop_persisted_override(exc):
+                    raise
+                spec, bundle, threshold = self._open_initial(cfg, recipes)
             settings = dataclasses.replace(line_settings(cfg, ort_lines), roi=spec.roi)
-            bundle = load_bundle(spec.bundle)
-            threshold = LineThreshold.from_config(cfg.id, spec.threshold, bundle.bundle_id)
-            # Same pixels as training: a line ROI other than the bundle's is refused (none: the bundle's applies).
-            named = f", recipe {spec.name}" if cfg.recipes else ""  # no recipes: the line's own bundle
-            check_line_roi(spec.roi, bundle.roi, f"lines[{self.config.lines.index(cfg)}].roi (line {cfg.id}{named})",
-                           bundle.path)
             source = make_source(cfg)
             archive = None
             self.metrics.archive_enabled.labels(line=cfg.id).set(0)
@@ -140,6 +140,19 @@ class Daemon:
         self.metrics.config_generation.set(self._audit_generation())
         for line_id in self.lines:
             self.publisher.register_line(line_id)
+
+    def _open_initial(self, cfg: LineConfig, recipes: LineRecipes) -> tuple[Any, Any, LineThreshold]:
+        """The line's recipe at start: its spec, loaded bundle and threshold (ROI checked)."""
+        from inspectd.engines.bundle import check_line_roi, load_bundle
+
+        spec = recipes.initial
+        bundle = load_bundle(spec.bundle)
+        threshold = LineThreshold.from_config(cfg.id, spec.threshold, bundle.bundle_id)
+        # Same pixels as training: a line ROI other than the bundle's is refused (none: the bundle's applies).
+        named = f", recipe {spec.name}" if cfg.recipes else ""  # no recipes: the line's own bundle
+        check_line_roi(spec.roi, bundle.roi, f"lines[{self.config.lines.index(cfg)}].roi (line {cfg.id}{named})",
+                       bundle.path)
+        return spec, bundle, threshold
 
     def start(self, stop_requested: threading.Event | None = None,
               before_lines: Any | None = None) -> bool:
@@ -433,7 +446,18 @@ def run(config_path: str | Path) -> int:
     def on_hup(_signum: int, _frame: Any) -> None:
         reload_requested.set()
 
-    # Handlers only set flags; the main thread does the work (a handler may interrupt anything).
+    def reload_loop() -> None:
+        # Its own thread: a reload waits for each line's recipe operation in progress (an engine
+        # open can take minutes), and SIGTERM must never wait behind it.
+        while not stop_requested.is_set():
+            if reload_requested.wait(0.2):
+                reload_requested.clear()
+                try:
+                    daemon.reload_thresholds(config_path)
+                except Exception:  # never leave a SIGHUP unanswered for good, nor end the loop
+                    log.exception("SIGHUP reload failed; the thresholds in use are kept")
+
+    # Handlers only set flags; the main and reload threads do the work (a handler may interrupt anything).
     old = {s: signal.signal(s, h) for s, h in
            ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup))}
     daemon = Daemon(config)
@@ -441,10 +465,9 @@ def run(config_path: str | Path) -> int:
         daemon.build()
         try:
             daemon.start(stop_requested)
+            threading.Thread(target=reload_loop, name="reload", daemon=True).start()
             while not stop_requested.wait(0.1):
-                if reload_requested.is_set():
-                    reload_requested.clear()
-                    daemon.reload_thresholds(config_path)
+                pass
         finally:
             daemon.stop()
     finally:

@@ -393,7 +393,8 @@ def test_check_config_reads_the_threshold_file(tmp_path: Path) -> None:
     path = _write(tmp_path, MINIMAL.replace("threshold: 3.0", "threshold: {file: line1.threshold.json}"))
     calib = tmp_path / "line1.threshold.json"
     for content, expected in (("{broken", "unreadable threshold file"), ('{"thresh": 3}', 'no "threshold" field'),
-                              ('{"threshold": "high"}', "is not a finite number")):
+                              ('{"threshold": "high"}', "is not a finite number"),
+                              ('{"threshold": 1' + '0' * 400 + '}', "is not a finite number")):  # no float holds it
         calib.write_text(content)
         msg = _error(path, validate_paths=True)
         assert msg.startswith(f"{path}: lines[0].threshold.file: {calib}: ") and expected in msg, msg

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -146,7 +147,7 @@ def test_recipe_switch_under_load_refusal_audit_and_auth(tmp_path: Path, tiny_bu
     try:
         port = int(daemon.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
         daemon.wait_log(r"ready: line1")
-        daemon.wait_log(r"recipe B engine onnxruntime warmed up")
+        daemon.wait_log(r"recipe B ready in standby")
         col.wait(lambda: len(col.headers()) >= 20)
         assert stat.S_IMODE(sock.stat().st_mode) == 0o660
 
@@ -324,8 +325,8 @@ def test_drift_watch_follows_the_active_recipe(tmp_path: Path, tiny_bundle: Path
     try:
         port = int(daemon.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
         daemon.wait_log(r"ready: line1")
-        daemon.wait_log(r"recipe far engine onnxruntime warmed up")
-        daemon.wait_log(r"recipe number engine onnxruntime warmed up")
+        daemon.wait_log(r"recipe far ready in standby")
+        daemon.wait_log(r"recipe number ready in standby")
         assert 0.3 < drift_until(lambda v: v is not None) < 0.7
         assert request(sock, {"op": "recipe", "line": "line1", "name": "far"})["ok"]
         assert drift_until(lambda v: v is not None and v > 0.99) == 1.0
@@ -366,7 +367,7 @@ def test_sighup_reloads_every_recipes_threshold(tmp_path: Path, tiny_bundle: Pat
 
     try:
         daemon.wait_log(r"ready: line1")
-        daemon.wait_log(r"recipe B engine onnxruntime warmed up")
+        daemon.wait_log(r"recipe B ready in standby")
         col.wait(lambda: len(col.headers()) >= 5)
         _calib(b_file, 8.0)                                  # recalibrated while B waits in standby
         recipes[1]["threshold"] = 4.0                        # and the config moves C
@@ -517,3 +518,79 @@ def test_rollback_after_a_restart_restores_the_recalibrated_threshold(tmp_path: 
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.proc.wait(10)
         col.close()
+
+
+def test_sigterm_is_not_held_up_by_a_sighup_waiting_behind_a_shadow_open(tmp_path: Path, tiny_bundle: Path,
+                                                                        synthetic_parts: Any) -> None:
+    """An operator's shadow bundle is opening (here it hangs: the bundle sits on a share that does
+    not answer, its manifest a FIFO nobody writes), a SIGHUP arrives and must wait for that line, then
+    SIGTERM: the daemon stops within systemd's budget instead of waiting for the hung open."""
+    hung = tmp_path / "hung-bundle"
+    hung.mkdir()
+    os.mkfifo(hung / "manifest.json")
+    cfg = _config(tmp_path, _replay(tmp_path, synthetic_parts), tiny_bundle)
+    daemon = Daemon(cfg)
+    answers: list[Any] = []
+
+    def ask() -> None:
+        try:
+            answers.append(request(socket_path(tmp_path / "state"),
+                                   {"op": "shadow", "line": "line1", "bundle": str(hung), "threshold": 7.0},
+                                   timeout_s=60))
+        except Exception as exc:
+            answers.append(exc)
+
+    try:
+        daemon.wait_log(r"ready: line1")
+        threading.Thread(target=ask, daemon=True).start()
+        time.sleep(1.0)                                  # the shadow open holds the line, reading the manifest
+        assert not answers
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"SIGHUP: reloading thresholds")
+        time.sleep(0.5)
+        began = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        try:
+            code = daemon.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - began
+    finally:
+        daemon.kill()
+    assert code == 0 and took < 5.0, (code, took, daemon.lines[-10:])
+    daemon.wait_log(r"stopped")
+
+
+def test_a_promoted_bundle_that_is_gone_costs_one_line_its_promote_not_every_line_its_start(
+        tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
+    """Line l2 runs a promoted candidate (persisted in its recipes.json); the candidate's folder is
+    cleaned up later. At the next start every line must still inspect: l2 goes back to its config's
+    bundle, says so in one error line and in the audit log, and its state stops naming the lost bundle."""
+    replay = _replay(tmp_path, synthetic_parts)
+    state = tmp_path / "state"
+    gone = tmp_path / "candidate-deleted"
+    (state / "l2").mkdir(parents=True)
+    (state / "l2" / "recipes.json").write_text(json.dumps({
+        "active": "default", "overrides": {"default": {"bundle": str(gone), "threshold": 6.0}},
+        "previous": {"default": {"bundle": str(tiny_bundle), "threshold": 5.0}}, "shadow": None}))
+    cfg = tmp_path / "lines.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "zmq": {"endpoint": f"ipc://{tmp_path}/pub.sock"}, "metrics": {"port": 0}, "heartbeat_interval_s": 0.2,
+        "state_dir": str(state),
+        "lines": [{"id": name, "source": {"type": "replay", "path": str(replay), "loop": True, "fps": 20},
+                   "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0,
+                   "latency_budget_ms": 3000, "heatmap": {"publish": "none"}} for name in ("l1", "l2")]}))
+    daemon = Daemon(cfg)
+    try:
+        daemon.wait_log(r"ready: l1.*l2|ready: l2.*l1")
+        err = daemon.wait_log(r"ERROR .*line l2: .*" + re.escape(str(gone)) + r".*config")
+        assert "l1" not in err.group(0).split("line l2")[0]
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        code = daemon.proc.wait(10)
+    assert code == 0
+    persisted = json.loads((state / "l2" / "recipes.json").read_text())
+    assert "default" not in (persisted.get("overrides") or {}), persisted
+    proc = _cli("audit", "--config", str(cfg), "--line", "l2", "--json")
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [r["what"] for r in records] == ["recipe"] and str(gone) in json.dumps(records[0]["old"]), records

@@ -425,3 +425,41 @@ def test_a_hung_camera_read_is_blind_in_the_heartbeat_not_ok(toy: Bundle) -> Non
     finally:
         source.release.set()
         pipe.stop(timeout_s=3.0)
+
+
+def test_an_engine_that_failed_to_open_is_tried_again_and_the_line_recovers(toy: Bundle, toy_frames: Path) -> None:
+    """The only engine fails to open once (a transient cause: device memory taken by another
+    process; injected as one failing open of the real ONNX Runtime backend). Frames get the
+    fail-safe verdict meanwhile; after the back-off the line opens it again and judges parts."""
+    metrics = Metrics()
+    calls: list[float] = []
+
+    def fails_once(bundle: Bundle, settings: LineSettings, on_fallback: Any,
+                   threshold: float) -> tuple[Backend, EngineInfo]:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("out of device memory (injected)")
+        return open_backend(bundle, list(settings.backend_preference), on_fallback=on_fallback)
+
+    settings = line_settings("again", latency_budget_ms=2000, on_deadline_miss="NG",
+                             backend_preference=("onnxruntime",), queue_size=64, backpressure=True)
+    out = Collector()
+    pipe = LinePipeline(settings, ReplaySource("again", toy_frames, loop=True), toy,
+                        LineThreshold("again", value=THRESHOLD), out, metrics=metrics, backend_opener=fails_once)
+    pipe.engine_retry_s = (0.5, 1.0)
+    pipe.start()
+    try:
+        assert pipe.wait_ready(20.0) and pipe.state == "engine_failed"
+        end = time.monotonic() + 20.0
+        while not any(v.score is not None for v in out.verdicts) and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        pipe.stop(timeout_s=3.0)
+    verdicts = list(out.verdicts)
+    first_real = next(i for i, v in enumerate(verdicts) if v.score is not None)
+    assert first_real > 0 and all(v.verdict == "NG" and "out of device memory" in (v.error or "")
+                                  for v in verdicts[:first_real])
+    assert all(v.error is None for v in verdicts[first_real:])
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.5
+    assert pipe.failed is None and pipe.engine_ok
+    assert sample(metrics, "inspectd_engine_ready", line="again") == 1
