@@ -63,6 +63,8 @@ from inspectd.errors import ConfigError, InspectdError
 
 log = logging.getLogger(__name__)
 
+ZMTP_PING_IVL_MS = 1000      # connection-level pings: a peer silent this long after one is gone
+ZMTP_PING_TIMEOUT_MS = 3000
 KINDS = ("verdict", "heatmap", "heartbeat", "shadow")   # shadow.<line>: a candidate bundle's verdicts
 
 
@@ -286,6 +288,10 @@ class VerdictSubscriber:
         try:
             sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
             sock.setsockopt(zmq.LINGER, 0)
+            # A daemon whose box lost power never closes its end: without pings the connection looks
+            # up forever and ZeroMQ never reconnects when the daemon is back (ZMTP 3.1 PING / PONG).
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_PING_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_PING_TIMEOUT_MS)
             if self.curve is not None:
                 sock.curve_serverkey = self.curve.server_public_key
                 sock.curve_publickey = self.curve.public_key

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
+from inspectd.client import ZMTP_PING_IVL_MS, ZMTP_PING_TIMEOUT_MS
 from inspectd.daemon.frame import Verdict
 from inspectd.fileio import json_value
 from inspectd.errors import ConfigError, InspectdError
@@ -334,6 +335,9 @@ class Publisher:
         try:
             sock.setsockopt(zmq.SNDHWM, self.sndhwm)
             sock.setsockopt(zmq.LINGER, self.linger_ms)
+            # Subscribers whose box vanished without closing are dropped (their queue freed) after this.
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_PING_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_PING_TIMEOUT_MS)
             if self.curve is not None:
                 sock.curve_server = True
                 sock.curve_secretkey = self.curve.secret_key

@@ -574,3 +574,94 @@ def test_watch_prints_line_status_changes(endpoint):
     lines = out.getvalue().splitlines()
     assert "-- line line1: ok" in lines and "!! line line1: camera lost" in lines, lines
     assert lines.index("-- line line1: ok") < lines.index("!! line line1: camera lost")
+
+
+class _BlackHoleRelay:
+    """A TCP hop between subscriber and daemon standing in for the network. `cut()` is the daemon's
+    box losing power: the existing connection goes silent (nothing forwarded, nothing closed: no FIN
+    or RST ever reaches the subscriber); connections made afterwards are relayed again."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+
+        self.upstream = upstream_port
+        self.generation = 0
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.conns: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _pump(self, src, dst, generation: int) -> None:
+        try:
+            while data := src.recv(65536):
+                if self.generation == generation:
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                client.close()  # nothing listening: refused, the subscriber retries
+                continue
+            self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b, self.generation), daemon=True).start()
+
+    def cut(self) -> None:
+        self.generation += 1
+
+    def close(self) -> None:
+        self.listener.close()
+        for c in self.conns:
+            c.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_subscriber_reconnects_after_the_daemons_box_lost_power(tmp_path):
+    """The daemon's box loses power (its TCP connection to a reject gate on another box just goes
+    silent) and comes back on the same address: the subscriber must notice the dead connection,
+    reconnect and report the line healthy again, not stay in 'heartbeat lost' until restarted."""
+    port = _free_port()
+    relay = _BlackHoleRelay(port)
+
+    def daemon() -> Publisher:
+        pub = Publisher(f"tcp://127.0.0.1:{port}", heartbeat_interval_s=0.2)
+        pub.set_line_status("line1", {"state": "ok", "camera_connected": True, "engine_ready": True})
+        pub.start()
+        return pub
+
+    pub = daemon()
+    events = Events()
+    sub = subscriber(f"tcp://127.0.0.1:{relay.port}", events, lines=["line1"], heartbeat_timeout_s=1.0)
+    sub.start()
+    try:
+        events.wait("heartbeat", 3, timeout=10)
+        relay.cut()
+        pub.stop()
+        events.wait("lost", 1, timeout=10)
+        pub = daemon()
+        events.wait("restored", 1, timeout=20)
+        assert sub.line_status("line1").reason == "ok"
+    finally:
+        sub.stop()
+        pub.stop()
+        relay.close()
