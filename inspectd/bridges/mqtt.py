@@ -3,8 +3,10 @@ line's status to `<prefix>/<line>/status` (JSON, retained, QoS 1).
 
 Recipe switch: a message on `<prefix>/<line>/recipe/set` (the recipe name, or JSON {"name", "reason",
 "requester"}) is forwarded to the daemon's control socket; the answer ({"ok": ..., "active"/"error"})
-is published on `<prefix>/<line>/recipe/result` (QoS 1, not retained). Who may publish on recipe/set
-is the broker's ACL to configure (the bridge cannot tell MQTT clients apart).
+is published on `<prefix>/<line>/recipe/result` (QoS 1, not retained). A request the broker replays
+because it was retained is ignored (only live requests switch: a replay at each reconnect would undo
+later switches). Who may publish on recipe/set is the broker's ACL to configure (the bridge cannot
+tell MQTT clients apart).
 
 One MQTT connection per line, so each line's status topic has its own last will ("offline",
 retained): a bridge that dies or loses the broker leaves every line it served marked offline.
@@ -116,6 +118,13 @@ class MqttBridge:
 
     def _on_message(self, line: str, message: Any) -> None:
         if message.topic != self.topic(line, "recipe/set"):
+            return
+        if message.retain:
+            # Delivered because we (re)subscribed, not because someone asked now: a retained request
+            # replayed at every reconnect would undo any switch made since. Live requests arrive
+            # with retain unset even when published retained.
+            log.warning("line %s: retained recipe request %r on %s ignored (publish requests without retain)",
+                        line, bytes(message.payload)[:64], message.topic)
             return
         # Off paho's network thread: a switch may load and parity-gate an engine.
         threading.Thread(target=self._forward_recipe, args=(line, bytes(message.payload)), daemon=True,

@@ -50,7 +50,7 @@ def test_mqtt_and_opcua_forward_recipe_requests(tmp_path: Path, tiny_bundle: Pat
     op = Child(BRIDGE + ["opcua", "--config", str(cfg)])
     watcher = Watcher(mosquitto.port)
     try:
-        daemon.wait_log(r"recipe B engine onnxruntime warmed up")
+        daemon.wait_log(r"recipe B ready in standby")
         watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "ok", 30)
         pub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="plc")
         pub.connect("127.0.0.1", mosquitto.port)
@@ -89,3 +89,47 @@ def test_mqtt_and_opcua_forward_recipe_requests(tmp_path: Path, tiny_bundle: Pat
     assert [(r["new"]["recipe"], r["who"]["via"]) for r in records] == [("B", "socket/mqtt"),
                                                                        ("default", "socket/opcua")]
     assert records[0]["who"]["requester"] == "plc-7"
+
+
+def test_a_retained_recipe_request_is_not_applied_again_at_every_reconnect(tmp_path: Path, tiny_bundle: Path,
+                                                                           synthetic_parts: Any,
+                                                                           mosquitto: Any) -> None:
+    """A PLC publishes its recipe request retained (common practice for 'state' topics). Applied
+    once, live; later the line is switched back by the operator. A bridge restart (or a broker
+    restart, a network blip) must not replay the old retained request and switch the line again."""
+    from inspectd.daemon.control import request, socket_path
+
+    cfg, _ = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
+        "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "client_id": "rr"}})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["state_dir"] = str(tmp_path / "state")
+    raw["lines"][0]["recipes"] = [{"name": "B", "bundle": str(tiny_bundle), "threshold": 7.0}]
+    cfg.write_text(yaml.safe_dump(raw))
+    sock = socket_path(tmp_path / "state")
+    daemon = Daemon(cfg)
+    mq = Child(BRIDGE + ["mqtt", "--config", str(cfg)])
+    watcher = Watcher(mosquitto.port)
+    pub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="plc-retained")
+    try:
+        daemon.wait_log(r"ready: line1")
+        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "ok", 30)
+        pub.connect("127.0.0.1", mosquitto.port)
+        pub.loop_start()
+        pub.publish("inspectd/line1/recipe/set", "B", qos=1, retain=True).wait_for_publish(5)
+        _, done = watcher.wait("inspectd/line1/recipe/result", lambda p: p.get("requested") == "B", 20)
+        assert done["ok"] is True
+        assert request(sock, {"op": "recipe", "line": "line1", "name": "default"})["ok"]
+        mq.stop()
+        mq = Child(BRIDGE + ["mqtt", "--config", str(cfg)])
+        end = time.monotonic() + 15
+        while not any("connected to MQTT broker" in line for line in mq.lines) and time.monotonic() < end:
+            time.sleep(0.1)
+        time.sleep(3.0)   # time for a replayed request to reach the daemon and switch it
+        assert request(sock, {"op": "list", "line": "line1"})["active"]["recipe"] == "default", mq.log()
+    finally:
+        pub.publish("inspectd/line1/recipe/set", b"", qos=1, retain=True)  # clear the retained message
+        pub.loop_stop()
+        pub.disconnect()
+        watcher.close()
+        mq.stop()
+        daemon.kill()
