@@ -377,7 +377,11 @@ class VerdictSubscriber:
             ready.set()
             try:
                 while not self._stop.is_set():
-                    self.poll_once(0.1)
+                    try:
+                        self.poll_once(0.1)
+                    except Exception:  # the heartbeat checks must outlive any one bad message
+                        log.exception("subscriber: receiving failed; going on")
+                        time.sleep(0.1)
             finally:
                 self.close()
 
@@ -414,7 +418,7 @@ class VerdictSubscriber:
     def _handle(self, parts: list[bytes]) -> Message | None:
         try:
             msg = parse_message(parts)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
             self.malformed += 1
             if self.malformed == 1 or self.malformed % 100 == 0:
                 log.warning("ignoring malformed message (%d so far): %s", self.malformed, exc)

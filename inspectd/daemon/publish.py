@@ -437,7 +437,7 @@ class Publisher:
             lines = [(line, dict(status)) for line, status in self._lines.items()]
         for line, status in lines:
             topic = f"heartbeat.{line}"
-            data_topics = (f"verdict.{line}", f"heatmap.{line}")
+            data_topics = (f"verdict.{line}", f"heatmap.{line}", f"shadow.{line}")
             for t in data_topics:
                 self._fold_skipped(t)  # a drop at the end of a burst shows in last_seq now
             with self._cond:

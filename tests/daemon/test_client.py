@@ -363,6 +363,7 @@ def test_malformed_messages_are_skipped(endpoint):
         pub.sock.send_multipart([b"verdict.line1", json.dumps({"seq": "x"}).encode()])
         pub.sock.send_multipart([b"verdict.line1"])
         pub.sock.send_multipart([b"verdict.line1", b"\xff\xfe"])
+        pub.sock.send_multipart([b"verdict.line1", b"[" * 200_000 + b"]" * 200_000])  # too deep to parse
         pub.verdict("line1", 0)
         end = time.monotonic() + 5
         m = None
@@ -372,7 +373,7 @@ def test_malformed_messages_are_skipped(endpoint):
         sub.close()
         pub.close()
     assert m.header["seq"] == 0
-    assert sub.malformed == 5
+    assert sub.malformed == 6
 
 
 def test_bad_arguments():
@@ -665,3 +666,28 @@ def test_a_subscriber_reconnects_after_the_daemons_box_lost_power(tmp_path):
         sub.stop()
         pub.stop()
         relay.close()
+
+
+def test_a_subscriber_joining_a_running_shadow_stream_reports_no_gap(endpoint):
+    """A candidate bundle's shadow verdicts flow before a consumer of `shadow.<line>` joins: what it
+    missed before it subscribed is not a loss (a reject gate would reject on a false gap)."""
+    pub = Publisher(endpoint, heartbeat_interval_s=0.05)
+    pub.register_line("line1")
+    pub.start()
+    events = Events()
+    sub = subscriber(endpoint, events, lines=["line1"], topics=("verdict", "heartbeat", "shadow"))
+    try:
+        for i in range(5):
+            pub.publish_shadow(make_verdict(i))
+        time.sleep(0.3)
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:   # joins late: the first thing it sees is a heartbeat
+            sub.poll_once(0.05)
+        pub.publish_shadow(make_verdict(5))
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            sub.poll_once(0.05)
+    finally:
+        sub.close()
+        pub.stop()
+    assert events.of("gap") == [] and sub.lost == 0
