@@ -36,7 +36,8 @@ from inspectd.errors import ConfigError
 
 log = logging.getLogger("inspectd.bridges.mqtt")
 
-MAX_QUEUED = 10000   # verdicts held while the broker is away (oldest kept; then paho refuses new ones)
+MAX_QUEUED = 10000   # verdicts held while the broker is away (oldest kept; then new ones are dropped)
+STATUS_ROOM = 16     # places in each line's queue that verdicts never take: status and recipe answers
 
 
 def read_password_file(path: Path, source: str) -> str:
@@ -71,8 +72,12 @@ class MqttBridge:
             value = getattr(cfg.tls, field, None) if cfg.tls is not None else None
             if value is not None and not Path(value).is_file():
                 raise ConfigError(f"{settings.source}: bridges.mqtt.tls.{field}: {value} does not exist")
-        self._lock = threading.Lock()
+        # Re-entrant: paho may run a callback in the publishing thread.
+        self._lock = threading.RLock()
         self._status: dict[str, dict[str, Any]] = {}
+        # QoS 1/2 verdicts paho holds per line (message ids until the broker acknowledged them).
+        self._held: dict[str, set[int]] = {line: set() for line in settings.lines}
+        self.verdicts_dropped = 0
         self.clients = {line: self._make_client(line) for line in settings.lines}
         self.subscriber = make_subscriber(settings, self._on_verdict, self._on_status)
 
@@ -94,6 +99,7 @@ class MqttBridge:
                            keyfile=str(tls.key) if tls.key else None, cert_reqs=ssl.CERT_REQUIRED,
                            tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.on_message = lambda c, userdata, message, _line=line: self._on_message(_line, message)
+        client.on_publish = lambda c, userdata, mid, rc=None, props=None, _line=line: self._on_published(_line, mid)
         client.reconnect_delay_set(min_delay=1, max_delay=5)
         client.max_queued_messages_set(MAX_QUEUED)
         client.on_connect = lambda c, userdata, flags, rc, props=None, _line=line: self._on_connect(_line, rc)
@@ -109,12 +115,18 @@ class MqttBridge:
             return
         log.info("line %s: connected to MQTT broker %s:%d", line, self.cfg.host, self.cfg.port)
         self.clients[line].subscribe(self.topic(line, "recipe/set"), qos=1)
-        with self._lock:
-            payload = self._status.get(line) or status_payload(LineStatus(line))
-        self._publish_status(line, payload)
+        with self._lock:  # published under the lock: a newer status can never be overtaken by this one
+            self._publish_status(line, self._status.get(line) or status_payload(LineStatus(line)))
 
     def _publish_status(self, line: str, payload: dict[str, Any]) -> None:
-        self.clients[line].publish(self.topic(line, "status"), json.dumps(payload), qos=1, retain=True)
+        info = self.clients[line].publish(self.topic(line, "status"), json.dumps(payload), qos=1, retain=True)
+        if info.rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
+            log.error("line %s: status %s not queued for MQTT (%s)", line, payload.get("status"),
+                      self._mqtt.error_string(info.rc))
+
+    def _on_published(self, line: str, mid: int) -> None:
+        with self._lock:
+            self._held[line].discard(mid)
 
     def _on_message(self, line: str, message: Any) -> None:
         if message.topic != self.topic(line, "recipe/set"):
@@ -139,19 +151,33 @@ class MqttBridge:
     # ---- subscriber callbacks (subscriber thread) ----------------------------------------------
     def _on_status(self, line: str, status: LineStatus) -> None:
         payload = status_payload(status)
+        log.info("line %s: status %s (%s)", line, payload["status"], payload["reason"])
         with self._lock:
             self._status[line] = payload
-        log.info("line %s: status %s (%s)", line, payload["status"], payload["reason"])
-        self._publish_status(line, payload)
+            self._publish_status(line, payload)
 
     def _on_verdict(self, msg: Message) -> None:
         client = self.clients.get(msg.line)
         if client is None:
             return
-        info = client.publish(self.topic(msg.line, "verdict"), json.dumps(verdict_payload(msg)), qos=self.cfg.qos)
-        if info.rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
-            log.warning("line %s: verdict seq %s not queued for MQTT (%s)", msg.line, msg.header.get("seq"),
-                        self._mqtt.error_string(info.rc))
+        mqtt = self._mqtt
+        with self._lock:
+            # Verdicts never take the last places of paho's queue: a status change during a long
+            # broker outage must still be queued (and so retained once the broker is back).
+            if len(self._held[msg.line]) >= MAX_QUEUED - STATUS_ROOM:
+                rc = mqtt.MQTT_ERR_QUEUE_SIZE
+            else:
+                info = client.publish(self.topic(msg.line, "verdict"), json.dumps(verdict_payload(msg)),
+                                      qos=self.cfg.qos)
+                rc = info.rc
+                if self.cfg.qos > 0 and rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                    self._held[msg.line].add(info.mid)
+            if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                self.verdicts_dropped += 1
+                dropped = self.verdicts_dropped
+        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN) and (dropped == 1 or dropped % 1000 == 0):
+            log.warning("line %s: verdict seq %s not queued for MQTT (%s; %d dropped so far)", msg.line,
+                        msg.header.get("seq"), mqtt.error_string(rc), dropped)
 
     # ---- lifetime --------------------------------------------------------------------------------
     def start(self) -> None:

@@ -205,3 +205,43 @@ def test_mqtt_bridge_over_tls_with_a_password(tmp_path: Path, tiny_bundle: Path,
         daemon.kill()
         broker.stop()
         shutil.rmtree(broker_files, ignore_errors=True)
+
+
+def test_status_gets_through_when_a_broker_outage_filled_the_verdict_queue(tmp_path: Path, tiny_bundle: Path,
+                                                                           synthetic_parts: Any, mosquitto: Any,
+                                                                           monkeypatch: Any) -> None:
+    """The broker is away long enough for the verdicts held for it to fill the bridge's queue (10,000
+    in the product; 30 here so the test takes seconds), and meanwhile the daemon goes away. When the
+    broker is back, its retained status must say offline — not nothing, and not a stale 'ok'.
+    In-process bridge (to lower the cap), a real daemon-side Publisher, a real Mosquitto."""
+    from inspectd.bridges import mqtt as bridge_mqtt
+    from inspectd.bridges.common import load_settings
+    from inspectd.daemon.publish import Publisher
+    from tests.daemon.test_client import make_verdict
+
+    monkeypatch.setattr(bridge_mqtt, "MAX_QUEUED", 30)
+    cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
+        "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "client_id": "full"}})
+    pub = Publisher(endpoint, heartbeat_interval_s=0.2)
+    pub.set_line_status("line1", {"state": "ok", "camera_connected": True, "engine_ready": True})
+    pub.start()
+    bridge = bridge_mqtt.MqttBridge(load_settings(cfg, "mqtt"))
+    bridge.start()
+    watcher = Watcher(mosquitto.port)
+    try:
+        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "ok", 20)
+        watcher.close()
+        mosquitto.stop()
+        for i in range(60):
+            pub.publish_verdict(make_verdict(i))
+            time.sleep(0.01)
+        time.sleep(0.5)
+        pub.stop()                    # the daemon goes away while the broker is still away
+        time.sleep(2.0)               # the bridge notices (stale after two heartbeat intervals)
+        mosquitto.start()
+        watcher = Watcher(mosquitto.port)
+        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "offline", 20)
+    finally:
+        watcher.close()
+        bridge.stop()
+        pub.stop()
