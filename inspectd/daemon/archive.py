@@ -45,6 +45,7 @@ _SUFFIXES = ("_heatmap.png", ".png", ".json")  # longest first: "_heatmap.png" a
 
 _STOP = object()
 RETRY_S = 30.0  # while switched off, try one record this often
+RECORD_MODE = 0o640  # reviewers in the service's group read the evidence
 
 
 @dataclass
@@ -52,6 +53,10 @@ class _Record:
     stem: Path                     # <day dir>/<name without suffix>
     paths: list[Path] = field(default_factory=list)
     size: int = 0
+
+
+def _nbytes(array: Any) -> int:
+    return int(getattr(array, "nbytes", 0) or 0)
 
 
 def _encode_png(image: np.ndarray, rgb: bool) -> bytes:
@@ -71,7 +76,7 @@ class NgArchive:
     """Archive of NG parts for one line. `start()` it, `save()` from any thread, `stop()` at the end."""
 
     def __init__(self, root: str | os.PathLike, quota_bytes: int, line: str, metrics: Any = None,
-                 queue_size: int = 32, retry_s: float = RETRY_S) -> None:
+                 queue_size: int = 32, retry_s: float = RETRY_S, queue_bytes: int = 256 * 1024 * 1024) -> None:
         if not isinstance(quota_bytes, int) or quota_bytes <= 0:
             raise ConfigError(f"archive quota must be a positive number of bytes, got {quota_bytes!r}")
         if not re.match(r"^[A-Za-z0-9_-]{1,64}$", line or ""):
@@ -96,6 +101,10 @@ class NgArchive:
         self._records: deque[_Record] = deque()
         self._stems: set[Path] = set()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        # Bytes of the arrays queued (frames can be tens of MB each): bounded like the count.
+        self.queue_bytes = int(queue_bytes)
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._scanned = threading.Event()
         self._stopping = False
@@ -123,7 +132,12 @@ class NgArchive:
                 if self._probe_queued or time.monotonic() - self._disabled_at < self.retry_s:
                     return False
                 probe = self._probe_queued = True
-            self._queue.put_nowait((frame_image, heatmap_u8, dict(header_dict), probe))
+            size = _nbytes(frame_image) + _nbytes(heatmap_u8)
+            with self._bytes_lock:
+                if self._queued_bytes and self._queued_bytes + size > self.queue_bytes:
+                    raise queue.Full
+                self._queue.put_nowait((frame_image, heatmap_u8, dict(header_dict), probe))
+                self._queued_bytes += size
             return True
         except queue.Full:
             if probe:
@@ -195,6 +209,8 @@ class NgArchive:
                 if item is _STOP:
                     return
                 image, heatmap, header, probe = item
+                with self._bytes_lock:
+                    self._queued_bytes -= _nbytes(image) + _nbytes(heatmap)
                 if probe:
                     self._probe(image, heatmap, header)
                 elif self.enabled:
@@ -328,7 +344,7 @@ class NgArchive:
         try:
             stem.parent.mkdir(parents=True, exist_ok=True)
             for path, data in files:
-                atomic_write(path, data, tmp_prefix=TMP_PREFIX, sync_dir=False)
+                atomic_write(path, data, mode=RECORD_MODE, tmp_prefix=TMP_PREFIX, sync_dir=False)
                 rec.paths.append(path)
                 rec.size += len(data)
             fsync_dir(stem.parent)

@@ -155,6 +155,9 @@ def capture(config_path: str | os.PathLike, line_id: str, out: str | os.PathLike
             if (frames_read - 1) % every:
                 continue
             image = frame.image
+            if not isinstance(image, np.ndarray):  # delivered, but in a form that cannot be saved
+                raise DataError(f"line {line_id}: frame {frame.frame_id}: "
+                                f"{frame.meta.get('error') or 'no image'}")
             if not files:
                 shape = tuple(image.shape)
                 if line.roi is not None:

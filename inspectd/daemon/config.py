@@ -174,6 +174,8 @@ class ArchiveConfig(_Strict):
     dir: ConfigPath = Path("/var/lib/inspectd/archive")
     quota_mb: int = Field(1024, gt=0)
     save: Literal["ng", "all"] = "ng"
+    # Frames waiting for a slow disk are held in memory: at most this much (then records are dropped, counted).
+    queue_mb: int = Field(256, gt=0)
 
 
 # ---------------------------------------------------------------------------------------- backend options

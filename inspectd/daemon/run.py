@@ -128,7 +128,7 @@ class Daemon:
             self.metrics.source_triggered.labels(line=cfg.id).set(int(trigger is not None and trigger.mode == "On"))
             if cfg.archive.enabled:
                 archive = NgArchive(cfg.archive.dir, cfg.archive.quota_mb * 1024 * 1024, cfg.id,
-                                    metrics=self.metrics)
+                                    metrics=self.metrics, queue_bytes=cfg.archive.queue_mb * 1024 * 1024)
                 self.archives.append(archive)
             sinks = Sinks()
             pipeline = LinePipeline(settings, source, bundle, threshold, sinks, metrics=self.metrics,

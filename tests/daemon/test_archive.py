@@ -72,6 +72,8 @@ def test_record_files_are_valid(tmp_path, archives):
     assert side["heatmap_file"] == "235900000_f0000000042_heatmap.png"
     assert json.loads((day / "235900005_f0000000043.json").read_text())["heatmap_file"] is None
     assert not [p for p in day.iterdir() if p.name.startswith(".tmp-")]  # temp files were renamed
+    # Reviewers in the service's group read the evidence (the unit's UMask=0027 means exactly that).
+    assert {oct(p.stat().st_mode & 0o777) for p in day.iterdir()} == {oct(0o640)}
     assert arc.total_bytes == sum(p.stat().st_size for p in all_files(tmp_path))
     assert arc.saved == 2 and arc.enabled
     assert metrics.registry.get_sample_value("inspectd_archive_enabled", {"line": "line1"}) == 1
@@ -329,3 +331,29 @@ def test_a_record_that_cannot_be_deleted_is_left_and_the_quota_still_holds(tmp_p
     assert on_disk <= arc.quota_bytes + pinned.stat().st_size, (on_disk, arc.quota_bytes)
     kept = sorted(p.name for p in (tmp_path / "line1" / "2024-05-02").glob("*.json"))
     assert kept[-1] == "080011000_f0000000111.json" and len(kept) >= 3
+
+
+def test_the_writer_queue_is_bounded_in_bytes_not_only_in_records(tmp_path, archives):
+    """A slow archive disk and a burst of NG parts (or an engine outage: every fail-safe NG carries
+    its frame) must not hold 32 full-resolution frames in memory: a 20 MP RGB camera would queue
+    1.9 GB. The queue also stops at `queue_bytes`; what does not fit is dropped and counted."""
+    big = np.zeros((1000, 1000, 3), np.uint8)   # 3 MB a frame
+    arc = archives(tmp_path, 10_000_000_000, "line1", queue_bytes=10_000_000)   # not started: nothing drains
+    accepted = [arc.save(big, None, header(i, DAY1 + i)) for i in range(8)]
+    assert accepted == [True] * 3 + [False] * 5 and arc.dropped == 5
+    arc.start()
+    assert arc.wait_idle(10) and arc.saved == 3
+    assert arc.save(big, None, header(9, DAY1 + 9))   # room again once written
+    assert arc.wait_idle(10) and arc.saved == 4
+
+
+def test_the_daemon_sizes_the_archive_queue_from_the_config():
+    from inspectd.daemon.config import config_from_dict
+
+    cfg = config_from_dict({"lines": [{"id": "l1", "bundle": "/b", "threshold": 1.0,
+                                       "source": {"type": "replay", "path": "/p"},
+                                       "archive": {"enabled": True, "queue_mb": 64}}]})
+    assert cfg.lines[0].archive.queue_mb == 64
+    with pytest.raises(ConfigError, match="queue_mb"):
+        config_from_dict({"lines": [{"id": "l1", "bundle": "/b", "threshold": 1.0,
+                                     "source": {"type": "replay", "path": "/p"}, "archive": {"queue_mb": 0}}]})

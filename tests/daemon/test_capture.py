@@ -139,3 +139,19 @@ def test_gentl_simulator_capture_and_absent_camera(tmp_path: Path) -> None:
         capture(cfg, "gone", tmp_path / "none", count=2, timeout_s=1.0)
     assert time.monotonic() - t0 < 5.0
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.skipif(not CTI.is_file(), reason="genicam wheel without viky.cti")
+def test_a_pixel_format_it_cannot_convert_is_a_one_line_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The camera delivers a pixel format inspectd cannot convert: capture says so in one line naming
+    the format (not a traceback), and leaves no folder behind. The simulator's RGBa8 is taken out of
+    the supported formats to stand for such a format."""
+    from inspectd.daemon.sources import genicam as source_module
+
+    monkeypatch.delitem(source_module._FORMATS, "RGBa8")
+    cfg = _config(tmp_path / "cam.yaml", [{"id": "cam1", "source": {"type": "genicam", "cti": str(CTI),
+                                                                  "device": {"index": 0}},
+                                          "bundle": "/b", "threshold": 3.0}])
+    with pytest.raises(DataError, match=r"line cam1: frame .*RGBa8"):
+        capture(cfg, "cam1", tmp_path / "teach", count=2)
+    assert not (tmp_path / "teach").exists()
