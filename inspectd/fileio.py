@@ -26,11 +26,35 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, tmp_prefix: s
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None and exc.errno is not None:  # a failed write names no file: name the target
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """mkdir -p. Folders root creates take the owner of the nearest folder that already existed, so
+    a state folder owned by the service user stays writable by it after `sudo inspectd calibrate`."""
+    path = Path(path)
+    missing, existing = [], path
+    while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    path.mkdir(parents=True, exist_ok=True)
+    if missing and os.geteuid() == 0:
+        owner = os.stat(existing)
+        for folder in missing:
+            try:
+                os.chown(folder, owner.st_uid, owner.st_gid)
+            except OSError:
+                pass  # the folder is there; its owner is a nicety the write itself does not need
+    return path
 
 
 def fsync_dir(folder: Path) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from inspectd.errors import ConfigError
-from inspectd.fileio import atomic_write, fsync_dir
+from inspectd.fileio import atomic_write, fsync_dir, make_dirs
 
 log = logging.getLogger("inspectd.calibration")
 
@@ -128,25 +128,46 @@ def threshold_file_name(line_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", line_id) + ".threshold.json"
 
 
+def _threshold_file_users(folder: Path, data: dict[str, Any]) -> list[tuple[str, Path]]:
+    """Every threshold file the config names, with who judges with it: ("line 'l1'", path),
+    ("line 'l1' recipe 'A'", path), ("line 'l1' shadow", path)."""
+    users: list[tuple[str, Path]] = []
+
+    def add(who: str, threshold: Any) -> None:
+        if isinstance(threshold, dict) and isinstance(threshold.get("file"), str):
+            users.append((who, _resolve(folder, threshold["file"])))
+
+    for entry in data["lines"]:
+        if not isinstance(entry, dict):
+            continue
+        line = f"line {entry.get('id')!r}"
+        add(line, entry.get("threshold"))
+        for recipe in entry.get("recipes") or []:
+            if isinstance(recipe, dict):
+                add(f"{line} recipe {recipe.get('name')!r}", recipe.get("threshold"))
+        if isinstance(entry.get("shadow"), dict):
+            add(f"{line} shadow", entry["shadow"].get("threshold"))
+    return users
+
+
 def threshold_target(config_path: str | os.PathLike, data: dict[str, Any], line_id: str) -> tuple[Path, bool]:
-    """(the file the line's threshold goes to, whether the YAML must be repointed to it)."""
+    """(the file the line's threshold goes to, whether the YAML must be repointed to it). A file that
+    anything else judges with (another line, a recipe, a shadow) is never written."""
     config = Path(config_path)
     folder = config.resolve().parent
+    own_user = f"line {line_id!r}"
+    others = [(who, path) for who, path in _threshold_file_users(folder, data) if who != own_user]
     own = find_line(data, line_id, config).get("threshold")
     if isinstance(own, dict) and isinstance(own.get("file"), str):
         current = _resolve(folder, own["file"])
-        shared = [e.get("id") for e in data["lines"]
-                  if isinstance(e, dict) and e.get("id") != line_id and isinstance(e.get("threshold"), dict)
-                  and isinstance(e["threshold"].get("file"), str) and _resolve(folder, e["threshold"]["file"]) == current]
+        shared = [who for who, path in others if path == current]
         if not shared:
             return current, False
         log.info("line %s shares %s with %s: giving it its own threshold file", line_id, current, ", ".join(shared))
     target = folder / threshold_file_name(line_id)
-    users = [e.get("id") for e in data["lines"] if isinstance(e, dict) and e.get("id") != line_id
-             and isinstance(e.get("threshold"), dict) and isinstance(e["threshold"].get("file"), str)
-             and _resolve(folder, e["threshold"]["file"]) == target]
-    if users:  # never overwrite another line's threshold
-        raise ConfigError(f"{config}: {target.name} is the threshold file of line {users[0]!r}; point line "
+    users = [who for who, path in others if path == target]
+    if users:  # never overwrite what another line, recipe or shadow judges with
+        raise ConfigError(f"{config}: {target.name} is the threshold file of {users[0]}; point line "
                           f"{line_id!r} at a file of its own (threshold: {{file: ...}}) and calibrate again")
     return target, True
 
@@ -198,7 +219,7 @@ def update_line_threshold(config_path: str | os.PathLike, line_id: str, calibrat
         record["config_backup"] = backup.name
 
     if history_dir is not None and previous_bytes is not None:
-        Path(history_dir).mkdir(parents=True, exist_ok=True)
+        make_dirs(history_dir)
         atomic_write(Path(history_dir) / "previous-threshold.json", previous_bytes, mode=THRESHOLD_FILE_MODE)
     existed = target.exists()
     try:

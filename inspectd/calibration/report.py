@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from inspectd.fileio import atomic_write
+from inspectd.fileio import atomic_write, make_dirs
 
 log = logging.getLogger("inspectd.calibration")
 
@@ -23,8 +23,7 @@ REPORT_MODE = 0o644
 def write_report(folder: str | Path, report: dict[str, Any], good_scores: Sequence[float],
                  bad_scores: Sequence[float] | None) -> dict[str, Path | None]:
     """Write report.json and (if matplotlib is installed) histogram.png into `folder`."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(folder)
     json_path = out / REPORT_JSON
     atomic_write(json_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"), mode=REPORT_MODE)
     png_path: Path | None = out / HISTOGRAM_PNG

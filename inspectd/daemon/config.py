@@ -240,12 +240,20 @@ RECIPE_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 DEFAULT_RECIPE = "default"   # the line's own bundle + threshold: the implicit recipe of every line
 
 
+def finite_number(value: int | float) -> bool:
+    """math.isfinite, also for an integer literal no float can hold (False, not OverflowError)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_threshold_shape(value: Any) -> Any:
     # One clear message instead of pydantic's per-union-member errors.
     if isinstance(value, bool) or not isinstance(value, (int, float, dict, ThresholdFile)):
-        raise ValueError(f"expected a number or {{file: calib.json}}, got {value!r}")
-    if isinstance(value, (int, float)) and not math.isfinite(value):
-        raise ValueError(f"expected a finite number, got {value!r}")
+        raise ValueError(f"expected a number or {{file: calib.json}}, got {repr(value)[:40]}")
+    if isinstance(value, (int, float)) and not finite_number(value):
+        raise ValueError(f"expected a finite number, got {repr(value)[:40]}")
     return value
 
 
@@ -341,12 +349,7 @@ class LineConfig(_Strict):
     @field_validator("threshold", mode="before")
     @classmethod
     def _threshold_shape(cls, value: Any) -> Any:
-        # One clear message instead of pydantic's per-union-member errors.
-        if isinstance(value, bool) or not isinstance(value, (int, float, dict, ThresholdFile)):
-            raise ValueError(f"expected a number or {{file: calib.json}}, got {value!r}")
-        if isinstance(value, (int, float)) and not math.isfinite(value):
-            raise ValueError(f"expected a finite number, got {value!r}")
-        return value
+        return _check_threshold_shape(value)
 
     @field_validator("roi", mode="before")
     @classmethod
@@ -646,16 +649,24 @@ def load_config(path: str | os.PathLike, validate_paths: bool = False) -> Daemon
                             validate_paths=validate_paths)
 
 
+def _check_threshold_file(source: str, where: str, bundle: Path, threshold: Any) -> None:
+    """Read a threshold file as the daemon will: readable (check-config runs as the service user),
+    a finite threshold, calibrated for the bundle it would judge."""
+    if not isinstance(threshold, ThresholdFile):
+        return
+    from inspectd.daemon.line import read_calibration
+    from inspectd.engines.bundle import read_bundle_id
+    try:
+        read_calibration(threshold.file, read_bundle_id(bundle))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {where}.threshold.file: {exc}") from None
+
+
 def _check_bundle_and_threshold(source: str, where: str, bundle: Path, threshold: Any) -> None:
     from inspectd.engines.bundle import MANIFEST
     if not (bundle / MANIFEST).is_file():
         raise ConfigError(f"{source}: {where}.bundle: {bundle} is not a bundle (no {MANIFEST})")
-    if isinstance(threshold, ThresholdFile):
-        from inspectd.daemon.line import read_threshold_file
-        try:
-            read_threshold_file(threshold.file)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {where}.threshold.file: {exc}") from None
+    _check_threshold_file(source, where, bundle, threshold)
 
 
 def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
@@ -680,15 +691,9 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: {where}.source.cti: {src.cti} does not exist (GenTL producer file)")
         if isinstance(src, ReplaySourceConfig) and not src.path.exists():
             raise ConfigError(f"{source}: {where}.source.path: {src.path} does not exist")
-        if isinstance(line.threshold, ThresholdFile):
-            if not line.threshold.file.is_file():
-                raise ConfigError(f"{source}: {where}.threshold.file: {line.threshold.file} does not exist")
-            # Read it as the daemon will (check-config runs as the service user: permissions too).
-            from inspectd.daemon.line import read_threshold_file
-            try:
-                read_threshold_file(line.threshold.file)
-            except ConfigError as exc:
-                raise ConfigError(f"{source}: {where}.threshold.file: {exc}") from None
+        if isinstance(line.threshold, ThresholdFile) and not line.threshold.file.is_file():
+            raise ConfigError(f"{source}: {where}.threshold.file: {line.threshold.file} does not exist")
+        _check_threshold_file(source, where, line.bundle, line.threshold)
     curve = config.zmq.curve
     if curve is not None:
         if not curve.server_secret_key_file.is_file():

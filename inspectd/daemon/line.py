@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inspectd.daemon.config import finite_number
 from inspectd.errors import ConfigError
 
 log = logging.getLogger("inspectd.line")
@@ -88,13 +88,6 @@ class LineSettings:
             raise ConfigError(f"line {self.line}: queue size must be >= 1")
 
 
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer literal no float can hold
-        return False
-
-
 def read_calibration(path: Path, bundle_id: str | None = None) -> dict[str, Any]:
     """A calibration JSON file with a finite `threshold`; ConfigError naming the file and what is wrong.
     With `bundle_id` (the bundle the threshold will judge), a file calibrated for another bundle is
@@ -109,18 +102,13 @@ def read_calibration(path: Path, bundle_id: str | None = None) -> dict[str, Any]
     if not isinstance(data, dict) or "threshold" not in data:
         raise ConfigError(f"{path}: no \"threshold\" field (expected a calibration JSON object)")
     value = data["threshold"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite_number(value):
         raise ConfigError(f"{path}: threshold {repr(value)[:40]} is not a finite number")
     made_for = data.get("bundle_id")
     if bundle_id is not None and isinstance(made_for, str) and made_for != bundle_id:
         raise ConfigError(f"{path}: calibrated for bundle {made_for}, not for bundle {bundle_id} that it would "
                           f"judge (calibrate that bundle, or use the file calibrated for it)")
     return data
-
-
-def read_threshold_file(path: Path) -> float:
-    """The `threshold` of a calibration JSON file; ConfigError naming the file and what is wrong."""
-    return float(read_calibration(path)["threshold"])
 
 
 def drift_watch(line: str, calibration: dict[str, Any], path: Path) -> Any:
@@ -156,7 +144,7 @@ class LineThreshold:
             self._value = float(data["threshold"])
             self.drift = drift_watch(self.line, data, self.path)
         else:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite_number(value):
                 raise ConfigError(f"line {line}: threshold {value!r} is not a finite number")
             self._value = float(value)
 
@@ -187,7 +175,7 @@ class LineThreshold:
                 if path is not None:
                     data = read_calibration(path, self.bundle_id)
                     new = float(data["threshold"])
-                elif isinstance(spec, bool) or not math.isfinite(float(spec)):  # type: ignore[arg-type]
+                elif isinstance(spec, bool) or not finite_number(spec):  # type: ignore[arg-type]
                     raise ConfigError(f"threshold {spec!r} is not a finite number")
                 else:
                     new = float(spec)  # type: ignore[arg-type]

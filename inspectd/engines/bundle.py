@@ -239,6 +239,17 @@ def check_line_roi_at(line_roi: Sequence[int] | None, bundle_path: str | os.Path
     check_line_roi(line_roi, trained, where, bundle_path)
 
 
+def read_bundle_id(path: str | os.PathLike) -> str | None:
+    """The bundle_id in a bundle's manifest without verifying its files (check-config); None if unreadable
+    (check-config reports a bundle it cannot read elsewhere; the daemon verifies it at start)."""
+    try:
+        raw = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = raw.get("bundle_id") if isinstance(raw, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def read_bundle_roi(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
     """The recorded ROI from a bundle's manifest without verifying the bundle's files (for
     check-config: fast; the daemon verifies everything with load_bundle at start)."""

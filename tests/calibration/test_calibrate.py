@@ -5,6 +5,7 @@ config updated atomically; every bad input gives a one-line error and leaves the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -240,3 +241,60 @@ def test_calibrating_another_bundle_into_the_lines_file_is_refused_and_dry_run_m
     assert read_calibration(report, ids[1])["bundle_id"] == ids[1]
     with pytest.raises(ConfigError, match=f"calibrated for bundle {ids[1]}, not for bundle {ids[0]}"):
         read_calibration(report, ids[0])
+
+
+def test_a_full_disk_is_one_line_and_the_config_untouched(tiny_bundle: Path, held_out_good: Path, config: Path,
+                                                          tiny_tmpfs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The report folder sits on a disk that is full by the time calibrate writes (real 64 KiB tmpfs,
+    filled up front): one error line naming the path, not a traceback after minutes of scoring."""
+    filler = tiny_tmpfs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 1024) > 0:
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    rc, err = _run_bad(["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
+                        "--target-false-reject", "5%", "--config", str(config), "--report", str(tiny_tmpfs / "rep")],
+                       config, capsys)
+    assert rc == 1 and err.startswith("inspectd calibrate: error: ") and str(tiny_tmpfs) in err, err
+    assert "No space left on device" in err
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path) -> None:
+    """`inspectd audit --config X | head -1`: the pipe closes early; the command ends quietly."""
+    import subprocess
+    import sys
+
+    from inspectd.daemon.audit import AuditLog, audit_path, local_who
+
+    log = AuditLog(audit_path(tmp_path / "state"))
+    for i in range(3000):
+        log.append("line1", "threshold", i, i + 1, local_who())
+    cfg = tmp_path / "lines.yaml"
+    cfg.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "lines": [
+        {"id": "line1", "source": {"type": "replay", "path": "frames"}, "bundle": "b", "threshold": 3.0}]}))
+    proc = subprocess.Popen([sys.executable, "-m", "inspectd", "audit", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()[-500:]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it plays `sudo inspectd calibrate`")
+def test_folders_calibrate_makes_in_the_state_folder_stay_the_service_users(
+        tiny_bundle: Path, held_out_good: Path, config: Path, tmp_path: Path) -> None:
+    """`sudo inspectd calibrate` first creates <state_dir>/<line>/ (for its report); the daemon,
+    running as the service user who owns state_dir, must still be able to write recipes.json there."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    rc = main(["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
+               "--target-false-reject", "5%", "--config", str(config), "--dry-run"])
+    assert rc == 0
+    made = [p for p in state.rglob("*") if p.is_dir()]
+    assert made and all((p.stat().st_uid, p.stat().st_gid) == (65534, 65534) for p in made), \
+        [(str(p), p.stat().st_uid) for p in made]

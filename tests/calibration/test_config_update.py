@@ -209,3 +209,32 @@ def test_config_the_daemon_rejects_is_not_touched(tmp_path: Path) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         cu.check_line(tmp_path / "nope.yaml", "line1")
+
+
+@pytest.mark.parametrize("user", ["recipe", "shadow", "own recipe"])
+def test_a_recipes_or_shadows_threshold_file_is_never_overwritten(tmp_path: Path, user: str) -> None:
+    """A second product came to line1: its first bundle moved into a recipe that keeps the file
+    calibrated for it (line1.threshold.json), the line's default got the new bundle. Calibrating the
+    default must not overwrite the recipe's file (nor a shadow's, nor the same file shared by the
+    line's own threshold and one of its recipes): that recipe would be refused, or judge wrongly."""
+    path = tmp_path / "lines.yaml"
+    keep = "threshold: {file: line1.threshold.json}"
+    if user == "recipe":
+        text = CONFIG.replace("    latency_budget_ms: 50\n", "    latency_budget_ms: 50\n    recipes:\n"
+                              f"      - {{name: productA, bundle: bundles/a, {keep}}}\n")
+        who = "line 'line1' recipe 'productA'"
+    elif user == "shadow":
+        text = CONFIG.replace("    threshold: 2.5\n", "    threshold: 2.5\n"
+                              f"    shadow: {{bundle: bundles/cand, {keep}}}\n")
+        who = "line 'line2' shadow"
+    else:
+        text = CONFIG.replace("threshold: 3.0 ", keep + " ").replace(
+            "    latency_budget_ms: 50\n", "    latency_budget_ms: 50\n    recipes:\n"
+            f"      - {{name: productA, bundle: bundles/a, {keep}}}\n")
+        who = "line 'line1' recipe 'productA'"
+    path.write_text(text)
+    load_config(path)  # a valid config
+    (tmp_path / "line1.threshold.json").write_text(json.dumps({"threshold": 4.0}))
+    with pytest.raises(ConfigError, match=f"line1.threshold.json is the threshold file of {who}"):
+        cu.update_line_threshold(path, "line1", CALIBRATION)
+    assert path.read_text() == text and json.loads((tmp_path / "line1.threshold.json").read_text()) == {"threshold": 4.0}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from inspectd.daemon.config import (GenicamSourceConfig, ReplaySourceConfig, ThresholdFile, load_config)
 from inspectd.errors import ConfigError
@@ -400,3 +402,33 @@ def test_check_config_reads_the_threshold_file(tmp_path: Path) -> None:
         assert msg.startswith(f"{path}: lines[0].threshold.file: {calib}: ") and expected in msg, msg
     calib.write_text('{"threshold": 4.5}')
     assert load_config(path, validate_paths=True).lines[0].threshold.file == calib
+
+
+@pytest.mark.parametrize("where", ["line", "recipe", "shadow"])
+def test_check_config_refuses_a_threshold_file_calibrated_for_another_bundle(tmp_path: Path, tiny_bundle: Path,
+                                                                             where: str) -> None:
+    """What `inspectd run` refuses, `check-config` (install.sh's gate) must refuse too: a threshold
+    file whose bundle_id is not the bundle it would judge (the bundle was updated, the file kept)."""
+    from inspectd.engines.bundle import load_bundle
+
+    own = load_bundle(tiny_bundle).bundle_id
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "old.json").write_text(json.dumps({"threshold": 3.0, "bundle_id": "0123456789ab"}))
+    line = {"id": "line1", "source": {"type": "replay", "path": "parts"}, "bundle": str(tiny_bundle),
+            "threshold": 3.0}
+    if where == "line":
+        line["threshold"], field = {"file": "old.json"}, "lines[0].threshold.file"
+    elif where == "recipe":
+        line["recipes"], field = [{"name": "B", "bundle": str(tiny_bundle), "threshold": {"file": "old.json"}}], \
+            "lines[0].recipes[0].threshold.file"
+    else:
+        line["shadow"], field = {"bundle": str(tiny_bundle), "threshold": {"file": "old.json"}}, \
+            "lines[0].shadow.threshold.file"
+    path = _write(tmp_path, yaml.safe_dump({"lines": [line]}))
+    msg = _error(path, validate_paths=True)
+    assert msg.startswith(f"{path}: {field}: ") and "0123456789ab" in msg and own in msg, msg
+
+
+def test_a_threshold_no_float_can_hold_is_a_config_error(tmp_path: Path) -> None:
+    msg = _error(_write(tmp_path, MINIMAL.replace("threshold: 3.0", "threshold: 1" + "0" * 400)))
+    assert msg.startswith(f"{tmp_path / 'lines.yaml'}: lines[0].threshold: "), msg
