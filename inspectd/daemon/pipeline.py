@@ -662,8 +662,11 @@ class LinePipeline:
             return
         if now < self._retry_at:
             return
+        # Not the backends given up at run time (failing or hung): unless they are all there is.
+        remaining = tuple(b for b in self.settings.backend_preference if b not in self._excluded_backends)
         log.warning("line %s: opening the engine again (%s)", self.line, self.failed)
-        runner = self._open_engine()
+        runner = self._open_engine(dataclasses.replace(self.settings, backend_preference=remaining)
+                                   if remaining else None)
         self._install_runner(active, runner)
         if runner is None:
             self._retry_wait_s = min(2.0 * self._retry_wait_s, self.engine_retry_s[1])

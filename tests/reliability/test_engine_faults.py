@@ -463,3 +463,36 @@ def test_an_engine_that_failed_to_open_is_tried_again_and_the_line_recovers(toy:
     assert len(calls) == 2 and calls[1] - calls[0] >= 0.5
     assert pipe.failed is None and pipe.engine_ok
     assert sample(metrics, "inspectd_engine_ready", line="again") == 1
+
+
+def test_a_retry_after_a_failed_failover_never_reopens_the_backend_given_up(toy: Bundle, toy_frames: Path) -> None:
+    """The GPU backend (a double: real ONNX Runtime under another name) fails every frame; the line
+    gives it up and fails over to ONNX Runtime, whose open fails once (injected). The retry opens
+    ONNX Runtime again — never the GPU backend it gave up, which would fail 5 more frames (or, hung,
+    hold the worker for minutes) every cycle."""
+    made: list[FlakyBackendDouble] = []
+    calls: list[tuple[str, ...]] = []
+    flaky = _flaky_opener("raise", made, calls)
+
+    def opener(bundle: Bundle, settings: LineSettings, on_fallback: Any, threshold: float) -> tuple[Backend, EngineInfo]:
+        if tuple(settings.backend_preference) == ("onnxruntime",) and ("onnxruntime",) not in calls:
+            calls.append(("onnxruntime",))
+            raise RuntimeError("out of memory (injected)")
+        return flaky(bundle, settings, on_fallback, threshold)
+
+    settings = line_settings("L", latency_budget_ms=2000, on_deadline_miss="NG",
+                             backend_preference=("gpu", "onnxruntime"), queue_size=64, backpressure=True)
+    out = Collector()
+    pipe = LinePipeline(settings, ReplaySource("L", toy_frames, loop=True), toy, LineThreshold("L", value=THRESHOLD),
+                        out, backend_opener=opener, failover_after_errors=3)
+    pipe.engine_retry_s = (0.3, 0.6)
+    pipe.start()
+    try:
+        assert pipe.wait_ready(20.0)
+        end = time.monotonic() + 20.0
+        while not any(v.score is not None and v.backend == "onnxruntime" for v in out.verdicts):
+            assert time.monotonic() < end, (calls, pipe.status())
+            time.sleep(0.05)
+    finally:
+        pipe.stop(timeout_s=3.0)
+    assert calls == [("gpu", "onnxruntime"), ("onnxruntime",), ("onnxruntime",)], calls
