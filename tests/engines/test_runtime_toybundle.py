@@ -13,10 +13,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from inspectd.engines.bundle import load_bundle, staging_dir, write_bundle
 from inspectd.engines.preprocess import sha256_file
+from inspectd.errors import BundleError
 
 TOY_SIZE = 32
 TOY_POOL = 4
@@ -110,3 +112,18 @@ def test_toy_bundle_loads_and_separates_good_from_bad(tmp_path: Path) -> None:
     assert len(g.good) == 3 and len(g.bad) == 2
     # The bad images must be far outside the good distribution, or the parity tests prove nothing.
     assert min(bundle.normalize(s) for s in g.bad_scores) > 10 * max(abs(bundle.normalize(s)) for s in g.good_scores)
+
+
+def test_a_model_changed_on_disk_after_loading_is_never_opened(tmp_path: Path) -> None:
+    """The bundle folder is overwritten in place while the daemon runs (`train --force` to the same
+    path, an rsync). A later open of the engine (a failover, a retry) must not score the new weights
+    under the old manifest's normalisation, threshold and bundle id: it is refused, with the reason."""
+    from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    bundle = load_bundle(make_toy_bundle(tmp_path / "toy"))
+    OnnxRuntimeBackend(bundle).close()  # opens as loaded
+    model = onnx.load_from_string(bundle.model_path.read_bytes())
+    model.doc_string = "retrained"
+    bundle.model_path.write_bytes(model.SerializeToString())
+    with pytest.raises(BundleError, match="model.onnx changed"):
+        OnnxRuntimeBackend(bundle)

@@ -17,6 +17,7 @@ thread each); `backend_options.onnxruntime.intra_op_threads` sets a line's own.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -64,6 +65,17 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _verified_model_bytes(bundle: Bundle) -> bytes:
+    try:
+        data = bundle.model_path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{bundle.model_path}: cannot read the model ({exc.strerror or exc})") from None
+    if hashlib.sha256(data).hexdigest() != bundle.manifest.model.sha256:
+        raise BundleError(f"{bundle.model_path}: model.onnx changed on disk since bundle {bundle.bundle_id} was "
+                          f"loaded (its sha256 is not the manifest's): restart the daemon to load the new bundle")
+    return data
+
+
 class OnnxRuntimeBackend(Backend):
     name = NAME
 
@@ -106,8 +118,13 @@ class OnnxRuntimeBackend(Backend):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         providers = self._providers(ort, device, fp16)
+        # FP32: the bytes the manifest vouches for, checked and loaded in one read. A bundle folder
+        # overwritten in place since it was loaded (train --force, an rsync) would otherwise be
+        # scored with the old manifest's normalisation and threshold under the old bundle id.
+        # (The INT8 model's cache entry carries its own key and hash.)
+        model: str | bytes = str(model_path) if precision == "int8" else _verified_model_bytes(bundle)
         try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+            self._session = ort.InferenceSession(model, sess_options=opts, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for bad models
             if precision == "int8":  # a cached engine that does not load: the line falls back
                 raise BackendUnavailable(f"{bundle.path}: ONNX Runtime cannot load the INT8 model {model_path.name}: "
