@@ -285,3 +285,29 @@ def test_an_incomplete_buffer_is_counted_and_the_camera_stays_open(monkeypatch: 
         assert src.read(3.0) is not None          # still open: frames flow again
     finally:
         src.close()
+
+
+def test_a_camera_that_changes_its_resolution_is_not_judged() -> None:
+    """Mid-run the camera starts delivering another size (a reconnect to a camera reset to its
+    defaults, a vendor tool, a user set at power-up): the pixels no longer match what the line was
+    set up and trained on. Each such frame is a part with the reason (its verdict: fail-safe), never
+    quietly resized or cropped into the model; frames of the first geometry are judged again."""
+    src = _open()
+    try:
+        first = src.read(3.0)
+        assert first is not None and first.image.shape == (400, 400, 3)
+        ia = src._ia
+        nm = ia.remote_device.node_map
+        ia.stop()
+        nm.Width.value, nm.Height.value = 320, 240    # what an outside tool does to the camera
+        ia.start()
+        changed = src.read(3.0)
+        assert changed is not None and changed.image is None
+        assert "320x240" in changed.meta["error"] and "400x400" in changed.meta["error"], changed.meta
+        ia.stop()
+        nm.Width.value, nm.Height.value = 400, 400
+        ia.start()
+        again = src.read(3.0)
+        assert again is not None and again.image is not None and again.image.shape == (400, 400, 3)
+    finally:
+        src.close()
