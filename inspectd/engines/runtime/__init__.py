@@ -78,9 +78,11 @@ def open_backend(bundle: Bundle, preference: Sequence[str] = DEFAULT_PREFERENCE,
                 gate(backend)  # any reduced precision or other runtime, ONNX Runtime INT8 included
         except ConfigError:
             raise  # a wrong option is the integrator's mistake: refuse, don't fall back silently
-        except InspectdError as exc:
+        except Exception as exc:  # ours, or the library's own (CUDA out of memory, a failed graph capture)
             if backend is not None:
                 backend.close()
+            if not isinstance(exc, InspectdError):
+                exc = BackendUnavailable(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             skipped[name] = str(exc)
             log.warning("backend %s skipped: %s", name, exc)
             if on_fallback is not None:
