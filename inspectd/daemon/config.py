@@ -649,24 +649,26 @@ def load_config(path: str | os.PathLike, validate_paths: bool = False) -> Daemon
                             validate_paths=validate_paths)
 
 
-def _check_threshold_file(source: str, where: str, bundle: Path, threshold: Any) -> None:
+def _check_threshold_file(source: str, where: str, bundle: Path, threshold: Any, active: bool) -> None:
     """Read a threshold file as the daemon will: readable (check-config runs as the service user),
-    a finite threshold, calibrated for the bundle it would judge."""
+    a finite threshold; for what judges from the start (`active`), calibrated for the bundle it
+    would judge, as the daemon refuses to start otherwise. (A recipe or shadow waiting with another
+    bundle's file is refused when it is asked for, with the reason, like the daemon does.)"""
     if not isinstance(threshold, ThresholdFile):
         return
     from inspectd.daemon.line import read_calibration
     from inspectd.engines.bundle import read_bundle_id
     try:
-        read_calibration(threshold.file, read_bundle_id(bundle))
+        read_calibration(threshold.file, read_bundle_id(bundle) if active else None)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {where}.threshold.file: {exc}") from None
 
 
-def _check_bundle_and_threshold(source: str, where: str, bundle: Path, threshold: Any) -> None:
+def _check_bundle_and_threshold(source: str, where: str, bundle: Path, threshold: Any, active: bool = False) -> None:
     from inspectd.engines.bundle import MANIFEST
     if not (bundle / MANIFEST).is_file():
         raise ConfigError(f"{source}: {where}.bundle: {bundle} is not a bundle (no {MANIFEST})")
-    _check_threshold_file(source, where, bundle, threshold)
+    _check_threshold_file(source, where, bundle, threshold, active)
 
 
 def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
@@ -682,7 +684,8 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
         from inspectd.engines.bundle import check_line_roi_at
         check_line_roi_at(line.roi, line.bundle, f"{source}: {where}.roi")  # same pixels as training
         for j, recipe in enumerate(line.recipes):
-            _check_bundle_and_threshold(source, f"{where}.recipes[{j}]", recipe.bundle, recipe.threshold)
+            _check_bundle_and_threshold(source, f"{where}.recipes[{j}]", recipe.bundle, recipe.threshold,
+                                        active=recipe.name == line.recipe)
             check_line_roi_at(recipe.roi, recipe.bundle, f"{source}: {where}.recipes[{j}].roi")
         if line.shadow is not None:
             _check_bundle_and_threshold(source, f"{where}.shadow", line.shadow.bundle, line.shadow.threshold)
@@ -693,7 +696,7 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: {where}.source.path: {src.path} does not exist")
         if isinstance(line.threshold, ThresholdFile) and not line.threshold.file.is_file():
             raise ConfigError(f"{source}: {where}.threshold.file: {line.threshold.file} does not exist")
-        _check_threshold_file(source, where, line.bundle, line.threshold)
+        _check_threshold_file(source, where, line.bundle, line.threshold, active=line.recipe == DEFAULT_RECIPE)
     curve = config.zmq.curve
     if curve is not None:
         if not curve.server_secret_key_file.is_file():

@@ -137,6 +137,17 @@ class _EngineRunner:
                 raise self._error
             return self._result
 
+    def open(self, opener: Callable[[], tuple[Backend, Any]], stall_s: float,
+             tick: Callable[[], None]) -> tuple[Backend, Any]:
+        """Open a backend on this thread. It belongs to the runner from the moment it exists: if the
+        caller gave up (an open past its bound) and closed the runner, it is closed when the open returns."""
+        def adopt() -> tuple[Backend, Any]:
+            backend, info = opener()
+            self.backend = backend
+            return backend, info
+
+        return self.call(adopt, stall_s, tick)
+
     def infer(self, batch: np.ndarray, stall_s: float, tick: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
         backend = self.backend
         if backend is None:
@@ -284,12 +295,11 @@ class LinePipeline:
 
         runner = _EngineRunner(f"{self.line}-{name}")
         try:
-            backend, info = runner.call(lambda: self._backend_opener(bundle, settings, on_fallback, threshold.value),
-                                        ENGINE_OPEN_STALE_S, lambda: None)
+            _, info = runner.open(lambda: self._backend_opener(bundle, settings, on_fallback, threshold.value),
+                                  ENGINE_OPEN_STALE_S, lambda: None)
         except Exception as exc:
             runner.close(0.0 if runner.busy else RUNNER_CLOSE_S)
             raise RecipeNotReady(f"recipe {name!r}: no backend passed (bundle {bundle.bundle_id}): {exc}") from None
-        runner.backend = backend
         try:
             warm = np.zeros((1, *bundle.input_spec.shape), np.uint8)
             for _ in range(2):
@@ -727,7 +737,7 @@ class LinePipeline:
         runner = _EngineRunner(self.line)
         try:
             # Loading and parity-gating a backend (never building one): on its own thread, bounded.
-            backend, info = runner.call(
+            _, info = runner.open(
                 lambda: self._backend_opener(self.bundle, settings, on_fallback, self.threshold.value),
                 ENGINE_OPEN_STALE_S, self._tick_worker)
         except Exception as exc:
@@ -738,7 +748,6 @@ class LinePipeline:
                       self.settings.on_deadline_miss)
             runner.close(0.0 if runner.busy else RUNNER_CLOSE_S)
             return None
-        runner.backend = backend
         self.backend_name = info.backend
         if self.metrics is not None:
             self.metrics.set_engine(self.line, info.backend, self.bundle.bundle_id)

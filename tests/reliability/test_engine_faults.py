@@ -496,3 +496,40 @@ def test_a_retry_after_a_failed_failover_never_reopens_the_backend_given_up(toy:
     finally:
         pipe.stop(timeout_s=3.0)
     assert calls == [("gpu", "onnxruntime"), ("onnxruntime",), ("onnxruntime",)], calls
+
+
+def test_an_engine_that_opens_after_the_line_gave_up_on_it_is_closed(toy: Bundle, toy_frames: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU engine's open hangs past the bound (a driver that takes minutes), the line gives up on it
+    and judges fail-safe; when the open finally returns, the engine it made (GPU memory, a context)
+    must be closed, not left behind on every retry. The GPU backend is a double (real ONNX Runtime
+    under another name) that records its close; the bound is lowered from 300 s to 0.5 s."""
+    from inspectd.daemon import pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "ENGINE_OPEN_STALE_S", 0.5)
+    made: list[FlakyBackendDouble] = []
+    release = threading.Event()
+
+    def slow_opener(bundle: Bundle, settings: LineSettings, on_fallback: Any,
+                    threshold: float) -> tuple[Backend, EngineInfo]:
+        release.wait(10)
+        inner, _ = open_backend(bundle, ["onnxruntime"])
+        made.append(FlakyBackendDouble(inner, "gpu", "raise", good=10**9))
+        return made[-1], EngineInfo(backend="gpu", details={})
+
+    settings = line_settings("slow", latency_budget_ms=2000, on_deadline_miss="NG",
+                             backend_preference=("gpu",), queue_size=8, backpressure=True)
+    pipe = LinePipeline(settings, ReplaySource("slow", toy_frames, loop=True), toy,
+                        LineThreshold("slow", value=THRESHOLD), Collector(), backend_opener=slow_opener)
+    pipe.engine_retry_s = (600.0, 600.0)
+    pipe.start()
+    try:
+        assert pipe.wait_ready(10.0) and pipe.state == "engine_failed"
+        release.set()                        # the hung open returns, long after the line gave up
+        end = time.monotonic() + 5.0
+        while not (made and made[0].closed):
+            assert time.monotonic() < end, "the late engine was never closed"
+            time.sleep(0.05)
+    finally:
+        release.set()
+        pipe.stop(timeout_s=3.0)
