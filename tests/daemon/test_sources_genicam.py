@@ -311,3 +311,29 @@ def test_a_camera_that_changes_its_resolution_is_not_judged() -> None:
         assert again is not None and again.image is not None and again.image.shape == (400, 400, 3)
     finally:
         src.close()
+
+
+def test_a_wall_clock_step_back_does_not_hang_a_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NTP or PTP steps the wall clock back (an edge PC without an RTC battery, a grandmaster switch)
+    while a line waits for a frame that does not come (acquisition stopped: a triggered line with
+    no parts). read(0.5) must still return within its timeout: a hung read makes the line 'blind'
+    and, after 10 s, costs every line a watchdog restart. The step is simulated on time.time."""
+    src = _open()
+    try:
+        assert src.read(3.0) is not None
+        src._ia.stop()                                # no more frames
+        real = time.time
+        got: dict[str, object] = {}
+        t = threading.Thread(target=lambda: got.setdefault("frame", src.read(0.5)), daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(0.1)
+        monkeypatch.setattr(time, "time", lambda: real() - 3600.0)   # the clock steps back one hour
+        t.join(3.0)
+        took = time.monotonic() - t0
+        monkeypatch.setattr(time, "time", real)
+        src._ia.start()                               # a frame releases a hung read, if any
+        t.join(3.0)
+        assert took < 2.0 and got.get("frame") is None, (took, got)
+    finally:
+        src.close()

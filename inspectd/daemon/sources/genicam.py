@@ -29,6 +29,27 @@ from inspectd.daemon.sources.base import Source, SourceError, SourceLost, Source
 
 log = logging.getLogger("inspectd.sources.genicam")
 
+
+class _MonotonicTime:
+    """harvesters measures fetch timeouts with time.time(): a wall-clock step back (NTP, PTP) would
+    stretch a 0.5 s wait by the size of the step. Its module sees this instead: time() is monotonic,
+    everything else is the real time module."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def time() -> float:
+        return time.monotonic()
+
+
+def _harvesters_on_monotonic_time() -> None:
+    import harvesters.core
+
+    if not isinstance(harvesters.core.time, _MonotonicTime):
+        harvesters.core.time = _MonotonicTime()
+
+
 __all__ = ["GenicamSource", "convert_pixels", "bytes_per_pixel", "SUPPORTED_PIXEL_FORMATS"]
 
 # pixel format -> (bytes per pixel, OpenCV conversion to RGB or None for Mono8).
@@ -176,6 +197,7 @@ class GenicamSource(Source):
                     raise SourceError(f"line {self.line}: cannot open camera {self._device_name}: "
                                       f"{_short(exc)}") from None
             from harvesters.core import ImageAcquirer
+            _harvesters_on_monotonic_time()
             # harvesters polls GenTL in slices of this many ms while fetch() waits; 1 ms (default)
             # means ~1000 wake-ups/s per idle camera. A slice returns early when a frame arrives.
             self._ia.timeout_period_on_client_fetch_call = 0.1
