@@ -140,3 +140,19 @@ def assert_onnx_separates(bundle_path: Path, good: np.ndarray, bad: np.ndarray, 
     sb = sess.run(["score"], {"images": bad})[0]
     auc = roc_auc(sg, sb)
     assert auc >= minimum, f"image AUROC {auc:.3f} (good {sg}, bad {sb})"
+
+
+def fill_filesystem(folder: Path) -> Path:
+    """Write into `folder` until its filesystem is full (a real tmpfs in the tests); returns the filler file."""
+    import os
+
+    filler = Path(folder) / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 1024) > 0:
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler

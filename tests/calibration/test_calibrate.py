@@ -247,15 +247,9 @@ def test_a_full_disk_is_one_line_and_the_config_untouched(tiny_bundle: Path, hel
                                                           tiny_tmpfs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The report folder sits on a disk that is full by the time calibrate writes (real 64 KiB tmpfs,
     filled up front): one error line naming the path, not a traceback after minutes of scoring."""
-    filler = tiny_tmpfs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while os.write(fd, b"\0" * 1024) > 0:
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    from tests.helpers import fill_filesystem
+
+    fill_filesystem(tiny_tmpfs)
     rc, err = _run_bad(["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
                         "--target-false-reject", "5%", "--config", str(config), "--report", str(tiny_tmpfs / "rep")],
                        config, capsys)

@@ -13,20 +13,7 @@ import pytest
 from inspectd.daemon.audit import AuditLog, audit_path, local_who
 from tests.daemon.test_recipes import _Collector, _config, _replay
 from tests.daemon.test_run import Daemon
-
-
-def _fill(folder: Path) -> Path:
-    """Write into `folder` until its filesystem is full; the filler file is returned."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while os.write(fd, b"\0" * 1024) > 0:
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
+from tests.helpers import fill_filesystem
 
 
 def test_a_record_torn_by_a_full_disk_never_swallows_the_next_one(tiny_tmpfs: Path) -> None:
@@ -34,7 +21,7 @@ def test_a_record_torn_by_a_full_disk_never_swallows_the_next_one(tiny_tmpfs: Pa
     next record (and every later one) is readable, with a generation one above the last good one."""
     log = AuditLog(tiny_tmpfs / "audit.jsonl")
     assert log.append("line1", "threshold", 4.0, 5.0, local_who())["generation"] == 1
-    filler = _fill(tiny_tmpfs)
+    filler = fill_filesystem(tiny_tmpfs)
     with pytest.raises(OSError):
         log.append("line1", "recipe", "A", "B", local_who(), reason="x" * 20000)  # larger than what is left
     filler.unlink()

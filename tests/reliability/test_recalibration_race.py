@@ -84,6 +84,37 @@ def _wait(cond: Any, timeout_s: float = 20.0) -> bool:
     return True
 
 
+def _preloading_daemon(tmp_path: Path, toy_path: Path, toy_frames: Path,
+                       b_threshold: Any) -> tuple[Path, Daemon, threading.Event, threading.Event]:
+    """A built in-process daemon whose line l1 preloads recipe B; B's engine open (the opener's
+    second call: the first is the line's own engine) is held until `release`. Returns (config,
+    daemon, opening, release)."""
+    config = _line_config(tmp_path, toy_path, toy_frames, recipes=[
+        {"name": "B", "bundle": str(toy_path), "threshold": b_threshold, "preload": True}])
+    daemon = Daemon(load_config(config))
+    daemon.build()
+    opening, release = _hold_second_open(daemon.lines["l1"])
+    return config, daemon, opening, release
+
+
+def _hold_second_open(pipeline: Any) -> tuple[threading.Event, threading.Event]:
+    """Gate the line's backend opener: its second call (a preload) waits for `release` once it has
+    set `opening`. Returns (opening, release)."""
+    opening, release = threading.Event(), threading.Event()
+    real_opener = pipeline._backend_opener
+    calls: list[int] = []
+
+    def gated_opener(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            opening.set()
+            release.wait(30)
+        return real_opener(*args)
+
+    pipeline._backend_opener = gated_opener
+    return opening, release
+
+
 def test_a_sighup_during_the_start_up_preload_reaches_the_preloaded_recipe(tmp_path: Path, toy_path: Path,
                                                                           toy_frames: Path) -> None:
     """Recipe B is preloaded after the line's own engine (seconds on a real line). A recalibration
@@ -91,23 +122,8 @@ def test_a_sighup_during_the_start_up_preload_reaches_the_preloaded_recipe(tmp_p
     new value, not the one read before its engine opened."""
     b_file = tmp_path / "b.threshold.json"
     b_file.write_text(json.dumps({"threshold": 7.0}))
-    config = _line_config(tmp_path, toy_path, toy_frames, recipes=[
-        {"name": "B", "bundle": str(toy_path), "threshold": {"file": str(b_file)}, "preload": True}])
-    daemon = Daemon(load_config(config))
-    daemon.build()
+    config, daemon, opening, release = _preloading_daemon(tmp_path, toy_path, toy_frames, {"file": str(b_file)})
     pipeline, recipes = daemon.lines["l1"], daemon.recipes["l1"]
-    opening, release = threading.Event(), threading.Event()
-    real_opener = pipeline._backend_opener
-    calls: list[int] = []
-
-    def gated_opener(*args: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 2:  # 1: the line's own engine; 2: B's preload
-            opening.set()
-            release.wait(30)
-        return real_opener(*args)
-
-    pipeline._backend_opener = gated_opener
     try:
         assert daemon.start(threading.Event())
         assert opening.wait(20.0)
@@ -126,23 +142,8 @@ def test_a_switch_during_the_start_up_preload_keeps_one_engine(tmp_path: Path, t
                                                                toy_frames: Path) -> None:
     """An operator switches to B while B's preload is still opening: the switch opens B itself, and
     the preloaded engine that lands afterwards is closed, not parked beside the active one."""
-    config = _line_config(tmp_path, toy_path, toy_frames, recipes=[
-        {"name": "B", "bundle": str(toy_path), "threshold": 7.0, "preload": True}])
-    daemon = Daemon(load_config(config))
-    daemon.build()
+    _, daemon, opening, release = _preloading_daemon(tmp_path, toy_path, toy_frames, 7.0)
     pipeline, recipes = daemon.lines["l1"], daemon.recipes["l1"]
-    opening, release = threading.Event(), threading.Event()
-    real_opener = pipeline._backend_opener
-    calls: list[int] = []
-
-    def gated_opener(*args: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 2:  # B's preload
-            opening.set()
-            release.wait(30)
-        return real_opener(*args)
-
-    pipeline._backend_opener = gated_opener
     try:
         assert daemon.start(threading.Event())
         assert opening.wait(20.0)
