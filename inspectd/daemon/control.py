@@ -9,7 +9,8 @@ peer that is not root, not the daemon's user and not in the socket's group (e.g.
 the socket world-writable). The peer's uid/user/pid go into the audit record of every change.
 
 Requests: {"op": "list"|"recipe"|"shadow"|"promote"|"rollback", "line": L, ...,
-"reason": optional text, "via": "cli"|"mqtt"|"opcua", "requester": optional text}.
+"reason": optional text, "via": "cli"|"mqtt"|"opcua", "requester": optional text,
+"answer_within_s": how long the requester waits (a change not done by then is not made)}.
 Responses: {"ok": true, ...} or {"ok": false, "error": "why"}.
 """
 
@@ -22,6 +23,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +37,16 @@ SOCKET_MODE = 0o660
 MAX_REQUEST = 65536
 IO_TIMEOUT_S = 5.0
 CLIENT_TIMEOUT_S = 330.0   # a switch may load and parity-gate an engine
+ANSWER_MARGIN_S = 1.0      # a change is made only if its answer can still reach the requester in time
+
+
+def answer_deadline(request: dict, received_mono: float) -> float | None:
+    """The monotonic time after which a change asked for by `request` must not be made any more: the
+    requester said how long it waits (answer_within_s); None if it did not say."""
+    wait = request.get("answer_within_s")
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait > 0:
+        return None
+    return received_mono + float(wait) - ANSWER_MARGIN_S
 
 
 def socket_path(state_dir: str | os.PathLike) -> Path:
@@ -145,6 +157,7 @@ class ControlServer:
                                                 f"is not root, the daemon's user or in the socket's group"}
                 else:
                     request = _read_request(conn)
+                    request["_received_mono"] = time.monotonic()
                     via = request.get("via")
                     if isinstance(via, str) and via in ("cli", "mqtt", "opcua"):
                         who["via"] = f"socket/{via}"
@@ -194,6 +207,8 @@ def request(path: str | os.PathLike, payload: dict, timeout_s: float = CLIENT_TI
                                 f"group (run as that user, or add yours to the group)") from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise InspectdError(f"{path}: no daemon listening ({exc.strerror or exc})") from None
+        # How long we wait: a change the daemon cannot finish within it is not made (see ANSWER_MARGIN_S).
+        payload = dict(payload, answer_within_s=payload.get("answer_within_s", timeout_s))
         sock.sendall(json.dumps(payload).encode() + b"\n")
         data = b""
         while True:

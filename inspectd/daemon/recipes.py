@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -240,9 +241,14 @@ class LineRecipes:
                                  f"({exc.strerror or exc}); nothing changed") from None
         self.state = state
 
-    def _save_or_drop(self, state: dict[str, Any], opened: ActiveRecipe | None) -> None:
-        """_save_state; if it refuses, the engine opened for the change is closed again."""
+    def _save_or_drop(self, state: dict[str, Any], opened: ActiveRecipe | None, deadline: float | None = None) -> None:
+        """The commit point of every change: _save_state, unless the requester has stopped waiting
+        for the answer (`deadline`, monotonic: it was told 'no answer', so nothing may change). If
+        either refuses, the engine opened for the change is closed again."""
         try:
+            if deadline is not None and time.monotonic() > deadline:
+                raise RecipeNotReady(f"line {self.line}: the change took longer than its requester waits for "
+                                     f"the answer; nothing changed (ask again)")
             self._save_state(state)
         except RecipeNotReady:
             if opened is not None:
@@ -276,7 +282,8 @@ class LineRecipes:
                 "shadow": self.shadow.stats() if self.shadow is not None else None,
                 "rollback_available": active.name in self.previous or active.name in (self.state.get("previous") or {})}
 
-    def switch(self, name: str, who: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+    def switch(self, name: str, who: dict[str, Any], reason: str | None = None,
+               deadline: float | None = None) -> dict[str, Any]:
         assert self.pipeline is not None
         with self.lock:
             if name not in self.specs:
@@ -294,7 +301,7 @@ class LineRecipes:
                     if isinstance(sb, str):
                         self.standby[name] = str(exc)
                     raise
-            self._save_or_drop(dict(self.state, active=name), None if new is sb else new)
+            self._save_or_drop(dict(self.state, active=name), None if new is sb else new, deadline)
             old = self.pipeline.activate(new)
             self.standby.pop(name, None)
             if old.runner is None:
@@ -306,7 +313,8 @@ class LineRecipes:
             self._record("recipe", self._desc(old), self._desc(new), who, reason)
             return {"line": self.line, "active": self._desc(new), "changed": True}
 
-    def _start_shadow(self, spec: RecipeSpec, state: dict[str, Any] | None = None) -> Any:
+    def _start_shadow(self, spec: RecipeSpec, state: dict[str, Any] | None = None,
+                      deadline: float | None = None) -> Any:
         """Open and start the shadow scorer for `spec`; with `state`, persist it first (set_shadow)."""
         from inspectd.daemon.shadow import ShadowScorer
 
@@ -320,7 +328,7 @@ class LineRecipes:
         settings = dataclasses.replace(self.pipeline.settings, backend_options=opts)
         recipe = self._open(spec, settings=settings)
         if state is not None:
-            self._save_or_drop(state, recipe)
+            self._save_or_drop(state, recipe, deadline)
         sc = self.cfg.shadow
         scorer = ShadowScorer(self.line, recipe, self.publisher, self.metrics,
                               queue_size=sc.queue_size if sc else 2, window=sc.correlation_window if sc else 200)
@@ -333,7 +341,7 @@ class LineRecipes:
         return scorer
 
     def set_shadow(self, bundle: str | None, threshold: Any, who: dict[str, Any],
-                   reason: str | None = None) -> dict[str, Any]:
+                   reason: str | None = None, deadline: float | None = None) -> dict[str, Any]:
         assert self.pipeline is not None
         with self.lock:
             old = self.shadow.stats() if self.shadow is not None else None
@@ -349,11 +357,12 @@ class LineRecipes:
                 raise RecipeNotReady("shadow: a threshold (number) or threshold_file is required")
             spec = RecipeSpec("shadow", Path(bundle), float(threshold) if isinstance(threshold, (int, float))
                               else Path(threshold), self.pipeline.active.roi)
-            scorer = self._start_shadow(spec, dict(self.state, shadow=spec.describe()))
+            scorer = self._start_shadow(spec, dict(self.state, shadow=spec.describe()), deadline)
             self._record("shadow", old, dict(spec.describe(), bundle_id=scorer.bundle_id), who, reason)
             return {"line": self.line, "shadow": scorer.stats()}
 
-    def promote(self, who: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+    def promote(self, who: dict[str, Any], reason: str | None = None,
+                deadline: float | None = None) -> dict[str, Any]:
         """The shadow bundle becomes the active recipe's bundle (with its calibrated threshold file),
         after the parity gate passes on the line's backends; the old one is kept for rollback."""
         assert self.pipeline is not None
@@ -374,7 +383,7 @@ class LineRecipes:
             state.setdefault("previous", {})[current.name] = {"bundle": str(current.bundle.path),
                                                               "threshold": threshold_json(current.threshold_spec)}
             state["shadow"] = None
-            self._save_or_drop(state, new)
+            self._save_or_drop(state, new, deadline)
             old = self.pipeline.activate(new)
             prev = self.previous.pop(old.name, None)
             if prev is not None:
@@ -387,7 +396,8 @@ class LineRecipes:
             self._record("promote", self._desc(old), self._desc(new), who, reason)
             return {"line": self.line, "active": self._desc(new), "previous": self._desc(old)}
 
-    def rollback(self, who: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+    def rollback(self, who: dict[str, Any], reason: str | None = None,
+                 deadline: float | None = None) -> dict[str, Any]:
         assert self.pipeline is not None
         with self.lock:
             current = self.pipeline.active
@@ -407,7 +417,7 @@ class LineRecipes:
             else:
                 overrides[current.name] = restored.describe()
             (state.get("previous") or {}).pop(current.name, None)
-            self._save_or_drop(state, None if new is warm else new)
+            self._save_or_drop(state, None if new is warm else new, deadline)
             self.previous.pop(current.name, None)
             old = self.pipeline.activate(new)
             self.pipeline.retire(old)

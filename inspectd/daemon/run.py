@@ -16,7 +16,7 @@ from inspectd.daemon.config import (DaemonConfig, LineConfig, config_warnings, l
                                     summary)
 from inspectd.errors import ConfigError, InspectdError
 from inspectd.daemon.audit import AuditLog, audit_path, local_who
-from inspectd.daemon.control import ControlServer, socket_path
+from inspectd.daemon.control import ControlServer, answer_deadline, socket_path
 from inspectd.daemon.recipes import LineRecipes
 from inspectd.daemon.archive import NgArchive
 from inspectd.daemon.line import LineSettings, LineThreshold, options_dict
@@ -250,20 +250,21 @@ class Daemon:
         if recipes is None:
             raise InspectdError(f"no line {line!r} (lines: {', '.join(self.recipes)})")
         reason = req.get("reason") if isinstance(req.get("reason"), str) else None
+        deadline = answer_deadline(req, req.get("_received_mono", time.monotonic()))
         if op == "list":
             return recipes.list()
         if op == "recipe":
             name = req.get("name")
             if not isinstance(name, str) or not name:
                 raise InspectdError("recipe: a recipe name is required")
-            return recipes.switch(name, who, reason)
+            return recipes.switch(name, who, reason, deadline=deadline)
         if op == "shadow":
             return recipes.set_shadow(req.get("bundle"), req.get("threshold_file") or req.get("threshold"),
-                                      who, reason)
+                                      who, reason, deadline=deadline)
         if op == "promote":
-            return recipes.promote(who, reason)
+            return recipes.promote(who, reason, deadline=deadline)
         if op == "rollback":
-            return recipes.rollback(who, reason)
+            return recipes.rollback(who, reason, deadline=deadline)
         raise InspectdError(f"unknown op {op!r} (list, recipe, shadow, promote, rollback)")
 
     def _wait(self, cond: Any, timeout_s: float, stop_requested: threading.Event) -> bool:

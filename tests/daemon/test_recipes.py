@@ -594,3 +594,40 @@ def test_a_promoted_bundle_that_is_gone_costs_one_line_its_promote_not_every_lin
     proc = _cli("audit", "--config", str(cfg), "--line", "l2", "--json")
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert [r["what"] for r in records] == ["recipe"] and str(gone) in json.dumps(records[0]["old"]), records
+
+
+def test_a_change_that_outlasts_its_requesters_wait_is_not_made(tmp_path: Path, tiny_bundle: Path,
+                                                                synthetic_parts: Any) -> None:
+    """The requester (the CLI, a PLC through a bridge) gives up waiting for an answer while the
+    daemon is still opening the engine (here the shadow bundle sits on a share that answers late:
+    its manifest a FIFO written only later). The daemon must not make the change afterwards: the
+    requester was told 'no answer', so the line must be as it was (answer and line always agree)."""
+    slow = tmp_path / "slow-bundle"
+    shutil.copytree(tiny_bundle, slow)
+    manifest = (slow / "manifest.json").read_text()
+    (slow / "manifest.json").unlink()
+    os.mkfifo(slow / "manifest.json")
+    cfg = _config(tmp_path, _replay(tmp_path, synthetic_parts), tiny_bundle)
+    sock = socket_path(tmp_path / "state")
+    daemon = Daemon(cfg)
+    try:
+        daemon.wait_log(r"ready: line1")
+        t0 = time.monotonic()
+        try:
+            request(sock, {"op": "shadow", "line": "line1", "bundle": str(slow), "threshold": 7.0}, timeout_s=3.0)
+            answered = True
+        except Exception:
+            answered = False
+        assert not answered and time.monotonic() - t0 < 5.0
+        with open(slow / "manifest.json", "w") as fifo:      # the share answers, too late
+            fifo.write(manifest)
+        time.sleep(2.0)                                      # time for the daemon to finish the open
+        listed = request(sock, {"op": "list", "line": "line1"})
+        assert listed["shadow"] is None, listed["shadow"]
+        state = tmp_path / "state" / "line1" / "recipes.json"
+        assert not state.exists() or json.loads(state.read_text()).get("shadow") is None
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+    audit = tmp_path / "state" / "audit.jsonl"
+    assert not audit.exists() or '"what":"shadow"' not in audit.read_text()
