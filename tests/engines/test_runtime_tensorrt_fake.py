@@ -450,3 +450,36 @@ def test_cache_miss_in_the_daemon_skips_tensorrt_with_its_reason_and_never_build
         assert all(ctx.detached for ctx in cuda.contexts)  # the refused backend released its context
     finally:
         backend.close()
+
+
+def test_an_engine_that_loads_after_the_start_timeout_is_released(fakes: tuple[Bundle, FakeCuda, Any]) -> None:
+    """On the FAKE TensorRT: the engine takes longer to load than `start_timeout_s` (a busy GPU, a big
+    engine); the constructor gives up (the line falls back), and when the load finishes the worker
+    must release its context and device memory, not wait forever holding them (every engine retry
+    would leak another)."""
+    import threading
+    import time
+
+    from inspectd.engines.runtime.tensorrt_backend import TensorRTBackend, build_engine
+    from inspectd.errors import BackendUnavailable
+
+    bundle, cuda, trt = fakes
+    build_engine(bundle, precision="fp16", max_batch=2)
+    load = trt.Runtime.deserialize_cuda_engine
+
+    def slow_load(self: Any, data: Any) -> Any:
+        time.sleep(0.5)
+        return load(self, data)
+
+    trt.Runtime.deserialize_cuda_engine = slow_load
+    try:
+        with pytest.raises(BackendUnavailable, match="did not load"):
+            TensorRTBackend(bundle, precision="fp16", max_batch=2, start_timeout_s=0.1)
+        end = time.monotonic() + 5.0
+        while [t for t in threading.enumerate() if t.name.startswith("tensorrt-")]:
+            assert time.monotonic() < end, "the worker still holds its context"
+            time.sleep(0.05)
+    finally:
+        trt.Runtime.deserialize_cuda_engine = load
+    assert cuda.contexts and all(c.detached for c in cuda.contexts)
+    assert sorted(cuda.freed) == sorted(cuda.allocs)

@@ -140,6 +140,10 @@ class TensorRTBackend(Backend):
         self._thread.start()
         # Loading (never building) an engine: seconds; the thread always signals.
         if not self._started.done.wait(start_timeout_s):
+            # Given up: once the load finishes, the worker takes this stop and releases the context
+            # and device memory (it would otherwise hold them forever, once per retry).
+            self._closed = True
+            self._requests.put(_Request(batch=None))
             raise BackendUnavailable(f"tensorrt: engine did not load within {start_timeout_s:.0f} s")
         if self._started.error is not None:
             self._thread.join(timeout=30)
