@@ -57,11 +57,23 @@ class CaptureResult:
         return f"inspectd train --good {self.out}{roi} --out {bundle}"
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool, inputs: tuple[Path | None, ...] = ()) -> None:
+    """--out may be new, empty, or (with --force) a folder an earlier capture made; never the line's
+    own input or bundle, nor a folder holding them (a replaced folder is deleted)."""
+    out_abs = Path(os.path.abspath(out))
+    for taken in inputs:
+        if taken is not None:
+            t = Path(os.path.abspath(taken))
+            if t == out_abs or out_abs in t.parents:
+                raise DataError(f"{out}: is or holds the line's {taken}; a capture goes to a folder of its own")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise DataError(f"{out}: folder is not empty (use --force to replace its contents)")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise DataError(f"{out}: folder is not empty (use --force to replace its contents)")
+        if not (out / MANIFEST).is_file():
+            raise DataError(f"{out}: folder not made by inspectd capture (no {MANIFEST}): --force replaces "
+                            f"only an earlier capture; choose another --out")
 
 
 def _encode_png(image: np.ndarray, name: str) -> bytes:
@@ -103,7 +115,7 @@ def capture(config_path: str | os.PathLike, line_id: str, out: str | os.PathLike
     config = load_config(config_path)
     line = config.line(line_id)
     out = Path(out).expanduser()
-    _check_out(out, force)
+    _check_out(out, force, (getattr(line.source, "path", None), line.bundle))
     say = progress or (lambda text: None)
     source = make_source(line)
     t0 = time.monotonic()

@@ -324,8 +324,7 @@ def write_bundle(staging: Path, out: Path, manifest_fields: dict[str, Any], forc
     os.replace(tmp_manifest, staging / MANIFEST)
     _fsync_tree(staging)
     if out.exists():
-        if not force:
-            raise BundleError(f"{out}: already exists (use --force to replace it)")
+        refuse_existing(out, force)  # again at the end: --force replaces a bundle, never anything else
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(staging, out)
@@ -335,11 +334,35 @@ def write_bundle(staging: Path, out: Path, manifest_fields: dict[str, Any], forc
     return load_bundle(out)
 
 
-def refuse_existing(out: Path, force: bool) -> None:
-    """Refuse early (before any work) when `out` is taken and --force was not given."""
-    if out.exists() and not force:
-        what = "a bundle" if (out / MANIFEST).exists() else "a file or folder"
-        raise BundleError(f"{out}: already holds {what} (use --force to replace it)")
+def refuse_existing(out: Path, force: bool, inputs: Sequence[str | os.PathLike | None] = ()) -> None:
+    """Refuse early (before any work) when `out` is taken: without --force always; with it, unless
+    `out` holds a bundle (--force replaces bundles, never other files: the training images, say)
+    and is not, and does not hold, any of the `inputs` folders."""
+    out_abs = Path(os.path.abspath(out))
+    for folder in inputs:
+        if folder is None:
+            continue
+        inp = Path(os.path.abspath(folder))
+        if inp == out_abs or out_abs in inp.parents:
+            raise BundleError(f"{out}: is or holds the input folder {folder}; choose another --out")
+    if not out.exists():
+        return
+    if not (out / MANIFEST).is_file():
+        raise BundleError(f"{out}: already holds a file or folder that is not a bundle (--force replaces "
+                          f"bundles only); choose another --out")
+    if not force:
+        raise BundleError(f"{out}: already holds a bundle (use --force to replace it)")
+
+
+def probe_writable(out: Path) -> None:
+    """Make and remove the staging folder `out` will be built in: a parent that is a file, read-only or
+    full is refused before the work that would be lost."""
+    try:
+        staging = staging_dir(out)
+    except OSError as exc:
+        raise BundleError(f"{out}: cannot write the bundle here ({exc.strerror or exc}"
+                          f"{': ' + str(exc.filename) if exc.filename else ''})") from None
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def staging_dir(out: Path) -> Path:

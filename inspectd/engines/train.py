@@ -94,6 +94,11 @@ class TrainResult:
     seconds: float
 
 
+# What inspectd's own tools write beside the images they make (capture, synthesize): not images that
+# failed to read.
+TOOL_RECORDS = frozenset({"capture.json", "manifest.json"})
+
+
 def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -103,7 +108,8 @@ def read_good_images(folder: str | os.PathLike, spec: InputSpec, what: str = "go
                      minimum: int = MIN_GOOD_IMAGES) -> tuple[list[Path], list[np.ndarray], int]:
     """Read and prepare every image; unreadable ones are skipped and counted, too many refuses."""
     paths = list_images(folder)
-    files = [p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")]
+    files = [p for p in Path(folder).iterdir()
+             if p.is_file() and not p.name.startswith(".") and p.name not in TOOL_RECORDS]
     if not files:
         raise DataError(f"{folder}: folder is empty")
     good_paths, images, skipped = [], [], len(files) - len(paths)
@@ -172,7 +178,8 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
           golden_bad_dir: str | os.PathLike | None = None) -> TrainResult:
     t0 = time.monotonic()
     out = Path(out)
-    bundle_mod.refuse_existing(out, force)
+    bundle_mod.refuse_existing(out, force, inputs=[good_dir, golden_bad_dir, cfg.bad, cfg.backgrounds])
+    bundle_mod.probe_writable(out)  # an --out that cannot be written fails now, not after the training
     unknown = [a for a in cfg.augment if a not in AUGMENTATIONS]
     if unknown:
         raise DataError(f"unknown augmentation {unknown[0]!r} (choose from {', '.join(AUGMENTATIONS)})")
@@ -184,6 +191,9 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
     mc = cfg.model
     spec = InputSpec(mc.input_height, mc.input_width, mc.color_mode, roi=cfg.roi)
     extra = _extra_folders(method, cfg, spec)  # before the good images: a refusal costs nothing
+    bad_imgs: list[np.ndarray] = []
+    if golden_bad_dir is not None:  # read now: a missing or unreadable folder must not cost the training
+        bad_imgs = [load_prepared(p, spec) for p in list_images(golden_bad_dir)[: cfg.golden_count]]
     paths, images, skipped = read_good_images(good_dir, spec)
     _seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -210,11 +220,7 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
         method.export(model, staging / bundle_mod.MODEL_FILE)
         save_weights(model, staging / WEIGHTS_FILE)
         golden_good = _write_images(staging, "golden/good", hold_imgs[: cfg.golden_count])
-        golden_bad: list[str] = []
-        bad_imgs: list[np.ndarray] = []
-        if golden_bad_dir is not None:
-            bad_imgs = [load_prepared(p, spec) for p in list_images(golden_bad_dir)[: cfg.golden_count]]
-            golden_bad = _write_images(staging, "golden/bad", bad_imgs)
+        golden_bad = _write_images(staging, "golden/bad", bad_imgs) if golden_bad_dir is not None else []
         calib = _write_images(staging, "calibration", [train_imgs[i] for i in
                                                        rng.permutation(len(train_imgs))[: cfg.calibration_count]])
         ort_good, ort_bad = _reference_scores(staging / bundle_mod.MODEL_FILE, hold_imgs[: cfg.golden_count], bad_imgs)

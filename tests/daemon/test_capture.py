@@ -155,3 +155,21 @@ def test_a_pixel_format_it_cannot_convert_is_a_one_line_refusal(tmp_path: Path, 
     with pytest.raises(DataError, match=r"line cam1: frame .*RGBa8"):
         capture(cfg, "cam1", tmp_path / "teach", count=2)
     assert not (tmp_path / "teach").exists()
+
+
+def test_force_replaces_a_previous_capture_only(tmp_path: Path) -> None:
+    """`--force` replaces a folder an earlier capture made. Pointed at the line's own replay folder (or
+    a folder that holds it), or at any folder capture did not make, it refuses: it used to delete it."""
+    folder = _replay_folder(tmp_path / "replay")
+    cfg = _config(tmp_path / "lines.yaml", [_replay_line("l1", folder)])
+    n = len(list(folder.iterdir()))
+    for out in (folder, tmp_path):
+        with pytest.raises(DataError, match="capture"):
+            capture(cfg, "l1", out, count=2, force=True)
+        assert len(list(folder.iterdir())) == n
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not made by inspectd capture"):
+        capture(cfg, "l1", notes, count=2, force=True)
+    assert (notes / "notes.txt").read_text() == "keep me"

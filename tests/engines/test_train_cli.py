@@ -158,3 +158,56 @@ def test_default_input_size_is_the_methods(monkeypatch, tmp_path, synthetic_part
     assert default_short_side("cutpaste-ae") == DEFAULT_SHORT_SIDE == 256
     # the synthetic parts are square, so a short side S gives S x S
     assert seen == [("flow", 384, 384), ("cutpaste-ae", 256, 256), ("cutpaste-ae", 96, 96), ("flow", 64, 96)]
+
+
+def test_force_never_replaces_what_is_not_a_bundle(capsys, tmp_path, synthetic_parts):
+    """`--force` replaces a bundle. Pointed at the training images themselves (or at a folder that
+    holds them, or any folder that is not a bundle), it must refuse before any work: it used to train,
+    then delete the images."""
+    good = tmp_path / "good"
+    shutil.copytree(synthetic_parts.train_good, good)
+    n = len(list(good.iterdir()))
+    for out in (good, tmp_path):
+        code, err = _run(capsys, "--good", str(good), "--out", str(out), "--force", *FAST)
+        assert code == 1 and "not a bundle" in err, err
+        assert len(list(good.iterdir())) == n
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    code, err = _run(capsys, "--good", str(good), "--out", str(notes), "--force", *FAST)
+    assert code == 1 and "not a bundle" in err and (notes / "notes.txt").read_text() == "keep me"
+
+
+def test_an_unusable_output_or_golden_bad_folder_is_refused_before_training(capsys, tmp_path, synthetic_parts,
+                                                                            monkeypatch):
+    """An --out that cannot be written, or a --golden-bad folder that cannot be read, is found before
+    the training (minutes to hours), not after it."""
+    from inspectd.engines import methods
+
+    fitted: list[int] = []
+    flow = methods.get("flow")
+    real_fit = flow.fit
+    monkeypatch.setattr(type(flow), "fit", lambda self, data: (fitted.append(1), real_fit(data))[1])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = _run(capsys, "--good", str(synthetic_parts.train_good), "--out", str(afile / "b"), *FAST)
+    assert code == 1 and str(afile) in err, err
+    code, err = _run(capsys, "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"),
+                     "--golden-bad", str(tmp_path / "missing"), *FAST)
+    assert code == 1 and "missing" in err, err
+    assert fitted == [] and not _leftovers(tmp_path)
+
+
+def test_a_capture_folder_trains_without_counting_its_record_as_a_bad_image(capsys, tmp_path, synthetic_parts):
+    """`inspectd capture` writes capture.json beside the frames and prints `inspectd train --good <that
+    folder>`: its own record is not an unreadable image (it made 8 captured frames fail the 10 % rule)."""
+    good = tmp_path / "cap"
+    shutil.copytree(synthetic_parts.train_good, good)
+    for extra in list(sorted(good.iterdir()))[8:]:
+        extra.unlink()
+    (good / "capture.json").write_text("{}")
+    code = main(["train", "--good", str(good), "--out", str(tmp_path / "b"), *FAST])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    from inspectd.engines.bundle import load_bundle
+    assert load_bundle(tmp_path / "b").manifest.training.skipped == 0
