@@ -156,3 +156,15 @@ def fill_filesystem(folder: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def header_bomb_jpeg() -> bytes:
+    """A small JPEG whose header claims about 61,000 x 61,000 pixels (two flipped bytes: a damaged
+    file, or a crafted one): OpenCV refuses it with its own error rather than returning None."""
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", np.full((32, 32, 3), 128, np.uint8))
+    data = bytearray(buf.tobytes())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5] = data[sof + 7] = 0xF0
+    return bytes(data)

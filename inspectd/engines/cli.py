@@ -196,13 +196,16 @@ def _image_size_arg(text: str, good: str, roi: tuple[int, int, int, int] | None)
     """--image-size parsed (one-line ConfigError); a single number takes the training images' aspect."""
     import cv2
 
-    from inspectd.engines.preprocess import list_images, parse_image_size, resolve_image_size
+    from inspectd.engines.preprocess import imdecode, list_images, parse_image_size, resolve_image_size
 
     parsed = parse_image_size(text, ConfigError, "--image-size")
     shapes = []
     if parsed[1] is None and roi is None:
         for path in list_images(good)[:32]:
-            img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            try:
+                img = imdecode(path.read_bytes(), cv2.IMREAD_GRAYSCALE)
+            except OSError:
+                img = None
             if img is not None:
                 shapes.append(img.shape)
         if not shapes:  # empty or unreadable folder: train() names the problem

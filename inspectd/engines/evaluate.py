@@ -19,7 +19,8 @@ import numpy as np
 from inspectd.stats import roc_auc, roc_curve
 from inspectd.engines.bundle import Bundle, load_bundle
 from inspectd.engines.heatmap import overlay
-from inspectd.engines.preprocess import IMAGE_SUFFIXES, InputSpec, list_images, prepare, prepare_mask, read_image
+from inspectd.engines.preprocess import (IMAGE_SUFFIXES, InputSpec, imdecode, list_images, prepare, prepare_mask,
+                                         read_image)
 from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from inspectd.errors import DataError
 from inspectd.progress import Progress
@@ -60,7 +61,7 @@ def _mask_for(masks_dir: Path, image_path: Path, spec: InputSpec,
     for suffix in IMAGE_SUFFIXES:
         cand = masks_dir / (image_path.stem + suffix)
         if cand.is_file():
-            m = cv2.imdecode(np.fromfile(str(cand), np.uint8), cv2.IMREAD_GRAYSCALE)
+            m = imdecode(np.fromfile(str(cand), np.uint8), cv2.IMREAD_GRAYSCALE)
             if m is None:
                 raise DataError(f"{cand}: not a readable mask")
             try:

@@ -61,13 +61,24 @@ class InputSpec:
         return (self.height, self.width, self.channels)
 
 
+def imdecode(data: bytes | np.ndarray, flag: int) -> np.ndarray | None:
+    """cv2.imdecode, None for anything it cannot decode — also where OpenCV raises instead (a header
+    that claims more pixels than it allows: a damaged or crafted file)."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if not buf.size:
+        return None
+    try:
+        return cv2.imdecode(buf, flag)
+    except cv2.error:
+        return None
+
+
 def decode_image(data: bytes, color_mode: str, name: str = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes to H x W x C uint8 in `color_mode` (RGB order, never BGR)."""
     if color_mode not in COLOR_MODES:
         raise DataError(f"unknown colour mode {color_mode!r} (expected one of {COLOR_MODES})")
-    buf = np.frombuffer(data, dtype=np.uint8)
     flag = cv2.IMREAD_GRAYSCALE if color_mode == "gray" else cv2.IMREAD_COLOR
-    image = cv2.imdecode(buf, flag) if buf.size else None
+    image = imdecode(data, flag)
     if image is None:
         raise DataError(f"{name}: not a readable image")
     if color_mode == "rgb":

@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 
 from inspectd import __version__
-from inspectd.engines.preprocess import IMAGE_SUFFIXES, fingerprint, list_images
+from inspectd.engines.preprocess import IMAGE_SUFFIXES, fingerprint, imdecode, list_images
 from inspectd.errors import ConfigError, DataError
 
 # Fewer real defects than this and the synthesized set is a handful of defects repeated; the same
@@ -107,7 +107,7 @@ def _decode(path: Path, flag: int) -> np.ndarray | None:
         data = np.fromfile(str(path), np.uint8)
     except OSError:
         return None
-    return cv2.imdecode(data, flag) if data.size else None
+    return imdecode(data, flag)
 
 
 def _folder(path: str | os.PathLike, what: str) -> Path:

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from inspectd.cli import main
+from tests.helpers import header_bomb_jpeg
 
 FAST = ["--image-size", "64", "--epochs", "1", "--views", "1", "--taps", "4"]
 
@@ -62,10 +63,11 @@ def test_a_few_unreadable_files_are_skipped_and_counted(capsys, tmp_path, synthe
     good = tmp_path / "good"
     shutil.copytree(synthetic_parts.train_good, good)
     (good / "broken.png").write_bytes(b"\x89PNG truncated")
+    (good / "damaged.jpg").write_bytes(header_bomb_jpeg())   # OpenCV raises on this one
     code = main(["train", "--good", str(good), "--out", str(tmp_path / "b"), *FAST])
     out = capsys.readouterr()
     assert code == 0, out.err
-    assert "1 skipped" in out.out
+    assert "2 skipped" in out.out
     assert (tmp_path / "b" / "manifest.json").exists() and not _leftovers(tmp_path)
 
 

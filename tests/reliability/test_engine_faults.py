@@ -25,6 +25,7 @@ from inspectd.daemon.sources.base import Source
 from inspectd.daemon.sources.replay import ReplaySource
 from inspectd.engines.bundle import Bundle
 from inspectd.engines.runtime import Backend, EngineInfo, open_backend
+from tests.helpers import header_bomb_jpeg
 from tests.reliability.conftest import Collector, line_settings, sample
 
 THRESHOLD = 5.0
@@ -217,6 +218,7 @@ def test_undecodable_replay_files_are_skipped_and_counted(toy: Bundle, toy_frame
     shutil.copytree(toy_frames / "good", folder)
     (folder / "good_zz_empty.png").write_bytes(b"")
     (folder / "good_zz_trunc.png").write_bytes((folder / "good_00.png").read_bytes()[:40])
+    (folder / "good_zz_bomb.jpg").write_bytes(header_bomb_jpeg())
     source = ReplaySource("r", folder)
     settings = line_settings("r", latency_budget_ms=2000, backend_preference=("onnxruntime",), queue_size=64)
     out = Collector()
@@ -228,7 +230,7 @@ def test_undecodable_replay_files_are_skipped_and_counted(toy: Bundle, toy_frame
     finally:
         pipe.stop(timeout_s=3.0)
     assert len(out.verdicts) == 3 and all(v.error is None for v in verdicts)
-    assert source.stats.skipped_files == 2
+    assert source.stats.skipped_files == 3
 
 
 def _stalling_gpu_line(line: str, toy: Bundle, toy_frames: Path, metrics: Metrics, only_first_stalls: bool = False

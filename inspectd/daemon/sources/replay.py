@@ -34,7 +34,7 @@ import numpy as np
 from inspectd.daemon.config import ReplaySourceConfig
 from inspectd.daemon.frame import Frame
 from inspectd.daemon.sources.base import Source, SourceError, SourceStats
-from inspectd.engines.preprocess import IMAGE_SUFFIXES, decode_image
+from inspectd.engines.preprocess import IMAGE_SUFFIXES, decode_image, imdecode
 from inspectd.errors import DataError
 
 log = logging.getLogger("inspectd.sources.replay")
@@ -326,7 +326,7 @@ class ReplaySource(Source):
             return image[:, :, 0] if self.color == "gray" else image
         # Grey files stay grey (H x W), anything with colour becomes RGB: one decode tells both
         # (ANYCOLOR keeps a grey file's single channel and, like IMREAD_COLOR, applies EXIF orientation).
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_ANYCOLOR) if data else None
+        image = imdecode(data, cv2.IMREAD_ANYCOLOR)
         if image is None:
             raise DataError(f"{path}: not a readable image")
         if image.ndim == 3 and image.shape[2] == 1:
