@@ -79,6 +79,13 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
     good_paths, bad_paths = list_images(good_dir), list_images(bad_dir)
     if not good_paths or not bad_paths:
         raise DataError("eval needs at least one image in each of --good and --bad")
+    if masks_dir is not None:  # before scoring: a typo must not look like "no pixel result"
+        masks = Path(masks_dir)
+        if not masks.is_dir():
+            raise DataError(f"{masks}: masks folder {'is not a folder' if masks.exists() else 'does not exist'}")
+        if not any((masks / (p.stem + suffix)).is_file() for p in bad_paths for suffix in IMAGE_SUFFIXES):
+            raise DataError(f"{masks}: no mask matches a defective image's name (a mask is <image name>.png "
+                            f"or another image suffix, as {bad_paths[0].stem}.png)")
     out.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(good_paths) + len(bad_paths), "eval")
     with OnnxRuntimeBackend(bundle, threads=threads) as backend:

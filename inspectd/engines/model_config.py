@@ -3,6 +3,8 @@ show them without loading the training stack)."""
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -135,3 +137,6 @@ class ModelConfig:
             raise ValueError(f"components {self.components}: at least 2 (the flow splits its channels), or 0")
         if self.positional < 0 or self.positional % 4:
             raise ValueError(f"positional {self.positional}: a multiple of 4 (sin/cos per axis), or 0")
+        if not (math.isfinite(self.hidden_ratio) and self.hidden_ratio > 0):
+            raise ValueError(f"hidden_ratio {self.hidden_ratio}: a finite number > 0 (the flow's hidden width "
+                             f"per input channel)")

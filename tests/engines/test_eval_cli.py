@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -33,6 +34,19 @@ def test_eval_refuses_an_empty_folder(capsys, tmp_path, tiny_bundle, synthetic_p
     code = main(["eval", "--bundle", str(tiny_bundle), "--good", str(tmp_path / "empty"),
                  "--bad", str(synthetic_parts.test_bad), "--out", str(tmp_path / "r")])
     assert code == 1 and "at least one image in each of --good and --bad" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_refuses_masks_it_cannot_use(capsys, tmp_path, tiny_bundle, synthetic_parts):
+    """--masks that does not exist, or whose names match no defective image, used to give exit 0 and a
+    silent "pixel_auroc": null: a typo looked like a result. Both are one-line refusals before scoring."""
+    (tmp_path / "other").mkdir()
+    cv2.imwrite(str(tmp_path / "other" / "unrelated.png"), np.zeros((8, 8), np.uint8))
+    for masks, expected in ((tmp_path / "nope", "does not exist"), (tmp_path / "other", "no mask matches")):
+        code = main(["eval", "--bundle", str(tiny_bundle), "--good", str(synthetic_parts.test_good),
+                     "--bad", str(synthetic_parts.test_bad), "--masks", str(masks), "--out", str(tmp_path / "r")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and expected in err[-1], err[-3:]
     assert not (tmp_path / "r").exists()
 
 

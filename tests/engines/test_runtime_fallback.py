@@ -44,3 +44,14 @@ def test_a_backend_failing_with_its_librarys_own_error_falls_back(tmp_path: Path
         assert skipped and skipped[0][0] == "fakegpu" and "out of memory" in skipped[0][1], skipped
     finally:
         backend.close()
+
+
+def test_a_backend_option_of_the_wrong_type_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`inspectd check-engine --option threads=abc`: exit 2 naming the option, not a ValueError traceback."""
+    from inspectd.cli import main
+
+    bundle = make_toy_bundle(tmp_path / "toy")
+    for value in ("abc", "4x", "-1"):
+        code = main(["check-engine", "--bundle", str(bundle), "--backend", "onnxruntime", "--option", f"threads={value}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and "intra_op_threads" in err[-1] and "Traceback" not in "\n".join(err), (value, err[-3:])

@@ -213,3 +213,10 @@ def test_a_capture_folder_trains_without_counting_its_record_as_a_bad_image(caps
     assert code == 0, out.err
     from inspectd.engines.bundle import load_bundle
     assert load_bundle(tmp_path / "b").manifest.training.skipped == 0
+
+
+def test_a_hidden_ratio_that_cannot_work_is_a_usage_error(capsys, tmp_path, synthetic_parts):
+    for value in ("nan", "0", "-1", "inf"):
+        code, err = _run(capsys, "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"),
+                         "--hidden-ratio", value, *FAST)
+        assert code == 2 and "hidden_ratio" in err, (value, err)

@@ -18,6 +18,7 @@ thread each); `backend_options.onnxruntime.intra_op_threads` sets a line's own.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from typing import Any
 
@@ -110,9 +111,10 @@ class OnnxRuntimeBackend(Backend):
         # Batch 1 on a line PC: one op at a time, all threads inside the op, no thread spinning
         # that would steal cores from acquisition and publishing.
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        wanted = int(intra_op_threads or threads or 0)
-        if wanted < 0:
-            raise ConfigError(f"onnxruntime intra_op_threads must be >= 0, got {wanted}")
+        given = intra_op_threads or threads or 0
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 0:
+            raise ConfigError(f"onnxruntime intra_op_threads (threads) must be an integer >= 0, got {given!r}")
+        wanted = int(given)
         opts.intra_op_num_threads = wanted or default_intra_op_threads()
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
