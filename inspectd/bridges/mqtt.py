@@ -72,11 +72,16 @@ class MqttBridge:
             value = getattr(cfg.tls, field, None) if cfg.tls is not None else None
             if value is not None and not Path(value).is_file():
                 raise ConfigError(f"{settings.source}: bridges.mqtt.tls.{field}: {value} does not exist")
-        # Re-entrant: paho may run a callback in the publishing thread.
-        self._lock = threading.RLock()
+        # Guards the bookkeeping below. Never held across a paho call: paho runs on_publish on its
+        # network thread while holding its own outgoing-message lock, which publish() takes too.
+        self._lock = threading.Lock()
         self._status: dict[str, dict[str, Any]] = {}
-        # QoS 1/2 verdicts paho holds per line (message ids until the broker acknowledged them).
+        self._status_version: dict[str, int] = {line: 0 for line in settings.lines}
+        # Message ids paho still holds per line, until on_publish: verdicts (they count against the
+        # queue's room), everything else, and acknowledgements that came before their id was noted.
         self._held: dict[str, set[int]] = {line: set() for line in settings.lines}
+        self._other: dict[str, set[int]] = {line: set() for line in settings.lines}
+        self._early: dict[str, set[int]] = {line: set() for line in settings.lines}
         self.verdicts_dropped = 0
         self.clients = {line: self._make_client(line) for line in settings.lines}
         self.subscriber = make_subscriber(settings, self._on_verdict, self._on_status)
@@ -115,18 +120,43 @@ class MqttBridge:
             return
         log.info("line %s: connected to MQTT broker %s:%d", line, self.cfg.host, self.cfg.port)
         self.clients[line].subscribe(self.topic(line, "recipe/set"), qos=1)
-        with self._lock:  # published under the lock: a newer status can never be overtaken by this one
-            self._publish_status(line, self._status.get(line) or status_payload(LineStatus(line)))
+        self._publish_status(line)
 
-    def _publish_status(self, line: str, payload: dict[str, Any]) -> None:
-        info = self.clients[line].publish(self.topic(line, "status"), json.dumps(payload), qos=1, retain=True)
-        if info.rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
-            log.error("line %s: status %s not queued for MQTT (%s)", line, payload.get("status"),
-                      self._mqtt.error_string(info.rc))
+    def _publish(self, line: str, kind: str, payload: str, qos: int, retain: bool = False,
+                 verdict: bool = False) -> int:
+        """client.publish (no lock of ours held), then note the message id paho will acknowledge."""
+        mqtt = self._mqtt
+        info = self.clients[line].publish(self.topic(line, kind), payload, qos=qos, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):  # paho holds it
+            with self._lock:
+                if info.mid in self._early[line]:
+                    self._early[line].discard(info.mid)
+                else:
+                    (self._held if verdict else self._other)[line].add(info.mid)
+        return info.rc
+
+    def _publish_status(self, line: str) -> None:
+        """Publish the line's newest status, again if a newer one came meanwhile (from the other
+        thread): the retained status is always the newest."""
+        while True:
+            with self._lock:
+                version = self._status_version[line]
+                payload = self._status.get(line) or status_payload(LineStatus(line))
+            rc = self._publish(line, "status", json.dumps(payload), qos=1, retain=True)
+            if rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
+                log.error("line %s: status %s not queued for MQTT (%s)", line, payload.get("status"),
+                          self._mqtt.error_string(rc))
+            with self._lock:
+                if self._status_version[line] == version:
+                    return
 
     def _on_published(self, line: str, mid: int) -> None:
         with self._lock:
-            self._held[line].discard(mid)
+            for pending in (self._held[line], self._other[line]):
+                if mid in pending:
+                    pending.discard(mid)
+                    return
+            self._early[line].add(mid)  # acknowledged before _publish noted it
 
     def _on_message(self, line: str, message: Any) -> None:
         if message.topic != self.topic(line, "recipe/set"):
@@ -146,7 +176,7 @@ class MqttBridge:
         answer = recipe_request(self.settings, line, payload, "mqtt")
         log.info("line %s: recipe request %r over MQTT: %s", line, answer.get("requested"),
                  "done" if answer.get("ok") else f"refused: {answer.get('error')}")
-        self.clients[line].publish(self.topic(line, "recipe/result"), json.dumps(answer, default=str), qos=1)
+        self._publish(line, "recipe/result", json.dumps(answer, default=str), qos=1)
 
     # ---- subscriber callbacks (subscriber thread) ----------------------------------------------
     def _on_status(self, line: str, status: LineStatus) -> None:
@@ -154,28 +184,25 @@ class MqttBridge:
         log.info("line %s: status %s (%s)", line, payload["status"], payload["reason"])
         with self._lock:
             self._status[line] = payload
-            self._publish_status(line, payload)
+            self._status_version[line] += 1
+        self._publish_status(line)
 
     def _on_verdict(self, msg: Message) -> None:
-        client = self.clients.get(msg.line)
-        if client is None:
+        if msg.line not in self.clients:
             return
         mqtt = self._mqtt
         with self._lock:
             # Verdicts never take the last places of paho's queue: a status change during a long
             # broker outage must still be queued (and so retained once the broker is back).
-            if len(self._held[msg.line]) >= MAX_QUEUED - STATUS_ROOM:
-                rc = mqtt.MQTT_ERR_QUEUE_SIZE
-            else:
-                info = client.publish(self.topic(msg.line, "verdict"), json.dumps(verdict_payload(msg)),
-                                      qos=self.cfg.qos)
-                rc = info.rc
-                if self.cfg.qos > 0 and rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                    self._held[msg.line].add(info.mid)
-            if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                self.verdicts_dropped += 1
-                dropped = self.verdicts_dropped
-        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN) and (dropped == 1 or dropped % 1000 == 0):
+            full = len(self._held[msg.line]) >= MAX_QUEUED - STATUS_ROOM
+        rc = mqtt.MQTT_ERR_QUEUE_SIZE if full else self._publish(
+            msg.line, "verdict", json.dumps(verdict_payload(msg)), qos=self.cfg.qos, verdict=True)
+        if rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            return
+        with self._lock:
+            self.verdicts_dropped += 1
+            dropped = self.verdicts_dropped
+        if dropped == 1 or dropped % 1000 == 0:
             log.warning("line %s: verdict seq %s not queued for MQTT (%s; %d dropped so far)", msg.line,
                         msg.header.get("seq"), mqtt.error_string(rc), dropped)
 

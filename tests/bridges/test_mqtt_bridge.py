@@ -245,3 +245,42 @@ def test_status_gets_through_when_a_broker_outage_filled_the_verdict_queue(tmp_p
         watcher.close()
         bridge.stop()
         pub.stop()
+
+
+def test_a_puback_arriving_while_a_verdict_is_published_never_deadlocks(tmp_path: Path, tiny_bundle: Path,
+                                                                        synthetic_parts: Any) -> None:
+    """paho calls on_publish (a QoS 1 PUBACK) on its network thread while holding its outgoing-message
+    lock; the subscriber thread publishes verdicts, which takes that same lock. The bridge must never
+    hold a lock of its own across publish() that on_publish also takes: the two threads would wait
+    for each other for good (no verdicts, no keepalive; the broker publishes the 'offline' will).
+    Real paho client and bridge; the PUBACK's moment is forced by holding paho's lock as its network
+    thread does."""
+    import threading
+
+    from inspectd.bridges import mqtt as bridge_mqtt
+    from inspectd.bridges.common import load_settings
+    from inspectd.client import Message
+
+    cfg, _ = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
+        "mqtt": {"host": "127.0.0.1", "port": 1, "client_id": "lock"}})    # never connected: publish queues
+    bridge = bridge_mqtt.MqttBridge(load_settings(cfg, "mqtt"))
+    client = bridge.clients["line1"]
+    header = {"seq": 1, "line": "line1", "verdict": "OK", "frame_id": 1}
+    msg = Message(topic="verdict.line1", kind="verdict", line="line1", header=header, payload=None)
+
+    def network() -> None:   # what paho does on a PUBACK: on_publish under its outgoing-message lock
+        with client._out_message_mutex:
+            time.sleep(0.3)
+            client.on_publish(client, None, 1, None, None)
+
+    def subscriber() -> None:
+        time.sleep(0.1)
+        bridge._on_verdict(msg)
+        bridge._on_status("line1", bridge_mqtt.LineStatus("line1"))
+
+    threads = [threading.Thread(target=network, daemon=True), threading.Thread(target=subscriber, daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(3.0)
+    assert not any(t.is_alive() for t in threads), "the bridge deadlocked with paho's network thread"
