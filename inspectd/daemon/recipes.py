@@ -131,28 +131,24 @@ class LineRecipes:
         self.shadow: Any = None
         self.shadow_spec: RecipeSpec | None = None
 
-    def drop_persisted_override(self, exc: Exception) -> bool:
-        """The recipe active at start came from a promote persisted in recipes.json, and it cannot be
-        loaded (`exc`). Go back to the config's spec for it, say so (log, audit) and stop persisting
-        the lost one. False if the spec is the config's own (then the config is wrong: start refused)."""
-        name = self.initial.name
-        base = config_specs(self.cfg)[name]
-        if (self.initial.bundle, self.initial.threshold) == (base.bundle, base.threshold):
-            return False
+    def fall_back_to_config(self, exc: Exception) -> bool:
+        """The recipe active at start came from recipes.json (a persisted switch or promote) and it
+        cannot be opened (`exc`: its bundle cleaned up, or a share not mounted yet). Judge with the
+        config's own recipe for this run, and say so (log, audit); recipes.json is left as it is, so a
+        later start goes back to it once the cause is gone. False if the config's recipe is what failed
+        (then the config is wrong: the start is refused)."""
+        base = config_specs(self.cfg)[self.cfg.recipe]
         lost = self.initial
-        log.error("line %s: recipe %s as promoted (bundle %s, threshold %s) cannot be used: %s; judging with "
-                  "the config's (bundle %s) instead — restore that bundle and promote it again to go back",
-                  self.line, name, lost.bundle, threshold_json(lost.threshold), exc, base.bundle)
-        self.initial = self.specs[name] = dataclasses.replace(base, preload=lost.preload)
-        state = copy.deepcopy(self.state)
-        for key in ("overrides", "previous"):
-            (state.get(key) or {}).pop(name, None)
-        try:
-            self._save_state(state)
-        except RecipeNotReady as save_exc:
-            log.error("%s", save_exc)
-        self.audit(self.line, "recipe", dict(lost.describe(), recipe=name), dict(base.describe(), recipe=name),
-                   local_who("start"), f"persisted promote unusable at start: {exc}")
+        if (lost.name, lost.bundle, lost.threshold) == (base.name, base.bundle, base.threshold):
+            return False
+        log.error("line %s: recipe %s as persisted in %s (bundle %s, threshold %s) cannot be used: %s; judging "
+                  "with the config's recipe %s (bundle %s) for this run; %s is kept for the next start",
+                  self.line, lost.name, state_path(self.state_dir, self.line), lost.bundle,
+                  threshold_json(lost.threshold), exc, base.name, base.bundle, STATE_FILE)
+        self.initial = self.specs[base.name] = dataclasses.replace(base, preload=self.specs[base.name].preload)
+        self.audit(self.line, "recipe", dict(lost.describe(), recipe=lost.name),
+                   dict(base.describe(), recipe=base.name), local_who("start"),
+                   f"persisted recipe unusable at start: {exc}")
         return True
 
     # ---- start -----------------------------------------------------------------------------------

@@ -115,9 +115,9 @@ class Daemon:
             try:
                 spec, bundle, threshold = self._open_initial(cfg, recipes)
             except (InspectdError, OSError) as exc:
-                # What a promote persisted can go stale (the candidate's folder cleaned up): that line
-                # goes back to its config's recipe; it never keeps every other line from starting.
-                if not recipes.drop_persisted_override(exc):
+                # What a switch or promote persisted can go stale (the candidate's folder cleaned up):
+                # that line judges with its config's recipe; it never keeps every other line from starting.
+                if not recipes.fall_back_to_config(exc):
                     raise
                 spec, bundle, threshold = self._open_initial(cfg, recipes)
             settings = dataclasses.replace(line_settings(cfg, ort_lines), roi=spec.roi)
