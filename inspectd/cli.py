@@ -60,11 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InspectdError as exc:
         print(f"inspectd {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BrokenPipeError:
-        # The reader went away (`inspectd audit | head -1`): nothing left to say. Point stdout at
-        # /dev/null so that the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except BrokenPipeError as exc:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # Our reader went away (`inspectd audit | head -1`): nothing left to say. Point stdout at
+            # /dev/null so that the interpreter's final flush does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"inspectd {args.command}: error: {exc.strerror or exc}", file=sys.stderr)  # another pipe broke
+        return 1
     except OSError as exc:  # a full disk, an unwritable folder: one line naming the path
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"inspectd {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -218,6 +218,8 @@ def request(path: str | os.PathLike, payload: dict, timeout_s: float = CLIENT_TI
             data += chunk
     except socket.timeout:
         raise InspectdError(f"{path}: no answer within {timeout_s:.0f} s") from None
+    except (BrokenPipeError, ConnectionResetError):  # the daemon stopped with our connection queued
+        raise InspectdError(f"{path}: the daemon closed the connection without an answer (stopping?)") from None
     finally:
         sock.close()
     try:

@@ -659,3 +659,30 @@ def test_a_persisted_switch_to_a_recipe_that_cannot_open_falls_back_to_the_confi
         daemon.proc.wait(10)
         col.close()
     assert json.loads((state / "line1" / "recipes.json").read_text())["active"] == "B"
+
+
+def test_a_daemon_that_stops_under_a_request_is_an_error_not_a_silent_success(tmp_path: Path,
+                                                                               monkeypatch: Any) -> None:
+    """The daemon stops while `inspectd recipe` is connecting (its connection queued, never accepted):
+    sending the request breaks the pipe. That is 'no answer' (exit 1), never a silent exit 0 that a
+    script would take for a switch made. The stop is forced right after connect()."""
+    import socket
+
+    from inspectd.cli import main
+
+    state = tmp_path / "state"
+    state.mkdir()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(socket_path(state)))
+    listener.listen(1)
+    real_connect = socket.socket.connect
+
+    def connect_then_daemon_stops(self: socket.socket, address: Any) -> None:
+        real_connect(self, address)
+        listener.close()
+
+    monkeypatch.setattr(socket.socket, "connect", connect_then_daemon_stops)
+    cfg = tmp_path / "lines.yaml"
+    cfg.write_text(yaml.safe_dump({"state_dir": str(state), "lines": [
+        {"id": "line1", "source": {"type": "replay", "path": "p"}, "bundle": "b", "threshold": 1.0}]}))
+    assert main(["recipe", "--config", str(cfg), "--line", "line1", "B"]) == 1
