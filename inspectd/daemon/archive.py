@@ -97,6 +97,7 @@ class NgArchive:
         self.dropped = 0         # queue full
         self.errors = 0
         self.deleted = 0         # records removed for the quota
+        self.undeletable = 0     # files the quota could not remove (left in place, no longer counted)
         self.total_bytes = 0     # bytes of archived records (worker thread writes, others read)
         self._records: deque[_Record] = deque()
         self._stems: set[Path] = set()
@@ -295,8 +296,9 @@ class NgArchive:
                     pass
                 except PermissionError as exc:
                     # Made undeletable by someone else (chattr +i, another owner): leave it and stop
-                    # counting it, so the quota is kept on the records this archive can delete.
-                    self._count_error()
+                    # counting it, so the quota is kept on the records this archive can delete. Not an
+                    # error of the archive's own writes (a probe would never see the disk as usable).
+                    self.undeletable += 1
                     log.warning("NG archive %s: cannot delete %s (%s): left in place, no longer counted",
                                 self.line, path, exc.strerror or exc)
             self._stems.discard(rec.stem)

@@ -88,8 +88,8 @@ class AuditLog:
         try:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, AUDIT_MODE)
-            except FileExistsError:
-                return os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            except FileExistsError:  # (O_CREAT too: a dangling symlink is created through, as before)
+                return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, AUDIT_MODE)
         except OSError as exc:
             raise ConfigError(f"{self.path}: cannot open the audit log ({exc.strerror or exc})") from None
         folder = os.stat(self.path.parent)

@@ -677,21 +677,30 @@ class LinePipeline:
         log.warning("line %s: opening the engine again (%s)", self.line, self.failed)
         runner = self._open_engine(dataclasses.replace(self.settings, backend_preference=remaining)
                                    if remaining else None)
-        self._install_runner(active, runner)
+        if not self._install_runner(active, runner):
+            # A switch won meanwhile: the line runs its engine, whatever the retry's open said.
+            now_active = self._active
+            self.failed = None
+            self.backend_name = now_active.backend
+            self._set_engine_ok(now_active.runner is not None)
+            if self.metrics is not None:
+                self.metrics.set_engine(self.line, now_active.backend, now_active.bundle.bundle_id)
         if runner is None:
             self._retry_wait_s = min(2.0 * self._retry_wait_s, self.engine_retry_s[1])
             self._retry_at = time.monotonic() + self._retry_wait_s
         else:
             self._retry_at = None
 
-    def _install_runner(self, expected: ActiveRecipe, runner: "_EngineRunner | None") -> None:
-        """The worker's new runner for the recipe it opened it for; if a recipe was switched in
-        meanwhile, that one wins and the runner is retired (closed between frames)."""
+    def _install_runner(self, expected: ActiveRecipe, runner: "_EngineRunner | None") -> bool:
+        """The worker's new runner for the recipe it opened it for (True); if a recipe was switched in
+        meanwhile, that one wins and the runner is retired (closed between frames; False)."""
         with self._swap_lock:
             if self._active is expected:
                 self._active = dataclasses.replace(expected, runner=runner, backend=self.backend_name)
-            elif runner is not None and runner is not expected.runner:
+                return True
+            if runner is not None and runner is not expected.runner:
                 self._retired.append(runner)
+            return False
 
     def _fail_over(self, runner: _EngineRunner, failed: str) -> _EngineRunner | None:
         """The active recipe's backend (`failed`) keeps failing or stalled: give it up and open the

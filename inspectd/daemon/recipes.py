@@ -174,19 +174,25 @@ class LineRecipes:
                     opened = str(exc)
                     log.error("line %s: preload of recipe %s failed: %s", self.line, spec.name, exc)
                 self._park_preload(spec.name, opened)
-        with self.lock:  # an operator's shadow set meanwhile wins over the one start-up would open
-            shadow = self.state.get("shadow", "config")
-            spec = None
-            if shadow == "config" and self.cfg.shadow is not None:
-                spec = RecipeSpec("shadow", self.cfg.shadow.bundle, _spec_threshold(self.cfg.shadow.threshold),
-                                  self.initial.roi)
-            elif isinstance(shadow, dict):
-                spec = _from_state("shadow", shadow, self.initial.roi)
-            if spec is not None and self.shadow is None:
-                try:
-                    self._start_shadow(spec)
-                except (RecipeNotReady, InspectdError) as exc:
-                    log.error("line %s: shadow bundle not started: %s", self.line, exc)
+        shadow = self.state.get("shadow", "config")
+        spec = None
+        if shadow == "config" and self.cfg.shadow is not None:
+            spec = RecipeSpec("shadow", self.cfg.shadow.bundle, _spec_threshold(self.cfg.shadow.threshold),
+                              self.initial.roi)
+        elif isinstance(shadow, dict):
+            spec = _from_state("shadow", shadow, self.initial.roi)
+        if spec is None:
+            return
+        try:  # opened without the lock, like the preloads
+            recipe = self._open_shadow(spec)
+        except (RecipeNotReady, InspectdError) as exc:
+            log.error("line %s: shadow bundle not started: %s", self.line, exc)
+            return
+        with self.lock:  # an operator's shadow set or cleared meanwhile wins over the one start-up opened
+            if self.shadow is None and self.state.get("shadow", "config") == shadow:
+                self._install_shadow(spec, recipe)
+            else:
+                self.pipeline.retire(recipe)
 
     def _park_preload(self, name: str, opened: ActiveRecipe | str) -> None:
         """A preload's outcome into standby, unless a switch got there first (then its engine is
@@ -300,31 +306,35 @@ class LineRecipes:
             self._save_or_drop(dict(self.state, active=name), None if new is sb else new, deadline)
             old = self.pipeline.activate(new)
             self.standby.pop(name, None)
-            if old.runner is None:
-                pass                            # the engine that had failed: nothing to keep or close
-            elif self.specs[old.name].preload:
+            if old.name != name and self.specs[old.name].preload:
                 self.standby[old.name] = old    # stays warm for the next switch back
             elif old.name not in self.previous or self.previous[old.name] is not old:
                 self.pipeline.retire(old)
             self._record("recipe", self._desc(old), self._desc(new), who, reason)
             return {"line": self.line, "active": self._desc(new), "changed": True}
 
-    def _start_shadow(self, spec: RecipeSpec, state: dict[str, Any] | None = None,
-                      deadline: float | None = None) -> Any:
-        """Open and start the shadow scorer for `spec`; with `state`, persist it first (set_shadow)."""
-        from inspectd.daemon.shadow import ShadowScorer
-
+    def _open_shadow(self, spec: RecipeSpec) -> ActiveRecipe:
+        """The shadow bundle's engine (parity-gated, warm), on one ONNX Runtime intra-op thread unless
+        the line sets it: the shadow must not take the CPUs from the line."""
         assert self.pipeline is not None
-        # One intra-op thread for ONNX Runtime unless the line sets it: the shadow must not take the CPUs.
         opts = {k: dict(v) for k, v in self.pipeline.settings.backend_options.items()}
         explicit = (self.cfg.backend_options.onnxruntime is not None
                     and self.cfg.backend_options.onnxruntime.intra_op_threads is not None)
         if "onnxruntime" in opts and not explicit:
             opts["onnxruntime"]["intra_op_threads"] = 1
-        settings = dataclasses.replace(self.pipeline.settings, backend_options=opts)
-        recipe = self._open(spec, settings=settings)
-        if state is not None:
-            self._save_or_drop(state, recipe, deadline)
+        return self._open(spec, settings=dataclasses.replace(self.pipeline.settings, backend_options=opts))
+
+    def _start_shadow(self, spec: RecipeSpec, state: dict[str, Any], deadline: float | None = None) -> Any:
+        """set_shadow: open the shadow bundle, persist `state`, start scoring."""
+        recipe = self._open_shadow(spec)
+        self._save_or_drop(state, recipe, deadline)
+        return self._install_shadow(spec, recipe)
+
+    def _install_shadow(self, spec: RecipeSpec, recipe: ActiveRecipe) -> Any:
+        """Start the shadow scorer on an opened engine (under the lock), stopping the one it replaces."""
+        from inspectd.daemon.shadow import ShadowScorer
+
+        assert self.pipeline is not None
         sc = self.cfg.shadow
         scorer = ShadowScorer(self.line, recipe, self.publisher, self.metrics,
                               queue_size=sc.queue_size if sc else 2, window=sc.correlation_window if sc else 200)
@@ -342,7 +352,7 @@ class LineRecipes:
         with self.lock:
             old = self.shadow.stats() if self.shadow is not None else None
             if bundle is None:
-                self._save_state(dict(self.state, shadow=None))
+                self._save_or_drop(dict(self.state, shadow=None), None, deadline)
                 if self.shadow is not None:
                     self.pipeline.shadow = None
                     self.shadow.stop()
@@ -384,7 +394,8 @@ class LineRecipes:
             prev = self.previous.pop(old.name, None)
             if prev is not None:
                 self.pipeline.retire(prev)
-            self.previous[old.name] = old       # kept warm: rollback is a swap
+            if old.runner is not None:          # kept warm: rollback is a swap (else it opens from the state)
+                self.previous[old.name] = old
             self.pipeline.shadow = None
             self.shadow.stop()
             self.shadow, self.shadow_spec = None, None

@@ -345,13 +345,23 @@ def refuse_existing(out: Path, force: bool, inputs: Sequence[str | os.PathLike |
         inp = Path(os.path.abspath(folder))
         if inp == out_abs or out_abs in inp.parents:
             raise BundleError(f"{out}: is or holds the input folder {folder}; choose another --out")
-    if not out.exists():
-        return
-    if not (out / MANIFEST).is_file():
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return  # new, or an empty folder made for it: nothing to lose
+    if not _holds_bundle(out):
         raise BundleError(f"{out}: already holds a file or folder that is not a bundle (--force replaces "
                           f"bundles only); choose another --out")
     if not force:
         raise BundleError(f"{out}: already holds a bundle (use --force to replace it)")
+
+
+def _holds_bundle(path: Path) -> bool:
+    """A bundle's manifest (schema version and model) in `path`; `inspectd synthesize` writes a
+    manifest.json too, and its folder is not one --force may replace."""
+    try:
+        raw = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and "schema_version" in raw and isinstance(raw.get("model"), dict)
 
 
 def probe_writable(out: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import subprocess
+import time
 
 import cv2
 import numpy as np
@@ -357,3 +359,34 @@ def test_the_daemon_sizes_the_archive_queue_from_the_config():
     with pytest.raises(ConfigError, match="queue_mb"):
         config_from_dict({"lines": [{"id": "l1", "bundle": "/b", "threshold": 1.0,
                                      "source": {"type": "replay", "path": "/p"}, "archive": {"queue_mb": 0}}]})
+
+
+def test_the_archive_comes_back_on_with_an_undeletable_record_oldest(tmp_path, archives, immutable):
+    """Switched off (here: its day folder could not be written), the archive tries one record now and
+    then; an old record someone made undeletable must not make every such try look failed (it stayed
+    off for good, writing one record per try)."""
+    first = archives(tmp_path, 10_000_000, "line1")
+    first.start()
+    first.save(image(0), None, header(1, DAY1))
+    first.wait_idle(10)
+    record = first.total_bytes
+    assert first.stop(5)
+    pinned = tmp_path / "line1" / "2024-05-01" / "235900000_f0000000001.png"
+    immutable(pinned)
+    day2 = tmp_path / "line1" / "2024-05-02"
+    day2.mkdir()
+    immutable(day2)                              # nothing can be written there: the archive switches off
+    arc = archives(tmp_path, record + record // 2, "line1", retry_s=0.2)
+    arc.start()
+    assert arc.save(image(0), None, header(2, DAY2))
+    assert arc.wait_idle(10) and not arc.enabled
+    subprocess.run(["chattr", "-i", str(day2)], check=True)   # writable again
+    end = time.monotonic() + 10
+    i = 3
+    while not arc.enabled:
+        assert time.monotonic() < end, (arc.errors, arc.saved)
+        arc.save(image(0), None, header(i, DAY2 + i * 1_000_000_000))
+        arc.wait_idle(10)
+        i += 1
+        time.sleep(0.1)
+    assert arc.recoveries == 1 and pinned.exists()

@@ -178,6 +178,12 @@ def test_force_never_replaces_what_is_not_a_bundle(capsys, tmp_path, synthetic_p
     (notes / "notes.txt").write_text("keep me")
     code, err = _run(capsys, "--good", str(good), "--out", str(notes), "--force", *FAST)
     assert code == 1 and "not a bundle" in err and (notes / "notes.txt").read_text() == "keep me"
+    (notes / "manifest.json").write_text('{"made_by": "inspectd synthesize", "count": 3}')  # not a bundle's
+    code, err = _run(capsys, "--good", str(good), "--out", str(notes), "--force", *FAST)
+    assert code == 1 and "not a bundle" in err and (notes / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "made-for-it"
+    empty.mkdir()
+    assert main(["train", "--good", str(good), "--out", str(empty), *FAST]) == 0   # an empty folder: fine
 
 
 def test_an_unusable_output_or_golden_bad_folder_is_refused_before_training(capsys, tmp_path, synthetic_parts,

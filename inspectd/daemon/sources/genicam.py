@@ -442,15 +442,6 @@ class GenicamSource(Source):
         if data is None or width <= 0 or height <= 0:
             self.stats.incomplete_frames += 1
             return None, frame_id, None
-        if self._geometry is None:
-            self._geometry = (width, height, fmt)
-        elif (width, height, fmt) != self._geometry:
-            # Resized, cropped or converted into the model, these pixels would be judged as if they
-            # were what the line was set up and trained on.
-            w0, h0, f0 = self._geometry
-            return None, frame_id, (f"camera {self._device_name} delivers {width}x{height} {fmt}; it delivered "
-                                    f"{w0}x{h0} {f0} when inspection started (reset, reconfigured or a user set "
-                                    f"loaded?): not judged; restore its settings, or restart inspectd for new ones")
         data = np.asarray(data).view(np.uint8).reshape(-1)
         row = width * bpp
         padding = int(getattr(comp, "x_padding", 0) or 0)
@@ -461,6 +452,16 @@ class GenicamSource(Source):
             log.debug("line %s: %s buffer %d of %d bytes, expected %d x %d: skipped",
                       self.line, fmt, frame_id, data.size, width, height)
             return None, frame_id, None
+        # Only a complete buffer sets or checks the geometry (an incomplete one may report anything).
+        if self._geometry is None:
+            self._geometry = (width, height, fmt)
+        elif (width, height, fmt) != self._geometry:
+            # Resized, cropped or converted into the model, these pixels would be judged as if they
+            # were what the line was set up and trained on.
+            w0, h0, f0 = self._geometry
+            return None, frame_id, (f"camera {self._device_name} delivers {width}x{height} {fmt}; it delivered "
+                                    f"{w0}x{h0} {f0} when inspection started (reset, reconfigured or a user set "
+                                    f"loaded?): not judged; restore its settings, or restart inspectd for new ones")
         return convert_pixels(data, fmt, width, height), frame_id, None
 
 
