@@ -35,7 +35,8 @@ usage: install.sh [--src DIR] [--prefix DIR] [--python PYTHON] [--extras LIST] [
   --src DIR       inspectd source checkout to install (default: $SRC)
   --prefix DIR    where the venv and the deploy files go (default: $PREFIX)
   --python PY     interpreter for the venv, 3.10+ (default: python3)
-  --extras LIST   pip extras, e.g. "report" (default: none; the daemon needs none, training needs "train")
+  --extras LIST   more pip extras, e.g. "report" ("bridges" always: the PLC bridge units are installed;
+                  training needs "train")
   --jetson        venv with --system-site-packages, so JetPack's python3-libnvinfer (TensorRT) and pycuda are used
   --line ID       enable (and start) inspectd@ID; /etc/inspectd/ID.yaml must exist and pass check-config
   --dry-run       print the commands instead of running them
@@ -111,8 +112,9 @@ venv_args=()
 [[ $JETSON -eq 1 ]] && venv_args+=(--system-site-packages)
 run "$PYTHON" -m venv "${venv_args[@]}" "$PREFIX/venv"
 run "$PREFIX/venv/bin/python" -m pip install --upgrade pip
-spec="$SRC"
-[[ -n "$EXTRAS" ]] && spec="${SRC}[${EXTRAS}]"
+# "bridges": the PLC bridge units are installed below, and without their libraries they would
+# restart-loop for good.
+spec="${SRC}[bridges${EXTRAS:+,$EXTRAS}]"
 run "$PREFIX/venv/bin/python" -m pip install --upgrade "$spec"
 run ln -sfn "$PREFIX/venv/bin/inspectd" "$BIN_LINK"
 
@@ -137,6 +139,8 @@ for unit in inspectd-bridge-mqtt@.service inspectd-bridge-opcua@.service; do
     fi
 done
 run systemctl daemon-reload
+# An upgrade: what runs the old code restarts on the new (enable --now below starts only what is stopped).
+run systemctl try-restart 'inspectd@*.service' 'inspectd-bridge-mqtt@*.service' 'inspectd-bridge-opcua@*.service'
 
 enabled=()
 for line in "${LINES[@]}"; do

@@ -5,8 +5,20 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from inspectd.errors import ConfigError
+
+
+LIBRARIES = {"mqtt": "paho.mqtt.client", "opcua": "asyncua"}
+
 
 def cmd_bridge(args: argparse.Namespace) -> int:
+    import importlib
+
+    try:  # the bridges' client libraries are an extra: say so in one line, not a traceback per restart
+        importlib.import_module(LIBRARIES[args.kind])
+    except ImportError as exc:
+        raise ConfigError(f"the {args.kind} bridge needs {LIBRARIES[args.kind].split('.')[0]} ({exc}): "
+                          f"pip install 'inspectd[bridges]' (deploy/install.sh installs it)") from None
     if args.kind == "mqtt":
         from inspectd.bridges.mqtt import run
     else:

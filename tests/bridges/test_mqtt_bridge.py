@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 import yaml
 
 from inspectd.client import VerdictSubscriber
@@ -284,3 +285,24 @@ def test_a_puback_arriving_while_a_verdict_is_published_never_deadlocks(tmp_path
     for t in threads:
         t.join(3.0)
     assert not any(t.is_alive() for t in threads), "the bridge deadlocked with paho's network thread"
+
+
+@pytest.mark.parametrize("kind, module", [("mqtt", "paho"), ("opcua", "asyncua")])
+def test_a_bridge_without_its_library_says_how_to_install_it(tmp_path: Path, kind: str, module: str) -> None:
+    """A bridge unit on a box installed without the bridges extra: one line saying what to install
+    (exit 2: systemd's journal shows it), not a ModuleNotFoundError traceback every 2 s."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "lines.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "zmq": {"endpoint": "tcp://127.0.0.1:5555"},
+        "lines": [{"id": "line1", "source": {"type": "replay", "path": "p"}, "bundle": "b", "threshold": 1.0}],
+        "bridges": {"mqtt": {"host": "127.0.0.1", "port": 1883},
+                    "opcua": {"endpoint": "opc.tcp://127.0.0.1:4840/inspectd/"}}}))
+    code = (f"import sys; sys.modules[{module!r}] = None; from inspectd.cli import main; "
+            f"sys.exit(main(['bridge', {kind!r}, '--config', {str(cfg)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert "inspectd[bridges]" in err[0] and "Traceback" not in proc.stderr

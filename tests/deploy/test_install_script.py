@@ -50,7 +50,9 @@ def test_dry_run_plans_the_whole_install_and_changes_nothing() -> None:
     assert "install -d -o inspectd -g inspectd -m 0750 /var/lib/inspectd" in planned
     assert "install -d -o root -g inspectd -m 0750 /etc/inspectd" in planned
     assert "python3 -m venv /opt/inspectd/venv" in planned          # no --jetson: isolated venv
-    assert f"/opt/inspectd/venv/bin/python -m pip install --upgrade {REPO}" in planned
+    # The bridge units are installed with the daemon's: their libraries come with it (a bridge unit
+    # without paho-mqtt / asyncua restart-looped every 2 s for good).
+    assert f"/opt/inspectd/venv/bin/python -m pip install --upgrade {REPO}\\[bridges\\]" in planned
     assert "ln -sfn /opt/inspectd/venv/bin/inspectd /usr/local/bin/inspectd" in planned
     assert (f"install -m 0644 {REPO}/deploy/systemd/inspectd@.service "
             "/etc/systemd/system/inspectd@.service") in planned
@@ -60,6 +62,11 @@ def test_dry_run_plans_the_whole_install_and_changes_nothing() -> None:
                              "/etc/inspectd/press1.yaml")
     enable_at = planned.index("systemctl enable --now inspectd@press1.service")
     assert reload_at < check_at < enable_at
+    # An upgrade restarts what runs the old code (enable --now starts only what is stopped).
+    restart = ("systemctl try-restart inspectd@\\*.service inspectd-bridge-mqtt@\\*.service "
+               "inspectd-bridge-opcua@\\*.service")
+    assert planned.index(f"/opt/inspectd/venv/bin/python -m pip install --upgrade {REPO}\\[bridges\\]") \
+        < reload_at < planned.index(restart) < check_at
     assert "useradd" in text or subprocess.run(["id", "-u", "inspectd"], capture_output=True).returncode == 0
     assert unit_target.exists() == existed
 
@@ -70,7 +77,7 @@ def test_dry_run_jetson_venv_sees_system_packages() -> None:
     assert result.returncode == 0, result.stderr
     planned = [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
     assert "python3 -m venv --system-site-packages /opt/inspectd/venv" in planned
-    assert f"/opt/inspectd/venv/bin/python -m pip install --upgrade {REPO}\\[report\\]" in planned
+    assert f"/opt/inspectd/venv/bin/python -m pip install --upgrade {REPO}\\[bridges\\,report\\]" in planned
     assert not any(line.startswith("systemctl enable") for line in planned)
 
 
