@@ -59,7 +59,18 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", raw)
 
 
-def _groups_of(pid: int) -> set[int]:
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python names it only in some builds
+_MAX_GROUPS = 256   # Python's getsockopt buffer is at most 1024 bytes; more groups: /proc (ERANGE)
+
+
+def peer_groups(conn: socket.socket, pid: int) -> set[int]:
+    """The connected process's supplementary groups: from the socket itself (SO_PEERGROUPS), so it
+    works where /proc is hidden (the unit's ProtectProc=invisible); /proc/<pid>/status otherwise."""
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _MAX_GROUPS)
+        return set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    except OSError:
+        pass
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("Groups:"):
@@ -119,12 +130,12 @@ class ControlServer:
         except OSError:
             pass
 
-    def authorized(self, uid: int, gid: int, pid: int) -> bool:
+    def authorized(self, uid: int, gid: int, groups: set[int]) -> bool:
         try:
             sock_gid = os.stat(self.path).st_gid
         except OSError:
             sock_gid = os.getegid()
-        return uid == 0 or uid == os.geteuid() or gid == sock_gid or sock_gid in _groups_of(pid)
+        return uid == 0 or uid == os.geteuid() or gid == sock_gid or sock_gid in groups
 
     def _serve(self) -> None:
         assert self._sock is not None
@@ -145,7 +156,7 @@ class ControlServer:
                 conn.settimeout(IO_TIMEOUT_S)
                 pid, uid, gid = peer_credentials(conn)
                 who = {"uid": uid, "user": user_name(uid), "gid": gid, "peer_pid": pid, "via": "socket"}
-                if not self.authorized(uid, gid, pid):
+                if not self.authorized(uid, gid, peer_groups(conn, pid)):
                     try:   # read (and ignore) the request: closing with unread data would reset the answer
                         _read_request(conn)
                     except (OSError, ValueError):

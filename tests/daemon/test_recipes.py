@@ -686,3 +686,54 @@ def test_a_daemon_that_stops_under_a_request_is_an_error_not_a_silent_success(tm
     cfg.write_text(yaml.safe_dump({"state_dir": str(state), "lines": [
         {"id": "line1", "source": {"type": "replay", "path": "p"}, "bundle": "b", "threshold": 1.0}]}))
     assert main(["recipe", "--config", str(cfg), "--line", "line1", "B"]) == 1
+
+
+def test_a_member_of_the_sockets_group_is_let_in_even_where_proc_is_hidden(tmp_path: Path, monkeypatch: Any) -> None:
+    """The shipped unit sets ProtectProc=invisible: the daemon cannot read another user's /proc/<pid>.
+    An operator (or a bridge user) whose primary group is not the socket's but who is in it must still
+    be let in, as the README says; the supplementary groups come from the socket (SO_PEERGROUPS).
+    The hidden /proc is simulated: reading any /proc/<pid>/status fails as it does under hidepid."""
+    import pathlib
+
+    from inspectd.daemon.control import ControlServer
+
+    real_read_text = pathlib.Path.read_text
+
+    def hidden_proc(self: pathlib.Path, *args: Any, **kw: Any) -> str:
+        if str(self).startswith("/proc/") and str(self).endswith("/status"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_text(self, *args, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", hidden_proc)
+    group = 4242
+    folder = Path(tempfile.mkdtemp(prefix="ctl-", dir="/tmp"))  # one the other user may traverse
+    folder.chmod(0o711)
+    server = ControlServer(folder / "control.sock", lambda req, who: {"who": who["uid"]})
+    server.start()
+    try:
+        os.chown(server.path, -1, group)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a user (uid 65534, primary group 65534) in the socket's group 4242
+            try:
+                os.close(r)
+                os.setgroups([group])
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    text = repr(request(server.path, {"op": "ping"}, timeout_s=10))
+                except Exception as exc:
+                    text = f"ERR {exc}"
+                os.write(w, text.encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        out = b""
+        while chunk := os.read(r, 65536):
+            out += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert "'ok': True" in out.decode() and "65534" in out.decode(), out.decode()
