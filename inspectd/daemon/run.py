@@ -102,6 +102,7 @@ class Daemon:
         """Everything that can fail on bad input, before any thread starts (errors are one line)."""
         from inspectd.daemon.sources import make_source
 
+        self._refuse_a_shared_state_dir()
         curve = _curve_keys(self.config)
         ort_lines = sum("onnxruntime" in cfg.backends for cfg in self.config.lines)
         z = self.config.zmq
@@ -198,6 +199,22 @@ class Daemon:
         return True
 
     # ---- control socket, recipes, audit ---------------------------------------------------------------
+
+    def _refuse_a_shared_state_dir(self) -> None:
+        """Another running daemon on this state_dir (its control socket answers): refused, since the
+        control socket, recipes.json and calibrations there are one daemon's (requests for our lines
+        would reach it, and switch its line of the same id)."""
+        from inspectd.daemon.control import request
+
+        path = socket_path(self.config.state_dir)
+        if not path.exists():
+            return
+        try:
+            request(path, {"op": "ping"}, timeout_s=1.0)
+        except InspectdError:
+            return  # a stale socket of a daemon that is gone: ours replaces it
+        raise ConfigError(f"state_dir {self.config.state_dir}: another inspectd daemon runs on it (its control "
+                          f"socket {path} answers); give each config (each inspectd@ instance) a state_dir of its own")
 
     def _start_control(self) -> None:
         """The local control socket (daemon/control.py). A daemon without it still inspects: the

@@ -737,3 +737,25 @@ def test_a_member_of_the_sockets_group_is_let_in_even_where_proc_is_hidden(tmp_p
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
     assert "'ok': True" in out.decode() and "65534" in out.decode(), out.decode()
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused_at_start(tmp_path: Path, tiny_bundle: Path,
+                                                                  synthetic_parts: Any) -> None:
+    """Two instances (inspectd@press1, inspectd@press2) left on the default state_dir would share one
+    control socket: the second ran without one, and requests for its lines went to the first daemon —
+    a line with the same id there would be switched instead. The second is refused (exit 2, one line)."""
+    replay = _replay(tmp_path, synthetic_parts)
+    state = tmp_path / "state"
+    first_dir, second_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    first = Daemon(_config(first_dir, replay, tiny_bundle, state=state))
+    try:
+        first.wait_log(r"ready: line1")
+        proc = subprocess.run(CLI + ["run", "--config", str(_config(second_dir, replay, tiny_bundle, state=state))],
+                              capture_output=True, text=True, timeout=60)
+        err = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+        assert proc.returncode == 2 and len(err) == 1 and str(state) in err[0] and "state_dir" in err[0], proc.stderr
+    finally:
+        first.proc.send_signal(signal.SIGTERM)
+        first.proc.wait(10)
