@@ -89,19 +89,19 @@ class _Collector:
         self.sub.close()
 
 
-def _as_nobody(sock: Path) -> str:
-    """A control request from a forked child that dropped to uid/gid 65534 (nobody): its answer, or
-    the error it got, as text."""
+def _as_nobody(sock: Path, payload: dict | None = None, groups: tuple[int, ...] = ()) -> str:
+    """A control request (default: switch line1 to B) from a forked child that dropped to uid/gid
+    65534 (nobody), with these supplementary `groups`: its answer, or the error it got, as text."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: no threads used, only a socket and a pipe, then _exit
         try:
             os.close(r)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(65534)
             os.setuid(65534)
             try:
-                text = repr(request(sock, {"op": "recipe", "line": "line1", "name": "B"}, timeout_s=10))
+                text = repr(request(sock, payload or {"op": "recipe", "line": "line1", "name": "B"}, timeout_s=10))
             except Exception as exc:
                 text = f"ERR {exc}"
             os.write(w, text.encode())
@@ -712,31 +712,11 @@ def test_a_member_of_the_sockets_group_is_let_in_even_where_proc_is_hidden(tmp_p
     server.start()
     try:
         os.chown(server.path, -1, group)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # a user (uid 65534, primary group 65534) in the socket's group 4242
-            try:
-                os.close(r)
-                os.setgroups([group])
-                os.setgid(65534)
-                os.setuid(65534)
-                try:
-                    text = repr(request(server.path, {"op": "ping"}, timeout_s=10))
-                except Exception as exc:
-                    text = f"ERR {exc}"
-                os.write(w, text.encode())
-            finally:
-                os._exit(0)
-        os.close(w)
-        out = b""
-        while chunk := os.read(r, 65536):
-            out += chunk
-        os.close(r)
-        os.waitpid(pid, 0)
+        answer = _as_nobody(server.path, {"op": "ping"}, groups=(group,))  # primary group 65534, in 4242
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
-    assert "'ok': True" in out.decode() and "65534" in out.decode(), out.decode()
+    assert "'ok': True" in answer and "65534" in answer, answer
 
 
 def test_a_second_daemon_on_the_same_state_dir_is_refused_at_start(tmp_path: Path, tiny_bundle: Path,
