@@ -38,6 +38,12 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, tmp_prefix: s
         fsync_dir(path.parent)
 
 
+def is_or_holds(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """`folder` is `path` or one of its parents (replacing `folder` would delete `path`)."""
+    folder_abs, path_abs = Path(os.path.abspath(folder)), Path(os.path.abspath(path))
+    return folder_abs == path_abs or folder_abs in path_abs.parents
+
+
 def make_dirs(path: str | os.PathLike) -> Path:
     """mkdir -p. Folders root creates take the owner of the nearest folder that already existed, so
     a state folder owned by the service user stays writable by it after `sudo inspectd calibrate`."""

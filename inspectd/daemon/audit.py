@@ -70,16 +70,14 @@ class AuditLog:
         """The generation of the last record (0: no change recorded yet)."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
+            try:
+                return _last_generation(fd)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return 0
         except OSError as exc:
             raise ConfigError(f"{self.path}: cannot read the audit log ({exc.strerror or exc})") from None
-        try:
-            return _last_generation(fd)
-        except OSError as exc:
-            raise ConfigError(f"{self.path}: cannot read the audit log ({exc.strerror or exc})") from None
-        finally:
-            os.close(fd)
 
     def _open_for_append(self) -> int:
         """O_APPEND descriptor; a log created here belongs to the state folder's owner, so a first

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from inspectd.fileio import is_or_holds
 from inspectd.errors import ConfigError, DataError, InspectdError
 
 log = logging.getLogger("inspectd.capture")
@@ -60,12 +61,9 @@ class CaptureResult:
 def _check_out(out: Path, force: bool, inputs: tuple[Path | None, ...] = ()) -> None:
     """--out may be new, empty, or (with --force) a folder an earlier capture made; never the line's
     own input or bundle, nor a folder holding them (a replaced folder is deleted)."""
-    out_abs = Path(os.path.abspath(out))
     for taken in inputs:
-        if taken is not None:
-            t = Path(os.path.abspath(taken))
-            if t == out_abs or out_abs in t.parents:
-                raise DataError(f"{out}: is or holds the line's {taken}; a capture goes to a folder of its own")
+        if taken is not None and is_or_holds(out, taken):
+            raise DataError(f"{out}: is or holds the line's {taken}; a capture goes to a folder of its own")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):

@@ -145,7 +145,7 @@ class LineRecipes:
                   "with the config's recipe %s (bundle %s) for this run; %s is kept for the next start",
                   self.line, lost.name, state_path(self.state_dir, self.line), lost.bundle,
                   threshold_json(lost.threshold), exc, base.name, base.bundle, STATE_FILE)
-        self.initial = self.specs[base.name] = dataclasses.replace(base, preload=self.specs[base.name].preload)
+        self.initial = self.specs[base.name] = base
         self.audit(self.line, "recipe", dict(lost.describe(), recipe=lost.name),
                    dict(base.describe(), recipe=base.name), local_who("start"),
                    f"persisted recipe unusable at start: {exc}")
@@ -206,12 +206,8 @@ class LineRecipes:
                 return
             self.standby[name] = opened
             if isinstance(opened, ActiveRecipe):
-                before = self._desc(opened)
-                opened.threshold.reload(self.specs[name].threshold)
-                after = self._desc(opened)
-                if (after["threshold"], after["threshold_file"]) != (before["threshold"], before["threshold_file"]):
-                    self._record("threshold", before, after, local_who("start"),
-                                 "changed while its preloaded engine opened")
+                self._reload_recorded(opened, self.specs[name].threshold, local_who("start"),
+                                      "changed while its preloaded engine opened")
                 log.info("line %s: recipe %s ready in standby (threshold %.4g)", self.line, name,
                          opened.threshold.value)
 
@@ -260,6 +256,14 @@ class LineRecipes:
 
     def _record(self, what: str, old: Any, new: Any, who: dict[str, Any], reason: str | None) -> int:
         return self.audit(self.line, what, old, new, who, reason)
+
+    def _reload_recorded(self, r: ActiveRecipe, spec: float | Path | None, who: dict[str, Any], reason: str) -> None:
+        """Re-read a waiting engine's threshold (`spec`: LineThreshold.reload's); a change is audited."""
+        before = self._desc(r)
+        r.threshold.reload(spec)
+        after = self._desc(r)
+        if (after["threshold"], after["threshold_file"]) != (before["threshold"], before["threshold_file"]):
+            self._record("threshold", before, after, who, reason)
 
     @staticmethod
     def _desc(r: ActiveRecipe) -> dict[str, Any]:
@@ -457,13 +461,9 @@ class LineRecipes:
                 for name, r in list(pool.items()):
                     if not isinstance(r, ActiveRecipe):  # a preload that failed: its reason, no engine
                         continue
-                    before = self._desc(r)
                     # standby: its spec's (re-read) threshold; rollback: its own file, re-read
                     spec = self.specs[name].threshold if pool is self.standby and name in self.specs else None
-                    r.threshold.reload(spec)
-                    after = self._desc(r)
-                    if (after["threshold"], after["threshold_file"]) != (before["threshold"], before["threshold_file"]):
-                        self._record("threshold", before, after, who, "SIGHUP reload (recipe waiting)")
+                    self._reload_recorded(r, spec, who, "SIGHUP reload (recipe waiting)")
 
     def stop(self) -> None:
         if self.shadow is not None:

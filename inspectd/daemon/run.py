@@ -54,6 +54,19 @@ def line_settings(cfg: LineConfig, ort_lines: int = 1) -> LineSettings:
     return LineSettings.from_config(cfg, backend_options=options)
 
 
+def _daemon_answers(path: Path) -> bool:
+    """A running daemon answers on the control socket at `path` (False: none there, or a stale one)."""
+    from inspectd.daemon.control import request
+
+    if not path.exists():
+        return False
+    try:
+        request(path, {"op": "ping"}, timeout_s=1.0)
+    except InspectdError:
+        return False
+    return True
+
+
 def _curve_keys(config: DaemonConfig) -> CurveServerKeys | None:
     """The server key pair (its file must be private: mode 0600) and the checked client allow-list."""
     curve = config.zmq.curve
@@ -204,15 +217,9 @@ class Daemon:
         """Another running daemon on this state_dir (its control socket answers): refused, since the
         control socket, recipes.json and calibrations there are one daemon's (requests for our lines
         would reach it, and switch its line of the same id)."""
-        from inspectd.daemon.control import request
-
         path = socket_path(self.config.state_dir)
-        if not path.exists():
-            return
-        try:
-            request(path, {"op": "ping"}, timeout_s=1.0)
-        except InspectdError:
-            return  # a stale socket of a daemon that is gone: ours replaces it
+        if not _daemon_answers(path):
+            return  # none, or a stale socket of a daemon that is gone: ours replaces it
         raise ConfigError(f"state_dir {self.config.state_dir}: another inspectd daemon runs on it (its control "
                           f"socket {path} answers); give each config (each inspectd@ instance) a state_dir of its own")
 
@@ -220,16 +227,11 @@ class Daemon:
         """The local control socket (daemon/control.py). A daemon without it still inspects: the
         problem is logged, recipes just cannot be switched at run time."""
         path = socket_path(self.config.state_dir)
-        from inspectd.daemon.control import request
         try:
-            if path.exists():
-                try:   # a live daemon on the same state_dir: never steal its socket
-                    request(path, {"op": "ping"}, timeout_s=1.0)
-                    log.error("control socket %s answers (another daemon on this state_dir?): not replacing it; "
-                              "recipe/promote/rollback requests go to that daemon", path)
-                    return
-                except InspectdError:
-                    pass
+            if _daemon_answers(path):  # started since build() checked: never steal a live daemon's socket
+                log.error("control socket %s answers (another daemon on this state_dir?): not replacing it; "
+                          "recipe/promote/rollback requests go to that daemon", path)
+                return
             server = ControlServer(path, self._control_request)
             server.start()
             self.control = server

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from inspectd import __version__
+from inspectd.fileio import is_or_holds
 from inspectd.engines.preprocess import MAX_TILES, InputSpec, check_roi, sha256_file
 from inspectd.errors import BundleError, ConfigError, DataError
 
@@ -239,14 +240,19 @@ def check_line_roi_at(line_roi: Sequence[int] | None, bundle_path: str | os.Path
     check_line_roi(line_roi, trained, where, bundle_path)
 
 
-def read_bundle_id(path: str | os.PathLike) -> str | None:
-    """The bundle_id in a bundle's manifest without verifying its files (check-config); None if unreadable
-    (check-config reports a bundle it cannot read elsewhere; the daemon verifies it at start)."""
+def _raw_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest in `path` as parsed JSON, without any check; None if there is none or it is unreadable."""
     try:
         raw = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    value = raw.get("bundle_id") if isinstance(raw, dict) else None
+    return raw if isinstance(raw, dict) else None
+
+
+def read_bundle_id(path: str | os.PathLike) -> str | None:
+    """The bundle_id in a bundle's manifest without verifying its files (check-config, calibrate);
+    None if unreadable (reported elsewhere; the daemon verifies the bundle at start)."""
+    value = (_raw_manifest(path) or {}).get("bundle_id")
     return value if isinstance(value, str) else None
 
 
@@ -338,12 +344,8 @@ def refuse_existing(out: Path, force: bool, inputs: Sequence[str | os.PathLike |
     """Refuse early (before any work) when `out` is taken: without --force always; with it, unless
     `out` holds a bundle (--force replaces bundles, never other files: the training images, say)
     and is not, and does not hold, any of the `inputs` folders."""
-    out_abs = Path(os.path.abspath(out))
     for folder in inputs:
-        if folder is None:
-            continue
-        inp = Path(os.path.abspath(folder))
-        if inp == out_abs or out_abs in inp.parents:
+        if folder is not None and is_or_holds(out, folder):
             raise BundleError(f"{out}: is or holds the input folder {folder}; choose another --out")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return  # new, or an empty folder made for it: nothing to lose
@@ -357,11 +359,8 @@ def refuse_existing(out: Path, force: bool, inputs: Sequence[str | os.PathLike |
 def _holds_bundle(path: Path) -> bool:
     """A bundle's manifest (schema version and model) in `path`; `inspectd synthesize` writes a
     manifest.json too, and its folder is not one --force may replace."""
-    try:
-        raw = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(raw, dict) and "schema_version" in raw and isinstance(raw.get("model"), dict)
+    raw = _raw_manifest(path)
+    return raw is not None and "schema_version" in raw and isinstance(raw.get("model"), dict)
 
 
 def probe_writable(out: Path) -> None:

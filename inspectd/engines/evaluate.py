@@ -55,20 +55,28 @@ def score_folder(backend: OnnxRuntimeBackend, bundle: Bundle, paths: list[Path],
     return items, skipped
 
 
-def _mask_for(masks_dir: Path, image_path: Path, spec: InputSpec,
-              source_shape: tuple[int, int]) -> np.ndarray | None:
-    """The image's mask in the model's frame (same ROI crop and resize as the image), or None."""
+def _mask_path(masks_dir: Path, image_path: Path) -> Path | None:
+    """The image's mask file: the image's name with any image suffix, or None."""
     for suffix in IMAGE_SUFFIXES:
         cand = masks_dir / (image_path.stem + suffix)
         if cand.is_file():
-            m = imdecode(np.fromfile(str(cand), np.uint8), cv2.IMREAD_GRAYSCALE)
-            if m is None:
-                raise DataError(f"{cand}: not a readable mask")
-            try:
-                return prepare_mask(m, spec, source_shape)
-            except DataError as exc:
-                raise DataError(f"{cand}: {exc}") from None
+            return cand
     return None
+
+
+def _mask_for(masks_dir: Path, image_path: Path, spec: InputSpec,
+              source_shape: tuple[int, int]) -> np.ndarray | None:
+    """The image's mask in the model's frame (same ROI crop and resize as the image), or None."""
+    cand = _mask_path(masks_dir, image_path)
+    if cand is None:
+        return None
+    m = imdecode(np.fromfile(str(cand), np.uint8), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise DataError(f"{cand}: not a readable mask")
+    try:
+        return prepare_mask(m, spec, source_shape)
+    except DataError as exc:
+        raise DataError(f"{cand}: {exc}") from None
 
 
 def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir: str | os.PathLike,
@@ -83,7 +91,7 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
         masks = Path(masks_dir)
         if not masks.is_dir():
             raise DataError(f"{masks}: masks folder {'is not a folder' if masks.exists() else 'does not exist'}")
-        if not any((masks / (p.stem + suffix)).is_file() for p in bad_paths for suffix in IMAGE_SUFFIXES):
+        if not any(_mask_path(masks, p) is not None for p in bad_paths):
             raise DataError(f"{masks}: no mask matches a defective image's name (a mask is <image name>.png "
                             f"or another image suffix, as {bad_paths[0].stem}.png)")
     out.mkdir(parents=True, exist_ok=True)
