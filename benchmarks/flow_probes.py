@@ -3,6 +3,7 @@
     python benchmarks/flow_probes.py nn-scaling    --dataset mtd --image-size 256
     python benchmarks/flow_probes.py feature-noise --dataset mtd --image-size 256 --noise 0.2,0.5 --components 0
     python benchmarks/flow_probes.py pca --dataset mtd --image-size 256 --components 64,128,256,384,472
+    python benchmarks/flow_probes.py ensemble --dataset ksdd --image-size 960x384 --seeds 0,1,2 --variant '{}'
 
 nn-scaling: nearest-neighbour patches (the baseline of baselines.py: taps pooled to the stride-32
 grid, Euclidean distance to the nearest training patch) on the raw taps, on per-channel
@@ -13,6 +14,9 @@ variances it can learn, as PaDiM's ridge term).
 pca: the same flow on the top-k principal components of the raw fused taps (ModelConfig.components:
 a fixed projection before the flow, each component scaled to unit variance), so it models only the
 directions in which good parts vary most, as the raw nearest-neighbour distance weighs them.
+ensemble: the product's flow (ModelConfig defaults + --variant) trained once per seed (initial
+weights, permutations, batch order), each scored alone and the members' anomaly maps averaged
+(a deep ensemble: does averaging initialisations remove the seed-to-seed spread of §6c?).
 All read the backbone taps design_study.py caches (the same training rows, hold-out and
 validation set); both report validation AUROC (held-out good vs synthetic defects) and test AUROC
 (reported only).
@@ -34,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import design_study as ds  # noqa: E402
 
 from inspectd.engines.fitting import ScheduledSteps  # noqa: E402
-from inspectd.engines.methods.flow import build_model, fit_nll_statistics, fit_statistics  # noqa: E402
+from inspectd.engines.methods.flow import (build_model, fit_nll_statistics, fit_statistics,  # noqa: E402
+                                           train_flows)
 from inspectd.engines.model import ModelConfig  # noqa: E402
 from inspectd.engines.train import TrainConfig  # noqa: E402
 from inspectd.stats import roc_auc  # noqa: E402
@@ -113,15 +118,68 @@ def feature_noise(cached: dict, base: ModelConfig, sigma: float, epochs: int, co
     return row
 
 
+@torch.no_grad()
+def _maps(model, raw: list[torch.Tensor], batch: int = 32) -> torch.Tensor:
+    """Every cached image's anomaly map, flattened (N, pixels)."""
+    step = batch * model.config.tiles[0] * model.config.tiles[1]
+    return torch.cat([model.head(model.nll_maps(model.embed([r[i:i + step].float() for r in raw])))[1].flatten(1)
+                      for i in range(0, raw[0].shape[0], step)])
+
+
+def _reduced_aurocs(maps: dict[str, torch.Tensor], topk: int) -> dict[str, float]:
+    row = {}
+    for k in SETS:
+        good, bad = maps[f"{k}_good"], maps[f"{k}_bad"]
+        for red in ds.REDUCTIONS:
+            def reduce(m):
+                if red == "mean":
+                    return m.mean(1)
+                if red == "max":
+                    return m.max(1).values
+                return m.topk(topk, dim=1).values.mean(1)
+            row[f"{k}_{red}"] = _auroc(reduce(good).numpy(), reduce(bad).numpy())
+    return row
+
+
+def ensemble(cached: dict, base: ModelConfig, seeds: list[int], epochs: int, variant: dict) -> list[dict]:
+    """One flow per seed, then the running average of their maps (members 1..k)."""
+    rows, members = [], []
+    keys = ("val_good", "val_bad", "test_good", "test_bad")
+    for seed in seeds:
+        mc = replace(base, **{"fusion": "fused", **variant, "seed": seed})
+        torch.manual_seed(seed)  # the subnets' first convolutions draw from the global stream
+        model = build_model(mc)
+        cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1, seed=seed)
+        t0 = time.monotonic()
+        emb = ds._embed_all(model, cached["train"])
+        n = emb[0].shape[0]
+        fit_statistics(model, emb, n)
+        train_flows(model, emb, n, cfg, torch.device("cpu"))
+        fit_nll_statistics(model, emb, n, torch.device("cpu"))
+        model.eval()
+        maps = {k: _maps(model, cached[k]) for k in keys}
+        members.append(maps)
+        topk = model.head.topk
+        common = {"probe": "ensemble", **variant, "epochs": epochs, "train_s": round(time.monotonic() - t0, 1)}
+        rows.append({**common, "members": [seed], **_reduced_aurocs(maps, topk)})
+        if len(members) > 1:
+            avg = {k: torch.stack([m[k] for m in members]).mean(0) for k in keys}
+            rows.append({**common, "members": seeds[:len(members)], **_reduced_aurocs(avg, topk)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", choices=["nn-scaling", "feature-noise", "pca"])
+    ap.add_argument("probe", choices=["nn-scaling", "feature-noise", "pca", "ensemble"])
     ap.add_argument("--dataset", choices=["mtd", "ksdd"], default="mtd")
     ap.add_argument("--image-size", default="256", help="HxW (or one number: square)")
     ap.add_argument("--noise", default="0.2", help="comma-separated standard deviations (feature-noise)")
     ap.add_argument("--components", default="256",
                     help="comma-separated k (pca); feature-noise: one k, 0 = every channel (the previous default)")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--seeds", default="0,1,2", help="ensemble: one member per seed")
+    ap.add_argument("--variant", default="{}", help="ensemble: ModelConfig overrides (JSON)")
     ap.add_argument("--cache", default="/tmp/design-cache")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     args = ap.parse_args()
@@ -130,6 +188,8 @@ def main() -> None:
     cached = ds.cached_taps(args.dataset, base, args.cache)
     if args.probe == "nn-scaling":
         rows = nn_scaling(cached)
+    elif args.probe == "ensemble":
+        rows = ensemble(cached, base, [int(v) for v in args.seeds.split(",")], args.epochs, json.loads(args.variant))
     elif args.probe == "pca":
         rows = [feature_noise(cached, base, 0.0, args.epochs, components=int(k)) for k in args.components.split(",")]
     else:

@@ -63,10 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="crop of the source images (pixels) the model sees; recorded in the bundle and applied "
                         "by eval, calibrate and the daemon (default: whole frames)")
     p.add_argument("--epochs", type=_positive_int, default=None,
-                   help="training epochs (flow default: selection picks 20 or 40, with --no-select 40; other "
-                        "methods: their own default)")
+                   help="training epochs (flow default 20, per member; other methods: their own default)")
     p.add_argument("--no-select", action="store_true",
-                   help="no label-free selection: train the flags as given (epochs 40 and mean reduction unless set)")
+                   help="no label-free selection: train the flags as given (mean reduction unless set)")
     p.add_argument("--augment", default="none",
                    help="comma list of rotate,translate,scale, or 'none' (default none; turn it on when parts "
                         "move or turn in the frame)")
@@ -80,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="colour mode of the bundle (auto: gray if the images are grey)")
     p.add_argument("--steps", type=_positive_int, default=_DEFAULT.steps,
                    help="coupling steps of the flow (default %(default)s)")
+    p.add_argument("--members", type=_positive_int, default=_DEFAULT.members,
+                   help="flows trained from different initialisations, their maps averaged (1 to 8; training "
+                        "time and the flow's share of inference grow with it; default %(default)s)")
     p.add_argument("--hidden-ratio", type=float, default=_DEFAULT.hidden_ratio,
                    help="subnet width / channels (default %(default)s)")
     p.add_argument("--components", type=int, default=_DEFAULT.components,
@@ -236,7 +238,7 @@ def _train(args: argparse.Namespace) -> int:
     tiles = parse_tiles(args.tiles, ConfigError, "--tiles")
     model_cfg = ModelConfig(backbone=args.backbone, taps=args.taps, image_height=height, image_width=width,
                             tiles=tiles, tile_overlap=args.tile_overlap, color_mode=color, steps=args.steps,
-                            hidden_ratio=args.hidden_ratio, components=args.components, seed=args.seed,
+                            hidden_ratio=args.hidden_ratio, members=args.members, components=args.components, seed=args.seed,
                             positional=args.positional,
                             fusion=args.fusion,
                             kernel_size=args.kernel_size, score_term=args.score_term,
@@ -249,7 +251,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.method != "flow" and args.epochs:
         options.setdefault("epochs", str(args.epochs))
     cfg = TrainConfig(model=model_cfg, method=args.method, options=options,
-                      epochs=args.epochs or 40, select=not args.no_select,
+                      epochs=args.epochs or TrainConfig.epochs, select=not args.no_select,
                       select_epochs=[args.epochs] if args.epochs else list(SELECT_EPOCHS),
                       select_reductions=[args.reduction] if args.reduction else list(SELECT_REDUCTIONS),
                       augment=augment, seed=args.seed, weights=args.weights, roi=roi,

@@ -37,7 +37,9 @@ log = logging.getLogger("inspectd.train")
 AUGMENTATIONS = ("rotate", "translate", "scale")
 # Label-free selection's predeclared candidates (`inspectd train` with no flags): in this order, so a
 # tie keeps the cheaper / simpler one.
-SELECT_EPOCHS = (20, 40)
+# One epoch count since flows are ensembles (ModelConfig.members): three members at 20 epochs cost
+# what the 20- and 40-epoch candidates did (RESULTS.md §6d).
+SELECT_EPOCHS = (20,)
 SELECT_REDUCTIONS = ("mean", "topk", "max")
 MIN_GOOD_IMAGES = 8
 MAX_UNREADABLE_FRACTION = 0.1
@@ -48,7 +50,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: str = "flow"
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options (methods/<name>.py)
-    epochs: int = 40
+    epochs: int = 20
     batch_size: int = 8
     lr_max: float = 1e-3
     lr_min: float = 1e-5

@@ -5,6 +5,7 @@
       -> taps fused on one grid (or one flow per tap)
       -> projected onto its top principal components (ModelConfig.components), each standardised
       -> affine coupling steps -> per-position 0.5|z|^2 (or the full NLL)       (coupling.py)
+         (ModelConfig.members flows from different initialisations, their maps averaged)
       -> MapHead: standardised, stitched, smoothed map -> mean / top-k / max
 
 The backbone is frozen, so its features are computed once per augmented view and cached
@@ -79,10 +80,12 @@ class FlowModel(nn.Module):
         for i, (gh, gw) in enumerate(self.grids):
             pe = positional_encoding(config.positional, gh, gw) if config.positional else torch.zeros(1, 0, gh, gw)
             self.register_buffer(f"pos{i}", pe, persistent=False)
+        # Member-major: flows[m * len(channels) + i] is member m's flow over embedding i (so a
+        # one-member engine keeps the names bundles before ensembles had).
         self.flows = nn.ModuleList(
-            ScaleFlow(c, config.steps, config.hidden_ratio, config.kernel_size, config.clamp, config.seed * 10 + i,
-                      cond_channels=config.positional)
-            for i, c in enumerate(channels))
+            ScaleFlow(c, config.steps, config.hidden_ratio, config.kernel_size, config.clamp,
+                      config.seed * 10 + i + 100 * m, cond_channels=config.positional)
+            for m in range(config.members) for i, c in enumerate(channels))
         self.head = MapHead(config, len(channels))
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -112,12 +115,23 @@ class FlowModel(nn.Module):
         """Embedding i (as training caches it) -> what flow i transforms: projected, standardised."""
         return (self.project(i, f) - self.feat_mean[i]) / self.feat_std[i]
 
+    def member_flows(self, m: int) -> list[ScaleFlow]:
+        """Member m's flows, one per embedding."""
+        n = len(self.grids)
+        return list(self.flows[m * n:(m + 1) * n])
+
     def nll_maps(self, embedded: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-position anomaly maps, one per flow (see ModelConfig.score_term)."""
+        """Per-position anomaly maps, one per embedding, averaged over the members (see
+        ModelConfig.score_term and .members)."""
         out = []
-        for i, (f, flow) in enumerate(zip(embedded, self.flows)):
-            half_z2, logdet = flow.transform(self.flow_input(i, f), self.cond(i, f.shape[0]))
-            out.append(half_z2 if self.config.score_term == "z2" else half_z2 - logdet)
+        for i, f in enumerate(embedded):
+            x, cond = self.flow_input(i, f), self.cond(i, f.shape[0])
+            total = None
+            for m in range(self.config.members):
+                half_z2, logdet = self.member_flows(m)[i].transform(x, cond)
+                term = half_z2 if self.config.score_term == "z2" else half_z2 - logdet
+                total = term if total is None else total + term
+            out.append(total / self.config.members if self.config.members > 1 else total)
         return out
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,15 +156,28 @@ class FeatureGraph(torch.nn.Module):
 
 def train_flows(model: FlowModel, cache: list[torch.Tensor], n_images: int, cfg: "TrainConfig",
                 device: torch.device) -> float:
-    """Fit the flows on cached features. cache[t] holds views x images stacked view-major."""
+    """Fit the flows on cached features, one member after another, each on its own batch order
+    (seed + member): independent trainings, as an ensemble needs. cache[t] holds views x images
+    stacked view-major. Returns the members' mean final loss."""
+    losses = []
+    model.flows.train()
+    for m in range(model.config.members):
+        label = "train" if model.config.members == 1 else f"train {m + 1}/{model.config.members}"
+        losses.append(_train_member(model, model.member_flows(m), cache, n_images, cfg, cfg.seed + m, label,
+                                    device))
+    model.flows.eval()
+    return sum(losses) / len(losses)
+
+
+def _train_member(model: FlowModel, flows: list[ScaleFlow], cache: list[torch.Tensor], n_images: int,
+                  cfg: "TrainConfig", seed: int, label: str, device: torch.device) -> float:
     views = cache[0].shape[0] // n_images
-    params = [p for p in model.flows.parameters() if p.requires_grad]
+    params = [p for flow in flows for p in flow.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr_min, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, n_images // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.flows.train()
-    steps = ScheduledSteps(opt, total, cfg, "train", clip=5.0)
+    gen = torch.Generator().manual_seed(seed)
+    steps = ScheduledSteps(opt, total, cfg, label, clip=5.0)
     for _epoch in range(cfg.epochs):
         order = torch.randperm(n_images, generator=gen)
         for b in range(steps_per_epoch):
@@ -158,11 +185,10 @@ def train_flows(model: FlowModel, cache: list[torch.Tensor], n_images: int, cfg:
             view = torch.randint(0, views, (len(idx),), generator=gen)
             rows = view * n_images + idx
             loss = torch.zeros((), device=device)
-            for t, flow in enumerate(model.flows):
+            for t, flow in enumerate(flows):
                 f = model.flow_input(t, cache[t][rows].to(device).float())
                 loss = loss + flow(f, model.cond(t, f.shape[0])).mean()
-            steps.step(loss / len(model.flows))
-    model.flows.eval()
+            steps.step(loss / len(flows))
     return steps.close()
 
 
@@ -305,7 +331,7 @@ class FlowMethod(MethodBase):
     name = "flow"
     summary = "EfficientNet features + normalizing flow (paper 000)"
     options_cls = FlowOptions
-    default_epochs = 40
+    default_epochs = 20
 
     def fit(self, data: FitData) -> Fitted:
         model, loss, selection = fit_selected(data.cfg, data.train, data.holdout, data.rng, data.device)
@@ -313,7 +339,7 @@ class FlowMethod(MethodBase):
         return Fitted(model, loss, selection, details={
             "steps": mc.steps, "hidden_ratio": mc.hidden_ratio, "kernel_size": mc.kernel_size, "clamp": mc.clamp,
             "fusion": mc.fusion if mc.fusion == "separate" else f"fused at stride {mc.fused_stride}",
-            "components": mc.components,
+            "components": mc.components, "members": mc.members,
             "score_term": mc.score_term})
 
     def build(self, model_config: ModelConfig, options: dict[str, Any]) -> nn.Module:
