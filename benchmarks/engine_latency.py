@@ -25,11 +25,13 @@ from inspectd.engines.methods.flow import build_model
 from inspectd.engines.model import ModelConfig
 
 DESIGNS = {
-    "previous default (256x256, 4 coupling steps)": {"steps": 4, "components": 0},
-    "256 components at 256x256 (the default before 384 px)": {},
-    "default at 384x384 (MTD)": {"image_height": 384, "image_width": 384},
-    "256 components at 640x256 (KSDD before 384 px)": {"image_height": 640, "image_width": 256},
-    "default at 960x384 (KSDD)": {"image_height": 960, "image_width": 384},
+    "previous default (256x256, 4 coupling steps)": {"steps": 4, "components": 0, "members": 1},
+    "one flow at 384x384 (MTD, the default before ensembles)": {"image_height": 384, "image_width": 384,
+                                                                "members": 1},
+    "default at 384x384 (MTD, 3 members)": {"image_height": 384, "image_width": 384},
+    "one flow at 960x384 (KSDD, the default before ensembles)": {"image_height": 960, "image_width": 384,
+                                                                 "members": 1},
+    "default at 960x384 (KSDD, 3 members)": {"image_height": 960, "image_width": 384},
 }
 
 

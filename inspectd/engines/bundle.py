@@ -92,6 +92,7 @@ class FlowInfo(_Strict):
     fusion: str
     score_term: str
     components: int = 0  # principal components the flow models (0: every channel; older bundles)
+    members: int = 1     # flows averaged per embedding (1: older bundles)
 
 
 class MethodInfo(_Strict):

@@ -75,3 +75,15 @@ def test_cli_refuses_a_bad_member_count_in_one_line(capsys, tmp_path, synthetic_
     err = capsys.readouterr().err.strip()
     assert code == 2 and "members 9" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_trained_bundle_records_its_members_and_its_graph_runs_them(tiny_bundle) -> None:
+    import onnx
+
+    from inspectd.engines.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    assert bundle.manifest.flow.members == ModelConfig().members == 3
+    scopes = {n.name.split("/")[1] for n in onnx.load(str(bundle.model_path)).graph.node if n.name.count("/") > 1}
+    # The exporter names each member's first coupling step steps.0, steps.0_1, steps.0_2.
+    assert len({s for s in scopes if s.split("_")[0] == "steps.0"}) == 3, sorted(scopes)
