@@ -8,6 +8,8 @@ For each variant (ModelConfig overrides) the flows are trained on the product's 
   - validation: the held-out good images vs synthetic defects made from them (what selection uses),
   - test: the dataset's standard test split (reported only; never used to choose).
 The frozen backbone's raw taps are computed once per resolution and cached under --cache.
+Each row trains ModelConfig's default members (3 flows averaged since RESULTS.md §6d; rows before
+it trained one): give {"members": 1} to study a single flow.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def nn_scaling(cached: dict, stride: int = 32) -> list[dict]:
 def feature_noise(cached: dict, base: ModelConfig, sigma: float, epochs: int, components: int) -> dict:
     """The flow (8 coupling steps, `components` as ModelConfig.components: the product's projection)
     trained on cached taps, with `sigma` noise on its inputs during training."""
-    mc = replace(base, fusion="fused", steps=8, components=components)
+    mc = replace(base, fusion="fused", steps=8, components=components, members=1)
     model = build_model(mc)
     cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1)
     t0 = time.monotonic()

@@ -238,8 +238,8 @@ def _train(args: argparse.Namespace) -> int:
     tiles = parse_tiles(args.tiles, ConfigError, "--tiles")
     model_cfg = ModelConfig(backbone=args.backbone, taps=args.taps, image_height=height, image_width=width,
                             tiles=tiles, tile_overlap=args.tile_overlap, color_mode=color, steps=args.steps,
-                            hidden_ratio=args.hidden_ratio, members=args.members, components=args.components, seed=args.seed,
-                            positional=args.positional,
+                            hidden_ratio=args.hidden_ratio, members=args.members, components=args.components,
+                            seed=args.seed, positional=args.positional,
                             fusion=args.fusion,
                             kernel_size=args.kernel_size, score_term=args.score_term,
                             reduction=args.reduction or "mean")
