@@ -52,12 +52,13 @@ def test_bad_component_counts_are_refused(components: int) -> None:
         ModelConfig(components=components).check()
 
 
-def test_cli_refuses_a_bad_component_count_in_one_line(capsys, tmp_path, synthetic_parts) -> None:
+@pytest.mark.parametrize("flag, value", [("--components", "1"), ("--members", "9")])
+def test_cli_refuses_a_bad_flow_design_in_one_line(capsys, tmp_path, synthetic_parts, flag: str, value: str) -> None:
     from inspectd.cli import main
 
-    code = main(["train", "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"), "--components", "1"])
+    code = main(["train", "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"), flag, value])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "components 1" in err and len(err.splitlines()) == 1, err
+    assert code == 2 and f"{flag[2:]} {value}" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "b").exists()
 
 

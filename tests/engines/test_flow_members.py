@@ -68,15 +68,6 @@ def test_bad_member_counts_are_refused(members: int) -> None:
         ModelConfig(members=members).check()
 
 
-def test_cli_refuses_a_bad_member_count_in_one_line(capsys, tmp_path, synthetic_parts) -> None:
-    from inspectd.cli import main
-
-    code = main(["train", "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"), "--members", "9"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "members 9" in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "b").exists()
-
-
 def test_a_trained_bundle_records_its_members_and_its_graph_runs_them(tiny_bundle) -> None:
     import onnx
 
