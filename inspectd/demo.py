@@ -107,8 +107,9 @@ def _train_and_calibrate(work: Path, epochs: int, retrain: bool) -> tuple[Path, 
     except BundleError:
         # The demo's defects are small (a scratch, a spot) on parts that barely vary: per-tap flows at
         # full feature resolution, scored by the map's peak, find them (the MTD defaults average them away).
+        # One flow, not the default three: the demo trains in a minute on 2 cores.
         cfg = TrainConfig(model=ModelConfig(image_height=DEMO_SIZE, image_width=DEMO_SIZE, taps=[4, 10],
-                                            fusion="separate",
+                                            fusion="separate", members=1,
                                             score_term="nll", reduction="max", hidden_ratio=1.0, steps=4),
                           epochs=epochs, augment=list(AUGMENTATIONS), views=2, seed=0, select=False)
         result = train(data.train_good, bundle_dir, cfg, force=True, golden_bad_dir=data.test_bad)
@@ -218,9 +219,10 @@ def _run_on_camera(args: argparse.Namespace, work: Path, t0: float) -> int:
         taught = capture(config, "demo", cam / "teach", CAMERA_TEACH_FRAMES, every=CAMERA_TEACH_EVERY, force=True,
                          progress=say)
         _step(2, f"training on the camera's frames ({CAMERA_EPOCHS} epochs, whole frames as the daemon gets them)")
-        print(f"      = {taught.train_command()} --image-size {DEMO_SIZE}")
+        print(f"      = {taught.train_command()} --image-size {DEMO_SIZE} --taps 4,10 --steps 4 --members 1 "
+              f"--epochs {CAMERA_EPOCHS} --no-select")
         cfg = TrainConfig(model=ModelConfig(image_height=DEMO_SIZE, image_width=DEMO_SIZE, taps=[4, 10],
-                                            color_mode=_color_of(taught.shape), steps=4),
+                                            color_mode=_color_of(taught.shape), steps=4, members=1),
                           epochs=CAMERA_EPOCHS, seed=0, select=False)
         result = train(cam / "teach", bundle_dir, cfg, force=True)
         print("      " + summary(result))
