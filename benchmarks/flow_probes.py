@@ -146,7 +146,8 @@ def ensemble(cached: dict, base: ModelConfig, seeds: list[int], epochs: int, var
     rows, members = [], []
     keys = ("val_good", "val_bad", "test_good", "test_bad")
     for seed in seeds:
-        mc = replace(base, **{"fusion": "fused", **variant, "seed": seed})
+        # One flow per seed (the probe that chose ModelConfig.members ran before it existed).
+        mc = replace(base, **{"fusion": "fused", "members": 1, **variant, "seed": seed})
         torch.manual_seed(seed)  # the subnets' first convolutions draw from the global stream
         model = build_model(mc)
         cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1, seed=seed)
