@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import load_split  # noqa: E402
 
 from inspectd.stats import roc_auc  # noqa: E402
-from inspectd.engines.fitting import extract_features  # noqa: E402
+from inspectd.engines.fitting import extract_features, reduce_maps  # noqa: E402
 from inspectd.engines.methods.flow import (FeatureGraph, build_model, fit_nll_statistics, fit_statistics,  # noqa: E402
                                            train_flows)
 from inspectd.engines.model import ModelConfig  # noqa: E402
@@ -40,17 +40,38 @@ REDUCTIONS = ("mean", "topk", "max")
 
 
 @torch.no_grad()
-def score_cached(model, raw: list[torch.Tensor], batch: int = 32) -> dict[str, np.ndarray]:
-    """Image scores under every reduction (the map does not depend on it: one training, three rows)."""
-    out: dict[str, list[np.ndarray]] = {r: [] for r in REDUCTIONS}
+def cached_maps(model, raw: list[torch.Tensor], batch: int = 32) -> torch.Tensor:
+    """Every cached image's anomaly map, flattened (N, pixels)."""
     step = batch * model.config.tiles[0] * model.config.tiles[1]
-    for i in range(0, raw[0].shape[0], step):
-        _, amap = model.head(model.nll_maps(model.embed([r[i:i + step].float() for r in raw])))
-        flat = amap.flatten(1)
-        out["mean"].append(flat.mean(1).numpy())
-        out["max"].append(flat.max(1).values.numpy())
-        out["topk"].append(flat.topk(model.head.topk, dim=1).values.mean(1).numpy())
-    return {r: np.concatenate(v) for r, v in out.items()}
+    return torch.cat([model.head(model.nll_maps(model.embed([r[i:i + step].float() for r in raw])))[1].flatten(1)
+                      for i in range(0, raw[0].shape[0], step)])
+
+
+def reduced(maps: torch.Tensor, topk: int) -> dict[str, np.ndarray]:
+    """Image scores under every reduction (the map does not depend on it: one training, three rows)."""
+    return {r: reduce_maps(maps, r, topk) for r in REDUCTIONS}
+
+
+def score_cached(model, raw: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    return reduced(cached_maps(model, raw), model.head.topk)
+
+
+def train_cached(mc: ModelConfig, raw: list[torch.Tensor], epochs: int):
+    """A flow of design `mc` trained on the cached training taps as `inspectd train` trains it
+    (seeded alike), and its training seconds."""
+    # The subnets' first convolutions draw their initial weights from torch's global stream:
+    # seeded per variant as `inspectd train` seeds it, so a row is reproducible (before this,
+    # every run drew another initialisation; RESULTS.md §6c, seventh session).
+    torch.manual_seed(mc.seed)
+    model = build_model(mc)
+    cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1, seed=mc.seed)
+    t0 = time.monotonic()
+    emb = _embed_all(model, raw)
+    n_rows = emb[0].shape[0]
+    fit_statistics(model, emb, n_rows)
+    train_flows(model, emb, n_rows, cfg, torch.device("cpu"))
+    fit_nll_statistics(model, emb, n_rows, torch.device("cpu"))
+    return model.eval(), time.monotonic() - t0
 
 
 def main() -> None:
@@ -75,24 +96,11 @@ def main() -> None:
     for overrides in json.loads(args.variants):
         epochs = overrides.pop("epochs", args.epochs)
         mc = replace(base, **{"fusion": "fused", **overrides})
-        # The subnets' first convolutions draw their initial weights from torch's global stream:
-        # seeded per variant as `inspectd train` seeds it, so a row is reproducible (before this,
-        # every run drew another initialisation; RESULTS.md §6c, seventh session).
-        torch.manual_seed(mc.seed)
-        model = build_model(mc)
-        cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1, seed=mc.seed)
-        t0 = time.monotonic()
-        emb = _embed_all(model, cached["train"])
-        n_rows = emb[0].shape[0]
-        fit_statistics(model, emb, n_rows)
-        train_flows(model, emb, n_rows, cfg, torch.device("cpu"))
-        fit_nll_statistics(model, emb, n_rows, torch.device("cpu"))
-        train_s = time.monotonic() - t0
-        model.eval()
+        model, train_s = train_cached(mc, cached["train"], epochs)
         s = {k: score_cached(model, cached[k]) for k in ("val_good", "val_bad", "test_good", "test_bad")}
         for red in REDUCTIONS:
             row = {"dataset": args.dataset, "size": f"{h}x{w}", "tiles": args.tiles, "backbone": args.backbone,
-                   "taps": taps, "epochs": cfg.epochs, "components": mc.components, **overrides, "reduction": red,
+                   "taps": taps, "epochs": epochs, "components": mc.components, **overrides, "reduction": red,
                    "val_auroc": round(roc_auc(s["val_good"][red], s["val_bad"][red]), 4),
                    "test_auroc": round(roc_auc(s["test_good"][red], s["test_bad"][red]), 4),
                    "train_s": round(train_s, 1), "n_tiles": n_tiles}

@@ -38,13 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import design_study as ds  # noqa: E402
 
 from inspectd.engines.fitting import ScheduledSteps  # noqa: E402
-from inspectd.engines.methods.flow import (build_model, fit_nll_statistics, fit_statistics,  # noqa: E402
-                                           train_flows)
+from inspectd.engines.methods.flow import build_model, fit_nll_statistics, fit_statistics  # noqa: E402
 from inspectd.engines.model import ModelConfig  # noqa: E402
 from inspectd.engines.train import TrainConfig  # noqa: E402
 from inspectd.stats import roc_auc  # noqa: E402
 
 SETS = ("val", "test")
+CACHED_SETS = ("val_good", "val_bad", "test_good", "test_bad")
 
 
 def _auroc(good, bad) -> float:
@@ -110,64 +110,32 @@ def feature_noise(cached: dict, base: ModelConfig, sigma: float, epochs: int, co
     steps.close()
     fit_nll_statistics(model, emb, n, torch.device("cpu"))
     model.eval()
-    s = {k: ds.score_cached(model, cached[k]) for k in ("val_good", "val_bad", "test_good", "test_bad")}
     row = {"probe": "pca" if components else "feature-noise", "noise": sigma, "components": components, "epochs": epochs, "train_s": round(time.monotonic() - t0, 1)}
-    for red in ds.REDUCTIONS:
-        for k in SETS:
-            row[f"{k}_{red}"] = _auroc(s[f"{k}_good"][red], s[f"{k}_bad"][red])
-    return row
-
-
-@torch.no_grad()
-def _maps(model, raw: list[torch.Tensor], batch: int = 32) -> torch.Tensor:
-    """Every cached image's anomaly map, flattened (N, pixels)."""
-    step = batch * model.config.tiles[0] * model.config.tiles[1]
-    return torch.cat([model.head(model.nll_maps(model.embed([r[i:i + step].float() for r in raw])))[1].flatten(1)
-                      for i in range(0, raw[0].shape[0], step)])
-
-
-def _reduced_aurocs(maps: dict[str, torch.Tensor], topk: int) -> dict[str, float]:
-    row = {}
-    for k in SETS:
-        good, bad = maps[f"{k}_good"], maps[f"{k}_bad"]
-        for red in ds.REDUCTIONS:
-            def reduce(m):
-                if red == "mean":
-                    return m.mean(1)
-                if red == "max":
-                    return m.max(1).values
-                return m.topk(topk, dim=1).values.mean(1)
-            row[f"{k}_{red}"] = _auroc(reduce(good).numpy(), reduce(bad).numpy())
+    row.update(_aurocs({k: ds.cached_maps(model, cached[k]) for k in CACHED_SETS}, model.head.topk))
     return row
 
 
 def ensemble(cached: dict, base: ModelConfig, seeds: list[int], epochs: int, variant: dict) -> list[dict]:
     """One flow per seed, then the running average of their maps (members 1..k)."""
     rows, members = [], []
-    keys = ("val_good", "val_bad", "test_good", "test_bad")
     for seed in seeds:
         # One flow per seed (the probe that chose ModelConfig.members ran before it existed).
         mc = replace(base, **{"fusion": "fused", "members": 1, **variant, "seed": seed})
-        torch.manual_seed(seed)  # the subnets' first convolutions draw from the global stream
-        model = build_model(mc)
-        cfg = TrainConfig(model=mc, epochs=epochs, augment=[], views=1, seed=seed)
-        t0 = time.monotonic()
-        emb = ds._embed_all(model, cached["train"])
-        n = emb[0].shape[0]
-        fit_statistics(model, emb, n)
-        train_flows(model, emb, n, cfg, torch.device("cpu"))
-        fit_nll_statistics(model, emb, n, torch.device("cpu"))
-        model.eval()
-        maps = {k: _maps(model, cached[k]) for k in keys}
-        members.append(maps)
-        topk = model.head.topk
-        common = {"probe": "ensemble", **variant, "epochs": epochs, "train_s": round(time.monotonic() - t0, 1)}
-        rows.append({**common, "members": [seed], **_reduced_aurocs(maps, topk)})
+        model, train_s = ds.train_cached(mc, cached["train"], epochs)
+        members.append({k: ds.cached_maps(model, cached[k]) for k in CACHED_SETS})
+        common = {"probe": "ensemble", **variant, "epochs": epochs, "train_s": round(train_s, 1)}
+        rows.append({**common, "members": [seed], **_aurocs(members[-1], model.head.topk)})
         if len(members) > 1:
-            avg = {k: torch.stack([m[k] for m in members]).mean(0) for k in keys}
-            rows.append({**common, "members": seeds[:len(members)], **_reduced_aurocs(avg, topk)})
+            avg = {k: torch.stack([m[k] for m in members]).mean(0) for k in CACHED_SETS}
+            rows.append({**common, "members": seeds[:len(members)], **_aurocs(avg, model.head.topk)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _aurocs(maps: dict[str, torch.Tensor], topk: int) -> dict[str, float]:
+    """Validation and test AUROC of `maps` (cached_maps per set) under every reduction."""
+    s = {k: ds.reduced(m, topk) for k, m in maps.items()}
+    return {f"{k}_{red}": _auroc(s[f"{k}_good"][red], s[f"{k}_bad"][red]) for k in SETS for red in ds.REDUCTIONS}
 
 
 def main() -> None:
