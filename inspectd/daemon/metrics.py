@@ -103,6 +103,12 @@ class Metrics:
                                  "KS statistic of recent scores vs calibration good scores", ["line"],
                                  registry=r)
         self.queue_depth = Gauge("inspectd_queue_depth", "Frames waiting for inference", ["line"], registry=r)
+        # Beside the budget, so a dashboard (and an alert) compares the two without the config.
+        self.engine_seconds_at_start = Gauge("inspectd_engine_seconds_at_start",
+                                             "The active engine's time per frame, measured when it was warmed "
+                                             "up (median of a few calls)", ["line"], registry=r)
+        self.latency_budget = Gauge("inspectd_latency_budget_seconds", "The line's latency budget", ["line"],
+                                    registry=r)
         self.publish_dropped = Counter("inspectd_publish_dropped_total",
                                        "Verdicts/heatmaps the publisher did not send (a seq gap for subscribers)",
                                        ["line", "topic", "reason"], registry=r)
@@ -125,7 +131,7 @@ class Metrics:
         self._engine_labels: dict[str, tuple[str, str]] = {}
         self._recipe_labels: dict[str, str] = {}
 
-    def init_line(self, line: str, threshold: float | None = None) -> None:
+    def init_line(self, line: str, threshold: float | None = None, latency_budget_s: float | None = None) -> None:
         """Create the line's series at zero so dashboards and alerts see them before the first event."""
         for verdict in VERDICTS:
             self.frames.labels(line=line, verdict=verdict)
@@ -144,6 +150,8 @@ class Metrics:
         self.engine_ready.labels(line=line).set(0)
         if threshold is not None:
             self.threshold.labels(line=line).set(threshold)
+        if latency_budget_s is not None:
+            self.latency_budget.labels(line=line).set(latency_budget_s)
 
     def set_engine(self, line: str, backend: str, bundle_id: str) -> None:
         """Point inspectd_engine_info for `line` at (backend, bundle_id); the old series is removed so

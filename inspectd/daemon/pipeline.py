@@ -44,6 +44,13 @@ ENGINE_FAILOVER_AFTER = 5
 ENGINE_STALL_MIN_S = 2.0
 ENGINE_STALL_BUDGETS = 10
 WARMUP_STALL_S = 60.0        # first calls load kernels / allocate arenas: slower, still bounded
+# Opening an engine: WARMUP_CALLS untimed calls (arenas, kernels), then TIMED_CALLS timed ones whose
+# median is the engine's time per frame on this machine, compared with the line's budget at start
+# so that a bundle too slow for the line is said in the log, the status and the metrics before
+# parts get fail-safe verdicts (the line still starts: the operator decides).
+WARMUP_CALLS = 2
+TIMED_CALLS = 5
+ENGINE_START_CALLS = WARMUP_CALLS + TIMED_CALLS
 RUNNER_CLOSE_S = 5.0         # closing a backend that is not stuck
 # Watchdog: a loop that has not moved for this long is hung (camera and engine state do not count).
 PROGRESS_STALE_MIN_S = 10.0
@@ -79,6 +86,7 @@ class ActiveRecipe:
     roi: tuple[int, int, int, int] | None
     runner: "_EngineRunner | None" = None
     backend: str = "none"
+    engine_ms: float | None = None   # median time per frame measured when its engine was warmed
 
     @property
     def threshold_spec(self) -> float | Path:
@@ -242,6 +250,7 @@ class LinePipeline:
         self.backend_name = "none"
         self.camera_connected = False
         self.engine_ok = False              # a warm backend answers (False: starting, failed or stalled)
+        self.engine_ms: float | None = None  # the active engine's time per frame, measured at its warm-up
         self._source_attempted = False      # the first open() has been tried (state "starting" until then)
         now = time.monotonic()
         self.last_activity_mono = now       # acquisition loop progress
@@ -259,7 +268,7 @@ class LinePipeline:
         self._count_lock = threading.Lock()  # verdict counters from two threads
 
         if metrics is not None:
-            metrics.init_line(self.line, threshold.value)
+            metrics.init_line(self.line, threshold.value, self._budget_s)
             self._set_engine_ok(False)
 
     # ---- the active recipe ------------------------------------------------------------------------
@@ -301,15 +310,49 @@ class LinePipeline:
             runner.close(0.0 if runner.busy else RUNNER_CLOSE_S)
             raise RecipeNotReady(f"recipe {name!r}: no backend passed (bundle {bundle.bundle_id}): {exc}") from None
         try:
-            warm = np.zeros((1, *bundle.input_spec.shape), np.uint8)
-            for _ in range(2):
-                runner.infer(warm, max(self.stall_after_s, WARMUP_STALL_S), lambda: None)
+            engine_ms = self._warm_up(runner, bundle, lambda: None)
         except Exception as exc:
             runner.close(0.0 if runner.busy else RUNNER_CLOSE_S)
             raise RecipeNotReady(f"recipe {name!r}: engine warm-up failed: {exc}") from None
-        log.info("line %s: recipe %s engine %s warmed up (bundle %s)", self.line, name, info.backend,
-                 bundle.bundle_id)
-        return ActiveRecipe(name, bundle, threshold, roi, runner, info.backend)
+        log.info("line %s: recipe %s engine %s warmed up (bundle %s, %.1f ms per frame)", self.line, name,
+                 info.backend, bundle.bundle_id, engine_ms)
+        self._check_engine_time(engine_ms, f"recipe {name!r}")
+        return ActiveRecipe(name, bundle, threshold, roi, runner, info.backend, engine_ms)
+
+    def _warm_up(self, runner: "_EngineRunner", bundle: Bundle, tick: Callable[[], None]) -> float:
+        """Warm the engine up, then time it: the median of TIMED_CALLS calls on a blank frame (ms).
+        Raises what the engine raises."""
+        warm = np.zeros((1, *bundle.input_spec.shape), np.uint8)
+        timeout_s = max(self.stall_after_s, WARMUP_STALL_S)
+        for _ in range(WARMUP_CALLS):
+            runner.infer(warm, timeout_s, tick)
+        times = []
+        for _ in range(TIMED_CALLS):
+            start = time.perf_counter()
+            runner.infer(warm, timeout_s, tick)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times)) * 1000.0
+
+    def _check_engine_time(self, engine_ms: float, what: str) -> None:
+        """Say at start when the engine is too slow for the line's budget. A frame that arrives while
+        another is being scored waits for it, so the budget must hold two engine calls."""
+        budget = self.settings.latency_budget_ms
+        advice = ("raise the line's latency_budget_ms or deploy a faster bundle (inspectd train "
+                  "--members 1 or a smaller --image-size; an INT8 or GPU backend)")
+        if engine_ms >= budget:
+            log.error("line %s: %s engine takes %.1f ms per frame on this machine, over the latency budget "
+                      "of %g ms: most parts will get the fail-safe verdict %s; %s", self.line, what,
+                      engine_ms, budget, self.settings.on_deadline_miss, advice)
+        elif 2 * engine_ms > budget:
+            log.warning("line %s: %s engine takes %.1f ms per frame on this machine, more than half the "
+                        "latency budget of %g ms: a frame that arrives while another is scored will miss "
+                        "its deadline; %s", self.line, what, engine_ms, budget, advice)
+
+    def _set_engine_ms(self, engine_ms: float | None) -> None:
+        self.engine_ms = engine_ms
+        if self.metrics is not None:
+            gauge = self.metrics.engine_seconds_at_start.labels(line=self.line)
+            gauge.set(float("nan") if engine_ms is None else engine_ms / 1000.0)
 
     def drift_for(self, verdict: Verdict) -> Any:
         """The drift watch of the recipe that judged `verdict` while it is still the active one
@@ -332,6 +375,7 @@ class LinePipeline:
         self.failed = None
         self._retry_at = None
         self._set_engine_ok(True)
+        self._set_engine_ms(new.engine_ms)
         if self.metrics is not None:
             self.metrics.set_engine(self.line, new.backend, new.bundle.bundle_id)
             self.metrics.threshold.labels(line=self.line).set(new.threshold.value)
@@ -461,6 +505,7 @@ class LinePipeline:
         return {"state": self.state, "camera_connected": self.camera_connected, "engine_ready": self.engine_ok,
                 "frames": self.frames_acquired, "verdicts": self.verdicts, "backend": self.backend_name,
                 "bundle_id": self.bundle.bundle_id, "threshold": self.threshold.value, "recipe": self.recipe,
+                "engine_ms": self.engine_ms, "latency_budget_ms": self.settings.latency_budget_ms,
                 "queue_depth": self.queue_depth, "deadline_misses": self.deadline_misses,
                 "dropped": dict(self.dropped), "engine_errors": self.engine_errors,
                 "engine_stalls": self.engine_stalls, "late_results": self.late_results,
@@ -762,10 +807,7 @@ class LinePipeline:
             self.metrics.set_engine(self.line, info.backend, self.bundle.bundle_id)
         try:
             # Warm-up: first inference allocates arenas / loads kernels; keep it out of the budget.
-            spec = self.bundle.input_spec
-            warm = np.zeros((1, *spec.shape), np.uint8)
-            for _ in range(2):
-                runner.infer(warm, max(self.stall_after_s, WARMUP_STALL_S), self._tick_worker)
+            engine_ms = self._warm_up(runner, self.bundle, self._tick_worker)
         except Exception as exc:
             self.failed = f"warm-up failed: {exc}"
             self._set_engine_ok(False)
@@ -774,7 +816,10 @@ class LinePipeline:
             return None
         self.failed = None
         self._set_engine_ok(True)
-        log.info("line %s: engine %s warmed up (bundle %s)", self.line, info.backend, self.bundle.bundle_id)
+        self._set_engine_ms(engine_ms)
+        log.info("line %s: engine %s warmed up (bundle %s, %.1f ms per frame)", self.line, info.backend,
+                 self.bundle.bundle_id, engine_ms)
+        self._check_engine_time(engine_ms, info.backend)
         return runner
 
     def _tick_worker(self) -> None:

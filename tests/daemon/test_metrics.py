@@ -18,7 +18,7 @@ CONTRACT_METRICS = [
     "inspectd_camera_connected", "inspectd_camera_reconnects", "inspectd_incomplete_frames",
     "inspectd_engine_info", "inspectd_last_frame_timestamp_seconds", "inspectd_backend_fallbacks",
     "inspectd_engine_errors", "inspectd_archive_enabled", "inspectd_archive_errors", "inspectd_score_drift",
-    "inspectd_queue_depth", "inspectd_up",
+    "inspectd_queue_depth", "inspectd_up", "inspectd_latency_budget_seconds",
 ]
 
 
@@ -49,7 +49,7 @@ def served():
 
 def test_every_contract_metric_is_exposed(served):
     m, server = served
-    m.init_line("line1", threshold=4.5)
+    m.init_line("line1", threshold=4.5, latency_budget_s=0.05)
     m.set_engine("line1", "onnxruntime-cpu", "abc123")
     m.up.set(1)
     m.inference_seconds.labels(line="line1", backend="onnxruntime-cpu").observe(0.004)
@@ -64,6 +64,7 @@ def test_every_contract_metric_is_exposed(served):
     # Counters expose the _total suffix of the contract.
     assert ("inspectd_frames_total", (("line", "line1"), ("verdict", "NG"))) in got
     assert got[("inspectd_threshold", (("line", "line1"),))] == 4.5
+    assert got[("inspectd_latency_budget_seconds", (("line", "line1"),))] == 0.05
     assert got[("inspectd_up", ())] == 1
 
 

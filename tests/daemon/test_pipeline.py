@@ -17,7 +17,7 @@ import pytest
 from inspectd.daemon.frame import Verdict
 from inspectd.daemon.line import LineSettings, LineThreshold
 from inspectd.daemon.metrics import Metrics
-from inspectd.daemon.pipeline import LinePipeline, default_backend_opener
+from inspectd.daemon.pipeline import ENGINE_START_CALLS, WARMUP_CALLS, LinePipeline, default_backend_opener
 from inspectd.daemon.sinks import MetricsSink, Sinks
 from inspectd.daemon.sources.replay import ReplaySource
 from inspectd.engines import preprocess
@@ -32,11 +32,12 @@ THRESHOLD = 5.0
 
 
 class SlowOrtBackend(Backend):
-    """TEST DOUBLE: the real ONNX Runtime backend plus a sleep after warm-up (a blocked engine)."""
+    """TEST DOUBLE: the real ONNX Runtime backend plus a sleep after its first `warmup_calls` calls
+    (by default the warm-up and the timed start-up calls: a blocked engine)."""
 
     name = "onnxruntime"
 
-    def __init__(self, inner: Backend, delay_s: float, warmup_calls: int = 2) -> None:
+    def __init__(self, inner: Backend, delay_s: float, warmup_calls: int = ENGINE_START_CALLS) -> None:
         super().__init__(inner.bundle)
         self.inner, self.delay_s, self._free = inner, delay_s, warmup_calls
         self.completed = 0
@@ -174,6 +175,36 @@ def test_deadline_miss_verdicts_arrive_at_the_deadline_and_late_results_are_not_
     assert all(v.deadline_missed for v in out.verdicts)
     assert _sample(metrics, "inspectd_deadline_misses_total", line="slow") == len(out.verdicts)
     assert _sample(metrics, "inspectd_frames_total", line="slow", verdict="NG") == len(out.verdicts)
+
+
+@pytest.mark.parametrize("delay_s, level, says", [
+    (0.08, "ERROR", "over the latency budget of 50 ms"),       # slower than the whole budget
+    (0.03, "WARNING", "more than half the latency budget"),    # two calls do not fit
+    (0.0, None, None),                                         # the tiny engine: a few ms
+])
+def test_an_engine_too_slow_for_the_budget_is_said_at_start(bundle: Bundle, replay_dir: Path,
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            delay_s: float, level: str | None,
+                                                            says: str | None) -> None:
+    """Timed after warm-up, before any part: the log says it (with the way out), the heartbeat and
+    the metrics carry the figure beside the budget. The line still starts and judges parts."""
+    metrics = Metrics()
+    settings = line_settings("t", latency_budget_ms=50, backend_preference=("onnxruntime",), queue_size=16)
+    opener = _opener(lambda inner: SlowOrtBackend(inner, delay_s=delay_s, warmup_calls=WARMUP_CALLS))
+    with caplog.at_level("WARNING", logger="inspectd.pipeline"):
+        _, _, pipe = _run_line(settings, ReplaySource("t", replay_dir / "good", fps=2), bundle, 1,
+                               opener=opener, metrics=metrics)
+    said = [r for r in caplog.records if "per frame on this machine" in r.getMessage()]
+    engine_ms = pipe.status()["engine_ms"]
+    assert pipe.status()["latency_budget_ms"] == 50
+    assert _sample(metrics, "inspectd_latency_budget_seconds", line="t") == pytest.approx(0.05)
+    assert _sample(metrics, "inspectd_engine_seconds_at_start", line="t") == pytest.approx(engine_ms / 1000)
+    if level is None:
+        assert not said and engine_ms < 25
+        return
+    assert engine_ms >= delay_s * 1000
+    assert len(said) == 1 and said[0].levelname == level, [(r.levelname, r.getMessage()) for r in said]
+    assert says in said[0].getMessage() and "--members 1" in said[0].getMessage()
 
 
 def test_skip_policy_and_drop_oldest_when_the_queue_is_full(bundle: Bundle, replay_dir: Path) -> None:

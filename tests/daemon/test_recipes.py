@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from inspectd.client import VerdictSubscriber
@@ -148,6 +149,8 @@ def test_recipe_switch_under_load_refusal_audit_and_auth(tmp_path: Path, tiny_bu
         port = int(daemon.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
         daemon.wait_log(r"ready: line1")
         daemon.wait_log(r"recipe B ready in standby")
+        # every engine is timed at warm-up (the figure goes to the metrics when it becomes active)
+        b_ms = float(daemon.wait_log(r"recipe B engine \S+ warmed up \(bundle \w+, ([\d.]+) ms per frame\)").group(1))
         col.wait(lambda: len(col.headers()) >= 20)
         assert stat.S_IMODE(sock.stat().st_mode) == 0o660
 
@@ -160,6 +163,7 @@ def test_recipe_switch_under_load_refusal_audit_and_auth(tmp_path: Path, tiny_bu
         # Switch under load (replay at full rate): A -> B (the command) -> A (socket).
         proc = _cli("recipe", "--config", str(cfg), "--line", "line1", "B", "--reason", "product change")
         assert proc.returncode == 0 and "now recipe B" in proc.stdout, proc.stdout + proc.stderr
+        assert _scrape(port)['inspectd_engine_seconds_at_start{line="line1"}'] == pytest.approx(b_ms / 1000, abs=1e-4)
         n = len(col.headers())
         col.wait(lambda: len(col.headers()) >= n + 20)
         back = request(sock, {"op": "recipe", "line": "line1", "name": "default"})

@@ -19,7 +19,7 @@ import pytest
 from inspectd.daemon.frame import Frame
 from inspectd.daemon.line import LineSettings, LineThreshold
 from inspectd.daemon.metrics import Metrics
-from inspectd.daemon.pipeline import LinePipeline
+from inspectd.daemon.pipeline import ENGINE_START_CALLS, LinePipeline
 from inspectd.daemon.sinks import MetricsSink, Sinks
 from inspectd.daemon.sources.base import Source
 from inspectd.daemon.sources.replay import ReplaySource
@@ -33,9 +33,9 @@ THRESHOLD = 5.0
 
 class FlakyBackendDouble(Backend):
     """TEST DOUBLE: the real ONNX Runtime backend under another backend's name; after `good`
-    calls (warm-up included) every call fails in the given `mode`: raise | nan | inf | nan_map."""
+    calls (the warm-up and timed start-up calls included) every call fails in the given `mode`: raise | nan | inf | nan_map."""
 
-    def __init__(self, inner: Backend, name: str, mode: str, good: int = 2) -> None:
+    def __init__(self, inner: Backend, name: str, mode: str, good: int = ENGINE_START_CALLS) -> None:
         super().__init__(inner.bundle)
         self.inner, self.name, self.mode, self._good = inner, name, mode, good
         self.calls = 0
@@ -63,7 +63,7 @@ class StallingBackendDouble(FlakyBackendDouble):
     """TEST DOUBLE: the real ONNX Runtime backend that, after `good` calls, never answers (no
     exception, no result: a hung GPU driver) until `release` is set."""
 
-    def __init__(self, inner: Backend, name: str, good: int = 2) -> None:
+    def __init__(self, inner: Backend, name: str, good: int = ENGINE_START_CALLS) -> None:
         super().__init__(inner, name, "stall", good)
         self.release = threading.Event()
 
@@ -236,7 +236,7 @@ def test_undecodable_replay_files_are_skipped_and_counted(toy: Bundle, toy_frame
 def _stalling_gpu_line(line: str, toy: Bundle, toy_frames: Path, metrics: Metrics, only_first_stalls: bool = False
                        ) -> tuple[LinePipeline, Collector, list[StallingBackendDouble], list[tuple[str, ...]]]:
     """A started line preferring backend "gpu" (StallingBackendDouble: the real ONNX Runtime, hung
-    after its two warm-up calls), then onnxruntime; 100 ms budget, 8 frames of queue at 40 fps
+    after its start-up calls), then onnxruntime; 100 ms budget, 8 frames of queue at 40 fps
     (200 ms of queue: during a stall the frame pushed out of the full queue was already resolved by
     its deadline). With `only_first_stalls`, gpu engines opened after the line's own answer.
     Returns the line, its collector, the doubles made and every opener call's backend list."""
@@ -248,7 +248,7 @@ def _stalling_gpu_line(line: str, toy: Bundle, toy_frames: Path, metrics: Metric
         calls.append(tuple(settings.backend_preference))
         if settings.backend_preference[0] == "gpu":
             inner, _ = open_backend(bundle, ["onnxruntime"])
-            made.append(StallingBackendDouble(inner, "gpu", good=10 ** 9 if only_first_stalls and made else 2))
+            made.append(StallingBackendDouble(inner, "gpu", good=10 ** 9 if only_first_stalls and made else ENGINE_START_CALLS))
             return made[-1], EngineInfo(backend="gpu", details={})
         return open_backend(bundle, ["onnxruntime"], on_fallback=on_fallback)
 
