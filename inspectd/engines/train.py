@@ -30,7 +30,7 @@ from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.preprocess import (RESIZE_METHOD, InputSpec, fingerprint, list_images, load_prepared,
                                           sha256_file)
 from inspectd.engines.synthesize import synthesized_names
-from inspectd.errors import ConfigError, DataError
+from inspectd.errors import BundleError, ConfigError, DataError
 
 log = logging.getLogger("inspectd.train")
 
@@ -275,6 +275,8 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
             "calibration_images": calib,
         }
         bundle = bundle_mod.write_bundle(staging, out, fields, force=force)
+    except OSError as exc:  # a full disk, a folder taken away: whatever `out` held is untouched
+        raise BundleError(f"{out}: cannot write the bundle: {exc.strerror or exc}") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -301,8 +303,8 @@ def _write_images(staging: Path, sub: str, images: Sequence[np.ndarray]) -> list
         rel = f"{sub}/{i:03d}.png"
         # Lossless and already at the input size: the golden scores are reproducible exactly.
         bgr = im if im.shape[2] == 1 else cv2.cvtColor(im, cv2.COLOR_RGB2BGR)
-        if not cv2.imwrite(str(staging / rel), bgr):
-            raise DataError(f"cannot write {staging / rel}")
+        if not cv2.imwrite(str(staging / rel), bgr):  # OpenCV says no more than False
+            raise OSError(f"cannot write {rel} (disk full or folder not writable?)")
         names.append(rel)
     return names
 

@@ -226,3 +226,17 @@ def test_a_hidden_ratio_that_cannot_work_is_a_usage_error(capsys, tmp_path, synt
         code, err = _run(capsys, "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / "b"),
                          "--hidden-ratio", value, *FAST)
         assert code == 2 and "hidden_ratio" in err, (value, err)
+
+
+def test_a_full_disk_is_one_line_naming_the_bundle_and_leaves_nothing(capsys, tiny_tmpfs, synthetic_parts):
+    """--out on a real tmpfs that is full by the time the bundle is written (the folder itself can
+    still be made, so the up-front probe passes): one line naming where, no half-written folder."""
+    from tests.helpers import fill_filesystem
+
+    fill_filesystem(tiny_tmpfs)
+    out = tiny_tmpfs / "b"
+    code, err = _run(capsys, "--good", str(synthetic_parts.train_good), "--out", str(out), *FAST,
+                     "--members", "1", "--no-select")
+    assert code == 1 and err.startswith("inspectd train: error: ") and str(out) in err, err
+    assert "No space left on device" in err
+    assert not out.exists() and not _leftovers(tiny_tmpfs)
