@@ -359,6 +359,9 @@ def synthesize(good: str | os.PathLike, bad: str | os.PathLike, out: str | os.Pa
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, out)
+    except OSError as exc:  # a full disk, a folder taken away: nothing half-written is left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"{out}: cannot write the synthesized images: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

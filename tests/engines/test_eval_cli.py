@@ -37,6 +37,19 @@ def test_eval_refuses_an_empty_folder(capsys, tmp_path, tiny_bundle, synthetic_p
     assert not (tmp_path / "r").exists()
 
 
+def test_a_full_disk_is_one_line_naming_the_report(capsys, tiny_tmpfs, tiny_bundle, synthetic_parts):
+    """The report folder on a real tmpfs that is full before eval writes: one line naming it."""
+    from tests.helpers import fill_filesystem
+
+    fill_filesystem(tiny_tmpfs)
+    out = tiny_tmpfs / "report"
+    code = main(["eval", "--bundle", str(tiny_bundle), "--good", str(synthetic_parts.test_good),
+                 "--bad", str(synthetic_parts.test_bad), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("inspectd eval: error: ") and str(out) in err[-1], err[-1]
+    assert "No space left on device" in err[-1] and "Traceback" not in "\n".join(err)
+
+
 def test_eval_refuses_masks_it_cannot_use(capsys, tmp_path, tiny_bundle, synthetic_parts):
     """--masks that does not exist, or whose names match no defective image, used to give exit 0 and a
     silent "pixel_auroc": null: a typo looked like a result. Both are one-line refusals before scoring."""

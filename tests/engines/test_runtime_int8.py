@@ -193,6 +193,24 @@ def test_a_graph_whose_network_is_inside_a_loop_is_refused_in_one_line(tmp_path:
                  "--precision", "int8"]) != 0
 
 
+def test_a_full_disk_is_one_line_naming_where_and_the_bundle_is_left_as_it_was(
+        conv_toy: Path, tiny_tmpfs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bundle on a real tmpfs that is full before the build: one line naming the engine cache,
+    and not a file in the bundle's folder added or changed (ONNX Runtime's quantiser writes a
+    shape-inferred copy beside the model it reads: it must read a copy elsewhere)."""
+    from tests.helpers import fill_filesystem
+
+    path = tiny_tmpfs / "toy"
+    shutil.copytree(conv_toy, path)
+    before = {p.relative_to(path): sha256_file(p) for p in path.rglob("*") if p.is_file()}
+    fill_filesystem(tiny_tmpfs)
+    rc = main(["build-engine", "--bundle", str(path), "--backend", "onnxruntime", "--precision", "int8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("inspectd build-engine: error: ") and str(path) in err[-1], err
+    assert "No space left on device" in err[-1]
+    assert {p.relative_to(path): sha256_file(p) for p in path.rglob("*") if p.is_file()} == before
+
+
 def test_cli_build_check_and_bench_with_int8(bundle: Bundle, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["build-engine", "--bundle", str(bundle.path), "--backend", "onnxruntime", "--precision", "int8",
                "--calibration", str(bundle.path / "golden")])

@@ -134,6 +134,20 @@ def test_force_replaces_a_non_empty_folder(parts, tmp_path, capsys):
     assert run(capsys, *args(good, bad, empty, None, "--count", "2"))[0] == 0  # an empty folder needs no --force
 
 
+def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing(parts, tiny_tmpfs, capsys):
+    """--out on a real tmpfs that is full before the first image is written."""
+    from tests.helpers import fill_filesystem
+
+    good, bad = parts
+    fill_filesystem(tiny_tmpfs)
+    out = tiny_tmpfs / "syn"
+    code, _, err = run(capsys, *args(good, bad, out, None, "--count", "2"))
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("inspectd synthesize: error: "), lines
+    assert str(out) in lines[0] and "No space left on device" in lines[0]
+    assert not out.exists() and not [p for p in tiny_tmpfs.iterdir() if ".partial-" in p.name]
+
+
 def _break(kind: str, good: Path, bad: Path, tmp_path: Path) -> tuple[list[str], str]:
     """Damage the inputs one way; (argv, a fragment the error line must contain)."""
     out = tmp_path / "syn"

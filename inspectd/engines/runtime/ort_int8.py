@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -249,9 +250,14 @@ def quantize(bundle: Bundle, out_path: str | os.PathLike, images: Sequence[np.nd
             + "; use the FP32 engine")
     with tempfile.TemporaryDirectory(prefix="inspectd-int8-") as tmp:
         tmp_out = Path(tmp) / "model.int8.onnx"
+        # The quantiser writes a shape-inferred copy beside the model it reads: give it a copy in
+        # the temporary folder, so that the bundle's folder is never written to (nor can a full
+        # disk there turn into a confusing quantiser error).
+        source = Path(tmp) / "model.onnx"
+        shutil.copyfile(bundle.model_path, source)
         try:
             quantize_static(
-                str(bundle.model_path), str(tmp_out), _Reader(bundle.manifest.model.input_name, images),
+                str(source), str(tmp_out), _Reader(bundle.manifest.model.input_name, images),
                 quant_format=QuantFormat.QDQ, op_types_to_quantize=ops, nodes_to_quantize=names,
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
