@@ -152,3 +152,64 @@ async def _disconnect_quietly(client: Client) -> None:
         await client.disconnect()
     except Exception:
         pass
+
+
+def test_healthy_goes_false_at_once_while_a_verdict_backlog_is_written(tmp_path: Path, tiny_bundle: Path,
+                                                                       synthetic_parts: Any) -> None:
+    """A burst of 3,000 verdicts, faster than OPC UA writes them (eleven variables and an event
+    each: about 1,000 a second here), then the line goes blind: Healthy must go false within a
+    second, not after the backlog. In-process bridge, a real daemon-side Publisher (ZeroMQ), a
+    real asyncua client."""
+    import threading
+
+    from inspectd.bridges.common import load_settings
+    from inspectd.bridges.opcua import OpcuaBridge
+    from inspectd.daemon.publish import Publisher
+    from tests.daemon.test_client import make_verdict
+
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/inspectd/"
+    cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
+        "opcua": {"endpoint": url, "namespace_uri": "urn:inspectd:test"}})
+    pub = Publisher(endpoint, heartbeat_interval_s=0.1, sndhwm=100000)
+    ok = {"state": "ok", "camera_connected": True, "engine_ready": True}
+    pub.set_line_status("line1", ok)
+    pub.start()
+    bridge = OpcuaBridge(load_settings(cfg, "opcua"))
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: asyncio.run(bridge.serve(stop)), daemon=True)
+    thread.start()
+
+    async def scenario() -> None:
+        wait_port(port, 30)
+        async with Client(url, timeout=5) as client:
+            idx = await client.get_namespace_index("urn:inspectd:test")
+            changes = Changes()
+            sub = await client.create_subscription(20, changes)
+            await sub.subscribe_data_change([client.get_node(ua.NodeId(f"line1.{n}", idx)) for n in ("Healthy", "Seq")])
+
+            def last(name: str) -> Any:
+                vals = [v for _, n, v in changes.values if n == f"line1.{name}"]
+                return vals[-1] if vals else None
+
+            await _until(lambda: last("Healthy") is True, 20, "Healthy never became true")
+            n_verdicts = 3000
+            for i in range(n_verdicts):
+                pub.publish_verdict(make_verdict(i + 1))
+            await asyncio.sleep(0.3)
+            blind = time.monotonic()
+            pub.set_line_status("line1", {**ok, "state": "blind", "camera_connected": False})
+            at = await _until(lambda: last("Healthy") is False, 30, "Healthy never went false")
+            seq_then = last("Seq")
+            assert at - blind < 1.0, f"Healthy went false {at - blind:.1f} s after the camera was lost"
+            # a backlog really was being written meanwhile, and none of it is lost
+            assert seq_then is not None and seq_then < n_verdicts - 1, seq_then
+            await _until(lambda: last("Seq") == n_verdicts - 1, 30, "the backlog was not written to the end")
+            assert bridge.dropped == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        stop.set()
+        thread.join(10)
+        pub.stop()
