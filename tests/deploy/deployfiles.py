@@ -48,7 +48,7 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
-def substitute(expr: str, line: str, budget_ms: float = 50, rate_interval: str = "30s",
+def substitute(expr: str, line: str, rate_interval: str = "30s",
                time_range: str = "1m", box: str = ".*") -> str:
     """What Grafana sends to Prometheus for one selected line (and box: the default is the `box`
     variable's All value `.*`, which also matches series without a box label, the single-box
@@ -60,7 +60,6 @@ def substitute(expr: str, line: str, budget_ms: float = 50, rate_interval: str =
         "$__rate_interval": rate_interval,
         "$__interval": "5s",
         "$__range": time_range,
-        "$budget_ms": repr(float(budget_ms)),
         "${line}": line,
         "$line": line,
         "${box}": box,

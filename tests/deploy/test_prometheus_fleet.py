@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.deploy.deployfiles import PROM_DIR, RULES, dashboard_queries, load_dashboard, load_rules, substitute
-from tests.deploy.test_prometheus_live import (BUDGET_MS, LINE, _daemon_command, _free_port, _http_get, _Procs,
+from tests.deploy.test_prometheus_live import (LINE, _daemon_command, _free_port, _http_get, _Procs,
                                                _query, _tensorrt_available, _wait_for, _write_daemon_config,
                                                replay_parts)
 
@@ -182,7 +182,7 @@ def test_agent_remote_writes_to_central_with_box_label(tmp_path: Path, tiny_bund
             empty.clear()
             for title, ref, expr in queries:
                 for box in (BOX, ".*"):
-                    sent = substitute(expr, LINE, budget_ms=BUDGET_MS, box=box)
+                    sent = substitute(expr, LINE, box=box)
                     answer = _query(central, sent)
                     if answer.get("status") != "success":
                         pytest.fail(f"dashboard panel {title!r} {ref}: central Prometheus rejects {sent!r}: "
@@ -198,7 +198,7 @@ def test_agent_remote_writes_to_central_with_box_label(tmp_path: Path, tiny_bund
         # Another box's selection shows none of box-a's series (the filter filters).
         for title, ref, expr in queries:
             if "inspectd_" in expr:
-                sent = substitute(expr, LINE, budget_ms=BUDGET_MS, box="box-b")
+                sent = substitute(expr, LINE, box="box-b")
                 assert _query(central, sent)["data"]["result"] == [], (title, ref, sent)
 
         # ---- the box and line variables find the box and its line --------------------------------

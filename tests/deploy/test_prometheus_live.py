@@ -215,7 +215,7 @@ def test_dashboard_and_rules_against_live_prometheus(tmp_path: Path, tiny_bundle
         _wait_for(prometheus_ready, 20, "Prometheus to be ready", procs, deadline)
 
         # ---- every dashboard query parses and returns data for the line ------------------------
-        queries = [(title, ref, substitute(expr, LINE, budget_ms=BUDGET_MS))
+        queries = [(title, ref, substitute(expr, LINE))
                    for title, ref, expr in dashboard_queries(load_dashboard())]
         optional = {expr for _, _, expr in queries
                     if "inspectd_backend_fallbacks_total" in expr and not expect_fallback}
