@@ -25,6 +25,7 @@ from inspectd.engines import bundle as bundle_mod
 from inspectd.engines import methods
 from inspectd.engines.export import OPSET
 from inspectd.engines.fitting import score_images, select_map_shift
+from inspectd.engines.methods.flow import FlowMethod
 from inspectd.engines.model import WEIGHTS_FILE, save_weights
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.preprocess import (RESIZE_METHOD, InputSpec, fingerprint, list_images, load_prepared,
@@ -50,7 +51,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: str = "flow"
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options (methods/<name>.py)
-    epochs: int = 20
+    epochs: int = FlowMethod.default_epochs   # the flow's (other methods keep theirs in their options)
     batch_size: int = 8
     lr_max: float = 1e-3
     lr_min: float = 1e-5
