@@ -728,6 +728,7 @@ class LinePipeline:
             self.failed = None
             self.backend_name = now_active.backend
             self._set_engine_ok(now_active.runner is not None)
+            self._set_engine_ms(now_active.engine_ms)
             if self.metrics is not None:
                 self.metrics.set_engine(self.line, now_active.backend, now_active.bundle.bundle_id)
         if runner is None:
@@ -741,7 +742,8 @@ class LinePipeline:
         meanwhile, that one wins and the runner is retired (closed between frames; False)."""
         with self._swap_lock:
             if self._active is expected:
-                self._active = dataclasses.replace(expected, runner=runner, backend=self.backend_name)
+                self._active = dataclasses.replace(expected, runner=runner, backend=self.backend_name,
+                                                   engine_ms=self.engine_ms)
                 return True
             if runner is not None and runner is not expected.runner:
                 self._retired.append(runner)
@@ -798,6 +800,7 @@ class LinePipeline:
             self.failed = f"no backend: {exc}"
             self.backend_name = "none"
             self._set_engine_ok(False)
+            self._set_engine_ms(None)
             log.error("line %s: %s; every frame gets the fail-safe verdict %s", self.line, self.failed,
                       self.settings.on_deadline_miss)
             runner.close(0.0 if runner.busy else RUNNER_CLOSE_S)
@@ -811,6 +814,7 @@ class LinePipeline:
         except Exception as exc:
             self.failed = f"warm-up failed: {exc}"
             self._set_engine_ok(False)
+            self._set_engine_ms(None)
             log.error("line %s: %s", self.line, self.failed)
             runner.close(0.0 if runner.busy else RUNNER_CLOSE_S)
             return None

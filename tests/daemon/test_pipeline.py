@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -299,7 +300,8 @@ def test_a_line_without_a_backend_does_not_stop_another_line(bundle: Bundle, rep
     st = pipes[0].status()
     assert st["engine_ready"] is False and st["state"] == "engine_failed", st
     assert _sample(metrics, "inspectd_engine_ready", line="broken") == 0
-    assert pipes[1].status()["engine_ready"] is True
+    assert st["engine_ms"] is None and math.isnan(_sample(metrics, "inspectd_engine_seconds_at_start", line="broken"))
+    assert pipes[1].status()["engine_ready"] is True and pipes[1].status()["engine_ms"] > 0
     assert _sample(metrics, "inspectd_engine_ready", line="healthy") == 1
     assert all(v.verdict == "NG" and v.score is None and "no backend" in (v.error or "") for v in broken_v), \
         [v.error for v in broken_v]

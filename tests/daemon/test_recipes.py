@@ -168,6 +168,17 @@ def test_recipe_switch_under_load_refusal_audit_and_auth(tmp_path: Path, tiny_bu
         col.wait(lambda: len(col.headers()) >= n + 20)
         back = request(sock, {"op": "recipe", "line": "line1", "name": "default"})
         assert back["ok"] and back["active"]["bundle_id"] == a.bundle_id
+        # the figure follows the active recipe back: that of the last engine warmed for bundle A
+        def last_a_ms() -> float:
+            timed = [re.search(r"engine \S+ warmed up \(bundle (\w+), ([\d.]+) ms per frame\)", line)
+                     for line in list(daemon.lines)]
+            return [float(m.group(2)) for m in timed if m and m.group(1) == a.bundle_id][-1]
+
+        engine_s = _scrape(port)['inspectd_engine_seconds_at_start{line="line1"}']
+        end = time.monotonic() + 5   # the log line may still be in the pipe from the daemon
+        while abs(engine_s - last_a_ms() / 1000) > 1e-4 and time.monotonic() < end:
+            time.sleep(0.1)
+        assert engine_s == pytest.approx(last_a_ms() / 1000, abs=1e-4)
         n = len(col.headers())
         col.wait(lambda: len(col.headers()) >= n + 20)
         listed = _cli("recipe", "--config", str(cfg), "--line", "line1", "--list")
