@@ -17,7 +17,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for warning in config_warnings(config, str(args.config)):
         print(f"WARNING: {warning}", file=sys.stderr)
     print(f"{args.config}: OK ({summary(config)})")
-    return 0
+    if not args.engines:
+        return 0
+    import logging
+
+    from inspectd.daemon.preflight import check_engines
+
+    checks = check_engines(config)
+    for c in checks:
+        if c.level >= logging.WARNING:
+            print(f"{logging.getLevelName(c.level)}: {c.describe()}", file=sys.stderr)
+        else:
+            print(c.describe())
+    return 1 if any(c.level >= logging.ERROR for c in checks) else 0
 
 
 def _register_check_config(sub: Any) -> None:
@@ -27,6 +39,11 @@ def _register_check_config(sub: Any) -> None:
     p.add_argument("config", metavar="FILE", help="daemon config (YAML)")
     p.add_argument("--skip-paths", action="store_true",
                    help="do not check that referenced files and folders exist (e.g. on a build machine)")
+    p.add_argument("--engines", action="store_true",
+                   help="also open every engine each line may run (its bundle and recipes) as the daemon would "
+                        "(backends in order, parity gate at the line's threshold), time it on this machine and "
+                        "compare with the line's latency budget; exit 1 if a line could not judge parts or its "
+                        "engine is slower than its budget")
     p.set_defaults(func=cmd_check_config)
 
 

@@ -58,6 +58,37 @@ ENGINE_RETRY_S = (10.0, 300.0)  # an engine that failed to open is tried again a
 ENGINE_OPEN_STALE_S = 300.0  # loading + parity-gating an engine (never building one): given up after
 
 
+def time_engine(infer: Callable[[np.ndarray], Any], shape: tuple[int, ...]) -> float:
+    """Warm an engine up (WARMUP_CALLS untimed calls), then time it: the median of TIMED_CALLS calls
+    on a blank frame of `shape` (H, W, C), in ms. Raises what the engine raises."""
+    blank = np.zeros((1, *shape), np.uint8)
+    for _ in range(WARMUP_CALLS):
+        infer(blank)
+    times = []
+    for _ in range(TIMED_CALLS):
+        start = time.perf_counter()
+        infer(blank)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000.0
+
+
+def engine_time_problem(engine_ms: float, budget_ms: float, on_deadline_miss: str) -> tuple[int, str] | None:
+    """(logging level, what to say) when an engine taking `engine_ms` per frame is too slow for a
+    line's budget; None when it fits. A frame that arrives while another is being scored waits for
+    it, so the budget must hold two engine calls."""
+    advice = ("raise the line's latency_budget_ms or deploy a faster bundle (inspectd train --members 1 "
+              "or a smaller --image-size; an INT8 or GPU backend)")
+    if engine_ms >= budget_ms:
+        return logging.ERROR, (f"takes {engine_ms:.1f} ms per frame on this machine, over the latency budget "
+                               f"of {budget_ms:g} ms: most parts will get the fail-safe verdict "
+                               f"{on_deadline_miss}; {advice}")
+    if 2 * engine_ms > budget_ms:
+        return logging.WARNING, (f"takes {engine_ms:.1f} ms per frame on this machine, more than half the "
+                                 f"latency budget of {budget_ms:g} ms: a frame that arrives while another is "
+                                 f"scored will miss its deadline; {advice}")
+    return None
+
+
 def default_backend_opener(bundle: Bundle, settings: LineSettings, on_fallback: Callable[[str, str], None],
                            threshold: float) -> tuple[Backend, EngineInfo]:
     """The first backend of the line's list that loads and, unless it is the ONNX Runtime reference,
@@ -320,33 +351,15 @@ class LinePipeline:
         return ActiveRecipe(name, bundle, threshold, roi, runner, info.backend, engine_ms)
 
     def _warm_up(self, runner: "_EngineRunner", bundle: Bundle, tick: Callable[[], None]) -> float:
-        """Warm the engine up, then time it: the median of TIMED_CALLS calls on a blank frame (ms).
-        Raises what the engine raises."""
-        warm = np.zeros((1, *bundle.input_spec.shape), np.uint8)
+        """Warm the runner's engine up and time it (time_engine), each call bounded like warm-up."""
         timeout_s = max(self.stall_after_s, WARMUP_STALL_S)
-        for _ in range(WARMUP_CALLS):
-            runner.infer(warm, timeout_s, tick)
-        times = []
-        for _ in range(TIMED_CALLS):
-            start = time.perf_counter()
-            runner.infer(warm, timeout_s, tick)
-            times.append(time.perf_counter() - start)
-        return float(np.median(times)) * 1000.0
+        return time_engine(lambda batch: runner.infer(batch, timeout_s, tick), bundle.input_spec.shape)
 
     def _check_engine_time(self, engine_ms: float, what: str) -> None:
-        """Say at start when the engine is too slow for the line's budget. A frame that arrives while
-        another is being scored waits for it, so the budget must hold two engine calls."""
-        budget = self.settings.latency_budget_ms
-        advice = ("raise the line's latency_budget_ms or deploy a faster bundle (inspectd train "
-                  "--members 1 or a smaller --image-size; an INT8 or GPU backend)")
-        if engine_ms >= budget:
-            log.error("line %s: %s engine takes %.1f ms per frame on this machine, over the latency budget "
-                      "of %g ms: most parts will get the fail-safe verdict %s; %s", self.line, what,
-                      engine_ms, budget, self.settings.on_deadline_miss, advice)
-        elif 2 * engine_ms > budget:
-            log.warning("line %s: %s engine takes %.1f ms per frame on this machine, more than half the "
-                        "latency budget of %g ms: a frame that arrives while another is scored will miss "
-                        "its deadline; %s", self.line, what, engine_ms, budget, advice)
+        """Say at start when the engine is too slow for the line's budget (engine_time_problem)."""
+        problem = engine_time_problem(engine_ms, self.settings.latency_budget_ms, self.settings.on_deadline_miss)
+        if problem is not None:
+            log.log(problem[0], "line %s: %s engine %s", self.line, what, problem[1])
 
     def _set_engine_ms(self, engine_ms: float | None) -> None:
         self.engine_ms = engine_ms
