@@ -322,10 +322,12 @@ class LinePipeline:
 
     def open_recipe_engine(self, name: str, bundle: Bundle, threshold: LineThreshold,
                            roi: tuple[int, int, int, int] | None,
-                           backends: tuple[str, ...] | None = None, settings: LineSettings | None = None) -> ActiveRecipe:
-        """Load, parity-gate and warm an engine for `bundle` (on its own runner thread, in the
+                           backends: tuple[str, ...] | None = None, settings: LineSettings | None = None,
+                           check_budget: bool = True) -> ActiveRecipe:
+        """Load, parity-gate, warm and time an engine for `bundle` (on its own runner thread, in the
         calling thread's time: never the line's worker). RecipeNotReady with the reason when it
-        cannot judge parts."""
+        cannot judge parts. `check_budget` False: an engine off the critical path (a shadow) is
+        timed but not held against the line's budget."""
         settings = settings or self.settings
         if backends is not None:
             settings = dataclasses.replace(settings, backend_preference=backends)
@@ -347,7 +349,8 @@ class LinePipeline:
             raise RecipeNotReady(f"recipe {name!r}: engine warm-up failed: {exc}") from None
         log.info("line %s: recipe %s engine %s warmed up (bundle %s, %.1f ms per frame)", self.line, name,
                  info.backend, bundle.bundle_id, engine_ms)
-        self._check_engine_time(engine_ms, f"recipe {name!r}")
+        if check_budget:
+            self._check_engine_time(engine_ms, f"recipe {name!r}")
         return ActiveRecipe(name, bundle, threshold, roi, runner, info.backend, engine_ms)
 
     def _warm_up(self, runner: "_EngineRunner", bundle: Bundle, tick: Callable[[], None]) -> float:

@@ -213,7 +213,8 @@ class LineRecipes:
 
     # ---- helpers ---------------------------------------------------------------------------------
 
-    def _open(self, spec: RecipeSpec, backends: tuple[str, ...] | None = None, settings: Any = None) -> ActiveRecipe:
+    def _open(self, spec: RecipeSpec, backends: tuple[str, ...] | None = None, settings: Any = None,
+              check_budget: bool = True) -> ActiveRecipe:
         from inspectd.engines.bundle import check_line_roi, load_bundle
 
         assert self.pipeline is not None
@@ -224,7 +225,7 @@ class LineRecipes:
         except (InspectdError, OSError) as exc:
             raise RecipeNotReady(f"recipe {spec.name!r}: {exc}") from None
         return self.pipeline.open_recipe_engine(spec.name, bundle, threshold, spec.roi,
-                                                backends=backends, settings=settings)
+                                                backends=backends, settings=settings, check_budget=check_budget)
 
     def _save_state(self, state: dict[str, Any]) -> None:
         """Persist `state` (then it is self.state). Every operation saves BEFORE it changes the line:
@@ -326,7 +327,9 @@ class LineRecipes:
                     and self.cfg.backend_options.onnxruntime.intra_op_threads is not None)
         if "onnxruntime" in opts and not explicit:
             opts["onnxruntime"]["intra_op_threads"] = 1
-        return self._open(spec, settings=dataclasses.replace(self.pipeline.settings, backend_options=opts))
+        # Off the critical path (and on one thread): timed, not held against the line's budget.
+        return self._open(spec, settings=dataclasses.replace(self.pipeline.settings, backend_options=opts),
+                          check_budget=False)
 
     def _start_shadow(self, spec: RecipeSpec, state: dict[str, Any], deadline: float | None = None) -> Any:
         """set_shadow: open the shadow bundle, persist `state`, start scoring."""

@@ -208,6 +208,26 @@ def test_an_engine_too_slow_for_the_budget_is_said_at_start(bundle: Bundle, repl
     assert says in said[0].getMessage() and "--members 1" in said[0].getMessage()
 
 
+def test_a_recipe_engine_is_held_against_the_budget_and_a_shadow_only_timed(bundle: Bundle, replay_dir: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """open_recipe_engine (a switched-in or preloaded recipe) says an engine over half the budget;
+    a shadow's engine (check_budget False: off the critical path, on one thread) is timed only."""
+    settings = line_settings("r", latency_budget_ms=50, backend_preference=("onnxruntime",), queue_size=4)
+    opener = _opener(lambda inner: SlowOrtBackend(inner, delay_s=0.03, warmup_calls=WARMUP_CALLS))
+    pipe = LinePipeline(settings, ReplaySource("r", replay_dir / "good"), bundle,
+                        LineThreshold("r", value=THRESHOLD), Collector(), backend_opener=opener)
+    opened = []
+    with caplog.at_level("WARNING", logger="inspectd.pipeline"):
+        for name, check in (("shadow", False), ("B", True)):
+            opened.append(pipe.open_recipe_engine(name, bundle, LineThreshold("r", value=THRESHOLD), None,
+                                                  check_budget=check))
+    for recipe in opened:
+        assert recipe.runner is not None and recipe.runner.close(5.0)
+    assert all(r.engine_ms is not None and r.engine_ms >= 30 for r in opened)
+    said = [r.getMessage() for r in caplog.records if "per frame on this machine" in r.getMessage()]
+    assert len(said) == 1 and "recipe 'B' engine takes" in said[0], said
+
+
 def test_skip_policy_and_drop_oldest_when_the_queue_is_full(bundle: Bundle, replay_dir: Path) -> None:
     metrics = Metrics()
     settings = line_settings("q", latency_budget_ms=5000, on_deadline_miss="SKIP",
