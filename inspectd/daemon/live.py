@@ -105,6 +105,7 @@ class LiveView:
             except Exception as exc:  # a status that cannot be read is shown, not a broken page
                 status = {"state": "unknown", "last_error": f"status unavailable: {exc}"}
             keys = ("state", "camera_connected", "engine_ready", "backend", "bundle_id", "threshold",
+                    "engine_ms", "latency_budget_ms",
                     "frames", "verdicts", "deadline_misses", "queue_depth", "last_error", "failed")
             lines.append({"line": state.line, "status": {k: status.get(k) for k in keys}, "counts": counts,
                           "ng": None if ng is None else dict(ng, url=f"/live/{state.line}/ng.png?frame={ng['frame_id']}")})
@@ -265,8 +266,11 @@ function render(data) {
     const rows = [["state", s.state, s.state === "ok" ? "good" : "bad"],
       ["camera", s.camera_connected ? "connected" : "DISCONNECTED", s.camera_connected ? "good" : "bad"],
       ["engine", s.engine_ready ? "ready" : "NOT READY", s.engine_ready ? "good" : "bad"],
-      ["backend", s.backend], ["threshold", num(s.threshold, 3)], ["bundle", s.bundle_id],
-      ["frames", s.frames], ["deadline misses", s.deadline_misses]];
+      ["backend", s.backend], ["threshold", num(s.threshold, 3)], ["bundle", s.bundle_id]];
+    if (s.engine_ms != null && s.latency_budget_ms != null)   // measured at the engine's start; two calls must fit
+      rows.push(["engine time", num(s.engine_ms, 1) + " ms of " + num(s.latency_budget_ms, 0) + " ms budget",
+                 2 * s.engine_ms > s.latency_budget_ms ? "bad" : "good"]);
+    rows.push(["frames", s.frames], ["deadline misses", s.deadline_misses]);
     if (s.last_error) rows.push(["last error", s.last_error]);
     for (const r of rows) { c.kv.appendChild(el("span", {}, r[0])); c.kv.appendChild(el("span", r[2] ? {"class": r[2]} : {}, String(r[1]))); }
     c.counts.replaceChildren(el("span", {"class": "good", "id": "ok-" + L.line}, "OK " + L.counts.OK),

@@ -6,6 +6,7 @@ page is not blank; read-only (POST refused). Plus the sink's contract: reference
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -148,6 +149,7 @@ def test_live_page_in_a_headless_browser(tmp_path: Path, tiny_bundle: Path, synt
         assert line["ng"] is not None, snap
         assert line["status"]["camera_connected"] is True and line["status"]["engine_ready"] is True
         assert line["status"]["backend"] == "onnxruntime" and line["status"]["threshold"] == 2.0
+        assert 0 < line["status"]["engine_ms"] < 500 and line["status"]["latency_budget_ms"] == 1000
         # The served overlay: the grey 128x128 camera frame at its own resolution, coloured by the heatmap.
         status, png, ctype = _get(base + line["ng"]["url"])
         assert status == 200 and ctype == "image/png"
@@ -165,6 +167,7 @@ def test_live_page_in_a_headless_browser(tmp_path: Path, tiny_bundle: Path, synt
         assert updates >= 2, "the table did not update without a reload"
         assert 'id="ngimg-line1"' in dom and 'data-size="128x128"' in dom  # decoded by the browser
         assert "connected" in dom and "onnxruntime" in dom
+        assert re.search(r'<span class="good">[\d.]+ ms of 1000 ms budget</span>', dom), "no engine time row"
         shot = tmp_path / "live.png"
         proc = _chromium("--virtual-time-budget=3000", "--window-size=1200,800", f"--screenshot={shot}", base + "/")
         image = cv2.imread(str(shot), cv2.IMREAD_COLOR)
