@@ -219,11 +219,12 @@ def _run_on_camera(args: argparse.Namespace, work: Path, t0: float) -> int:
         taught = capture(config, "demo", cam / "teach", CAMERA_TEACH_FRAMES, every=CAMERA_TEACH_EVERY, force=True,
                          progress=say)
         _step(2, f"training on the camera's frames ({CAMERA_EPOCHS} epochs, whole frames as the daemon gets them)")
-        print(f"      = {taught.train_command()} --image-size {DEMO_SIZE} --taps 4,10 --steps 4 --members 1 "
-              f"--epochs {CAMERA_EPOCHS} --no-select")
         cfg = TrainConfig(model=ModelConfig(image_height=DEMO_SIZE, image_width=DEMO_SIZE, taps=[4, 10],
                                             color_mode=_color_of(taught.shape), steps=4, members=1),
                           epochs=CAMERA_EPOCHS, seed=0, select=False)
+        mc = cfg.model  # the command printed is read from the config trained with, so it cannot drift
+        print(f"      = {taught.train_command()} --image-size {DEMO_SIZE} --taps {','.join(map(str, mc.taps))} "
+              f"--steps {mc.steps} --members {mc.members} --epochs {cfg.epochs} --no-select")
         result = train(cam / "teach", bundle_dir, cfg, force=True)
         print("      " + summary(result))
     print(f"      capturing {CAMERA_CALIB_FRAMES} more frames for calibration")

@@ -112,24 +112,19 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
     }
     if masks_dir is not None:
         report.update(_pixel_auroc(items, Path(masks_dir), bundle))
-    try:
-        _write_report(report, items, g, b, bundle, good, bad, out)
-    except OSError as exc:  # a full disk, a folder taken away: say where (report.json comes last)
+    try:  # a full disk, a folder taken away: say where (report.json comes last)
+        with open(out / "scores.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "label", "raw_score", "score"])
+            for i in items:
+                w.writerow([i.path.name, "bad" if i.label else "good", f"{i.score:.6f}",
+                            f"{float(bundle.normalize(i.score)):.6f}"])
+        _plots(g, b, out, report)
+        _overlays(bundle, good, bad, out)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
         raise DataError(f"{out}: cannot write the report: {exc.strerror or exc}") from None
     return report
-
-
-def _write_report(report: dict[str, Any], items: list[Scored], g: np.ndarray, b: np.ndarray, bundle: Bundle,
-                  good: list[Scored], bad: list[Scored], out: Path) -> None:
-    with open(out / "scores.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["file", "label", "raw_score", "score"])
-        for i in items:
-            w.writerow([i.path.name, "bad" if i.label else "good", f"{i.score:.6f}",
-                        f"{float(bundle.normalize(i.score)):.6f}"])
-    _plots(g, b, out, report)
-    _overlays(bundle, good, bad, out)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def _pixel_auroc(items: list[Scored], masks_dir: Path, bundle: Bundle) -> dict[str, Any]:
