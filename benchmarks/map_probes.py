@@ -3,6 +3,7 @@
     python benchmarks/map_probes.py reductions --bundle /tmp/bench/mtd-pca/bundle --split /tmp/bench/mtd/split
     python benchmarks/map_probes.py cutpaste-weights --bundle /tmp/bench/cutpaste-ae-mtd-heads/bundle \
         --split /tmp/bench/mtd/split
+    python benchmarks/map_probes.py ae-error --bundle /tmp/bench/cpae-mtd-aeseed/bundle --split /tmp/bench/cpae-mtd-aeseed/split
 
 reductions: the bundle's maps (ONNX Runtime) on its label-free validation set (the held-out good
 images named in its manifest + the synthetic defects `inspectd train` makes from them) and on the
@@ -14,6 +15,10 @@ from its defect?), beside plain image statistics of the files.
 cutpaste-weights: a cutpaste-ae bundle's two standardised scores, its combined rule re-weighted by
 validation AUROC on every synthetic kind and on only the kinds neither head trains on (blob, blur,
 crack), and the CutPaste head scored by its patch map's max instead of its pooled embedding.
+ae-error: a cutpaste-ae bundle's trained autoencoder with other measures of its reconstruction
+difference (squared error as shipped, absolute error, 1 - SSIM), each standardised per position on
+the bundle's good training images, reduced by top-k / max / mean, alone and added to the CutPaste
+score at validation's best ratio (the product's `combine=validation` rule).
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ import torch
 
 from inspectd.engines.bundle import load_bundle
 from inspectd.engines.fitting import batches
-from inspectd.engines.model import build_from_bundle
+from inspectd.engines.fitting import reduce_maps, validation_auroc
+from inspectd.engines.methods.cutpaste_ae import RATIOS
+from inspectd.engines.methods.inpaint import ssim_kernel, ssim_map
+from inspectd.engines.model import build_from_bundle, resample_grid, tile_images
 from inspectd.engines.preprocess import list_images, prepare, prepare_mask, read_image
 from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from inspectd.engines.validation import KINDS, make_validation_set
@@ -167,15 +175,59 @@ def cutpaste_weights(args: argparse.Namespace) -> None:
               f"{_auroc(comb['test_good'], comb['test_bad']):.4f}")
 
 
+@torch.no_grad()
+def ae_error(args: argparse.Namespace) -> None:
+    bundle = load_bundle(args.bundle)
+    model = build_from_bundle(bundle)
+    mc, kernel = model.config, ssim_kernel()
+    images, _, _ = _images(args.bundle, args.split)
+    spec = bundle.input_spec
+    hold = set(json.loads((args.bundle / "manifest.json").read_text())["training"]["holdout_names"])
+    images["train"] = [prepare(read_image(p, spec.color_mode), spec) for p in list_images(args.split / "train_good")
+                       if p.name not in hold]
+    differences = {"squared": lambda x, r: (r - x) ** 2, "absolute": lambda x, r: (r - x).abs(),
+                   "1 - SSIM": lambda x, r: 1 - ssim_map(x, r, kernel)}
+
+    def error_maps(imgs: list[np.ndarray], diff) -> torch.Tensor:
+        out = []
+        for sl in batches(len(imgs), 16):
+            x = model.ae_input(tile_images(torch.from_numpy(np.stack(imgs[sl])), mc))
+            out.append(resample_grid(diff(x, model.autoencoder(x)).mean(1, keepdim=True), model.ae_head.tile_map)[:, 0])
+        return torch.cat(out)
+
+    cp = {s: torch.cat([model.components(torch.from_numpy(np.stack(images[s][sl])), "cutpaste")["cutpaste"]
+                        for sl in batches(len(images[s]), 8)]).numpy() for s in SETS}
+    print(f"CutPaste alone: validation {_auroc(cp['val_good'], cp['val_bad']):.4f}, "
+          f"test {_auroc(cp['test_good'], cp['test_bad']):.4f}")
+    n_good = len(cp["val_good"])
+    for name, diff in differences.items():
+        train = error_maps(images["train"], diff)
+        mean, std = train.mean(0), train.std(0)
+        std = std.clamp_min(float(std.median()) * 0.1 + 1e-8)  # as fit_ae_positions
+        maps = {s: ((error_maps(images[s], diff) - mean) / std).flatten(1) for s in SETS}
+        k = max(1, int(round(mc.topk_fraction * maps["val_good"].shape[1])))
+        for red in ("topk", "max", "mean"):
+            raw = {s: reduce_maps(maps[s], red, k) for s in SETS}
+            mu, sd = raw["val_good"].mean(), raw["val_good"].std(ddof=1)
+            z = {s: (raw[s] - mu) / sd for s in SETS}
+            both = {r: {s: cp[s] + r * z[s] for s in SETS} for r in RATIOS}
+            aurocs = [validation_auroc(np.concatenate([both[r]["val_good"], both[r]["val_bad"]]), n_good)
+                      for r in RATIOS]
+            best = RATIOS[int(np.argmax(aurocs))]
+            print(f"{name:9s} {red:5s} AE alone: validation {_auroc(z['val_good'], z['val_bad']):.4f}, test "
+                  f"{_auroc(z['test_good'], z['test_bad']):.4f} | combined at ratio {best:g}: validation "
+                  f"{max(aurocs):.4f}, test {_auroc(both[best]['test_good'], both[best]['test_bad']):.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", choices=["reductions", "cutpaste-weights"])
+    ap.add_argument("probe", choices=["reductions", "cutpaste-weights", "ae-error"])
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--split", type=Path, required=True, help="folder with train_good/, test_good/, test_bad/ [, masks/]")
     ap.add_argument("--margin", type=int, default=48, help="input px kept clear of the defect (reductions)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    (reductions if args.probe == "reductions" else cutpaste_weights)(args)
+    {"reductions": reductions, "cutpaste-weights": cutpaste_weights, "ae-error": ae_error}[args.probe](args)
 
 
 if __name__ == "__main__":
