@@ -28,6 +28,7 @@ from inspectd.daemon.sources.base import SourceError, SourceLost
 from inspectd.engines import preprocess
 from inspectd.engines.bundle import Bundle
 from inspectd.engines.runtime import Backend, EngineInfo, open_backend
+from inspectd.engines.runtime.bench import sample_inputs
 from inspectd.errors import DataError, InspectdError
 
 log = logging.getLogger("inspectd.pipeline")
@@ -58,18 +59,24 @@ ENGINE_RETRY_S = (10.0, 300.0)  # an engine that failed to open is tried again a
 ENGINE_OPEN_STALE_S = 300.0  # loading + parity-gating an engine (never building one): given up after
 
 
-def time_engine(infer: Callable[[np.ndarray], Any], shape: tuple[int, ...]) -> float:
+def time_engine(infer: Callable[[np.ndarray], Any], frame: np.ndarray) -> float:
     """Warm an engine up (WARMUP_CALLS untimed calls), then time it: the median of TIMED_CALLS calls
-    on a blank frame of `shape` (H, W, C), in ms. Raises what the engine raises."""
-    blank = np.zeros((1, *shape), np.uint8)
+    on `frame` (a batch of one prepared image, `timing_frame`), in ms. Raises what the engine raises."""
     for _ in range(WARMUP_CALLS):
-        infer(blank)
+        infer(frame)
     times = []
     for _ in range(TIMED_CALLS):
         start = time.perf_counter()
-        infer(blank)
+        infer(frame)
         times.append(time.perf_counter() - start)
     return float(np.median(times)) * 1000.0
+
+
+def timing_frame(bundle: Bundle) -> np.ndarray:
+    """What an engine is warmed up and timed on: the bundle's first golden good image, a real part
+    (an engine whose work depends on the content, like inpaint's early-exit loop, is timed as parts
+    will time it, not on a blank frame); seeded noise for a bundle without golden images."""
+    return sample_inputs(bundle, 1)
 
 
 def engine_time_problem(engine_ms: float, budget_ms: float, on_deadline_miss: str) -> tuple[int, str] | None:
@@ -356,7 +363,7 @@ class LinePipeline:
     def _warm_up(self, runner: "_EngineRunner", bundle: Bundle, tick: Callable[[], None]) -> float:
         """Warm the runner's engine up and time it (time_engine), each call bounded like warm-up."""
         timeout_s = max(self.stall_after_s, WARMUP_STALL_S)
-        return time_engine(lambda batch: runner.infer(batch, timeout_s, tick), bundle.input_spec.shape)
+        return time_engine(lambda batch: runner.infer(batch, timeout_s, tick), timing_frame(bundle))
 
     def _check_engine_time(self, engine_ms: float, what: str) -> None:
         """Say at start when the engine is too slow for the line's budget (engine_time_problem)."""

@@ -28,7 +28,7 @@ def check_engines(config: DaemonConfig) -> list[EngineCheck]:
     """One EngineCheck per (line, recipe) of the config, in config order. Never raises for a bad
     bundle, threshold or backend: that is an ERROR check."""
     from inspectd.daemon.line import LineThreshold
-    from inspectd.daemon.pipeline import default_backend_opener, engine_time_problem, time_engine
+    from inspectd.daemon.pipeline import default_backend_opener, engine_time_problem, time_engine, timing_frame
     from inspectd.daemon.recipes import config_specs
     from inspectd.daemon.run import line_settings
     from inspectd.engines.bundle import load_bundle
@@ -51,9 +51,9 @@ def check_engines(config: DaemonConfig) -> list[EngineCheck]:
                 check(logging.ERROR, f"cannot judge parts: {exc}")
                 continue
             try:
-                engine_ms = time_engine(backend.infer, bundle.input_spec.shape)
+                engine_ms = time_engine(backend.infer, timing_frame(bundle))
             except Exception as exc:  # whatever a backend raises: the line could not use it
-                check(logging.ERROR, f"bundle {bundle.bundle_id} on {info.backend}: fails on a blank frame: {exc}")
+                check(logging.ERROR, f"bundle {bundle.bundle_id} on {info.backend}: fails on its golden image: {exc}")
                 continue
             finally:
                 backend.close()

@@ -23,6 +23,7 @@ from inspectd.daemon.sinks import MetricsSink, Sinks
 from inspectd.daemon.sources.replay import ReplaySource
 from inspectd.engines import preprocess
 from inspectd.engines.bundle import Bundle, load_bundle
+from inspectd.engines.preprocess import load_stored
 from inspectd.engines.runtime import Backend, EngineInfo, open_backend
 from inspectd.errors import ConfigError
 
@@ -438,3 +439,36 @@ def test_a_failing_sink_does_not_keep_the_verdict_from_the_others(bundle: Bundle
     assert BrokenSink.calls == 12 and sinks.failures == {"broken": 12, "collector": 0, "metrics": 0}
     assert _sample(metrics, "inspectd_frames_total", line="sk", verdict="OK") == 12
     assert caplog.text.count("verdict sink broken failed") == 1  # logged once, not per frame
+
+
+class RecordingOrtBackend(SlowOrtBackend):
+    """TEST DOUBLE: the real ONNX Runtime backend that keeps a copy of every batch it is given."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner, delay_s=0.0)
+        self.batches: list[np.ndarray] = []
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.batches.append(batch.copy())
+        return super().infer(batch)
+
+
+def test_an_engine_is_timed_on_the_bundles_golden_part_not_a_blank_frame(bundle: Bundle, replay_dir: Path) -> None:
+    """The warm-up and timed calls score the bundle's first golden good image (real content: an
+    engine whose work depends on it, like inpaint's early-exit loop, times as parts will)."""
+    made: list[RecordingOrtBackend] = []
+
+    def wrap(inner: Backend) -> Backend:
+        made.append(RecordingOrtBackend(inner))
+        return made[-1]
+    settings = line_settings("g", latency_budget_ms=50, backend_preference=("onnxruntime",), queue_size=4)
+    pipe = LinePipeline(settings, ReplaySource("g", replay_dir / "good"), bundle,
+                        LineThreshold("g", value=THRESHOLD), Collector(), backend_opener=_opener(wrap))
+    recipe = pipe.open_recipe_engine("A", bundle, LineThreshold("g", value=THRESHOLD), None)
+    assert recipe.runner is not None and recipe.runner.close(5.0)
+    golden = load_stored(bundle.golden_images()[0][0], bundle.input_spec)
+    assert len(made[0].batches) == ENGINE_START_CALLS
+    assert golden.std() > 0  # a real part, not a flat frame
+    for batch in made[0].batches:
+        assert batch.shape == (1, *bundle.input_spec.shape)
+        np.testing.assert_array_equal(batch[0], golden)
