@@ -77,12 +77,15 @@ def decode_image(data: bytes, color_mode: str, name: str = "<bytes>") -> np.ndar
     """Decode encoded image bytes to H x W x C uint8 in `color_mode` (RGB order, never BGR)."""
     if color_mode not in COLOR_MODES:
         raise DataError(f"unknown colour mode {color_mode!r} (expected one of {COLOR_MODES})")
-    flag = cv2.IMREAD_GRAYSCALE if color_mode == "gray" else cv2.IMREAD_COLOR
+    # Grey: decoded as the file is (ANYCOLOR) and made grey by cv2.cvtColor, as convert_color does
+    # for camera and replay frames; IMREAD_GRAYSCALE would let libpng convert colour PNGs itself,
+    # truncating where cvtColor rounds (one grey level apart on about half the pixels).
+    flag = cv2.IMREAD_ANYCOLOR if color_mode == "gray" else cv2.IMREAD_COLOR
     image = imdecode(data, flag)
     if image is None:
         raise DataError(f"{name}: not a readable image")
-    if color_mode == "rgb":
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY if color_mode == "gray" else cv2.COLOR_BGR2RGB)
     return _as_hwc(image)
 
 

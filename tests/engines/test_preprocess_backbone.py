@@ -30,6 +30,22 @@ def test_read_image_is_rgb_order_and_handles_unicode_paths(tmp_path):
     assert img[0, 0].tolist() == [200, 0, 0]
 
 
+@pytest.mark.parametrize("kind", ["rgb8", "rgba8", "rgb16", "grey8"])
+def test_a_file_read_grey_is_the_frame_the_daemon_makes_grey(tmp_path, kind):
+    """Training, eval and calibrate read files with read_image; the daemon converts camera and replay
+    frames with convert_color. A grey bundle must see the same pixels both ways: libpng's own
+    colour-to-grey decode truncates where cv2.cvtColor rounds (one grey level on about half the pixels)."""
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    pixels = {"rgb8": bgr, "rgba8": np.dstack([bgr, np.full(rgb.shape[:2], 200, np.uint8)]),
+              "rgb16": bgr.astype(np.uint16) * 257, "grey8": rgb[:, :, 0]}[kind]
+    path = tmp_path / f"{kind}.png"
+    assert cv2.imwrite(str(path), pixels)
+    as_camera_frame = read_image(path, "rgb") if kind != "grey8" else rgb[:, :, :1]
+    np.testing.assert_array_equal(read_image(path, "gray"), convert_color(as_camera_frame, "gray"))
+
+
 def test_prepare_crops_converts_and_resizes():
     frame = np.zeros((100, 200, 3), np.uint8)
     frame[10:60, 20:120] = 255
