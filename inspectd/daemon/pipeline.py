@@ -164,6 +164,11 @@ class _EngineRunner:
     def busy(self) -> bool:
         return self._busy
 
+    @property
+    def usable(self) -> bool:
+        """An open backend on a live thread that was not asked to close: calls can be made."""
+        return self.backend is not None and not self._closing and self._thread.is_alive()
+
     def call(self, fn: Callable[[], Any], stall_s: float, tick: Callable[[], None]) -> Any:
         """`fn()` run on the backend's thread; EngineStalled after `stall_s` without an answer.
         `tick()` is called while waiting (the worker's own loop is alive: it waits on a bounded call)."""
@@ -390,7 +395,7 @@ class LinePipeline:
         """Make `new` (a warm engine: RecipeNotReady otherwise) the active recipe, atomically for the
         worker: the next frame it takes is judged by `new` alone. Returns the recipe it replaced
         (the caller keeps it warm, e.g. for rollback, or passes it to `retire()`)."""
-        if new.runner is None:
+        if new.runner is None or not new.runner.usable:
             raise RecipeNotReady(f"recipe {new.name!r}: engine not warmed")
         with self._swap_lock:
             old, self._active = self._active, new   # the one assignment the worker sees
@@ -698,19 +703,26 @@ class LinePipeline:
     def _worker_loop(self) -> None:
         try:
             first = self._active
-            self._install_runner(first, self._open_engine())
+            if not self._install_runner(first, self._open_engine(first)):
+                self._follow_active()
+            counted = first.runner  # the engine whose errors in a row are being counted
             while True:
                 item = self._next_item()
                 if item is None:
                     break
                 active = self._active        # once per frame: engine, bundle, ROI, threshold together
+                if active.runner is not counted:  # a switch (or a new engine): its own count from zero
+                    self._stalled = False
+                    self._consecutive_engine_errors = 0
+                    counted = active.runner
                 self._process(active, *item)
                 if active.runner is None and self._active is active:
                     self._retry_engine(active)
                 if active.runner is not None and (self._stalled or
                                                   self._consecutive_engine_errors >= self._failover_after):
                     if self._active is active:
-                        self._install_runner(active, self._fail_over(active.runner, active.backend))
+                        if not self._install_runner(active, self._fail_over(active, active.runner)):
+                            self._follow_active()
                     else:  # switched away meanwhile: the outgoing engine's trouble is not the new recipe's
                         self._stalled = False
                         self._consecutive_engine_errors = 0
@@ -743,22 +755,27 @@ class LinePipeline:
         # Not the backends given up at run time (failing or hung): unless they are all there is.
         remaining = tuple(b for b in self.settings.backend_preference if b not in self._excluded_backends)
         log.warning("line %s: opening the engine again (%s)", self.line, self.failed)
-        runner = self._open_engine(dataclasses.replace(self.settings, backend_preference=remaining)
+        runner = self._open_engine(active, dataclasses.replace(self.settings, backend_preference=remaining)
                                    if remaining else None)
         if not self._install_runner(active, runner):
-            # A switch won meanwhile: the line runs its engine, whatever the retry's open said.
-            now_active = self._active
-            self.failed = None
-            self.backend_name = now_active.backend
-            self._set_engine_ok(now_active.runner is not None)
-            self._set_engine_ms(now_active.engine_ms)
-            if self.metrics is not None:
-                self.metrics.set_engine(self.line, now_active.backend, now_active.bundle.bundle_id)
+            self._follow_active()
         if runner is None:
             self._retry_wait_s = min(2.0 * self._retry_wait_s, self.engine_retry_s[1])
             self._retry_at = time.monotonic() + self._retry_wait_s
         else:
             self._retry_at = None
+
+    def _follow_active(self) -> None:
+        """A switch won over an open the worker made for the recipe it replaced (the first open, a
+        retry or a fail-over): the line runs the switched-in recipe's engine, so the status, the
+        figures and the metrics say that one's, whatever the lost open wrote meanwhile."""
+        now_active = self._active
+        self.failed = None if now_active.runner is not None else self.failed
+        self.backend_name = now_active.backend
+        self._set_engine_ok(now_active.runner is not None)
+        self._set_engine_ms(now_active.engine_ms)
+        if self.metrics is not None:
+            self.metrics.set_engine(self.line, now_active.backend, now_active.bundle.bundle_id)
 
     def _install_runner(self, expected: ActiveRecipe, runner: "_EngineRunner | None") -> bool:
         """The worker's new runner for the recipe it opened it for (True); if a recipe was switched in
@@ -772,10 +789,11 @@ class LinePipeline:
                 self._retired.append(runner)
             return False
 
-    def _fail_over(self, runner: _EngineRunner, failed: str) -> _EngineRunner | None:
-        """The active recipe's backend (`failed`) keeps failing or stalled: give it up and open the
-        next one of the line's list (through the opener, so the parity gate applies). Without
-        another backend, keep this one (the line is not ready until it answers again)."""
+    def _fail_over(self, recipe: ActiveRecipe, runner: _EngineRunner) -> _EngineRunner | None:
+        """The recipe's backend (its `runner`) keeps failing or stalled: give it up and open the next
+        one of the line's list for the same recipe (through the opener, so the parity gate applies).
+        Without another backend, keep this one (the line is not ready until it answers again)."""
+        failed = recipe.backend
         why = "stalled" if self._stalled else f"failed {self._consecutive_engine_errors} frames in a row"
         remaining = tuple(b for b in self.settings.backend_preference
                           if b != failed and b not in self._excluded_backends)
@@ -796,9 +814,11 @@ class LinePipeline:
         if not runner.close(0.0 if runner.busy else RUNNER_CLOSE_S):
             # A stalled call cannot be interrupted: its thread closes the backend if it ever returns.
             log.warning("line %s: backend %s left behind in a stalled call", self.line, failed)
-        return self._open_engine(dataclasses.replace(self.settings, backend_preference=remaining))
+        return self._open_engine(recipe, dataclasses.replace(self.settings, backend_preference=remaining))
 
-    def _open_engine(self, settings: LineSettings | None = None) -> _EngineRunner | None:
+    def _open_engine(self, recipe: ActiveRecipe, settings: LineSettings | None = None) -> _EngineRunner | None:
+        """An engine for `recipe` (its bundle, its threshold for the gate), whatever the line runs
+        by the time the open returns (a switch may win meanwhile: _install_runner decides)."""
         settings = settings or self.settings
 
         def on_fallback(name: str, reason: str) -> None:
@@ -807,17 +827,19 @@ class LinePipeline:
                 self.metrics.backend_fallbacks.labels(line=self.line, backend=name).inc()
 
         try:
-            return self._open_runner(settings, on_fallback)
+            return self._open_runner(recipe, settings, on_fallback)
         finally:
             self._tick_worker()
             self.engine_resolved.set()
 
-    def _open_runner(self, settings: LineSettings, on_fallback: Callable[[str, str], None]) -> _EngineRunner | None:
+    def _open_runner(self, recipe: ActiveRecipe, settings: LineSettings,
+                     on_fallback: Callable[[str, str], None]) -> _EngineRunner | None:
         runner = _EngineRunner(self.line)
+        bundle = recipe.bundle
         try:
             # Loading and parity-gating a backend (never building one): on its own thread, bounded.
             _, info = runner.open(
-                lambda: self._backend_opener(self.bundle, settings, on_fallback, self.threshold.value),
+                lambda: self._backend_opener(bundle, settings, on_fallback, recipe.threshold.value),
                 ENGINE_OPEN_STALE_S, self._tick_worker)
         except Exception as exc:
             self.failed = f"no backend: {exc}"
@@ -830,10 +852,10 @@ class LinePipeline:
             return None
         self.backend_name = info.backend
         if self.metrics is not None:
-            self.metrics.set_engine(self.line, info.backend, self.bundle.bundle_id)
+            self.metrics.set_engine(self.line, info.backend, bundle.bundle_id)
         try:
             # Warm-up: first inference allocates arenas / loads kernels; keep it out of the budget.
-            engine_ms = self._warm_up(runner, self.bundle, self._tick_worker)
+            engine_ms = self._warm_up(runner, bundle, self._tick_worker)
         except Exception as exc:
             self.failed = f"warm-up failed: {exc}"
             self._set_engine_ok(False)
@@ -845,7 +867,7 @@ class LinePipeline:
         self._set_engine_ok(True)
         self._set_engine_ms(engine_ms)
         log.info("line %s: engine %s warmed up (bundle %s, %.1f ms per frame)", self.line, info.backend,
-                 self.bundle.bundle_id, engine_ms)
+                 bundle.bundle_id, engine_ms)
         self._check_engine_time(engine_ms, info.backend)
         return runner
 

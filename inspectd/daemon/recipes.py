@@ -79,6 +79,12 @@ def config_specs(cfg: LineConfig) -> dict[str, RecipeSpec]:
     return specs
 
 
+def _warm(recipe: Any) -> bool:
+    """A recipe engine a switch can use as it is: opened, and not failed or closed since (a worker's
+    fail-over closes the engine it gives up, also one parked meanwhile)."""
+    return isinstance(recipe, ActiveRecipe) and recipe.runner is not None and recipe.runner.usable
+
+
 def state_path(state_dir: Path, line: str) -> Path:
     return Path(state_dir) / line / STATE_FILE
 
@@ -283,7 +289,7 @@ class LineRecipes:
             out.append({"name": name, "active": name == active.name, "bundle": str(spec.bundle),
                         "threshold": threshold_json(spec.threshold),
                         "preload": spec.preload,
-                        "ready": name == active.name and active.runner is not None or isinstance(sb, ActiveRecipe),
+                        "ready": name == active.name and active.runner is not None or _warm(sb),
                         "not_ready_reason": sb if isinstance(sb, str) else None})
         return {"line": self.line, "active": self._desc(active), "recipes": out,
                 "shadow": self.shadow.stats() if self.shadow is not None else None,
@@ -299,9 +305,13 @@ class LineRecipes:
             if name == current.name and current.runner is not None:
                 return {"line": self.line, "active": self._desc(current), "changed": False}
             sb = self.standby.get(name)
-            if isinstance(sb, ActiveRecipe):
+            if _warm(sb):
                 new = sb
-            else:  # not preloaded, a preload that failed, or the active recipe whose engine failed: open it now
+            else:  # not preloaded, a preload that failed, a recipe left without a working engine: open it now
+                if isinstance(sb, ActiveRecipe):  # its engine failed or was closed (a fail-over) after it was parked
+                    self.standby[name] = f"engine lost while in standby (backend {sb.backend})"
+                    self.pipeline.retire(sb)
+                    sb = self.standby[name]
                 try:
                     new = self._open(self.specs[name])
                 except RecipeNotReady as exc:
@@ -311,8 +321,13 @@ class LineRecipes:
             self._save_or_drop(dict(self.state, active=name), None if new is sb else new, deadline)
             old = self.pipeline.activate(new)
             self.standby.pop(name, None)
-            if old.name != name and self.specs[old.name].preload:
+            if old.name != name and self.specs[old.name].preload and _warm(old):
                 self.standby[old.name] = old    # stays warm for the next switch back
+            elif old.name != name and self.specs[old.name].preload:
+                # no working engine to keep warm (it failed to open, or failed and is being replaced):
+                # a switch back opens it anew
+                self.standby[old.name] = f"engine not working when switched away from ({old.backend})"
+                self.pipeline.retire(old)
             elif old.name not in self.previous or self.previous[old.name] is not old:
                 self.pipeline.retire(old)
             self._record("recipe", self._desc(old), self._desc(new), who, reason)
@@ -401,8 +416,10 @@ class LineRecipes:
             prev = self.previous.pop(old.name, None)
             if prev is not None:
                 self.pipeline.retire(prev)
-            if old.runner is not None:          # kept warm: rollback is a swap (else it opens from the state)
+            if _warm(old):                      # kept warm: rollback is a swap (else it opens from the state)
                 self.previous[old.name] = old
+            else:
+                self.pipeline.retire(old)
             self.pipeline.shadow = None
             self.shadow.stop()
             self.shadow, self.shadow_spec = None, None
@@ -416,6 +433,10 @@ class LineRecipes:
         with self.lock:
             current = self.pipeline.active
             warm = self.previous.get(current.name)
+            if warm is not None and not _warm(warm):  # its engine failed since: open it from the state
+                self.previous.pop(current.name)
+                self.pipeline.retire(warm)
+                warm = None
             entry = (self.state.get("previous") or {}).get(current.name)
             new = warm
             if new is None:
