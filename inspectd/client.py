@@ -118,7 +118,7 @@ class CurveClientKeys:
         return cls(server_public_key=server, public_key=public, secret_key=secret)
 
 
-LINE_STATES = ("starting", "ok", "blind", "engine_failed")
+LINE_STATES = ("starting", "ok", "blind", "engine_failed", "stopping")
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,8 @@ class LineStatus:
             return f"engine failed: {self.error}" if self.error else "engine failed"
         if self.state == "starting":
             return "line starting"
+        if self.state == "stopping":
+            return "daemon stopping"
         if self.state != "ok":
             return "line status unknown"
         if self.quiet:

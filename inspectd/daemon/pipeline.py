@@ -509,7 +509,10 @@ class LinePipeline:
     def state(self) -> str:
         """starting | ok | blind (camera down, a source that will deliver no more frames, or an
         acquisition loop stuck in a driver call) | engine_failed (no backend, or the one in use
-        fails or stalls with no alternative left)."""
+        fails or stalls with no alternative left) | stopping (the daemon is stopping: no new part
+        is taken; frames already taken still get their verdicts)."""
+        if self._stop_acquisition.is_set():
+            return "stopping"
         if self.engine_resolved.is_set() and not self.engine_ok:
             return "engine_failed"
         if not self.engine_resolved.is_set() or not self._source_attempted:

@@ -188,6 +188,7 @@ class Publisher:
         self._verdicts: deque[_Item] = deque()
         self._heatmaps: deque[_Item] = deque()
         self._stop_requested = False
+        self._beat_now = False  # set_line_status(now=True): send heartbeats without waiting for the beat
         self._skipped: dict[str, int] = {}       # topic -> seqs to skip (drops not yet reflected in seq)
         self._lines: dict[str, dict] = {}
         self._lines_lock = threading.Lock()
@@ -221,11 +222,17 @@ class Publisher:
         with self._lines_lock:
             self._lines.setdefault(line, {})
 
-    def set_line_status(self, line: str, status: dict) -> None:
-        """Replace the status dict sent in the line's heartbeats (camera_connected, frames, ...)."""
+    def set_line_status(self, line: str, status: dict, now: bool = False) -> None:
+        """Replace the status dict sent in the line's heartbeats (camera_connected, frames, ...).
+        now: send every line's heartbeat at once instead of at the next beat (a change a consumer
+        must not learn a heartbeat interval late, such as a stop)."""
         self.register_line(line)
         with self._lines_lock:
             self._lines[line] = dict(status)
+        if now:
+            with self._cond:
+                self._beat_now = True
+                self._cond.notify()
 
     def publish_verdict(self, v: Verdict) -> bool:
         """Queue a verdict; False when the publisher is stopped or its queue is full (a drop:
@@ -365,14 +372,15 @@ class Publisher:
         next_heartbeat = time.monotonic()
         while True:
             now = time.monotonic()
-            if now >= next_heartbeat:
+            if now >= next_heartbeat or self._beat_now:
+                self._beat_now = False
                 self._send_heartbeats(sock)
                 # Fixed cadence; after a long stall skip missed beats instead of bursting.
                 next_heartbeat += self.heartbeat_interval_s
                 if next_heartbeat < now:
                     next_heartbeat = now + self.heartbeat_interval_s
             with self._cond:
-                if not (self._verdicts or self._heatmaps or self._stop_requested):
+                if not (self._verdicts or self._heatmaps or self._stop_requested or self._beat_now):
                     self._cond.wait(max(0.0, next_heartbeat - time.monotonic()))
                 if self._verdicts:
                     item = self._verdicts.popleft()

@@ -422,12 +422,14 @@ class Daemon:
         """Stop acquisition, resolve in-flight frames (result or deadline), publish them, close."""
         end = time.monotonic() + budget_s
         self.notifier.stopping()
-        self._stop_supervisor.set()
-        if self.control is not None:
-            self.control.stop()
         for pipeline in self.lines.values():
             pipeline.request_stop()
             pipeline.shadow = None
+            if self.publisher is not None:  # a reject gate must stop trusting the line now, not at the next beat
+                self.publisher.set_line_status(pipeline.line, pipeline.status(), now=True)
+        self._stop_supervisor.set()
+        if self.control is not None:
+            self.control.stop()
         for pipeline in self.lines.values():
             pipeline.stop(timeout_s=max(0.2, end - time.monotonic() - 0.5), close_source=False)
         for recipes in self.recipes.values():

@@ -59,3 +59,40 @@ def test_frames_read_during_shutdown_get_a_verdict_and_stop_takes_under_5_s(tmp_
     last = got["slow"].verdicts[-1]
     assert last.frame is not None and last.frame.acquired_mono > t_stop, (last.frame_id, stop_s)
     assert last.score is not None and last.error is None
+
+
+def test_heartbeats_say_stopping_as_soon_as_a_stop_begins(tmp_path: Path, toy_path: Path, toy_frames: Path) -> None:
+    """A reject gate trusts a line only while its heartbeat says "ok": from the moment the daemon
+    begins to stop it no longer takes parts, so every heartbeat after that says "stopping" (at once,
+    not at the next beat), and the gate's LineStatus is not safe. Real ZeroMQ, a replay line."""
+    from inspectd.client import VerdictSubscriber, line_status_from_heartbeat
+
+    cfg = config_from_dict({"zmq": {"endpoint": f"ipc://{tmp_path}/v.sock"}, "metrics": {"port": 0},
+                            "heartbeat_interval_s": 0.5, "state_dir": str(tmp_path / "state"),
+                            "lines": [{"id": "L", "bundle": str(toy_path), "threshold": 5.0,
+                                       "backends": ["onnxruntime"], "latency_budget_ms": 500,
+                                       "source": {"type": "replay", "path": str(toy_frames / "good"), "fps": 20,
+                                                  "loop": True}}]})
+    beats: list[tuple[float, str, bool]] = []
+    daemon = Daemon(cfg)
+    daemon.build()
+    sub = VerdictSubscriber(f"ipc://{tmp_path}/v.sock", lines=["L"], heartbeat_timeout_s=None,
+                            on_heartbeat=lambda m: beats.append(
+                                (time.monotonic(), m.header["status"]["state"],
+                                 line_status_from_heartbeat("L", m.header["status"]).safe)))
+    sub.start()
+    try:
+        assert daemon.start(threading.Event())
+        end = time.monotonic() + 10
+        while not any(state == "ok" for _, state, _ in beats):
+            assert time.monotonic() < end, beats
+            time.sleep(0.05)
+        t_stop = time.monotonic()
+        daemon.stop()
+    finally:
+        time.sleep(0.2)
+        sub.stop()
+    after = [(t - t_stop, state, safe) for t, state, safe in beats if t >= t_stop]
+    assert after, "no heartbeat after the stop began"
+    assert all(state == "stopping" and not safe for _, state, safe in after), after
+    assert after[0][0] < 0.3, after  # said at once, not a heartbeat interval later
