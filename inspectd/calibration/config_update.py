@@ -64,13 +64,14 @@ def read_config(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config ({exc.strerror or exc})") from None
     try:
-        data = yaml.safe_load(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: config is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where} YAML syntax error ({getattr(exc, 'problem', None) or exc})") from None
+    from inspectd.daemon.config import parse_config_text
+
+    # The daemon's parser, not yaml.safe_load: a duplicated key (two `threshold:`) must stop calibrate
+    # before it writes the file YAML's last-key-wins picks, which the daemon would then refuse.
+    data = parse_config_text(text, p)
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: config top level is not a mapping")
     return raw, data

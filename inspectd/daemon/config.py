@@ -12,7 +12,8 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
@@ -25,7 +26,7 @@ __all__ = ["DaemonConfig", "LineConfig", "GenicamSourceConfig", "ReplaySourceCon
            "MetricsConfig", "HeatmapConfig", "ArchiveConfig", "BackendOptions", "OnnxRuntimeOptions",
            "TensorRTOptions", "TorchOptions", "BridgesConfig", "MqttBridgeConfig", "MqttTlsConfig",
            "OpcuaBridgeConfig", "OpcuaSecurityConfig", "BridgeCurveConfig", "load_config", "config_from_dict",
-           "config_warnings", "RecipeConfig", "ShadowConfig", "DEFAULT_RECIPE"]
+           "config_warnings", "parse_config_text", "RecipeConfig", "ShadowConfig", "DEFAULT_RECIPE"]
 
 LINE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 CHUNK_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"   # a GenICam name without the Chunk prefix
@@ -531,23 +532,79 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-# Fields whose loc gets pydantic's name of a union member appended (not a key in the file).
-_UNION_FIELDS = ("source", "threshold")
+def _unwrap(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
+
+
+def _union_members(tp: Any) -> tuple[Any, ...]:
+    """The non-None members of a Union (`X | None` alone is no union to pydantic: no member tag)."""
+    if get_origin(tp) in (Union, UnionType):
+        return tuple(arg for arg in get_args(tp) if arg is not type(None))
+    return ()
+
+
+def _union_member(members: tuple[Any, ...], tag: str, discriminator: str | None) -> Any:
+    """The member pydantic names `tag`: by discriminator value, else by type name (`float`, `ThresholdFile`)."""
+    for member in map(_unwrap, members):
+        if discriminator is not None and isinstance(member, type) and issubclass(member, BaseModel):
+            field = member.model_fields.get(discriminator)
+            if field is not None and tag in get_args(field.annotation):
+                return member
+        elif getattr(member, "__name__", None) == tag:
+            return member
+    return None
+
+
+def _child(tp: Any, part: Any) -> tuple[Any, str | None]:
+    """(the type found at `part` inside `tp`, its discriminator); (None, None) past what the schema knows."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:  # an unknown key: nothing below it to follow
+            return None, None
+        return field.annotation, field.discriminator if isinstance(field.discriminator, str) else None
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (list, set, frozenset) and args:
+        return args[0], None
+    if origin is tuple and args:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0], None
+        return (args[part], None) if isinstance(part, int) and 0 <= part < len(args) else (None, None)
+    if origin is dict and len(args) == 2:
+        return args[1], None
+    return None, None
+
+
+def _walk_loc(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+    """(`loc` without pydantic's union-member tags, the path of the first non-discriminated union it
+    goes through or None). Follows the schema, so a tag is dropped at any depth (a recipe's or
+    shadow's threshold too) while a key the operator wrote, even one spelt `float`, is kept:
+    ('lines', 1, 'source', 'genicam', 'cti') -> ('lines', 1, 'source', 'cti')."""
+    out: list[Any] = []
+    union_at: tuple[Any, ...] | None = None
+    tp: Any = DaemonConfig
+    discriminator: str | None = None
+    for part in loc:
+        tp = _unwrap(tp)
+        members = _union_members(tp)
+        if len(members) == 1:  # Optional: pydantic adds no tag
+            tp = _unwrap(members[0])
+            members = ()
+        if len(members) > 1 and isinstance(part, str):
+            # Every member of a smart union reports its own failure: together they are one problem.
+            if discriminator is None and union_at is None:
+                union_at = tuple(out)
+            tp, discriminator = _union_member(members, part, discriminator), None
+            continue
+        out.append(part)
+        tp, discriminator = _child(tp, part) if tp is not None else (None, None)
+    return tuple(out), union_at
 
 
 def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """('lines', 1, 'source', 'genicam', 'cti') -> ('lines', 1, 'source', 'cti')."""
-    out: list[Any] = []
-    skip_next = False
-    for i, part in enumerate(loc):
-        if skip_next:
-            skip_next = False
-            continue
-        out.append(part)
-        in_line = len(out) == 3 and out[0] == "lines"
-        if (in_line and part in _UNION_FIELDS) or (len(out) >= 2 and out[-2] == "features"):
-            skip_next = i + 1 < len(loc) and isinstance(loc[i + 1], str) and part != "features"
-    return tuple(out)
+    return _walk_loc(loc)[0]
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -568,15 +625,16 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 def _pick_error(errors: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
     """The error to report and how many distinct problems there are. A value that fails every
-    member of a union yields one error per member; they count as one problem, and a member's own
-    complaint (a `threshold: {fil: x}` typo) beats "Input should be a valid number"."""
+    member of a union (a threshold: number or {file:}, on a line, recipe or shadow) yields one error
+    per member; they count as one problem, and the most specific one (a member's own complaint: the
+    `threshold: {fil: x}` typo) beats "Input should be a valid number"."""
     by_path: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for err in errors:
-        loc = tuple(err["loc"])
-        key = loc[:3] if len(loc) > 3 and loc[0] == "lines" and loc[2] == "threshold" else _strip_union_tags(loc)
-        by_path.setdefault(key, []).append(err)
+        stripped, union_at = _walk_loc(tuple(err["loc"]))
+        by_path.setdefault(union_at if union_at is not None else stripped, []).append(err)
     first_group = next(iter(by_path.values()))
-    members = [e for e in first_group if not (len(e["loc"]) > 3 and e["loc"][3] == "float")] or first_group
+    deepest = max(len(e["loc"]) for e in first_group)
+    members = [e for e in first_group if len(e["loc"]) == deepest]
     # A misspelt key explains a "missing" one next to it: report the misspelling.
     chosen = next((e for e in members if e["type"] == "extra_forbidden"), members[0])
     return chosen, len(by_path)
@@ -638,15 +696,21 @@ def load_config(path: str | os.PathLike, validate_paths: bool = False) -> Daemon
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return config_from_dict(parse_config_text(text, path), source=str(path), base_dir=path.resolve().parent,
+                            validate_paths=validate_paths)
+
+
+def parse_config_text(text: str, source: str | os.PathLike) -> Any:
+    """The YAML of a config file, parsed as the daemon reads it (a duplicate key is an error, not
+    last-one-wins); ConfigError naming `source` and the line. Tools that read or edit the daemon's
+    config (inspectd calibrate) use this, so they never accept a file the daemon refuses."""
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
-    return config_from_dict(raw, source=str(path), base_dir=path.resolve().parent,
-                            validate_paths=validate_paths)
+        raise ConfigError(f"{source}:{where}: YAML syntax error: {problem}") from None
 
 
 def _check_threshold_file(source: str, where: str, bundle: Path, threshold: Any, active: bool) -> None:

@@ -238,3 +238,43 @@ def test_a_recipes_or_shadows_threshold_file_is_never_overwritten(tmp_path: Path
     with pytest.raises(ConfigError, match=f"line1.threshold.json is the threshold file of {who}"):
         cu.update_line_threshold(path, "line1", CALIBRATION)
     assert path.read_text() == text and json.loads((tmp_path / "line1.threshold.json").read_text()) == {"threshold": 4.0}
+
+
+def test_a_duplicated_key_is_refused_like_the_daemon_does_before_anything_is_written(tmp_path: Path) -> None:
+    """YAML keeps the last of two `threshold:` keys, so calibrate would write b.json and ask for a
+    SIGHUP that the daemon refuses ("duplicate key"): calibrate refuses the config up front, with
+    the daemon's own one-line error."""
+    path = tmp_path / "lines.yaml"
+    text = CONFIG.replace("    threshold: 3.0            # set by inspectd calibrate\n",
+                          "    threshold: {file: a.json}\n    threshold: {file: b.json}\n")
+    path.write_text(text)
+    with pytest.raises(ConfigError) as daemon:
+        load_config(path)
+    for call in (lambda: cu.check_line(path, "line1"), lambda: cu.state_dir(path),
+                 lambda: cu.update_line_threshold(path, "line1", CALIBRATION)):
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert str(err.value) == str(daemon.value), err.value
+        assert str(err.value).startswith(f"{path}: line ") and "duplicate key 'threshold'" in str(err.value)
+        assert "\n" not in str(err.value)
+    assert _siblings(tmp_path) == {"lines.yaml"} and path.read_text() == text  # no threshold file, no backup
+
+
+def test_calibrate_cli_refuses_a_duplicated_key_before_scoring(tmp_path: Path, tiny_bundle: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`inspectd calibrate --config F`: exit 2 with the daemon's one line, no threshold file, no
+    report (nothing scored), no SIGHUP advice."""
+    from inspectd.cli import main
+
+    path = tmp_path / "lines.yaml"
+    text = (f"state_dir: {tmp_path / 'state'}\nlines:\n  - id: line1\n    source: {{type: replay, path: frames}}\n"
+            f"    bundle: {tiny_bundle}\n    threshold: {{file: a.json}}\n    threshold: {{file: b.json}}\n")
+    path.write_text(text)
+    (tmp_path / "good").mkdir()  # empty: would fail later, after the config check, if that let it through
+    rc = main(["calibrate", "--bundle", str(tiny_bundle), "--good", str(tmp_path / "good"), "--line", "line1",
+               "--target-false-reject", "5%", "--config", str(path)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "SIGHUP" not in out, (out, err)
+    assert err.strip() == f"inspectd calibrate: error: {path}: line 7, column 5: YAML syntax error: duplicate key " \
+                          f"'threshold'", err
+    assert _siblings(tmp_path) == {"lines.yaml", "good"} and path.read_text() == text

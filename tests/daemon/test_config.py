@@ -434,3 +434,51 @@ def test_check_config_refuses_a_threshold_file_calibrated_for_another_bundle(tmp
 def test_a_threshold_no_float_can_hold_is_a_config_error(tmp_path: Path) -> None:
     msg = _error(_write(tmp_path, MINIMAL.replace("threshold: 3.0", "threshold: 1" + "0" * 400)))
     assert msg.startswith(f"{tmp_path / 'lines.yaml'}: lines[0].threshold: "), msg
+
+
+RECIPE_AND_SHADOW = MINIMAL + """\
+    recipes:
+      - {name: A, bundle: b, threshold: THRESHOLD_A}
+    shadow: {bundle: cand, threshold: THRESHOLD_S}
+"""
+
+
+@pytest.mark.parametrize("where, field", [("A", "lines[0].recipes[0].threshold"), ("S", "lines[0].shadow.threshold")])
+@pytest.mark.parametrize("spec, expected", [
+    ("{fil: x.json}", ".fil: unknown key"),                    # the typo itself, not "valid number"
+    ("{}", ".file: required field is missing"),
+    ("{file: x.json, fil: y.json}", ".fil: unknown key"),
+    ("{file: [1]}", ".file: "),
+    ("high", ": expected a number or {file: calib.json}"),
+])
+def test_a_threshold_mistake_in_a_recipe_or_shadow_names_the_key_like_on_the_line(
+        tmp_path: Path, where: str, field: str, spec: str, expected: str) -> None:
+    """Recipes and shadows hold the same number-or-{file:} threshold as the line: a mistake there
+    names the key the operator wrote (never pydantic's union member `float`) and counts as one error."""
+    text = RECIPE_AND_SHADOW.replace(f"THRESHOLD_{where}", spec).replace("THRESHOLD_A", "1.0").replace(
+        "THRESHOLD_S", "1.0")
+    path = _write(tmp_path, text)
+    msg = _error(path)
+    assert msg.startswith(f"{path}: {field}{expected}"), msg
+    assert "float" not in msg and "ThresholdFile" not in msg and "more error" not in msg, msg
+    # Another mistake elsewhere is counted once, however many union members the threshold failed.
+    msg = _error(_write(tmp_path, text.replace("threshold: 3.0", "threshold: 3.0\n    queue_size: 0")))
+    assert "(and 1 more error)" in msg and "float" not in msg, msg
+
+
+def test_union_member_tags_are_never_part_of_a_field_path(tmp_path: Path) -> None:
+    """The source's member (`genicam`) and the threshold's (`float`, `ThresholdFile`) are pydantic's
+    names, not keys in the file; keys that happen to be spelt like them still show."""
+    from inspectd.daemon.config import config_from_dict
+
+    line = {"id": "l1", "source": {"type": "genicam", "cti": "x.cti", "device": {"index": 0}, "float": 1},
+            "bundle": "b", "threshold": 1.0,
+            "recipes": [{"name": "A", "bundle": "b", "threshold": {"file": "a.json", "float": 2}}]}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"lines": [line]}, source="lines.yaml")
+    assert str(info.value) == ("lines.yaml: lines[0].source.float: unknown key (not part of the schema; check the "
+                               "spelling) (and 1 more error)")
+    del line["source"]["float"]
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"lines": [line]}, source="lines.yaml")
+    assert str(info.value).startswith("lines.yaml: lines[0].recipes[0].threshold.float: unknown key"), info.value
