@@ -5,6 +5,9 @@ deliberately shifted, standing in for a miscompiled GPU engine (no GPU here)."""
 
 from __future__ import annotations
 
+import json
+
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +16,8 @@ import pytest
 from inspectd.engines.bundle import Bundle, load_bundle
 from inspectd.engines.runtime import BACKENDS, open_backend
 from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from inspectd.engines.runtime.parity import (MAP_TOLERANCE, SCORE_TOLERANCE, ParityError, make_gate,
-                                             parity_gate)
+from inspectd.engines.runtime.parity import (MAP_TOLERANCE, SCORE_TOLERANCE, ParityError, ParityReport,
+                                             make_gate, parity_gate)
 from tests.engines.test_runtime_toybundle import make_toy_bundle
 
 
@@ -97,6 +100,68 @@ def test_verdict_flip_at_the_threshold_is_refused(toy: Bundle) -> None:
 def test_nan_scores_are_refused(toy: Bundle) -> None:
     with PerturbedBackend(toy, shift_std=float("nan")) as backend, pytest.raises(ParityError, match="inf"):
         parity_gate(backend, toy, threshold=5.0)
+
+
+class OneImageBackend(OnnxRuntimeBackend):
+    """TEST DOUBLE: ONNX Runtime whose raw score (and optionally map) on its `call`-th inference
+    (1-based; the gate scores one golden image per call) is replaced by `score` / `map_value`: a
+    reference or candidate that goes non-finite or far off on exactly one image."""
+
+    name = "one-image-test-double"
+
+    def __init__(self, bundle: Bundle, call: int = 2, score: float | None = None, map_value: float | None = None,
+                 **kw: object) -> None:
+        super().__init__(bundle, **kw)  # type: ignore[arg-type]
+        self.call, self.score, self.map_value, self.calls = call, score, map_value, 0
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = super().infer(batch)
+        self.calls += 1
+        if self.calls == self.call:
+            if self.score is not None:
+                scores = np.full_like(scores, self.score)
+            if self.map_value is not None:
+                maps = np.full_like(maps, self.map_value)
+        return scores, maps
+
+
+@pytest.mark.parametrize("ref_score", [float("nan"), float("inf")])
+def test_non_finite_reference_score_on_one_image_fails_the_gate_naming_it(toy: Bundle, ref_score: float) -> None:
+    """The reference goes NaN/inf on the 2nd golden image while the candidate is far off there:
+    NaN used to slip through Python's max (it only wins when first) and the gate passed."""
+    with OneImageBackend(toy, call=2, score=ref_score) as reference, \
+            OneImageBackend(toy, call=2, score=100.0) as candidate, pytest.raises(ParityError) as err:
+        parity_gate(candidate, toy, threshold=5.0, reference=reference)
+    report = err.value.report
+    assert report is not None and not report.passed
+    assert report.max_score_diff == float("inf") and report.rows[1].score_diff == float("inf")
+    assert "worst: golden/good_01.png (good)" in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).endswith("non-finite score or map on 1 image(s): golden/good_01.png")
+    as_json = json.loads(json.dumps(report.as_dict(), allow_nan=False))  # check-engine --json: valid JSON
+    assert as_json["max_score_diff"] is None and as_json["passed"] is False
+
+
+def test_non_finite_reference_map_on_one_image_fails_the_gate(toy: Bundle) -> None:
+    with OneImageBackend(toy, call=2, map_value=float("nan")) as reference, OnnxRuntimeBackend(toy) as candidate, \
+            pytest.raises(ParityError) as err:
+        parity_gate(candidate, toy, reference=reference)
+    assert err.value.report is not None and err.value.report.max_map_diff == float("inf")
+    assert "worst: golden/good_01.png" in str(err.value)
+
+
+def test_a_nan_row_anywhere_fails_the_report(toy: Bundle) -> None:
+    """max over the rows is not order-dependent: a NaN difference (a row built by hand) in any
+    position counts as infinite."""
+    with OnnxRuntimeBackend(toy) as backend:
+        rows = parity_gate(backend, toy, threshold=5.0).rows
+    for i in range(len(rows)):
+        report = ParityReport(backend="x", bundle_id=toy.bundle_id, threshold=5.0,
+                              score_tolerance=SCORE_TOLERANCE, map_tolerance=MAP_TOLERANCE,
+                              rows=[replace(r, score_diff=float("nan") if j == i else r.score_diff,
+                                            map_diff=float("nan") if j == i else r.map_diff)
+                                    for j, r in enumerate(rows)])
+        assert not report.passed and report.max_score_diff == float("inf") and report.max_map_diff == float("inf")
+        assert report.worst is report.rows[i]
 
 
 class CrashingBackend(OnnxRuntimeBackend):

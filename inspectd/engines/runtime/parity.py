@@ -13,6 +13,7 @@ Tolerances (stated, and printed in every report):
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from inspectd.engines.bundle import Bundle
 from inspectd.engines.preprocess import load_stored
 from inspectd.engines.runtime.base import Backend
 from inspectd.errors import InspectdError
+from inspectd.fileio import json_value
 
 SCORE_TOLERANCE = 0.05
 MAP_TOLERANCE = 0.02
@@ -64,11 +66,16 @@ class ParityReport:
 
     @property
     def max_score_diff(self) -> float:
-        return max((r.score_diff for r in self.rows), default=0.0)
+        return max((_diff(r.score_diff) for r in self.rows), default=0.0)
 
     @property
     def max_map_diff(self) -> float:
-        return max((r.map_diff for r in self.rows), default=0.0)
+        return max((_diff(r.map_diff) for r in self.rows), default=0.0)
+
+    @property
+    def non_finite(self) -> list[ParityRow]:
+        """Rows where either side produced a NaN/inf score or map: compared as infinitely apart."""
+        return [r for r in self.rows if not (math.isfinite(r.score_diff) and math.isfinite(r.map_diff))]
 
     @property
     def verdict_mismatches(self) -> list[ParityRow]:
@@ -80,8 +87,9 @@ class ParityReport:
         if not self.rows:
             return None
         if self.verdict_mismatches:
-            return max(self.verdict_mismatches, key=lambda r: r.score_diff)
-        return max(self.rows, key=lambda r: max(r.score_diff / self.score_tolerance, r.map_diff / self.map_tolerance))
+            return max(self.verdict_mismatches, key=lambda r: _diff(r.score_diff))
+        return max(self.rows, key=lambda r: max(_diff(r.score_diff) / self.score_tolerance,
+                                                _diff(r.map_diff) / self.map_tolerance))
 
     @property
     def passed(self) -> bool:
@@ -99,6 +107,10 @@ class ParityReport:
             head += (f"; worst: {w.image} ({w.kind}) score {w.score:.4f} vs reference {w.reference_score:.4f}"
                      + (f", verdict {w.verdict} vs {w.reference_verdict}" if not w.verdict_match else "")
                      + f", map diff {w.map_diff:.4f}")
+            bad = self.non_finite
+            if bad:  # a verdict flip may be "worst", but a NaN/inf reference or candidate must show too
+                head += (f"; non-finite score or map on {len(bad)} image(s): "
+                         + ", ".join(r.image for r in bad[:3]) + (", …" if len(bad) > 3 else ""))
         return head
 
     def table(self) -> str:
@@ -112,10 +124,11 @@ class ParityReport:
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "bundle_id": self.bundle_id, "threshold": self.threshold,
-                "score_tolerance": self.score_tolerance, "map_tolerance": self.map_tolerance,
-                "max_score_diff": self.max_score_diff, "max_map_diff": self.max_map_diff,
-                "passed": self.passed, "rows": [asdict(r) for r in self.rows]}
+        """Plain JSON (`check-engine --json`): a NaN/inf difference or score is null."""
+        return json_value({"backend": self.backend, "bundle_id": self.bundle_id, "threshold": self.threshold,
+                           "score_tolerance": self.score_tolerance, "map_tolerance": self.map_tolerance,
+                           "max_score_diff": self.max_score_diff, "max_map_diff": self.max_map_diff,
+                           "passed": self.passed, "rows": [asdict(r) for r in self.rows]})
 
 
 def golden_set(bundle: Bundle) -> list[tuple[Path, str]]:
@@ -160,9 +173,13 @@ def parity_gate(backend: Backend, bundle: Bundle, threshold: float | None = None
             if amap.shape != ref_map.shape:
                 raise ParityError(f"backend {backend.name}: anomaly map of shape {amap.shape} for {path.name}, "
                                   f"reference has {ref_map.shape}", report)
-            diff = abs(score - ref_score) if np.isfinite(score) else float("inf")
+            # A NaN/inf on either side is no agreement: NaN would compare false against the tolerance
+            # and vanish in max(), so it counts as an infinite difference.
+            finite = math.isfinite(score) and math.isfinite(ref_score)
+            diff = abs(score - ref_score) if finite else float("inf")
+            # np.max propagates a NaN from either map; the check below turns it into inf.
             map_diff = float(np.max(np.abs(amap - ref_map))) / display_range if amap.size else 0.0
-            if not np.isfinite(map_diff):
+            if not math.isfinite(map_diff):
                 map_diff = float("inf")
             report.rows.append(ParityRow(
                 image=str(path.relative_to(bundle.path)) if bundle.path in path.parents else str(path),
@@ -188,6 +205,12 @@ def make_gate(bundle: Bundle, threshold: float | None = None, tolerance: float =
             on_report(report)
 
     return gate
+
+
+def _diff(value: float) -> float:
+    """A difference as the gate compares it: NaN (hand-built rows, old reports) is infinite, so
+    max() over rows does not depend on where the NaN sits."""
+    return float("inf") if math.isnan(value) else value
 
 
 def _verdict(score: float, threshold: float | None) -> str | None:
