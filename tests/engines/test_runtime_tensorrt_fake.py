@@ -483,3 +483,58 @@ def test_an_engine_that_loads_after_the_start_timeout_is_released(fakes: tuple[B
         trt.Runtime.deserialize_cuda_engine = load
     assert cuda.contexts and all(c.detached for c in cuda.contexts)
     assert sorted(cuda.freed) == sorted(cuda.allocs)
+
+
+def test_calibration_cache_is_verified_so_a_truncated_one_is_not_fed_to_tensorrt(
+        fakes: tuple[Bundle, FakeCuda, Any], tmp_path: Path) -> None:
+    """The INT8 calibrator (built on the FAKE TensorRT/pycuda) writes its cache with an integrity
+    record; a cache cut short (a killed build, a full disk) or one without the record is not
+    returned, so TensorRT recalibrates instead of reusing garbage scales."""
+    from inspectd.engines.runtime.tensorrt_backend import _make_calibrator
+
+    bundle, cuda, trt = fakes
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    cache = folder / "calib_test.cache"
+    images = [bundle.path / p for p in bundle.manifest.calibration_images]
+    calibrator = _make_calibrator(trt, bundle, images, cache)
+    try:
+        assert calibrator.read_calibration_cache() is None  # nothing yet
+        data = b"TRT-8601-EntropyCalibration2\n" + b"images: 3c010a14\n" * 64
+        calibrator.write_calibration_cache(memoryview(data))  # TensorRT hands a buffer, not bytes
+        assert cache.read_bytes() == data and calibrator.read_calibration_cache() == data
+        assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]  # no temp left behind
+
+        cache.write_bytes(data[: len(data) // 2])  # what a build killed mid-write left
+        assert calibrator.read_calibration_cache() is None
+        cache.write_bytes(data[:-1] + b"X")  # same length, corrupt
+        assert calibrator.read_calibration_cache() is None
+
+        calibrator.write_calibration_cache(data)
+        assert calibrator.read_calibration_cache() == data
+        for sidecar in set(folder.iterdir()) - {cache}:  # a cache from before integrity records
+            sidecar.unlink()
+        assert calibrator.read_calibration_cache() is None
+    finally:
+        calibrator.release()
+
+
+def test_int8_build_recalibrates_when_the_calibration_cache_is_truncated(fakes: tuple[Bundle, FakeCuda, Any]) -> None:
+    """build_engine on the FAKE TensorRT: the second INT8 build reuses a whole calibration cache,
+    and recalibrates (rather than reuse it) once the cache file is truncated."""
+    from inspectd.engines.runtime.tensorrt_backend import build_engine
+
+    bundle, cuda, trt = fakes
+    n_images = len(bundle.manifest.calibration_images)
+    build_engine(bundle, precision="int8", max_batch=2)
+    assert trt.calibration_batches == n_images
+    [cache] = (bundle.path / "engines").glob("calib_*.cache")
+    trt.calibration_batches = None
+    build_engine(bundle, precision="int8", max_batch=2)
+    assert trt.calibration_batches is None  # whole cache: reused, no calibration pass
+
+    cache.write_bytes(cache.read_bytes()[:5])  # a build killed while writing it
+    build_engine(bundle, precision="int8", max_batch=2)
+    assert trt.calibration_batches == n_images  # calibrated again, not fed the truncated cache
+    assert cache.read_bytes() == b"FAKE-CALIBRATION"
+    assert len(trt.builds) == 3 and all(ctx.detached for ctx in cuda.contexts)

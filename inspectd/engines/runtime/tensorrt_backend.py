@@ -15,6 +15,7 @@ the daemon's watchdog; engines are built only by `inspectd build-engine` (`build
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -29,6 +30,7 @@ from inspectd.engines.preprocess import fingerprint, list_images, load_prepared,
 from inspectd.engines.runtime.base import Backend
 from inspectd.engines.runtime.engine_cache import EngineCache, EngineKey, StaleEngine
 from inspectd.errors import BackendUnavailable, DataError, InspectdError
+from inspectd.fileio import atomic_write
 
 NAME = "tensorrt"
 DEFAULT_MAX_BATCH = 8
@@ -412,12 +414,54 @@ def _make_calibrator(trt: Any, bundle: Bundle, images: list[Path], cache_path: P
             return [int(self.device)]
 
         def read_calibration_cache(self) -> bytes | None:
-            return cache_path.read_bytes() if cache_path.is_file() else None
+            return read_calibration_cache(cache_path)
 
         def write_calibration_cache(self, cache: Any) -> None:
-            cache_path.write_bytes(bytes(cache))
+            write_calibration_cache(cache_path, bytes(cache))
 
         def release(self) -> None:
             self.device.free()
 
     return _EntropyCalibrator()
+
+
+def calibration_sidecar(cache_path: Path) -> Path:
+    """The cache's integrity record, in `sha256sum` format (so `sha256sum -c` checks it too)."""
+    return cache_path.with_name(cache_path.name + ".sha256")
+
+
+def read_calibration_cache(cache_path: Path) -> bytes | None:
+    """The calibration cache if it matches its recorded sha256, else None (TensorRT then
+    recalibrates): a truncated or corrupt cache would give wrong INT8 scales without an error."""
+    sidecar = calibration_sidecar(cache_path)
+    if not cache_path.is_file():
+        return None
+    try:
+        data = cache_path.read_bytes()
+        recorded = sidecar.read_text(encoding="ascii").split()[0] if sidecar.is_file() else None
+    except (OSError, UnicodeDecodeError, IndexError) as exc:
+        log.warning("%s: unreadable calibration cache (%s); recalibrating", cache_path, exc)
+        return None
+    if recorded is None:
+        log.warning("%s: no integrity record %s (interrupted write?); recalibrating", cache_path, sidecar.name)
+        return None
+    if hashlib.sha256(data).hexdigest() != recorded:
+        log.warning("%s: truncated or corrupt (%d bytes, sha256 differs from %s); recalibrating",
+                    cache_path, len(data), sidecar.name)
+        return None
+    return data
+
+
+def write_calibration_cache(cache_path: Path, data: bytes) -> None:
+    """Cache, then its sha256 record, each by rename (atomic_write): the record is written last,
+    so a build killed or a disk filled partway leaves a cache that does not verify, never a
+    half-written one that does. The old record goes first, as for engines (engine_cache.store)."""
+    sidecar = calibration_sidecar(cache_path)
+    try:
+        sidecar.unlink(missing_ok=True)
+        atomic_write(cache_path, data)
+        atomic_write(sidecar, f"{hashlib.sha256(data).hexdigest()}  {cache_path.name}\n".encode("ascii"))
+    except OSError as exc:
+        # Called from inside TensorRT's build: the cache only saves the next build a calibration
+        # pass, so losing it is a warning, not a failed build (which then reports the disk itself).
+        log.warning("%s: cannot write the calibration cache (%s); the next build recalibrates", cache_path, exc)
