@@ -7,6 +7,7 @@ AUROC is computed in the model's frame, on the pixels the line inspects."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -23,9 +24,13 @@ from inspectd.engines.preprocess import (IMAGE_SUFFIXES, InputSpec, imdecode, li
                                          read_image)
 from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from inspectd.errors import DataError
+from inspectd.fileio import atomic_write
 from inspectd.progress import Progress
 
 N_OVERLAYS = 5
+# Everything eval writes into --out (and only that is cleared when a run starts there).
+REPORT, SCORES, PLOTS, OVERLAYS = "report.json", "scores.csv", ("roc.png", "histogram.png"), "overlays"
+OVERLAY_TAGS = ("worst-good", "best-bad")
 
 
 @dataclass
@@ -87,6 +92,10 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
     good_paths, bad_paths = list_images(good_dir), list_images(bad_dir)
     if not good_paths or not bad_paths:
         raise DataError("eval needs at least one image in each of --good and --bad")
+    for flag, folder in (("--good", good_dir), ("--bad", bad_dir), ("--masks", masks_dir)):
+        # eval clears its own earlier outputs in --out: never in a folder of inputs
+        if folder is not None and out.resolve() == Path(folder).resolve():
+            raise DataError(f"{out}: --out is the {flag} folder; give the report a folder of its own")
     if masks_dir is not None:  # before scoring: a typo must not look like "no pixel result"
         masks = Path(masks_dir)
         if not masks.is_dir():
@@ -94,7 +103,11 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
         if not any(_mask_path(masks, p) is not None for p in bad_paths):
             raise DataError(f"{masks}: no mask matches a defective image's name (a mask is <image name>.png "
                             f"or another image suffix, as {bad_paths[0].stem}.png)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_outputs(out)
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write the report: {exc.strerror or exc}") from None
     bar = Progress(len(good_paths) + len(bad_paths), "eval")
     with OnnxRuntimeBackend(bundle, threads=threads) as backend:
         good, skip_g = score_folder(backend, bundle, good_paths, 0, bar)
@@ -112,19 +125,33 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
     }
     if masks_dir is not None:
         report.update(_pixel_auroc(items, Path(masks_dir), bundle))
-    try:  # a full disk, a folder taken away: say where (report.json comes last)
-        with open(out / "scores.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["file", "label", "raw_score", "score"])
-            for i in items:
-                w.writerow([i.path.name, "bad" if i.label else "good", f"{i.score:.6f}",
-                            f"{float(bundle.normalize(i.score)):.6f}"])
+    try:  # a full disk, a folder taken away: say where (report.json comes last, whole or not at all)
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["file", "label", "raw_score", "score"])
+        for i in items:
+            w.writerow([i.path.name, "bad" if i.label else "good", f"{i.score:.6f}",
+                        f"{float(bundle.normalize(i.score)):.6f}"])
+        atomic_write(out / SCORES, buf.getvalue().encode("utf-8"))
         _plots(g, b, out, report)
         _overlays(bundle, good, bad, out)
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        atomic_write(out / REPORT, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     except OSError as exc:
         raise DataError(f"{out}: cannot write the report: {exc.strerror or exc}") from None
     return report
+
+
+def _clear_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs (only the names eval writes): the folder then holds this
+    run's files alone, and a run that fails partway leaves no report.json from before."""
+    # report.json first: from here on the folder no longer claims a complete earlier run.
+    for name in (REPORT, SCORES, *PLOTS):
+        (out / name).unlink(missing_ok=True)
+    folder = out / OVERLAYS
+    if folder.is_dir():
+        for tag in OVERLAY_TAGS:
+            for png in folder.glob(f"{tag}-*.png"):
+                png.unlink(missing_ok=True)
 
 
 def _pixel_auroc(items: list[Scored], masks_dir: Path, bundle: Bundle) -> dict[str, Any]:
@@ -160,7 +187,7 @@ def _plots(g: np.ndarray, b: np.ndarray, out: Path, report: dict[str, Any]) -> N
     ax.set_ylabel("detection rate (bad judged NG)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "roc.png")
+    fig.savefig(out / PLOTS[0])
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     bins = np.linspace(min(g.min(), b.min()), max(g.max(), b.max()), 40)
@@ -170,21 +197,30 @@ def _plots(g: np.ndarray, b: np.ndarray, out: Path, report: dict[str, Any]) -> N
     ax.set_ylabel("images")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "histogram.png")
+    fig.savefig(out / PLOTS[1])
     plt.close(fig)
 
 
 def _overlays(bundle: Bundle, good: list[Scored], bad: list[Scored], out: Path) -> None:
-    folder = out / "overlays"
+    folder = out / OVERLAYS
     folder.mkdir(exist_ok=True)
     worst_good = sorted(good, key=lambda i: -i.score)[:N_OVERLAYS]
     best_bad = sorted(bad, key=lambda i: i.score)[:N_OVERLAYS]
-    for tag, chosen in (("worst-good", worst_good), ("best-bad", best_bad)):
+    for tag, chosen in zip(OVERLAY_TAGS, (worst_good, best_bad)):
         for rank, i in enumerate(chosen):
             img = overlay(i.image, bundle.heatmap_u8(i.amap))
-            cv2.imwrite(str(folder / f"{tag}-{rank}-{i.path.stem}.png"), img)
+            _write_png(folder / f"{tag}-{rank}-{i.path.stem}.png", img)
             if bundle.roi is not None:  # also at camera resolution, so the spot can be found on the part
-                cv2.imwrite(str(folder / f"{tag}-{rank}-{i.path.stem}-frame.png"), _frame_overlay(bundle, i))
+                _write_png(folder / f"{tag}-{rank}-{i.path.stem}-frame.png", _frame_overlay(bundle, i))
+
+
+def _write_png(path: Path, img: np.ndarray) -> None:
+    """Encode in memory, then write: cv2.imwrite only returns False on a full disk, so a missing
+    overlay went unnoticed; a plain write raises OSError, which eval reports."""
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise DataError(f"{path}: cannot encode the overlay as PNG")
+    path.write_bytes(buf.tobytes())
 
 
 def _frame_overlay(bundle: Bundle, item: Scored) -> np.ndarray:

@@ -37,6 +37,21 @@ def test_eval_refuses_an_empty_folder(capsys, tmp_path, tiny_bundle, synthetic_p
     assert not (tmp_path / "r").exists()
 
 
+def test_eval_refuses_to_write_its_report_into_an_input_folder(capsys, tmp_path, tiny_bundle, synthetic_parts):
+    """eval clears its own earlier outputs in --out (report.json, scores.csv, plots): never in a
+    folder of the images being evaluated."""
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in sorted(synthetic_parts.test_good.iterdir())[:3]:
+        (good / p.name).write_bytes(p.read_bytes())
+    (good / "scores.csv").write_text("the user's own file\n")
+    rc = main(["eval", "--bundle", str(tiny_bundle), "--good", str(good), "--bad", str(synthetic_parts.test_bad),
+               "--out", str(good)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "--out is the --good folder" in err and "\n" not in err
+    assert (good / "scores.csv").read_text() == "the user's own file\n"
+
+
 def test_a_full_disk_is_one_line_naming_the_report(capsys, tiny_tmpfs, tiny_bundle, synthetic_parts):
     """The report folder on a real tmpfs that is full before eval writes: one line naming it."""
     from tests.helpers import fill_filesystem
@@ -61,6 +76,94 @@ def test_eval_refuses_masks_it_cannot_use(capsys, tmp_path, tiny_bundle, synthet
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 1 and expected in err[-1], err[-3:]
     assert not (tmp_path / "r").exists()
+
+
+def _subset(folder: Path, src: Path, names: list[str]) -> Path:
+    """A real folder holding copies of `names` from `src` (a smaller image set for a second run)."""
+    import shutil
+
+    folder.mkdir()
+    for name in names:
+        shutil.copy(src / name, folder / name)
+    return folder
+
+
+def _overlay_files(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "overlays").glob("*.png") if p.name.startswith(("worst-good-", "best-bad-")))
+
+
+def test_a_second_eval_into_the_same_folder_leaves_only_its_own_outputs(capsys, tmp_path, tiny_bundle,
+                                                                        synthetic_parts):
+    """Two real runs into one --out: the second's report, CSV and overlays only (the first run's
+    worst-good/best-bad PNGs used to stay beside them); files the user put there are kept."""
+    goods = sorted(p.name for p in synthetic_parts.test_good.iterdir())
+    bads = sorted(p.name for p in synthetic_parts.test_bad.iterdir())
+    out = tmp_path / "report"
+    assert main(["eval", "--bundle", str(tiny_bundle), "--good", str(synthetic_parts.test_good),
+                 "--bad", str(synthetic_parts.test_bad), "--out", str(out)]) == 0
+    assert len(_overlay_files(out)) == 10
+    (out / "notes.txt").write_text("line 3 trial\n")
+    (out / "overlays" / "marked-by-hand.png").write_bytes(b"mine")
+    good2 = _subset(tmp_path / "good2", synthetic_parts.test_good, goods[-2:])
+    bad2 = _subset(tmp_path / "bad2", synthetic_parts.test_bad, bads[-2:])
+    code = main(["eval", "--bundle", str(tiny_bundle), "--good", str(good2), "--bad", str(bad2), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_good"] == 2 and report["n_bad"] == 2
+    assert sorted(r["file"] for r in csv.DictReader(open(out / "scores.csv"))) == sorted(goods[-2:] + bads[-2:])
+    overlays = _overlay_files(out)
+    assert len(overlays) == 4 and all(any(n.endswith(f"-{Path(f).stem}.png") for f in goods[-2:] + bads[-2:])
+                                      for n in overlays), overlays
+    assert (out / "notes.txt").read_text() == "line 3 trial\n"
+    assert (out / "overlays" / "marked-by-hand.png").read_bytes() == b"mine"
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path: Path):
+    """A real 512 KiB tmpfs: room for one small eval report, not for a bigger one after it."""
+    import subprocess
+
+    mnt = tmp_path / "reports"
+    mnt.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=10)
+
+
+def test_an_eval_that_fails_midway_leaves_no_report_of_an_earlier_run(capsys, tmp_path, small_tmpfs, tiny_bundle,
+                                                                      synthetic_parts):
+    """A real full disk: the first (small) run fits, the disk is then filled, and the second (bigger)
+    run runs out of space partway through its outputs. No report.json may remain (the first run's
+    used to, beside the second's scores.csv, looking complete), nor the first run's overlays."""
+    from tests.helpers import fill_filesystem
+
+    goods = sorted(p.name for p in synthetic_parts.test_good.iterdir())
+    bads = sorted(p.name for p in synthetic_parts.test_bad.iterdir())
+    out = small_tmpfs / "report"
+    good1 = _subset(tmp_path / "good1", synthetic_parts.test_good, goods[:1])
+    bad1 = _subset(tmp_path / "bad1", synthetic_parts.test_bad, bads[:1])
+    assert main(["eval", "--bundle", str(tiny_bundle), "--good", str(good1), "--bad", str(bad1),
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    first_overlays = _overlay_files(out)
+    assert len(first_overlays) == 2 and (out / "report.json").is_file()
+    (out / "notes.txt").write_text("keep me\n")
+    fill_filesystem(small_tmpfs)
+    capsys.readouterr()
+    good2 = _subset(tmp_path / "good2", synthetic_parts.test_good, goods[1:])
+    bad2 = _subset(tmp_path / "bad2", synthetic_parts.test_bad, bads[1:])
+    code = main(["eval", "--bundle", str(tiny_bundle), "--good", str(good2), "--bad", str(bad2), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("inspectd eval: error: ") and str(out) in err[-1], err[-3:]
+    assert "No space left on device" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (out / "report.json").exists()
+    assert not set(first_overlays) & set(_overlay_files(out))
+    assert (out / "notes.txt").read_text() == "keep me\n"
 
 
 # A real (tiny) bundle with a non-square input and an ROI, through every consumer of the bundle.
