@@ -474,7 +474,8 @@ class LineRecipes:
         """SIGHUP for the recipes that are not active (run.py reloads the active one): each spec takes
         its threshold as the re-read config now gives it (a promoted recipe keeps its own file), and
         every warm engine waiting in standby or for a rollback re-reads its threshold, so a
-        recalibrated recipe judges with the new value from its first frame after a switch."""
+        recalibrated recipe judges with the new value from its first frame after a switch; the
+        shadow bundle re-reads its threshold too."""
         with self.lock:
             overrides = self.state.get("overrides") or {}
             if fresh is not None:
@@ -488,6 +489,15 @@ class LineRecipes:
                     # standby: its spec's (re-read) threshold; rollback: its own file, re-read
                     spec = self.specs[name].threshold if pool is self.standby and name in self.specs else None
                     self._reload_recorded(r, spec, who, "SIGHUP reload (recipe waiting)")
+            if self.shadow is not None and self.shadow_spec is not None:
+                # The shadow's verdicts and agreement are what a promote is decided on: a recalibrated
+                # candidate judges with its new threshold (the config's, for the config's shadow).
+                shadow_threshold: float | Path | None = None  # None: re-read its own file
+                if (fresh is not None and fresh.shadow is not None and self.state.get("shadow", "config") == "config"
+                        and Path(fresh.shadow.bundle) == self.shadow_spec.bundle):
+                    shadow_threshold = _spec_threshold(fresh.shadow.threshold)
+                    self.shadow_spec = dataclasses.replace(self.shadow_spec, threshold=shadow_threshold)
+                self._reload_recorded(self.shadow.recipe, shadow_threshold, who, "SIGHUP reload (shadow)")
 
     def stop(self) -> None:
         if self.shadow is not None:

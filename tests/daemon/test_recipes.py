@@ -402,6 +402,36 @@ def test_sighup_reloads_every_recipes_threshold(tmp_path: Path, tiny_bundle: Pat
     assert records[0]["who"]["via"] == "SIGHUP"
 
 
+def test_sighup_reloads_the_shadow_bundles_threshold(tmp_path: Path, tiny_bundle: Path, tiny_method_bundles: Any,
+                                                     synthetic_parts: Any) -> None:
+    """A shadow candidate recalibrated while it runs (its threshold file rewritten, then SIGHUP) is
+    judged with the new value from then on: its verdicts and agreement figures are what an operator
+    decides a promote on. (Before: the shadow kept the value read when it started.)"""
+    bundle_b = tiny_method_bundles("cutpaste-ae")
+    calib = _calib(tmp_path / "shadow.json", 1000.0)
+    cfg = _config(tmp_path, _replay(tmp_path, synthetic_parts), tiny_bundle,
+                  shadow={"bundle": str(bundle_b), "threshold": {"file": str(calib)}})
+    daemon = Daemon(cfg)
+    col = _Collector(f"ipc://{tmp_path}/pub.sock", topics=("verdict", "shadow"))
+    try:
+        daemon.wait_log(r"ready: line1")
+        col.wait(lambda: len(col.headers("shadow")) >= 3)
+        assert {h["threshold"] for h in col.headers("shadow")} == {1000.0}
+        _calib(calib, -1000.0)
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"SIGHUP: reloading thresholds")
+        n = len(col.headers("shadow"))
+        col.wait(lambda: any(h["threshold"] == -1000.0 for h in col.headers("shadow")[n:]))
+        after = [h for h in col.headers("shadow")[n:] if h["threshold"] == -1000.0]
+        assert after and all(h["verdict"] == "NG" for h in after)
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+        col.close()
+    shadow_records = [r for r in _audit(cfg) if r["what"] == "threshold" and r["old"]["recipe"] == "shadow"]
+    assert len(shadow_records) == 1 and shadow_records[0]["new"]["threshold"] == -1000.0, shadow_records
+
+
 def test_a_threshold_file_calibrated_for_another_bundle_never_judges(tmp_path: Path, tiny_bundle: Path,
                                                                      tiny_method_bundles: Any,
                                                                      synthetic_parts: Any) -> None:
