@@ -130,15 +130,18 @@ def _images(folder: Path, what: str) -> list[Path]:
 
 
 def training_overlap(bundle: Bundle, paths: Sequence[Path]) -> dict[str, Any]:
-    """Calibration images the bundle was trained on. Exact by content when the manifest lists
-    per-file hashes (`training.image_sha256`); otherwise by file name, plus the aggregate
-    content fingerprint (which catches the whole training folder under other names)."""
+    """Calibration images the bundle was trained on: its good images and, for methods that learn
+    from them, its defects (real and synthesized). Exact by content when the manifest lists
+    per-file hashes (`image_sha256`); otherwise by file name, plus the aggregate content
+    fingerprint (which catches the whole training folder under other names)."""
     training = bundle.manifest.training
+    learned = [r for r in (training.defects, training.synthetic_defects) if r]
     hashes = getattr(training, "image_sha256", None)
     if hashes:
-        known = set(hashes)
-        hits = [p.name for p in paths if sha256_file(p) in known]
-        by = "content hash"
+        known = set(hashes).union(*(r.get("image_sha256") or () for r in learned))
+        known_names = {Path(n).name for r in learned if not r.get("image_sha256") for n in r.get("image_names", ())}
+        hits = [p.name for p in paths if sha256_file(p) in known or p.name in known_names]
+        by = "content hash" if not known_names else "content hash and defect file name"
     else:
         names = {Path(n).name for n in training.image_names}
         hits = [p.name for p in paths if p.name in names]

@@ -174,7 +174,9 @@ def _extra_folders(method: Any, cfg: TrainConfig, spec: InputSpec) -> dict[str, 
 
 
 def _folder_record(paths: list[Path]) -> dict[str, Any]:
-    return {"fingerprint": fingerprint(paths), "n": len(paths), "image_names": [p.name for p in paths]}
+    # per-file hashes too: calibration refuses defects the bundle learned from (--bad), as it does good ones
+    return {"fingerprint": fingerprint(paths), "n": len(paths), "image_names": [p.name for p in paths],
+            "image_sha256": [sha256_file(p) for p in paths]}
 
 
 def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig, force: bool = False,

@@ -292,3 +292,16 @@ def test_folders_calibrate_makes_in_the_state_folder_stay_the_service_users(
     made = [p for p in state.rglob("*") if p.is_dir()]
     assert made and all((p.stat().st_uid, p.stat().st_gid) == (65534, 65534) for p in made), \
         [(str(p), p.stat().st_uid) for p in made]
+
+
+def test_the_defects_a_classifier_learned_from_are_refused_as_calibration_defects(
+        tiny_method_bundles, other_defects, synthetic_parts) -> None:
+    """The classifier trains on --bad images: calibrating with those as --bad would report escape
+    rates on defects it learned, so they count as training images (by content, renamed or not)."""
+    from inspectd.calibration.calibrate import training_overlap
+
+    bundle = load_bundle(tiny_method_bundles("classifier"))
+    learned = list_images(other_defects.test_bad)
+    overlap = training_overlap(bundle, list_images(synthetic_parts.test_good)[:5] + learned)
+    assert overlap["count"] == len(learned) and overlap["by"] == "content hash", overlap
+    assert training_overlap(bundle, list_images(synthetic_parts.test_bad))["count"] == 0  # never seen
