@@ -377,6 +377,7 @@ def test_trigger_mode_is_exported_for_the_no_frames_alert(tmp_path: Path, tiny_b
                 "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0}
 
     config = config_from_dict({"zmq": {"endpoint": f"ipc://{tmp_path}/t.sock"}, "metrics": {"port": 0},
+                               "state_dir": str(tmp_path / "state"),  # never the machine's /var/lib/inspectd
                                "lines": [line("trig", 0, "On"), line("free", 1, "Off")]})
     daemon = Daemon(config)
     daemon.build()  # no camera is opened before start()
