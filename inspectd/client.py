@@ -181,7 +181,11 @@ def line_status_from_heartbeat(line: str, status: Any) -> LineStatus:
     if engine is None and status.get("ready") is True:
         engine = True  # older daemons: "ready" = engine warm and source open
     state = status.get("state")
-    if state not in LINE_STATES:
+    if "state" in status and state not in LINE_STATES:
+        # A state this client does not know (a newer daemon's) is never read as "ok": whatever the
+        # camera and engine flags say, the line may not be inspecting (e.g. stopping, to older clients).
+        state = "unknown"
+    elif state not in LINE_STATES:  # an older daemon without "state": derived from what it does say
         if failed:
             state = "engine_failed"
         elif camera is False:

@@ -544,6 +544,10 @@ def test_line_status_follows_heartbeats_and_their_loss(endpoint):
     ({"camera_connected": True, "ready": True}, "ok", "ok"),
     ({"camera_connected": True, "ready": True, "failed": "parity gate"}, "engine_failed", "engine failed: parity gate"),
     ({"state": "ok", "camera_connected": True, "engine_ready": True}, "ok", "ok"),
+    ({"state": "stopping", "camera_connected": True, "engine_ready": True}, "stopping", "daemon stopping"),
+    # A state this client does not know (a newer daemon's) is never "ok", whatever else it says.
+    ({"state": "paused", "camera_connected": True, "engine_ready": True}, "unknown", "line status unknown"),
+    ({"state": None, "camera_connected": True, "engine_ready": True}, "unknown", "line status unknown"),
 ])
 def test_line_status_from_partial_or_older_heartbeats(status, state, reason):
     st = line_status_from_heartbeat("l", status)
