@@ -269,13 +269,15 @@ def resolve_image_size(parsed: tuple[int, int | None], sample_shapes: Sequence[S
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files (by suffix) directly in `folder`, sorted by name. Errors name the folder."""
+    """Image files (by suffix) directly in `folder`, sorted by name; hidden files (a Mac's ._NAME
+    twins, thumbnails) are not images of the set. Errors name the folder."""
     root = Path(folder)
     if not root.exists():
         raise DataError(f"{root}: folder does not exist")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
-    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in root.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def fingerprint(paths: Iterable[str | os.PathLike]) -> str:

@@ -210,6 +210,18 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path: Path) -> None:
         assert src.stats.skipped_files == 1
 
 
+def test_hidden_files_and_folders_are_not_replayed(tmp_path: Path) -> None:
+    """A folder copied from a Mac: ._NAME twins beside the images, a .Trashes folder. They are not
+    parts: not replayed, not counted as unreadable (as training and eval do not read them)."""
+    _write_rgb(tmp_path / "a.png", _rgb(1))
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / ".Trashes").mkdir()
+    _write_rgb(tmp_path / ".Trashes" / "old.png", _rgb(2))
+    with ReplaySource("l1", tmp_path) as src:
+        assert [Path(f.meta["path"]).name for f in _drain(src)] == ["a.png"]
+        assert src.stats.skipped_files == 0
+
+
 def test_folder_of_only_corrupt_files_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(b"junk")
     (tmp_path / "b.jpg").write_bytes(b"")

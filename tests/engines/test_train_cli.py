@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -69,6 +70,26 @@ def test_a_few_unreadable_files_are_skipped_and_counted(capsys, tmp_path, synthe
     assert code == 0, out.err
     assert "2 skipped" in out.out
     assert (tmp_path / "b" / "manifest.json").exists() and not _leftovers(tmp_path)
+
+
+def test_hidden_files_are_neither_read_nor_counted(capsys, tmp_path, synthetic_parts):
+    """A folder copied from a Mac (a ._NAME AppleDouble twin beside every image) or with a hidden
+    thumbnail: the hidden files are not images of the set. They are never trained on, and the
+    unreadable count stays right (before: it went negative and the refusal could be bypassed)."""
+    good = tmp_path / "good"
+    shutil.copytree(synthetic_parts.train_good, good)
+    names = sorted(p.name for p in good.iterdir())
+    for name in names:
+        (good / f"._{name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    shutil.copy(good / names[0], good / ".thumb.png")
+    (good / "broken.png").write_bytes(b"\x89PNG truncated")
+    code = main(["train", "--good", str(good), "--out", str(tmp_path / "b"), *FAST])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "1 skipped" in out.out and "._" not in out.err
+    training = json.loads((tmp_path / "b" / "manifest.json").read_text())["training"]
+    used = training["image_names"] + training["holdout_names"]
+    assert training["skipped"] == 1 and sorted(used) == names
 
 
 def test_existing_bundle_needs_force(capsys, tmp_path, tiny_bundle, synthetic_parts):

@@ -140,8 +140,10 @@ class ReplaySource(Source):
             raise SourceError(f"line {self.line}: replay input {self.path} does not exist")
         if self.path.is_dir():
             self._is_video = False
+            # hidden files and folders (a Mac's ._NAME twins, .Trashes) are not parts, as for list_images
             self._files = sorted((p for p in self.path.rglob("*")
-                                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                                  and not any(part.startswith(".") for part in p.relative_to(self.path).parts)),
                                  key=lambda p: p.relative_to(self.path).as_posix())
             if not self._files:
                 raise SourceError(f"line {self.line}: no images in {self.path} "
