@@ -313,12 +313,12 @@ def test_a_line_without_a_backend_does_not_stop_another_line(bundle: Bundle, rep
     try:
         broken_v = out_b.wait_for(12)
         healthy_v = out_h.wait_for(12)
+        st = pipes[0].status()  # while running (a stopped line says "stopping")
     finally:
         for p in pipes:
             p.stop(timeout_s=3.0)
     assert pipes[0].failed and "no backend" in pipes[0].failed
     # Not ready, and says so (heartbeat status, metric for the InspectdEngineNotReady alert).
-    st = pipes[0].status()
     assert st["engine_ready"] is False and st["state"] == "engine_failed", st
     assert _sample(metrics, "inspectd_engine_ready", line="broken") == 0
     assert st["engine_ms"] is None and math.isnan(_sample(metrics, "inspectd_engine_seconds_at_start", line="broken"))

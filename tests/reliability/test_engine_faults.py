@@ -162,6 +162,7 @@ def test_failing_engine_without_another_backend_keeps_serving_fail_safe(toy: Bun
     try:
         assert pipe.wait_ready(20.0)
         verdicts = out.wait_for(10)
+        st = pipe.status()  # while running (a stopped line says "stopping")
     finally:
         pipe.stop(timeout_s=3.0)
     assert all(v.verdict == "SKIP" and "non-finite" in (v.error or "") for v in verdicts)
@@ -170,7 +171,6 @@ def test_failing_engine_without_another_backend_keeps_serving_fail_safe(toy: Bun
     assert pipe._worker_thread.is_alive() is False  # stopped cleanly, never crashed
     assert pipe.failed is None
     # Not ready: the only engine fails every frame (status for consumers, metric for the alert).
-    st = pipe.status()
     assert st["engine_ready"] is False and st["state"] == "engine_failed", st
     assert sample(metrics, "inspectd_engine_ready", line="solo") == 0
 
