@@ -13,6 +13,9 @@ from inspectd.engines.model_config import DEFAULT_SHORT_SIDE, ModelConfig, defau
 from inspectd.errors import ConfigError, DataError
 
 _DEFAULT = ModelConfig()  # the one source of the engine's defaults
+# Train flags only some methods use (each method's train_flags says which); the rest apply to all.
+METHOD_SPECIFIC_FLAGS = ("augment", "views", "steps", "members", "hidden_ratio", "components", "positional", "fusion",
+                         "kernel_size", "score_term", "reduction", "backbone", "weights", "taps")
 
 
 def _positive_int(text: str) -> int:
@@ -105,7 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="training batch (default 8)")
     p.add_argument("--golden-bad", default=None, help="a few bad images to store as golden images (parity gate)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
-    p.set_defaults(func=_train)
+    # what each optional flag is when not given: a flag given to a method that does not use it is named
+    p.set_defaults(func=_train, flag_defaults={dest: p.get_default(dest) for dest in METHOD_SPECIFIC_FLAGS})
 
     e = sub.add_parser("eval", help="evaluate a bundle on good and bad images (ONNX Runtime)",
                        description="Score good and bad folders through ONNX Runtime and write image/pixel ROC AUC, "
@@ -215,6 +219,15 @@ def _image_size_arg(text: str, good: str, roi: tuple[int, int, int, int] | None)
     return resolve_image_size(parsed, shapes, roi)
 
 
+def ignored_flags(args: argparse.Namespace, method: str) -> list[str]:
+    """The method-specific train flags given (not at their defaults) that `method` does not use."""
+    from inspectd.engines import methods
+
+    uses = methods.get(method).train_flags
+    return [f"--{dest.replace('_', '-')}" for dest, default in args.flag_defaults.items()
+            if dest not in uses and getattr(args, dest) != default]
+
+
 def _train(args: argparse.Namespace) -> int:
     roi = _roi_arg(args.roi, args.good)  # before the slow imports
     from inspectd.engines.model import ModelConfig
@@ -257,6 +270,10 @@ def _train(args: argparse.Namespace) -> int:
                       augment=augment, seed=args.seed, weights=args.weights, roi=roi,
                       bad=args.bad, backgrounds=args.backgrounds,
                       **{k: v for k, v in (("views", args.views), ("batch_size", args.batch_size)) if v is not None})
+    ignored = ignored_flags(args, args.method)
+    if ignored:
+        print(f"inspectd train: method {args.method} does not use {', '.join(ignored)}: ignoring "
+              f"{'it' if len(ignored) == 1 else 'them'}", file=sys.stderr)
     result = train(args.good, args.out, cfg, force=args.force, golden_bad_dir=args.golden_bad)
     print(summary(result))
     return 0

@@ -92,6 +92,25 @@ def test_hidden_files_are_neither_read_nor_counted(capsys, tmp_path, synthetic_p
     assert training["skipped"] == 1 and sorted(used) == names
 
 
+def test_a_flag_the_method_does_not_use_is_named_not_silently_recorded(capsys, tmp_path, synthetic_parts):
+    """--augment, --members, --taps ... change only the methods that use them: given to another
+    method they are named in one warning line (before: accepted, recorded in the manifest, ignored)."""
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in sorted(synthetic_parts.train_good.iterdir())[:3]:  # too few: train() refuses after the warning
+        shutil.copy(p, good)
+    code = main(["train", "--good", str(good), "--out", str(tmp_path / "c"), "--method", "cutpaste-ae",
+                 "--augment", "rotate", "--members", "2", "--taps", "4,10", "--reduction", "max"])
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if "does not use" in line]
+    assert code == 1 and warning == ["inspectd train: method cutpaste-ae does not use --augment, --members, "
+                                     "--reduction: ignoring them"], err
+    code = main(["train", "--good", str(good), "--out", str(tmp_path / "f"), "--augment", "rotate",
+                 "--members", "2", "--taps", "4,10", "--reduction", "max"])
+    err = capsys.readouterr().err
+    assert code == 1 and "does not use" not in err and "at least 8 are needed" in err  # the flow uses them all
+
+
 def test_existing_bundle_needs_force(capsys, tmp_path, tiny_bundle, synthetic_parts):
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, out)

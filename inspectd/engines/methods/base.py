@@ -57,6 +57,7 @@ class Method(Protocol):
     name: str
     summary: str
     default_epochs: int
+    train_flags: frozenset[str]  # the method-specific `inspectd train` flags it uses (MethodBase)
     # Optional (train() reads them with getattr, default False / 0): a method that learns from
     # defective images declares `needs_defects = True` and `min_defects` (train() refuses fewer, in
     # one line); `uses_backgrounds = True` to receive --backgrounds. Good-only methods ignore --bad
@@ -122,6 +123,11 @@ class MethodBase:
     # Whether the engine's map goes through MapHead, so `inspectd train` chooses where it is drawn
     # (fitting.select_map_shift); a method placing its own map (the classifier's CAM) says False.
     map_shift_selection: bool = True
+    # The optional `inspectd train` flags (argparse dests) that change what this method trains; any
+    # other one given is named in a one-line "ignoring" warning instead of recorded as if it counted.
+    # (--good/--out/--image-size/--tiles/--roi/--epochs/--seed/--color/--batch-size/--no-select and
+    # --option apply to every method.)
+    train_flags: frozenset[str] = frozenset()
 
     def parse_options(self, raw: dict[str, Any]) -> Any:
         return options_from(self.options_cls, raw, self.name)

@@ -377,6 +377,7 @@ def ng_scores(model: ClassifierModel, images: Sequence[np.ndarray], batch: int =
 class ClassifierMethod(MethodBase):
     name = NAME
     summary = "supervised OK/NG classifier, class-activation-map heatmaps (paper 001)"
+    train_flags = frozenset({"backbone", "weights"})  # its CAM reads the last block: no --taps
     options_cls = ClassifierOptions
     default_epochs = ClassifierOptions.epochs
     map_shift_selection = False  # the CAM is drawn at its cells' own centres (cam_to_map)

@@ -19,7 +19,8 @@
          Weights (`combine` option): `validation` (default) the ratio w_ae / w_cutpaste of RATIOS
          (1/16 .. 16, both sources always count) whose weighted sum has the highest AUROC on the
          label-free validation set (the first, i.e. smallest, of equal ones), scaled to sum to 2;
-         `equal` = 1 + 1. The weights are folded into score_std (the engine graph is unchanged).
+         `equal` = 1 + 1 (also what `--no-select` uses: nothing is chosen on validation then). The
+         weights are folded into score_std (the engine graph is unchanged).
          (Before: w_k = max(AUROC_k - 0.5, 0.05), which validation itself ranked below the best
          ratio on MTD and KSDD: benchmarks/RESULTS.md section 10.)
 
@@ -433,6 +434,7 @@ def _score_rule(options: CutPasteAEOptions, model_config: ModelConfig) -> str:
 class CutPasteAEMethod(MethodBase):
     name = NAME
     summary = "CutPaste classifier + reconstruction autoencoder (paper 003)"
+    train_flags = frozenset({"backbone", "weights", "taps"})  # its reductions are its options
     options_cls = CutPasteAEOptions
     default_epochs = CutPasteAEOptions.epochs
 
@@ -490,13 +492,15 @@ class CutPasteAEMethod(MethodBase):
                                 f"({', '.join(sorted(set(val.kinds)))})",
                       "note": "the same held-out good images also set the standardisation",
                       **{f"{k}_auroc": round(validation_auroc(v, len(val.good)), 4) for k, v in scores.items()}}
-        weights = combination_weights(scores, len(val.good), opts.combine)
+        # --no-select: nothing chosen on validation, the weights included (equal)
+        combine = opts.combine if cfg.select else "equal"
+        weights = combination_weights(scores, len(val.good), combine)
         apply_weights(model, weights)
         # The combined rule as the engine now computes it (the weighted sum), on the same images.
         validation["combined_auroc"] = round(validation_auroc(
             weights["cutpaste"] * scores["cutpaste"] + weights["ae"] * scores["ae"], len(val.good)), 4)
         validation["unweighted_sum_auroc"] = round(validation_auroc(scores["combined"], len(val.good)), 4)
-        details = {"score_rule": _score_rule(opts, mc), "score": opts.score,
+        details = {"score_rule": _score_rule(replace(opts, combine=combine), mc), "score": opts.score,
                    "combination_weights": {k: round(v, 4) for k, v in weights.items()},
                    "classifier": {"classes": list(CLASSES), "final_loss": cls_loss, "embed_dim": opts.embed_dim,
                                   "grid_stride": opts.grid_stride, "pool_cycles": opts.pool_cycles},

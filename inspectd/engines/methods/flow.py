@@ -329,6 +329,8 @@ class FlowOptions:
 
 class FlowMethod(MethodBase):
     name = "flow"
+    train_flags = frozenset({"augment", "views", "steps", "members", "hidden_ratio", "components", "positional",
+                             "fusion", "kernel_size", "score_term", "reduction", "backbone", "weights", "taps"})
     summary = "EfficientNet features + normalizing flow (paper 000)"
     options_cls = FlowOptions
     default_epochs = 20

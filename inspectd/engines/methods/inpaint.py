@@ -433,6 +433,7 @@ def calibrate(model: InpaintModel, train_x: torch.Tensor, hold_x: torch.Tensor) 
 
 class InpaintMethod(MethodBase):
     name = "inpaint"
+    train_flags = frozenset({"reduction"})  # a pixel generator: no backbone
     summary = "fuzzy-mask inpainting autoencoder, weighted SSIM, dynamic inference (paper 004)"
     options_cls = InpaintOptions
     default_epochs = InpaintOptions.epochs

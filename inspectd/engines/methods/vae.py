@@ -360,6 +360,7 @@ def _thin(rows: list[dict[str, float]]) -> list[dict[str, float]]:
 
 class VAEMethod(MethodBase):
     name = NAME
+    train_flags = frozenset({"reduction"})  # a pixel VAE: no backbone
     summary = "convolutional VAE, decoupled KLD / MSE gradients, reconstruction error (paper 002)"
     options_cls = VAEOptions
     default_epochs = VAEOptions.epochs
