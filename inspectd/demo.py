@@ -77,7 +77,10 @@ def make_line_parts(folder: Path, count: int, defect_rate: float, seed: int) -> 
     names = [f"part_{i:04d}_{lab}.png" for i, lab in enumerate(labels)]
     if not marker.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.png"):
+        # Every marker goes, not only the pngs: another settings' marker left here would later claim
+        # these files are its parts and skip generating them (ground truth not matching the parts).
+        # Markers first, so an interrupted run leaves none.
+        for old in [*folder.glob(".complete-*"), *folder.glob("*.png")]:
             old.unlink()
         for i, (name, lab) in enumerate(zip(names, labels)):
             img, _ = render_part(rng, DEMO_SIZE, defect=DEFECTS[i % len(DEFECTS)] if lab == "bad" else None)

@@ -59,3 +59,21 @@ def test_demo_teaches_from_the_gentl_simulator_and_passes_its_normal_output(work
 def test_demo_rejects_bad_arguments(tmp_path):
     run = _demo(tmp_path, "--parts", "0")
     assert run.returncode == 2 and "must be > 0" in run.stderr
+
+
+def test_line_parts_on_disk_match_the_last_generation_across_settings(tmp_path):
+    """Regenerating the line folder for other settings must not leave the earlier settings' marker:
+    going back to them would then skip generation and replay the other run's parts under this run's
+    ground truth (rate 0.25, then 0.75, then 0.25 again)."""
+    from inspectd.demo import make_line_parts
+
+    folder = tmp_path / "line"
+    seen = []
+    for rate in (0.25, 0.75, 0.25):
+        parts = make_line_parts(folder, 8, rate, seed=1)
+        on_disk = sorted(p.name for p in folder.glob("*.png"))
+        assert on_disk == sorted(name for name, _ in parts), (rate, on_disk)
+        assert all(name.endswith(f"_{label}.png") for name, label in parts)
+        assert len(list(folder.glob(".complete-*"))) == 1  # one marker: what is on disk
+        seen.append(parts)
+    assert seen[0] != seen[1] and seen[0] == seen[2]  # the settings really give other parts

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -153,19 +154,38 @@ class EfficientNetFeatures(nn.Module):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for corrupt files
-            raise DataError(f"backbone weights {path}: not a readable state dict ({exc})") from None
+            raise DataError(f"backbone weights {path}: {_load_failure(exc)}") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict):  # a bare tensor or list: `k in state` would raise a traceback
+            raise DataError(f"backbone weights {path}: holds a {type(state).__name__}, not a state dict "
+                            f"(name -> tensor); save model.state_dict()")
         own = self.state_dict()
         missing = [k for k in own if k not in state]
-        wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        wrong = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
         if missing or wrong:
             detail = (f"missing keys {missing[:4]}{'…' if len(missing) > 4 else ''}" if missing else
                       f"shape mismatch at {wrong[0]}: expected {tuple(own[wrong[0]].shape)}, "
-                      f"file has {tuple(state[wrong[0]].shape)}")
+                      f"file has {tuple(getattr(state[wrong[0]], 'shape', ()))}")
             raise DataError(f"backbone weights {path} do not fit {self.variant}: {detail} "
                             f"(expected keys like {list(own)[:3]})")
         self.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _load_failure(exc: Exception) -> str:
+    """torch.load's refusal as one plain line: its messages span lines and carry ANSI escapes,
+    and the CLI prints errors as one line."""
+    text = _ANSI.sub("", str(exc))
+    found = _GLOBAL.search(text)
+    if found:  # weights_only refused a pickled object: most often torch.save(model) itself
+        return (f"not a plain state dict: it pickles {found.group(1)} (a whole model saved with "
+                f"torch.save(model)?); save model.state_dict() instead")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), exc.__class__.__name__)
+    return f"not a readable state dict ({first})"
 
 
 def default_weights_path(variant: str) -> Path:

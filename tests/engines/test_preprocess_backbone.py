@@ -95,3 +95,26 @@ def test_missing_and_mismatching_weights_name_the_file_and_keys(tmp_path):
         load_backbone("efficientnet-lite0", [4], tmp_path / "other.pth")
     with pytest.raises(DataError, match="no packaged ImageNet weights for efficientnet-b5"):
         default_weights_path("efficientnet-b5")
+
+
+def test_a_pickled_model_as_weights_is_one_plain_line_naming_the_file(tmp_path):
+    """torch.save(model) instead of torch.save(model.state_dict()): PyTorch's weights-only refusal is
+    many lines with ANSI escapes; the CLI prints the message as it is, so it must be one plain line."""
+    path = tmp_path / "whole_model.pth"
+    torch.save(EfficientNetFeatures("efficientnet-lite0", taps=[4]), path)
+    with pytest.raises(DataError) as info:
+        load_backbone("efficientnet-lite0", [4], path)
+    msg = str(info.value)
+    assert "\n" not in msg and "\x1b" not in msg, msg
+    assert str(path) in msg and "state_dict()" in msg, msg
+    # a file that is no checkpoint at all: one line too, still naming the file
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint\n\x1b[1mat all\x1b[0m")
+    with pytest.raises(DataError) as info:
+        load_backbone("efficientnet-lite0", [4], junk)
+    msg = str(info.value)
+    assert "\n" not in msg and "\x1b" not in msg and str(junk) in msg, msg
+    # a bare tensor is no state dict either: a one-line refusal, not a RuntimeError traceback
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(DataError, match=r"tensor\.pth: holds a Tensor, not a state dict"):
+        load_backbone("efficientnet-lite0", [4], tmp_path / "tensor.pth")

@@ -102,6 +102,26 @@ def test_include_real_output_is_a_bad_folder_with_masks(parts, tmp_path, capsys)
     assert code == 0, err
 
 
+def test_include_real_every_manifest_name_is_its_own_file(parts, tmp_path, capsys):
+    """A defect of another suffix (bmp) gets its own mask (masks/<stem>.bmp) and its own real_ copy;
+    every image the manifest lists is a distinct file on disk, nothing overwritten."""
+    good, bad = parts
+    cv2.imwrite(str(bad / "zz_other.bmp"), gray(bad / "chip_0002.png"))
+    cv2.imwrite(str(bad / "masks" / "zz_other.bmp"), gray(bad / "masks" / "chip_0002.png"))
+    out = tmp_path / "syn"
+    code, _, err = run(capsys, *args(good, bad, out, None, "--count", "30", "--include-real"))
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = [i["image"] for i in manifest["items"] + manifest["real"]]
+    assert len(listed) == len(set(listed)) == 30 + 13
+    assert sorted(listed) == sorted(p.name for p in list_images(out))
+    assert all((out / "masks" / n).is_file() for n in listed)
+    assert {i["mask"] for i in manifest["items"] if i["defect"] == "zz_other.bmp"} == {"zz_other.bmp"}
+    real = {r["defect"]: r["image"] for r in manifest["real"]}
+    assert np.array_equal(gray(out / real["zz_other.bmp"]), gray(bad / "zz_other.bmp"))
+    assert np.array_equal(gray(out / "masks" / real["zz_other.bmp"]) > 127, gray(bad / "masks" / "zz_other.bmp") > 127)
+
+
 def test_size_mismatch_scales_the_defect_to_the_frame(parts, tmp_path, capsys):
     good, bad = parts
     big = tmp_path / "big"
@@ -180,6 +200,10 @@ def _break(kind: str, good: Path, bad: Path, tmp_path: Path) -> tuple[list[str],
         for p in list_images(bad)[MIN_DEFECTS - 1:]:
             p.unlink()
         return args(good, bad, out, None), f"{MIN_DEFECTS - 1} defective images; synthesize needs at least {MIN_DEFECTS}"
+    if kind == "same_stem":  # masks are named by stem: spot_0001.png cannot be told from spot_0001.bmp
+        cv2.imwrite(str(bad / "spot_0001.bmp"), gray(bad / "chip_0002.png"))
+        cv2.imwrite(str(bad / "masks" / "spot_0001.bmp"), gray(bad / "masks" / "chip_0002.png"))
+        return args(good, bad, out, None, "--include-real"), "spot_0001.bmp and spot_0001.png share the name spot_0001"
     if kind == "count_zero":
         return args(good, bad, out, None, "--count", "0"), "--count 0: must be at least 1"
     if kind == "bad_region":
@@ -197,7 +221,7 @@ def _break(kind: str, good: Path, bad: Path, tmp_path: Path) -> tuple[list[str],
 
 
 REFUSALS = ["no_good", "no_bad", "good_is_file", "unreadable_good", "unreadable_bad", "missing_mask",
-            "no_masks_folder", "masks_given_missing", "empty_mask", "too_few", "count_zero", "bad_region",
+            "no_masks_folder", "masks_given_missing", "empty_mask", "same_stem", "too_few", "count_zero", "bad_region",
             "not_empty", "out_is_input", "out_is_file"]
 
 
