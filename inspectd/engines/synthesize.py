@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 
 from inspectd import __version__
-from inspectd.engines.preprocess import IMAGE_SUFFIXES, fingerprint, imdecode, list_images
+from inspectd.engines.preprocess import IMAGE_SUFFIXES, fingerprint, imdecode, list_images, sha256_file
 from inspectd.errors import ConfigError, DataError
 
 # Fewer real defects than this and the synthesized set is a handful of defects repeated; the same
@@ -82,20 +82,30 @@ def parse_region(text: str) -> tuple[float, float, float, float]:
 def synthesized_names(folder: str | os.PathLike) -> set[str]:
     """Names of the images in `folder` that `inspectd synthesize` made (its manifest's items); empty
     for a folder without one. Training keeps them apart from the real defects copied in beside them."""
+    return set(synthesized_sources(folder))
+
+
+def synthesized_sources(folder: str | os.PathLike) -> dict[str, tuple[str, str | None]]:
+    """Each image `inspectd synthesize` made in `folder` -> (the good image it was built on: its
+    path as synthesize read it, its sha256 or None from a manifest older than the hash). Training
+    leaves out those built on the images it holds out: they must stay unseen."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        return set()
+        return {}
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable synthesize manifest ({exc.__class__.__name__}); remove it or "
                         f"rerun inspectd synthesize") from None
     if not isinstance(manifest, dict) or manifest.get("tool") != "inspectd synthesize":
-        return set()  # some other tool's manifest: every image counts as real
+        return {}  # some other tool's manifest: every image counts as real
     items = manifest.get("items")
     if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("image"), str) for i in items):
         raise DataError(f"{path}: synthesize manifest without a list of items; rerun inspectd synthesize")
-    return {i["image"] for i in items}
+    good = manifest.get("good")
+    folder_of_goods = Path(str(good.get("folder", ""))) if isinstance(good, dict) else Path()
+    return {i["image"]: (str(folder_of_goods / str(i.get("good", ""))),
+                         i["good_sha256"] if isinstance(i.get("good_sha256"), str) else None) for i in items}
 
 
 def _names(paths: list[Path]) -> str:
@@ -320,6 +330,7 @@ def synthesize(good: str | os.PathLike, bad: str | os.PathLike, out: str | os.Pa
     try:
         (staging / MASKS).mkdir()
         cache: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+        good_sha: dict[Path, str] = {}  # recorded per item: training leaves out those built on its held-out images
         items = []
         order: list[int] = []
         width = max(5, len(str(cfg.count - 1)))
@@ -339,7 +350,10 @@ def synthesize(good: str | os.PathLike, bad: str | os.PathLike, out: str | os.Pa
             name = f"syn_{i:0{width}d}.png"
             _write(staging / name, new)
             _write(staging / MASKS / name, placed.astype(np.uint8) * 255)
-            items.append({"image": name, "defect": d.path.name, "mask": d.mask.name, "good": g.path.name, **recipe})
+            if g.path not in good_sha:
+                good_sha[g.path] = sha256_file(g.path)
+            items.append({"image": name, "defect": d.path.name, "mask": d.mask.name, "good": g.path.name,
+                          "good_sha256": good_sha[g.path], **recipe})
         real = []
         if cfg.include_real:
             for d in defects:

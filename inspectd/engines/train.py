@@ -30,7 +30,7 @@ from inspectd.engines.model import WEIGHTS_FILE, save_weights
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.preprocess import (RESIZE_METHOD, InputSpec, fingerprint, list_images, load_prepared,
                                           sha256_file)
-from inspectd.engines.synthesize import synthesized_names
+from inspectd.engines.synthesize import synthesized_names, synthesized_sources
 from inspectd.errors import BundleError, ConfigError, DataError
 
 log = logging.getLogger("inspectd.train")
@@ -173,6 +173,27 @@ def _extra_folders(method: Any, cfg: TrainConfig, spec: InputSpec) -> dict[str, 
     return out
 
 
+def _without_held_out_sources(synthetic: tuple[list[Path], list[np.ndarray]], bad: Any, held_out: list[Path]
+                              ) -> tuple[list[Path], list[np.ndarray]]:
+    """The synthesized defects not built on a held-out good image: those would put the held-out
+    image's content into training as NG, while it sets the score statistics and validation as an
+    unseen good part. Matched by content (sha256), or by path for an older synthesize manifest."""
+    sources = synthesized_sources(bad)
+    held_sha = {sha256_file(p) for p in held_out}
+    held_paths = {str(p.resolve()) for p in held_out}
+
+    def built_on_held_out(name: str) -> bool:
+        source, sha = sources.get(name, ("", None))
+        return sha in held_sha if sha is not None else source in held_paths
+
+    keep = [i for i, p in enumerate(synthetic[0]) if not built_on_held_out(p.name)]
+    left_out = len(synthetic[0]) - len(keep)
+    if left_out:
+        print(f"inspectd train: {left_out} of {len(synthetic[0])} synthesized defects were built on the good "
+              f"images held out for validation and score statistics: not trained on", file=sys.stderr)
+    return [synthetic[0][i] for i in keep], [synthetic[1][i] for i in keep]
+
+
 def _folder_record(paths: list[Path]) -> dict[str, Any]:
     # per-file hashes too: calibration refuses defects the bundle learned from (--bad), as it does good ones
     return {"fingerprint": fingerprint(paths), "n": len(paths), "image_names": [p.name for p in paths],
@@ -205,6 +226,8 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
     hold_idx, train_idx = holdout_split(len(images), rng, cfg)
     train_imgs = [images[i] for i in train_idx]
     hold_imgs = [images[i] for i in hold_idx]
+    if "synthetic" in extra:
+        extra["synthetic"] = _without_held_out_sources(extra["synthetic"], cfg.bad, [paths[i] for i in hold_idx])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"inspectd train: {len(paths)} good images ({skipped} skipped) -> {len(train_imgs)} train, "
           f"{len(hold_imgs)} held out (score statistics{', validation' if cfg.select else ''}); {mc.backbone} taps "

@@ -5,6 +5,8 @@ too few defects and bad options are one-line refusals."""
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from pathlib import Path
 
@@ -288,8 +290,16 @@ def test_a_synthesize_folder_keeps_its_real_and_synthesized_defects_apart(capsys
                        "--method", "classifier", "--bad", str(syn), "--image-size", "64", "--option", "epochs=1")
     assert code == 0, err
     m = load_bundle(tmp_path / "ok").manifest
-    assert m.training.defects["n"] == 12 and m.training.synthetic_defects["n"] == 20
-    assert m.method.details["training_set"]["synthesized_defects"] == 20
+    # Synthesized defects built on the good images training held out are never trained on: they would
+    # put those images' content in as NG while they set the score statistics as unseen good parts.
+    made = json.loads((syn / "manifest.json").read_text())["items"]
+    on_held_out = [i["image"] for i in made if i["good"] in set(m.training.holdout_names)]
+    assert on_held_out, "no synthesized defect on a held-out image: the case is not exercised"
+    assert f"{len(on_held_out)} of 20 synthesized defects were built on the good images held out" in " ".join(err)
+    used = m.training.synthetic_defects["image_names"]
+    assert m.training.defects["n"] == 12 and m.training.synthetic_defects["n"] == 20 - len(on_held_out)
+    assert not set(used) & set(on_held_out)
+    assert m.method.details["training_set"]["synthesized_defects"] == 20 - len(on_held_out)
     assert m.method.details["training_set"]["real_share"] == 0.5
     # 7 real + 20 synthesized: too few real defects, however many were synthesized
     for p in [p for p in list_images(syn) if p.name.startswith("real_")][:5]:
