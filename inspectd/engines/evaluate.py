@@ -20,8 +20,8 @@ import numpy as np
 from inspectd.stats import roc_auc, roc_curve
 from inspectd.engines.bundle import Bundle, load_bundle
 from inspectd.engines.heatmap import overlay
-from inspectd.engines.preprocess import (IMAGE_SUFFIXES, InputSpec, imdecode, list_images, prepare, prepare_mask,
-                                         read_image)
+from inspectd.engines.preprocess import (IMAGE_SUFFIXES, InputSpec, check_mask_stems, imdecode, list_images, prepare,
+                                         prepare_mask, read_image)
 from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from inspectd.errors import DataError
 from inspectd.fileio import atomic_write
@@ -97,6 +97,7 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
         if folder is not None and out.resolve() == Path(folder).resolve():
             raise DataError(f"{out}: --out is the {flag} folder; give the report a folder of its own")
     if masks_dir is not None:  # before scoring: a typo must not look like "no pixel result"
+        check_mask_stems(bad_dir, bad_paths)
         masks = Path(masks_dir)
         if not masks.is_dir():
             raise DataError(f"{masks}: masks folder {'is not a folder' if masks.exists() else 'does not exist'}")

@@ -280,6 +280,18 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def check_mask_stems(folder: str | os.PathLike, paths: Sequence[Path]) -> None:
+    """A defect's mask is named by its image's stem (<stem>.png or another image suffix): two images
+    sharing a stem would get one mask. DataError naming both (eval's pixel AUROC, synthesize)."""
+    seen: dict[str, Path] = {}
+    for p in paths:
+        other = seen.setdefault(p.stem, p)
+        if other != p:
+            a, b = sorted((other.name, p.name))
+            raise DataError(f"{folder}: {a} and {b} share the name {p.stem}, and a mask is named "
+                            f"<image name>.png or another image suffix, so it cannot tell them apart; rename one")
+
+
 def fingerprint(paths: Iterable[str | os.PathLike]) -> str:
     """sha256 over the sorted content hashes of the files: identifies a training set by content."""
     digests = sorted(sha256_file(p) for p in paths)

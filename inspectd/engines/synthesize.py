@@ -40,7 +40,8 @@ import cv2
 import numpy as np
 
 from inspectd import __version__
-from inspectd.engines.preprocess import IMAGE_SUFFIXES, fingerprint, imdecode, list_images, sha256_file
+from inspectd.engines.preprocess import (IMAGE_SUFFIXES, check_mask_stems, fingerprint, imdecode, list_images,
+                                         sha256_file)
 from inspectd.errors import ConfigError, DataError
 
 # Fewer real defects than this and the synthesized set is a handful of defects repeated; the same
@@ -179,18 +180,6 @@ def _attach_masks(defects: list[Source], masks: Path, given: bool) -> None:
         raise DataError(f"{len(empty)} masks mark no defect (no pixel > 127): {_names(empty)}")
 
 
-def _check_stems(folder: Path, defects: list[Source]) -> None:
-    """A mask is named by its image's stem, and so is the real_ copy: two images sharing a stem would
-    get one mask and overwrite each other's copy."""
-    seen: dict[str, Path] = {}
-    for d in defects:
-        other = seen.setdefault(d.path.stem, d.path)
-        if other != d.path:
-            a, b = sorted((other.name, d.path.name))
-            raise DataError(f"{folder}: {a} and {b} share the name {d.path.stem}, and a mask is named "
-                            f"<image name>.png or another image suffix, so it cannot tell them apart; rename one")
-
-
 def _check_out(out: Path, force: bool, inputs: list[Path]) -> None:
     r = out.resolve()
     for p in inputs:
@@ -219,7 +208,7 @@ def check_inputs(good: str | os.PathLike, bad: str | os.PathLike, out: str | os.
     _check_out(Path(out), force, [gdir, bdir, mdir])
     goods = _scan(gdir, "good")
     defects = _scan(bdir, "defective")
-    _check_stems(bdir, defects)
+    check_mask_stems(bdir, [d.path for d in defects])  # and the real_ copies are named by stem too
     if len(defects) < MIN_DEFECTS:
         raise DataError(f"{bdir}: {len(defects)} defective images; synthesize needs at least {MIN_DEFECTS} real "
                         f"defects with masks")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from inspectd.cli import main
+from inspectd.engines.preprocess import list_images
 
 
 def test_eval_writes_report_csv_plots_and_overlays(capsys, tmp_path, tiny_bundle, synthetic_parts):
@@ -75,6 +77,16 @@ def test_eval_refuses_masks_it_cannot_use(capsys, tmp_path, tiny_bundle, synthet
                      "--bad", str(synthetic_parts.test_bad), "--masks", str(masks), "--out", str(tmp_path / "r")])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 1 and expected in err[-1], err[-3:]
+    assert not (tmp_path / "r").exists()
+    # two defective images sharing a stem would be scored against one mask: refused, naming both
+    bad = tmp_path / "bad"
+    shutil.copytree(synthetic_parts.test_bad, bad)
+    first = list_images(bad)[0]
+    cv2.imwrite(str(bad / f"{first.stem}.bmp"), cv2.imread(str(first)))
+    code = main(["eval", "--bundle", str(tiny_bundle), "--good", str(synthetic_parts.test_good), "--bad", str(bad),
+                 "--masks", str(synthetic_parts.masks), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and f"{first.stem}.bmp and {first.name} share the name {first.stem}" in err[-1], err[-3:]
     assert not (tmp_path / "r").exists()
 
 
