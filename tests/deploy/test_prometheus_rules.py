@@ -60,6 +60,13 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
     ("unless on (job, box, instance, line) (inspectd_source_triggered == 1)", "", "InspectdNoFrames"),
     ("> 0.01", "> 0.10", "InspectdDeadlineMisses"),
     (">= 20", ">= 1", "InspectdNgRateSpike"),
+    # Without the absolute branch a line at 100 % NG after an idle hour (0/0 = NaN baseline) or
+    # a new line (no offset sample) never alerts.
+    (") > 0.5\n", ") > 1.5\n", "InspectdNgRateSpike"),
+    # A handful of setup parts must not count as a baseline.
+    ("[1h] offset 5m)) >= 20", "[1h] offset 5m)) >= 0", "InspectdNgRateSpike"),
+    # A line NG since it came back must not become its own baseline (the alert would resolve).
+    (") <= 0.5", ") <= 1", "InspectdNgRateSpike"),
     # The old fallback rule fired for ever on a CPU-only box that never had TensorRT.
     ("""increase(inspectd_backend_fallbacks_total[30m]) > 0
           or
