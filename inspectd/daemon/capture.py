@@ -13,12 +13,16 @@ the line's ROI.
 
 All or nothing: frames go to a staging folder next to OUT (each file temp + rename + fsync) and
 the folder is renamed into place at the end, so OUT holds a complete capture or what it held
-before. `capture.json` in it records the line, the source, the frames and their shape.
+before. `capture.json` in it records the line, the source, the frames and their shape. OUT is
+looked at again before the rename: if anything was put in it since the check (a second capture,
+an operator's images), nothing is replaced and the frames stay in a sibling folder the error names.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -58,9 +62,39 @@ class CaptureResult:
         return f"inspectd train --good {self.out}{roi} --out {bundle}"
 
 
-def _check_out(out: Path, force: bool, inputs: tuple[Path | None, ...] = ()) -> None:
+@dataclass(frozen=True)
+class _Seen:
+    """What OUT held when it was checked: the folder's identity and every entry's, so publishing
+    hours later can tell whether anything was added, changed or swapped in since."""
+
+    folder: tuple[int, int] | None  # (st_dev, st_ino); None: OUT did not exist
+    entries: frozenset[tuple[str, int, int, int]] = frozenset()  # (relative path, inode, size, mtime_ns)
+
+
+def _look(out: Path) -> _Seen:
+    """OUT's identity and contents now (see _Seen)."""
+    try:
+        st = out.stat()
+    except FileNotFoundError:
+        return _Seen(None)
+    if not out.is_dir():
+        return _Seen((st.st_dev, st.st_ino))
+    entries = set()
+    for root, dirs, files in os.walk(out):
+        for name in dirs + files:
+            path = Path(root, name)
+            try:
+                s = path.lstat()
+            except FileNotFoundError:  # removed while we look: the set differs from the check's anyway
+                continue
+            entries.add((str(path.relative_to(out)), s.st_ino, s.st_size, s.st_mtime_ns))
+    return _Seen((st.st_dev, st.st_ino), frozenset(entries))
+
+
+def _check_out(out: Path, force: bool, inputs: tuple[Path | None, ...] = ()) -> _Seen:
     """--out may be new, empty, or (with --force) a folder an earlier capture made; never the line's
-    own input or bundle, nor a folder holding them (a replaced folder is deleted)."""
+    own input or bundle, nor a folder holding them (a replaced folder is deleted). Returns what OUT
+    held, for `_publish` to replace that and nothing else."""
     for taken in inputs:
         if taken is not None and is_or_holds(out, taken):
             raise DataError(f"{out}: is or holds the line's {taken}; a capture goes to a folder of its own")
@@ -72,6 +106,11 @@ def _check_out(out: Path, force: bool, inputs: tuple[Path | None, ...] = ()) -> 
         if not (out / MANIFEST).is_file():
             raise DataError(f"{out}: folder not made by inspectd capture (no {MANIFEST}): --force replaces "
                             f"only an earlier capture; choose another --out")
+    return _look(out)
+
+
+class _OutChanged(Exception):
+    """OUT is no longer what `_check_out` saw: publishing would delete what someone put there."""
 
 
 def _encode_png(image: np.ndarray, name: str) -> bytes:
@@ -113,7 +152,7 @@ def capture(config_path: str | os.PathLike, line_id: str, out: str | os.PathLike
     config = load_config(config_path)
     line = config.line(line_id)
     out = Path(out).expanduser()
-    _check_out(out, force, (getattr(line.source, "path", None), line.bundle))
+    seen = _check_out(out, force, (getattr(line.source, "path", None), line.bundle))
     say = progress or (lambda text: None)
     source = make_source(line)
     t0 = time.monotonic()
@@ -140,6 +179,7 @@ def capture(config_path: str | os.PathLike, line_id: str, out: str | os.PathLike
     except OSError as exc:
         raise InspectdError(f"cannot create a folder next to {out}: {exc.strerror or exc}") from None
     files: list[Path] = []
+    kept: Path | None = None  # where the frames stay when OUT changed during the capture
     frames_read = 0
     shape: tuple[int, ...] = ()
     try:
@@ -194,31 +234,76 @@ def capture(config_path: str | os.PathLike, line_id: str, out: str | os.PathLike
                          sync_dir=False)
             fsync_dir(staging)
             os.chmod(staging, 0o755)  # mkdtemp makes it 0700: the service user reads it for training
-            _publish(staging, out)
+            _publish(staging, out, seen)
+        except _OutChanged as exc:
+            kept = _keep(staging)
+            raise DataError(f"{out}: {exc} during the capture, not replaced (nothing deleted); the {len(files)} "
+                            f"frames captured are kept in {kept}") from None
         except OSError as exc:
             raise _no_space(exc, out, len(files), count) from None
     finally:
         source.close()
-        if staging.exists():
+        if kept is None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return CaptureResult(out=out, files=files, shape=shape, frames_read=frames_read,
                          seconds=time.monotonic() - t0, roi=line.roi, bundle=line.bundle)
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Rename the finished staging folder to `out` (an existing `out` is replaced)."""
-    if not out.exists():
-        os.replace(staging, out)
-    elif not any(out.iterdir()):
-        os.replace(staging, out)  # rename(2) replaces an empty folder
-    else:
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+def _publish(staging: Path, out: Path, seen: _Seen) -> None:
+    """Rename the finished staging folder to `out`. A non-empty `out` is replaced only if it is still
+    exactly what `_check_out` saw (an earlier capture, with --force): the capture may have lasted
+    hours, and what was put in `out` meanwhile (an operator's images, a second capture) is not ours
+    to delete. Raises _OutChanged then."""
     from inspectd.fileio import fsync_dir
 
+    aside: Path | None = None
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if seen.folder is None or _look(out) != seen:
+            raise _OutChanged("was created and filled" if seen.folder is None
+                              else "was filled" if not seen.entries else "changed")
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / "x"
+        os.replace(out, aside)
+        if _look(aside) != seen:  # written to between the look and the move: put it back
+            _put_back(aside, out)
+            raise _OutChanged("changed")
+    try:
+        os.replace(staging, out)  # rename(2) takes a new or empty folder, never a non-empty one
+    except OSError as exc:
+        if aside is not None:
+            _put_back(aside, out)
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):  # filled since the look
+            raise _OutChanged("was filled") from None
+        raise
+    if aside is not None:
+        shutil.rmtree(aside.parent, ignore_errors=True)
     fsync_dir(out.parent)
+
+
+def _put_back(aside: Path, out: Path) -> None:
+    """Return OUT's old contents from `aside`; if OUT was recreated meanwhile, leave them in `aside`
+    (a sibling of OUT), never delete them."""
+    try:
+        os.replace(aside, out)
+        aside.parent.rmdir()
+    except OSError:
+        log.warning("%s was recreated meanwhile; its previous contents are in %s", out, aside)
+
+
+def _keep(staging: Path) -> Path:
+    """Make the refused capture's staging folder a visible sibling of OUT (not a hidden temp folder
+    that looks like litter) and return where it is."""
+    visible = staging.with_name(staging.name.lstrip("."))
+    try:
+        visible.mkdir()  # claims the name: os.replace would take an existing empty folder silently
+    except OSError:
+        return staging
+    try:
+        os.replace(staging, visible)
+        return visible
+    except OSError:
+        with contextlib.suppress(OSError):
+            visible.rmdir()
+        return staging
 
 
 # ------------------------------------------------------------------------------ CLI

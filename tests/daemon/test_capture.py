@@ -173,3 +173,83 @@ def test_force_replaces_a_previous_capture_only(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not made by inspectd capture"):
         capture(cfg, "l1", notes, count=2, force=True)
     assert (notes / "notes.txt").read_text() == "keep me"
+
+
+def _frames_kept(err: str, out: Path) -> Path:
+    """The folder a refused capture names as holding its frames (a sibling of OUT)."""
+    kept = Path(err.rsplit(" kept in ", 1)[1].split()[0])
+    assert kept.parent == out.parent and kept.is_dir()
+    return kept
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_files_put_in_out_during_the_capture_are_never_deleted(tmp_path: Path, force: bool) -> None:
+    """OUT is checked before a capture that can last hours. An operator copying images into OUT
+    meanwhile (OUT new, or a previous capture replaced with --force) makes the capture refuse to
+    publish, in one line naming OUT and the folder with its frames: nothing is deleted."""
+    folder = _replay_folder(tmp_path / "replay")
+    cfg = _config(tmp_path / "lines.yaml", [_replay_line("l1", folder)])
+    out = tmp_path / "teach"
+    if force:
+        capture(cfg, "l1", out, count=2)  # a previous capture: --force may replace it, not what came since
+    before = sorted(p.name for p in out.iterdir()) if force else []
+
+    def operator_copies_images(text: str) -> None:
+        if text.startswith("capturing"):
+            out.mkdir(exist_ok=True)
+            (out / "other_teach_set_0001.png").write_bytes(b"precious")
+
+    with pytest.raises(DataError) as info:
+        capture(cfg, "l1", out, count=3, force=force, progress=operator_copies_images)
+    err = str(info.value)
+    assert "\n" not in err and err.startswith(f"{out}: ") and "during the capture" in err, err
+    assert (out / "other_teach_set_0001.png").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.iterdir()) == sorted(before + ["other_teach_set_0001.png"])
+    kept = _frames_kept(err, out)
+    assert [p.name for p in list_images(kept)] == [f"frame_{i:05d}.png" for i in range(1, 4)]
+    assert json.loads((kept / MANIFEST).read_text())["frames"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden staging or old folder
+
+
+def test_a_second_capture_to_the_same_out_is_not_replaced(tmp_path: Path) -> None:
+    """Two captures to the same --out with --force over a previous capture: the one that finishes
+    second must not delete the first one's frames (they were not there when it checked OUT)."""
+    folder = _replay_folder(tmp_path / "replay")
+    cfg = _config(tmp_path / "lines.yaml", [_replay_line("l1", folder)])
+    out = tmp_path / "teach"
+    capture(cfg, "l1", out, count=2)
+    second: list[Any] = []
+
+    def second_capture_meanwhile(text: str) -> None:
+        if text.startswith("capturing") and not second:
+            second.append(capture(cfg, "l1", out, count=5, force=True))
+
+    with pytest.raises(DataError, match=rf"^{out}: .*during the capture.* kept in ") as info:
+        capture(cfg, "l1", out, count=3, force=True, progress=second_capture_meanwhile)
+    assert json.loads((out / MANIFEST).read_text())["frames"] == 5 and len(list_images(out)) == 5
+    assert len(list_images(_frames_kept(str(info.value), out))) == 3
+
+
+def test_cli_refuses_when_out_was_filled_during_the_capture(tmp_path: Path) -> None:
+    """The real command on a paced replay (10 fps): a file copied into OUT while it runs is kept, the
+    command exits 1 with one error line naming OUT and where the frames are."""
+    folder = _replay_folder(tmp_path / "replay", n=30)
+    cfg = _config(tmp_path / "lines.yaml", [_replay_line("l1", folder, source={"type": "replay",
+                                                                                "path": str(folder), "fps": 10})])
+    out = tmp_path / "teach"
+    proc = subprocess.Popen(CAPTURE + ["--config", str(cfg), "--line", "l1", "--out", str(out), "--count", "25"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("capturing 25 frames")
+        out.mkdir()
+        (out / "operator.png").write_bytes(b"precious")
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    err = [line for line in stderr.splitlines() if "error" in line]  # beside INFO log lines
+    assert proc.returncode == 1 and len(err) == 1 and str(out) in err[0], stderr
+    assert (out / "operator.png").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.iterdir()) == ["operator.png"]
+    assert len(list_images(_frames_kept(err[0], out))) == 25
