@@ -27,6 +27,7 @@ from inspectd.errors import ConfigError
 AUDIT_FILE = "audit.jsonl"
 AUDIT_MODE = 0o640
 _TAIL_BYTES = 65536
+MAX_REASON_CHARS = 1000  # a reason is a note for people; requester is capped at 200 (control.py)
 
 
 def audit_path(state_dir: str | os.PathLike) -> Path:
@@ -46,17 +47,32 @@ def local_who(via: str = "cli") -> dict[str, Any]:
     return {"uid": uid, "user": user_name(uid), "pid": os.getpid(), "via": via}
 
 
+def cap_reason(reason: str | None) -> str | None:
+    """A reason as recorded: at most MAX_REASON_CHARS, cut with an ellipsis (never refused: the
+    change matters more than its note, and a huge note would bloat every reader of the log)."""
+    if reason is None or len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return reason[:MAX_REASON_CHARS - 1] + "\u2026"
+
+
 def _last_generation(fd: int) -> int:
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return 0
-    start = max(0, size - _TAIL_BYTES)
-    data = os.pread(fd, size - start, start)
-    for raw in reversed(data.splitlines()):
-        try:
-            return int(json.loads(raw)["generation"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a partial first line of the tail window, or a foreign line
+    """The generation of the last readable record. Reads back from the end in growing windows until
+    a complete line parses: a record can be longer than any fixed tail (a long `old`/`new`), and a
+    tail holding only part of one must not read as 0 (the next generation would restart at 1)."""
+    pos = os.fstat(fd).st_size
+    step = _TAIL_BYTES
+    head = b""  # the start of the earliest line read so far: incomplete until its newline is read
+    while pos > 0:
+        start = max(0, pos - step)
+        lines = (os.pread(fd, pos - start, start) + head).split(b"\n")
+        pos = start
+        head = lines.pop(0) if start > 0 else b""
+        for raw in reversed(lines):
+            try:
+                return int(json.loads(raw)["generation"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a record torn by a crash, or a foreign line: the one before counts
+        step *= 2  # a long line: fewer, larger reads
     return 0
 
 

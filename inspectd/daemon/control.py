@@ -9,7 +9,7 @@ peer that is not root, not the daemon's user and not in the socket's group (e.g.
 the socket world-writable). The peer's uid/user/pid go into the audit record of every change.
 
 Requests: {"op": "list"|"recipe"|"shadow"|"promote"|"rollback", "line": L, ...,
-"reason": optional text, "via": "cli"|"mqtt"|"opcua", "requester": optional text,
+"reason": optional text (cut to 1,000 characters), "via": "cli"|"mqtt"|"opcua", "requester": optional text,
 "answer_within_s": how long the requester waits (a change not done by then is not made)}.
 Responses: {"ok": true, ...} or {"ok": false, "error": "why"}.
 """
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from inspectd.daemon.audit import user_name
+from inspectd.daemon.audit import cap_reason, user_name
 from inspectd.errors import InspectdError
 
 log = logging.getLogger("inspectd.control")
@@ -174,6 +174,8 @@ class ControlServer:
                         who["via"] = f"socket/{via}"
                     if isinstance(request.get("requester"), str):
                         who["requester"] = request["requester"][:200]
+                    if isinstance(request.get("reason"), str):  # cut, never refused: it lands in the audit log
+                        request["reason"] = cap_reason(request["reason"])
                     try:
                         response = dict(self.handler(request, who), ok=True)
                     except InspectdError as exc:

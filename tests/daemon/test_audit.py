@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from inspectd.daemon.audit import AuditLog, audit_path, local_who
+from inspectd.daemon.control import request, socket_path
 from tests.daemon.test_recipes import _Collector, _config, _replay
 from tests.daemon.test_run import Daemon
 from tests.helpers import fill_filesystem
@@ -70,3 +71,50 @@ def test_an_unreadable_audit_log_never_stops_inspection(tmp_path: Path, tiny_bun
         code = daemon.proc.wait(10)
         col.close()
     assert code == 0, "\n".join(daemon.lines[-20:])
+
+
+def test_a_record_longer_than_the_tail_window_keeps_generations_increasing(tmp_path: Path) -> None:
+    """The last generation is read from the end of the log; a last record longer than any fixed tail
+    (64 KiB used to be read) must not make the next generation start again at 1. Nor must such a
+    record followed by one torn by a crash."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for _ in range(3):
+        log.append("line1", "recipe", "A", "B", local_who(), "normal")
+    assert log.append("line1", "recipe", "B", "A", local_who(), "x" * 200_000)["generation"] == 4
+    assert log.generation() == 4
+    assert log.append("line1", "recipe", "A", "B", local_who(), "normal")["generation"] == 5
+    log.append("line1", "shadow", None, {"bundle": "b" * 150_000}, local_who())
+    with log.path.open("ab") as f:
+        f.write(b'{"time": "torn by a crash", "generation": 9')   # no newline: a torn last record
+    assert log.generation() == 6
+    assert log.append("line1", "promote", "A", "B", local_who())["generation"] == 7
+    assert [r["generation"] for r in log.records()] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_huge_reason_over_the_control_socket_is_cut_never_refused(tmp_path: Path, tiny_bundle: Path,
+                                                                     synthetic_parts: Any) -> None:
+    """A recipe switch asked over the control socket (the CLI, MQTT and OPC UA bridges) with a ~65 KB
+    reason: the switch is made, the audit keeps the first 1,000 characters (ending with an
+    ellipsis), and generations stay strictly increasing: the long record used to restart them at 1."""
+    replay = _replay(tmp_path, synthetic_parts)
+    cfg = _config(tmp_path, replay, tiny_bundle,
+                  recipes=[{"name": "B", "bundle": str(tiny_bundle), "threshold": 3.0}])
+    sock = socket_path(tmp_path / "state")
+    daemon = Daemon(cfg)
+    try:
+        daemon.wait_log(r"ready: line1")
+        long_reason = "order 4711 " + "x" * 65_200          # the request still fits the socket's 64 KiB
+        for name, reason in (("B", long_reason), ("default", "back"), ("B", "again")):
+            answer = request(sock, {"op": "recipe", "line": "line1", "name": name, "reason": reason})
+            assert answer["ok"], answer
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        code = daemon.proc.wait(10)
+    assert code == 0, "\n".join(daemon.lines[-20:])
+    records = list(AuditLog(audit_path(tmp_path / "state")).records())
+    assert [(r["what"], r["new"]["recipe"]) for r in records] == [("recipe", "B"), ("recipe", "default"),
+                                                                  ("recipe", "B")], records
+    assert [r["generation"] for r in records] == [1, 2, 3]
+    cut = records[0]["reason"]
+    assert len(cut) == 1000 and cut.endswith("…") and cut[:-1] == long_reason[:999]
+    assert [r["reason"] for r in records[1:]] == ["back", "again"]
