@@ -3,7 +3,8 @@ default) for the people at the line.
 
     /  or /live             the page (inline HTML/CSS/JS, nothing from the internet); it polls
     /live/status.json       per line: status (camera, engine, backend, threshold), OK/NG/SKIP counts,
-                            the latest NG frame; the last verdicts (`?since=SEQ`: only newer ones)
+                            the latest NG frame; the last verdicts (`?since=SEQ`: only newer ones;
+                            anything but a whole number is a 400)
     /live/<line>/ng.png     the latest NG frame at camera resolution with its heatmap overlay
 
 `LiveSink` (one per line, wired in run.py with the other sinks) runs in the worker / deadline
@@ -22,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
+from urllib.parse import parse_qsl
 
 import numpy as np
 
@@ -32,6 +34,8 @@ __all__ = ["LiveView", "LiveSink", "render_overlay"]
 
 KEEP_VERDICTS = 100   # the last verdicts over all lines, for the table
 _NG_PATH = re.compile(r"^/live/([A-Za-z0-9_-]+)/ng\.png$")
+MAX_INT_ARG_DIGITS = 18  # `since` is a verdict sequence number: 18 digits outlast any daemon
+_DIGITS = re.compile(f"[0-9]{{1,{MAX_INT_ARG_DIGITS}}}")
 
 
 @dataclass
@@ -138,6 +142,10 @@ class LiveView:
             return _respond(start_response, "200 OK", "text/html; charset=utf-8", PAGE.encode(), [], method)
         if path == "/live/status.json":
             since = _int_arg(environ.get("QUERY_STRING", ""), "since")
+            if since is None:
+                return _respond(start_response, "400 Bad Request", "text/plain; charset=utf-8",
+                                f"since: expected a whole number of 1 to {MAX_INT_ARG_DIGITS} digits\n".encode(),
+                                [], method)
             body = json.dumps(self.snapshot(since), separators=(",", ":")).encode()
             return _respond(start_response, "200 OK", "application/json", body, [], method)
         m = _NG_PATH.match(path)
@@ -191,11 +199,13 @@ def _encode_png(bgr: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _int_arg(query: str, name: str) -> int:
-    for part in query.split("&"):
-        key, _, value = part.partition("=")
-        if key == name and value.isdigit():
-            return int(value)
+def _int_arg(query: str, name: str) -> int | None:
+    """`name`'s value in `query` (the first one): 0 if absent, None unless 1 to MAX_INT_ARG_DIGITS
+    ASCII digits. Not str.isdigit(): it takes '\u00b2', which int() refuses, and thousands of
+    digits, which int() refuses too (and parses slowly): either was a 500 and a traceback."""
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key == name:
+            return int(value) if _DIGITS.fullmatch(value) else None
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -21,6 +22,7 @@ import pytest
 
 from inspectd.daemon.frame import Frame, Verdict
 from inspectd.daemon.live import LiveView, render_overlay
+from inspectd.daemon.metrics import Metrics
 from tests.daemon.test_run import Daemon, _write_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -197,3 +199,45 @@ def test_live_view_can_be_turned_off(tmp_path: Path, tiny_bundle: Path, syntheti
         assert not any("live view on" in line for line in daemon.lines)
     finally:
         daemon.kill()
+
+
+def _raw_get(port: int, target: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.0 GET with the request target sent byte for byte (urllib would percent-encode it:
+    the WSGI server hands the query on raw, decoded as latin-1)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"GET " + target + b" HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.parametrize("since", [b"\xb2", b"%C2%B2", b"\xb9", b"9" * 5000, b"9" * 19, b"-1", b"1.5", b"0x10", b""],
+                         ids=["superscript-two", "percent-encoded-superscript-two", "superscript-one", "5000-digits",
+                              "19-digits", "negative", "fraction", "hex", "empty"])
+def test_a_bad_since_is_a_400_never_a_500(since: bytes, capfd: pytest.CaptureFixture[str]) -> None:
+    """`since=` on the daemon's real HTTP server: '²' passes str.isdigit() but not int(), and 5,000
+    digits pass isdigit() but exceed int()'s limit; both were a 500 with a traceback in the journal.
+    Anything but 1 to 18 ASCII digits is a 400 saying why; good values still filter."""
+    view = LiveView()
+    sink = view.add_line("line1", lambda: {"state": "ok"}, lambda: None)
+    image = np.zeros((4, 4), np.uint8)
+    for fid in range(1, 4):
+        sink.accept(_verdict("line1", fid, "OK", image, None))
+    server = Metrics().serve("127.0.0.1", 0, live=view)
+    try:
+        status, body = _raw_get(server.port, b"/live/status.json?since=" + since)
+        assert status == 400 and body == b"since: expected a whole number of 1 to 18 digits\n", (status, body[:300])
+        # The first `since` counts, wherever it stands.
+        assert _raw_get(server.port, b"/live/status.json?x=1&since=" + since + b"&since=2")[0] == 400
+        for target, frames in ((b"/live/status.json", [1, 2, 3]), (b"/live/status.json?since=2", [3]),
+                               (b"/live/status.json?since=" + b"9" * 18, []),
+                               (b"/live/status.json?other=%C2%B2&since=1", [2, 3]),
+                               (b"/live/status.json?since=%32", [3])):  # percent-encoded "2"
+            status, body = _raw_get(server.port, target)
+            assert status == 200, (target, status, body[:300])
+            assert [v["frame_id"] for v in json.loads(body)["verdicts"]] == frames
+    finally:
+        server.shutdown()
+    assert "Traceback" not in capfd.readouterr().err
