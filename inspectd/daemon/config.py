@@ -8,6 +8,7 @@ resolve against the file's own folder, so a config works from any working direct
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -632,6 +633,7 @@ def _pick_error(errors: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
     for err in errors:
         stripped, union_at = _walk_loc(tuple(err["loc"]))
         by_path.setdefault(union_at if union_at is not None else stripped, []).append(err)
+    by_path = _pair_misspellings(by_path)
     first_group = next(iter(by_path.values()))
     deepest = max(len(e["loc"]) for e in first_group)
     members = [e for e in first_group if len(e["loc"]) == deepest]
@@ -640,9 +642,34 @@ def _pick_error(errors: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
     return chosen, len(by_path)
 
 
+def _pair_misspellings(by_path: dict[tuple[Any, ...], list[dict[str, Any]]]
+                       ) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """`treshold:` gives two errors, `threshold` missing and `treshold` unknown: one problem, shown
+    as the unknown key with the one it resembles (in the missing one's place)."""
+    unknown = {path: group for path, group in by_path.items()
+               if path and isinstance(path[-1], str) and any(e["type"] == "extra_forbidden" for e in group)}
+    out: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    taken: set[tuple[Any, ...]] = set()
+    for path, group in by_path.items():
+        if path in taken:
+            continue
+        if path and isinstance(path[-1], str) and all(e["type"] == "missing" for e in group):
+            near = {p[-1]: p for p in unknown if p[:-1] == path[:-1] and p not in taken}
+            match = difflib.get_close_matches(path[-1], list(near), n=1, cutoff=0.6)
+            if match:
+                typo = near[match[0]]
+                taken.add(typo)
+                out[typo] = [dict(e, did_you_mean=path[-1]) for e in by_path[typo]]
+                continue
+        out[path] = group
+    return out
+
+
 def _describe_error(err: dict[str, Any]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
+        if err.get("did_you_mean"):
+            return f"unknown key (did you mean {err['did_you_mean']}?)"
         return "unknown key (not part of the schema; check the spelling)"
     if kind == "missing":
         return "required field is missing"

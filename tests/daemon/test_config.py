@@ -153,6 +153,17 @@ def test_missing_required_fields(tmp_path: Path) -> None:
     assert "lines: " in msg and "at least 1" in msg
 
 
+def test_a_misspelt_required_key_is_named_with_the_key_it_should_be(tmp_path: Path) -> None:
+    """`treshold:` makes `threshold` missing AND is an unknown key: the typo is the one problem to
+    show (before: "threshold: required field is missing (and 1 more error)", the typo never named)."""
+    msg = _error(_write(tmp_path, MINIMAL.replace("    threshold: 3.0\n", "    treshold: 3.0\n")))
+    assert "lines[0].treshold: unknown key" in msg and "did you mean threshold?" in msg, msg
+    assert "more error" not in msg, msg
+    msg = _error(_write(tmp_path, MINIMAL.replace("    threshold: 3.0\n", "    treshold: 3.0\n").replace(
+        "    bundle:", "    bundel:")))
+    assert "lines[0].bundel: unknown key" in msg and "did you mean bundle?" in msg and "(and 1 more error)" in msg, msg
+
+
 def test_several_errors_are_counted(tmp_path: Path) -> None:
     text = FULL.replace("queue_size: 2", "queue_size: 0").replace("fps: 25", "fps: 0")
     msg = _error(_write(tmp_path, text))
