@@ -127,15 +127,21 @@ def make_subscriber(settings: BridgeSettings, on_verdict: Callable[[Message], No
                              curve=settings.curve)
 
 
-def recipe_request(settings: BridgeSettings, line: str, payload: bytes | str, via: str) -> dict[str, Any]:
+def recipe_request(settings: BridgeSettings, line: str, payload: bytes | str, via: str,
+                   answer_within_s: float | None = None) -> dict[str, Any]:
     """A recipe switch asked on the PLC side (MQTT recipe/set, OPC UA SetRecipe), forwarded to the
     daemon's control socket (<state_dir>/control.sock, same box). `payload`: the recipe name, or
     JSON {"name": ..., "reason": ..., "requester": ...}. Authentication on the PLC side is the
     broker's / server's (ACLs, certificates); the socket admits this bridge by its user/group and
-    audits the switch as `socket/<via>`. The answer is {"ok": bool, ...} (never raises)."""
-    import json as _json
+    audits the switch as `socket/<via>`. The answer is {"ok": bool, ...} (never raises).
 
-    from inspectd.daemon.control import request, socket_path
+    `answer_within_s`: how long the PLC side waits for the answer (None: the control socket's
+    default, for MQTT, whose answer goes out whenever it is ready). The daemon is told, and makes no
+    change it cannot answer within it; the bridge waits no longer either."""
+    import json as _json
+    import time as _time
+
+    from inspectd.daemon.control import CLIENT_TIMEOUT_S, request, socket_path
     from inspectd.errors import InspectdError
 
     text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else str(payload)
@@ -156,10 +162,17 @@ def recipe_request(settings: BridgeSettings, line: str, payload: bytes | str, vi
     req = {"op": "recipe", "line": line, "name": name, "via": via,
            "reason": body.get("reason") if isinstance(body.get("reason"), str) else f"requested over {via}",
            "requester": str(body.get("requester"))[:200] if body.get("requester") is not None else None}
+    wait_s = CLIENT_TIMEOUT_S if answer_within_s is None else answer_within_s
+    started = _time.monotonic()
     try:
-        answer = request(socket_path(settings.config.state_dir), req)
+        answer = request(socket_path(settings.config.state_dir), req, timeout_s=wait_s)
     except InspectdError as exc:
-        answer = {"ok": False, "error": str(exc)}
+        if _time.monotonic() - started >= wait_s:   # our wait ran out: the daemon's deadline had passed
+            answer = {"ok": False, "error": f"recipe {name!r} not switched within {wait_s:g} s (what the "
+                                            f"{via} caller waits); nothing changed (a recipe with "
+                                            f"preload: true switches at once)"}
+        else:
+            answer = {"ok": False, "error": str(exc)}
     answer.setdefault("line", line)
     answer["requested"] = name
     return answer

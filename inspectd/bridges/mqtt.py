@@ -15,6 +15,13 @@ heartbeat intervals), "blind" when the camera is lost, "engine_failed" when the 
 "stopping" while the daemon stops.
 paho's network thread reconnects to a restarted broker (backoff 0.5 .. 5 s); on every (re)connect
 the current status is published again, so a broker without persistence gets it back.
+
+The retained status is always the line's newest: paho holds at most one status message per line
+(a change while one is unacknowledged waits for its PUBACK and then sends the newest), a status
+change while the broker is away is only noted (the reconnect publishes the newest), and verdicts
+and recipe answers never take the places kept for it. A stopping bridge publishes 'offline'; if the
+broker does not acknowledge it in time, the bridge closes the connection without DISCONNECT, so
+the broker publishes the will ('offline') instead of keeping an older status.
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import ssl
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +48,9 @@ log = logging.getLogger("inspectd.bridges.mqtt")
 
 MAX_QUEUED = 10000   # verdicts held while the broker is away (oldest kept; then new ones are dropped)
 STATUS_ROOM = 16     # places in each line's queue that verdicts never take: status and recipe answers
+STATUS_KEEP = 4      # of those, places recipe answers never take: the one status, the final 'offline'
+FINAL_STATUS_WAIT_S = 2.0   # stop(): how long the broker may take to acknowledge 'offline'
+_CLAIMED = -1        # _status_mid while a status is being handed to paho (its mid not known yet)
 
 
 def read_password_file(path: Path, source: str) -> str:
@@ -78,6 +90,11 @@ class MqttBridge:
         self._lock = threading.Lock()
         self._status: dict[str, dict[str, Any]] = {}
         self._status_version: dict[str, int] = {line: 0 for line in settings.lines}
+        # The version of the newest status handed to paho, and the id of the status message paho
+        # still holds (None: none; _CLAIMED: being handed over). At most one per line: see _publish_status.
+        self._status_sent: dict[str, int] = {line: -1 for line in settings.lines}
+        self._status_mid: dict[str, int | None] = {line: None for line in settings.lines}
+        self._closing = False
         # Message ids paho still holds per line, until on_publish: verdicts (they count against the
         # queue's room), everything else, and acknowledgements that came before their id was noted.
         self._held: dict[str, set[int]] = {line: set() for line in settings.lines}
@@ -108,6 +125,9 @@ class MqttBridge:
         client.on_publish = lambda c, userdata, mid, rc=None, props=None, _line=line: self._on_published(_line, mid)
         client.reconnect_delay_set(min_delay=1, max_delay=5)
         client.max_queued_messages_set(MAX_QUEUED)
+        # Everything held may be in flight: with paho's default (20), a status published while a
+        # backlog drains after a reconnect would wait for the whole backlog to be acknowledged.
+        client.max_inflight_messages_set(MAX_QUEUED)
         client.on_connect = lambda c, userdata, flags, rc, props=None, _line=line: self._on_connect(_line, rc)
         client.on_disconnect = (lambda c, userdata, flags, rc, props=None, _line=line:
                                 log.warning("line %s: MQTT broker %s:%d disconnected (%s); reconnecting",
@@ -121,12 +141,21 @@ class MqttBridge:
             return
         log.info("line %s: connected to MQTT broker %s:%d", line, self.cfg.host, self.cfg.port)
         self.clients[line].subscribe(self.topic(line, "recipe/set"), qos=1)
-        self._publish_status(line)
+        self._publish_status(line, reconnected=True)
+
+    def _held_count(self, line: str) -> int:
+        """Messages paho holds for the line (call with self._lock held)."""
+        return len(self._held[line]) + len(self._other[line]) + (self._status_mid[line] is not None)
 
     def _publish(self, line: str, kind: str, payload: str, qos: int, retain: bool = False,
                  verdict: bool = False) -> int:
-        """client.publish (no lock of ours held), then note the message id paho will acknowledge."""
+        """client.publish (no lock of ours held), then note the message id paho will acknowledge.
+        Verdicts and recipe answers leave places free for the status (paho refuses at MAX_QUEUED)."""
         mqtt = self._mqtt
+        with self._lock:
+            full = self._held_count(line) >= MAX_QUEUED - (STATUS_ROOM if verdict else STATUS_KEEP)
+        if full:
+            return mqtt.MQTT_ERR_QUEUE_SIZE
         info = self.clients[line].publish(self.topic(line, kind), payload, qos=qos, retain=retain)
         if info.rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):  # paho holds it
             with self._lock:
@@ -136,28 +165,61 @@ class MqttBridge:
                     (self._held if verdict else self._other)[line].add(info.mid)
         return info.rc
 
-    def _publish_status(self, line: str) -> None:
-        """Publish the line's newest status, again if a newer one came meanwhile (from the other
-        thread): the retained status is always the newest."""
+    def _publish_status(self, line: str, reconnected: bool = False) -> None:
+        """Hand paho the line's newest status, if it has not got it yet (`reconnected`: again anyway,
+        a restarted broker may have lost it). paho resends what it holds, in order, after a
+        reconnect, and after what on_connect publishes: a second, older status still held would
+        overwrite the newer one on the broker. So paho holds at most one status per line; a newer
+        one waits for that one's PUBACK (_on_published). While the broker is away a change is only
+        noted: on_connect publishes the newest, ahead of the verdicts held meanwhile."""
+        mqtt = self._mqtt
+        client = self.clients[line]
         while True:
+            connected = client.is_connected()
             with self._lock:
                 version = self._status_version[line]
-                payload = self._status.get(line) or status_payload(LineStatus(line))
-            rc = self._publish(line, "status", json.dumps(payload), qos=1, retain=True)
-            if rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
-                log.error("line %s: status %s not queued for MQTT (%s)", line, payload.get("status"),
-                          self._mqtt.error_string(rc))
-            with self._lock:
-                if self._status_version[line] == version:
+                if (self._closing or not connected or self._status_mid[line] is not None
+                        or (self._status_sent[line] == version and not reconnected)):
                     return
+                self._status_mid[line] = _CLAIMED
+                payload = self._status.get(line) or status_payload(LineStatus(line))
+            info = client.publish(self.topic(line, "status"), json.dumps(payload), qos=1, retain=True)
+            held = info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
+            with self._lock:
+                self._status_mid[line] = None
+                if held:
+                    self._status_sent[line] = version
+                    if info.mid in self._early[line]:   # acknowledged already: a newer one may be due
+                        self._early[line].discard(info.mid)
+                    else:
+                        self._status_mid[line] = info.mid
+                        return
+            if not held:
+                # Not expected (places are kept for it); the next PUBACK or reconnect tries again.
+                log.error("line %s: status %s not queued for MQTT (%s)", line, payload.get("status"),
+                          mqtt.error_string(info.rc))
+                return
+            reconnected = False
 
     def _on_published(self, line: str, mid: int) -> None:
+        """paho's network thread (paho's outgoing-message lock held; publish() may be called: it is
+        reentrant for this thread)."""
         with self._lock:
-            for pending in (self._held[line], self._other[line]):
-                if mid in pending:
-                    pending.discard(mid)
-                    return
-            self._early[line].add(mid)  # acknowledged before _publish noted it
+            if mid == self._status_mid[line]:
+                self._status_mid[line] = None
+                due = True
+            else:
+                for pending in (self._held[line], self._other[line]):
+                    if mid in pending:
+                        pending.discard(mid)
+                        break
+                else:
+                    self._early[line].add(mid)  # acknowledged before _publish noted it
+                # a status that could not be queued gets another try once there is room
+                due = self._status_mid[line] is None
+            due = due and self._status_sent[line] != self._status_version[line]
+        if due:
+            self._publish_status(line)
 
     def _on_message(self, line: str, message: Any) -> None:
         if message.topic != self.topic(line, "recipe/set"):
@@ -177,7 +239,10 @@ class MqttBridge:
         answer = recipe_request(self.settings, line, payload, "mqtt")
         log.info("line %s: recipe request %r over MQTT: %s", line, answer.get("requested"),
                  "done" if answer.get("ok") else f"refused: {answer.get('error')}")
-        self._publish(line, "recipe/result", json.dumps(answer, default=str), qos=1)
+        rc = self._publish(line, "recipe/result", json.dumps(answer, default=str), qos=1)
+        if rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
+            log.error("line %s: recipe answer for %r not queued for MQTT (%s)", line, answer.get("requested"),
+                      self._mqtt.error_string(rc))
 
     # ---- subscriber callbacks (subscriber thread) ----------------------------------------------
     def _on_status(self, line: str, status: LineStatus) -> None:
@@ -192,12 +257,9 @@ class MqttBridge:
         if msg.line not in self.clients:
             return
         mqtt = self._mqtt
-        with self._lock:
-            # Verdicts never take the last places of paho's queue: a status change during a long
-            # broker outage must still be queued (and so retained once the broker is back).
-            full = len(self._held[msg.line]) >= MAX_QUEUED - STATUS_ROOM
-        rc = mqtt.MQTT_ERR_QUEUE_SIZE if full else self._publish(
-            msg.line, "verdict", json.dumps(verdict_payload(msg)), qos=self.cfg.qos, verdict=True)
+        # Verdicts never take the last places of paho's queue (see _publish): the status and the
+        # final 'offline' must still fit after a long broker outage.
+        rc = self._publish(msg.line, "verdict", json.dumps(verdict_payload(msg)), qos=self.cfg.qos, verdict=True)
         if rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             return
         with self._lock:
@@ -218,18 +280,55 @@ class MqttBridge:
                  self.cfg.host, self.cfg.port, self.prefix, ", ".join(self.settings.lines))
 
     def stop(self) -> None:
+        """Leave every line 'offline' on the broker. A clean disconnect cancels the will, so it is
+        made only once the broker has acknowledged our own 'offline'; otherwise the connection is
+        closed without DISCONNECT and the broker publishes the will ('offline', retained)."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True     # no status after 'offline' (a PUBACK would send one)
         self.subscriber.stop()
+        infos: dict[str, Any] = {}
         for line, client in self.clients.items():
-            # A clean disconnect does not fire the will: say offline ourselves first.
-            try:
-                info = client.publish(self.topic(line, "status"),
-                                      json.dumps(offline_payload(line, "bridge stopped")), qos=1, retain=True)
-                if client.is_connected():
-                    info.wait_for_publish(2.0)
-            except Exception as exc:  # the broker may be gone already
-                log.debug("line %s: final status not sent: %s", line, exc)
-            client.disconnect()
+            if not client.is_connected():
+                continue   # nothing can reach the broker; queued, it would not go out before we leave
+            info = client.publish(self.topic(line, "status"), json.dumps(offline_payload(line, "bridge stopped")),
+                                  qos=1, retain=True)
+            if info.rc == self._mqtt.MQTT_ERR_SUCCESS:
+                infos[line] = info
+            elif info.rc != self._mqtt.MQTT_ERR_NO_CONN:   # NO_CONN: the connection just dropped
+                log.warning("line %s: final 'offline' not queued for MQTT (%s); leaving it to the will",
+                            line, self._mqtt.error_string(info.rc))
+        end = time.monotonic() + FINAL_STATUS_WAIT_S
+        for line, client in self.clients.items():
+            info = infos.get(line)
+            if info is not None:
+                info.wait_for_publish(max(0.0, end - time.monotonic()))
+            if info is not None and info.is_published():
+                client.disconnect()
+                client.loop_stop()
+                continue
+            if client.is_connected():
+                log.warning("line %s: MQTT broker did not acknowledge 'offline' within %.0f s; closing the "
+                            "connection without DISCONNECT so the broker publishes the will", line,
+                            FINAL_STATUS_WAIT_S)
+                self._drop_connection(client)
+            else:
+                client.disconnect()   # not connected: stops the reconnect attempts
             client.loop_stop()
+
+    @staticmethod
+    def _drop_connection(client: Any) -> None:
+        """End the TCP connection without an MQTT DISCONNECT (bytes already written still go out
+        first, then the FIN): the broker treats it as a lost client and publishes its will. paho's
+        network thread sees the end of the stream; loop_stop() then keeps it from reconnecting."""
+        sock = client.socket()
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError as exc:   # already gone: the broker has lost us, the will fires anyway
+            log.debug("socket shutdown: %s", exc)
 
 
 def run(config_path: str | os.PathLike) -> int:

@@ -5,7 +5,10 @@
     CameraConnected (Boolean), Healthy (Boolean), Status (String), FramesOK (UInt64), FramesNG (UInt64)
 
 a method `SetRecipe(name: String) -> String` (JSON answer {"ok", "active"/"error"}) that forwards a
-recipe switch to the daemon's control socket (who may call it: the server's security settings),
+recipe switch to the daemon's control socket (who may call it: the server's security settings)
+and answers within `set_recipe_timeout_s` (default 3 s: an OPC UA client gives up on a call after a
+few seconds, asyncua's after 4); a switch the daemon cannot finish by then is not made and the
+answer says so (recipes switched from a PLC should be `preload: true`),
 and an `InspectdVerdictEventType` event per verdict emitted by the line's folder (properties Line,
 Verdict, FrameId, Seq, Score, Threshold, AcquiredTime, CameraTimestamp, Chunks). Healthy is True only
 while heartbeats arrive within `stale_after_s` and the daemon says the line is inspecting (camera
@@ -16,8 +19,10 @@ server's certificate and private key come from files, anonymous sessions are ref
 must present, as its X509 user identity, a certificate from `trusted_clients_dir`. Without a
 security section the server offers None/Anonymous (keep it on loopback, the default endpoint).
 
-The ZeroMQ subscriber runs in its own thread and hands messages to the server's asyncio loop
-through a bounded queue; the values are written and events fired in the loop.
+The ZeroMQ subscriber runs in its own thread and hands messages to the server's asyncio loop:
+verdicts through a bounded queue (when it is full, new ones are dropped and counted), the line's
+status apart from it, newest only, written before the next queued verdict. A status is sent only
+when it changes, so it is never dropped and never waits behind a verdict backlog.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from inspectd.errors import ConfigError
 
 log = logging.getLogger("inspectd.bridges.opcua")
 
-QUEUE_SIZE = 10000
+QUEUE_SIZE = 10000   # verdicts waiting for the loop (status updates are kept apart, never dropped)
 CERT_SUFFIXES = (".pem", ".der", ".crt", ".cer")
 
 # name -> (VariantType name, initial value)
@@ -108,33 +113,44 @@ class OpcuaBridge:
                                       f"{getattr(sec, field)} does not exist")
             _check_private(Path(sec.private_key), "bridges.opcua.security.private_key", settings.source)
             self.trusted = trusted_certificates(Path(sec.trusted_clients_dir), settings.source)
+        self.set_recipe_timeout_s: float = self.cfg.set_recipe_timeout_s  # bridges.opcua.set_recipe_timeout_s
         self.server: Any = None
         self.nodes: dict[str, dict[str, Any]] = {}
         self.events: dict[str, Any] = {}
         self.counts: dict[str, dict[str, int]] = {}
         self._queue: asyncio.Queue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.dropped = 0
+        # Loop thread only: each line's newest status not written yet, and what wakes the loop
+        # for a status or a verdict.
+        self._statuses: dict[str, dict[str, Any]] = {}
+        self._wake: asyncio.Event | None = None
+        self.dropped = 0   # verdicts dropped because the queue was full
         self.subscriber = make_subscriber(settings, self._on_verdict, self._on_status)
 
     # ---- subscriber thread -> loop ---------------------------------------------------------------
-    def _put(self, item: tuple) -> None:
-        def put() -> None:
-            try:
-                self._queue.put_nowait(item)
-            except asyncio.QueueFull:
-                self.dropped += 1
-                if self.dropped == 1 or self.dropped % 100 == 0:
-                    log.warning("OPC UA update queue full: %d update(s) dropped", self.dropped)
-        self._loop.call_soon_threadsafe(put)
+    def _put_verdict(self, item: tuple) -> None:
+        """Loop thread."""
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning("OPC UA update queue full: %d verdict(s) dropped", self.dropped)
+            return
+        self._wake.set()
+
+    def _put_status(self, line: str, payload: dict[str, Any]) -> None:
+        """Loop thread. Replaces a status of the line not written yet: only the newest matters."""
+        self._statuses[line] = payload
+        self._wake.set()
 
     def _on_verdict(self, msg: Message) -> None:
-        self._put(("verdict", msg.line, msg.header))
+        self._loop.call_soon_threadsafe(self._put_verdict, ("verdict", msg.line, msg.header))
 
     def _on_status(self, line: str, status: LineStatus) -> None:
         payload = status_payload(status)
         log.info("line %s: status %s (%s)", line, payload["status"], payload["reason"])
-        self._put(("status", line, payload))
+        self._loop.call_soon_threadsafe(self._put_status, line, payload)
 
     # ---- server ---------------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -194,7 +210,8 @@ class OpcuaBridge:
         @uamethod
         async def set_recipe(parent: Any, name: Any) -> str:
             loop = asyncio.get_running_loop()   # the socket call blocks (engine load): off the loop
-            answer = await loop.run_in_executor(None, recipe_request, self.settings, line, str(name or ""), "opcua")
+            answer = await loop.run_in_executor(None, recipe_request, self.settings, line, str(name or ""), "opcua",
+                                                self.set_recipe_timeout_s)
             log.info("line %s: recipe request %r over OPC UA: %s", line, answer.get("requested"),
                      "done" if answer.get("ok") else f"refused: {answer.get('error')}")
             return json.dumps(answer, default=str)
@@ -234,9 +251,28 @@ class OpcuaBridge:
         ev.Severity = 700 if verdict != "OK" else 100
         await gen.trigger(message=f"{line} frame {values['FrameId']}: {verdict}")
 
+    async def _next_update(self) -> tuple | None:
+        """A pending status first (newest per line), else the oldest queued verdict; None after
+        0.5 s with nothing to do (so the caller can look at its stop flag)."""
+        if not self._statuses and self._queue.empty():
+            # Nothing pending, and nothing can arrive before we wait: the callbacks that add
+            # updates run on this loop, which is here.
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.5)
+            except asyncio.TimeoutError:
+                return None
+        if self._statuses:
+            line = next(iter(self._statuses))
+            return ("status", line, self._statuses.pop(line))
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        return None
+
     async def serve(self, stop: Any) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(QUEUE_SIZE)
+        self._wake = asyncio.Event()
         await self.setup()
         async with self.server:
             self.subscriber.start()
@@ -245,9 +281,8 @@ class OpcuaBridge:
                      else "no security, anonymous", self.cfg.namespace_uri, ", ".join(self.settings.lines))
             try:
                 while not stop.is_set():
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), 0.5)
-                    except asyncio.TimeoutError:
+                    item = await self._next_update()
+                    if item is None:
                         continue
                     try:
                         await self._apply(item)

@@ -450,6 +450,10 @@ class OpcuaBridgeConfig(_Strict):
     endpoint: str = "opc.tcp://127.0.0.1:4840/inspectd/"
     namespace_uri: str = Field("urn:inspectd", min_length=1)
     security: OpcuaSecurityConfig | None = None
+    # How long SetRecipe waits for the daemon: less than the PLC's OPC UA call timeout (asyncua's
+    # default: 4 s), or a switch could be made after the PLC took the call as failed. Over 1 s: the
+    # daemon keeps 1 s of it to get the answer back (control.ANSWER_MARGIN_S).
+    set_recipe_timeout_s: float = Field(3.0, gt=1.0, le=330.0)
 
     @field_validator("endpoint")
     @classmethod

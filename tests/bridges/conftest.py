@@ -149,3 +149,76 @@ def make_cert(folder: Path, name: str, uri: str, key_mode: int = 0o600) -> tuple
                                            serialization.NoEncryption()))
     key_path.chmod(key_mode)
     return cert_path, key_path
+
+
+class StallingRelay:
+    """A TCP relay in front of a broker that can stall: while stalled it holds everything both ways
+    (a network path that stops moving: the connection stays up, nothing is acknowledged). On resume
+    it passes on what it holds, in order, and a side's close only after what that side sent, so the
+    broker sees exactly the bytes (and the clean DISCONNECT or the bare close) the client wrote."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self.port = self._listener.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self) -> None:
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            broker = socket.create_connection(("127.0.0.1", self.target_port))
+            self._conns += [client, broker]
+            done = [threading.Event(), threading.Event()]
+            threading.Thread(target=self._pump, args=(client, broker, done[0]), daemon=True).start()
+            threading.Thread(target=self._pump, args=(broker, client, done[1]), daemon=True).start()
+            threading.Thread(target=self._close_when_done, args=(client, broker, done), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, done: threading.Event) -> None:
+        writable = True
+        try:
+            while True:
+                data = src.recv(65536)
+                self.flowing.wait()
+                if not data:
+                    break
+                if writable:
+                    try:
+                        dst.sendall(data)
+                    except OSError:   # that side is gone: keep reading so this side is not reset
+                        writable = False
+            if writable:
+                dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            done.set()
+
+    @staticmethod
+    def _close_when_done(a: socket.socket, b: socket.socket, done: list[threading.Event]) -> None:
+        for event in done:
+            event.wait()
+        a.close()
+        b.close()
+
+    def close(self) -> None:
+        self.flowing.set()
+        self._listener.close()
+        for conn in self._conns:
+            try:
+                conn.close()
+            except OSError:
+                pass

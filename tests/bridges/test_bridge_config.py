@@ -42,6 +42,7 @@ CASES = {
     "bridges.mqtt.tls": {"mqtt": {"tls": {"cert": "client.pem"}}},
     "bridges.mqtt.password": {"mqtt": {"username": "u", "password": "inline"}},
     "bridges.opcua.endpoint": {"opcua": {"endpoint": "http://127.0.0.1:4840"}},
+    "bridges.opcua.set_recipe_timeout_s": {"opcua": {"set_recipe_timeout_s": 0.5}},
     "bridges.opcua.security.private_key": {"opcua": {"security": {"certificate": "s.pem",
                                                                   "trusted_clients_dir": "."}}},
     "bridges.opcua.security.policy": {"opcua": {"security": {"policy": "Basic128Rsa15", "certificate": "s.pem",

@@ -306,3 +306,122 @@ def test_a_bridge_without_its_library_says_how_to_install_it(tmp_path: Path, kin
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert "inspectd[bridges]" in err[0] and "Traceback" not in proc.stderr
+
+
+OK_STATUS = {"state": "ok", "camera_connected": True, "engine_ready": True}
+BLIND_STATUS = {"state": "blind", "camera_connected": False, "engine_ready": True}
+
+
+def _flap_until_blind(pub: Any, changes: int) -> None:
+    """`changes` status changes of line1 (blind, ok, blind, ...), the last one blind; each is sent at
+    once and given time to reach the bridge (one change per heartbeat it sees)."""
+    for k in range(changes):
+        pub.set_line_status("line1", BLIND_STATUS if (changes - 1 - k) % 2 == 0 else OK_STATUS, now=True)
+        time.sleep(0.3)
+
+
+def _status_changes_seen(caplog: Any) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "inspectd.bridges.mqtt" and r.getMessage().startswith("line line1: status ")]
+
+
+def test_the_current_status_is_retained_after_more_status_changes_in_an_outage_than_reserved_places(
+        tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any, mosquitto: Any, monkeypatch: Any,
+        caplog: Any) -> None:
+    """The broker is away long enough for verdicts to fill their share of the bridge's queue (30 places
+    here instead of 10,000), and meanwhile the camera flaps more often than the places verdicts leave
+    free (16), ending blind. Once the broker is back it must retain the line's current status (blind,
+    healthy false), not an older 'ok' taken from the queue; a bridge stopped afterwards leaves
+    'offline'. In-process bridge (to lower the cap), a real daemon-side Publisher, a real Mosquitto."""
+    import logging
+
+    from inspectd.bridges import mqtt as bridge_mqtt
+    from inspectd.bridges.common import load_settings
+    from inspectd.daemon.publish import Publisher
+    from tests.daemon.test_client import make_verdict
+
+    caplog.set_level(logging.INFO, logger="inspectd.bridges.mqtt")
+    monkeypatch.setattr(bridge_mqtt, "MAX_QUEUED", 30)
+    # stale_after_s long: a heartbeat late on a loaded box must not add an 'offline' after the last change
+    cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
+        "stale_after_s": 10.0, "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "client_id": "flap"}})
+    pub = Publisher(endpoint, heartbeat_interval_s=0.2)
+    pub.set_line_status("line1", OK_STATUS)
+    pub.start()
+    bridge = bridge_mqtt.MqttBridge(load_settings(cfg, "mqtt"))
+    bridge.start()
+    watcher = Watcher(mosquitto.port)
+    try:
+        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "ok", 20)
+        watcher.close()
+        mosquitto.stop()
+        for i in range(60):
+            pub.publish_verdict(make_verdict(i))
+            time.sleep(0.01)
+        time.sleep(0.5)
+        before = len(_status_changes_seen(caplog))
+        _flap_until_blind(pub, bridge_mqtt.STATUS_ROOM + 5)
+        time.sleep(1.0)
+        seen = _status_changes_seen(caplog)[before:]
+        assert len(seen) > bridge_mqtt.STATUS_ROOM and "status blind" in seen[-1], seen
+        mosquitto.start()
+        watcher = Watcher(mosquitto.port)
+        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "blind", 20)
+        time.sleep(2.0)               # anything older the bridge still held would have landed by now
+        watcher.close()
+        watcher = Watcher(mosquitto.port)
+        _, retained = watcher.wait("inspectd/line1/status", lambda p: True, 10)
+        assert retained["status"] == "blind" and retained["healthy"] is False, retained
+        watcher.close()
+        bridge.stop()
+        watcher = Watcher(mosquitto.port)
+        _, retained = watcher.wait("inspectd/line1/status", lambda p: True, 10)
+        assert retained["status"] == "offline" and retained["bridge"] == "offline", retained
+    finally:
+        watcher.close()
+        bridge.stop()
+        pub.stop()
+
+
+def test_a_stopping_bridge_leaves_offline_retained_when_the_broker_does_not_acknowledge(
+        tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any, mosquitto: Any, monkeypatch: Any) -> None:
+    """The path to the broker stalls (the connection stays up, nothing is acknowledged) while verdicts
+    and status changes fill the bridge's queue; then the bridge is stopped. Once the path moves again
+    the broker must retain 'offline': a bridge that cannot hand over its own 'offline' must not
+    disconnect cleanly (a DISCONNECT cancels the will). In-process bridge (to lower the cap), a real
+    daemon-side Publisher, a real Mosquitto behind a relay that can stall."""
+    from inspectd.bridges import mqtt as bridge_mqtt
+    from inspectd.bridges.common import load_settings
+    from inspectd.daemon.publish import Publisher
+    from tests.bridges.conftest import StallingRelay
+    from tests.daemon.test_client import make_verdict
+
+    monkeypatch.setattr(bridge_mqtt, "MAX_QUEUED", 30)
+    relay = StallingRelay(mosquitto.port)
+    cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
+        "mqtt": {"host": "127.0.0.1", "port": relay.port, "client_id": "stall", "keepalive_s": 60}})
+    pub = Publisher(endpoint, heartbeat_interval_s=0.2)
+    pub.set_line_status("line1", OK_STATUS)
+    pub.start()
+    bridge = bridge_mqtt.MqttBridge(load_settings(cfg, "mqtt"))
+    bridge.start()
+    watcher = Watcher(mosquitto.port)
+    try:
+        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "ok", 20)
+        watcher.close()
+        relay.stall()
+        for i in range(40):
+            pub.publish_verdict(make_verdict(i))
+            time.sleep(0.01)
+        _flap_until_blind(pub, bridge_mqtt.STATUS_ROOM + 3)
+        bridge.stop()
+        relay.resume()
+        time.sleep(2.0)               # the broker reads what the relay held
+        watcher = Watcher(mosquitto.port)
+        _, retained = watcher.wait("inspectd/line1/status", lambda p: True, 10)
+        assert retained["status"] == "offline" and retained["healthy"] is False, retained
+    finally:
+        watcher.close()
+        bridge.stop()
+        pub.stop()
+        relay.close()

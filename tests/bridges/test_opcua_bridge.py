@@ -213,3 +213,68 @@ def test_healthy_goes_false_at_once_while_a_verdict_backlog_is_written(tmp_path:
         stop.set()
         thread.join(10)
         pub.stop()
+
+
+def test_a_status_change_is_never_dropped_when_the_verdict_queue_is_full(tmp_path: Path, tiny_bundle: Path,
+                                                                        synthetic_parts: Any,
+                                                                        monkeypatch: Any) -> None:
+    """The server's loop is busy (here: held for a moment, as slow clients or event triggers do)
+    while a burst of verdicts overfills the bridge's update queue (20 places instead of 10,000) and
+    the camera is lost right after. Verdicts may be dropped (and counted); the status change must
+    not be: it is sent only on change, so a dropped one would leave Healthy true for good.
+    In-process bridge (to lower the queue), a real daemon-side Publisher (ZeroMQ), a real asyncua
+    server and client."""
+    import threading
+
+    from inspectd.bridges import opcua as bridge_opcua
+    from inspectd.bridges.common import load_settings
+    from inspectd.daemon.publish import Publisher
+    from tests.daemon.test_client import make_verdict
+
+    monkeypatch.setattr(bridge_opcua, "QUEUE_SIZE", 20)
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/inspectd/"
+    # stale_after_s long: a heartbeat late on a loaded box would be another status change after
+    # the lost one and hide the loss
+    cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
+        "stale_after_s": 10.0, "opcua": {"endpoint": url, "namespace_uri": "urn:inspectd:test"}})
+    pub = Publisher(endpoint, heartbeat_interval_s=0.1, sndhwm=100000)
+    ok = {"state": "ok", "camera_connected": True, "engine_ready": True}
+    pub.set_line_status("line1", ok)
+    pub.start()
+    bridge = bridge_opcua.OpcuaBridge(load_settings(cfg, "opcua"))
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: asyncio.run(bridge.serve(stop)), daemon=True)
+    thread.start()
+
+    async def scenario() -> None:
+        wait_port(port, 30)
+        # the server's loop is held for 3 s below: a client whose watchdog gives up after 1 s would
+        # drop its subscription (and so never see the change)
+        async with Client(url, timeout=10, watchdog_intervall=10.0) as client:
+            idx = await client.get_namespace_index("urn:inspectd:test")
+            changes = Changes()
+            sub = await client.create_subscription(20, changes)
+            await sub.subscribe_data_change([client.get_node(ua.NodeId(f"line1.{n}", idx))
+                                             for n in ("Healthy", "Status")])
+
+            def last(name: str) -> Any:
+                vals = [v for _, n, v in changes.values if n == f"line1.{name}"]
+                return vals[-1] if vals else None
+
+            await _until(lambda: last("Healthy") is True, 20, "Healthy never became true")
+            bridge._loop.call_soon_threadsafe(time.sleep, 3.0)     # the server's loop is busy
+            for i in range(200):
+                pub.publish_verdict(make_verdict(i + 1))
+            time.sleep(0.5)           # the verdicts reach the bridge first, then the change
+            pub.set_line_status("line1", {**ok, "state": "blind", "camera_connected": False}, now=True)
+            await _until(lambda: last("Healthy") is False, 10, "Healthy stayed true: the status change was lost")
+            assert last("Status") == "blind"
+            await _until(lambda: bridge.dropped > 0, 5, "the burst did not overfill the queue (test precondition)")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        stop.set()
+        thread.join(10)
+        pub.stop()

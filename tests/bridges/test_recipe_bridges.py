@@ -133,3 +133,90 @@ def test_a_retained_recipe_request_is_not_applied_again_at_every_reconnect(tmp_p
         watcher.close()
         mq.stop()
         daemon.kill()
+
+
+def _feed_fifo(fifo: Path, text: str, timeout_s: float = 10.0) -> None:
+    """Write `text` to the FIFO once a reader has it open (the daemon opening the bundle), then put
+    the real file in its place for any later read."""
+    import errno
+    import os
+
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+    try:
+        os.set_blocking(fd, True)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    real = fifo.with_name(fifo.name + ".real")
+    real.write_text(text)
+    os.replace(real, fifo)
+
+
+def test_opcua_set_recipe_that_outlasts_the_callers_wait_fails_and_changes_nothing(
+        tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
+    """A PLC calls SetRecipe over OPC UA and waits seconds (asyncua's client: 4 s by default) for the
+    answer. The recipe is not preloaded and its bundle sits on a share that answers late (its
+    manifest a FIFO, written only later). The call must come back in time with a clear failure, and
+    the daemon must not switch afterwards: the PLC was told 'failed', so the line stays as it was.
+    Real daemon child, real `inspectd bridge opcua` child, real asyncua client."""
+    import os
+    import shutil
+
+    from asyncua import Client, ua
+
+    from inspectd.daemon.control import request, socket_path
+
+    slow = tmp_path / "slow-bundle"
+    shutil.copytree(tiny_bundle, slow)
+    opc_port = free_port()
+    cfg, _ = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
+        "opcua": {"endpoint": f"opc.tcp://127.0.0.1:{opc_port}/inspectd/"}})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["state_dir"] = str(tmp_path / "state")
+    raw["lines"][0]["recipes"] = [{"name": "B", "bundle": str(slow), "threshold": 7.0}]
+    cfg.write_text(yaml.safe_dump(raw))
+    sock = socket_path(tmp_path / "state")
+    daemon = Daemon(cfg)
+    op = Child(BRIDGE + ["opcua", "--config", str(cfg)])
+    manifest = slow / "manifest.json"
+    text = manifest.read_text()
+
+    async def call() -> tuple[dict, float]:
+        wait_port(opc_port, 30)
+        client = Client(f"opc.tcp://127.0.0.1:{opc_port}/inspectd/")    # default request timeout (4 s)
+        await client.connect()
+        try:
+            idx = await client.get_namespace_index("urn:inspectd")
+            folder = client.get_node(ua.NodeId("line1", idx))
+            t0 = time.monotonic()
+            out = await folder.call_method(ua.NodeId("line1.SetRecipe", idx), "B")
+            return json.loads(out), time.monotonic() - t0
+        finally:
+            await client.disconnect()
+
+    try:
+        daemon.wait_log(r"ready: line1")
+        manifest.unlink()
+        os.mkfifo(manifest)          # the share stops answering after the daemon started
+        try:
+            answer, took = asyncio.run(call())
+        finally:
+            _feed_fifo(manifest, text)   # the share answers, too late
+        assert answer["ok"] is False and answer["requested"] == "B", answer
+        assert "nothing changed" in answer["error"], answer
+        assert took < 4.0, took
+        time.sleep(3.0)              # time for the daemon to finish the open (and not switch)
+        assert request(sock, {"op": "list", "line": "line1"})["active"]["recipe"] == "default", op.log()
+    finally:
+        op.stop()
+        daemon.kill()
+    audit = tmp_path / "state" / "audit.jsonl"
+    assert not audit.exists() or '"what":"recipe"' not in audit.read_text()
