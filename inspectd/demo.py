@@ -128,6 +128,8 @@ def _write_config(work: Path, bundle_dir: Path, source: dict[str, Any], budget_m
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
         "heartbeat_interval_s": 0.5,
         "log_level": "WARNING",
+        # its own: the machine's /var/lib/inspectd may belong to a real line's daemon (or not be writable)
+        "state_dir": str(work / "state"),
         "lines": [{
             "id": "demo",
             "source": source,

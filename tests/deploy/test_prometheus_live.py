@@ -125,6 +125,7 @@ def _write_daemon_config(tmp_path: Path, parts: Path, bundle: Path, metrics_port
         "zmq": {"endpoint": f"tcp://127.0.0.1:{_free_port()}"},
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
         "heartbeat_interval_s": 1.0,
+        "state_dir": str(tmp_path / "state"),  # never the machine's /var/lib/inspectd
         "log_level": "INFO",
         "lines": [{
             "id": LINE,
