@@ -6,6 +6,7 @@ errors for a bad line id and an absent camera."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -117,7 +118,7 @@ def test_cli_bad_line_and_refusal_are_one_line_errors(tmp_path: Path) -> None:
     proc = subprocess.run(CAPTURE + ["--config", str(cfg), "--line", "l1", "--out", str(tmp_path / "o"),
                                      "--count", "2"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "2 frames (80x60) in" in proc.stdout and "next: inspectd train --good" in proc.stdout
+    assert "2 frames (80x60) in" in proc.stdout and "inspectd train --good" in proc.stdout
     with pytest.raises(ConfigError, match="--count and --every must be > 0"):
         capture(cfg, "l1", tmp_path / "x", count=0)
     assert not (tmp_path / "x").exists()
@@ -253,3 +254,107 @@ def test_cli_refuses_when_out_was_filled_during_the_capture(tmp_path: Path) -> N
     assert (out / "operator.png").read_bytes() == b"precious"
     assert sorted(p.name for p in out.iterdir()) == ["operator.png"]
     assert len(list_images(_frames_kept(err[0], out))) == 25
+
+
+def _start_capture(cfg: Path, line: str, out: Path, count: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(CAPTURE + ["--config", str(cfg), "--line", line, "--out", str(out), "--count", str(count),
+                                       *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _interrupt_after_frames(proc: subprocess.Popen, sig: signal.Signals,
+                            staged_in: Path) -> tuple[int, str, str, float]:
+    """Wait until the capture has staged frames, send `sig`; (exit code, stdout, stderr, seconds to exit)."""
+    assert proc.stdout is not None
+    seen = [proc.stdout.readline(), proc.stdout.readline()]
+    try:
+        assert seen[0].startswith("capturing ") and seen[1].strip() == "10/1000", seen
+        # Frames are on disk (a staging folder beside OUT): what a stop must not leave behind.
+        assert [p for p in staged_in.iterdir() if ".capture-" in p.name and any(p.iterdir())]
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=30)
+        return proc.returncode, "".join(seen) + stdout, stderr, time.monotonic() - t0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_stops_the_capture_at_once_and_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C, SIGTERM (systemd, `timeout`) or a closed terminal during `inspectd capture` on the real
+    replay source (paced: 1000 frames would take a minute): the command ends within a second with
+    128 + the signal's number, one line saying it was interrupted and nothing was written, and no
+    staging folder is left beside OUT (SIGTERM used to leave `.teach.capture-XXXX/` with the frames).
+    An earlier capture in OUT (replaced only when a new one is complete, --force) is untouched."""
+    folder = _replay_folder(tmp_path / "replay", n=30)
+    cfg = _config(tmp_path / "lines.yaml", [_replay_line("l1", folder, source={
+        "type": "replay", "path": str(folder), "fps": 20, "loop": True})])
+    out = tmp_path / "teach"
+    capture(cfg, "l1", out, count=3)  # an earlier capture the interrupted one would have replaced
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    proc = _start_capture(cfg, "l1", out, 1000, "--force")
+    rc, stdout, stderr, took = _interrupt_after_frames(proc, sig, tmp_path)
+    assert rc == 128 + sig, (rc, stderr)
+    assert took < 2.0, took
+    said = [line for line in stderr.splitlines() if line.strip() and " INFO " not in line]
+    assert len(said) == 1, stderr
+    assert said[0].startswith(f"inspectd capture: interrupted by {sig.name} after ") and "of 1000 frames" in said[0]
+    assert "nothing written" in said[0] and str(out) in said[0], said[0]
+    assert "Traceback" not in stderr and "inspectd train" not in stdout  # no success hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing  # no staging, no kept folder
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.skipif(not CTI.is_file(), reason="genicam wheel without viky.cti")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_stops_a_camera_capture_without_a_reconnect(tmp_path: Path, sig: signal.Signals) -> None:
+    """The same on the GenTL simulator camera: Ctrl-C used to reach harvesters' own SIGINT handler
+    (installed when a camera is opened in the main thread), which destroys the acquirer; capture took
+    the GenTL error (-1006, with a harvesters traceback) for a lost camera, reconnected and went on
+    to save all N frames, exit 0."""
+    cfg = _config(tmp_path / "cam.yaml", [{"id": "cam1", "source": {"type": "genicam", "cti": str(CTI),
+                                                                  "device": {"index": 0}},
+                                          "bundle": "/b", "threshold": 3.0}])
+    out = tmp_path / "teach"
+    proc = _start_capture(cfg, "cam1", out, 1000)
+    rc, stdout, stderr, took = _interrupt_after_frames(proc, sig, tmp_path)
+    assert rc == 128 + sig, (rc, stdout, stderr)
+    assert took < 3.0, took
+    assert "camera lost" not in stdout + stderr and "Traceback" not in stderr and "Exception" not in stderr
+    said = [line for line in stderr.splitlines() if line.strip() and " INFO " not in line]
+    assert len(said) == 1 and said[0].startswith(f"inspectd capture: interrupted by {sig.name}"), stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cam.yaml"]
+
+
+def test_the_hint_names_both_uses_and_never_both(tmp_path: Path) -> None:
+    """The capture's closing hint: train on the frames if they are training images, calibrate the line
+    with them if they are held-out good parts, never both with the same images. It used to offer only
+    the train command, into the line's own bundle, after every capture (also the calibration one)."""
+    folder = _replay_folder(tmp_path / "replay", n=6)
+    bundle = tmp_path / "bundles" / "l1"
+    cfg = _config(tmp_path / "lines.yaml", [{**_replay_line("l1", folder, roi=[10, 5, 40, 30]),
+                                             "bundle": str(bundle)}])
+    out = tmp_path / "calib_good"
+
+    def hint(*extra: str) -> list[str]:
+        proc = subprocess.run(CAPTURE + ["--config", str(cfg), "--line", "l1", "--out", str(out), "--count", "2",
+                                         *extra], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        return lines[next(i for i, line in enumerate(lines) if line.startswith("next")):]
+
+    train = f"inspectd train --good {out} --roi 10,5,40,30 --out {bundle}"
+    calibrate = f"inspectd calibrate --bundle {bundle} --good {out} --line l1 --config {cfg} --target-false-reject"
+    text = hint()
+    assert any("training images" in line and line.endswith(train) for line in text), text
+    assert any("held-out good parts" in line and calibrate in line for line in text), text
+    assert any("never both" in line for line in text), text
+    # The line's bundle exists (in production, perhaps): training is offered into a new folder beside
+    # it, never over it (train --force would have replaced the bundle the line runs).
+    bundle.mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    text = hint("--force")
+    train_line = next(line for line in text if "inspectd train" in line)
+    assert f"--out {bundle}" not in train_line.replace(f"--out {bundle}-", "") and f"--out {bundle}-" in train_line
+    assert any(calibrate in line for line in text), text
