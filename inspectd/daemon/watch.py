@@ -1,12 +1,18 @@
 """`inspectd watch`: print the verdict stream of a running daemon, one line per verdict, and say
 loudly when messages are lost, heartbeats stop, the line's status changes (camera lost, engine
-failed) or the daemon restarts. Speaks CURVE with `--server-key` and `--client-key`."""
+failed) or the daemon restarts. Speaks CURVE with `--server-key` and `--client-key`.
+
+ZeroMQ connects silently to an endpoint nobody publishes on (a wrong endpoint, a daemon not
+running, CURVE keys that do not match): when nothing at all arrives within NO_HEARTBEAT_S, one line
+on stderr says so, and the command exits 1 if nothing ever came."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import sys
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from inspectd.errors import ConfigError
@@ -15,6 +21,8 @@ if TYPE_CHECKING:
     from inspectd.client import CurveClientKeys
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"   # the daemon's default zmq.endpoint (daemon/config.py)
+# A daemon beats every heartbeat_interval_s (1 s by default): this long without anything is no slow beat.
+NO_HEARTBEAT_S = 5.0
 
 
 def _fmt_time(ns: object) -> str:
@@ -43,16 +51,34 @@ def format_verdict(header: dict) -> str:
     return text
 
 
-def run_watch(endpoint: str, line: str | None = None, stream: TextIO = sys.stdout,
-              duration: float | None = None, heartbeat_timeout_s: float = 3.0,
-              curve: "CurveClientKeys | None" = None) -> int:
+@dataclass
+class WatchResult:
+    shown: int   # verdicts printed
+    heard: bool  # anything (heartbeat, verdict) came from the endpoint
+
+
+def nothing_received(endpoint: str, line: str | None, seconds: float, curve: bool) -> str:
+    """The one line for an endpoint that sent nothing: where it listened and what to check."""
+    keys = ("the CURVE keys do not match the daemon's (--server-key, --client-key)" if curve
+            else "the daemon uses CURVE (then give --server-key and --client-key)")
+    which = f", or no line {line!r} there (check --line)" if line else ""
+    return (f"inspectd watch: no heartbeat from {endpoint} in {seconds:.1f} s: the daemon is not running, or it "
+            f"publishes elsewhere (--endpoint must be its zmq.endpoint), or {keys}{which}")
+
+
+def watch(endpoint: str, line: str | None = None, stream: TextIO | None = None, duration: float | None = None,
+          heartbeat_timeout_s: float = 3.0, curve: "CurveClientKeys | None" = None, err: TextIO | None = None,
+          no_heartbeat_s: float = NO_HEARTBEAT_S) -> WatchResult:
     """Print verdicts from `endpoint` (all lines, or one) until `duration` seconds pass or Ctrl-C.
-    Returns the number of verdicts shown."""
+    Says on `err` when nothing at all came within `no_heartbeat_s` (or by the end, if sooner)."""
     from inspectd.client import LineStatus, VerdictSubscriber  # keep `inspectd --help` light
 
-    def say(text: str) -> None:
-        stream.write(text + "\n")
-        stream.flush()
+    out = sys.stdout if stream is None else stream
+    err = sys.stderr if err is None else err
+
+    def say(text: str, to: TextIO = out) -> None:
+        to.write(text + "\n")
+        to.flush()
 
     def on_gap(topic: str, expected: int, got: int) -> None:
         n = got - expected
@@ -63,6 +89,8 @@ def run_watch(endpoint: str, line: str | None = None, stream: TextIO = sys.stdou
             say(f"-- line {ln}: ok" if status.safe else f"!! line {ln}: {status.reason}")
 
     shown = 0
+    heard = False
+    warned = False
     say(f"watching {endpoint} ({'line ' + line if line else 'all lines'}); Ctrl-C to stop")
     sub = VerdictSubscriber(
         endpoint, lines=[line] if line else None, topics=("verdict", "heartbeat"),
@@ -71,16 +99,39 @@ def run_watch(endpoint: str, line: str | None = None, stream: TextIO = sys.stdou
         on_heartbeat_restored=lambda ln: say(f"!! heartbeat back: {ln}"),
         on_restart=lambda ln: say(f"!! daemon restarted: {ln} (sequence numbers start again)"),
         on_line_status=on_status, curve=curve)
+    start = time.monotonic()
+    end = None if duration is None else start + duration
     try:
-        for msg in sub.messages(poll_s=0.2, duration=duration):
-            if msg.kind == "verdict":
-                say(format_verdict(msg.header))
-                shown += 1
+        while end is None or time.monotonic() < end:
+            wait = 0.2 if end is None else max(0.0, min(0.2, end - time.monotonic()))
+            msg = sub.poll_once(wait)
+            if msg is not None:
+                if not heard and warned:
+                    say(f"inspectd watch: receiving from {endpoint} now "
+                        f"(first message after {time.monotonic() - start:.0f} s)", err)
+                heard = True
+                if msg.kind == "verdict":
+                    say(format_verdict(msg.header))
+                    shown += 1
+            elif not heard and not warned and time.monotonic() - start >= no_heartbeat_s:
+                warned = True
+                say(nothing_received(endpoint, line, time.monotonic() - start, curve is not None), err)
     except KeyboardInterrupt:
         pass
     finally:
         sub.close()
-    return shown
+    if not heard and not warned:  # stopped before the warning was due: say it now
+        say(nothing_received(endpoint, line, time.monotonic() - start, curve is not None), err)
+    return WatchResult(shown=shown, heard=heard)
+
+
+def run_watch(endpoint: str, line: str | None = None, stream: TextIO | None = None,
+              duration: float | None = None, heartbeat_timeout_s: float = 3.0,
+              curve: "CurveClientKeys | None" = None, err: TextIO | None = None) -> int:
+    """Print verdicts from `endpoint` (all lines, or one) until `duration` seconds pass or Ctrl-C.
+    Returns the number of verdicts shown (see `watch`)."""
+    return watch(endpoint, line=line, stream=stream, duration=duration, heartbeat_timeout_s=heartbeat_timeout_s,
+                 curve=curve, err=err).shown
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -93,9 +144,10 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         from inspectd.client import CurveClientKeys
 
         curve = CurveClientKeys.from_files(args.server_key, args.client_key)
-    run_watch(args.endpoint, line=args.line, duration=args.duration,
-              heartbeat_timeout_s=args.heartbeat_timeout, curve=curve)
-    return 0
+    result = watch(args.endpoint, line=args.line, duration=args.duration,
+                   heartbeat_timeout_s=args.heartbeat_timeout, curve=curve,
+                   no_heartbeat_s=max(NO_HEARTBEAT_S, args.heartbeat_timeout))  # a longer timeout: slower beats
+    return 0 if result.heard else 1  # nothing ever came: the line on stderr said why
 
 
 def register_watch(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -103,7 +155,9 @@ def register_watch(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     inspectd/daemon/cli.py)."""
     p = subparsers.add_parser("watch", help="print the verdict stream of a running daemon",
                               description="Subscribe to a daemon's verdicts and print one line per "
-                              "verdict; marks lost messages, heartbeat losses and restarts.")
+                              "verdict; marks lost messages, heartbeat losses and restarts. Says so on "
+                              f"stderr when nothing arrives within {NO_HEARTBEAT_S:g} s, and exits 1 if "
+                              "nothing ever did.")
     p.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
                    help=f"publisher endpoint (default {DEFAULT_ENDPOINT}, the daemon's default)")
     p.add_argument("--line", default=None, help="only this line (default: all lines)")

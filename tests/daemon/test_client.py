@@ -426,6 +426,63 @@ def test_watch_prints_verdicts_gaps_and_losses(endpoint):
     assert any(ln.startswith("!! heartbeat lost: line1") for ln in lines)
 
 
+def _free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_watch_on_an_endpoint_nobody_publishes_on_says_so_and_fails():
+    """The real `inspectd watch` on a TCP port nobody listens on (a wrong --endpoint, or the daemon not
+    running): within a few heartbeat intervals (5 s) one line on stderr names the endpoint and the
+    likely causes, while it keeps watching; at the end of --duration it exits 1. It used to stay
+    silent and exit 0 (with --line, only "heartbeat lost" on stdout, which does not say why)."""
+    import subprocess
+    import sys
+
+    endpoint = f"tcp://127.0.0.1:{_free_tcp_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "inspectd", "watch", "--endpoint", endpoint, "--line", "line3",
+                             "--duration", "7"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().startswith(f"watching {endpoint}")
+        watching = time.monotonic()
+        warning = proc.stderr.readline().strip()
+        warned_after = time.monotonic() - watching
+        stdout, stderr = proc.communicate(timeout=30)
+        ended_after = time.monotonic() - watching
+    finally:
+        proc.kill()
+        proc.wait()
+    assert 4.0 < warned_after < 6.5 and ended_after - warned_after > 0.5, (warned_after, ended_after)
+    assert endpoint in warning and "no heartbeat" in warning, warning
+    assert "daemon" in warning and "not running" in warning and "zmq.endpoint" in warning, warning
+    assert "--server-key" in warning and "--line" in warning, warning
+    assert [line for line in stderr.splitlines() if line.strip()] == []  # said once
+    assert proc.returncode == 1
+
+
+def test_watch_ended_before_the_warning_still_says_nothing_came(tmp_path, capsys):
+    """--duration shorter than the 5 s: the one line comes at the end, exit code 1."""
+    parser = argparse.ArgumentParser()
+    register_watch(parser.add_subparsers(dest="command"))
+    endpoint = f"ipc://{tmp_path}/nobody.sock"
+    args = parser.parse_args(["watch", "--endpoint", endpoint, "--duration", "1"])
+    assert args.func(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and endpoint in err[0] and "no heartbeat" in err[0], err
+
+
+def test_watch_of_a_live_publisher_exits_0_without_a_warning(endpoint, publisher, capsys):
+    parser = argparse.ArgumentParser()
+    register_watch(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["watch", "--endpoint", endpoint, "--line", "line1", "--duration", "1.5"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_format_verdict_handles_missing_fields():
     text = format_verdict({"line": "l", "frame_id": 3, "verdict": "SKIP", "score": None})
     assert "SKIP" in text and "score        -" in text

@@ -179,8 +179,9 @@ def test_watch_command_speaks_curve(tmp_path: Path) -> None:
         stop.set()
         feeder.join(5)
         assert pub.stop(timeout=5.0)
-    for name, p in procs.items():
-        assert p.returncode == 0, (name, out[name][1])
+    for name, p in procs.items():  # a client whose keys the daemon refuses hears nothing: exit 1, saying why
+        assert p.returncode == (0 if name == "listed" else 1), (name, out[name][1])
+    assert "CURVE" in out["unlisted"][1] or "keys" in out["unlisted"][1], out["unlisted"][1]
     listed = out["listed"][0].splitlines()
     unlisted = out["unlisted"][0].splitlines()
     assert sum(" frame " in ln and " OK " in ln for ln in listed) >= 10, listed
