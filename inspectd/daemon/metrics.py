@@ -7,6 +7,7 @@ prometheus_client global one) so tests and several daemons in one process never 
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -28,6 +29,31 @@ SCORE_BUCKETS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0,
 VERDICTS = ("OK", "NG", "SKIP")
 DROP_REASONS = ("queue_full", "malformed", "engine_error")
 PUBLISH_DROP_REASONS = ("queue_full", "encode_error", "send_error")  # publish.DROP_REASONS
+
+
+class MetricsBindError(InspectdError):
+    """The metrics endpoint cannot be bound: one line naming the cause and the config field to change
+    (metrics.port, metrics.host), in the config file when the caller names it (`in_config`)."""
+
+    def __init__(self, host: str, port: int, error: OSError, config: str = "the config") -> None:
+        self.host, self.port, self.error = host, port, error
+        why = error.strerror or str(error)
+        code = error.errno
+        if code == errno.EADDRINUSE:
+            fix = (f"the port is held by another inspectd (another config or inspectd@ instance) or another "
+                   f"program; give metrics.port in {config} a free port")
+        elif code == errno.EACCES:
+            fix = f"{why} (ports below 1024 need privileges); give metrics.port in {config} a port from 1024 up"
+        elif code == errno.EADDRNOTAVAIL or isinstance(error, socket.gaierror):
+            fix = (f"{why}; metrics.host in {config} must be an address of this machine (127.0.0.1, 0.0.0.0 or "
+                   f"one of its interfaces' addresses)")
+        else:
+            fix = f"{why}; check metrics.host and metrics.port in {config}"
+        super().__init__(f"cannot serve metrics on {host}:{port}: {fix}")
+
+    def in_config(self, config: str) -> "MetricsBindError":
+        """The same error, naming the config file the fields are in."""
+        return MetricsBindError(self.host, self.port, self.error, config)
 
 
 @dataclass
@@ -196,7 +222,7 @@ class Metrics:
 
     def serve(self, host: str | None = None, port: int | None = None, live: Any | None = None) -> MetricsServer:
         """Start the /metrics HTTP endpoint in a daemon thread. Port 0 picks a free port (see
-        `.port` of the result). Raises InspectdError when the address cannot be bound. Host and
+        `.port` of the result). Raises MetricsBindError when the address cannot be bound. Host and
         port default to the config schema's (`metrics:` in daemon/config.py), the one place
         defaults live. `live` (a daemon/live.py LiveView) adds the read-only live view at / and
         /live/... on the same server; every other path serves the metrics, as before."""
@@ -208,7 +234,7 @@ class Metrics:
         try:
             server, thread = _start_server(host, port, _app(make_wsgi_app(self.registry), live))
         except OSError as exc:
-            raise InspectdError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
+            raise MetricsBindError(host, port, exc) from exc
         bound_port = int(server.server_address[1])
         log.info("metrics on http://%s:%d/metrics", host, bound_port)
         return MetricsServer(host=host, port=bound_port, _server=server, _thread=thread)

@@ -21,7 +21,7 @@ from inspectd.daemon.recipes import LineRecipes
 from inspectd.daemon.archive import NgArchive
 from inspectd.daemon.line import LineSettings, LineThreshold, options_dict
 from inspectd.daemon.live import LiveView
-from inspectd.daemon.metrics import Metrics, MetricsServer
+from inspectd.daemon.metrics import Metrics, MetricsBindError, MetricsServer
 from inspectd.daemon.pipeline import LinePipeline
 from inspectd.daemon.publish import CurveServerKeys, Publisher
 from inspectd.daemon.sinks import ArchiveSink, DriftSink, MetricsSink, PublisherSink, Sinks
@@ -447,10 +447,12 @@ class Daemon:
             # Verdicts resolved above are queued before the stop marker: they go out first.
             if not self.publisher.stop(timeout=max(0.2, end - time.monotonic())):
                 log.warning("publisher did not stop in time")
+        started = self.metrics_server is not None  # start() serves metrics first: None = it never ran
         if self.metrics_server is not None:
             self.metrics_server.shutdown(timeout=1.0)
         self.notifier.close()
-        log.info("stopped")
+        if started:  # a start refused (metrics port taken) is its one error line, not "stopped"
+            log.info("stopped")
 
 
 def run(config_path: str | Path) -> int:
@@ -486,7 +488,10 @@ def run(config_path: str | Path) -> int:
     try:
         daemon.build()
         try:
-            daemon.start(stop_requested)
+            try:
+                daemon.start(stop_requested)
+            except MetricsBindError as exc:  # name the file holding metrics.port / metrics.host
+                raise exc.in_config(str(config_path)) from None
             threading.Thread(target=reload_loop, name="reload", daemon=True).start()
             while not stop_requested.wait(0.1):
                 pass

@@ -408,3 +408,32 @@ def test_child_daemon_with_an_absent_camera_keeps_pinging_and_reports_blind(tmp_
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_a_metrics_port_in_use_is_one_line_naming_the_field(tmp_path: Path, tiny_bundle: Path) -> None:
+    """A second daemon (its own state_dir) on the metrics port another inspectd or program holds: one
+    line naming the port, that something else holds it and the config field to change (metrics.port),
+    exit 1, and no "stopped" logged first as if it had run."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    cfg = tmp_path / "second.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "zmq": {"endpoint": f"ipc://{tmp_path}/pub.sock"}, "metrics": {"host": "127.0.0.1", "port": port},
+        "state_dir": str(tmp_path / "state"),
+        "lines": [{"id": "line1", "source": {"type": "replay", "path": str(replay)}, "bundle": str(tiny_bundle),
+                   "threshold": 3.0, "backends": ["onnxruntime"]}]}))
+    try:
+        proc = subprocess.run(DAEMON + [str(cfg)], capture_output=True, text=True, timeout=120)
+    finally:
+        holder.close()
+    said = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(said) == 1, proc.stderr
+    assert said[0].startswith(f"inspectd run: error: cannot serve metrics on 127.0.0.1:{port}: "), said[0]
+    assert "another inspectd" in said[0] and "program" in said[0], said[0]
+    assert "metrics.port" in said[0] and str(cfg) in said[0], said[0]
