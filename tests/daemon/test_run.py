@@ -97,7 +97,8 @@ def _collect(sub: VerdictSubscriber, seconds: float, until: Any = None) -> list[
 
 def _write_config(path: Path, lines: list[dict[str, Any]], endpoint: str) -> Path:
     path.write_text(yaml.safe_dump({"zmq": {"endpoint": endpoint}, "metrics": {"port": 0},
-                                    "heartbeat_interval_s": 0.2, "lines": lines}))
+                                    "heartbeat_interval_s": 0.2, "lines": lines,
+                                    "state_dir": str(path.parent / "state")}))  # never the machine's /var/lib/inspectd
     return path
 
 
