@@ -1,11 +1,11 @@
 """`inspectd calibrate`: score held-out images through the daemon's runtime path (ONNX Runtime,
 shared preprocessing), pick the line threshold, report, and write the line's threshold file.
 
-Everything that can be checked before scoring is checked first (targets, config + line, folders,
-enough good images, bundle, the report folder), and the threshold file (or, the first time, the
-config pointing at it) is the last thing written, so any error leaves the line's threshold
-untouched. Reports go under the config's `state_dir` (<state_dir>/<line>/calibration/<UTC time>/),
-never next to the config in /etc.
+Everything that can be checked before scoring is checked first (targets, config + line, the
+threshold file's folder, folders, images the bundle was trained on, enough good images, bundle, the
+report folder), and the threshold file (or, the first time, the config pointing at it) is the last
+thing written, so any error leaves the line's threshold untouched. Reports go under the config's
+`state_dir` (<state_dir>/<line>/calibration/<UTC time>/), never next to the config in /etc.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any, Sequence, TextIO
 import numpy as np
 
 from inspectd.calibration import threshold as th
-from inspectd.calibration.config_update import (ConfigUpdate, check_line, state_dir, update_line_threshold,
-                                               utc_stamp)
+from inspectd.calibration.config_update import (ConfigUpdate, check_line, check_threshold_folder, state_dir,
+                                               update_line_threshold, utc_stamp)
 from inspectd.calibration.report import format_summary, write_report
 from inspectd.engines.bundle import Bundle, load_bundle
 from inspectd.engines.preprocess import (IMAGE_SUFFIXES, fingerprint, list_images, load_prepared, load_stored,
@@ -46,6 +46,7 @@ class CalibrationRequest:
     bad: Path | None = None
     target_escape: float | None = None
     force_overlap: bool = False
+    skip_overlap: bool = False      # leave out the images the bundle was trained on
     report_dir: Path | None = None
     confidence: float = th.DEFAULT_CONFIDENCE
     batch_size: int = 8
@@ -69,25 +70,45 @@ def calibrate(req: CalibrationRequest, progress_stream: TextIO | None = None) ->
         th.check_rate(req.target_escape, "--target-escape", upper=1.0)
     if req.target_escape is not None and req.bad is None:
         raise DataError("--target-escape needs --bad images")
+    if req.skip_overlap and req.force_overlap:
+        raise ConfigError("--skip-overlap leaves the training images out and --force-overlap keeps them in: "
+                          "give one of them")
     bundle = load_bundle(req.bundle)
     if req.write_config:
         check_line(req.config, req.line, bundle.bundle_id)
+        check_threshold_folder(req.config, req.line)  # a missing folder fails now, not after scoring
     report_dir = req.report_dir or (state_dir(req.config) / req.line / "calibration" / utc_stamp())
     _check_report_dir(report_dir, default=req.report_dir is None)
     good_paths = _images(req.good, "good")
     bad_paths = _images(req.bad, "bad") if req.bad is not None else None
+    found = find_overlap(bundle, good_paths, bad_paths or [])
+    left_out: dict[str, Any] | None = None
+    if req.skip_overlap and found.count:
+        # The sample-size rule below then counts only the images the bundle never saw.
+        left_out = found.as_dict()
+        trained = set(found.good) | set(found.bad)
+        good_paths = [p for p in good_paths if p not in trained]
+        if bad_paths is not None:
+            bad_paths = [p for p in bad_paths if p not in trained]
+            if not bad_paths:
+                raise DataError(f"{req.bad}: every bad image is one the bundle learned from (--skip-overlap left "
+                                f"out all {len(found.bad)}); give defects it never saw")
+        found = Overlap([], [], found.by)
     needed = th.needed_samples(req.target_false_reject, req.confidence)
     if len(good_paths) < needed:
+        skipped = f" ({len(left_out['names'])} left out: the bundle was trained on them)" if left_out else ""
         raise DataError(f"{req.good}: {len(good_paths)} good images cannot support a false-reject target of "
                         f"{req.target_false_reject:.3%} at {req.confidence:.0%} confidence: need at least "
-                        f"{needed} good images not used in training")
-    overlap = training_overlap(bundle, good_paths + (bad_paths or []))
+                        f"{needed} good images not used in training{skipped}")
+    overlap = found.as_dict()
     if overlap["count"]:
         what = (f"{overlap['count']} calibration images are in the bundle's training set "
                 f"(by {overlap['by']}: {', '.join(overlap['examples'])})")
         if not req.force_overlap:
-            raise DataError(what + "; use images the bundle never saw, or --force-overlap")
+            raise DataError(what + "; use images the bundle never saw, --skip-overlap to leave these out, "
+                                   "or --force-overlap to keep them (optimistic rates)")
         log.warning("%s; continuing (--force-overlap): rates will be optimistic", what)
+    overlap["left_out"] = left_out
 
     from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -129,26 +150,76 @@ def _images(folder: Path, what: str) -> list[Path]:
     return paths
 
 
-def training_overlap(bundle: Bundle, paths: Sequence[Path]) -> dict[str, Any]:
-    """Calibration images the bundle was trained on: its good images and, for methods that learn
-    from them, its defects (real and synthesized). Exact by content when the manifest lists
-    per-file hashes (`image_sha256`); otherwise by file name, plus the aggregate content
-    fingerprint (which catches the whole training folder under other names)."""
+def trained_images(bundle: Bundle, paths: Sequence[Path]) -> tuple[list[Path], str]:
+    """The images of `paths` the bundle was trained on, and by what they were recognised: its good
+    images and, for methods that learn from them, its defects (real and synthesized). Exact by
+    content when the manifest lists per-file hashes (`image_sha256`); otherwise by file name, plus
+    the aggregate content fingerprint (which catches the whole training folder under other names).
+    A file that cannot be read is not known as trained (its reader reports it)."""
     training = bundle.manifest.training
     learned = [r for r in (training.defects, training.synthetic_defects) if r]
     hashes = getattr(training, "image_sha256", None)
     if hashes:
         known = set(hashes).union(*(r.get("image_sha256") or () for r in learned))
         known_names = {Path(n).name for r in learned if not r.get("image_sha256") for n in r.get("image_names", ())}
-        hits = [p.name for p in paths if sha256_file(p) in known or p.name in known_names]
+        hits = [p for p in paths if p.name in known_names or _sha256_or_none(p) in known]
         by = "content hash" if not known_names else "content hash and defect file name"
     else:
         names = {Path(n).name for n in training.image_names}
-        hits = [p.name for p in paths if p.name in names]
+        hits = [p for p in paths if p.name in names]
         by = "file name"
-        if not hits and paths and fingerprint(paths) == training.fingerprint:
-            hits, by = [p.name for p in paths], "training fingerprint"
-    return {"count": len(hits), "by": by, "examples": hits[:3], "names": hits}
+        if not hits and paths and _fingerprint_or_none(paths) == training.fingerprint:
+            hits, by = list(paths), "training fingerprint"
+    return hits, by
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+def _fingerprint_or_none(paths: Sequence[Path]) -> str | None:
+    try:
+        return fingerprint(paths)
+    except OSError:
+        return None
+
+
+def training_overlap(bundle: Bundle, paths: Sequence[Path]) -> dict[str, Any]:
+    """`trained_images` of `paths` as a report entry: count, by what, a few names, all names."""
+    hits, by = trained_images(bundle, paths)
+    names = [p.name for p in hits]
+    return {"count": len(names), "by": by, "examples": names[:3], "names": names}
+
+
+@dataclass
+class Overlap:
+    """The good and the bad images of a run (calibrate, eval) that the bundle was trained on."""
+    good: list[Path]
+    bad: list[Path]
+    by: str
+
+    @property
+    def count(self) -> int:
+        return len(self.good) + len(self.bad)
+
+    def as_dict(self) -> dict[str, Any]:
+        names = [p.name for p in self.good + self.bad]
+        return {"count": len(names), "good": len(self.good), "bad": len(self.bad), "by": self.by,
+                "examples": names[:3], "names": names}
+
+
+def find_overlap(bundle: Bundle, good_paths: Sequence[Path], bad_paths: Sequence[Path]) -> Overlap:
+    """Good and bad folders looked at apart: the training fingerprint is that of a good folder alone."""
+    good, by_good = trained_images(bundle, good_paths)
+    bad, by_bad = trained_images(bundle, bad_paths)
+    if good and bad and by_good != by_bad:
+        by = f"{by_good} (good), {by_bad} (bad)"
+    else:
+        by = by_bad if bad and not good else by_good
+    return Overlap(good, bad, by)
 
 
 def check_golden(bundle: Bundle, backend: Any) -> None:
@@ -248,6 +319,7 @@ def calibration_record(report: dict[str, Any], report_dir: Path) -> dict[str, An
         "escape_ci": [esc["ci_low"], esc["ci_high"]] if esc else None,
         "roc_auc": report["roc_auc"],
         "overlap_forced": report["overlap"]["forced"],
+        "overlap_skipped": (report["overlap"].get("left_out") or {}).get("count", 0),
         "report": os.fspath(report_dir),
         "good_scores": [s for _, s in report["images"]["good"]],
     }

@@ -13,11 +13,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Score held-out images through ONNX Runtime, choose the smallest threshold whose "
                     "false-reject rate is below the target with 95%% confidence (order-statistic bound), "
                     "report escape rate / ROC AUC with bad images, and write the line's threshold file atomically "
-                    "(mode 0644, the file the config's threshold points to; the first time, the config is "
-                    "repointed to <line>.threshold.json next to it, comments kept, old config kept as "
-                    "<config>.bak-<UTC timestamp>). Apply it with `systemctl reload inspectd@<line>` (SIGHUP).")
+                    "(mode 0644, the file the config's threshold points to, the file it replaces kept as "
+                    "<file>.bak; the first time, the config is repointed to <line>.threshold.json next to it, "
+                    "comments kept, old config kept as <config>.bak-<UTC timestamp>). Apply it with "
+                    "`systemctl reload inspectd@<line>` (SIGHUP).")
     p.add_argument("--bundle", required=True, type=Path, help="model bundle directory")
-    p.add_argument("--good", required=True, type=Path, help="folder of good images NOT used in training")
+    p.add_argument("--good", required=True, type=Path,
+                   help="folder of good images NOT used in training (see --skip-overlap)")
     p.add_argument("--bad", type=Path, help="folder of defective images (escape rate, ROC AUC)")
     p.add_argument("--line", required=True, help="line id in the config")
     p.add_argument("--target-false-reject", required=True, metavar="RATE",
@@ -26,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, type=Path, help="daemon config (lines.yaml)")
     p.add_argument("--force-overlap", action="store_true",
                    help="accept calibration images that were used in training (rates will be optimistic)")
+    p.add_argument("--skip-overlap", action="store_true",
+                   help="leave out the calibration images the bundle was trained on (named in the report) and "
+                        "calibrate on the others")
     p.add_argument("--report", type=Path, metavar="DIR",
                    help="report folder (default: <state_dir>/<line>/calibration/<UTC time>, state_dir from the config)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default 0.95)")
@@ -49,18 +54,27 @@ def _run(args: argparse.Namespace) -> int:
         target_false_reject=parse_rate(args.target_false_reject, "--target-false-reject"),
         target_escape=(parse_rate(args.target_escape, "--target-escape", upper=1.0)
                        if args.target_escape is not None else None),
-        force_overlap=args.force_overlap, report_dir=args.report, confidence=args.confidence,
-        batch_size=args.batch, threads=args.threads, write_config=not args.dry_run)
+        force_overlap=args.force_overlap, skip_overlap=args.skip_overlap, report_dir=args.report,
+        confidence=args.confidence, batch_size=args.batch, threads=args.threads, write_config=not args.dry_run)
     result = calibrate(req)
     print(result.summary)
+    left_out = result.report["overlap"].get("left_out")
+    if left_out:
+        split = f"{left_out['good']} good, {left_out['bad']} bad; " if args.bad is not None else ""
+        rest = f"{result.report['n_good']} good" + (f" and {result.report['n_bad']} bad" if args.bad is not None
+                                                    else "")
+        print(f"left out {left_out['count']} images the bundle was trained on ({split}by {left_out['by']}: "
+              f"{', '.join(left_out['examples'])}{', ...' if left_out['count'] > len(left_out['examples']) else ''})"
+              f": calibrated on the other {rest} (--skip-overlap; all names in the report)")
     print(f"report: {result.report_files['json']}"
           + (f", {result.report_files['png']}" if result.report_files["png"] else " (no PNG: matplotlib missing)"))
     upd = result.update
     if upd is not None:
         how = (f"; config repointed to it (previous config: {upd.backup.name})" if upd.backup is not None
                else "; config unchanged")
-        print(f"threshold file: {upd.calibration_file} line {args.line} threshold -> {upd.new_threshold:.4f}{how}; "
-              f"apply with SIGHUP (systemctl reload inspectd@<instance>)")
+        kept = f"; previous file kept as {upd.threshold_backup.name}" if upd.threshold_backup is not None else ""
+        print(f"threshold file: {upd.calibration_file} line {args.line} threshold -> {upd.new_threshold:.4f}{how}"
+              f"{kept}; apply with SIGHUP (systemctl reload inspectd@<instance>)")
         _audit_calibration(args, upd)
     else:
         print("config: not changed (--dry-run)")

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,12 @@ N_OVERLAYS = 5
 # Everything eval writes into --out (and only that is cleared when a run starts there).
 REPORT, SCORES, PLOTS, OVERLAYS = "report.json", "scores.csv", ("roc.png", "histogram.png"), "overlays"
 OVERLAY_TAGS = ("worst-good", "best-bad")
+# How a later run knows --out holds an earlier eval's outputs (and not a folder of the user's).
+TOOL = "inspectd eval"
+# The report.json of evals from before the marker: always these keys, pixel ones with --masks.
+OLD_REPORT_KEYS = frozenset({"bundle", "bundle_id", "n_good", "n_bad", "skipped", "image_auroc"})
+OLD_REPORT_OPTIONAL_KEYS = frozenset({"pixel_auroc", "pixel_images"})
+SCORES_HEADER = ("file", "label", "raw_score", "score")
 
 
 @dataclass
@@ -104,6 +111,8 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
         if not any(_mask_path(masks, p) is not None for p in bad_paths):
             raise DataError(f"{masks}: no mask matches a defective image's name (a mask is <image name>.png "
                             f"or another image suffix, as {bad_paths[0].stem}.png)")
+    _check_outputs_are_evals(out)
+    overlap = _training_overlap(bundle, good_paths, bad_paths)
     try:
         out.mkdir(parents=True, exist_ok=True)
         _clear_outputs(out)
@@ -120,8 +129,10 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
     g = np.array([i.score for i in good])
     b = np.array([i.score for i in bad])
     report: dict[str, Any] = {
+        "tool": TOOL,
         "bundle": str(bundle.path), "bundle_id": bundle.bundle_id,
         "n_good": len(good), "n_bad": len(bad), "skipped": skip_g + skip_b,
+        "training_overlap": overlap,
         "image_auroc": roc_auc(g, b),
     }
     if masks_dir is not None:
@@ -129,7 +140,7 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
     try:  # a full disk, a folder taken away: say where (report.json comes last, whole or not at all)
         buf = io.StringIO(newline="")
         w = csv.writer(buf)
-        w.writerow(["file", "label", "raw_score", "score"])
+        w.writerow(SCORES_HEADER)
         for i in items:
             w.writerow([i.path.name, "bad" if i.label else "good", f"{i.score:.6f}",
                         f"{float(bundle.normalize(i.score)):.6f}"])
@@ -140,6 +151,72 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
     except OSError as exc:
         raise DataError(f"{out}: cannot write the report: {exc.strerror or exc}") from None
     return report
+
+
+def _training_overlap(bundle: Bundle, good_paths: list[Path], bad_paths: list[Path]) -> dict[str, Any]:
+    """The --good / --bad images the bundle was trained on (calibrate's check, which refuses them):
+    for the report, and one warning line, since an AUROC on training images is optimistic. Not a
+    refusal: evaluating on training images is sometimes what is wanted."""
+    # Imported here: the calibration package is a consumer of the engine, not a dependency of it.
+    from inspectd.calibration.calibrate import find_overlap
+
+    found = find_overlap(bundle, good_paths, bad_paths).as_dict()
+    del found["names"]  # a few names (examples) are enough here
+    if found["count"]:
+        more = ", ..." if found["count"] > len(found["examples"]) else ""
+        print(f"inspectd eval: warning: {found['count']} of the --good/--bad images ({found['good']} good, "
+              f"{found['bad']} bad) are in the bundle's training set (by {found['by']}: "
+              f"{', '.join(found['examples'])}{more}): AUROC on them is optimistic", file=sys.stderr)
+    return found
+
+
+def _eval_output_names(out: Path) -> list[Path]:
+    """The files of eval's output names that are in `out` (what a run there replaces)."""
+    found = [out / name for name in (REPORT, SCORES, *PLOTS) if os.path.lexists(out / name)]
+    folder = out / OVERLAYS
+    if folder.is_dir():
+        found += sorted(p for tag in OVERLAY_TAGS for p in folder.glob(f"{tag}-*.png"))
+    return found
+
+
+def _is_eval_report(path: Path) -> bool:
+    """report.json written by eval: with the marker, or (older evals) exactly their key set."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    return data.get("tool") == TOOL or OLD_REPORT_KEYS <= data.keys() <= OLD_REPORT_KEYS | OLD_REPORT_OPTIONAL_KEYS
+
+
+def _is_eval_scores(path: Path) -> bool:
+    """scores.csv with eval's header: what a run that died before its report.json leaves."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            return next(csv.reader([fh.readline()]), None) == list(SCORES_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _check_outputs_are_evals(out: Path) -> None:
+    """Before scoring: a run replaces eval's output names in --out; only when they are an earlier
+    eval's (its report.json, or without one the scores.csv of a run that failed partway), never
+    a file of the user's that happens to have one of those names."""
+    present = _eval_output_names(out)
+    if not present:
+        return
+    report, scores = out / REPORT, out / SCORES
+    if os.path.lexists(report):
+        if _is_eval_report(report):
+            return
+        foreign = report
+    elif scores in present and _is_eval_scores(scores):
+        return
+    else:
+        foreign = present[0]
+    raise DataError(f"{foreign}: not an output of an earlier inspectd eval, and eval would overwrite it: "
+                    f"give another --out (a new folder)")
 
 
 def _clear_outputs(out: Path) -> None:

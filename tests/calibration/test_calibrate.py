@@ -305,3 +305,115 @@ def test_the_defects_a_classifier_learned_from_are_refused_as_calibration_defect
     overlap = training_overlap(bundle, list_images(synthetic_parts.test_good)[:5] + learned)
     assert overlap["count"] == len(learned) and overlap["by"] == "content hash", overlap
     assert training_overlap(bundle, list_images(synthetic_parts.test_bad))["count"] == 0  # never seen
+
+
+@pytest.fixture()
+def mixed_good(tmp_path: Path, synthetic_parts, held_out_good: Path) -> Path:
+    """The README quick start's situation: one capture folder holding the frames the bundle was
+    trained on (all 40 of train_good: 36 trained, 4 held out by train) and 60 it never saw."""
+    folder = tmp_path / "capture"
+    folder.mkdir()
+    for src in (synthetic_parts.train_good, held_out_good):
+        for p in list_images(src):
+            shutil.copy(p, folder / p.name)
+    return folder
+
+
+def test_skip_overlap_calibrates_on_the_unseen_images_only(tiny_bundle: Path, mixed_good: Path, config: Path,
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trained = set(load_bundle(tiny_bundle).manifest.training.image_names)
+    unseen = [p for p in list_images(mixed_good) if p.name not in trained]
+    args = ["calibrate", "--bundle", str(tiny_bundle), "--good", str(mixed_good), "--line", "line1",
+            "--target-false-reject", "5%", "--config", str(config), "--report", str(tmp_path / "r")]
+    rc, err = _run_bad(args, config, capsys)
+    assert rc == 1 and f"{len(trained)} calibration images are in the bundle's training set" in err
+    assert "--skip-overlap" in err and "--force-overlap" in err
+
+    assert main(args + ["--skip-overlap"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["n_good"] == len(unseen) == 64
+    assert sorted(name for name, _ in report["images"]["good"]) == sorted(p.name for p in unseen)
+    left_out = report["overlap"]["left_out"]
+    assert left_out["count"] == left_out["good"] == len(trained) and left_out["bad"] == 0
+    assert set(left_out["names"]) == trained and left_out["by"] == "content hash"
+    assert report["overlap"]["count"] == 0 and not report["overlap"]["forced"]
+    lines = [line for line in out.splitlines() if "left out" in line]
+    assert len(lines) == 1 and f"left out {len(trained)} " in lines[0] and "64" in lines[0], out
+    assert "optimistic" not in out
+    # the scores are those of the unseen images alone
+    assert report["threshold"] == pytest.approx(_normalized_scores(tiny_bundle, _copies(tmp_path / "u", unseen)).max(),
+                                                abs=1e-6)
+    record = json.loads((config.parent / "line1.threshold.json").read_text())
+    assert record["n_good"] == 64 and record["overlap_skipped"] == len(trained)
+
+
+def _copies(folder: Path, paths: list[Path]) -> Path:
+    folder.mkdir()
+    for p in paths:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def test_skip_overlap_applies_the_sample_size_rule_to_what_is_left(tiny_bundle: Path, synthetic_parts,
+                                                                   held_out_good: Path, config: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """40 + 20 = 60 images pass the 59 a 5% target needs; the 24 the bundle never saw do not."""
+    folder = _copies(tmp_path / "capture", list_images(synthetic_parts.train_good) + list_images(held_out_good)[:20])
+    rc, err = _run_bad(["calibrate", "--bundle", str(tiny_bundle), "--good", str(folder), "--line", "line1",
+                        "--target-false-reject", "5%", "--config", str(config), "--skip-overlap"], config, capsys)
+    assert rc == 1 and "24 good images cannot support a false-reject target of 5.000%" in err, err
+    assert "36 left out" in err and "need at least 59" in err
+    rc, err = _run_bad(["calibrate", "--bundle", str(tiny_bundle), "--good", str(folder), "--line", "line1",
+                        "--target-false-reject", "5%", "--config", str(config), "--skip-overlap",
+                        "--force-overlap"], config, capsys)
+    assert rc == 2 and "--skip-overlap" in err and "--force-overlap" in err
+
+
+def test_a_threshold_file_in_a_missing_folder_is_named_before_scoring(tiny_bundle: Path, held_out_good: Path,
+                                                                      config: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "cannot write the threshold file (No such file or directory)", after scoring, without
+    saying which folder was missing."""
+    missing = tmp_path / "thresholds"
+    data = yaml.safe_load(config.read_text())
+    data["lines"][0]["threshold"] = {"file": str(missing / "line1.threshold.json")}
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    rc, err = _run_bad(["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
+                        "--target-false-reject", "5%", "--config", str(config)], config, capsys)
+    assert rc == 2 and f"folder {missing} does not exist" in err, err
+    assert not missing.exists() and not (tmp_path / "state").exists()  # refused before scoring: no report
+
+
+def test_a_second_calibration_keeps_the_previous_threshold_file_as_bak(tiny_bundle: Path, held_out_good: Path,
+                                                                       synthetic_parts, config: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
+            "--config", str(config)]
+    assert main(base + ["--target-false-reject", "5%", "--report", str(tmp_path / "r1")]) == 0
+    threshold_file = config.parent / "line1.threshold.json"
+    first = threshold_file.read_bytes()
+    assert not (config.parent / "line1.threshold.json.bak").exists()  # nothing replaced yet
+    assert main(base + ["--target-false-reject", "10%", "--bad", str(synthetic_parts.test_bad),
+                        "--report", str(tmp_path / "r2")]) == 0
+    out = capsys.readouterr().out
+    bak = config.parent / "line1.threshold.json.bak"
+    assert bak.read_bytes() == first and threshold_file.read_bytes() != first
+    assert bak.stat().st_mode == threshold_file.stat().st_mode
+    assert str(bak) in out or bak.name in out, out
+    assert not [p for p in config.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_skip_overlap_that_leaves_no_bad_image_is_refused(tiny_method_bundles, other_defects, held_out_good: Path,
+                                                          tmp_path: Path) -> None:
+    """The classifier learned from these defects: with --skip-overlap none is left to measure escapes."""
+    from inspectd.calibration.calibrate import CalibrationRequest, calibrate
+    from inspectd.errors import DataError
+
+    req = CalibrationRequest(bundle=tiny_method_bundles("classifier"), good=held_out_good, line="line1",
+                             config=tmp_path / "none.yaml", target_false_reject=0.05, bad=other_defects.test_bad,
+                             skip_overlap=True, report_dir=tmp_path / "r", write_config=False)
+    with pytest.raises(DataError, match=r"every bad image is one the bundle learned from \(--skip-overlap left out "
+                                        r"all 12\)"):
+        calibrate(req)
+    assert not (tmp_path / "r").exists()

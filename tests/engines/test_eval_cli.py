@@ -130,6 +130,104 @@ def test_a_second_eval_into_the_same_folder_leaves_only_its_own_outputs(capsys, 
     assert (out / "overlays" / "marked-by-hand.png").read_bytes() == b"mine"
 
 
+
+def _eval(bundle: Path, good: Path, bad: Path, out: Path) -> list[str]:
+    return ["eval", "--bundle", str(bundle), "--good", str(good), "--bad", str(bad), "--out", str(out)]
+
+
+def test_eval_refuses_a_folder_whose_report_or_scores_are_not_its_own(capsys, tmp_path, tiny_bundle,
+                                                                        synthetic_parts):
+    """A folder of the user's with their own report.json / scores.csv: eval cannot know they are not
+    its own and used to overwrite them. Now one line naming the file and asking for another --out,
+    before scoring (no plot written), and every file as it was."""
+    mine = tmp_path / "line3-notes"
+    mine.mkdir()
+    (mine / "report.json").write_text('{"author": "me", "findings": ["scratch on part 7"]}\n')
+    (mine / "scores.csv").write_text("part,score\n7,0.9\n")
+    code = main(_eval(tiny_bundle, synthetic_parts.test_good, synthetic_parts.test_bad, mine))
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and str(mine / "report.json") in err and "--out" in err, err
+    assert (mine / "report.json").read_text() == '{"author": "me", "findings": ["scratch on part 7"]}\n'
+    assert (mine / "scores.csv").read_text() == "part,score\n7,0.9\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["report.json", "scores.csv"]
+    # no report.json, but a scores.csv (or a plot) of the user's: refused the same way, naming it
+    (mine / "report.json").unlink()
+    code = main(_eval(tiny_bundle, synthetic_parts.test_good, synthetic_parts.test_bad, mine))
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and str(mine / "scores.csv") in err and "--out" in err, err
+    assert (mine / "scores.csv").read_text() == "part,score\n7,0.9\n"
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "roc.png").write_bytes(b"my own plot")
+    code = main(_eval(tiny_bundle, synthetic_parts.test_good, synthetic_parts.test_bad, plots))
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and str(plots / "roc.png") in err and (plots / "roc.png").read_bytes() == b"my own plot", err
+
+
+def test_eval_replaces_an_earlier_evals_outputs_its_marker_or_an_older_report(capsys, tmp_path, tiny_bundle,
+                                                                              synthetic_parts):
+    """What eval writes carries "tool": "inspectd eval"; a report of an older eval (no marker, its key
+    set) and the scores.csv a failed run left without its report are eval's too: replaced."""
+    out = tmp_path / "old-eval"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"bundle": "bundles/line3", "bundle_id": "7eee7baa74aa", "n_good": 40,
+                                                 "n_bad": 20, "skipped": 0, "image_auroc": 1.0,
+                                                 "pixel_auroc": 0.91, "pixel_images": 60}, indent=2))
+    (out / "scores.csv").write_text("file,label,raw_score,score\nold.png,good,1.0,0.5\n")
+    (out / "overlays").mkdir()
+    (out / "overlays" / "worst-good-0-old.png").write_bytes(b"old")
+    code = main(_eval(tiny_bundle, synthetic_parts.test_good, synthetic_parts.test_bad, out))
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["tool"] == "inspectd eval" and report["n_good"] == 12
+    assert not (out / "overlays" / "worst-good-0-old.png").exists()
+    # a run that died after its scores.csv (no report.json): the next run may replace what it left
+    (out / "report.json").unlink()
+    code = main(_eval(tiny_bundle, synthetic_parts.test_good, synthetic_parts.test_bad, out))
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["tool"] == "inspectd eval"
+
+
+def test_eval_warns_and_reports_when_its_images_are_training_images(capsys, tmp_path, tiny_bundle, synthetic_parts):
+    """A "holdout" folder that holds trained frames (renamed: found by content) gives an optimistic
+    AUROC: eval still runs (sometimes wanted) but says so in one warning line and in report.json."""
+    from inspectd.engines.bundle import load_bundle
+
+    trained = load_bundle(tiny_bundle).manifest.training.image_names
+    good = tmp_path / "holdout"
+    good.mkdir()
+    for name in trained[:4]:
+        shutil.copy(synthetic_parts.train_good / name, good / f"holdout-{name}")
+    for p in list_images(synthetic_parts.test_good)[:4]:
+        shutil.copy(p, good / p.name)
+    code = main(_eval(tiny_bundle, good, synthetic_parts.test_bad, tmp_path / "r"))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    overlap = report["training_overlap"]
+    assert overlap["count"] == 4 and overlap["good"] == 4 and overlap["bad"] == 0, overlap
+    assert overlap["by"] == "content hash" and set(overlap["examples"]) <= {f"holdout-{n}" for n in trained[:4]}
+    warnings = [line for line in err.splitlines() if "training" in line]
+    assert len(warnings) == 1 and "4 of the --good/--bad images" in warnings[0] and "optimistic" in warnings[0], err
+    # images the bundle never saw: nothing to warn about, a zero count in the report
+    code = main(_eval(tiny_bundle, synthetic_parts.test_good, synthetic_parts.test_bad, tmp_path / "r2"))
+    err = capsys.readouterr().err
+    assert code == 0 and "training" not in err, err
+    assert json.loads((tmp_path / "r2" / "report.json").read_text())["training_overlap"]["count"] == 0
+
+
+def test_eval_counts_the_defects_a_classifier_learned_from(capsys, tmp_path, tiny_method_bundles, other_defects,
+                                                           synthetic_parts):
+    """The classifier trains on defects: evaluating it on those as --bad is evaluating on training data."""
+    code = main(_eval(tiny_method_bundles("classifier"), synthetic_parts.test_good, other_defects.test_bad,
+                      tmp_path / "r"))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    overlap = json.loads((tmp_path / "r" / "report.json").read_text())["training_overlap"]
+    assert overlap["count"] == overlap["bad"] == 12 and overlap["good"] == 0, overlap
+    assert sum("training" in line for line in err.splitlines()) == 1, err
+
+
 @pytest.fixture()
 def small_tmpfs(tmp_path: Path):
     """A real 512 KiB tmpfs: room for one small eval report, not for a bigger one after it."""
