@@ -8,6 +8,7 @@ One stable threshold file per line, which the config points to:
 
 - The line already points at a threshold file (used by no other line): that file is replaced
   (temp file + fsync + os.replace), the YAML is not touched. `systemctl reload` (SIGHUP) applies it.
+  A threshold file that is replaced is first kept as `<file>.bak` (written like the config backup).
 - The line has a number (first calibration) or shares its file with another line: a new
   `<line>.threshold.json` next to the config is written first, then the YAML is repointed to it.
   The YAML is edited with ruamel.yaml round-trip, so comments, order and quoting are kept; the
@@ -48,6 +49,7 @@ class ConfigUpdate:
     new_threshold: float
     config_changed: bool            # False: only the threshold file was replaced
     backup: Path | None = None      # the old config, when the YAML was rewritten
+    threshold_backup: Path | None = None  # <threshold file>.bak: the file this update replaced
 
 
 def utc_stamp(now: datetime | None = None) -> str:
@@ -217,13 +219,24 @@ def update_line_threshold(config_path: str | os.PathLike, line_id: str, calibrat
             raise ConfigError(f"{backup}: a config backup with this timestamp already exists")
         record["config_backup"] = backup.name
 
+    _check_threshold_folder(target, line_id)
+    existed = target.exists()
+    kept_as = _threshold_backup_path(config, data, target) if existed else None
     if history_dir is not None and previous_bytes is not None:
         make_dirs(history_dir)
         atomic_write(Path(history_dir) / "previous-threshold.json", previous_bytes, mode=THRESHOLD_FILE_MODE)
-    existed = target.exists()
+    threshold_backup = None
+    if kept_as is not None:  # the file being replaced stays one step back, not only in the audit log
+        try:
+            _write_like(kept_as, target.read_bytes(), target)
+        except OSError as exc:
+            raise ConfigError(f"{kept_as}: cannot keep the previous threshold file ({exc.strerror or exc}); "
+                              f"nothing changed: move it away or free the space, and calibrate again") from None
+        threshold_backup = kept_as
     try:
         atomic_write(target, (json.dumps(record, indent=2) + "\n").encode("utf-8"), mode=THRESHOLD_FILE_MODE)
     except OSError as exc:
+        _check_threshold_folder(target, line_id)  # taken away since the check: name it
         raise ConfigError(f"{target}: cannot write the threshold file ({exc.strerror or exc})") from None
     if backup is not None and new_text is not None:  # set together when repointing
         _write_like(backup, old_bytes, config)
@@ -236,7 +249,41 @@ def update_line_threshold(config_path: str | os.PathLike, line_id: str, calibrat
     log.info("line %s: threshold %s -> %.6g (%s%s)", line_id, old_threshold, float(calibration["threshold"]),
              target, f"; config repointed, old config kept as {backup.name}" if backup else "")
     return ConfigUpdate(config=config, calibration_file=target, old_threshold=old_threshold,
-                        new_threshold=float(calibration["threshold"]), config_changed=repoint, backup=backup)
+                        new_threshold=float(calibration["threshold"]), config_changed=repoint, backup=backup,
+                        threshold_backup=threshold_backup)
+
+
+def check_threshold_folder(config_path: str | os.PathLike, line_id: str) -> Path:
+    """Before scoring: the folder of the file line `line_id`'s threshold will be written to must
+    exist; returns that file."""
+    config = Path(config_path)
+    _, data = read_config(config)
+    target, _ = threshold_target(config, data, line_id)
+    _check_threshold_folder(target, line_id)
+    if target.exists():
+        _threshold_backup_path(config, data, target)
+    return target
+
+
+def _check_threshold_folder(target: Path, line_id: str) -> None:
+    """ConfigError naming the folder when the threshold file's folder is missing. Not created: a
+    typo in the config's path would quietly get a folder of its own."""
+    folder = target.parent
+    if folder.is_dir():
+        return
+    what = "is not a folder" if folder.exists() else "does not exist"
+    raise ConfigError(f"{target}: cannot write the threshold file: folder {folder} {what}; create it, or point "
+                      f"the threshold of line {line_id!r} at a file in an existing folder")
+
+
+def _threshold_backup_path(config: Path, data: dict[str, Any], target: Path) -> Path:
+    """<threshold file>.bak, unless something in the config judges with a file of that name."""
+    kept_as = target.with_name(target.name + ".bak")
+    users = [who for who, path in _threshold_file_users(config.resolve().parent, data) if path == kept_as]
+    if users:
+        raise ConfigError(f"{config}: {kept_as.name} is the threshold file of {users[0]}, and calibrate keeps the "
+                          f"file it replaces as {kept_as.name}: give that one another name")
+    return kept_as
 
 
 def repoint_yaml(config: Path, text: str, line_id: str, file_name: str) -> str:

@@ -278,3 +278,46 @@ def test_calibrate_cli_refuses_a_duplicated_key_before_scoring(tmp_path: Path, t
     assert err.strip() == f"inspectd calibrate: error: {path}: line 7, column 5: YAML syntax error: duplicate key " \
                           f"'threshold'", err
     assert _siblings(tmp_path) == {"lines.yaml", "good"} and path.read_text() == text
+
+
+def test_replacing_a_threshold_file_keeps_the_previous_one_as_bak(config: Path) -> None:
+    first = cu.update_line_threshold(config, "line1", CALIBRATION)
+    bak = first.calibration_file.with_name("line1.threshold.json.bak")
+    assert not bak.exists()
+    before = first.calibration_file.read_bytes()
+    cu.update_line_threshold(config, "line1", {**CALIBRATION, "threshold": 2.0})
+    assert bak.read_bytes() == before and stat.S_IMODE(bak.stat().st_mode) == 0o644
+    assert json.loads(first.calibration_file.read_text())["threshold"] == 2.0
+    cu.update_line_threshold(config, "line1", {**CALIBRATION, "threshold": 2.5})
+    assert json.loads(bak.read_text())["threshold"] == 2.0  # the one just replaced
+    assert not [n for n in _siblings(config.parent) if n.endswith(".tmp")]
+
+
+def test_a_bak_that_cannot_be_written_leaves_the_threshold_file_as_it_was(config: Path) -> None:
+    first = cu.update_line_threshold(config, "line1", CALIBRATION)
+    before = first.calibration_file.read_bytes()
+    (config.parent / "line1.threshold.json.bak").mkdir()  # in the way: a folder of that name
+    with pytest.raises(ConfigError, match=r"line1\.threshold\.json\.bak: cannot keep the previous threshold file"):
+        cu.update_line_threshold(config, "line1", {**CALIBRATION, "threshold": 2.0})
+    assert first.calibration_file.read_bytes() == before
+
+
+def test_a_threshold_file_in_a_missing_folder_names_the_folder(tmp_path: Path) -> None:
+    path = tmp_path / "lines.yaml"
+    path.write_text(CONFIG.replace("threshold: 3.0", "threshold: {file: thresholds/line1.json}"))
+    with pytest.raises(ConfigError) as info:
+        cu.update_line_threshold(path, "line1", CALIBRATION)
+    assert f"folder {tmp_path / 'thresholds'} does not exist" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "thresholds").exists()
+
+
+def test_a_bak_name_another_line_judges_with_is_never_overwritten(config: Path) -> None:
+    first = cu.update_line_threshold(config, "line1", CALIBRATION)
+    text = config.read_text().replace("threshold: 2.5", "threshold: {file: line1.threshold.json.bak}")
+    config.write_text(text)
+    (config.parent / "line1.threshold.json.bak").write_text(json.dumps({"threshold": 4.0}))
+    before = first.calibration_file.read_bytes()
+    with pytest.raises(ConfigError, match="line1.threshold.json.bak is the threshold file of line 'line2'"):
+        cu.update_line_threshold(config, "line1", {**CALIBRATION, "threshold": 2.0})
+    assert json.loads((config.parent / "line1.threshold.json.bak").read_text()) == {"threshold": 4.0}
+    assert first.calibration_file.read_bytes() == before and config.read_text() == text
