@@ -745,10 +745,14 @@ def test_a_subscriber_joining_a_running_shadow_stream_reports_no_gap(endpoint):
         while time.monotonic() < end:   # joins late: the first thing it sees is a heartbeat
             sub.poll_once(0.05)
         pub.publish_shadow(make_verdict(5))
+        got = []
         end = time.monotonic() + 1.0
         while time.monotonic() < end:
-            sub.poll_once(0.05)
+            msg = sub.poll_once(0.05)
+            if msg is not None and msg.kind == "shadow":
+                got.append(msg.header["frame_id"])
     finally:
         sub.close()
         pub.stop()
+    assert got == [5], got  # it does receive the shadow stream it joined late
     assert events.of("gap") == [] and sub.lost == 0
