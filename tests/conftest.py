@@ -85,16 +85,7 @@ def tiny_method_bundles(tmp_path_factory: pytest.TempPathFactory, synthetic_part
 @pytest.fixture()
 def tiny_tmpfs(tmp_path: Path):
     """A real 64 KiB tmpfs (fills after a few records); skipped where mounting is not permitted."""
-    import subprocess
+    from tests.helpers import mounted_tmpfs
 
-    mnt = tmp_path / "archive"
-    mnt.mkdir()
-    try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
-                              text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=10)
+    with mounted_tmpfs(tmp_path / "archive", "64k") as mnt:
+        yield mnt

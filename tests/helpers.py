@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -140,6 +142,28 @@ def assert_onnx_separates(bundle_path: Path, good: np.ndarray, bad: np.ndarray, 
     sb = sess.run(["score"], {"images": bad})[0]
     auc = roc_auc(sg, sb)
     assert auc >= minimum, f"image AUROC {auc:.3f} (good {sg}, bad {sb})"
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` (e.g. "64k") mounted at `mnt` (created) for the with-block: a disk
+    that really fills. pytest.skip where mounting is not permitted."""
+    import subprocess
+
+    import pytest
+
+    mnt.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=10)
 
 
 def fill_filesystem(folder: Path) -> Path:

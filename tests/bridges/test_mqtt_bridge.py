@@ -4,11 +4,12 @@ goes offline when the daemon is killed, and the bridge follows a daemon restart 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -216,22 +217,12 @@ def test_status_gets_through_when_a_broker_outage_filled_the_verdict_queue(tmp_p
     broker is back, its retained status must say offline — not nothing, and not a stale 'ok'.
     In-process bridge (to lower the cap), a real daemon-side Publisher, a real Mosquitto."""
     from inspectd.bridges import mqtt as bridge_mqtt
-    from inspectd.bridges.common import load_settings
-    from inspectd.daemon.publish import Publisher
     from tests.daemon.test_client import make_verdict
 
     monkeypatch.setattr(bridge_mqtt, "MAX_QUEUED", 30)
     cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
         "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "client_id": "full"}})
-    pub = Publisher(endpoint, heartbeat_interval_s=0.2)
-    pub.set_line_status("line1", {"state": "ok", "camera_connected": True, "engine_ready": True})
-    pub.start()
-    bridge = bridge_mqtt.MqttBridge(load_settings(cfg, "mqtt"))
-    bridge.start()
-    watcher = Watcher(mosquitto.port)
-    try:
-        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "ok", 20)
-        watcher.close()
+    with _ok_line_through_bridge(bridge_mqtt, cfg, endpoint, mosquitto.port) as (pub, _bridge):
         mosquitto.stop()
         for i in range(60):
             pub.publish_verdict(make_verdict(i))
@@ -240,12 +231,7 @@ def test_status_gets_through_when_a_broker_outage_filled_the_verdict_queue(tmp_p
         pub.stop()                    # the daemon goes away while the broker is still away
         time.sleep(2.0)               # the bridge notices (stale after two heartbeat intervals)
         mosquitto.start()
-        watcher = Watcher(mosquitto.port)
-        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "offline", 20)
-    finally:
-        watcher.close()
-        bridge.stop()
-        pub.stop()
+        _wait_status(mosquitto.port, lambda p: p.get("status") == "offline", 20)
 
 
 def test_a_puback_arriving_while_a_verdict_is_published_never_deadlocks(tmp_path: Path, tiny_bundle: Path,
@@ -309,6 +295,36 @@ def test_a_bridge_without_its_library_says_how_to_install_it(tmp_path: Path, kin
 
 
 OK_STATUS = {"state": "ok", "camera_connected": True, "engine_ready": True}
+
+
+@contextlib.contextmanager
+def _ok_line_through_bridge(bridge_mqtt: Any, cfg: Path, endpoint: str, broker_port: int) -> Iterator[tuple[Any, Any]]:
+    """A daemon-side Publisher saying line1 is ok and an in-process MQTT bridge (whose module the
+    test may have patched), yielded once the broker at `broker_port` retains that 'ok'; both
+    stopped after the block."""
+    from inspectd.bridges.common import load_settings
+    from inspectd.daemon.publish import Publisher
+
+    pub = Publisher(endpoint, heartbeat_interval_s=0.2)
+    pub.set_line_status("line1", OK_STATUS)
+    pub.start()
+    bridge = bridge_mqtt.MqttBridge(load_settings(cfg, "mqtt"))
+    bridge.start()
+    try:
+        _wait_status(broker_port, lambda p: p.get("status") == "ok", 20)
+        yield pub, bridge
+    finally:
+        bridge.stop()
+        pub.stop()
+
+
+def _wait_status(broker_port: int, cond: Any, timeout_s: float) -> dict:
+    """The first (retained or new) line1 status on the broker that meets `cond`."""
+    watcher = Watcher(broker_port)
+    try:
+        return watcher.wait("inspectd/line1/status", cond, timeout_s)[1]
+    finally:
+        watcher.close()
 BLIND_STATUS = {"state": "blind", "camera_connected": False, "engine_ready": True}
 
 
@@ -336,8 +352,6 @@ def test_the_current_status_is_retained_after_more_status_changes_in_an_outage_t
     import logging
 
     from inspectd.bridges import mqtt as bridge_mqtt
-    from inspectd.bridges.common import load_settings
-    from inspectd.daemon.publish import Publisher
     from tests.daemon.test_client import make_verdict
 
     caplog.set_level(logging.INFO, logger="inspectd.bridges.mqtt")
@@ -345,15 +359,7 @@ def test_the_current_status_is_retained_after_more_status_changes_in_an_outage_t
     # stale_after_s long: a heartbeat late on a loaded box must not add an 'offline' after the last change
     cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
         "stale_after_s": 10.0, "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "client_id": "flap"}})
-    pub = Publisher(endpoint, heartbeat_interval_s=0.2)
-    pub.set_line_status("line1", OK_STATUS)
-    pub.start()
-    bridge = bridge_mqtt.MqttBridge(load_settings(cfg, "mqtt"))
-    bridge.start()
-    watcher = Watcher(mosquitto.port)
-    try:
-        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "ok", 20)
-        watcher.close()
+    with _ok_line_through_bridge(bridge_mqtt, cfg, endpoint, mosquitto.port) as (pub, bridge):
         mosquitto.stop()
         for i in range(60):
             pub.publish_verdict(make_verdict(i))
@@ -365,22 +371,13 @@ def test_the_current_status_is_retained_after_more_status_changes_in_an_outage_t
         seen = _status_changes_seen(caplog)[before:]
         assert len(seen) > bridge_mqtt.STATUS_ROOM and "status blind" in seen[-1], seen
         mosquitto.start()
-        watcher = Watcher(mosquitto.port)
-        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "blind", 20)
+        _wait_status(mosquitto.port, lambda p: p.get("status") == "blind", 20)
         time.sleep(2.0)               # anything older the bridge still held would have landed by now
-        watcher.close()
-        watcher = Watcher(mosquitto.port)
-        _, retained = watcher.wait("inspectd/line1/status", lambda p: True, 10)
+        retained = _wait_status(mosquitto.port, lambda p: True, 10)
         assert retained["status"] == "blind" and retained["healthy"] is False, retained
-        watcher.close()
         bridge.stop()
-        watcher = Watcher(mosquitto.port)
-        _, retained = watcher.wait("inspectd/line1/status", lambda p: True, 10)
+        retained = _wait_status(mosquitto.port, lambda p: True, 10)
         assert retained["status"] == "offline" and retained["bridge"] == "offline", retained
-    finally:
-        watcher.close()
-        bridge.stop()
-        pub.stop()
 
 
 def test_a_stopping_bridge_leaves_offline_retained_when_the_broker_does_not_acknowledge(
@@ -391,8 +388,6 @@ def test_a_stopping_bridge_leaves_offline_retained_when_the_broker_does_not_ackn
     disconnect cleanly (a DISCONNECT cancels the will). In-process bridge (to lower the cap), a real
     daemon-side Publisher, a real Mosquitto behind a relay that can stall."""
     from inspectd.bridges import mqtt as bridge_mqtt
-    from inspectd.bridges.common import load_settings
-    from inspectd.daemon.publish import Publisher
     from tests.bridges.conftest import StallingRelay
     from tests.daemon.test_client import make_verdict
 
@@ -400,28 +395,17 @@ def test_a_stopping_bridge_leaves_offline_retained_when_the_broker_does_not_ackn
     relay = StallingRelay(mosquitto.port)
     cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
         "mqtt": {"host": "127.0.0.1", "port": relay.port, "client_id": "stall", "keepalive_s": 60}})
-    pub = Publisher(endpoint, heartbeat_interval_s=0.2)
-    pub.set_line_status("line1", OK_STATUS)
-    pub.start()
-    bridge = bridge_mqtt.MqttBridge(load_settings(cfg, "mqtt"))
-    bridge.start()
-    watcher = Watcher(mosquitto.port)
     try:
-        watcher.wait("inspectd/line1/status", lambda p: p.get("status") == "ok", 20)
-        watcher.close()
-        relay.stall()
-        for i in range(40):
-            pub.publish_verdict(make_verdict(i))
-            time.sleep(0.01)
-        _flap_until_blind(pub, bridge_mqtt.STATUS_ROOM + 3)
-        bridge.stop()
-        relay.resume()
-        time.sleep(2.0)               # the broker reads what the relay held
-        watcher = Watcher(mosquitto.port)
-        _, retained = watcher.wait("inspectd/line1/status", lambda p: True, 10)
-        assert retained["status"] == "offline" and retained["healthy"] is False, retained
+        with _ok_line_through_bridge(bridge_mqtt, cfg, endpoint, mosquitto.port) as (pub, bridge):
+            relay.stall()
+            for i in range(40):
+                pub.publish_verdict(make_verdict(i))
+                time.sleep(0.01)
+            _flap_until_blind(pub, bridge_mqtt.STATUS_ROOM + 3)
+            bridge.stop()
+            relay.resume()
+            time.sleep(2.0)               # the broker reads what the relay held
+            retained = _wait_status(mosquitto.port, lambda p: True, 10)
+            assert retained["status"] == "offline" and retained["healthy"] is False, retained
     finally:
-        watcher.close()
-        bridge.stop()
-        pub.stop()
         relay.close()

@@ -231,19 +231,10 @@ def test_eval_counts_the_defects_a_classifier_learned_from(capsys, tmp_path, tin
 @pytest.fixture()
 def small_tmpfs(tmp_path: Path):
     """A real 512 KiB tmpfs: room for one small eval report, not for a bigger one after it."""
-    import subprocess
+    from tests.helpers import mounted_tmpfs
 
-    mnt = tmp_path / "reports"
-    mnt.mkdir()
-    try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True,
-                              text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=10)
+    with mounted_tmpfs(tmp_path / "reports", "512k") as mnt:
+        yield mnt
 
 
 def test_an_eval_that_fails_midway_leaves_no_report_of_an_earlier_run(capsys, tmp_path, small_tmpfs, tiny_bundle,
