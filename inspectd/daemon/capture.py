@@ -96,7 +96,7 @@ class CaptureResult:
                 "is too low and rejects good parts)"]
         if train_out is not None:
             hint.append(f"  ({self.bundle} exists and may be the bundle the line runs: train beside it, never over "
-                        f"it; `inspectd promote` switches the line to the new bundle)")
+                        f"it; `inspectd shadow` tries the new bundle beside it, `inspectd promote` then switches the line)")
         return hint
 
 
