@@ -38,6 +38,29 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, tmp_prefix: s
         fsync_dir(path.parent)
 
 
+_RENAME_EXCHANGE = 2   # renameat2(2) flag (Linux >= 3.15)
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE): a reader sees one or
+    the other at each path, never neither. False where the platform or filesystem cannot (the caller
+    then falls back to two renames); OSError for any other failure."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux / an old C library
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # this kernel or filesystem cannot swap
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def is_or_holds(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
     """`folder` is `path` or one of its parents (replacing `folder` would delete `path`)."""
     folder_abs, path_abs = Path(os.path.abspath(folder)), Path(os.path.abspath(path))

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from inspectd import __version__
-from inspectd.fileio import is_or_holds
+from inspectd.fileio import exchange, fsync_dir, is_or_holds
 from inspectd.engines.preprocess import MAX_TILES, InputSpec, check_roi, sha256_file
 from inspectd.errors import BundleError, ConfigError, DataError
 
@@ -332,12 +332,16 @@ def write_bundle(staging: Path, out: Path, manifest_fields: dict[str, Any], forc
     _fsync_tree(staging)
     if out.exists():
         refuse_existing(out, force)  # again at the end: --force replaces a bundle, never anything else
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+        if exchange(staging, out):  # one step: a daemon's preflight or a crash never finds `out` missing
+            shutil.rmtree(staging, ignore_errors=True)  # the old bundle, now at the staging path
+        else:
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out)
+    fsync_dir(out.parent)
     return load_bundle(out)
 
 

@@ -62,7 +62,8 @@ def toy_images(n_good: int = 3, n_bad: int = 2, size: int = TOY_SIZE, seed: int 
     return good, bad
 
 
-def make_toy_bundle(out: Path, n_good: int = 3, n_bad: int = 2, onnx_bytes: bytes | None = None) -> Path:
+def make_toy_bundle(out: Path, n_good: int = 3, n_bad: int = 2, onnx_bytes: bytes | None = None,
+                    force: bool = False) -> Path:
     """Write a verified toy bundle at `out`; good_mean/good_std come from its own good images."""
     import onnxruntime as ort
 
@@ -101,7 +102,7 @@ def make_toy_bundle(out: Path, n_good: int = 3, n_bad: int = 2, onnx_bytes: byte
         "golden": {"good": names_good, "bad": names_bad, "good_scores": good_scores, "bad_scores": bad_scores},
         "calibration_images": names_good,
     }
-    write_bundle(staging, out, fields)
+    write_bundle(staging, out, fields, force=force)
     return out
 
 
@@ -127,3 +128,30 @@ def test_a_model_changed_on_disk_after_loading_is_never_opened(tmp_path: Path) -
     bundle.model_path.write_bytes(model.SerializeToString())
     with pytest.raises(BundleError, match="model.onnx changed"):
         OnnxRuntimeBackend(bundle)
+
+
+def test_replacing_a_bundle_never_leaves_its_path_without_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train --force` onto the bundle a line runs: the new bundle takes the old one's place in one
+    step (renameat2 RENAME_EXCHANGE), so a daemon's preflight or a crash in between never finds the
+    path empty. Shown by failing every rename INTO the path: before, that was the second of two
+    renames, and the path was left without a bundle (only a hidden .NAME.old-PID folder)."""
+    import errno
+    import os
+
+    from inspectd.engines import bundle as bundle_mod
+
+    out = make_toy_bundle(tmp_path / "toy")
+    first = load_bundle(out).bundle_id
+    real = os.replace
+
+    def no_rename_into_out(src: object, dst: object) -> None:
+        if Path(dst) == out:
+            raise OSError(errno.EIO, "simulated crash before the new bundle was renamed into place", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(bundle_mod.os, "replace", no_rename_into_out)
+    model = onnx.load_from_string(toy_onnx())
+    model.doc_string = "retrained"
+    make_toy_bundle(out, onnx_bytes=model.SerializeToString(), force=True)
+    assert load_bundle(out).bundle_id != first
+    assert [p.name for p in tmp_path.iterdir()] == ["toy"]  # no old copy or staging folder left beside it
