@@ -368,9 +368,11 @@ def _build_serialized(trt: Any, bundle: Bundle, key: EngineKey, workspace_mb: in
         raise BackendUnavailable(f"{bundle.path}: TensorRT failed to build a {key.precision} engine (see its log)")
     updated = config.get_timing_cache()
     if updated is not None:
-        tmp = timing_path.with_suffix(".tmp")
-        tmp.write_bytes(bytes(updated.serialize()))
-        tmp.replace(timing_path)
+        try:  # whole or not at all (fsync'd, a unique temp name); only a speed-up: a failure is a warning
+            atomic_write(timing_path, bytes(updated.serialize()))
+        except OSError as exc:
+            log.warning("%s: cannot write the timing cache (%s); the next build times its layers again",
+                        timing_path, exc)
     return bytes(serialized)
 
 
