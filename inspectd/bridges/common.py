@@ -83,16 +83,18 @@ def status_word(status: LineStatus) -> str:
 
 def status_payload(status: LineStatus) -> dict[str, Any]:
     """The status record both bridges publish. `healthy` is True only while the line is known to
-    be inspecting parts (heartbeats within stale_after_s, camera connected, engine ready)."""
+    be inspecting parts (heartbeats within stale_after_s, camera connected, engine ready). With the
+    heartbeats gone nothing is known of the line: its last state, camera and engine are not repeated."""
+    heard = bool(status.heartbeat)
     return {
         "line": status.line,
         "status": status_word(status),
-        "online": bool(status.heartbeat),
+        "online": heard,
         "healthy": bool(status.safe),
         "reason": status.reason,
-        "state": status.state,
-        "camera_connected": status.camera_connected,
-        "engine_ready": status.engine_ready,
+        "state": status.state if heard else "unknown",
+        "camera_connected": status.camera_connected if heard else None,
+        "engine_ready": status.engine_ready if heard else None,
         "bridge": "online",
     }
 

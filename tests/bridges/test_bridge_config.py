@@ -106,8 +106,12 @@ def test_status_record_for_blind_engine_failed_and_lost_heartbeat() -> None:
     assert blind["status"] == "blind" and not blind["healthy"] and blind["reason"] == "camera lost"
     failed = status_payload(line_status_from_heartbeat("l", {"state": "engine_failed", "failed": "boom"}))
     assert failed["status"] == "engine_failed" and not failed["healthy"]
-    lost = status_payload(LineStatus("l", state="ok", heartbeat=False, heartbeat_seen=True))
+    lost = status_payload(LineStatus("l", state="ok", camera_connected=True, engine_ready=True, heartbeat=False,
+                                     heartbeat_seen=True))
     assert lost["status"] == "offline" and not lost["healthy"] and lost["reason"] == "heartbeat lost"
+    # nothing is known of a line whose daemon is silent: not its last state, camera or engine (a PLC
+    # reading those fields instead of `healthy` saw a working line after the daemon died)
+    assert (lost["state"], lost["camera_connected"], lost["engine_ready"]) == ("unknown", None, None), lost
 
 
 def test_subscribe_endpoint_defaults() -> None:
