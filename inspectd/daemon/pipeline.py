@@ -56,6 +56,9 @@ RUNNER_CLOSE_S = 5.0         # closing a backend that is not stuck
 # Watchdog: a loop that has not moved for this long is hung (camera and engine state do not count).
 PROGRESS_STALE_MIN_S = 10.0
 ENGINE_RETRY_S = (10.0, 300.0)  # an engine that failed to open is tried again after this, doubling up to that
+# A free-running camera silent this long (or 10 read timeouts, if longer) with no driver error is taken
+# for lost and reconnected: some GenTL producers only time out when a GigE camera drops off.
+SILENT_CAMERA_S = 10.0
 ENGINE_OPEN_STALE_S = 300.0  # loading + parity-gating an engine (never building one): given up after
 
 
@@ -270,6 +273,7 @@ class LinePipeline:
         self._excluded_backends: list[str] = []   # failed at run time: never reopened by this line
         # A failed open may be transient (device memory taken, a driver reset): tried again, backing off.
         self.engine_retry_s = ENGINE_RETRY_S
+        self.silent_camera_s = max(SILENT_CAMERA_S, 10 * settings.read_timeout_s)
         self._retry_wait_s = 0.0
         self._retry_at: float | None = None
         self._budget_s = settings.latency_budget_ms / 1000.0
@@ -590,6 +594,7 @@ class LinePipeline:
                 return
         backoff = self.settings.reconnect_min_s
         connected_once = False
+        last_frame = time.monotonic()  # of the source as opened: a free-running camera's silence is measured from it
         while not self._stop_acquisition.is_set():
             self._tick_acquisition()
             if not self.camera_connected:
@@ -614,6 +619,7 @@ class LinePipeline:
                 else:
                     log.info("line %s: source open", self.line)
                 connected_once = True
+                last_frame = time.monotonic()
                 self.source_ready.set()
             if self.settings.backpressure and not self._wait_for_room():
                 continue
@@ -629,7 +635,16 @@ class LinePipeline:
             self._tick_acquisition()  # a healthy wait counts as activity
             self._sync_incomplete()
             if frame is None:
+                silent = time.monotonic() - last_frame
+                if getattr(self.source, "free_running", False) and silent > self.silent_camera_s:
+                    # No error, no frames: the line would say "ok" while inspecting nothing.
+                    self._camera_lost(f"no frame for {silent:.0f} s from a free-running camera and no error from "
+                                      f"its driver (cable, power, or acquisition stopped); reconnecting")
+                    if self._pause(backoff):
+                        break
+                    backoff = min(backoff * 2, self.settings.reconnect_max_s)
                 continue
+            last_frame = time.monotonic()
             backoff = self.settings.reconnect_min_s  # frames flow: the camera is really back
             try:
                 # Also when a stop came during the read: the frame was taken, it gets its verdict.

@@ -295,3 +295,42 @@ def test_a_pixel_format_it_cannot_convert_gets_fail_safe_verdicts_not_reconnects
         assert sample(m, "inspectd_dropped_frames_total", line="cam", reason="malformed") >= 10
     finally:
         daemon.stop()
+
+
+def test_a_camera_that_goes_silent_without_an_error_is_reconnected(tmp_path: Path, toy_path: Path,
+                                                                   lost_log: _LostLog) -> None:
+    """A free-running camera stops delivering and its driver raises nothing (a GigE camera dropping
+    off with some GenTL producers; here: AcquisitionStop on the simulator behind the daemon's back).
+    The line must not say "ok" while it inspects nothing: after its silence limit the camera is taken
+    for lost (blind, camera-down gauge), reopened (acquisition started again) and frames resume.
+    (Before: state ok, camera connected, no verdicts, for ever.)"""
+    cfg = config_from_dict({
+        "zmq": {"endpoint": f"ipc://{tmp_path}/v.sock"}, "metrics": {"port": 0}, "heartbeat_interval_s": 0.2,
+        "state_dir": str(tmp_path / "state"),
+        "lines": [{"id": "cam", "bundle": str(toy_path), "threshold": 1000.0, "latency_budget_ms": 1000,
+                   "backends": ["onnxruntime"], "heatmap": {"publish": "none"},
+                   "source": {"type": "genicam", "cti": str(CTI), "device": {"serial": "2"},
+                              "pixel_format": "Mono8", "reconnect_backoff_s": list(BACKOFF)}}]})
+    daemon = Daemon(cfg)
+    daemon.build()
+    got = Collector()
+    daemon.lines["cam"].sink.add("test", got)
+    try:
+        assert daemon.start(threading.Event())
+        pipe = daemon.lines["cam"]
+        pipe.silent_camera_s = 2.0  # the product waits max(10 s, 10 read timeouts); the test need not
+        got.wait_for(3)
+        n_lost = len(lost_log.lost)
+        pipe.source._ia.remote_device.node_map.AcquisitionStop.execute()
+        stopped = time.monotonic()
+        end = stopped + 10
+        while pipe.state != "blind" and pipe.camera_connected:
+            assert time.monotonic() < end, f"still {pipe.state} {time.monotonic() - stopped:.1f} s after the stop"
+            time.sleep(0.05)
+        assert time.monotonic() - stopped >= 2.0 - 0.3  # not before its silence limit
+        assert len(lost_log.lost) > n_lost
+        n = len(got.verdicts)
+        got.wait_for(n + 3, timeout_s=15)  # reopened: acquisition started again, frames flow
+        assert pipe.camera_connected and pipe.state == "ok"
+    finally:
+        daemon.stop()

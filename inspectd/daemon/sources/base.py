@@ -40,6 +40,11 @@ class SourceStats:
 class Source(abc.ABC):
     """One frame producer for one line."""
 
+    # A free-running camera delivers frames continuously, so a long silence without a driver error
+    # means it is gone (a pulled GigE cable, a rebooted camera): the acquisition loop reconnects it.
+    # A triggered camera (or a replay) may rightly be silent while no parts come.
+    free_running: bool = False
+
     def __init__(self, line: str) -> None:
         self.line = line
         self.stats = SourceStats()

@@ -176,6 +176,12 @@ class GenicamSource(Source):
                    trigger_mode=trigger.mode if trigger else None,
                    trigger_source=trigger.source if trigger else None, features=cfg.features)
 
+    @property
+    def free_running(self) -> bool:  # type: ignore[override]
+        """Not in external trigger mode as the config sets it (trigger: {mode: On}; a camera triggered
+        by its own saved settings must say so there too, as the InspectdNoFrames alert assumes)."""
+        return self.trigger_mode != "On"
+
     def describe(self) -> str:
         return f"genicam {self.cti.name} {self.device_key} {self.device_value!r} ({self._device_name})"
 
