@@ -313,6 +313,32 @@ def test_a_camera_that_changes_its_resolution_is_not_judged() -> None:
         src.close()
 
 
+def test_a_frame_that_cannot_be_judged_keeps_its_chunks_and_camera_timestamp() -> None:
+    """A part whose frame cannot be judged (changed geometry, a pixel format it cannot convert) gets
+    the fail-safe verdict, and a reject gate finds that part by its chunk values (an encoder count):
+    they and the camera's timestamp stay on the frame. (Before: chunks {} and timestamp null.)"""
+    src = GenicamSource("cam", CTI, {"index": 0})
+    src.chunk_names = ("NrBounces",)
+    src.open()
+    try:
+        first = src.read(3.0)
+        assert first is not None and first.meta["chunks"]["NrBounces"] is not None, first.meta
+        ia = src._ia
+        nm = ia.remote_device.node_map
+        ia.stop()
+        nm.Width.value, nm.Height.value = 320, 240
+        ia.start()
+        changed = src.read(3.0)
+        assert changed is not None and changed.image is None and "320x240" in changed.meta["error"]
+        assert changed.meta["chunks"]["NrBounces"] is not None, changed.meta
+        assert (changed.meta["camera_timestamp"] is None) == (first.meta["camera_timestamp"] is None), changed.meta
+        ia.stop()
+        nm.Width.value, nm.Height.value = 400, 400
+        ia.start()
+    finally:
+        src.close()
+
+
 def test_a_wall_clock_step_back_does_not_hang_a_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """NTP or PTP steps the wall clock back (an edge PC without an RTC battery, a grandmaster switch)
     while a line waits for a frame that does not come (acquisition stopped: a triggered line with

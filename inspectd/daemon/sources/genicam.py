@@ -357,7 +357,9 @@ class GenicamSource(Source):
                     acquired_mono = time.monotonic()
                     image, frame_id, error = self._copy_out(buffer)
                     # While the buffer is held: harvesters has parsed its chunk data into the node map.
-                    meta = self._buffer_meta(buffer) if image is not None else {}
+                    # Also for a frame that cannot be judged: its fail-safe verdict is matched to the
+                    # part by these (an encoder count).
+                    meta = self._buffer_meta(buffer)
             except _genicam_errors() as exc:
                 raise SourceLost(f"line {self.line}: camera {self._device_name} lost: {_short(exc)}") from None
             except IndexError as exc:
@@ -372,7 +374,7 @@ class GenicamSource(Source):
             if error is not None:  # a part all the same: its verdict is the fail-safe one ("malformed")
                 return Frame(line=self.line, frame_id=frame_id, acquired_ns=acquired_ns,
                              acquired_mono=acquired_mono, image=None,
-                             meta={"device": self._device_name, "error": error})
+                             meta={"device": self._device_name, **meta, "error": error})
             if time.monotonic() >= deadline:
                 return None
 
