@@ -27,7 +27,7 @@ LATENCY_BUCKETS = (.001, .002, .005, .01, .015, .02, .03, .05, .075, .1, .15, .2
 SCORE_BUCKETS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0, 100.0)
 
 VERDICTS = ("OK", "NG", "SKIP")
-DROP_REASONS = ("queue_full", "malformed", "engine_error")
+DROP_REASONS = ("queue_full", "malformed", "engine_error", "camera_skipped")  # camera_skipped: never acquired
 PUBLISH_DROP_REASONS = ("queue_full", "encode_error", "send_error")  # publish.DROP_REASONS
 
 

@@ -311,7 +311,8 @@ class LinePipeline:
         self.last_error: str | None = None
         self.failed: str | None = None      # the line cannot infer at all (backend failed to open)
         self._started = False
-        self._incomplete_seen = 0
+        # The source's own counts (they restart when it reopens), as last carried into the metrics.
+        self._source_seen = {"incomplete_frames": 0, "skipped_by_camera": 0}
         self._count_lock = threading.Lock()  # verdict counters from two threads
 
         if metrics is not None:
@@ -633,7 +634,7 @@ class LinePipeline:
                 backoff = min(backoff * 2, self.settings.reconnect_max_s)
                 continue
             self._tick_acquisition()  # a healthy wait counts as activity
-            self._sync_incomplete()
+            self._sync_source_counts()
             if frame is None:
                 silent = time.monotonic() - last_frame
                 if getattr(self.source, "free_running", False) and silent > self.silent_camera_s:
@@ -683,15 +684,24 @@ class LinePipeline:
         if self.metrics is not None and hasattr(self.metrics, "engine_ready"):
             self.metrics.engine_ready.labels(line=self.line).set(1 if ok else 0)
 
-    def _sync_incomplete(self) -> None:
+    def _sync_source_counts(self) -> None:
+        """The source's incomplete buffers and camera-skipped frames into the line's metrics. Its
+        counts restart at a reopen: what it counted since then is new, not a lower baseline."""
         stats = getattr(self.source, "stats", None)
-        seen = int(getattr(stats, "incomplete_frames", 0) or 0)
-        if seen > self._incomplete_seen:
+        for name, before in self._source_seen.items():
+            seen = int(getattr(stats, name, 0) or 0)
+            new = seen - before if seen >= before else seen
+            self._source_seen[name] = seen
+            if new <= 0:
+                continue
+            if name == "skipped_by_camera":  # no verdict for these at all: on a triggered line, parts
+                log.warning("line %s: the camera numbered %d frame(s) that never reached the line (reading "
+                            "fell behind its stream buffers)", self.line, new)
             if self.metrics is not None:
-                self.metrics.incomplete_frames.labels(line=self.line).inc(seen - self._incomplete_seen)
-            self._incomplete_seen = seen
-        elif seen < self._incomplete_seen:  # the source reset its stats (reopen)
-            self._incomplete_seen = seen
+                if name == "incomplete_frames":
+                    self.metrics.incomplete_frames.labels(line=self.line).inc(new)
+                else:
+                    self.metrics.dropped_frames.labels(line=self.line, reason="camera_skipped").inc(new)
 
     def _enqueue(self, frame: Frame) -> None:
         frame.line = self.line

@@ -472,3 +472,22 @@ def test_an_engine_is_timed_on_the_bundles_golden_part_not_a_blank_frame(bundle:
     for batch in made[0].batches:
         assert batch.shape == (1, *bundle.input_spec.shape)
         np.testing.assert_array_equal(batch[0], golden)
+
+
+def test_the_sources_own_counts_reach_the_metrics_across_a_reopen(bundle: Bundle, replay_dir: Path) -> None:
+    """Incomplete buffers and frames the camera numbered but never delivered (the source's counts)
+    go into the line's metrics; a reopen restarts the source's counts, and what it counted since
+    then is added, not taken for a lower baseline (before: lost after every reconnect)."""
+    from inspectd.daemon.sources.base import SourceStats
+
+    metrics = Metrics()
+    settings = line_settings("c", backend_preference=("onnxruntime",))
+    pipe = LinePipeline(settings, ReplaySource("c", replay_dir / "good"), bundle, LineThreshold("c", value=THRESHOLD),
+                        Collector(), metrics=metrics)
+    pipe.source.stats.incomplete_frames, pipe.source.stats.skipped_by_camera = 3, 5
+    pipe._sync_source_counts()
+    pipe.source.stats = SourceStats(incomplete_frames=1, skipped_by_camera=2)  # reopened, counted again since
+    pipe._sync_source_counts()
+    pipe._sync_source_counts()  # nothing new: nothing added
+    assert _sample(metrics, "inspectd_incomplete_frames_total", line="c") == 4
+    assert _sample(metrics, "inspectd_dropped_frames_total", line="c", reason="camera_skipped") == 7

@@ -339,6 +339,25 @@ def test_a_frame_that_cannot_be_judged_keeps_its_chunks_and_camera_timestamp() -
         src.close()
 
 
+def test_frames_the_camera_numbered_but_never_delivered_are_counted() -> None:
+    """When reading stalls (a busy CPU, a slow engine with back-pressure), the camera's stream keeps
+    a few buffers and overwrites the rest: those frames (on a triggered line: parts) never get a
+    verdict. They are counted from the gaps in the camera's own frame ids, never silently lost."""
+    src = _open()
+    try:
+        first = src.read(3.0)
+        assert first is not None
+        time.sleep(1.0)  # the simulator runs at 20 fps: about 20 frames come while nobody reads
+        frames = [src.read(3.0) for _ in range(6)]
+        assert all(f is not None for f in frames)
+        ids = [first.frame_id] + [f.frame_id for f in frames]
+        gaps = sum(b - a - 1 for a, b in zip(ids, ids[1:]) if b > a + 1)
+        assert gaps >= 5, ids  # the case is exercised
+        assert src.stats.skipped_by_camera == gaps, (ids, src.stats)
+    finally:
+        src.close()
+
+
 def test_a_wall_clock_step_back_does_not_hang_a_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """NTP or PTP steps the wall clock back (an edge PC without an RTC battery, a grandmaster switch)
     while a line waits for a frame that does not come (acquisition stopped: a triggered line with

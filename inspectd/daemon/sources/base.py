@@ -33,6 +33,7 @@ class SourceStats:
 
     frames: int = 0               # frames returned by read()
     incomplete_frames: int = 0    # buffers delivered incomplete or with the wrong size, skipped
+    skipped_by_camera: int = 0    # frames the camera numbered but never delivered (gaps in its frame ids)
     timeouts: int = 0             # read() calls that returned None because nothing arrived in time
     skipped_files: int = 0        # replay: files that could not be decoded, skipped
 

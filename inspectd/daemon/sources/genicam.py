@@ -165,6 +165,7 @@ class GenicamSource(Source):
         self._ia: Any = None
         self._device_name = "?"
         self._counter = 0
+        self._last_camera_id: int | None = None  # the camera's own id of the last buffer (reset at open)
         # (width, height, pixel format) of the first frame delivered since this source was made: kept
         # across reconnects, so a camera that comes back reset or reconfigured is noticed.
         self._geometry: tuple[int, int, str] | None = None
@@ -191,6 +192,7 @@ class GenicamSource(Source):
             return
         self.stats = SourceStats()
         self._counter = 0
+        self._last_camera_id = None  # a reopened camera numbers from its own start again
         if not self.cti.is_file():
             raise SourceError(f"line {self.line}: GenTL producer {self.cti} does not exist")
         try:
@@ -434,6 +436,12 @@ class GenicamSource(Source):
             frame_id = int(buffer.module.frame_id)
         except Exception:  # producers without block ids: our own counter
             frame_id = self._counter
+        else:
+            # The stream keeps a few buffers and overwrites the rest while nobody reads: those frames
+            # (parts, on a triggered line) never reach the line. Counted from the gaps in the ids.
+            if self._last_camera_id is not None and frame_id > self._last_camera_id + 1:
+                self.stats.skipped_by_camera += frame_id - self._last_camera_id - 1
+            self._last_camera_id = frame_id
         payload = buffer.payload
         components = getattr(payload, "components", None) if payload is not None else None
         if not components:
