@@ -623,6 +623,7 @@ class LinePipeline:
                 last_frame = time.monotonic()
                 self.source_ready.set()
             if self.settings.backpressure and not self._wait_for_room():
+                last_frame = time.monotonic()  # not reading while our own queue is full: no silence of the camera
                 continue
             try:
                 frame = self.source.read(self.settings.read_timeout_s)
