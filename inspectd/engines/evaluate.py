@@ -222,14 +222,10 @@ def _check_outputs_are_evals(out: Path) -> None:
 def _clear_outputs(out: Path) -> None:
     """Remove an earlier run's outputs (only the names eval writes): the folder then holds this
     run's files alone, and a run that fails partway leaves no report.json from before."""
-    # report.json first: from here on the folder no longer claims a complete earlier run.
-    for name in (REPORT, SCORES, *PLOTS):
-        (out / name).unlink(missing_ok=True)
-    folder = out / OVERLAYS
-    if folder.is_dir():
-        for tag in OVERLAY_TAGS:
-            for png in folder.glob(f"{tag}-*.png"):
-                png.unlink(missing_ok=True)
+    # report.json first (_eval_output_names lists it first): from here on the folder no longer
+    # claims a complete earlier run.
+    for path in _eval_output_names(out):
+        path.unlink(missing_ok=True)
 
 
 def _pixel_auroc(items: list[Scored], masks_dir: Path, bundle: Bundle) -> dict[str, Any]:
