@@ -129,6 +129,20 @@ def _device_summary(index: int, info: Any) -> str:
     return f"#{index} id {attr('id_')} serial {attr('serial_number')} ({attr('vendor')} {attr('model')})"
 
 
+def _teardown_steps(ia: Any) -> list[Any]:
+    """What closing an acquirer takes, in order. harvesters (ImageAcquirer) and genicam (its
+    ChunkAdapter) each register weakref.finalize(obj, obj.method): a strong reference that keeps
+    the object (node map, buffers, threads) alive until the finalizer is called. destroy() alone
+    does not call them, so every reconnect of a flaky camera kept its acquirer for the life of the
+    process; calling the finalizers (each runs its cleanup once) lets them go. A harvesters without
+    these private attributes gets plain destroy()."""
+    steps = [ia.stop, getattr(ia, "_finalizer", None) or ia.destroy]
+    adapter_finalizer = getattr(getattr(ia, "_chunk_adapter", None), "_finalizer", None)
+    if adapter_finalizer is not None:
+        steps.append(adapter_finalizer)
+    return steps
+
+
 def _incomplete_counter(stats: SourceStats) -> Any:
     """harvesters' INCOMPLETE_BUFFER callback: harvesters requeues the buffer itself; we count.
     It must be a harvesters Callback: anything else makes harvesters raise a bare TypeError out of
@@ -227,11 +241,18 @@ class GenicamSource(Source):
         ia, self._ia = self._ia, None
         if ia is not None:
             with _HARVESTERS_LOCK:
-                for step in (ia.stop, ia.destroy):
+                for step in _teardown_steps(ia):
                     try:
                         step()
                     except Exception as exc:  # a lost device fails its own teardown; keep releasing
-                        log.debug("line %s: %s during close: %s", self.line, step.__name__, _short(exc))
+                        log.debug("line %s: %s during close: %s", self.line,
+                                  getattr(step, "__name__", "teardown"), _short(exc))
+                # The Harvester lists every acquirer it made until its next update() or reset();
+                # while another line keeps the shared Harvester open, that list would keep this one.
+                if self._shared is not None:
+                    made = self._shared.harvester.image_acquirers
+                    if ia in made:
+                        made.remove(ia)
         shared, self._shared = self._shared, None
         if shared is not None:
             self._release_harvester(shared)
