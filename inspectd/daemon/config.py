@@ -110,6 +110,9 @@ class DeviceSelector(_Strict):
 class TriggerConfig(_Strict):
     mode: Literal["Off", "On"] = "Off"
     source: str | None = None  # e.g. Software, Line0; written only when given
+    # Which trigger mode and source apply to (SFNC TriggerSelector), written before them. Unset:
+    # FrameStart on a camera that has a TriggerSelector (one part, one frame), nothing on one without.
+    selector: str | None = None
 
 
 class GenicamSourceConfig(_Strict):

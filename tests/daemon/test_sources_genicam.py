@@ -421,3 +421,69 @@ def test_a_wall_clock_step_back_does_not_hang_a_read(monkeypatch: pytest.MonkeyP
         assert took < 2.0 and got.get("frame") is None, (took, got)
     finally:
         src.close()
+
+
+class _FakeTriggerNodeMap:
+    """FAKE node map of a camera with SFNC trigger selectors: the simulator camera here (viky.cti)
+    has no trigger nodes at all. Like a real camera, TriggerMode and TriggerSource are stored per
+    selected trigger; it records the order of writes."""
+
+    class _Node:
+        def __init__(self, owner: "_FakeTriggerNodeMap", name: str) -> None:
+            self._owner, self._name = owner, name
+
+        @property
+        def value(self) -> object:
+            return self._owner.read(self._name)
+
+        @value.setter
+        def value(self, wanted: object) -> None:
+            self._owner.write(self._name, wanted)
+
+    def __init__(self, selected: str) -> None:
+        self.selected = selected  # what the camera's saved settings left selected
+        self.per_trigger: dict[str, dict[str, object]] = {"FrameStart": {}, "AcquisitionStart": {}}
+        self.writes: list[tuple[str, object]] = []
+
+    def has_node(self, name: str) -> bool:
+        return name in ("TriggerSelector", "TriggerMode", "TriggerSource")
+
+    def __getattr__(self, name: str) -> "_FakeTriggerNodeMap._Node":
+        if not self.has_node(name):
+            raise AttributeError(name)
+        return self._Node(self, name)
+
+    def write(self, name: str, value: object) -> None:
+        self.writes.append((name, value))
+        if name == "TriggerSelector":
+            self.selected = str(value)
+        else:
+            self.per_trigger[self.selected][name] = value
+
+    def read(self, name: str) -> object:
+        return self.selected if name == "TriggerSelector" else self.per_trigger[self.selected].get(name)
+
+
+@pytest.mark.parametrize("selector, expected", [(None, "FrameStart"), ("AcquisitionStart", "AcquisitionStart")])
+def test_trigger_mode_and_source_are_written_for_the_selected_trigger(selector: str | None, expected: str) -> None:
+    """A camera whose saved settings selected AcquisitionStart: without the selector written first,
+    TriggerMode On lands on AcquisitionStart and the camera free-runs its frames."""
+    src = GenicamSource("cam", CTI, {"index": 0}, trigger_mode="On", trigger_source="Line0",
+                        trigger_selector=selector)
+    nodes = _FakeTriggerNodeMap(selected="AcquisitionStart")
+    src._configure(nodes)
+    assert nodes.writes[0] == ("TriggerSelector", expected)
+    assert nodes.per_trigger[expected] == {"TriggerMode": "On", "TriggerSource": "Line0"}
+    other = "AcquisitionStart" if expected == "FrameStart" else "FrameStart"
+    assert nodes.per_trigger[other] == {}
+
+
+def test_trigger_selector_from_config_and_a_camera_without_selectors() -> None:
+    cfg = GenicamSourceConfig(type="genicam", cti=CTI, device={"index": 0},
+                              trigger={"mode": "On", "selector": "FrameStart"})
+    assert make_source(cfg, "cam").trigger_selector == "FrameStart"
+    # The simulator has no trigger nodes: a configured trigger is refused by name, not ignored.
+    src = GenicamSource("cam", CTI, {"index": 0}, trigger_mode="On", trigger_selector="FrameStart")
+    with pytest.raises(SourceError, match="has no node TriggerSelector"):
+        src.open()
+    src.close()

@@ -162,7 +162,7 @@ class GenicamSource(Source):
     def __init__(self, line: str, cti: str | Path, device: dict[str, Any] | Any,
                  pixel_format: str | None = None, exposure_us: float | None = None,
                  trigger_mode: str | None = None, trigger_source: str | None = None,
-                 features: dict[str, Any] | None = None) -> None:
+                 features: dict[str, Any] | None = None, trigger_selector: str | None = None) -> None:
         super().__init__(line)
         self.cti = Path(cti)
         if not isinstance(device, dict):  # a DeviceSelector model
@@ -174,6 +174,7 @@ class GenicamSource(Source):
         self.exposure_us = exposure_us
         self.trigger_mode = trigger_mode
         self.trigger_source = trigger_source
+        self.trigger_selector = trigger_selector
         self.features = dict(features or {})
         self._shared: _SharedHarvester | None = None
         self._ia: Any = None
@@ -189,7 +190,8 @@ class GenicamSource(Source):
         trigger = cfg.trigger
         return cls(line, cfg.cti, cfg.device, pixel_format=cfg.pixel_format, exposure_us=cfg.exposure_us,
                    trigger_mode=trigger.mode if trigger else None,
-                   trigger_source=trigger.source if trigger else None, features=cfg.features)
+                   trigger_source=trigger.source if trigger else None, features=cfg.features,
+                   trigger_selector=trigger.selector if trigger else None)
 
     @property
     def free_running(self) -> bool:  # type: ignore[override]
@@ -322,6 +324,14 @@ class GenicamSource(Source):
             writes.append((("PixelFormat",), self.pixel_format))
         if self.exposure_us is not None:
             writes.append((("ExposureTime", "ExposureTimeAbs"), float(self.exposure_us)))
+        if self.trigger_mode is not None or self.trigger_source is not None:
+            # Mode and source belong to the trigger the selector points at: written after it, or a
+            # camera whose saved settings selected AcquisitionStart would be "triggered" there and
+            # free-run its frames. Unset: FrameStart where the camera has selectors at all.
+            if self.trigger_selector is not None:
+                writes.append((("TriggerSelector",), self.trigger_selector))
+            elif node_map.has_node("TriggerSelector"):
+                writes.append((("TriggerSelector",), "FrameStart"))
         if self.trigger_source is not None:
             writes.append((("TriggerSource",), self.trigger_source))
         if self.trigger_mode is not None:
