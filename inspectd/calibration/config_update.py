@@ -105,7 +105,19 @@ def check_line(config_path: str | os.PathLike, line_id: str, bundle_id: str | No
     if bundle_id is not None:
         from inspectd.engines.bundle import read_bundle_id
 
+        from inspectd.daemon.recipes import promoted_over_config, state_path, threshold_json
+
         line = next(c for c in validated.lines if c.id == line_id)
+        promoted = promoted_over_config(line, validated.state_dir)
+        if promoted is not None:
+            running = read_bundle_id(promoted.bundle) or "?"
+            raise ConfigError(
+                f"{config}: line {line_id} is judged by bundle {running} ({promoted.bundle}) with threshold "
+                f"{threshold_json(promoted.threshold)}, promoted over the config's (recorded in "
+                f"{state_path(validated.state_dir, line_id)}): a threshold written to the line's own file would "
+                f"judge no part until a rollback; to recalibrate the running bundle use --dry-run --report DIR, "
+                f"then `inspectd shadow --bundle {promoted.bundle} --threshold-file DIR/report.json` and "
+                f"`inspectd promote`")
         # Its manifest's id is all the comparison needs (verifying every file of the line's bundle
         # would hash it again); one that does not read is the daemon's to report: nothing to compare.
         own = read_bundle_id(line.bundle)

@@ -79,6 +79,20 @@ def config_specs(cfg: LineConfig) -> dict[str, RecipeSpec]:
     return specs
 
 
+def promoted_over_config(cfg: LineConfig, state_dir: Path) -> RecipeSpec | None:
+    """The line's own recipe as a promote persisted it (recipes.json), when that is not the
+    config's bundle and threshold: then the config's threshold judges none of its parts (until a
+    rollback). None when the config's own recipe stands (or the state cannot be read: the daemon
+    then starts on the config's too)."""
+    entry = (read_state(state_dir, cfg.id).get("overrides") or {}).get(DEFAULT_RECIPE)
+    base = config_specs(cfg)[DEFAULT_RECIPE]
+    try:
+        spec = _from_state(DEFAULT_RECIPE, entry, base.roi)
+    except (KeyError, TypeError):
+        return None
+    return None if (spec.bundle, spec.threshold) == (base.bundle, base.threshold) else spec
+
+
 def _warm(recipe: Any) -> bool:
     """A recipe engine a switch can use as it is: opened, and not failed or closed since (a worker's
     fail-over closes the engine it gives up, also one parked meanwhile)."""

@@ -283,6 +283,19 @@ def test_shadow_off_critical_path_promote_rollback_persist(tmp_path: Path, tiny_
         daemon.proc.wait(10)
         col.close()
 
+    # While the promote stands, the line's own threshold file judges nothing: calibrate refuses to
+    # write it, for the config's bundle and for the promoted one alike, naming what runs and the way
+    # to recalibrate it (before, the first "succeeded" with no effect and the second claimed the line
+    # ran the config's bundle).
+    before = cfg.read_text()
+    for bundle in (tiny_bundle, bundle_b):
+        proc = _cli("calibrate", "--bundle", str(bundle), "--good", str(tmp_path), "--line", "line1",
+                    "--target-false-reject", "1%", "--config", str(cfg))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"judged by bundle {b.bundle_id}" in proc.stderr and "promote" in proc.stderr
+        assert "--dry-run" in proc.stderr and str(calib_b) in proc.stderr, proc.stderr
+    assert cfg.read_text() == before and not (tmp_path / "state" / "line1" / "calibration").exists()
+
     # A restart keeps the promoted bundle (state_dir/line1/recipes.json) ...
     daemon = Daemon(cfg)
     col = _Collector(endpoint)
