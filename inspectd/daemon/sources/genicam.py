@@ -50,7 +50,7 @@ def _harvesters_on_monotonic_time() -> None:
         harvesters.core.time = _MonotonicTime()
 
 
-__all__ = ["GenicamSource", "convert_pixels", "bytes_per_pixel", "SUPPORTED_PIXEL_FORMATS"]
+__all__ = ["CameraClock", "GenicamSource", "convert_pixels", "bytes_per_pixel", "SUPPORTED_PIXEL_FORMATS"]
 
 # pixel format -> (bytes per pixel, OpenCV conversion to RGB or None for Mono8).
 # OpenCV's two-letter Bayer names describe the second row; its four-letter names (RGGB = R at the
@@ -93,6 +93,42 @@ def convert_pixels(data: np.ndarray, pixel_format: str, width: int, height: int)
     if code is None:
         return image.copy()  # the camera buffer is requeued after this: never hand out a view
     return cv2.cvtColor(image, code)  # a new array
+
+
+class CameraClock:
+    """How long a buffer waited in the stream before it was fetched, from the camera's timestamps.
+
+    The stream holds a few filled buffers (OldestFirst): when reading falls behind, the next fetches
+    return frames exposed a while ago. Stamped at fetch, such a frame would get a fresh acquisition
+    time and a fresh deadline, and its verdict would look in time to a reject gate that judges
+    `acquired_ns` while the part has moved on. The host clock minus the camera clock is smallest for
+    a buffer fetched as soon as it arrived; a buffer with a larger difference waited that much longer.
+    The smallest difference may rise by at most `DRIFT` (200 ppm) of the time since it was seen, so
+    two free-running clocks drifting apart are followed. A difference larger by more than `JUMP_S`
+    is the camera clock jumping back (a timestamp reset), not a wait: the clock starts over there."""
+
+    DRIFT = 200e-6
+    JUMP_S = 30.0
+
+    def __init__(self) -> None:
+        self._best: float | None = None  # smallest host - camera difference (s), allowing for drift
+        self._best_at = 0.0              # host monotonic time it was last moved
+
+    def held_s(self, camera_ns: int, host_mono: float) -> float:
+        """Seconds the buffer stamped `camera_ns` (camera clock, ns) waited before `host_mono`."""
+        difference = host_mono - camera_ns / 1e9
+        if self._best is None:
+            self._best, self._best_at = difference, host_mono
+            return 0.0
+        allowed = self._best + self.DRIFT * max(host_mono - self._best_at, 0.0)
+        held = difference - allowed
+        if held <= 0.0 or held > self.JUMP_S:
+            if held > self.JUMP_S:
+                log.warning("camera clock jumped back by %.1f s (timestamp reset?): restarting its mapping", held)
+            self._best, self._best_at = difference, host_mono
+            return 0.0
+        self._best, self._best_at = allowed, host_mono
+        return held
 
 
 # ---------------------------------------------------------------------------------------- shared Harvester
@@ -181,6 +217,7 @@ class GenicamSource(Source):
         self._device_name = "?"
         self._counter = 0
         self._last_camera_id: int | None = None  # the camera's own id of the last buffer (reset at open)
+        self._clock = CameraClock()
         # (width, height, pixel format) of the first frame delivered since this source was made: kept
         # across reconnects, so a camera that comes back reset or reconfigured is noticed.
         self._geometry: tuple[int, int, str] | None = None
@@ -209,6 +246,7 @@ class GenicamSource(Source):
         self.stats = SourceStats()
         self._counter = 0
         self._last_camera_id = None  # a reopened camera numbers from its own start again
+        self._clock = CameraClock()  # and its clock may have restarted too
         if not self.cti.is_file():
             raise SourceError(f"line {self.line}: GenTL producer {self.cti} does not exist")
         try:
@@ -393,6 +431,13 @@ class GenicamSource(Source):
                     # Also for a frame that cannot be judged: its fail-safe verdict is matched to the
                     # part by these (an encoder count).
                     meta = self._buffer_meta(buffer)
+                    camera_ns = self._camera_time_ns(buffer)
+                    if camera_ns is not None:
+                        # A frame that waited in the stream is dated (and its deadline started)
+                        # when it arrived, not when it was fetched.
+                        held_s = self._clock.held_s(camera_ns, acquired_mono)
+                        acquired_mono -= held_s
+                        acquired_ns -= int(held_s * 1e9)
             except _genicam_errors() as exc:
                 raise SourceLost(f"line {self.line}: camera {self._device_name} lost: {_short(exc)}") from None
             except IndexError as exc:
@@ -410,6 +455,16 @@ class GenicamSource(Source):
                              meta={"device": self._device_name, **meta, "error": error})
             if time.monotonic() >= deadline:
                 return None
+
+    @staticmethod
+    def _camera_time_ns(buffer: Any) -> int | None:
+        """The buffer's camera timestamp in ns (GenTL's TIMESTAMP_NS), None when the producer gives
+        none or only ticks of unknown frequency (then frames are dated at fetch)."""
+        try:
+            value = int(buffer.module.timestamp_ns)
+        except Exception:  # GenTL NotAvailable
+            return None
+        return value or None
 
     def _buffer_meta(self, buffer: Any) -> dict[str, Any]:
         """The camera's own timestamp of the buffer (device ticks: ns on GigE Vision / USB3 Vision
