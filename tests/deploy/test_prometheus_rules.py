@@ -48,7 +48,8 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
             (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
     expected = {"InspectdDown", "InspectdTargetMissing", "InspectdNotReady", "InspectdCameraDown",
                 "InspectdNoFrames", "InspectdDeadlineMisses", "InspectdNgRateSpike", "InspectdScoreDrift",
-                "InspectdBackendFallback", "InspectdEngineErrors", "InspectdMalformedFrames"}
+                "InspectdBackendFallback", "InspectdEngineErrors", "InspectdMalformedFrames",
+                "InspectdPartsSkippedByCamera"}
     assert expected <= set(alert_names())
     assert set(alert_names()) - fires == set(), "alerts never tested firing"
     assert set(alert_names()) - quiet == set(), "alerts never tested staying quiet"
@@ -80,6 +81,8 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
     ("(increase(inspectd_engine_errors_total[5m])) > 0", "(increase(inspectd_engine_errors_total[5m])) > 5",
      "InspectdEngineErrors"),
     ('reason="malformed"', 'reason=~"malformed|queue_full"', "InspectdMalformedFrames"),
+    ('reason="camera_skipped"}[5m])) > 0\n            and on (job, box, instance, line) (inspectd_source_triggered == 1)',
+     'reason="camera_skipped"}[5m])) > 0', "InspectdPartsSkippedByCamera"),
 ])
 def test_rule_unit_tests_catch_a_broken_rule(tmp_path: Path, old: str, new: str, alert: str) -> None:
     """The unit tests bite: weakening one rule makes exactly that alert's tests fail."""
