@@ -150,12 +150,13 @@ def _write_config(work: Path, bundle_dir: Path, source: dict[str, Any], budget_m
 
 def _calibrate(bundle_dir: Path, good: Path, config: Path, count: int = CALIBRATION_GOOD) -> float:
     from inspectd.calibration.calibrate import CalibrationRequest, calibrate
+    from inspectd.calibration.config_update import utc_stamp
 
     _step(3, f"calibrating the line threshold on {count} held-out good parts "
              f"(false-reject target {TARGET_FALSE_REJECT:.0%} at 95% confidence)")
     result = calibrate(CalibrationRequest(bundle=bundle_dir, good=good, line="demo", config=config,
                                           target_false_reject=TARGET_FALSE_REJECT,
-                                          report_dir=config.parent / "calibration"))
+                                          report_dir=config.parent / "calibration" / utc_stamp()))
     threshold = float(result.report["threshold"])
     print(f"      threshold {threshold:.3f} (normalized score) written to {config}")
     return threshold

@@ -23,7 +23,7 @@ import numpy as np
 from inspectd.calibration import threshold as th
 from inspectd.calibration.config_update import (ConfigUpdate, check_line, check_threshold_folder, state_dir,
                                                update_line_threshold, utc_stamp)
-from inspectd.calibration.report import format_summary, write_report
+from inspectd.calibration.report import REPORT_JSON, format_summary, write_report
 from inspectd.engines.bundle import Bundle, load_bundle
 from inspectd.engines.preprocess import (IMAGE_SUFFIXES, fingerprint, list_images, load_prepared, load_stored,
                                           sha256_file)
@@ -132,7 +132,12 @@ def calibrate(req: CalibrationRequest, progress_stream: TextIO | None = None) ->
 
 def _check_report_dir(folder: Path, default: bool) -> None:
     """Before any scoring, without creating anything: the report folder (or the nearest existing
-    folder above it) must be writable, so a state dir we cannot write fails in a second."""
+    folder above it) must be writable, so a state dir we cannot write fails in a second. A folder
+    holding an earlier report is refused: a shadow or promoted recipe may judge with its report.json,
+    and replacing it would change a running line's threshold outside the audit log."""
+    if (folder / REPORT_JSON).exists():
+        raise ConfigError(f"{folder}: holds the report.json of an earlier calibration (a shadow or promoted "
+                          f"recipe may judge with it); give a new --report folder")
     existing = folder
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent

@@ -243,6 +243,22 @@ def test_calibrating_another_bundle_into_the_lines_file_is_refused_and_dry_run_m
         read_calibration(report, ids[0])
 
 
+def test_a_report_folder_is_never_written_over(tiny_bundle: Path, held_out_good: Path, config: Path,
+                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A --dry-run report is what `inspectd shadow --threshold-file` and then a promoted recipe judge
+    with: a second calibration into the same folder would change a running line's threshold behind
+    its audit log (at the next SIGHUP or start). Refused before scoring; the first report intact."""
+    args = ["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
+            "--target-false-reject", "5%", "--config", str(config), "--dry-run", "--report", str(tmp_path / "rep")]
+    assert main(args) == 0
+    capsys.readouterr()
+    first = (tmp_path / "rep" / "report.json").read_bytes()
+    rc, err = _run_bad(args[:-1] + [str(tmp_path / "rep")], config, capsys)
+    assert rc == 2 and "report.json" in err and "new --report folder" in err, err
+    assert (tmp_path / "rep" / "report.json").read_bytes() == first
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["histogram.png", "report.json"]
+
+
 def test_a_full_disk_is_one_line_and_the_config_untouched(tiny_bundle: Path, held_out_good: Path, config: Path,
                                                           tiny_tmpfs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The report folder sits on a disk that is full by the time calibrate writes (real 64 KiB tmpfs,
