@@ -493,29 +493,43 @@ def test_camera_clock_dates_a_buffer_by_its_wait_in_the_stream() -> None:
     from inspectd.daemon.sources.genicam import CameraClock
 
     clock, ms = CameraClock(), 1_000_000
-    # The camera ticks from 5 s; fetched 2 ms after each 50 ms exposure: no wait.
-    assert [clock.held_s(5_000 * ms + i * 50 * ms, 100.002 + i * 0.050) for i in range(5)] == [0.0] * 5
-    # Reading stalled 1 s: frames 5-7 were in the stream, fetched back to back from 101.25 s. Their
-    # waits beyond the usual 2 ms (less 200 ppm for drift):
-    held = [clock.held_s(5_000 * ms + i * 50 * ms, 101.25 + (i - 5) * 0.001) for i in (5, 6, 7)]
+    # The camera ticks from 5 s; fetched 2 ms after each 50 ms exposure: no wait. The first
+    # RATE_CHECK_S (10 s) check that its clock runs at the host's rate.
+    assert [clock.held_s(5_000 * ms + i * 50 * ms, 100.002 + i * 0.050) for i in range(205)] == [0.0] * 205
+    # Reading stalled 1 s: frames 205-207 were in the stream, fetched back to back from 111.25 s.
+    # Their waits beyond the usual 2 ms (less 200 ppm for drift):
+    held = [clock.held_s(5_000 * ms + i * 50 * ms, 111.25 + (i - 205) * 0.001) for i in (205, 206, 207)]
     assert held == pytest.approx([0.998, 0.949, 0.900], abs=3e-4)
     # Fresh again, and a camera clock 100 ppm slower than the host's: followed, no wait read.
-    t0 = 101.3
-    drift = [clock.held_s(6_300 * ms + k * 1_000 * ms, t0 + k * 1.0001) for k in range(1, 60)]
+    t0 = 111.3
+    drift = [clock.held_s(16_300 * ms + k * 1_000 * ms, t0 + k * 1.0001) for k in range(1, 60)]
     assert max(drift) == 0.0
     # A camera clock that jumps back a minute (timestamp reset) is not a minute's wait.
     assert clock.held_s(0, t0 + 61) == 0.0 and clock.held_s(50 * ms, t0 + 61.05) == 0.0
+
+
+def test_camera_timestamps_in_another_unit_are_not_taken_for_waits() -> None:
+    """A producer whose "ns" are 8 ns ticks: its clock runs at 1/8 of the host's, which would make
+    every frame look seconds old (and fail-safe at its deadline). Seen in the first 10 s: ignored."""
+    from inspectd.daemon.sources.genicam import CameraClock
+
+    clock = CameraClock()
+    held = [clock.held_s(i * 50_000_000 // 8, 100.0 + i * 0.050) for i in range(1200)]  # 60 s of frames
+    assert max(held) == 0.0
 
 
 def test_frames_that_waited_in_the_stream_are_dated_when_they_arrived(monkeypatch: pytest.MonkeyPatch) -> None:
     """Real simulator frames; the camera's timestamps are FAKED from its frame ids (viky.cti keeps
     none; it exposes one frame every 50 ms, which the ids count). Reading stalls 1.5 s: the buffers
     the stream kept meanwhile carry their wait in acquired_mono / acquired_ns, fresh ones do not."""
+    from inspectd.daemon.sources.genicam import CameraClock
+
     monkeypatch.setattr(GenicamSource, "_camera_time_ns",
                         staticmethod(lambda buffer: 1_000_000_000 + int(buffer.module.frame_id) * 50_000_000))
+    monkeypatch.setattr(CameraClock, "RATE_CHECK_S", 1.0)  # the rate check, shortened from 10 s
     src = _open()
     try:
-        for _ in range(5):
+        for _ in range(25):
             frame = src.read(3.0)
             assert frame is not None and time.monotonic() - frame.acquired_mono < 0.2
         time.sleep(1.5)
@@ -527,8 +541,8 @@ def test_frames_that_waited_in_the_stream_are_dated_when_they_arrived(monkeypatc
     finally:
         src.close()
     waits = [(fetched - f.acquired_mono, (wall - f.acquired_ns) / 1e9) for f, fetched, wall in frames]
-    stale = [w for (f, _, _), w in zip(frames, waits) if f.frame_id <= 8]
-    fresh = [w for (f, _, _), w in zip(frames, waits) if f.frame_id > 10]
+    stale = [w for (f, _, _), w in zip(frames, waits) if f.frame_id <= 28]
+    fresh = [w for (f, _, _), w in zip(frames, waits) if f.frame_id > 30]
     assert stale and fresh, [f.frame_id for f, _, _ in frames]
     assert all(1.1 < mono < 1.7 and abs(wall - mono) < 0.05 for mono, wall in stale), stale
     assert all(mono < 0.2 for mono, _ in fresh), fresh

@@ -105,17 +105,36 @@ class CameraClock:
     a buffer fetched as soon as it arrived; a buffer with a larger difference waited that much longer.
     The smallest difference may rise by at most `DRIFT` (200 ppm) of the time since it was seen, so
     two free-running clocks drifting apart are followed. A difference larger by more than `JUMP_S`
-    is the camera clock jumping back (a timestamp reset), not a wait: the clock starts over there."""
+    is the camera clock jumping back (a timestamp reset), not a wait: the clock starts over there.
+
+    A producer that fills GenTL's TIMESTAMP_NS with ticks of another unit would make every frame
+    look old (and fail-safe at its deadline): nothing is corrected until the camera clock has been
+    seen to run at the host's rate (within a factor of 2) over `RATE_CHECK_S`; one that does not
+    is ignored until the camera is reopened (frames dated at fetch, as without timestamps)."""
 
     DRIFT = 200e-6
     JUMP_S = 30.0
+    RATE_CHECK_S = 10.0
 
     def __init__(self) -> None:
         self._best: float | None = None  # smallest host - camera difference (s), allowing for drift
         self._best_at = 0.0              # host monotonic time it was last moved
+        self._first: tuple[int, float] | None = None  # (camera ns, host s) of the first buffer
+        self._rate_ok: bool | None = None             # None: not decided yet
 
     def held_s(self, camera_ns: int, host_mono: float) -> float:
         """Seconds the buffer stamped `camera_ns` (camera clock, ns) waited before `host_mono`."""
+        if self._rate_ok is False:
+            return 0.0
+        if self._first is None:
+            self._first = (camera_ns, host_mono)
+        elif self._rate_ok is None and host_mono - self._first[1] >= self.RATE_CHECK_S:
+            rate = (camera_ns - self._first[0]) / 1e9 / (host_mono - self._first[1])
+            self._rate_ok = 0.5 <= rate <= 2.0
+            if not self._rate_ok:
+                log.warning("camera timestamps run at %.3g x the host clock (not ns?): frames are dated "
+                            "when fetched", rate)
+                return 0.0
         difference = host_mono - camera_ns / 1e9
         if self._best is None:
             self._best, self._best_at = difference, host_mono
@@ -128,7 +147,7 @@ class CameraClock:
             self._best, self._best_at = difference, host_mono
             return 0.0
         self._best, self._best_at = allowed, host_mono
-        return held
+        return held if self._rate_ok else 0.0
 
 
 # ---------------------------------------------------------------------------------------- shared Harvester
