@@ -5,16 +5,20 @@ Recipe switch: a message on `<prefix>/<line>/recipe/set` (the recipe name, or JS
 "requester"}) is forwarded to the daemon's control socket; the answer ({"ok": ..., "active"/"error"})
 is published on `<prefix>/<line>/recipe/result` (QoS 1, not retained). A request the broker replays
 because it was retained is ignored (only live requests switch: a replay at each reconnect would undo
-later switches). Who may publish on recipe/set is the broker's ACL to configure (the bridge cannot
-tell MQTT clients apart).
+later switches); an empty message (clearing a retained request) is no request and gets no answer.
+Who may publish on recipe/set is the broker's ACL to configure (the bridge cannot tell MQTT clients
+apart).
 
 One MQTT connection per line, so each line's status topic has its own last will ("offline",
 retained): a bridge that dies or loses the broker leaves every line it served marked offline.
 The status says "offline" when the daemon's heartbeats stop for `stale_after_s` (default two
 heartbeat intervals), "blind" when the camera is lost, "engine_failed" when the engine failed,
 "stopping" while the daemon stops.
-paho's network thread reconnects to a restarted broker (backoff 0.5 .. 5 s); on every (re)connect
-the current status is published again, so a broker without persistence gets it back.
+paho's network thread reconnects to a restarted broker (backoff 1 .. 5 s); on every (re)connect
+the current status is published again, so a broker without persistence gets it back. A failed
+connection attempt (nothing listening, refused, TLS, not authorised) or a lost connection is one
+ERROR line naming the broker and the reason; while it keeps failing for the same reason, once a
+minute (see _trouble); the connection that follows is one INFO line.
 
 The retained status is always the line's newest: paho holds at most one status message per line
 (a change while one is unacknowledged waits for its PUBACK and then sends the newest), a status
@@ -32,6 +36,7 @@ import os
 import socket
 import ssl
 import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -51,6 +56,7 @@ STATUS_ROOM = 16     # places in each line's queue that verdicts never take: sta
 STATUS_KEEP = 4      # of those, places recipe answers never take: the one status, the final 'offline'
 FINAL_STATUS_WAIT_S = 2.0   # stop(): how long the broker may take to acknowledge 'offline'
 _CLAIMED = -1        # _status_mid while a status is being handed to paho (its mid not known yet)
+REPORT_EVERY_S = 60.0   # a connection failing again for the same reason: one ERROR line per this, per line
 
 
 def read_password_file(path: Path, source: str) -> str:
@@ -101,6 +107,14 @@ class MqttBridge:
         self._other: dict[str, set[int]] = {line: set() for line in settings.lines}
         self._early: dict[str, set[int]] = {line: set() for line in settings.lines}
         self.verdicts_dropped = 0
+        # The connection, as paho's callbacks told it: "connecting", "connected" (CONNACK accepted),
+        # "refused" (CONNACK failure, said already). The last failure logged (reason, monotonic time),
+        # the failures not logged since, and whether the next connection is worth an INFO line (the
+        # first one, and any after a logged failure): see _trouble.
+        self._link: dict[str, str] = {line: "connecting" for line in settings.lines}
+        self._trouble_said: dict[str, tuple[str, float] | None] = {line: None for line in settings.lines}
+        self._trouble_unsaid: dict[str, int] = {line: 0 for line in settings.lines}
+        self._say_connected: dict[str, bool] = {line: True for line in settings.lines}
         self.clients = {line: self._make_client(line) for line in settings.lines}
         self.subscriber = make_subscriber(settings, self._on_verdict, self._on_status)
 
@@ -129,19 +143,84 @@ class MqttBridge:
         # backlog drains after a reconnect would wait for the whole backlog to be acknowledged.
         client.max_inflight_messages_set(MAX_QUEUED)
         client.on_connect = lambda c, userdata, flags, rc, props=None, _line=line: self._on_connect(_line, rc)
+        client.on_connect_fail = lambda c, userdata, _line=line: self._on_connect_fail(_line)
         client.on_disconnect = (lambda c, userdata, flags, rc, props=None, _line=line:
-                                log.warning("line %s: MQTT broker %s:%d disconnected (%s); reconnecting",
-                                            _line, self.cfg.host, self.cfg.port, rc))
+                                self._on_disconnect(_line, flags, rc))
         return client
 
+    # ---- connection (paho's network thread of the line) ------------------------------------------
     def _on_connect(self, line: str, rc: Any) -> None:
+        where = f"{self.cfg.host}:{self.cfg.port}"
         if getattr(rc, "is_failure", False):
-            log.warning("line %s: MQTT broker %s:%d refused the connection: %s", line, self.cfg.host,
-                        self.cfg.port, rc)
+            # The broker answered CONNACK with a failure (not authorised, bad user name or password,
+            # ...); it then closes the connection, which on_disconnect must not report again.
+            with self._lock:
+                self._link[line] = "refused"
+            self._trouble(line, f"refused: {rc}", f"MQTT broker {where} refused the connection: {rc}")
             return
-        log.info("line %s: connected to MQTT broker %s:%d", line, self.cfg.host, self.cfg.port)
+        with self._lock:
+            self._link[line] = "connected"
+            say, self._say_connected[line] = self._say_connected[line], False
+            unsaid = self._trouble_unsaid[line] if say else 0
+            if say:
+                self._trouble_unsaid[line] = 0
+        if say:
+            log.info("line %s: connected to MQTT broker %s%s", line, where,
+                     f" (after {unsaid} more failure(s) not logged)" if unsaid else "")
+        else:   # the loss before it was not logged either (same reason within REPORT_EVERY_S)
+            log.debug("line %s: connected to MQTT broker %s", line, where)
         self.clients[line].subscribe(self.topic(line, "recipe/set"), qos=1)
         self._publish_status(line, reconnected=True)
+
+    def _on_connect_fail(self, line: str) -> None:
+        """The TCP/TLS connection could not be made (nothing listening, host unknown, timeout, TLS
+        handshake or certificate). paho does not pass the exception, but calls this from inside its
+        `except OSError:` around reconnect(), so it is the exception being handled."""
+        exc = sys.exc_info()[1]
+        reason = (str(exc) or type(exc).__name__) if exc is not None else "connection failed"
+        self._trouble(line, reason, f"cannot connect to MQTT broker {self.cfg.host}:{self.cfg.port}: {reason}")
+
+    def _on_disconnect(self, line: str, flags: Any, rc: Any) -> None:
+        with self._lock:
+            was, self._link[line] = self._link[line], "connecting"
+            closing = self._closing
+        if closing or was == "refused":   # our own stop; or the close that follows a refusal (said)
+            log.debug("line %s: MQTT connection closed (%s)", line, rc)
+            return
+        # paho reports a dropped TCP connection (MQTT_ERR_CONN_LOST) as 'Unspecified error'.
+        reason = str(rc)
+        if reason == "Unspecified error" and not getattr(flags, "is_disconnect_packet_from_server", False):
+            reason = "connection lost"
+        where = f"{self.cfg.host}:{self.cfg.port}"
+        if was == "connected":
+            self._trouble(line, reason, f"lost the connection to MQTT broker {where}: {reason}")
+        else:   # closed before any CONNACK: e.g. a TLS listener spoken to in plain text, not a broker
+            self._trouble(line, f"closed: {reason}", f"cannot connect to MQTT broker {where}: the connection "
+                                                     f"closed before the broker answered ({reason})")
+
+    def _trouble(self, line: str, reason: str, text: str) -> None:
+        """One ERROR line for a failed attempt or a lost connection. paho retries every 1..5 s for as
+        long as the broker is away (or refuses us, or a link flaps), so a failure for the same reason
+        as the last one logged, within REPORT_EVERY_S of it, is only counted (DEBUG; the connection
+        that follows it too), and the count said with the next line logged: at most one ERROR line
+        a minute per line while nothing changes, and at once when the reason does."""
+        now = time.monotonic()
+        with self._lock:
+            if self._closing:
+                return
+            said = self._trouble_said[line]
+            quiet = said is not None and said[0] == reason and now - said[1] < REPORT_EVERY_S
+            if quiet:
+                self._trouble_unsaid[line] += 1
+            else:
+                unsaid, self._trouble_unsaid[line] = self._trouble_unsaid[line], 0
+                self._trouble_said[line] = (reason, now)
+                self._say_connected[line] = True
+        if quiet:
+            log.debug("line %s: %s; retrying (same as the last error line)", line, text)
+            return
+        log.error("line %s: %s; retrying%s", line, text,
+                  f" ({unsaid} more failure(s) since the last error line)" if unsaid else "")
 
     def _held_count(self, line: str) -> int:
         """Messages paho holds for the line (call with self._lock held)."""
@@ -223,6 +302,12 @@ class MqttBridge:
 
     def _on_message(self, line: str, message: Any) -> None:
         if message.topic != self.topic(line, "recipe/set"):
+            return
+        if not message.payload:
+            # How MQTT clears a retained message (a PLC withdrawing its retained request), delivered
+            # live to us as subscribers: nothing is asked, so nothing is answered.
+            log.debug("line %s: empty message on %s (a retained request cleared): not a request", line,
+                      message.topic)
             return
         if message.retain:
             # Delivered because we (re)subscribed, not because someone asked now: a retained request

@@ -14,6 +14,12 @@ Verdict, FrameId, Seq, Score, Threshold, AcquiredTime, CameraTimestamp, Chunks).
 while heartbeats arrive within `stale_after_s` and the daemon says the line is inspecting (camera
 connected, engine ready); it goes false when the stream is stale or the camera is lost.
 
+A value the daemon's message lacks (a null camera_timestamp, the null score of a fail-safe verdict,
+CameraConnected while the daemon is not heard: null in MQTT and the JSON headers) is written as
+status BadNoData with no value, never as an in-band sentinel (-1, NaN) a PLC would take for a
+reading; the variable keeps its DataType. Before the first verdict (first status for
+CameraConnected) the variables are BadWaitingForInitialData. Event fields without a value are null.
+
 Security (bridges.opcua.security): only the Basic256Sha256 SignAndEncrypt endpoint is offered, the
 server's certificate and private key come from files, anonymous sessions are refused and a client
 must present, as its X509 user identity, a certificate from `trusted_clients_dir`. Without a
@@ -47,37 +53,54 @@ log = logging.getLogger("inspectd.bridges.opcua")
 QUEUE_SIZE = 10000   # verdicts waiting for the loop (status updates are kept apart, never dropped)
 CERT_SUFFIXES = (".pem", ".der", ".crt", ".cer")
 
-# name -> (VariantType name, initial value)
+# name -> (VariantType name, initial value); None: no value until the daemon sends one
 VARIABLES: dict[str, tuple[str, Any]] = {
-    "LastVerdict": ("String", ""),
-    "Score": ("Double", float("nan")),
-    "Threshold": ("Double", float("nan")),
-    "FrameId": ("Int64", -1),
-    "Seq": ("Int64", -1),
+    "LastVerdict": ("String", None),
+    "Score": ("Double", None),
+    "Threshold": ("Double", None),
+    "FrameId": ("Int64", None),
+    "Seq": ("Int64", None),
     "AcquiredTime": ("DateTime", None),
-    "CameraTimestamp": ("Int64", -1),
-    "Chunks": ("String", "{}"),
-    "CameraConnected": ("Boolean", False),
+    "CameraTimestamp": ("Int64", None),
+    "Chunks": ("String", None),
+    "CameraConnected": ("Boolean", None),
     "Healthy": ("Boolean", False),
     "Status": ("String", "unknown"),
     "FramesOK": ("UInt64", 0),
     "FramesNG": ("UInt64", 0),
 }
+# A zero of each type, only to create a variable with its DataType before it has a value.
+_ZERO: dict[str, Any] = {"String": "", "Double": 0.0, "Int64": 0, "UInt64": 0, "Boolean": False, "DateTime": None}
 EVENT_PROPERTIES = (("Line", "String"), ("Verdict", "String"), ("FrameId", "Int64"), ("Seq", "Int64"),
                     ("Score", "Double"), ("Threshold", "Double"), ("AcquiredTime", "DateTime"),
                     ("CameraTimestamp", "Int64"), ("Chunks", "String"))
 
 
+# The helpers below give None for a value the message lacks: _write turns it into a Bad status.
 def _datetime(ns: Any) -> datetime | None:
     return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc) if isinstance(ns, int) and ns > 0 else None
 
 
-def _float(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _int(value: Any) -> int:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else -1
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def quiet_asyncua() -> None:
+    """Keep asyncua's loggers at WARNING (or the bridge's level, when higher) unless the bridge
+    runs at DEBUG: at start asyncua logs about 1,100 INFO lines (address space population) that
+    would drown the bridge's own lines in the journal."""
+    level = log.getEffectiveLevel()
+    if level > logging.DEBUG:
+        # max(): at --log-level ERROR, WARNING on the asyncua logger would let its warnings through
+        logging.getLogger("asyncua").setLevel(max(logging.WARNING, level))
 
 
 def _check_private(path: Path, field: str, source: str) -> None:
@@ -195,9 +218,13 @@ class OpcuaBridge:
             nodes: dict[str, Any] = {"folder": folder}
             for name, (vt, initial) in VARIABLES.items():
                 node_id = ua.NodeId(f"{line}.{name}", idx)
-                variant = ua.Variant(initial, getattr(ua.VariantType, vt))
+                variant = ua.Variant(_ZERO[vt] if initial is None else initial, getattr(ua.VariantType, vt))
                 nodes[name] = await folder.add_variable(node_id, ua.QualifiedName(name, idx), variant)
             self.nodes[line] = nodes
+            # BadWaitingForInitialData: the spec's "waiting for the server to obtain values from the
+            # underlying data source", i.e. no verdict / status from the daemon yet.
+            await self._write(line, {name: None for name, (_, initial) in VARIABLES.items() if initial is None},
+                              missing=ua.StatusCodes.BadWaitingForInitialData)
             await folder.add_method(ua.NodeId(f"{line}.SetRecipe", idx), ua.QualifiedName("SetRecipe", idx),
                                     self._set_recipe_method(line), [ua.VariantType.String], [ua.VariantType.String])
             self.counts[line] = {"OK": 0, "NG": 0}
@@ -218,26 +245,39 @@ class OpcuaBridge:
 
         return set_recipe
 
-    async def _write(self, line: str, values: dict[str, Any]) -> None:
+    async def _write(self, line: str, values: dict[str, Any], missing: int | None = None) -> None:
+        """Write the line's variables; a None value is written as status `missing` (default
+        BadNoData) without a value."""
         from asyncua import ua
 
+        # BadNoData ("no data exists for the requested time range or event filter"): the spec's
+        # "there is no value for this sample". Not BadNoDataAvailable: that is a non-blocking
+        # stream's "nothing to read yet, try again", and this sample's value will never come.
+        code = ua.StatusCodes.BadNoData if missing is None else missing
+        now = datetime.now(timezone.utc)
         for name, value in values.items():
             vt = VARIABLES[name][0]
-            await self.nodes[line][name].write_value(ua.Variant(value, getattr(ua.VariantType, vt)))
+            if value is None:
+                # No Variant: a Bad value carries none (Part 4, DataValue); the DataType attribute stays.
+                dv = ua.DataValue(StatusCode=ua.StatusCode(code), SourceTimestamp=now)
+            else:
+                dv = ua.DataValue(ua.Variant(value, getattr(ua.VariantType, vt)), SourceTimestamp=now)
+            await self.nodes[line][name].write_value(dv)
 
     async def _apply(self, item: tuple) -> None:
         kind, line, data = item
         if line not in self.nodes:
             return
         if kind == "status":
+            # camera_connected is None while the daemon is not heard (nothing known of its camera)
             await self._write(line, {"Healthy": bool(data["healthy"]), "Status": data["status"],
-                                     "CameraConnected": bool(data["online"] and data["camera_connected"])})
+                                     "CameraConnected": _bool(data["camera_connected"]) if data["online"] else None})
             return
         verdict = str(data.get("verdict") or "")
         if verdict in self.counts[line]:
             self.counts[line][verdict] += 1
         chunks = json.dumps(data.get("chunks") or {}, separators=(",", ":"))
-        values = {"LastVerdict": verdict, "Score": _float(data.get("score")),
+        values = {"LastVerdict": verdict or None, "Score": _float(data.get("score")),
                   "Threshold": _float(data.get("threshold")), "FrameId": _int(data.get("frame_id")),
                   "Seq": _int(data.get("seq")), "AcquiredTime": _datetime(data.get("acquired_ns")),
                   "CameraTimestamp": _int(data.get("camera_timestamp")), "Chunks": chunks,
@@ -245,7 +285,8 @@ class OpcuaBridge:
         await self._write(line, values)
         gen = self.events[line]
         ev = gen.event
-        ev.Line, ev.Verdict, ev.FrameId, ev.Seq = line, verdict, values["FrameId"], values["Seq"]
+        # None: a null event field (an event field has no StatusCode of its own)
+        ev.Line, ev.Verdict, ev.FrameId, ev.Seq = line, verdict or None, values["FrameId"], values["Seq"]
         ev.Score, ev.Threshold, ev.AcquiredTime = values["Score"], values["Threshold"], values["AcquiredTime"]
         ev.CameraTimestamp, ev.Chunks = values["CameraTimestamp"], chunks
         ev.Severity = 700 if verdict != "OK" else 100
@@ -309,6 +350,7 @@ def _certificate_uri(cert_der: bytes | None) -> str | None:
 
 def run(config_path: str | os.PathLike) -> int:
     settings = load_settings(config_path, "opcua")
+    quiet_asyncua()   # before the server's start, which is where asyncua is loudest
     stop = stop_event_on_signals()
     bridge = OpcuaBridge(settings)
     asyncio.run(bridge.serve(stop))

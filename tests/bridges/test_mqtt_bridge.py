@@ -409,3 +409,148 @@ def test_a_stopping_bridge_leaves_offline_retained_when_the_broker_does_not_ackn
             assert retained["status"] == "offline" and retained["healthy"] is False, retained
     finally:
         relay.close()
+
+
+# ---- connection problems are logged (once, with the broker and the reason) ------------------------
+
+def bare_config(tmp_path: Path, mqtt_cfg: dict[str, Any]) -> Path:
+    """One line and no daemon behind it: enough for an in-process MQTT bridge."""
+    cfg = tmp_path / "lines.yaml"
+    cfg.write_text(json.dumps({"zmq": {"endpoint": "tcp://127.0.0.1:1"}, "heartbeat_interval_s": 0.2,
+                               "state_dir": str(tmp_path / "state"),
+                               "lines": [{"id": "line1", "source": {"type": "replay", "path": str(tmp_path)},
+                                          "bundle": str(tmp_path), "threshold": 3.0}],
+                               "bridges": {"mqtt": mqtt_cfg}}))
+    return cfg
+
+
+def _until(cond: Any, timeout_s: float, what: str) -> None:
+    end = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def _bridge_lines(caplog: Any, level: int) -> list[str]:
+    """The MQTT bridge's log lines at exactly `level`."""
+    return [r.getMessage() for r in caplog.records if r.name == "inspectd.bridges.mqtt" and r.levelno == level]
+
+
+def _connected_lines(caplog: Any) -> list[str]:
+    import logging
+    return [x for x in _bridge_lines(caplog, logging.INFO) if "connected to MQTT broker" in x]
+
+
+def _count_calls(client: Any, callback: str, counted: list, when: Any = lambda *a: True) -> None:
+    """Note each call of the bridge's paho `callback` (the bridge's own, if any, still runs)."""
+    own = getattr(client, callback)
+
+    def noting(*args: Any) -> None:
+        if when(*args):
+            counted.append(time.monotonic())
+        if own is not None:
+            own(*args)
+
+    setattr(client, callback, noting)
+
+
+def test_a_broker_that_is_not_there_is_logged_once_then_the_connection_when_it_comes(tmp_path: Path,
+                                                                                     caplog: Any) -> None:
+    """Nothing listens on the broker's port: one ERROR line naming host:port and why (not one per
+    retry of paho's network thread); once a broker listens there, one INFO line says connected.
+    Real paho client (its own retries, made quicker than the bridge's 1..5 s so the test takes
+    seconds), real bridge in-process, then a real Mosquitto on that port."""
+    import logging
+
+    from inspectd.bridges import mqtt as bridge_mqtt
+    from inspectd.bridges.common import load_settings
+    from tests.bridges.conftest import free_port
+
+    caplog.set_level(logging.DEBUG, logger="inspectd.bridges.mqtt")
+    port = free_port()
+    bridge = bridge_mqtt.MqttBridge(load_settings(bare_config(tmp_path, {"host": "127.0.0.1", "port": port,
+                                                                          "client_id": "down"}), "mqtt"))
+    attempts: list[float] = []
+    _count_calls(bridge.clients["line1"], "on_connect_fail", attempts)
+    bridge.clients["line1"].reconnect_delay_set(min_delay=0.1, max_delay=0.3)
+    bridge.start()
+    broker = None
+    try:
+        _until(lambda: len(attempts) >= 4, 5, "four failed connection attempts")
+        time.sleep(0.1)
+        errors = _bridge_lines(caplog, logging.ERROR)
+        assert len(errors) == 1, errors
+        assert f"127.0.0.1:{port}" in errors[0] and "connection refused" in errors[0].lower(), errors
+        broker = Mosquitto(tmp_path, port=port)
+        _until(lambda: _connected_lines(caplog), 10, "INFO 'connected to MQTT broker'")
+        assert f"127.0.0.1:{port}" in _connected_lines(caplog)[0]
+        assert len(_bridge_lines(caplog, logging.ERROR)) == 1
+    finally:
+        bridge.stop()
+        if broker is not None:
+            broker.stop()
+
+
+def test_a_lost_broker_is_an_error_line_and_the_reconnect_an_info_line(tmp_path: Path, mosquitto: Any,
+                                                                        caplog: Any) -> None:
+    """The broker dies under a connected bridge: an ERROR line names host:port and says the
+    connection was lost; the failed attempts while it is down say why (refused); once it is back,
+    INFO 'connected' again. Real Mosquitto killed and restarted, real bridge in-process."""
+    import logging
+
+    from inspectd.bridges import mqtt as bridge_mqtt
+    from inspectd.bridges.common import load_settings
+
+    caplog.set_level(logging.DEBUG, logger="inspectd.bridges.mqtt")
+    where = f"127.0.0.1:{mosquitto.port}"
+    bridge = bridge_mqtt.MqttBridge(load_settings(bare_config(tmp_path, {"host": "127.0.0.1", "port": mosquitto.port,
+                                                                          "client_id": "lost"}), "mqtt"))
+    attempts: list[float] = []
+    _count_calls(bridge.clients["line1"], "on_connect_fail", attempts)
+    bridge.start()
+    try:
+        _until(lambda: _connected_lines(caplog), 10, "INFO 'connected to MQTT broker'")
+        mosquitto.stop()
+        _until(lambda: attempts, 5, "a failed reconnection attempt")
+        time.sleep(0.1)
+        errors = _bridge_lines(caplog, logging.ERROR)
+        assert errors and where in errors[0] and "lost" in errors[0], errors
+        assert len(errors) == 2 and where in errors[1] and "connection refused" in errors[1].lower(), errors
+        mosquitto.start()
+        _until(lambda: len(_connected_lines(caplog)) == 2, 10, "a second INFO 'connected to MQTT broker'")
+        assert where in _connected_lines(caplog)[1]
+        assert not _bridge_lines(caplog, logging.WARNING), _bridge_lines(caplog, logging.WARNING)
+    finally:
+        bridge.stop()
+
+
+def test_a_broker_refusing_the_bridge_is_logged_once_with_its_reason(tmp_path: Path, caplog: Any) -> None:
+    """A real Mosquitto that admits no anonymous client refuses the bridge (CONNACK 'Not authorized')
+    at every retry: one ERROR line naming host:port and the reason, no line per retry, and the
+    broker closing the refused connection is not reported as a lost connection."""
+    import logging
+
+    from inspectd.bridges import mqtt as bridge_mqtt
+    from inspectd.bridges.common import load_settings
+
+    caplog.set_level(logging.DEBUG, logger="inspectd.bridges.mqtt")
+    broker = Mosquitto(tmp_path)
+    broker.stop()
+    broker.conf.write_text(f"listener {broker.port} 127.0.0.1\nallow_anonymous false\npersistence false\n")
+    broker.start()
+    bridge = bridge_mqtt.MqttBridge(load_settings(bare_config(tmp_path, {"host": "127.0.0.1", "port": broker.port,
+                                                                          "client_id": "refused"}), "mqtt"))
+    refusals: list[float] = []
+    _count_calls(bridge.clients["line1"], "on_connect", refusals, when=lambda c, u, f, rc, p=None: rc.is_failure)
+    bridge.start()
+    try:
+        _until(lambda: len(refusals) >= 2, 5, "two refused connection attempts")
+        time.sleep(0.1)
+        errors = _bridge_lines(caplog, logging.ERROR)
+        assert len(errors) == 1, errors
+        assert f"127.0.0.1:{broker.port}" in errors[0] and "not authori" in errors[0].lower(), errors
+        assert not _bridge_lines(caplog, logging.WARNING), _bridge_lines(caplog, logging.WARNING)
+    finally:
+        bridge.stop()
+        broker.stop()

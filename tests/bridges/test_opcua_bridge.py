@@ -1,11 +1,14 @@
 """`inspectd bridge opcua` as a child process with Basic256Sha256 SignAndEncrypt and certificates
 made here: a real asyncua client (trusted certificate as its user identity) sees the daemon's
 verdicts (same frame id and seq) as variables and events; anonymous and unencrypted clients are
-refused; Healthy goes false when the daemon is killed and true again when it comes back."""
+refused; Healthy goes false when the daemon is killed and true again when it comes back. A value
+the daemon did not send is a Bad StatusCode, not a sentinel; asyncua's INFO lines stay out of the
+bridge's log unless it runs at DEBUG."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -156,9 +159,9 @@ async def _disconnect_quietly(client: Client) -> None:
 
 def test_healthy_goes_false_at_once_while_a_verdict_backlog_is_written(tmp_path: Path, tiny_bundle: Path,
                                                                        synthetic_parts: Any) -> None:
-    """A burst of 3,000 verdicts, faster than OPC UA writes them (eleven variables and an event
-    each: about 1,000 a second here), then the line goes blind: Healthy must go false within a
-    second, not after the backlog. In-process bridge, a real daemon-side Publisher (ZeroMQ), a
+    """A burst of 8,000 verdicts, faster than OPC UA writes them (eleven variables and an event
+    each: about 3,000 a second here), then the line goes blind: Healthy must go false early in
+    the backlog's writing, not after it. In-process bridge, a real daemon-side Publisher (ZeroMQ), a
     real asyncua client."""
     import threading
 
@@ -193,7 +196,7 @@ def test_healthy_goes_false_at_once_while_a_verdict_backlog_is_written(tmp_path:
                 return vals[-1] if vals else None
 
             await _until(lambda: last("Healthy") is True, 20, "Healthy never became true")
-            n_verdicts = 3000
+            n_verdicts = 8000   # a few seconds of writing (under QUEUE_SIZE: none may be dropped)
             for i in range(n_verdicts):
                 pub.publish_verdict(make_verdict(i + 1))
             await asyncio.sleep(0.3)
@@ -201,11 +204,14 @@ def test_healthy_goes_false_at_once_while_a_verdict_backlog_is_written(tmp_path:
             pub.set_line_status("line1", {**ok, "state": "blind", "camera_connected": False})
             at = await _until(lambda: last("Healthy") is False, 30, "Healthy never went false")
             seq_then = last("Seq")
-            assert at - blind < 1.0, f"Healthy went false {at - blind:.1f} s after the camera was lost"
             # a backlog really was being written meanwhile, and none of it is lost
             assert seq_then is not None and seq_then < n_verdicts - 1, seq_then
-            await _until(lambda: last("Seq") == n_verdicts - 1, 30, "the backlog was not written to the end")
+            end = await _until(lambda: last("Seq") == n_verdicts - 1, 90, "the backlog was not written to the end")
             assert bridge.dropped == 0
+            # "At once": early in the backlog's writing, not after it. Relative, so that a loaded CI
+            # machine (everything slower) does not fail it: 1 s on a quiet machine was 1.7-3.4 s under load.
+            assert at - blind < 0.5 * (end - blind), (f"Healthy went false {at - blind:.1f} s after the camera "
+                                                      f"was lost, the backlog ended {end - blind:.1f} s after")
 
     try:
         asyncio.run(scenario())
@@ -278,3 +284,207 @@ def test_a_status_change_is_never_dropped_when_the_verdict_queue_is_full(tmp_pat
         stop.set()
         thread.join(10)
         pub.stop()
+
+
+# ---- missing values and asyncua's log volume ----------------------------------------------------------
+
+def _bare_config(tmp_path: Path, opcua: dict[str, Any], stale_after_s: float | None = None) -> tuple[Path, str]:
+    """A config for a bridge alone (no daemon runs from it: its bundle need not exist)."""
+    import yaml
+
+    from tests.daemon.test_run import _write_config
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cfg = _write_config(tmp_path / "lines.yaml", [{
+        "id": "line1", "source": {"type": "replay", "path": str(tmp_path)}, "bundle": str(tmp_path / "bundle"),
+        "threshold": 3.0}], endpoint)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["bridges"] = {"opcua": opcua, **({"stale_after_s": stale_after_s} if stale_after_s else {})}
+    cfg.write_text(yaml.safe_dump(raw))
+    return cfg, endpoint
+
+
+class _InProcessBridge:
+    """OpcuaBridge.serve in a thread (its own loop), as `inspectd bridge opcua` runs it."""
+
+    def __init__(self, cfg: Path) -> None:
+        import threading
+
+        from inspectd.bridges.common import load_settings
+        from inspectd.bridges.opcua import OpcuaBridge
+
+        self.bridge = OpcuaBridge(load_settings(cfg, "opcua"))
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.bridge.serve(self.stop_event)), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+
+
+async def _data_value(client: Client, idx: int, name: str) -> ua.DataValue:
+    return await client.get_node(ua.NodeId(f"line1.{name}", idx)).read_data_value(raise_on_bad_status=False)
+
+
+async def _value(client: Client, idx: int, name: str) -> Any:
+    """The variable's value when Good, else its StatusCode's value."""
+    dv = await _data_value(client, idx, name)
+    return dv.Value.Value if dv.StatusCode.is_good() else dv.StatusCode.value
+
+
+async def _wait_value(client: Client, idx: int, name: str, want: Any, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while (got := await _value(client, idx, name)) != want:
+        assert time.monotonic() < end, f"line1.{name} is {got!r}, not {want!r}, after {timeout_s} s"
+        await asyncio.sleep(0.05)
+
+
+def test_a_missing_camera_timestamp_or_score_is_bad_no_data_not_a_sentinel(tmp_path: Path) -> None:
+    """A verdict without a camera timestamp (header camera_timestamp null: replay sources, cameras
+    that keep none) and without a score (a fail-safe verdict) must not show up as -1 / NaN, which a
+    PLC takes for readings: the variable's StatusCode is BadNoData, its DataType stays Int64 /
+    Double, and the next verdict that has them is written Good. The event carries null fields.
+    In-process bridge, a real daemon-side Publisher (ZeroMQ), a real asyncua client."""
+    from inspectd.daemon.publish import Publisher
+    from tests.daemon.test_client import make_verdict
+
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/inspectd/"
+    cfg, endpoint = _bare_config(tmp_path, {"endpoint": url, "namespace_uri": "urn:inspectd:test"})
+    pub = Publisher(endpoint, heartbeat_interval_s=0.1)
+    pub.set_line_status("line1", {"state": "ok", "camera_connected": True, "engine_ready": True})
+    pub.start()
+    bridge = _InProcessBridge(cfg)
+
+    async def scenario() -> None:
+        wait_port(port, 30)
+        async with Client(url, timeout=5) as client:
+            idx = await client.get_namespace_index("urn:inspectd:test")
+            changes = Changes()
+            sub = await client.create_subscription(20, changes)
+            etype = await client.nodes.base_event_type.get_child([f"{idx}:InspectdVerdictEventType"])
+            await sub.subscribe_events(client.get_node(ua.NodeId("line1", idx)), etype)
+            # Healthy: the bridge hears the publisher, so it gets what is published from now on
+            await _wait_value(client, idx, "Healthy", True, 20)
+
+            def event_of(frame_id: int) -> Any:
+                return next((e for e in changes.events if e.FrameId == frame_id), None)
+
+            # No camera timestamp (meta without one), no score (fail-safe verdict).
+            pub.publish_verdict(make_verdict(1, verdict="NG", score=None, raw_score=None, deadline_missed=True))
+            await _until(lambda: event_of(1) is not None, 10, "no event for the verdict without a camera timestamp")
+            for name, dtype in (("CameraTimestamp", ua.ObjectIds.Int64), ("Score", ua.ObjectIds.Double)):
+                dv = await _data_value(client, idx, name)
+                assert dv.StatusCode.value == ua.StatusCodes.BadNoData, (name, dv)
+                assert dv.Value is None or dv.Value.Value is None, (name, dv)
+                dt = await client.get_node(ua.NodeId(f"line1.{name}", idx)).read_data_type()
+                assert dt == ua.NodeId(dtype), (name, dt)
+            for name, want in (("FrameId", 1), ("Threshold", 4.0), ("LastVerdict", "NG")):
+                dv = await _data_value(client, idx, name)
+                assert dv.StatusCode.is_good() and dv.Value.Value == want, (name, dv)
+            ev = event_of(1)
+            assert ev.CameraTimestamp is None and ev.Score is None, ev
+
+            # Both present: Good, typed as before.
+            pub.publish_verdict(make_verdict(2, score=0.25, meta={"camera_timestamp": 123456789012}))
+            await _until(lambda: event_of(2) is not None, 10, "no event for the verdict with a camera timestamp")
+            dv = await _data_value(client, idx, "CameraTimestamp")
+            assert dv.StatusCode.is_good() and dv.Value.VariantType == ua.VariantType.Int64, dv
+            assert dv.Value.Value == 123456789012
+            dv = await _data_value(client, idx, "Score")
+            assert dv.StatusCode.is_good() and dv.Value.Value == 0.25, dv
+            assert event_of(2).CameraTimestamp == 123456789012
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        bridge.stop()
+        pub.stop()
+
+
+def test_variables_say_waiting_for_initial_data_then_no_data_while_the_daemon_is_unheard(tmp_path: Path) -> None:
+    """Before the first verdict the verdict variables hold no reading (BadWaitingForInitialData, not
+    -1 / NaN / ""), nor does CameraConnected before the first status; while the daemon is not heard
+    (heartbeats lost) nothing is known of its camera: CameraConnected is BadNoData (the MQTT status
+    says null), Healthy a plain False. In-process bridge, a real Publisher, a real asyncua client."""
+    from inspectd.daemon.publish import Publisher
+
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/inspectd/"
+    cfg, endpoint = _bare_config(tmp_path, {"endpoint": url, "namespace_uri": "urn:inspectd:test"},
+                                 stale_after_s=0.5)
+    bridge = _InProcessBridge(cfg)
+    pub = Publisher(endpoint, heartbeat_interval_s=0.1)
+
+    async def scenario() -> None:
+        wait_port(port, 30)
+        async with Client(url, timeout=5) as client:
+            idx = await client.get_namespace_index("urn:inspectd:test")
+            for name in ("LastVerdict", "Score", "Threshold", "FrameId", "Seq", "AcquiredTime", "CameraTimestamp",
+                         "Chunks", "CameraConnected"):
+                dv = await _data_value(client, idx, name)
+                assert dv.StatusCode.value == ua.StatusCodes.BadWaitingForInitialData, (name, dv)
+            for name, want in (("Healthy", False), ("Status", "unknown"), ("FramesOK", 0), ("FramesNG", 0)):
+                dv = await _data_value(client, idx, name)
+                assert dv.StatusCode.is_good() and dv.Value.Value == want, (name, dv)
+
+            pub.set_line_status("line1", {"state": "ok", "camera_connected": True, "engine_ready": True})
+            pub.start()
+            await _wait_value(client, idx, "Healthy", True, 20)
+            assert await _value(client, idx, "CameraConnected") is True
+            pub.stop()     # the daemon is gone: heartbeats stop
+            await _wait_value(client, idx, "Status", "offline", 10)
+            assert await _value(client, idx, "CameraConnected") == ua.StatusCodes.BadNoData
+            assert await _value(client, idx, "Healthy") is False
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        bridge.stop()
+        pub.stop()
+
+
+def _asyncua_info_lines(lines: list[str]) -> list[str]:
+    """Records of asyncua* loggers at INFO in `inspectd`'s stderr format: `date time LEVEL name: message`."""
+    out = []
+    for line in lines:
+        parts = line.split(" ", 4)
+        if len(parts) == 5 and parts[2] == "INFO" and parts[3].startswith("asyncua"):
+            out.append(line)
+    return out
+
+
+def test_asyncua_info_lines_stay_out_of_the_journal_unless_debug(tmp_path: Path) -> None:
+    """`inspectd bridge opcua` at the default INFO level: asyncua's own INFO lines (about 1,100 at
+    start: address space population) are not logged, the bridge's own INFO line is; with
+    `--log-level DEBUG` asyncua's lines are there again. Two real bridge processes, stderr read."""
+    from tests.daemon.test_run import _MODULE
+
+    children = {}
+    for level in ("INFO", "DEBUG"):
+        port = free_port()
+        folder = tmp_path / level
+        folder.mkdir()
+        cfg, _ = _bare_config(folder, {"endpoint": f"opc.tcp://127.0.0.1:{port}/inspectd/",
+                                       "namespace_uri": "urn:inspectd:test"})
+        children[level] = Child([sys.executable, "-m", _MODULE, "--log-level", level, "bridge", "opcua",
+                                 "--config", str(cfg)])
+    def started(child: Child) -> bool:   # the bridge's line comes after the server's start
+        return any("inspectd.bridges.opcua: OPC UA bridge:" in line for line in child.lines)
+
+    try:
+        for level, done in (("INFO", started), ("DEBUG", lambda c: _asyncua_info_lines(c.lines) or started(c))):
+            child, end = children[level], time.monotonic() + 60
+            while not done(child):
+                assert child.proc.poll() is None and time.monotonic() < end, child.log()
+                time.sleep(0.05)
+        assert children["INFO"].stop() == 0, children["INFO"].log()
+        time.sleep(0.2)   # the reader thread takes the last lines
+        quiet = _asyncua_info_lines(children["INFO"].lines)
+        assert not quiet, f"{len(quiet)} asyncua INFO line(s) at --log-level INFO, e.g. {quiet[:3]}"
+        assert any(" INFO inspectd.bridges.opcua: OPC UA bridge:" in line for line in children["INFO"].lines)
+        assert _asyncua_info_lines(children["DEBUG"].lines), "--log-level DEBUG hid asyncua's INFO lines"
+    finally:
+        for child in children.values():
+            child.stop()

@@ -220,3 +220,54 @@ def test_opcua_set_recipe_that_outlasts_the_callers_wait_fails_and_changes_nothi
         daemon.kill()
     audit = tmp_path / "state" / "audit.jsonl"
     assert not audit.exists() or '"what":"recipe"' not in audit.read_text()
+
+
+def test_an_empty_recipe_set_clears_a_retained_request_and_is_not_a_request(tmp_path: Path, mosquitto: Any,
+                                                                             caplog: Any) -> None:
+    """A PLC clears its retained request the standard MQTT way: an empty payload, retained, on
+    recipe/set. The bridge, subscribed, gets it live: not a request, so no answer on recipe/result
+    and nothing above DEBUG in the log; a request published after it is answered as usual (so the
+    silence is not a bridge that answers nothing). Real Mosquitto, real paho PLC client, real bridge
+    in-process (no daemon behind it: the request after it is answered 'not reachable')."""
+    import logging
+    import queue
+    import threading
+
+    from inspectd.bridges import mqtt as bridge_mqtt
+    from inspectd.bridges.common import load_settings
+    from tests.bridges.test_mqtt_bridge import _wait_status, bare_config
+
+    caplog.set_level(logging.DEBUG, logger="inspectd.bridges.mqtt")
+    bridge = bridge_mqtt.MqttBridge(load_settings(bare_config(tmp_path, {"host": "127.0.0.1", "port": mosquitto.port,
+                                                                          "client_id": "clear"}), "mqtt"))
+    results: queue.Queue[dict] = queue.Queue()
+    watch = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="clear-watch")
+    watch.on_message = lambda c, u, m: results.put(json.loads(m.payload))
+    subscribed = threading.Event()
+    watch.on_subscribe = lambda c, u, mid, rcs, p=None: subscribed.set()
+    plc = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="clear-plc")
+    bridge.start()
+    try:
+        _wait_status(mosquitto.port, lambda p: True, 10)   # published after the bridge subscribed to recipe/set
+        watch.connect("127.0.0.1", mosquitto.port)
+        watch.loop_start()
+        watch.subscribe("inspectd/line1/recipe/result", qos=1)
+        assert subscribed.wait(5), "no SUBACK for recipe/result"
+        plc.connect("127.0.0.1", mosquitto.port)
+        plc.loop_start()
+        plc.publish("inspectd/line1/recipe/set", b"", qos=1, retain=True).wait_for_publish(5)
+        plc.publish("inspectd/line1/recipe/set", "nope", qos=1).wait_for_publish(5)
+        answers = [results.get(timeout=10)]
+        time.sleep(0.5)               # an answer to the empty payload, if any, has landed by now
+        while not results.empty():
+            answers.append(results.get())
+        assert [a.get("requested") for a in answers] == ["nope"], answers
+        said = [r.getMessage() for r in caplog.records if r.name == "inspectd.bridges.mqtt"
+                and r.levelno > logging.DEBUG and "recipe" in r.getMessage()]
+        assert len(said) == 1 and "'nope'" in said[0], said
+    finally:
+        plc.loop_stop()
+        plc.disconnect()
+        watch.loop_stop()
+        watch.disconnect()
+        bridge.stop()
