@@ -637,6 +637,16 @@ class LinePipeline:
             self._tick_acquisition()  # a healthy wait counts as activity
             self._sync_source_counts()
             if frame is None:
+                if getattr(self.source, "exhausted", False):
+                    # A source at its end (a replay that does not loop) delivers no more frames: no
+                    # camera (camera_connected false, gauge 0, state "blind"). Not a loss: never
+                    # reopened (a second pass); idle until stop() closes it.
+                    self.last_error = "source exhausted: no more frames"
+                    log.info("line %s: source exhausted: camera not connected until the daemon restarts", self.line)
+                    self._set_camera(False)
+                    while not self._pause(1.0):
+                        pass
+                    break
                 silent = time.monotonic() - last_frame
                 if getattr(self.source, "free_running", False) and silent > self.silent_camera_s:
                     # No error, no frames: the line would say "ok" while inspecting nothing.

@@ -491,3 +491,45 @@ def test_the_sources_own_counts_reach_the_metrics_across_a_reopen(bundle: Bundle
     pipe._sync_source_counts()  # nothing new: nothing added
     assert _sample(metrics, "inspectd_incomplete_frames_total", line="c") == 4
     assert _sample(metrics, "inspectd_dropped_frames_total", line="c", reason="camera_skipped") == 7
+
+
+def test_an_exhausted_replay_is_a_disconnected_camera_and_a_blind_line(bundle: Bundle, tmp_path: Path,
+                                                                       replay_dir: Path) -> None:
+    """A replay that is not looping and has delivered its last frame will deliver no more: the
+    line's status (what the heartbeat publishes) and inspectd_camera_connected say the camera is
+    not connected and the state is "blind" (a reject gate stops trusting the line), while every
+    frame it did deliver has its verdict, the source is not reopened (no second pass, no
+    reconnect counted) and the watchdog is still fed. Before: camera_connected stayed true."""
+    from inspectd.client import line_status_from_heartbeat
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for p in sorted((replay_dir / "good").glob("*.png"))[:4]:
+        shutil.copy(p, parts / p.name)
+    metrics = Metrics()
+    settings = line_settings("x", backend_preference=("onnxruntime",), queue_size=16)
+    out = Collector()
+    pipe = LinePipeline(settings, ReplaySource("x", parts, fps=50), bundle, LineThreshold("x", value=THRESHOLD),
+                        _sinks(out, metrics), metrics=metrics).start()
+    try:
+        assert pipe.wait_ready(30.0)
+        verdicts = out.wait_for(4)
+        end = time.monotonic() + 5.0
+        while pipe.status()["camera_connected"] and time.monotonic() < end:
+            time.sleep(0.02)
+        status = pipe.status()
+        assert status["camera_connected"] is False and status["state"] == "blind", status
+        assert status["engine_ready"] is True
+        assert _sample(metrics, "inspectd_camera_connected", line="x") == 0
+        seen = line_status_from_heartbeat("x", status)  # as a reject gate reads the heartbeat
+        assert not seen.safe and seen.camera_connected is False
+        time.sleep(0.5)  # it stays so: the loop does not reopen the replay for another pass
+        status = pipe.status()
+        assert status["camera_connected"] is False and status["state"] == "blind", status
+        assert _sample(metrics, "inspectd_camera_connected", line="x") == 0
+        assert _sample(metrics, "inspectd_camera_reconnects_total", line="x") == 0
+        assert pipe.frames_acquired == 4 and pipe.healthy()
+    finally:
+        pipe.stop(timeout_s=3.0)
+    assert sorted(v.frame_id for v in verdicts) == [1, 2, 3, 4] and len(out.verdicts) == 4
+    assert all(v.error is None and not v.deadline_missed for v in out.verdicts)

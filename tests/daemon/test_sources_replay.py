@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -261,3 +262,54 @@ def test_replays_the_shared_synthetic_parts(synthetic_parts) -> None:
     assert all(f.image.ndim == 2 and f.image.dtype == np.uint8 for f in frames)
     assert all(f.meta["label"] == "bad" for f in frames)
     assert label_for(synthetic_parts.test_good / "x.png", synthetic_parts.root) == "good"
+
+
+def test_a_finished_replay_says_camera_disconnected_in_the_heartbeat_and_metrics(
+        tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
+    """The daemon on a replay that does not loop: every part gets its verdict, then the replay is
+    at its end and will deliver nothing more. The heartbeat a reject gate reads says so (state
+    "blind", camera_connected false: not safe) and so does inspectd_camera_connected (0), instead
+    of a connected camera on a line that inspects nothing."""
+    import shutil
+    import urllib.request
+
+    from inspectd.client import VerdictSubscriber
+    from inspectd.daemon import run as run_mod
+    from inspectd.daemon.config import config_from_dict
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for p in sorted(synthetic_parts.test_good.glob("*.png"))[:3]:
+        shutil.copy(p, parts / p.name)
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    cfg = config_from_dict({"zmq": {"endpoint": endpoint}, "metrics": {"port": 0}, "heartbeat_interval_s": 0.1,
+                            "state_dir": str(tmp_path / "state"),
+                            "lines": [{"id": "r1", "source": {"type": "replay", "path": str(parts), "fps": 20,
+                                                              "loop": False},
+                                       "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0}]})
+    daemon = run_mod.Daemon(cfg)
+    sub = VerdictSubscriber(endpoint, lines=["r1"], heartbeat_timeout_s=None)
+    try:
+        daemon.build()
+        assert daemon.start()
+        beats = []
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            msg = sub.poll_once(0.1)
+            if msg is not None and msg.kind == "heartbeat":
+                beats.append(msg.header["status"])
+                if msg.header["status"]["verdicts"] == 3 and msg.header["status"]["camera_connected"] is False:
+                    break
+        assert beats, "no heartbeat"
+        assert beats[-1]["frames"] == 3 and beats[-1]["verdicts"] == 3, beats[-1]  # every frame judged
+        last = beats[-1]
+        assert last["camera_connected"] is False and last["state"] == "blind", last
+        assert sub.line_status("r1").camera_connected is False and not sub.line_status("r1").safe
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_server.port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        assert 'inspectd_camera_connected{line="r1"} 0.0' in text, [
+            x for x in text.splitlines() if x.startswith("inspectd_camera_connected")]
+        assert 'inspectd_camera_reconnects_total{line="r1"} 0.0' in text  # not reopened for another pass
+    finally:
+        sub.close()
+        daemon.stop()
