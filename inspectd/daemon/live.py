@@ -12,11 +12,20 @@ thread: it counts, appends a small summary and, for an NG verdict with a map, ke
 the frame's image and the raw anomaly map. Nothing is rendered there: the overlay (the bundle's
 fixed display range `heatmap_u8`, upsampled onto the ROI of the frame) is made on request in the
 HTTP thread, once per NG frame (cached). Only GET and HEAD are answered: nothing here changes state.
+
+DNS rebinding: a web page open in an operator's browser can make its own name resolve to this
+box's address and then read these pages as same-origin; its requests still say `Host: <its name>`.
+So every live-view path first checks the Host header (`host_allowed`): a loopback name or address
+(localhost, 127.0.0.0/8, [::1]), the address this connection was accepted on, or the configured
+bind host (metrics.host, when it is not a wildcard address) are served, with any port
+or none (an SSH tunnel forwards another port; the port plays no part in rebinding); anything else,
+a missing Host included, is a 421 Misdirected Request. /metrics is not checked (daemon/metrics.py).
 """
 
 from __future__ import annotations
 
 import collections
+import ipaddress
 import json
 import re
 import threading
@@ -36,6 +45,14 @@ KEEP_VERDICTS = 100   # the last verdicts over all lines, for the table
 _NG_PATH = re.compile(r"^/live/([A-Za-z0-9_-]+)/ng\.png$")
 MAX_INT_ARG_DIGITS = 18  # `since` is a verdict sequence number: 18 digits outlast any daemon
 _DIGITS = re.compile(f"[0-9]{{1,{MAX_INT_ARG_DIGITS}}}")
+# The server's WSGI environ keys (daemon/metrics.py) naming where it serves, for the Host check.
+BIND_HOST_KEY = "inspectd.bind_host"      # metrics.host as configured (may be a name, or 0.0.0.0)
+LOCAL_ADDRESS_KEY = "inspectd.local_address"  # the address this connection was accepted on
+_HOST_HEADER = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._-]+))(?::[0-9]{1,5})?$")
+# 421, not 403: the request reached a server that does not answer for the authority it names
+# (RFC 9110 15.5.20), which is exactly a foreign Host; the same client is served under this
+# server's own address, so it is not a matter of permission (403).
+MISDIRECTED = b"misdirected request: the Host header does not name this server (use 127.0.0.1 or metrics.host)\n"
 
 
 @dataclass
@@ -135,6 +152,9 @@ class LiveView:
         if not ours:
             return None
         method = environ.get("REQUEST_METHOD", "GET")
+        if not host_allowed(environ):  # before anything else: a rebinding page learns nothing here
+            return _respond(start_response, "421 Misdirected Request", "text/plain; charset=utf-8",
+                            MISDIRECTED, [], method)
         if method not in ("GET", "HEAD"):
             return _respond(start_response, "405 Method Not Allowed", "text/plain; charset=utf-8",
                             b"read-only: GET only\n", [("Allow", "GET, HEAD")], method)
@@ -197,6 +217,41 @@ def _encode_png(bgr: np.ndarray) -> bytes:
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
+
+
+def host_allowed(environ: dict[str, Any]) -> bool:
+    """The request's Host header names this server: a loopback name or address, the address the
+    connection was accepted on (`LOCAL_ADDRESS_KEY`) or the configured bind host (`BIND_HOST_KEY`),
+    with any port or none. Anything else (another name, a malformed or missing Host) is refused:
+    a browser always sends Host, and after a DNS rebinding it is the attacking page's name."""
+    m = _HOST_HEADER.match(environ.get("HTTP_HOST", ""))
+    if m is None:
+        return False
+    bracketed, plain = m.group(1), m.group(2)
+    name = (bracketed or plain).lower()
+    address = _ip(name)
+    if bracketed is not None and (address is None or address.version != 6):
+        return False  # only an IPv6 address goes in brackets
+    if (address is None and name == "localhost") or (address is not None and address.is_loopback):
+        return True
+    local = _ip(str(environ.get(LOCAL_ADDRESS_KEY, "")))
+    if address is not None and local is not None and address == local:
+        return True
+    bind = str(environ.get(BIND_HOST_KEY, "")).strip("[]").lower()
+    bind_address = _ip(bind)
+    if not bind or (bind_address is not None and bind_address.is_unspecified):
+        return False  # 0.0.0.0 / :: listen everywhere: not a name a browser opens
+    return name == bind if bind_address is None else address == bind_address
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`text` as an IP address (an IPv4-mapped IPv6 one as IPv4), None if it is not one."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])  # no zone id
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
 
 
 def _int_arg(query: str, name: str) -> int | None:

@@ -18,6 +18,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from inspectd.daemon.live import BIND_HOST_KEY, LOCAL_ADDRESS_KEY
 from inspectd.errors import InspectdError
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,22 @@ class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass
 
+    def get_environ(self) -> dict[str, Any]:
+        """The WSGI environ plus where this server serves, for the live view's Host check
+        (daemon/live.py `host_allowed`: DNS rebinding). /metrics itself does not check Host:
+        Prometheus sends its target's host:port, i.e. whatever name or address its scrape config
+        or service discovery gives this box (a DNS name, a NAT or proxy address), which this server
+        cannot know; a check there would stop scrapes, and with them the alerts, in a way nobody
+        sees on the box. What /metrics shows (counters, states, ids) has no part images or verdict
+        details; the live view has both, and a browser is what opens it."""
+        env = super().get_environ()
+        env[BIND_HOST_KEY] = getattr(self.server, "bind_host", "")
+        try:
+            env[LOCAL_ADDRESS_KEY] = str(self.connection.getsockname()[0])
+        except (OSError, IndexError, TypeError):
+            env[LOCAL_ADDRESS_KEY] = ""
+        return env
+
 
 def _app(metrics_app: Callable[..., Iterable[bytes]], live: Any | None) -> Callable[..., Iterable[bytes]]:
     if live is None:
@@ -269,6 +286,7 @@ def _start_server(host: str, port: int, app: Callable[..., Iterable[bytes]]) -> 
         pass  # make_server reports the bad address
     server_class = type("_MetricsServer", (_Server,), {"address_family": family})
     httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    httpd.bind_host = host  # type: ignore[attr-defined] # metrics.host as configured: the live view's Host check
     thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     return httpd, thread

@@ -5,6 +5,7 @@ page is not blank; read-only (POST refused). Plus the sink's contract: reference
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
@@ -241,3 +242,128 @@ def test_a_bad_since_is_a_400_never_a_500(since: bytes, capfd: pytest.CaptureFix
     finally:
         server.shutdown()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def _host_request(port: int, path: str, host: str | None, method: str = "GET",
+                  connect: str = "127.0.0.1") -> tuple[int, bytes, str]:
+    """One request on the daemon's real HTTP server with the Host header as given (None: no Host
+    header at all), the way a browser sends it after a DNS rebinding: the connection goes to this
+    server, the Host names the attacker's domain."""
+    conn = http.client.HTTPConnection(connect, port, timeout=5)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp.read(), resp.getheader("Content-Type", "")
+    finally:
+        conn.close()
+
+
+def _view_with_an_ng_frame() -> LiveView:
+    view = LiveView()
+    sink = view.add_line("l1", lambda: {"state": "ok", "camera_connected": True}, lambda: _Bundle())
+    amap = np.zeros((8, 8), np.float32)
+    amap[2:4, 2:4] = 1.0
+    sink.accept(_verdict("l1", 1, "NG", np.full((60, 80), 100, np.uint8), amap))
+    sink.accept(_verdict("l1", 2, "OK", np.full((60, 80), 100, np.uint8), None))
+    return view
+
+
+LIVE_PATHS = ("/", "/live", "/live/", "/live/status.json", "/live/status.json?since=1", "/live/l1/ng.png",
+              "/live/other/ng.png", "/live/nothing-here")
+
+
+def test_the_live_view_refuses_a_host_that_is_not_this_server(capfd: pytest.CaptureFixture[str]) -> None:
+    """DNS rebinding: a web page of evil.example, open in an operator's browser, makes its name
+    resolve to 127.0.0.1; the browser then reads the live view (part images, verdicts) as
+    same-origin, but its requests carry `Host: evil.example`. Every live-view path answers such a
+    request with 421 and one short plain-text line, for any method; loopback names and addresses
+    (any port: an SSH tunnel forwards another one) are served. /metrics is not checked: Prometheus
+    sends its target's host:port, whatever name the scrape config gives this box."""
+    server = Metrics().serve("127.0.0.1", 0, live=_view_with_an_ng_frame())
+    port = server.port
+    try:
+        forged = ["evil.example", f"evil.example:{port}", "attacker.test:80", f"localhost.evil.example:{port}",
+                  f"127.0.0.1.nip.io:{port}", f"localhost@evil.example:{port}", f"evil.example:{port}:80",
+                  "localhost:http", "[::1", "::1", f"127.0.0.1:{port}, evil.example", "", None]
+        for host in forged:
+            for path in LIVE_PATHS:
+                status, body, ctype = _host_request(port, path, host)
+                assert status == 421, (host, path, status, body[:100])
+                assert ctype.startswith("text/plain") and body.endswith(b"\n") and body.count(b"\n") == 1, body
+                assert len(body) < 200 and b"l1" not in body and b"PNG" not in body
+            assert _host_request(port, "/live/status.json", host, method="HEAD")[:2] == (421, b"")
+            assert _host_request(port, "/live/status.json", host, method="POST")[0] == 421
+        for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "localhost", f"LocalHost:{port}",
+                     f"[::1]:{port}", "[::1]", "localhost:8080", f"127.0.0.2:{port}"):
+            status, body, ctype = _host_request(port, "/live/status.json", host)
+            assert status == 200 and ctype == "application/json", (host, status, body[:100])
+            assert json.loads(body)["lines"][0]["line"] == "l1"
+            status, body, ctype = _host_request(port, "/live/l1/ng.png", host)
+            assert status == 200 and body.startswith(b"\x89PNG"), (host, status)
+            assert _host_request(port, "/", host)[0] == 200
+        # What a plain client sends (Host: 127.0.0.1:PORT) is served.
+        assert _get(f"http://127.0.0.1:{port}/live/status.json")[0] == 200
+        # Prometheus scrapes by whatever name its config gives: /metrics does not look at Host.
+        for host in ("inspect-box.plant.example:9108", f"evil.example:{port}", None):
+            status, body, ctype = _host_request(port, "/metrics", host)
+            assert status == 200 and ctype.startswith("text/plain") and b"inspectd_frames_total" in body, host
+    finally:
+        server.shutdown()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def _non_loopback_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback (the interface a default route uses;
+    nothing is sent), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_the_live_view_served_on_a_network_address_answers_to_that_address() -> None:
+    """metrics.host set to an address of the box (or 0.0.0.0): the live view is opened as
+    http://ADDRESS:PORT/, so that Host is served, besides the loopback names; a foreign name still
+    gets 421."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    server = Metrics().serve(address, 0, live=_view_with_an_ng_frame())
+    port = server.port
+    try:
+        for host in (f"{address}:{port}", address, f"localhost:{port}"):
+            assert _host_request(port, "/live/status.json", host, connect=address)[0] == 200, host
+        for host in (f"evil.example:{port}", "0.0.0.0", f"127.0.0.1.{address}"):
+            assert _host_request(port, "/live/status.json", host, connect=address)[0] == 421, host
+    finally:
+        server.shutdown()
+    server = Metrics().serve("0.0.0.0", 0, live=_view_with_an_ng_frame())  # every interface
+    port = server.port
+    try:
+        # The address the browser connected to is this server's address: served.
+        assert _host_request(port, "/live/status.json", f"{address}:{port}", connect=address)[0] == 200
+        assert _host_request(port, "/live/status.json", f"127.0.0.1:{port}", connect="127.0.0.1")[0] == 200
+        assert _host_request(port, "/live/status.json", f"evil.example:{port}", connect=address)[0] == 421
+        assert _host_request(port, "/metrics", f"evil.example:{port}", connect=address)[0] == 200
+    finally:
+        server.shutdown()
+    hostname = socket.gethostname()
+    try:
+        socket.getaddrinfo(hostname, 0, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # the box's name does not resolve here: nothing more to bind to
+    server = Metrics().serve(hostname, 0, live=_view_with_an_ng_frame())  # metrics.host: the box's name
+    port = server.port
+    connect = server._server.server_address[0]  # type: ignore[attr-defined]
+    try:
+        for host in (f"{hostname}:{port}", hostname.upper()):
+            assert _host_request(port, "/live/status.json", host, connect=connect)[0] == 200, host
+        assert _host_request(port, "/live/status.json", f"evil.example:{port}", connect=connect)[0] == 421
+    finally:
+        server.shutdown()
