@@ -506,6 +506,12 @@ def test_camera_clock_dates_a_buffer_by_its_wait_in_the_stream() -> None:
     assert max(drift) == 0.0
     # A camera clock that jumps back a minute (timestamp reset) is not a minute's wait.
     assert clock.held_s(0, t0 + 61) == 0.0 and clock.held_s(50 * ms, t0 + 61.05) == 0.0
+    # One stepped back a second (or a host clock slewed by NTP): a buffer that arrives while the
+    # fetch waits is the new reference, so the step is not charged to the frames after it.
+    t1, cam = t0 + 62.0, 1_000 * ms
+    assert clock.held_s(cam, t1, fresh=True) == 0.0
+    assert clock.held_s(cam + 50 * ms - 1_000 * ms, t1 + 0.05, fresh=True) == 0.0
+    assert [clock.held_s(cam + (k - 20) * 50 * ms, t1 + k * 0.05) for k in range(2, 6)] == [0.0] * 4
 
 
 def test_camera_timestamps_in_another_unit_are_not_taken_for_waits() -> None:
@@ -544,5 +550,5 @@ def test_frames_that_waited_in_the_stream_are_dated_when_they_arrived(monkeypatc
     stale = [w for (f, _, _), w in zip(frames, waits) if f.frame_id <= 28]
     fresh = [w for (f, _, _), w in zip(frames, waits) if f.frame_id > 30]
     assert stale and fresh, [f.frame_id for f, _, _ in frames]
-    assert all(1.1 < mono < 1.7 and abs(wall - mono) < 0.05 for mono, wall in stale), stale
+    assert all(1.0 < mono < 2.5 and abs(wall - mono) < 0.05 for mono, wall in stale), stale
     assert all(mono < 0.2 for mono, _ in fresh), fresh

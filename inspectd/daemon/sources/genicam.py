@@ -95,17 +95,23 @@ def convert_pixels(data: np.ndarray, pixel_format: str, width: int, height: int)
     return cv2.cvtColor(image, code)  # a new array
 
 
+FETCH_WAITED_S = 0.005  # a fetch that took longer waited for its buffer: it was not in the stream before
+
+
 class CameraClock:
     """How long a buffer waited in the stream before it was fetched, from the camera's timestamps.
 
     The stream holds a few filled buffers (OldestFirst): when reading falls behind, the next fetches
     return frames exposed a while ago. Stamped at fetch, such a frame would get a fresh acquisition
     time and a fresh deadline, and its verdict would look in time to a reject gate that judges
-    `acquired_ns` while the part has moved on. The host clock minus the camera clock is smallest for
-    a buffer fetched as soon as it arrived; a buffer with a larger difference waited that much longer.
-    The smallest difference may rise by at most `DRIFT` (200 ppm) of the time since it was seen, so
-    two free-running clocks drifting apart are followed. A difference larger by more than `JUMP_S`
-    is the camera clock jumping back (a timestamp reset), not a wait: the clock starts over there.
+    `acquired_ns` while the part has moved on. A buffer that arrived while the fetch was waiting for
+    it (`fresh`) waited for nobody: its host clock minus camera clock difference is the reference,
+    taken anew from every such buffer (so a camera clock stepped or slewed, or the host's slewed by
+    NTP, is followed at the next one). A buffer the fetch found already queued, with a larger
+    difference, waited that much longer. Between fresh buffers the reference may also fall (a
+    smaller difference) and rise by at most `DRIFT` (200 ppm) of the time since it was taken. A
+    difference larger by more than `JUMP_S` is the camera clock jumping back (a timestamp reset),
+    not a wait: the reference starts over there.
 
     A producer that fills GenTL's TIMESTAMP_NS with ticks of another unit would make every frame
     look old (and fail-safe at its deadline): nothing is corrected until the camera clock has been
@@ -122,8 +128,9 @@ class CameraClock:
         self._first: tuple[int, float] | None = None  # (camera ns, host s) of the first buffer
         self._rate_ok: bool | None = None             # None: not decided yet
 
-    def held_s(self, camera_ns: int, host_mono: float) -> float:
-        """Seconds the buffer stamped `camera_ns` (camera clock, ns) waited before `host_mono`."""
+    def held_s(self, camera_ns: int, host_mono: float, fresh: bool = False) -> float:
+        """Seconds the buffer stamped `camera_ns` (camera clock, ns) waited before `host_mono`;
+        `fresh`: it arrived while the fetch waited (0 by construction, and the new reference)."""
         if self._rate_ok is False:
             return 0.0
         if self._first is None:
@@ -136,7 +143,7 @@ class CameraClock:
                             "when fetched", rate)
                 return 0.0
         difference = host_mono - camera_ns / 1e9
-        if self._best is None:
+        if self._best is None or fresh:
             self._best, self._best_at = difference, host_mono
             return 0.0
         allowed = self._best + self.DRIFT * max(host_mono - self._best_at, 0.0)
@@ -432,7 +439,8 @@ class GenicamSource(Source):
             raise SourceLost(f"line {self.line}: camera {self._device_name} is not open")
         deadline = time.monotonic() + max(timeout_s, 0.0)
         while True:
-            remaining = max(deadline - time.monotonic(), 0.001)  # harvesters: 0 would mean "wait forever"
+            fetch_started = time.monotonic()
+            remaining = max(deadline - fetch_started, 0.001)  # harvesters: 0 would mean "wait forever"
             try:
                 # try_fetch, not fetch: fetch restarts its wait after every incomplete buffer, so a
                 # camera delivering only incomplete ones (MTU mismatch) would hang this loop.
@@ -454,7 +462,8 @@ class GenicamSource(Source):
                     if camera_ns is not None:
                         # A frame that waited in the stream is dated (and its deadline started)
                         # when it arrived, not when it was fetched.
-                        held_s = self._clock.held_s(camera_ns, acquired_mono)
+                        held_s = self._clock.held_s(camera_ns, acquired_mono,
+                                                    fresh=acquired_mono - fetch_started > FETCH_WAITED_S)
                         acquired_mono -= held_s
                         acquired_ns -= int(held_s * 1e9)
             except _genicam_errors() as exc:
