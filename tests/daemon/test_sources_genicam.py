@@ -440,9 +440,13 @@ class _FakeTriggerNodeMap:
         def value(self, wanted: object) -> None:
             self._owner.write(self._name, wanted)
 
-    def __init__(self, selected: str) -> None:
+        @property
+        def symbolics(self) -> tuple[str, ...]:
+            return tuple(self._owner.per_trigger) if self._name == "TriggerSelector" else ()
+
+    def __init__(self, selected: str, triggers: tuple[str, ...] = ("FrameStart", "AcquisitionStart")) -> None:
         self.selected = selected  # what the camera's saved settings left selected
-        self.per_trigger: dict[str, dict[str, object]] = {"FrameStart": {}, "AcquisitionStart": {}}
+        self.per_trigger: dict[str, dict[str, object]] = {name: {} for name in triggers}
         self.writes: list[tuple[str, object]] = []
 
     def has_node(self, name: str) -> bool:
@@ -476,6 +480,22 @@ def test_trigger_mode_and_source_are_written_for_the_selected_trigger(selector: 
     assert nodes.per_trigger[expected] == {"TriggerMode": "On", "TriggerSource": "Line0"}
     other = "AcquisitionStart" if expected == "FrameStart" else "FrameStart"
     assert nodes.per_trigger[other] == {}
+
+
+@pytest.mark.parametrize("triggers, selected", [(("FrameStart", "AcquisitionStart"), "FrameStart"),
+                                                 (("FrameBurstStart", "AcquisitionStart"), "FrameBurstStart")])
+def test_the_default_selector_is_not_forced_where_it_is_set_or_missing(
+        triggers: tuple[str, ...], selected: str, caplog: pytest.LogCaptureFixture) -> None:
+    """FrameStart already selected: nothing written. A camera whose frame trigger has another name:
+    a warning, the mode and source go to what it selects, and the camera still opens (a config that
+    worked before the selector was written must not stop the line)."""
+    src = GenicamSource("cam", CTI, {"index": 0}, trigger_mode="On", trigger_source="Line0")
+    nodes = _FakeTriggerNodeMap(selected=selected, triggers=triggers)
+    src._configure(nodes)
+    assert [name for name, _ in nodes.writes] == ["TriggerSource", "TriggerMode"]
+    assert nodes.per_trigger[selected] == {"TriggerMode": "On", "TriggerSource": "Line0"}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(warned) == (selected != "FrameStart") and all("trigger.selector" in w for w in warned), warned
 
 
 def test_trigger_selector_from_config_and_a_camera_without_selectors() -> None:

@@ -391,11 +391,11 @@ class GenicamSource(Source):
         if self.trigger_mode is not None or self.trigger_source is not None:
             # Mode and source belong to the trigger the selector points at: written after it, or a
             # camera whose saved settings selected AcquisitionStart would be "triggered" there and
-            # free-run its frames. Unset: FrameStart where the camera has selectors at all.
+            # free-run its frames. Unset: FrameStart where the camera offers it (_select_frame_start).
             if self.trigger_selector is not None:
                 writes.append((("TriggerSelector",), self.trigger_selector))
             elif node_map.has_node("TriggerSelector"):
-                writes.append((("TriggerSelector",), "FrameStart"))
+                self._select_frame_start(node_map)
         if self.trigger_source is not None:
             writes.append((("TriggerSource",), self.trigger_source))
         if self.trigger_mode is not None:
@@ -403,6 +403,31 @@ class GenicamSource(Source):
         writes.extend(((name,), value) for name, value in self.features.items())
         for names, value in writes:
             self._write_node(node_map, names, value)
+
+    def _select_frame_start(self, node_map: Any) -> None:
+        """The default selector, FrameStart, where the camera has it and lets it be written. A camera
+        whose per-frame trigger has another name (FrameBurstStart, ExposureStart) or whose selector is
+        fixed keeps what it has, with a warning: set `trigger.selector` to choose; only a configured
+        selector that cannot be written stops the line."""
+        node = node_map.TriggerSelector
+        try:
+            current = str(node.value)
+            offered = tuple(node.symbolics)
+        except Exception as exc:
+            log.warning("line %s: camera %s: cannot read TriggerSelector (%s): trigger mode and source go to "
+                        "whatever it selects", self.line, self._device_name, _short(exc))
+            return
+        if current == "FrameStart":
+            return
+        if "FrameStart" not in offered:
+            log.warning("line %s: camera %s: TriggerSelector has no FrameStart (offers %s); trigger mode and "
+                        "source go to %s: set trigger.selector to choose", self.line, self._device_name,
+                        ", ".join(offered) or "nothing", current)
+            return
+        try:
+            self._write_node(node_map, ("TriggerSelector",), "FrameStart")
+        except SourceError as exc:
+            log.warning("%s; trigger mode and source go to %s: set trigger.selector to choose", exc, current)
 
     def _write_node(self, node_map: Any, names: tuple[str, ...], wanted: Any) -> None:
         name = next((n for n in names if node_map.has_node(n)), None)
