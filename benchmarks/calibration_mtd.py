@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import SHARED, split_folders  # noqa: E402
 
 from inspectd.calibration import threshold as th  # noqa: E402
+from inspectd.calibration.config_update import utc_stamp  # noqa: E402
 from inspectd.calibration.calibrate import CalibrationRequest, calibrate, score_images, training_overlap  # noqa: E402
 from inspectd.engines.bundle import load_bundle  # noqa: E402
 from inspectd.engines.preprocess import list_images  # noqa: E402
@@ -125,7 +126,8 @@ def main() -> int:
     if main_target is not None:
         res = calibrate(CalibrationRequest(
             bundle=args.bundle, good=split0, bad=dirs["test_bad"], line="mtd", config=args.out / "unused.yaml",
-            target_false_reject=main_target, target_escape=0.05, report_dir=args.out / "report",
+            target_false_reject=main_target, target_escape=0.05,
+            report_dir=args.out / "report" / utc_stamp(),  # calibrate never writes over an earlier report
             confidence=args.confidence, write_config=False))
         same = next(r for r in rows if r.get("target") == main_target)["split0"]["threshold"]
         product = {"threshold": res.report["threshold"], "matches_benchmark_split0": bool(
