@@ -14,11 +14,13 @@ Verdict, FrameId, Seq, Score, Threshold, AcquiredTime, CameraTimestamp, Chunks).
 while heartbeats arrive within `stale_after_s` and the daemon says the line is inspecting (camera
 connected, engine ready); it goes false when the stream is stale or the camera is lost.
 
-A value the daemon's message lacks (a null camera_timestamp, the null score of a fail-safe verdict,
-CameraConnected while the daemon is not heard: null in MQTT and the JSON headers) is written as
-status BadNoData with no value, never as an in-band sentinel (-1, NaN) a PLC would take for a
-reading; the variable keeps its DataType. Before the first verdict (first status for
-CameraConnected) the variables are BadWaitingForInitialData. Event fields without a value are null.
+A value the daemon's message lacks (a null camera_timestamp, the null score of a fail-safe verdict:
+null in MQTT and the JSON headers) is written as status BadNoData with no value, never as an
+in-band sentinel (-1, NaN) a PLC would take for a reading; the variable keeps its DataType. Before
+the first verdict (first status for CameraConnected) the variables are BadWaitingForInitialData.
+Event fields without a value are null. CameraConnected while the daemon is not heard is a plain
+False, not BadNoData: many PLC read blocks keep the last good value on a Bad status, and a gate
+on CameraConnected must not go on reading True from a daemon that is gone.
 
 Security (bridges.opcua.security): only the Basic256Sha256 SignAndEncrypt endpoint is offered, the
 server's certificate and private key come from files, anonymous sessions are refused and a client
@@ -269,9 +271,10 @@ class OpcuaBridge:
         if line not in self.nodes:
             return
         if kind == "status":
-            # camera_connected is None while the daemon is not heard (nothing known of its camera)
+            # Not heard: False (Good), never BadNoData: a PLC keeping the last good value on a Bad
+            # status would read True from a daemon that is gone (see the module docstring).
             await self._write(line, {"Healthy": bool(data["healthy"]), "Status": data["status"],
-                                     "CameraConnected": _bool(data["camera_connected"]) if data["online"] else None})
+                                     "CameraConnected": _bool(data["camera_connected"]) if data["online"] else False})
             return
         verdict = str(data.get("verdict") or "")
         if verdict in self.counts[line]:

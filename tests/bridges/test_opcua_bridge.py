@@ -406,8 +406,9 @@ def test_a_missing_camera_timestamp_or_score_is_bad_no_data_not_a_sentinel(tmp_p
 def test_variables_say_waiting_for_initial_data_then_no_data_while_the_daemon_is_unheard(tmp_path: Path) -> None:
     """Before the first verdict the verdict variables hold no reading (BadWaitingForInitialData, not
     -1 / NaN / ""), nor does CameraConnected before the first status; while the daemon is not heard
-    (heartbeats lost) nothing is known of its camera: CameraConnected is BadNoData (the MQTT status
-    says null), Healthy a plain False. In-process bridge, a real Publisher, a real asyncua client."""
+    (heartbeats lost) CameraConnected and Healthy are a plain, Good False (a PLC that keeps the last
+    good value on a Bad status must not read True from a daemon that is gone). In-process bridge,
+    a real Publisher, a real asyncua client."""
     from inspectd.daemon.publish import Publisher
 
     port = free_port()
@@ -435,8 +436,9 @@ def test_variables_say_waiting_for_initial_data_then_no_data_while_the_daemon_is
             assert await _value(client, idx, "CameraConnected") is True
             pub.stop()     # the daemon is gone: heartbeats stop
             await _wait_value(client, idx, "Status", "offline", 10)
-            assert await _value(client, idx, "CameraConnected") == ua.StatusCodes.BadNoData
-            assert await _value(client, idx, "Healthy") is False
+            for name in ("CameraConnected", "Healthy"):
+                dv = await _data_value(client, idx, name)
+                assert dv.StatusCode.is_good() and dv.Value.Value is False, (name, dv)
 
     try:
         asyncio.run(scenario())
