@@ -111,13 +111,14 @@ def check_line(config_path: str | os.PathLike, line_id: str, bundle_id: str | No
         promoted = promoted_over_config(line, validated.state_dir)
         if promoted is not None:
             running = read_bundle_id(promoted.bundle) or "?"
+            where = f"--config {config} --line {line_id}"
             raise ConfigError(
-                f"{config}: line {line_id} is judged by bundle {running} ({promoted.bundle}) with threshold "
-                f"{threshold_json(promoted.threshold)}, promoted over the config's (recorded in "
+                f"{config}: line {line_id}'s own recipe ({promoted.name}) runs bundle {running} ({promoted.bundle}) "
+                f"with threshold {threshold_json(promoted.threshold)}, promoted over the config's (recorded in "
                 f"{state_path(validated.state_dir, line_id)}): a threshold written to the line's own file would "
-                f"judge no part until a rollback; to recalibrate the running bundle use --dry-run --report DIR, "
-                f"then `inspectd shadow --bundle {promoted.bundle} --threshold-file DIR/report.json` and "
-                f"`inspectd promote`")
+                f"judge no part until a rollback; to recalibrate that bundle add --dry-run --report DIR, then, with "
+                f"recipe {promoted.name} active, `inspectd shadow {where} --bundle {promoted.bundle} "
+                f"--threshold-file DIR/report.json` and `inspectd promote {where}`")
         # Its manifest's id is all the comparison needs (verifying every file of the line's bundle
         # would hash it again); one that does not read is the daemon's to report: nothing to compare.
         own = read_bundle_id(line.bundle)

@@ -33,7 +33,7 @@ from inspectd.daemon.audit import local_who
 from inspectd.daemon.config import DEFAULT_RECIPE, LineConfig, ThresholdFile
 from inspectd.daemon.line import LineThreshold
 from inspectd.daemon.pipeline import ActiveRecipe, LinePipeline, RecipeNotReady
-from inspectd.errors import InspectdError
+from inspectd.errors import ConfigError, InspectdError
 from inspectd.fileio import atomic_write
 
 log = logging.getLogger("inspectd.recipes")
@@ -82,9 +82,19 @@ def config_specs(cfg: LineConfig) -> dict[str, RecipeSpec]:
 def promoted_over_config(cfg: LineConfig, state_dir: Path) -> RecipeSpec | None:
     """The line's own recipe as a promote persisted it (recipes.json), when that is not the
     config's bundle and threshold: then the config's threshold judges none of its parts (until a
-    rollback). None when the config's own recipe stands (or the state cannot be read: the daemon
-    then starts on the config's too)."""
-    entry = (read_state(state_dir, cfg.id).get("overrides") or {}).get(DEFAULT_RECIPE)
+    rollback). None when the config's own recipe stands. A state file that exists but cannot be
+    read is an error here (the caller, calibrate, may lack the daemon's rights to read it: it
+    cannot tell whether the file it would write judges anything)."""
+    path = state_path(state_dir, cfg.id)
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc}): cannot tell "
+                            f"whether a promote replaced line {cfg.id}'s bundle") from None
+    overrides = state.get("overrides") if isinstance(state, dict) else None
+    entry = overrides.get(DEFAULT_RECIPE) if isinstance(overrides, dict) else None
     base = config_specs(cfg)[DEFAULT_RECIPE]
     try:
         spec = _from_state(DEFAULT_RECIPE, entry, base.roi)

@@ -243,6 +243,20 @@ def test_calibrating_another_bundle_into_the_lines_file_is_refused_and_dry_run_m
         read_calibration(report, ids[0])
 
 
+def test_a_state_file_that_cannot_be_read_is_refused_not_taken_for_no_promote(
+        tiny_bundle: Path, held_out_good: Path, config: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """calibrate cannot tell from a torn recipes.json (or one it may not read) whether a promote
+    replaced the line's bundle, i.e. whether the file it would write judges anything: refused."""
+    state = tmp_path / "state" / "line1" / "recipes.json"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"active": "default", "overrides": {"defa')
+    rc, err = _run_bad(["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
+                        "--target-false-reject", "5%", "--config", str(config)], config, capsys)
+    assert rc == 2 and str(state) in err and "cannot tell whether a promote" in err, err
+    assert not (tmp_path / "state" / "line1" / "calibration").exists()
+
+
 def test_a_report_folder_is_never_written_over(tiny_bundle: Path, held_out_good: Path, config: Path,
                                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A --dry-run report is what `inspectd shadow --threshold-file` and then a promoted recipe judge

@@ -292,7 +292,7 @@ def test_shadow_off_critical_path_promote_rollback_persist(tmp_path: Path, tiny_
         proc = _cli("calibrate", "--bundle", str(bundle), "--good", str(tmp_path), "--line", "line1",
                     "--target-false-reject", "1%", "--config", str(cfg))
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert f"judged by bundle {b.bundle_id}" in proc.stderr and "promote" in proc.stderr
+        assert f"runs bundle {b.bundle_id}" in proc.stderr and f"promote --config {cfg}" in proc.stderr
         assert "--dry-run" in proc.stderr and str(calib_b) in proc.stderr, proc.stderr
     assert cfg.read_text() == before and not (tmp_path / "state" / "line1" / "calibration").exists()
 
