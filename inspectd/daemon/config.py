@@ -82,6 +82,9 @@ class MetricsConfig(_Strict):
     # The read-only live page (/, /live) on the same endpoint: it shows part images, so a box that
     # exposes its metrics to a network may want it off.
     live: bool = True
+    # Further names the live view answers to (a DNS alias, a reverse proxy's name); besides the
+    # loopback names, this box's own host name and the address a browser connected to (live.py).
+    live_hosts: list[str] = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------- sources

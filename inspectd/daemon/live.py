@@ -28,6 +28,7 @@ import collections
 import ipaddress
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -74,7 +75,11 @@ class _LineLive:
 class LiveView:
     """The state behind the page, and its WSGI routes (`route()`; None: not a live-view path)."""
 
-    def __init__(self, keep: int = KEEP_VERDICTS) -> None:
+    def __init__(self, keep: int = KEEP_VERDICTS, host_names: Iterable[str] = ()) -> None:
+        # Names (not addresses) a browser may open the view by: this box's own, and the configured
+        # metrics.live_hosts. A rebinding page's Host is its own domain, never one of these.
+        self.host_names = frozenset(n.strip().lower().rstrip(".") for n in
+                                    (*host_names, socket.gethostname(), socket.getfqdn()) if n.strip())
         self._lines: dict[str, _LineLive] = {}
         self._verdicts: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
         self._seq = 0
@@ -152,7 +157,7 @@ class LiveView:
         if not ours:
             return None
         method = environ.get("REQUEST_METHOD", "GET")
-        if not host_allowed(environ):  # before anything else: a rebinding page learns nothing here
+        if not host_allowed(environ, self.host_names):  # first: a rebinding page learns nothing here
             return _respond(start_response, "421 Misdirected Request", "text/plain; charset=utf-8",
                             MISDIRECTED, [], method)
         if method not in ("GET", "HEAD"):
@@ -219,20 +224,21 @@ def _encode_png(bgr: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def host_allowed(environ: dict[str, Any]) -> bool:
+def host_allowed(environ: dict[str, Any], names: Iterable[str] = ()) -> bool:
     """The request's Host header names this server: a loopback name or address, the address the
-    connection was accepted on (`LOCAL_ADDRESS_KEY`) or the configured bind host (`BIND_HOST_KEY`),
-    with any port or none. Anything else (another name, a malformed or missing Host) is refused:
-    a browser always sends Host, and after a DNS rebinding it is the attacking page's name."""
+    connection was accepted on (`LOCAL_ADDRESS_KEY`), the configured bind host (`BIND_HOST_KEY`) or
+    one of `names` (lower case), with any port or none. Anything else (another name, a malformed or
+    missing Host) is refused: a browser always sends Host, and after a DNS rebinding it is the
+    attacking page's name."""
     m = _HOST_HEADER.match(environ.get("HTTP_HOST", ""))
     if m is None:
         return False
     bracketed, plain = m.group(1), m.group(2)
-    name = (bracketed or plain).lower()
+    name = (bracketed or plain).lower().rstrip(".")  # "box.example." is "box.example"
     address = _ip(name)
     if bracketed is not None and (address is None or address.version != 6):
         return False  # only an IPv6 address goes in brackets
-    if (address is None and name == "localhost") or (address is not None and address.is_loopback):
+    if (address is None and name in ("localhost", *names)) or (address is not None and address.is_loopback):
         return True
     local = _ip(str(environ.get(LOCAL_ADDRESS_KEY, "")))
     if address is not None and local is not None and address == local:

@@ -95,7 +95,7 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
         # The read-only live page on the metrics endpoint (daemon/live.py), unless metrics.live is off.
-        self.live: LiveView | None = LiveView() if config.metrics.live else None
+        self.live: LiveView | None = LiveView(host_names=config.metrics.live_hosts) if config.metrics.live else None
         self.publisher: Publisher | None = None
         self.lines: dict[str, LinePipeline] = {}
         self.recipes: dict[str, LineRecipes] = {}

@@ -367,3 +367,26 @@ def test_the_live_view_served_on_a_network_address_answers_to_that_address() -> 
         assert _host_request(port, "/live/status.json", f"evil.example:{port}", connect=connect)[0] == 421
     finally:
         server.shutdown()
+
+
+def test_the_live_view_answers_to_this_boxs_own_name_and_configured_names() -> None:
+    """Listening on every interface (metrics.host 0.0.0.0), the view is opened by the box's own host
+    name or by an alias in metrics.live_hosts (a reverse proxy's name): served. A rebinding page's
+    Host is its own domain: still 421. From the daemon's own config, end to end."""
+    from inspectd.daemon.config import MetricsConfig
+    from inspectd.daemon.live import LiveView
+
+    cfg = MetricsConfig(host="0.0.0.0", port=0, live_hosts=["Line-3.Plant.example"])
+    view = LiveView(host_names=cfg.live_hosts)
+    view_with_frame = _view_with_an_ng_frame()
+    view_with_frame.host_names = view.host_names
+    server = Metrics().serve(cfg.host, cfg.port, live=view_with_frame)
+    port = server.port
+    try:
+        for host in (f"{socket.gethostname()}:{port}", socket.getfqdn(), "line-3.plant.example.",
+                     f"LINE-3.plant.example:{port}"):
+            assert _host_request(port, "/live/status.json", host, connect="127.0.0.1")[0] == 200, host
+        for host in (f"evil.example:{port}", f"line-3.plant.example.evil.example:{port}", "plant.example"):
+            assert _host_request(port, "/live/status.json", host, connect="127.0.0.1")[0] == 421, host
+    finally:
+        server.shutdown()
