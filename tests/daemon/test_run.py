@@ -215,11 +215,13 @@ def test_run_publishes_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, ti
 def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: Path) -> None:
     endpoint = f"ipc://{tmp_path}/cam.sock"
     cfg = _write_config(tmp_path / "cam.yaml", [{
+        # 10 fps, not the simulator's 20: on an AVX2-only 2-core machine the daemon beside the
+        # in-process simulator kept up with 20 fps only just (engine 37 ms a frame under that load,
+        # against 7 ms alone), so frames were dropped from a full queue in about half the runs; queue
+        # drops have their own tests. A real camera feature write, read back.
         "id": "cam1", "source": {"type": "genicam", "cti": str(CTI), "device": {"index": 0},
-                                 "pixel_format": "Mono8"},
+                                 "pixel_format": "Mono8", "features": {"AcquisitionFrameRate": 10.0}},
         "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0, "latency_budget_ms": 1000,
-        # ~20 fps on 2 shared cores: room for a scheduling hiccup, so every frame here gets a score
-        # (queue drops have their own tests).
         "queue_size": 16,
     }], endpoint)
     daemon = Daemon(cfg)
@@ -232,7 +234,8 @@ def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: P
         assert len(verdicts) >= 5, daemon.lines[-10:]
         _contiguous(msgs, "verdict")
         for h in verdicts:
-            assert h["verdict"] in ("OK", "NG") and h["score"] is not None and h["error"] is None, h
+            assert h["verdict"] in ("OK", "NG") and h["score"] is not None and h["error"] is None, (
+                h["frame_id"], h["error"], h["latency_ms"], h["deadline_missed"], daemon.lines[-10:])
             assert h["acquired_ns"] <= h["published_ns"]
         ids = [h["frame_id"] for h in verdicts]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
