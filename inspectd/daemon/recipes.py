@@ -88,8 +88,8 @@ def promoted_over_config(cfg: LineConfig, state_dir: Path) -> RecipeSpec | None:
     path = state_path(state_dir, cfg.id)
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):  # no state saved (the state folder's own faults
+        return None                                    # are reported where it is written)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc}): cannot tell "
                             f"whether a promote replaced line {cfg.id}'s bundle") from None
