@@ -92,7 +92,7 @@ def promoted_over_config(cfg: LineConfig, state_dir: Path) -> RecipeSpec | None:
         return None                                    # are reported where it is written)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc}): cannot tell "
-                            f"whether a promote replaced line {cfg.id}'s bundle") from None
+                          f"whether a promote replaced line {cfg.id}'s bundle") from None
     overrides = state.get("overrides") if isinstance(state, dict) else None
     entry = overrides.get(DEFAULT_RECIPE) if isinstance(overrides, dict) else None
     base = config_specs(cfg)[DEFAULT_RECIPE]
