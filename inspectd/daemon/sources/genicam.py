@@ -123,7 +123,7 @@ class CameraClock:
     RATE_CHECK_S = 10.0
 
     def __init__(self) -> None:
-        self._best: float | None = None  # smallest host - camera difference (s), allowing for drift
+        self._best: float | None = None  # reference host - camera difference (s), see the docstring
         self._best_at = 0.0              # host monotonic time it was last moved
         self._first: tuple[int, float] | None = None  # (camera ns, host s) of the first buffer
         self._rate_ok: bool | None = None             # None: not decided yet
@@ -482,8 +482,8 @@ class GenicamSource(Source):
                     # While the buffer is held: harvesters has parsed its chunk data into the node map.
                     # Also for a frame that cannot be judged: its fail-safe verdict is matched to the
                     # part by these (an encoder count).
-                    meta = self._buffer_meta(buffer)
                     camera_ns = self._camera_time_ns(buffer)
+                    meta = self._buffer_meta(buffer, camera_ns)
                     if camera_ns is not None:
                         # A frame that waited in the stream is dated (and its deadline started)
                         # when it arrived, not when it was fetched.
@@ -513,24 +513,13 @@ class GenicamSource(Source):
     def _camera_time_ns(buffer: Any) -> int | None:
         """The buffer's camera timestamp in ns (GenTL's TIMESTAMP_NS), None when the producer gives
         none or only ticks of unknown frequency (then frames are dated at fetch)."""
-        try:
-            value = int(buffer.module.timestamp_ns)
-        except Exception:  # GenTL NotAvailable
-            return None
-        return value or None
+        return _module_int(buffer, "timestamp_ns")
 
-    def _buffer_meta(self, buffer: Any) -> dict[str, Any]:
-        """The camera's own timestamp of the buffer (device ticks: ns on GigE Vision / USB3 Vision
-        cameras; None when the producer has none) and the configured chunk values."""
-        meta: dict[str, Any] = {"camera_timestamp": None}
-        for attr in ("timestamp_ns", "timestamp"):
-            try:
-                value = int(getattr(buffer.module, attr))
-            except Exception:  # GenTL NotAvailable: the producer keeps no timestamps
-                continue
-            if value:
-                meta["camera_timestamp"] = value
-                break
+    def _buffer_meta(self, buffer: Any, camera_ns: int | None) -> dict[str, Any]:
+        """The camera's own timestamp of the buffer (`camera_ns`, else the producer's own ticks;
+        None when it has neither) and the configured chunk values."""
+        meta: dict[str, Any] = {
+            "camera_timestamp": camera_ns if camera_ns is not None else _module_int(buffer, "timestamp")}
         if self.chunk_names:
             node_map = self._ia.remote_device.node_map
             chunks: dict[str, Any] = {}
@@ -618,6 +607,16 @@ class GenicamSource(Source):
                                     f"{w0}x{h0} {f0} when inspection started (reset, reconfigured or a user set "
                                     f"loaded?): not judged; restore its settings, or restart inspectd for new ones")
         return convert_pixels(data, fmt, width, height), frame_id, None
+
+
+def _module_int(buffer: Any, attr: str) -> int | None:
+    """A GenTL buffer info value (e.g. timestamp_ns) as an int; None when the producer does not
+    provide it (NotAvailable) or gives 0."""
+    try:
+        value = int(getattr(buffer.module, attr))
+    except Exception:  # GenTL NotAvailable: the producer keeps no such value
+        return None
+    return value or None
 
 
 def _read_chunk(node_map: Any, name: str, missing: Any) -> Any:
