@@ -16,8 +16,9 @@ HTTP thread, once per NG frame (cached). Only GET and HEAD are answered: nothing
 DNS rebinding: a web page open in an operator's browser can make its own name resolve to this
 box's address and then read these pages as same-origin; its requests still say `Host: <its name>`.
 So every live-view path first checks the Host header (`host_allowed`): a loopback name or address
-(localhost, 127.0.0.0/8, [::1]), the address this connection was accepted on, or the configured
-bind host (metrics.host, when it is not a wildcard address) are served, with any port
+(localhost, 127.0.0.0/8, [::1]), the address this connection was accepted on, the configured
+bind host (metrics.host, when it is not a wildcard address), this box's own host name and the names
+in metrics.live_hosts (`LiveView.host_names`) are served, with any port
 or none (an SSH tunnel forwards another port; the port plays no part in rebinding); anything else,
 a missing Host included, is a 421 Misdirected Request. /metrics is not checked (daemon/metrics.py).
 """
@@ -25,6 +26,7 @@ a missing Host included, is a 421 Misdirected Request. /metrics is not checked (
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import json
 import re
@@ -53,7 +55,8 @@ _HOST_HEADER = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._-]+))(?::[0-9]
 # 421, not 403: the request reached a server that does not answer for the authority it names
 # (RFC 9110 15.5.20), which is exactly a foreign Host; the same client is served under this
 # server's own address, so it is not a matter of permission (403).
-MISDIRECTED = b"misdirected request: the Host header does not name this server (use 127.0.0.1 or metrics.host)\n"
+MISDIRECTED = (b"misdirected request: the Host header does not name this server (use 127.0.0.1, metrics.host "
+               b"or a name in metrics.live_hosts)\n")
 
 
 @dataclass
@@ -76,15 +79,20 @@ class LiveView:
     """The state behind the page, and its WSGI routes (`route()`; None: not a live-view path)."""
 
     def __init__(self, keep: int = KEEP_VERDICTS, host_names: Iterable[str] = ()) -> None:
-        # Names (not addresses) a browser may open the view by: this box's own, and the configured
-        # metrics.live_hosts. A rebinding page's Host is its own domain, never one of these.
-        self.host_names = frozenset(n.strip().lower().rstrip(".") for n in
-                                    (*host_names, socket.gethostname(), socket.getfqdn()) if n.strip())
+        self._configured_names = tuple(host_names)
         self._lines: dict[str, _LineLive] = {}
         self._verdicts: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
         self._seq = 0
         self._lock = threading.Lock()
         self._render_lock = threading.Lock()
+
+    @functools.cached_property
+    def host_names(self) -> frozenset[str]:
+        """Names (not addresses) a browser may open the view by: this box's own and the configured
+        metrics.live_hosts. A rebinding page's Host is its own domain, never one of these. Worked
+        out at the first request, not at daemon start: getfqdn() may wait on DNS."""
+        return frozenset(n.strip().lower().rstrip(".") for n in
+                         (*self._configured_names, socket.gethostname(), socket.getfqdn()) if n.strip())
 
     def add_line(self, line: str, status: Callable[[], dict[str, Any]], bundle: Callable[[], Any]) -> "LiveSink":
         """Register a line (`status()`: LinePipeline.status; `bundle()`: its active Bundle, which a
