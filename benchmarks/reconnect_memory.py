@@ -18,15 +18,9 @@ import threading
 import time
 from pathlib import Path
 
+from recipes_memory import rss_mb  # this process's VmRSS, MiB
+
 WARMUP = 10
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def one_run(reconnects: int, second_line: bool) -> float:
@@ -49,7 +43,7 @@ def one_run(reconnects: int, second_line: bool) -> float:
                     raise RuntimeError("the simulator camera delivered no frame")
                 src.close()
                 gc.collect()
-                samples.append(rss_mib())
+                samples.append(rss_mb())
         finally:
             src.close()
             if other is not None:
