@@ -39,6 +39,7 @@ import stat
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,16 @@ STATUS_KEEP = 4      # of those, places recipe answers never take: the one statu
 FINAL_STATUS_WAIT_S = 2.0   # stop(): how long the broker may take to acknowledge 'offline'
 _CLAIMED = -1        # _status_mid while a status is being handed to paho (its mid not known yet)
 REPORT_EVERY_S = 60.0   # a connection failing again for the same reason: one ERROR line per this, per line
+
+
+@dataclass
+class _Link:
+    """One line's connection as paho's callbacks told it, for the log lines (see _trouble)."""
+
+    state: str = "connecting"   # "connected" (CONNACK accepted), "refused" (CONNACK failure, said already)
+    said: tuple[str, float] | None = None   # the last failure logged: (reason, monotonic time)
+    unsaid: int = 0             # failures not logged since
+    say_connected: bool = True  # the next connection is worth an INFO line (the first, any after an error)
 
 
 def read_password_file(path: Path, source: str) -> str:
@@ -107,14 +118,8 @@ class MqttBridge:
         self._other: dict[str, set[int]] = {line: set() for line in settings.lines}
         self._early: dict[str, set[int]] = {line: set() for line in settings.lines}
         self.verdicts_dropped = 0
-        # The connection, as paho's callbacks told it: "connecting", "connected" (CONNACK accepted),
-        # "refused" (CONNACK failure, said already). The last failure logged (reason, monotonic time),
-        # the failures not logged since, and whether the next connection is worth an INFO line (the
-        # first one, and any after a logged failure): see _trouble.
-        self._link: dict[str, str] = {line: "connecting" for line in settings.lines}
-        self._trouble_said: dict[str, tuple[str, float] | None] = {line: None for line in settings.lines}
-        self._trouble_unsaid: dict[str, int] = {line: 0 for line in settings.lines}
-        self._say_connected: dict[str, bool] = {line: True for line in settings.lines}
+        self._where = f"{self.cfg.host}:{self.cfg.port}"   # the broker, as log lines name it
+        self._links = {line: _Link() for line in settings.lines}  # changed under self._lock
         self.clients = {line: self._make_client(line) for line in settings.lines}
         self.subscriber = make_subscriber(settings, self._on_verdict, self._on_status)
 
@@ -150,25 +155,25 @@ class MqttBridge:
 
     # ---- connection (paho's network thread of the line) ------------------------------------------
     def _on_connect(self, line: str, rc: Any) -> None:
-        where = f"{self.cfg.host}:{self.cfg.port}"
+        link = self._links[line]
         if getattr(rc, "is_failure", False):
             # The broker answered CONNACK with a failure (not authorised, bad user name or password,
             # ...); it then closes the connection, which on_disconnect must not report again.
             with self._lock:
-                self._link[line] = "refused"
-            self._trouble(line, f"refused: {rc}", f"MQTT broker {where} refused the connection: {rc}")
+                link.state = "refused"
+            self._trouble(line, f"refused: {rc}", f"MQTT broker {self._where} refused the connection: {rc}")
             return
         with self._lock:
-            self._link[line] = "connected"
-            say, self._say_connected[line] = self._say_connected[line], False
-            unsaid = self._trouble_unsaid[line] if say else 0
+            link.state = "connected"
+            say, link.say_connected = link.say_connected, False
+            unsaid = link.unsaid if say else 0
             if say:
-                self._trouble_unsaid[line] = 0
+                link.unsaid = 0
         if say:
-            log.info("line %s: connected to MQTT broker %s%s", line, where,
+            log.info("line %s: connected to MQTT broker %s%s", line, self._where,
                      f" (after {unsaid} more failure(s) not logged)" if unsaid else "")
         else:   # the loss before it was not logged either (same reason within REPORT_EVERY_S)
-            log.debug("line %s: connected to MQTT broker %s", line, where)
+            log.debug("line %s: connected to MQTT broker %s", line, self._where)
         self.clients[line].subscribe(self.topic(line, "recipe/set"), qos=1)
         self._publish_status(line, reconnected=True)
 
@@ -178,11 +183,12 @@ class MqttBridge:
         `except OSError:` around reconnect(), so it is the exception being handled."""
         exc = sys.exc_info()[1]
         reason = (str(exc) or type(exc).__name__) if exc is not None else "connection failed"
-        self._trouble(line, reason, f"cannot connect to MQTT broker {self.cfg.host}:{self.cfg.port}: {reason}")
+        self._trouble(line, reason, f"cannot connect to MQTT broker {self._where}: {reason}")
 
     def _on_disconnect(self, line: str, flags: Any, rc: Any) -> None:
+        link = self._links[line]
         with self._lock:
-            was, self._link[line] = self._link[line], "connecting"
+            was, link.state = link.state, "connecting"
             closing = self._closing
         if closing or was == "refused":   # our own stop; or the close that follows a refusal (said)
             log.debug("line %s: MQTT connection closed (%s)", line, rc)
@@ -191,12 +197,11 @@ class MqttBridge:
         reason = str(rc)
         if reason == "Unspecified error" and not getattr(flags, "is_disconnect_packet_from_server", False):
             reason = "connection lost"
-        where = f"{self.cfg.host}:{self.cfg.port}"
         if was == "connected":
-            self._trouble(line, reason, f"lost the connection to MQTT broker {where}: {reason}")
+            self._trouble(line, reason, f"lost the connection to MQTT broker {self._where}: {reason}")
         else:   # closed before any CONNACK: e.g. a TLS listener spoken to in plain text, not a broker
-            self._trouble(line, f"closed: {reason}", f"cannot connect to MQTT broker {where}: the connection "
-                                                     f"closed before the broker answered ({reason})")
+            self._trouble(line, f"closed: {reason}", f"cannot connect to MQTT broker {self._where}: the "
+                                                     f"connection closed before the broker answered ({reason})")
 
     def _trouble(self, line: str, reason: str, text: str) -> None:
         """One ERROR line for a failed attempt or a lost connection. paho retries every 1..5 s for as
@@ -205,17 +210,18 @@ class MqttBridge:
         that follows it too), and the count said with the next line logged: at most one ERROR line
         a minute per line while nothing changes, and at once when the reason does."""
         now = time.monotonic()
+        link = self._links[line]
         with self._lock:
             if self._closing:
                 return
-            said = self._trouble_said[line]
+            said = link.said
             quiet = said is not None and said[0] == reason and now - said[1] < REPORT_EVERY_S
             if quiet:
-                self._trouble_unsaid[line] += 1
+                link.unsaid += 1
             else:
-                unsaid, self._trouble_unsaid[line] = self._trouble_unsaid[line], 0
-                self._trouble_said[line] = (reason, now)
-                self._say_connected[line] = True
+                unsaid, link.unsaid = link.unsaid, 0
+                link.said = (reason, now)
+                link.say_connected = True
         if quiet:
             log.debug("line %s: %s; retrying (same as the last error line)", line, text)
             return
