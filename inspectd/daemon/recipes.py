@@ -87,13 +87,13 @@ def promoted_over_config(cfg: LineConfig, state_dir: Path) -> RecipeSpec | None:
     cannot tell whether the file it would write judges anything)."""
     path = state_path(state_dir, cfg.id)
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError):  # no state saved (the state folder's own faults
-        return None                                    # are reported where it is written)
+        state = _load_state(path)
+    except NotADirectoryError:  # no state saved (the state folder's own fault is reported where it is written)
+        return None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc}): cannot tell "
                           f"whether a promote replaced line {cfg.id}'s bundle") from None
-    overrides = state.get("overrides") if isinstance(state, dict) else None
+    overrides = state.get("overrides")
     entry = overrides.get(DEFAULT_RECIPE) if isinstance(overrides, dict) else None
     base = config_specs(cfg)[DEFAULT_RECIPE]
     try:
@@ -113,16 +113,22 @@ def state_path(state_dir: Path, line: str) -> Path:
     return Path(state_dir) / line / STATE_FILE
 
 
-def read_state(state_dir: Path, line: str) -> dict[str, Any]:
-    path = state_path(state_dir, line)
+def _load_state(path: Path) -> dict[str, Any]:
+    """A line's saved state ({} when there is none); OSError / ValueError when it cannot be read."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_state(state_dir: Path, line: str) -> dict[str, Any]:
+    path = state_path(state_dir, line)
+    try:
+        return _load_state(path)
     except (OSError, ValueError) as exc:
         log.error("line %s: %s unreadable, using the config's recipe (%s)", line, path, exc)
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 class LineRecipes:
