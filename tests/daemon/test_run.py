@@ -216,9 +216,9 @@ def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: P
     endpoint = f"ipc://{tmp_path}/cam.sock"
     cfg = _write_config(tmp_path / "cam.yaml", [{
         # 10 fps, not the simulator's 20: on an AVX2-only 2-core machine the daemon beside the
-        # in-process simulator kept up with 20 fps only just (engine 37 ms a frame under that load,
-        # against 7 ms alone), so frames were dropped from a full queue in about half the runs; queue
-        # drops have their own tests. A real camera feature write, read back.
+        # in-process simulator kept up with 20 fps only just (its engine several times slower under
+        # that load than alone), so frames were dropped from a full queue in about half the runs;
+        # queue drops have their own tests. A real camera feature write, read back.
         "id": "cam1", "source": {"type": "genicam", "cti": str(CTI), "device": {"index": 0},
                                  "pixel_format": "Mono8", "features": {"AcquisitionFrameRate": 10.0}},
         "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0, "latency_budget_ms": 1000,
