@@ -332,6 +332,10 @@ class OpcuaBridge:
                         await self._apply(item)
                     except Exception:
                         log.exception("OPC UA update %s for line %s failed", item[0], item[1])
+                    # The writes never suspend: without this a backlog would hold the loop until it is
+                    # drained, the server answering no client meanwhile and a status change that came
+                    # in waiting behind the whole backlog. Let the loop run between two updates.
+                    await asyncio.sleep(0)
             finally:
                 await asyncio.get_running_loop().run_in_executor(None, self.subscriber.stop)
 
