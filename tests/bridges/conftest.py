@@ -79,7 +79,8 @@ class Child:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stderr:
@@ -89,6 +90,7 @@ class Child:
         return "\n".join(self.lines[-40:])
 
     def stop(self) -> int:
+        """Terminate (kill after 10 s); once it has exited, every line it wrote is in `lines`."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -96,7 +98,40 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        self._reader.join(5)   # the pipe's end: the reader has taken the last lines
         return self.proc.returncode
+
+
+class SubscriberTap:
+    """What a bridge's ZeroMQ subscriber has handed to the bridge so far: the number of verdicts and
+    each line status, counted after the bridge's own callback has run (so the bridge has taken it).
+    Lets a test wait for a message to reach the bridge instead of sleeping for it."""
+
+    def __init__(self, subscriber: Any) -> None:
+        self.verdicts = 0
+        self.statuses: list[Any] = []     # LineStatus, in the order the bridge got them
+        self._cond = threading.Condition()
+        on_verdict, on_status = subscriber.on_verdict, subscriber.on_line_status
+
+        def verdict(msg: Any) -> None:
+            on_verdict(msg)
+            with self._cond:
+                self.verdicts += 1
+                self._cond.notify_all()
+
+        def status(line: str, st: Any) -> None:
+            on_status(line, st)
+            with self._cond:
+                self.statuses.append(st)
+                self._cond.notify_all()
+
+        subscriber.on_verdict, subscriber.on_line_status = verdict, status
+
+    def wait(self, pred: Any, timeout_s: float, what: str) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: pred(self), timeout_s):
+                raise AssertionError(f"{what}: not within {timeout_s} s (verdicts {self.verdicts}, statuses "
+                                     f"{[s.state if s.heartbeat else 'offline' for s in self.statuses[-5:]]})")
 
 
 def replay_config(tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any, bridges: dict[str, Any],
@@ -166,6 +201,7 @@ class StallingRelay:
         self._listener.listen(8)
         self.port = self._listener.getsockname()[1]
         self._conns: list[socket.socket] = []
+        self._done: list[threading.Event] = []   # per connection: both directions passed on, both ends closed
         threading.Thread(target=self._accept, daemon=True).start()
 
     def stall(self) -> None:
@@ -183,9 +219,11 @@ class StallingRelay:
             broker = socket.create_connection(("127.0.0.1", self.target_port))
             self._conns += [client, broker]
             done = [threading.Event(), threading.Event()]
+            closed = threading.Event()
+            self._done.append(closed)
             threading.Thread(target=self._pump, args=(client, broker, done[0]), daemon=True).start()
             threading.Thread(target=self._pump, args=(broker, client, done[1]), daemon=True).start()
-            threading.Thread(target=self._close_when_done, args=(client, broker, done), daemon=True).start()
+            threading.Thread(target=self._close_when_done, args=(client, broker, done, closed), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, done: threading.Event) -> None:
         writable = True
@@ -208,11 +246,23 @@ class StallingRelay:
             done.set()
 
     @staticmethod
-    def _close_when_done(a: socket.socket, b: socket.socket, done: list[threading.Event]) -> None:
+    def _close_when_done(a: socket.socket, b: socket.socket, done: list[threading.Event],
+                         closed: threading.Event) -> None:
         for event in done:
             event.wait()
         a.close()
         b.close()
+        closed.set()
+
+    def wait_drained(self, timeout_s: float) -> None:
+        """After resume(): wait until every connection made so far has been passed on to its end and
+        closed by both sides. The broker closes its side only once it has read everything the client
+        sent and the client's close (then a will it owed is published), so what the broker retains
+        from that connection is final."""
+        end = time.monotonic() + timeout_s
+        for closed in list(self._done):
+            if not closed.wait(max(0.0, end - time.monotonic())):
+                raise AssertionError(f"a relayed connection was still open {timeout_s} s after resume()")
 
     def close(self) -> None:
         self.flowing.set()

@@ -201,8 +201,8 @@ def test_mqtt_bridge_over_tls_with_a_password(tmp_path: Path, tiny_bundle: Path,
         finally:
             refused.stop()
     finally:
-        watch.loop_stop()
         watch.disconnect()
+        watch.loop_stop()
         bridge.stop()
         daemon.kill()
         broker.stop()
@@ -217,19 +217,24 @@ def test_status_gets_through_when_a_broker_outage_filled_the_verdict_queue(tmp_p
     broker is back, its retained status must say offline — not nothing, and not a stale 'ok'.
     In-process bridge (to lower the cap), a real daemon-side Publisher, a real Mosquitto."""
     from inspectd.bridges import mqtt as bridge_mqtt
+    from tests.bridges.conftest import SubscriberTap
     from tests.daemon.test_client import make_verdict
 
     monkeypatch.setattr(bridge_mqtt, "MAX_QUEUED", 30)
     cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
         "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "client_id": "full"}})
-    with _ok_line_through_bridge(bridge_mqtt, cfg, endpoint, mosquitto.port) as (pub, _bridge):
+    with _ok_line_through_bridge(bridge_mqtt, cfg, endpoint, mosquitto.port) as (pub, bridge):
+        _quick_reconnect(bridge)
+        tap = SubscriberTap(bridge.subscriber)
         mosquitto.stop()
         for i in range(60):
             pub.publish_verdict(make_verdict(i))
             time.sleep(0.01)
-        time.sleep(0.5)
+        tap.wait(lambda t: t.verdicts >= 60, 10, "the verdicts reaching the bridge")
+        assert bridge.verdicts_dropped > 0, "the verdicts did not fill the queue (test precondition)"
         pub.stop()                    # the daemon goes away while the broker is still away
-        time.sleep(2.0)               # the bridge notices (stale after two heartbeat intervals)
+        # the bridge notices (stale after two heartbeat intervals)
+        tap.wait(lambda t: t.statuses and not t.statuses[-1].heartbeat, 10, "the bridge taking the line as offline")
         mosquitto.start()
         _wait_status(mosquitto.port, lambda p: p.get("status") == "offline", 20)
 
@@ -328,12 +333,30 @@ def _wait_status(broker_port: int, cond: Any, timeout_s: float) -> dict:
 BLIND_STATUS = {"state": "blind", "camera_connected": False, "engine_ready": True}
 
 
-def _flap_until_blind(pub: Any, changes: int) -> None:
+def _flap_until_blind(pub: Any, tap: Any, changes: int) -> None:
     """`changes` status changes of line1 (blind, ok, blind, ...), the last one blind; each is sent at
-    once and given time to reach the bridge (one change per heartbeat it sees)."""
+    once, and the next only once the bridge has taken it (`tap`: a SubscriberTap on the bridge's
+    subscriber), so that none is lost between two heartbeats."""
     for k in range(changes):
-        pub.set_line_status("line1", BLIND_STATUS if (changes - 1 - k) % 2 == 0 else OK_STATUS, now=True)
-        time.sleep(0.3)
+        status = BLIND_STATUS if (changes - 1 - k) % 2 == 0 else OK_STATUS
+        taken = len(tap.statuses)
+        pub.set_line_status("line1", status, now=True)
+        tap.wait(lambda t: any(s.heartbeat and s.state == status["state"] for s in t.statuses[taken:]), 10,
+                 f"status change {k + 1} of {changes} ({status['state']}) reaching the bridge")
+
+
+def _quick_reconnect(bridge: Any) -> None:
+    """paho's reconnect attempts every 0.1 .. 0.5 s instead of the bridge's 1 .. 5 s, so that a test
+    does not wait out the backoff once the broker is back (what is published then is unchanged)."""
+    for client in bridge.clients.values():
+        client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
+
+
+def _wait_paho_idle(bridge: Any, timeout_s: float) -> None:
+    """Until paho holds no message of the bridge's any more: each one it held (an older status too)
+    has been acknowledged by the broker, so it has landed there."""
+    _until(lambda: all(not client._out_messages for client in bridge.clients.values()), timeout_s,
+           "the broker acknowledging every message the bridge held")
 
 
 def _status_changes_seen(caplog: Any) -> list[str]:
@@ -352,6 +375,7 @@ def test_the_current_status_is_retained_after_more_status_changes_in_an_outage_t
     import logging
 
     from inspectd.bridges import mqtt as bridge_mqtt
+    from tests.bridges.conftest import SubscriberTap
     from tests.daemon.test_client import make_verdict
 
     caplog.set_level(logging.INFO, logger="inspectd.bridges.mqtt")
@@ -360,19 +384,22 @@ def test_the_current_status_is_retained_after_more_status_changes_in_an_outage_t
     cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
         "stale_after_s": 10.0, "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "client_id": "flap"}})
     with _ok_line_through_bridge(bridge_mqtt, cfg, endpoint, mosquitto.port) as (pub, bridge):
+        _quick_reconnect(bridge)
+        tap = SubscriberTap(bridge.subscriber)
         mosquitto.stop()
         for i in range(60):
             pub.publish_verdict(make_verdict(i))
             time.sleep(0.01)
-        time.sleep(0.5)
+        tap.wait(lambda t: t.verdicts >= 60, 10, "the verdicts reaching the bridge")
+        assert bridge.verdicts_dropped > 0, "the verdicts did not fill their share of the queue (test precondition)"
         before = len(_status_changes_seen(caplog))
-        _flap_until_blind(pub, bridge_mqtt.STATUS_ROOM + 5)
-        time.sleep(1.0)
+        _flap_until_blind(pub, tap, bridge_mqtt.STATUS_ROOM + 5)
         seen = _status_changes_seen(caplog)[before:]
         assert len(seen) > bridge_mqtt.STATUS_ROOM and "status blind" in seen[-1], seen
         mosquitto.start()
         _wait_status(mosquitto.port, lambda p: p.get("status") == "blind", 20)
-        time.sleep(2.0)               # anything older the bridge still held would have landed by now
+        # anything older the bridge still held has landed by now: paho has had it all acknowledged
+        _wait_paho_idle(bridge, 20)
         retained = _wait_status(mosquitto.port, lambda p: True, 10)
         assert retained["status"] == "blind" and retained["healthy"] is False, retained
         bridge.stop()
@@ -388,23 +415,28 @@ def test_a_stopping_bridge_leaves_offline_retained_when_the_broker_does_not_ackn
     disconnect cleanly (a DISCONNECT cancels the will). In-process bridge (to lower the cap), a real
     daemon-side Publisher, a real Mosquitto behind a relay that can stall."""
     from inspectd.bridges import mqtt as bridge_mqtt
-    from tests.bridges.conftest import StallingRelay
+    from tests.bridges.conftest import StallingRelay, SubscriberTap
     from tests.daemon.test_client import make_verdict
 
     monkeypatch.setattr(bridge_mqtt, "MAX_QUEUED", 30)
+    # How long stop() waits for the broker to acknowledge 'offline' (2 s in the product): the path is
+    # stalled for as long as stop() runs, so no wait would be answered; a shorter one only ends sooner.
+    monkeypatch.setattr(bridge_mqtt, "FINAL_STATUS_WAIT_S", 1.0)
     relay = StallingRelay(mosquitto.port)
     cfg, endpoint = replay_config(tmp_path, tiny_bundle, synthetic_parts, {
         "mqtt": {"host": "127.0.0.1", "port": relay.port, "client_id": "stall", "keepalive_s": 60}})
     try:
         with _ok_line_through_bridge(bridge_mqtt, cfg, endpoint, mosquitto.port) as (pub, bridge):
+            tap = SubscriberTap(bridge.subscriber)
             relay.stall()
             for i in range(40):
                 pub.publish_verdict(make_verdict(i))
                 time.sleep(0.01)
-            _flap_until_blind(pub, bridge_mqtt.STATUS_ROOM + 3)
+            tap.wait(lambda t: t.verdicts >= 40, 10, "the verdicts reaching the bridge")
+            _flap_until_blind(pub, tap, bridge_mqtt.STATUS_ROOM + 3)
             bridge.stop()
             relay.resume()
-            time.sleep(2.0)               # the broker reads what the relay held
+            relay.wait_drained(20)        # the broker has read what the relay held, and the close after it
             retained = _wait_status(mosquitto.port, lambda p: True, 10)
             assert retained["status"] == "offline" and retained["healthy"] is False, retained
     finally:
@@ -496,7 +528,8 @@ def test_a_lost_broker_is_an_error_line_and_the_reconnect_an_info_line(tmp_path:
                                                                         caplog: Any) -> None:
     """The broker dies under a connected bridge: an ERROR line names host:port and says the
     connection was lost; the failed attempts while it is down say why (refused); once it is back,
-    INFO 'connected' again. Real Mosquitto killed and restarted, real bridge in-process."""
+    INFO 'connected' again. Real Mosquitto killed and restarted, real bridge in-process (paho's
+    retries made quicker than the bridge's 1..5 s, so the test takes seconds)."""
     import logging
 
     from inspectd.bridges import mqtt as bridge_mqtt
@@ -508,6 +541,7 @@ def test_a_lost_broker_is_an_error_line_and_the_reconnect_an_info_line(tmp_path:
                                                                           "client_id": "lost"}), "mqtt"))
     attempts: list[float] = []
     _count_calls(bridge.clients["line1"], "on_connect_fail", attempts)
+    _quick_reconnect(bridge)
     bridge.start()
     try:
         _until(lambda: _connected_lines(caplog), 10, "INFO 'connected to MQTT broker'")
@@ -528,7 +562,8 @@ def test_a_lost_broker_is_an_error_line_and_the_reconnect_an_info_line(tmp_path:
 def test_a_broker_refusing_the_bridge_is_logged_once_with_its_reason(tmp_path: Path, caplog: Any) -> None:
     """A real Mosquitto that admits no anonymous client refuses the bridge (CONNACK 'Not authorized')
     at every retry: one ERROR line naming host:port and the reason, no line per retry, and the
-    broker closing the refused connection is not reported as a lost connection."""
+    broker closing the refused connection is not reported as a lost connection. (paho's retries made
+    quicker than the bridge's 1..5 s, so the test takes seconds.)"""
     import logging
 
     from inspectd.bridges import mqtt as bridge_mqtt
@@ -543,6 +578,7 @@ def test_a_broker_refusing_the_bridge_is_logged_once_with_its_reason(tmp_path: P
                                                                           "client_id": "refused"}), "mqtt"))
     refusals: list[float] = []
     _count_calls(bridge.clients["line1"], "on_connect", refusals, when=lambda c, u, f, rc, p=None: rc.is_failure)
+    _quick_reconnect(bridge)
     bridge.start()
     try:
         _until(lambda: len(refusals) >= 2, 5, "two refused connection attempts")

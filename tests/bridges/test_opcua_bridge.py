@@ -185,7 +185,9 @@ def test_healthy_goes_false_at_once_while_a_verdict_backlog_is_written(tmp_path:
 
     async def scenario() -> None:
         wait_port(port, 30)
-        async with Client(url, timeout=5) as client:
+        # While the bridge writes the backlog its loop answers requests late (seconds on a loaded box):
+        # a client whose watchdog gives up after 1 s would drop its subscription and see no more values.
+        async with Client(url, timeout=10, watchdog_intervall=10.0) as client:
             idx = await client.get_namespace_index("urn:inspectd:test")
             changes = Changes()
             sub = await client.create_subscription(20, changes)
@@ -235,6 +237,7 @@ def test_a_status_change_is_never_dropped_when_the_verdict_queue_is_full(tmp_pat
     from inspectd.bridges import opcua as bridge_opcua
     from inspectd.bridges.common import load_settings
     from inspectd.daemon.publish import Publisher
+    from tests.bridges.conftest import SubscriberTap
     from tests.daemon.test_client import make_verdict
 
     monkeypatch.setattr(bridge_opcua, "QUEUE_SIZE", 20)
@@ -249,14 +252,16 @@ def test_a_status_change_is_never_dropped_when_the_verdict_queue_is_full(tmp_pat
     pub.set_line_status("line1", ok)
     pub.start()
     bridge = bridge_opcua.OpcuaBridge(load_settings(cfg, "opcua"))
+    tap = SubscriberTap(bridge.subscriber)
+    release = threading.Event()   # holds the server's loop below until set
     stop = threading.Event()
     thread = threading.Thread(target=lambda: asyncio.run(bridge.serve(stop)), daemon=True)
     thread.start()
 
     async def scenario() -> None:
         wait_port(port, 30)
-        # the server's loop is held for 3 s below: a client whose watchdog gives up after 1 s would
-        # drop its subscription (and so never see the change)
+        # the server's loop is held for a moment below (up to seconds on a loaded box): a client whose
+        # watchdog gives up after 1 s would drop its subscription (and so never see the change)
         async with Client(url, timeout=10, watchdog_intervall=10.0) as client:
             idx = await client.get_namespace_index("urn:inspectd:test")
             changes = Changes()
@@ -269,11 +274,17 @@ def test_a_status_change_is_never_dropped_when_the_verdict_queue_is_full(tmp_pat
                 return vals[-1] if vals else None
 
             await _until(lambda: last("Healthy") is True, 20, "Healthy never became true")
-            bridge._loop.call_soon_threadsafe(time.sleep, 3.0)     # the server's loop is busy
-            for i in range(200):
-                pub.publish_verdict(make_verdict(i + 1))
-            time.sleep(0.5)           # the verdicts reach the bridge first, then the change
-            pub.set_line_status("line1", {**ok, "state": "blind", "camera_connected": False}, now=True)
+            # The server's loop is busy until both the burst and the change have been handed to it.
+            bridge._loop.call_soon_threadsafe(release.wait, 30)
+            try:
+                for i in range(200):
+                    pub.publish_verdict(make_verdict(i + 1))
+                # the verdicts reach the bridge first, then the change
+                tap.wait(lambda t: t.verdicts >= 200, 10, "the burst reaching the bridge")
+                pub.set_line_status("line1", {**ok, "state": "blind", "camera_connected": False}, now=True)
+                tap.wait(lambda t: any(st.state == "blind" for st in t.statuses), 10, "the change reaching the bridge")
+            finally:
+                release.set()
             await _until(lambda: last("Healthy") is False, 10, "Healthy stayed true: the status change was lost")
             assert last("Status") == "blind"
             await _until(lambda: bridge.dropped > 0, 5, "the burst did not overfill the queue (test precondition)")
@@ -281,6 +292,7 @@ def test_a_status_change_is_never_dropped_when_the_verdict_queue_is_full(tmp_pat
     try:
         asyncio.run(scenario())
     finally:
+        release.set()
         stop.set()
         thread.join(10)
         pub.stop()
@@ -476,13 +488,16 @@ def test_asyncua_info_lines_stay_out_of_the_journal_unless_debug(tmp_path: Path)
         return any("inspectd.bridges.opcua: OPC UA bridge:" in line for line in child.lines)
 
     try:
-        for level, done in (("INFO", started), ("DEBUG", lambda c: _asyncua_info_lines(c.lines) or started(c))):
+        # DEBUG first: asyncua's INFO lines come early in its server's start; once they are there the
+        # DEBUG bridge has shown what it must, and is killed so that the INFO bridge has the CPUs.
+        for level, done in (("DEBUG", lambda c: _asyncua_info_lines(c.lines) or started(c)), ("INFO", started)):
             child, end = children[level], time.monotonic() + 60
             while not done(child):
                 assert child.proc.poll() is None and time.monotonic() < end, child.log()
                 time.sleep(0.05)
-        assert children["INFO"].stop() == 0, children["INFO"].log()
-        time.sleep(0.2)   # the reader thread takes the last lines
+            if level == "DEBUG":
+                child.proc.kill()
+        assert children["INFO"].stop() == 0, children["INFO"].log()   # stop(): all its lines are read
         quiet = _asyncua_info_lines(children["INFO"].lines)
         assert not quiet, f"{len(quiet)} asyncua INFO line(s) at --log-level INFO, e.g. {quiet[:3]}"
         assert any(" INFO inspectd.bridges.opcua: OPC UA bridge:" in line for line in children["INFO"].lines)

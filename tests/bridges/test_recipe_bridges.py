@@ -62,8 +62,8 @@ def test_mqtt_and_opcua_forward_recipe_requests(tmp_path: Path, tiny_bundle: Pat
                     qos=1).wait_for_publish(5)
         _, good = watcher.wait("inspectd/line1/recipe/result", lambda p: p.get("requested") == "B", 20)
         assert good["ok"] is True and good["active"]["recipe"] == "B", good
-        pub.loop_stop()
         pub.disconnect()
+        pub.loop_stop()
 
         async def call() -> dict:
             from asyncua import Client, ua
@@ -121,10 +121,13 @@ def test_a_retained_recipe_request_is_not_applied_again_at_every_reconnect(tmp_p
         assert request(sock, {"op": "recipe", "line": "line1", "name": "default"})["ok"]
         mq.stop()
         mq = Child(BRIDGE + ["mqtt", "--config", str(cfg)])
-        end = time.monotonic() + 15
-        while not any("connected to MQTT broker" in line for line in mq.lines) and time.monotonic() < end:
+        # The broker replays the retained request as the new bridge subscribes. Wait for the bridge's
+        # decision on it: its warning that it ignores it, or (were it forwarded) its line with the
+        # daemon's answer, which comes once the daemon has switched.
+        end = time.monotonic() + 30
+        while not any("recipe request" in line for line in mq.lines):
+            assert time.monotonic() < end and mq.proc.poll() is None, f"the replayed request was not seen:\n{mq.log()}"
             time.sleep(0.1)
-        time.sleep(3.0)   # time for a replayed request to reach the daemon and switch it
         assert request(sock, {"op": "list", "line": "line1"})["active"]["recipe"] == "default", mq.log()
     finally:
         pub.publish("inspectd/line1/recipe/set", b"", qos=1, retain=True)  # clear the retained message
@@ -213,7 +216,12 @@ def test_opcua_set_recipe_that_outlasts_the_callers_wait_fails_and_changes_nothi
         assert answer["ok"] is False and answer["requested"] == "B", answer
         assert "nothing changed" in answer["error"], answer
         assert took < 4.0, took
-        time.sleep(3.0)              # time for the daemon to finish the open (and not switch)
+        # The daemon finishes the open (an engine ready to switch to) after the caller's wait ...
+        daemon.wait_log(r"recipe B engine \S+ warmed up")
+        # ... and then must not switch. A request of our own waits for the line's recipe lock, which
+        # the late switch holds until it has decided; an unknown name then changes nothing itself.
+        barrier = request(sock, {"op": "recipe", "line": "line1", "name": "no-such-recipe"})
+        assert barrier["ok"] is False and "unknown recipe" in barrier["error"], barrier
         assert request(sock, {"op": "list", "line": "line1"})["active"]["recipe"] == "default", op.log()
     finally:
         op.stop()
@@ -266,8 +274,8 @@ def test_an_empty_recipe_set_clears_a_retained_request_and_is_not_a_request(tmp_
                 and r.levelno > logging.DEBUG and "recipe" in r.getMessage()]
         assert len(said) == 1 and "'nope'" in said[0], said
     finally:
-        plc.loop_stop()
         plc.disconnect()
-        watch.loop_stop()
+        plc.loop_stop()
         watch.disconnect()
+        watch.loop_stop()
         bridge.stop()
