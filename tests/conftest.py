@@ -15,6 +15,28 @@ from inspectd.engines.synthetic import SyntheticSet, make_dataset
 TINY_IMAGE_SIZE = 128
 
 
+def single_torch_thread():
+    """One intra-op PyTorch thread for the with-block (inspectd.engines.fitting.one_thread, which
+    restores the count after it): what the trained fixtures and the slow PyTorch tests run under.
+
+    On the 2-core CI machines eager PyTorch on two threads collapses as soon as anything else takes
+    a core, and barely gains when the machine is quiet. Measured with one busy process beside it:
+    the tiny flow bundle 15-16 s on one thread, 32-247 s on two; inpaint 39 s vs 98 s. Quiet: flow
+    6-10 s either way, inpaint 28 vs 25 s. The tiny bundles score the same either way (image and
+    pixel AUROC of each equal to 3 decimals). Default-thread training stays covered where a user's
+    command runs whole (tests/test_demo.py)."""
+    from inspectd.engines.fitting import one_thread
+
+    return one_thread()
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """The test runs on one PyTorch thread (single_torch_thread), restored after it."""
+    with single_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def synthetic_parts(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSet:
     """train_good/ (40), test_good/ (12), test_bad/ (12: scratches, spots, chips) + masks/, 128x128 grey PNGs."""
@@ -36,7 +58,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Synth
     cfg = TrainConfig(model=ModelConfig(image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, taps=[4, 10],
                                         steps=4),
                       epochs=12, augment=list(AUGMENTATIONS), views=2, seed=0, select=False)
-    train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
+    with single_torch_thread():
+        train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
     return out
 
 
@@ -75,7 +98,8 @@ def tiny_method_bundles(tmp_path_factory: pytest.TempPathFactory, synthetic_part
                               method=method, options=dict(TINY_METHOD_OPTIONS[method]), seed=0, select=False,
                               bad=str(other_defects.test_bad) if getattr(methods.get(method), "needs_defects", False)
                               else None)
-            train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
+            with single_torch_thread():
+                train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
             made[method] = out
         return made[method]
 

@@ -273,13 +273,15 @@ ROI = (12, 24, 104, 80)   # the plate of the 128x128 synthetic parts, x, y, w, h
 
 @pytest.fixture(scope="module")
 def roi_bundle(tmp_path_factory, synthetic_parts) -> Path:
+    from inspectd.engines.fitting import one_thread
     from inspectd.engines.model import ModelConfig
     from inspectd.engines.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("roi-bundle") / "b"
     cfg = TrainConfig(model=ModelConfig(image_height=64, image_width=96, taps=[4, 10]), epochs=6, views=1, select=False,
                       seed=0, roi=ROI)
-    train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
+    with one_thread():  # as tests/conftest.py single_torch_thread
+        train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
     return out
 
 

@@ -30,6 +30,7 @@ def _trained(members: int) -> FlowModel:
     return model
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_the_map_is_the_mean_of_the_members_maps() -> None:
     model = _trained(3)
     x = _cache()[0][:4].float()
@@ -41,6 +42,7 @@ def test_the_map_is_the_mean_of_the_members_maps() -> None:
     assert min((singles[a] - singles[b]).abs().max() for a, b in ((0, 1), (1, 2), (0, 2))) > 1e-3
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_members_train_independently_member_0_is_the_single_flow() -> None:
     """Member 0 of an ensemble is exactly the flow a one-member training makes: the other members
     neither share its optimiser nor its batch order."""

@@ -42,6 +42,7 @@ def _auroc(positional: int) -> float:
     return float(roc_auc(scores[0], scores[1]))
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_position_channels_find_a_feature_out_of_place_and_none_cannot() -> None:
     with_position, without = _auroc(16), _auroc(0)
     # 0.935-0.995 over torch seeds 0-5 (measured): well above what the same flow without them reaches
@@ -65,6 +66,7 @@ def test_bundles_from_before_position_channels_load_without_them() -> None:
     assert ModelConfig.from_dict(ModelConfig(positional=8).to_dict()).positional == 8
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_bundle_with_position_channels_records_them_and_onnx_runtime_matches_torch(tmp_path, synthetic_parts) -> None:
     """Trained from the command line as a user would; the position channels are constants in the graph."""
     from inspectd.cli import main

@@ -65,6 +65,7 @@ class MisplacedTemplateEngine(nn.Module):
         return self.head([shift_map(cells, self.misplaced)[:, 0]])
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_selection_undoes_a_known_misplacement() -> None:
     rng = np.random.default_rng(0)  # plain parts: the template engine sees every defect clearly
     held_out = [np.clip(128 + rng.normal(0, 3, (128, 128, 1)), 0, 255).astype(np.uint8) for _ in range(8)]
@@ -102,6 +103,7 @@ class TwoSourceEngine(nn.Module):
         return sa + sb, 0.5 * (ma + mb)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_each_map_head_gets_its_own_shift_and_bundles_rebuild_with_them() -> None:
     rng = np.random.default_rng(0)
     held_out = [np.clip(128 + rng.normal(0, 3, (128, 128, 1)), 0, 255).astype(np.uint8) for _ in range(8)]

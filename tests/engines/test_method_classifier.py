@@ -1,7 +1,8 @@
-"""Method classifier (paper 001): trained on the synthetic parts' good images and their 12 test_bad
-defects, judged on a separately generated set (another seed: parts and defects never seen); the
-exported graph agrees with PyTorch; its map is the class activation map, equal to autograd Grad-CAM;
-too few defects and bad options are one-line refusals."""
+"""Method classifier (paper 001): the session's tiny classifier bundle (tests/conftest.py: the
+synthetic parts' good images and 12 defects of another seed), judged on a separately generated set
+(a third seed: parts and defects never seen); the exported graph agrees with PyTorch; its map is the
+class activation map, equal to autograd Grad-CAM; too few defects and bad options are one-line
+refusals."""
 
 from __future__ import annotations
 
@@ -23,30 +24,26 @@ from inspectd.engines.methods.classifier import (GOOD, REAL, SYNTHESIZED, Classi
                                                  cam_resampler, defect_draw, paste, stage_starts, training_set)
 from inspectd.engines.model import build_from_bundle
 from inspectd.engines.model_config import ModelConfig
-from inspectd.engines.preprocess import list_images, load_prepared
+from inspectd.engines.preprocess import list_images, load_prepared, sha256_file
 from inspectd.engines.synthetic import make_dataset
 from inspectd.stats import roc_auc
 
-SIZE = 128
-EPOCHS = "4"  # 4 x 27 class-balanced steps on cached features: ~10 s on 2 cores
+SIZE = 128  # tests/conftest.py's TINY_IMAGE_SIZE: the tiny bundles' input size
 
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory: pytest.TempPathFactory):
-    """Good and defective parts of another seed: never trained on (test_bad of seed 0 is the --bad set)."""
+    """Good and defective parts of another seed (11): never trained on (the bundle's --bad set is
+    other_defects, seed 21; its good images and golden defects are synthetic_parts, seed 0)."""
     return make_dataset(tmp_path_factory.mktemp("heldout"), n_train=0, n_test_good=12, n_test_bad=12,
                         size=SIZE, seed=11)
 
 
 @pytest.fixture(scope="module")
-def clf_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts) -> Path:
-    from inspectd.engines.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("bundle") / "classifier"
-    cfg = TrainConfig(model=ModelConfig(image_height=SIZE, image_width=SIZE, taps=[4, 10]), method="classifier",
-                      options={"epochs": EPOCHS}, bad=str(synthetic_parts.test_bad), seed=0, select=False)
-    train(synthetic_parts.train_good, out, cfg)
-    return out
+def clf_bundle(tiny_method_bundles) -> Path:
+    """The session's tiny classifier (tests/conftest.py: 4 epochs at 128 px, taps 4+10, --bad
+    other_defects), shared with the eval, calibrate, tools and daemon tests: trained once."""
+    return tiny_method_bundles("classifier")
 
 
 def _images(bundle, folder: Path) -> np.ndarray:
@@ -60,6 +57,9 @@ def test_separates_held_out_defects_at_a_threshold_from_good_images(clf_bundle: 
     assert m.training.defects["n"] == 12 and len(m.training.defects["image_names"]) == 12
     assert m.training.defects["fingerprint"] and m.training.backgrounds is None
     assert m.method.details["training_set"]["real_defects"] == 12
+    # held out for real: no held-out image (good or defective) is one the bundle learned from
+    learned = set(m.training.image_sha256) | set(m.training.defects["image_sha256"])
+    assert not learned & {sha256_file(p) for f in (held_out.test_good, held_out.test_bad) for p in list_images(f)}
     sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
     good = sess.run(["score"], {"images": _images(bundle, held_out.test_good)})[0]
     bad = sess.run(["score"], {"images": _images(bundle, held_out.test_bad)})[0]
@@ -71,6 +71,7 @@ def test_separates_held_out_defects_at_a_threshold_from_good_images(clf_bundle: 
     assert recall >= 0.5 and false_rejects <= 1, (threshold, recall, false_rejects, good, bad)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_onnx_runtime_matches_torch(clf_bundle: Path, held_out) -> None:
     """ONNX Runtime vs the torch backend (build_from_bundle): scores within 1e-3 (relative, log-odds at
     least 1), maps within 1e-3 of their largest magnitude."""
@@ -85,6 +86,7 @@ def test_onnx_runtime_matches_torch(clf_bundle: Path, held_out) -> None:
     assert np.max(np.abs(o_map - t_map)) <= 1e-3 * max(1.0, float(np.max(np.abs(t_map))))
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_cam_stride_16_is_the_same_network_on_every_other_cell(tmp_path: Path, synthetic_parts) -> None:
     """cam-stride 16 (atrous last stage): before any training, its last feature maps on the even
     positions equal the stride-32 network's (ImageNet weights, same input); the bundle it trains
@@ -104,9 +106,13 @@ def test_cam_stride_16_is_the_same_network_on_every_other_cell(tmp_path: Path, s
     from inspectd.engines.train import TrainConfig, train
 
     out = tmp_path / "fine"
+    # Placement A (no background pastes): 60 training images instead of 180 to extract features for
+    # and fine-tune on; the pastes are not what this test is about (the atrous network, its map and
+    # its export are).
     train(synthetic_parts.train_good, out, TrainConfig(
         model=ModelConfig(image_height=SIZE, image_width=SIZE, taps=[4, 10]), method="classifier",
-        options={"epochs": "1", "cam-stride": "16"}, bad=str(synthetic_parts.test_bad), seed=0, select=False))
+        options={"epochs": "1", "cam-stride": "16", "placement": "A"}, bad=str(synthetic_parts.test_bad),
+        seed=0, select=False))
     bundle = load_bundle(out)
     assert bundle.manifest.method.options["cam_stride"] == 16
     model = build_from_bundle(bundle).eval()
@@ -120,6 +126,7 @@ def test_cam_stride_16_is_the_same_network_on_every_other_cell(tmp_path: Path, s
     assert np.max(np.abs(o_map - t_map)) <= 1e-3 * max(1.0, float(np.max(np.abs(t_map))))
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_cam_equals_autograd_grad_cam_on_random_inputs() -> None:
     """GAP + one linear layer: Grad-CAM of the NG log-odds = ReLU(CAM - bias) / (h w), and the CAM's mean
     is the score the head computes."""
@@ -157,6 +164,7 @@ def test_cam_equals_autograd_grad_cam_on_random_inputs() -> None:
             assert (min(1, round((4 * r + 1.5) / 32)), min(2, round((4 * c + 1.5) / 32))) == (i, j)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_map_is_drawn_where_each_cam_cell_looks() -> None:
     """CAM cell (i, j) of the ImageNet backbone looks at input pixel (32 i, 32 j) (padding k // 2 centres
     every stride-2 output on input pixel 2j): the centroid of |d cell / d input| near it lands there,
@@ -273,6 +281,7 @@ def test_good_only_methods_ignore_bad_and_backgrounds_with_one_warning(capsys, s
     assert extra["bad"][1][0].shape == (64, 64, 1)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_synthesize_folder_keeps_its_real_and_synthesized_defects_apart(capsys, tmp_path: Path,
                                                                            synthetic_parts) -> None:
     """`inspectd synthesize --include-real` writes one --bad folder; training reads its manifest: the

@@ -104,6 +104,7 @@ def test_combination_weights_follow_validation() -> None:
     assert combination_weights({"cutpaste": strong, "ae": weak}, n, "equal") == {"cutpaste": 1.0, "ae": 1.0}
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_autoencoder_does_not_depend_on_the_cutpaste_heads_options(tmp_path, synthetic_parts) -> None:
     """The autoencoder trains on streams of its own: a different projection width and classifier
     epoch count leave its weights identical (and the CutPaste head's are not)."""
@@ -142,6 +143,7 @@ def test_ledoit_wolf_matches_its_definition() -> None:
     np.testing.assert_allclose(mean.numpy(), x.mean(0).numpy(), rtol=1e-12)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_score_rule_switches_on_a_loaded_model(cpae_bundle, synthetic_parts):
     from inspectd.engines.model import build_from_bundle
 
@@ -159,6 +161,7 @@ def test_score_rule_switches_on_a_loaded_model(cpae_bundle, synthetic_parts):
     torch.testing.assert_close(out["combined"][1], 0.5 * (out["cutpaste"][1] + out["ae"][1]))
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_tiles_and_rgb(synthetic_parts, tmp_path):
     from inspectd.engines.model import build_from_bundle
     from inspectd.engines.train import train

@@ -42,10 +42,12 @@ def test_trained_engine_separates_bad_from_good(bundle_path: Path, test_images) 
     assert m.method.details["threshold_m"] > 0 and m.backbone is None
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_onnx_runtime_matches_torch_and_batches_are_independent(bundle_path: Path, test_images) -> None:
     assert_onnx_matches_torch(bundle_path, np.concatenate(test_images))
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_dynamic_loop_is_in_the_graph_and_its_pass_count_responds(bundle_path: Path, test_images,
                                                                    tmp_path: Path) -> None:
     graph = onnx.load(str(bundle_path / "model.onnx")).graph
@@ -98,6 +100,7 @@ def test_fuzzy_masks_are_complementary_within_a_pair() -> None:
     assert torch.equal(out[keep], x[keep]) and not torch.equal(out[~keep], x[~keep])
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("color_mode, tiles", [("rgb", (1, 1)), ("gray", (2, 1))])
 def test_rgb_and_tiled_engines_export(color_mode: str, tiles: tuple[int, int], tmp_path: Path) -> None:
     mc = ModelConfig(image_height=64, image_width=64, color_mode=color_mode, tiles=tiles, tile_overlap=32)

@@ -104,6 +104,7 @@ def test_decoupled_gradients_reach_only_where_the_paper_routes_them() -> None:
         torch.testing.assert_close(g2, w2)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_each_gradient_moves_only_its_own_weights_with_its_own_optimiser() -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.rand(6, 1, 32, 32, generator=g)
@@ -159,6 +160,7 @@ def test_steering_gains_follow_the_targets() -> None:
     assert steering_gains(32.0, 0.1, 32.0, 0.5)[1] == 0.0
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_both_trainings_run_and_record_their_losses() -> None:
     cfg = TrainConfig(model=ModelConfig(image_height=32, image_width=32), seed=0)
     g = torch.Generator().manual_seed(3)

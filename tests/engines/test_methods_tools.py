@@ -13,6 +13,7 @@ from inspectd.cli import main
 from inspectd.engines.bundle import load_bundle
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("method", ["cutpaste-ae", "inpaint", "vae", "classifier"])
 def test_eval_check_engine_and_bench_on_every_method(method: str, tmp_path: Path, tiny_method_bundles: Any,
                                                       synthetic_parts: Any, capsys: pytest.CaptureFixture) -> None:

@@ -34,6 +34,7 @@ def test_torch_without_cuda_is_unavailable_with_reason(tiny_bundle: Path) -> Non
         backend.close()
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_torch_cpu_passes_the_parity_gate(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     good, bad = bundle.golden_images()
@@ -75,6 +76,7 @@ def test_reference_reproduces_export_time_golden_scores(tiny_bundle: Path) -> No
     assert len(diffs) == len(good) and max(diffs) < 1e-3
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_cli_check_engine_torch_cpu(tiny_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-engine", "--bundle", str(tiny_bundle), "--backend", "torch", "--option", "device=cpu"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("PASS: backend torch vs onnxruntime-cpu")

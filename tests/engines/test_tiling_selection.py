@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,7 @@ def _model(**kw) -> AnomalyModel:
     return model
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_tiles_are_the_single_tile_model_run_per_tile_and_stitched() -> None:
     tiled = _model(image_height=64, image_width=96, tiles=(2, 2), tile_overlap=32, smoothing_sigma=0)
     single = _model(image_height=64, image_width=96, smoothing_sigma=0)
@@ -54,6 +56,7 @@ def test_tiles_are_the_single_tile_model_run_per_tile_and_stitched() -> None:
         assert not torch.allclose(tiles[0][8:16, 16:24], tiles[3][0:8, 0:8], atol=1e-3)  # tiles do differ
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_non_square_model_exports_and_scores(tmp_path: Path) -> None:
     from inspectd.engines.export import export_onnx
     import onnxruntime as ort
@@ -109,7 +112,11 @@ def test_tile_defect_lights_its_tile_and_selection_reads_only_the_training_folde
         print("OPENED " + json.dumps(opened))
         sys.exit(code)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    # One PyTorch thread in the child (as tests/deploy's children run): on a 2-core machine two threads
+    # collapse as soon as anything else takes a core (tests/conftest.py single_torch_thread); the files
+    # opened and the map do not depend on it.
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     opened = json.loads(proc.stdout.split("OPENED ", 1)[1])
     train_dir = str(data.train_good.resolve())

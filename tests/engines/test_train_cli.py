@@ -8,11 +8,16 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from inspectd.cli import main
 from tests.helpers import header_bomb_jpeg
 
-FAST = ["--image-size", "64", "--epochs", "1", "--views", "1", "--taps", "4"]
+# The least training that still goes the whole way (selection, export, parity, manifest): for tests
+# about the folders, flags and files around it, not about the model (one flow member, not three).
+FAST = ["--image-size", "64", "--epochs", "1", "--views", "1", "--taps", "4", "--members", "1"]
+# The seed test keeps the default ensemble (three members, each seeded from --seed), as before.
+SEEDED = ["--image-size", "64", "--epochs", "1", "--views", "1", "--taps", "4"]
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:
@@ -60,6 +65,7 @@ def test_too_many_unreadable_files_refused(capsys, tmp_path, synthetic_parts):
     assert not (tmp_path / "b").exists() and not _leftovers(tmp_path)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_few_unreadable_files_are_skipped_and_counted(capsys, tmp_path, synthetic_parts):
     good = tmp_path / "good"
     shutil.copytree(synthetic_parts.train_good, good)
@@ -72,6 +78,7 @@ def test_a_few_unreadable_files_are_skipped_and_counted(capsys, tmp_path, synthe
     assert (tmp_path / "b" / "manifest.json").exists() and not _leftovers(tmp_path)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_hidden_files_are_neither_read_nor_counted(capsys, tmp_path, synthetic_parts):
     """A folder copied from a Mac (a ._NAME AppleDouble twin beside every image) or with a hidden
     thumbnail: the hidden files are not images of the set. They are never trained on, and the
@@ -111,6 +118,7 @@ def test_a_flag_the_method_does_not_use_is_named_not_silently_recorded(capsys, t
     assert code == 1 and "does not use" not in err and "at least 8 are needed" in err  # the flow uses them all
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_existing_bundle_needs_force(capsys, tmp_path, tiny_bundle, synthetic_parts):
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, out)
@@ -133,12 +141,13 @@ def test_training_is_reproducible_with_a_seed(capsys, tmp_path, synthetic_parts)
     shas = []
     for name in ("a", "b"):
         assert main(["train", "--good", str(synthetic_parts.train_good), "--out", str(tmp_path / name),
-                     "--seed", "7", *FAST]) == 0
+                     "--seed", "7", *SEEDED]) == 0
         from inspectd.engines.bundle import load_bundle
         shas.append(load_bundle(tmp_path / name).manifest.model.sha256)
     assert shas[0] == shas[1]
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_colour_images_make_an_rgb_bundle(capsys, tmp_path):
     good = tmp_path / "good"
     good.mkdir()
@@ -202,6 +211,7 @@ def test_default_input_size_is_the_methods(monkeypatch, tmp_path, synthetic_part
     assert seen == [("flow", 384, 384), ("cutpaste-ae", 256, 256), ("cutpaste-ae", 96, 96), ("flow", 64, 96)]
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_force_never_replaces_what_is_not_a_bundle(capsys, tmp_path, synthetic_parts):
     """`--force` replaces a bundle. Pointed at the training images themselves (or at a folder that
     holds them, or any folder that is not a bundle), it must refuse before any work: it used to train,
@@ -246,6 +256,7 @@ def test_an_unusable_output_or_golden_bad_folder_is_refused_before_training(caps
     assert fitted == [] and not _leftovers(tmp_path)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_capture_folder_trains_without_counting_its_record_as_a_bad_image(capsys, tmp_path, synthetic_parts):
     """`inspectd capture` writes capture.json beside the frames and prints `inspectd train --good <that
     folder>`: its own record is not an unreadable image (it made 8 captured frames fail the 10 % rule)."""
@@ -268,6 +279,7 @@ def test_a_hidden_ratio_that_cannot_work_is_a_usage_error(capsys, tmp_path, synt
         assert code == 2 and "hidden_ratio" in err, (value, err)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_full_disk_is_one_line_naming_the_bundle_and_leaves_nothing(capsys, tiny_tmpfs, synthetic_parts):
     """--out on a real tmpfs that is full by the time the bundle is written (the folder itself can
     still be made, so the up-front probe passes): one line naming where, no half-written folder."""
@@ -275,8 +287,7 @@ def test_a_full_disk_is_one_line_naming_the_bundle_and_leaves_nothing(capsys, ti
 
     fill_filesystem(tiny_tmpfs)
     out = tiny_tmpfs / "b"
-    code, err = _run(capsys, "--good", str(synthetic_parts.train_good), "--out", str(out), *FAST,
-                     "--members", "1", "--no-select")
+    code, err = _run(capsys, "--good", str(synthetic_parts.train_good), "--out", str(out), *FAST, "--no-select")
     assert code == 1 and err.startswith("inspectd train: error: ") and str(out) in err, err
     assert "No space left on device" in err
     assert not out.exists() and not _leftovers(tiny_tmpfs)
