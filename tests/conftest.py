@@ -15,9 +15,10 @@ from inspectd.engines.synthetic import SyntheticSet, make_dataset
 TINY_IMAGE_SIZE = 128
 
 
-def single_torch_thread():
-    """One intra-op PyTorch thread for the with-block (inspectd.engines.fitting.one_thread, which
-    restores the count after it): what the trained fixtures and the slow PyTorch tests run under.
+@pytest.fixture()
+def one_torch_thread():
+    """The test runs on one intra-op PyTorch thread (inspectd.engines.fitting.one_thread, which
+    restores the count after it), as the trained fixtures below do.
 
     On the 2-core CI machines eager PyTorch on two threads collapses as soon as anything else takes
     a core, and barely gains when the machine is quiet. Measured with one busy process beside it:
@@ -27,13 +28,7 @@ def single_torch_thread():
     command runs whole (tests/test_demo.py)."""
     from inspectd.engines.fitting import one_thread
 
-    return one_thread()
-
-
-@pytest.fixture()
-def one_torch_thread():
-    """The test runs on one PyTorch thread (single_torch_thread), restored after it."""
-    with single_torch_thread():
+    with one_thread():
         yield
 
 
@@ -50,6 +45,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Synth
 
     Golden images: 4 held-out good + 4 bad. Treat it as read-only; copy it to modify it.
     """
+    from inspectd.engines.fitting import one_thread
     from inspectd.engines.model import ModelConfig
     from inspectd.engines.train import AUGMENTATIONS, TrainConfig, train
 
@@ -58,7 +54,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: Synth
     cfg = TrainConfig(model=ModelConfig(image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, taps=[4, 10],
                                         steps=4),
                       epochs=12, augment=list(AUGMENTATIONS), views=2, seed=0, select=False)
-    with single_torch_thread():
+    with one_thread():  # see one_torch_thread
         train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
     return out
 
@@ -86,6 +82,7 @@ def tiny_method_bundles(tmp_path_factory: pytest.TempPathFactory, synthetic_part
                         other_defects: SyntheticSet):
     """method name -> a real tiny bundle of that method, trained once per session on first use."""
     from inspectd.engines import methods
+    from inspectd.engines.fitting import one_thread
     from inspectd.engines.model import ModelConfig
     from inspectd.engines.train import TrainConfig, train
 
@@ -98,7 +95,7 @@ def tiny_method_bundles(tmp_path_factory: pytest.TempPathFactory, synthetic_part
                               method=method, options=dict(TINY_METHOD_OPTIONS[method]), seed=0, select=False,
                               bad=str(other_defects.test_bad) if getattr(methods.get(method), "needs_defects", False)
                               else None)
-            with single_torch_thread():
+            with one_thread():  # see one_torch_thread
                 train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
             made[method] = out
         return made[method]

@@ -280,7 +280,7 @@ def roi_bundle(tmp_path_factory, synthetic_parts) -> Path:
     out = tmp_path_factory.mktemp("roi-bundle") / "b"
     cfg = TrainConfig(model=ModelConfig(image_height=64, image_width=96, taps=[4, 10]), epochs=6, views=1, select=False,
                       seed=0, roi=ROI)
-    with one_thread():  # as tests/conftest.py single_torch_thread
+    with one_thread():  # as tests/conftest.py one_torch_thread
         train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
     return out
 

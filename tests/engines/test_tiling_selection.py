@@ -113,7 +113,7 @@ def test_tile_defect_lights_its_tile_and_selection_reads_only_the_training_folde
         sys.exit(code)
     """)
     # One PyTorch thread in the child (as tests/deploy's children run): on a 2-core machine two threads
-    # collapse as soon as anything else takes a core (tests/conftest.py single_torch_thread); the files
+    # collapse as soon as anything else takes a core (tests/conftest.py one_torch_thread); the files
     # opened and the map do not depend on it.
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))

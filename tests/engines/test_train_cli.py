@@ -13,11 +13,11 @@ import pytest
 from inspectd.cli import main
 from tests.helpers import header_bomb_jpeg
 
+# The seed test keeps the default ensemble (three members, each seeded from --seed).
+SEEDED = ["--image-size", "64", "--epochs", "1", "--views", "1", "--taps", "4"]
 # The least training that still goes the whole way (selection, export, parity, manifest): for tests
 # about the folders, flags and files around it, not about the model (one flow member, not three).
-FAST = ["--image-size", "64", "--epochs", "1", "--views", "1", "--taps", "4", "--members", "1"]
-# The seed test keeps the default ensemble (three members, each seeded from --seed), as before.
-SEEDED = ["--image-size", "64", "--epochs", "1", "--views", "1", "--taps", "4"]
+FAST = [*SEEDED, "--members", "1"]
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:
