@@ -20,12 +20,10 @@ def one_torch_thread():
     """The test runs on one intra-op PyTorch thread (inspectd.engines.fitting.one_thread, which
     restores the count after it), as the trained fixtures below do.
 
-    On the 2-core CI machines eager PyTorch on two threads collapses as soon as anything else takes
-    a core, and barely gains when the machine is quiet. Measured with one busy process beside it:
-    the tiny flow bundle 15-16 s on one thread, 32-247 s on two; inpaint 39 s vs 98 s. Quiet: flow
-    6-10 s either way, inpaint 28 vs 25 s. The tiny bundles score the same either way (image and
-    pixel AUROC of each equal to 3 decimals). Default-thread training stays covered where a user's
-    command runs whole (tests/test_demo.py)."""
+    On the 2-core CI machines eager PyTorch on two threads slows down many times over as soon as
+    anything else takes a core, and gains little when the machine is quiet; the tiny bundles score
+    the same either way. Default-thread training stays covered where a user's command runs whole
+    (tests/test_demo.py, the seed test of tests/engines/test_train_cli.py)."""
     from inspectd.engines.fitting import one_thread
 
     with one_thread():

@@ -92,7 +92,7 @@ MUTATIONS = [
 @pytest.fixture(scope="module")
 def mutated_runs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, str]]:
     """promtool's result on the rules with each mutation applied, in MUTATIONS' order: (exit code,
-    output). Each run evaluates every rule test (about 5 s of one core), so they run side by side,
+    output). Each run evaluates every rule test (seconds of one core), so they run side by side,
     one per usable CPU, instead of one after the other."""
     _promtool()   # skipped with its reason where promtool is missing
     text = RULES.read_text(encoding="utf-8")
