@@ -572,3 +572,33 @@ def test_frames_that_waited_in_the_stream_are_dated_when_they_arrived(monkeypatc
     assert stale and fresh, [f.frame_id for f, _, _ in frames]
     assert all(1.0 < mono < 2.5 and abs(wall - mono) < 0.05 for mono, wall in stale), stale
     assert all(mono < 0.2 for mono, _ in fresh), fresh
+
+
+def test_waiting_for_a_frame_lets_the_other_threads_run() -> None:
+    """The acquisition thread spends most of its time waiting for the next frame; the inference
+    worker and the publisher need the GIL meanwhile. genicam's GenTL calls keep the GIL while they
+    wait, so read() must never wait inside them: a thread that wakes every millisecond (as the
+    worker does whenever ONNX Runtime hands back a result) keeps its pace beside a reading source.
+    Real simulator camera at its 20 fps; waking late by 5 ms or more is Python's switch interval,
+    the sign that the GIL was held by the wait."""
+    src = _open()
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def ticker() -> None:
+        while not stop.is_set():
+            time.sleep(0.001)
+            ticks.append(time.monotonic())
+
+    t = threading.Thread(target=ticker, daemon=True)
+    try:
+        assert src.read(3.0) is not None
+        t.start()
+        frames = [src.read(3.0) for _ in range(20)]    # about 1 s at 20 fps, mostly waiting
+    finally:
+        stop.set()
+        t.join(2.0)
+        src.close()
+    assert all(f is not None for f in frames)
+    gaps = np.diff(ticks) * 1e3
+    assert len(gaps) > 200 and float(np.median(gaps)) < 3.0, (len(gaps), float(np.median(gaps)))

@@ -95,7 +95,12 @@ def convert_pixels(data: np.ndarray, pixel_format: str, width: int, height: int)
     return cv2.cvtColor(image, code)  # a new array
 
 
-FETCH_WAITED_S = 0.005  # a fetch that took longer waited for its buffer: it was not in the stream before
+# genicam's GenTL calls keep the GIL while they wait for a buffer: a fetch that waits inside GenTL
+# stalls the inference worker and the publisher for as long (the daemon's engine ran several times
+# slower beside a 20 fps camera). So read() never waits there: one non-blocking poll, then a sleep
+# that lets the GIL go. A frame is noticed at most POLL_S after it arrives; each poll costs ~0.1 ms.
+POLL_S = 0.002
+ONE_POLL_S = 5e-5  # try_fetch's own time limit: shorter than one poll, so it polls exactly once
 
 
 class CameraClock:
@@ -286,10 +291,7 @@ class GenicamSource(Source):
                                       f"{_short(exc)}") from None
             from harvesters.core import ImageAcquirer
             _harvesters_on_monotonic_time()
-            # harvesters polls GenTL in slices of this many ms while fetch() waits; 1 ms (default)
-            # means ~1000 wake-ups/s per idle camera. A slice returns early when a frame arrives.
-            self._ia.timeout_period_on_client_fetch_call = 0.1
-            self._ia.timeout_period_on_update_event_data_call = 10
+            self._ia.timeout_period_on_update_event_data_call = 0  # see POLL_S: never wait inside GenTL
             self._ia.add_callback(ImageAcquirer.Events.INCOMPLETE_BUFFER, _incomplete_counter(self.stats))
             self._configure(self._ia.remote_device.node_map)
             self._enable_chunks(self._ia.remote_device.node_map)
@@ -463,17 +465,21 @@ class GenicamSource(Source):
         if self._ia is None:
             raise SourceLost(f"line {self.line}: camera {self._device_name} is not open")
         deadline = time.monotonic() + max(timeout_s, 0.0)
+        waited = False  # the last poll found the stream empty: the next buffer arrived while we slept
         while True:
-            fetch_started = time.monotonic()
-            remaining = max(deadline - fetch_started, 0.001)  # harvesters: 0 would mean "wait forever"
             try:
+                incomplete_before = self.stats.incomplete_frames
                 # try_fetch, not fetch: fetch restarts its wait after every incomplete buffer, so a
                 # camera delivering only incomplete ones (MTU mismatch) would hang this loop.
-                buffer = self._ia.try_fetch(timeout=remaining)
-                if buffer is None:  # nothing within the timeout, or an incomplete buffer (counted)
-                    if time.monotonic() >= deadline:
+                buffer = self._ia.try_fetch(timeout=ONE_POLL_S)
+                if buffer is None:  # nothing yet, or an incomplete buffer (counted)
+                    left = deadline - time.monotonic()
+                    if left <= 0.0:
                         self.stats.timeouts += 1
                         return None
+                    # After an incomplete buffer the next one may be queued already.
+                    waited = self.stats.incomplete_frames == incomplete_before
+                    time.sleep(min(POLL_S, left))
                     continue
                 with buffer:
                     acquired_ns = time.time_ns()
@@ -487,8 +493,7 @@ class GenicamSource(Source):
                     if camera_ns is not None:
                         # A frame that waited in the stream is dated (and its deadline started)
                         # when it arrived, not when it was fetched.
-                        held_s = self._clock.held_s(camera_ns, acquired_mono,
-                                                    fresh=acquired_mono - fetch_started > FETCH_WAITED_S)
+                        held_s = self._clock.held_s(camera_ns, acquired_mono, fresh=waited)
                         acquired_mono -= held_s
                         acquired_ns -= int(held_s * 1e9)
             except _genicam_errors() as exc:
@@ -508,6 +513,7 @@ class GenicamSource(Source):
                              meta={"device": self._device_name, **meta, "error": error})
             if time.monotonic() >= deadline:
                 return None
+            waited = False
 
     @staticmethod
     def _camera_time_ns(buffer: Any) -> int | None:
