@@ -69,18 +69,21 @@ def engine_only(bundle_path: Path, files: list[Path], n: int, backend_name: str)
             "infer_p99_ms": _pct(infer_only, 99), "fps": n / elapsed, "mean_ms": float(np.mean(lat))}
 
 
+def replay_source(images: Path, fps: float | None) -> dict:
+    return {"type": "replay", "path": str(images), "loop": True, **({"fps": fps} if fps else {})}
+
+
 class DaemonProcess:
-    def __init__(self, workdir: Path, bundle: Path, images: Path, fps: float | None, backend: str,
-                 queue_size: int) -> None:
-        self.endpoint = f"ipc://{workdir}/bench-{os.getpid()}-{int(time.time() * 1000)}.sock"
+    def __init__(self, workdir: Path, bundle: Path, source: dict, backend: str, queue_size: int,
+                 budget_ms: float = 1000.0) -> None:
+        stamp = f"{os.getpid()}-{int(time.time() * 1000)}"
+        self.endpoint = f"ipc://{workdir}/bench-{stamp}.sock"
         cfg = {"zmq": {"endpoint": self.endpoint, "sndhwm": 100000}, "metrics": {"port": 0},
                "heartbeat_interval_s": 1.0,
                "lines": [{"id": "bench", "bundle": str(bundle), "backends": [backend], "threshold": 5.0,
-                          "latency_budget_ms": 1000, "queue_size": queue_size,
-                          "heatmap": {"publish": "none"},
-                          "source": {"type": "replay", "path": str(images), "loop": True,
-                                     **({"fps": fps} if fps else {})}}]}
-        path = workdir / f"bench-{fps or 'max'}.yaml"
+                          "latency_budget_ms": budget_ms, "queue_size": queue_size,
+                          "heatmap": {"publish": "none"}, "source": source}]}
+        path = workdir / f"bench-{stamp}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         self.proc = subprocess.Popen([sys.executable, "-m", "inspectd.cli", "--log-level", "INFO", "run",
                                       "--config", str(path)], stderr=subprocess.PIPE, text=True)
@@ -101,6 +104,11 @@ class DaemonProcess:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the daemon has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -110,13 +118,13 @@ class DaemonProcess:
             return self.proc.wait(5)
 
 
-def daemon_run(workdir: Path, bundle: Path, images: Path, fps: float | None, n: int, backend: str,
-               queue_size: int, timeout_s: float) -> dict:
+def daemon_run(workdir: Path, bundle: Path, source: dict, n: int, backend: str, queue_size: int,
+               timeout_s: float, budget_ms: float = 1000.0) -> dict:
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 200000)
     sub.setsockopt(zmq.SUBSCRIBE, b"verdict.bench")
-    daemon = DaemonProcess(workdir, bundle, images, fps, backend, queue_size)
+    daemon = DaemonProcess(workdir, bundle, source, backend, queue_size, budget_ms)
     try:
         sub.connect(daemon.endpoint)
         if not daemon.ready.wait(60):
@@ -127,6 +135,7 @@ def daemon_run(workdir: Path, bundle: Path, images: Path, fps: float | None, n: 
         failsafe = 0
         reasons: dict[str, int] = {}
         first = last = None
+        cpu_first = cpu_last = 0.0
         end = time.monotonic() + timeout_s
         while len(lat) + failsafe < n and time.monotonic() < end:
             if not sub.poll(1000):
@@ -136,6 +145,7 @@ def daemon_run(workdir: Path, bundle: Path, images: Path, fps: float | None, n: 
             header = json.loads(parts[1])
             if first is None:
                 first = time.perf_counter()
+                cpu_first = daemon.cpu_s()
                 continue  # the clock starts at the first verdict (after start-up)
             last = time.perf_counter()
             if header["score"] is None:
@@ -148,6 +158,7 @@ def daemon_run(workdir: Path, bundle: Path, images: Path, fps: float | None, n: 
                     queue_ms.append(header["queue_ms"])
                     infer_ms.append(header["infer_ms"])
         rss = daemon.rss_mb()
+        cpu_last = daemon.cpu_s()
         elapsed = (last - first) if first is not None and last is not None else float("nan")
     finally:
         rc = daemon.stop()
@@ -157,6 +168,7 @@ def daemon_run(workdir: Path, bundle: Path, images: Path, fps: float | None, n: 
             "queue_p50_ms": _pct(queue_ms, 50), "queue_p99_ms": _pct(queue_ms, 99),
             "infer_p50_ms": _pct(infer_ms, 50), "infer_p99_ms": _pct(infer_ms, 99),
             "result_fps": len(lat) / elapsed if elapsed else float("nan"), "rss_mb": rss, "exit": rc,
+            "cpu_ms_per_frame": 1000 * (cpu_last - cpu_first) / max(len(lat) + failsafe, 1),
             "reasons": reasons}
 
 
@@ -194,11 +206,11 @@ def main() -> int:
         paced_fps = max(1.0, args.pace * eng["fps"])
         runs = []
         for _ in range(args.runs):
-            lat = daemon_run(work, args.bundle, images, paced_fps, args.latency_frames, args.backend,
-                             queue_size=4, timeout_s=args.timeout)
+            lat = daemon_run(work, args.bundle, replay_source(images, paced_fps), args.latency_frames,
+                             args.backend, queue_size=4, timeout_s=args.timeout)
             # As fast as possible: the replay is back-pressured by the queue, 2 deep keeps the worker busy.
-            thr = daemon_run(work, args.bundle, images, None, args.frames, args.backend, queue_size=2,
-                             timeout_s=args.timeout)
+            thr = daemon_run(work, args.bundle, replay_source(images, None), args.frames, args.backend,
+                             queue_size=2, timeout_s=args.timeout)
             runs.append((lat, thr))
 
     print(f"\ninspectd daemon benchmark: bundle {args.bundle}, {len(files)} images, backend {args.backend}, "
