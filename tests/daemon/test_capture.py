@@ -256,9 +256,17 @@ def test_cli_refuses_when_out_was_filled_during_the_capture(tmp_path: Path) -> N
     assert len(list_images(_frames_kept(err[0], out))) == 25
 
 
-def _start_capture(cfg: Path, line: str, out: Path, count: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(CAPTURE + ["--config", str(cfg), "--line", line, "--out", str(out), "--count", str(count),
-                                       *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start_capture(cfg: Path, line: str, out: Path, count: int, *extra: str,
+                   hangup: signal.Handlers = signal.SIG_DFL) -> subprocess.Popen:
+    """`hangup`: the SIGHUP disposition the capture starts with (default: as from a terminal; SIG_IGN:
+    as under nohup). Set here, not inherited from however pytest itself was started."""
+    previous = signal.signal(signal.SIGHUP, hangup)  # an exec'd child inherits SIG_DFL / SIG_IGN
+    try:
+        return subprocess.Popen(CAPTURE + ["--config", str(cfg), "--line", line, "--out", str(out),
+                                           "--count", str(count), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _interrupt_after_frames(proc: subprocess.Popen, sig: signal.Signals,
@@ -304,6 +312,26 @@ def test_a_signal_stops_the_capture_at_once_and_leaves_nothing(tmp_path: Path, s
     assert "Traceback" not in stderr and "inspectd train" not in stdout  # no success hint
     assert sorted(p.name for p in tmp_path.iterdir()) == listing  # no staging, no kept folder
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_capture_started_under_nohup_keeps_ignoring_a_hangup(tmp_path: Path) -> None:
+    """`nohup inspectd capture ...` (SIGHUP ignored when it starts): closing the terminal must not stop
+    it; SIGTERM still does."""
+    folder = _replay_folder(tmp_path / "replay", n=30)
+    cfg = _config(tmp_path / "lines.yaml", [_replay_line("l1", folder, source={
+        "type": "replay", "path": str(folder), "fps": 20, "loop": True})])
+    proc = _start_capture(cfg, "l1", tmp_path / "teach", 1000, hangup=signal.SIG_IGN)
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().startswith("capturing ") and proc.stdout.readline().strip() == "10/1000"
+        proc.send_signal(signal.SIGHUP)
+        assert proc.stdout.readline().strip() == "20/1000"  # ten more frames at 20 fps: still capturing
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in stderr and "SIGHUP" not in stderr
 
 
 @pytest.mark.skipif(not CTI.is_file(), reason="genicam wheel without viky.cti")
