@@ -9,6 +9,10 @@ running at about 20 fps), read through harvesters exactly as on a line.
    subscriber -> acquisition to verdict received p50/p99, queue_ms / infer_ms from the verdict
    headers, fail-safe verdicts by reason (deadline missed, dropped), the daemon's CPU per frame.
 Step 2 is repeated `--runs` times; every run is printed.
+3. what a reconnect costs the other lines of the same daemon: genicam's GenTL calls keep the GIL, so
+   while one camera is opened or closed (or looked for and not found) no other Python thread runs.
+   A thread that sleeps 1 ms in a loop measures it: its longest gap during `--cycles` opens and
+   closes of the camera, and during as many failed lookups (a serial that is not there).
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import genicam
+import numpy as np
 
 from daemon_latency import daemon_run, engine_only
 from inspectd.daemon.sources.genicam import GenicamSource
@@ -45,6 +53,47 @@ def capture_frames(out: Path, count: int) -> list[Path]:
     return files
 
 
+def longest_stall_ms(work: Callable[[], None]) -> float:
+    """The longest gap (ms) of a thread sleeping 1 ms in a loop while `work` runs."""
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def ticker() -> None:
+        while not stop.is_set():
+            time.sleep(0.001)
+            ticks.append(time.monotonic())
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        work()
+    finally:
+        stop.set()
+        thread.join()
+    return float(np.diff(ticks).max() * 1e3)
+
+
+def reconnect_stalls(cycles: int) -> dict[str, float]:
+    from inspectd.daemon.sources.base import SourceError
+
+    def open_close() -> None:
+        for _ in range(cycles):
+            source = GenicamSource("bench", CTI, {"index": 0})
+            source.open()
+            source.read(3.0)
+            source.close()
+
+    def not_found() -> None:
+        for _ in range(cycles):
+            try:
+                GenicamSource("bench", CTI, {"serial": "no-such-camera"}).open()
+            except SourceError:
+                pass
+            time.sleep(0.05)
+
+    return {"open, read, close": longest_stall_ms(open_close), "failed lookup": longest_stall_ms(not_found)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True, type=Path)
@@ -53,6 +102,7 @@ def main() -> int:
     ap.add_argument("--budget-ms", type=float, default=150.0, help="the line's latency budget")
     ap.add_argument("--engine-frames", type=int, default=500)
     ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--cycles", type=int, default=10, help="camera opens / failed lookups in step 3")
     args = ap.parse_args()
     if not CTI.is_file():
         raise SystemExit(f"{CTI}: the GenTL simulator is not installed (genicam wheel without viky.cti)")
@@ -65,6 +115,7 @@ def main() -> int:
         eng = engine_only(args.bundle, capture_frames(work / "frames", 20), args.engine_frames, args.backend)
         runs = [daemon_run(work, args.bundle, source, frames, args.backend, queue_size=4,
                            timeout_s=args.seconds + 60, budget_ms=args.budget_ms) for _ in range(args.runs)]
+    stalls = reconnect_stalls(args.cycles)
 
     print(f"\ninspectd camera line benchmark: bundle {args.bundle}, {CTI.name} at ~{CAMERA_FPS:g} fps, "
           f"budget {args.budget_ms:g} ms, backend {args.backend}, {os.cpu_count()} CPUs, {args.runs} runs")
@@ -79,6 +130,8 @@ def main() -> int:
     for i, r in enumerate(runs, 1):
         print(f"run {i}: {r['results']} verdicts, fail-safe {r['failsafe']} {r['reasons'] or ''}; "
               f"RSS {r['rss_mb']:.0f} MiB; exit {r['exit']}")
+    for what, ms in stalls.items():
+        print(f"other threads stalled by the camera, {what} x {args.cycles}: longest {ms:.1f} ms")
     return 0
 
 
