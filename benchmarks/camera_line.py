@@ -13,6 +13,8 @@ Step 2 is repeated `--runs` times; every run is printed.
    while one camera is opened or closed (or looked for and not found) no other Python thread runs.
    A thread that sleeps 1 ms in a loop measures it: its longest gap during `--cycles` opens and
    closes of the camera, and during as many failed lookups (a serial that is not there).
+4. what waiting costs: the CPU a source uses while read() waits on a camera that sends nothing (a
+   triggered line between parts; acquisition stopped here), as % of one core.
 """
 
 from __future__ import annotations
@@ -94,6 +96,21 @@ def reconnect_stalls(cycles: int) -> dict[str, float]:
     return {"open, read, close": longest_stall_ms(open_close), "failed lookup": longest_stall_ms(not_found)}
 
 
+def idle_wait_cpu(seconds: float = 3.0) -> float:
+    """% of one core used by read() waiting on a camera that sends nothing."""
+    source = GenicamSource("bench", CTI, {"index": 0})
+    source.open()
+    try:
+        source._ia.stop()  # no more frames; the source does not know
+        start, end = os.times(), time.monotonic() + seconds
+        while time.monotonic() < end:
+            source.read(0.5)
+        used = os.times()
+    finally:
+        source.close()
+    return 100 * ((used.user - start.user) + (used.system - start.system)) / (used.elapsed - start.elapsed)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True, type=Path)
@@ -116,6 +133,7 @@ def main() -> int:
         runs = [daemon_run(work, args.bundle, source, frames, args.backend, queue_size=4,
                            timeout_s=args.seconds + 60, budget_ms=args.budget_ms) for _ in range(args.runs)]
     stalls = reconnect_stalls(args.cycles)
+    idle = [idle_wait_cpu() for _ in range(3)]
 
     print(f"\ninspectd camera line benchmark: bundle {args.bundle}, {CTI.name} at ~{CAMERA_FPS:g} fps, "
           f"budget {args.budget_ms:g} ms, backend {args.backend}, {os.cpu_count()} CPUs, {args.runs} runs")
@@ -132,6 +150,7 @@ def main() -> int:
               f"RSS {r['rss_mb']:.0f} MiB; exit {r['exit']}")
     for what, ms in stalls.items():
         print(f"other threads stalled by the camera, {what} x {args.cycles}: longest {ms:.1f} ms")
+    print("CPU while read() waits on a silent camera: " + ", ".join(f"{c:.1f}" for c in idle) + " % of one core")
     return 0
 
 
