@@ -212,43 +212,48 @@ def test_run_publishes_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, ti
 
 
 @pytest.mark.skipif(not CTI.is_file(), reason="genicam wheel without viky.cti")
-def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: Path) -> None:
+@pytest.mark.parametrize("cameras", [1, 2], ids=["one camera", "two cameras in one daemon"])
+def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: Path, cameras: int) -> None:
+    """The simulator's full 20 fps per camera, the default queue and the demo's 150 ms budget: every
+    part gets a real verdict in time, also with two cameras (two acquisition threads) in one daemon.
+    While the source waited for frames inside GenTL, holding the GIL, the engine ran several times
+    slower and parts got the fail-safe verdict. A real camera feature write, read back."""
     endpoint = f"ipc://{tmp_path}/cam.sock"
+    names = [f"cam{i + 1}" for i in range(cameras)]
     cfg = _write_config(tmp_path / "cam.yaml", [{
-        # The simulator's full 20 fps, the default queue and the demo's 150 ms budget: every part
-        # gets a real verdict in time (while the source waited for frames inside GenTL, holding the
-        # GIL, the engine ran several times slower and parts got the fail-safe verdict). A real
-        # camera feature write, read back.
-        "id": "cam1", "source": {"type": "genicam", "cti": str(CTI), "device": {"index": 0},
-                                 "pixel_format": "Mono8", "features": {"AcquisitionFrameRate": 20.0}},
+        "id": name, "source": {"type": "genicam", "cti": str(CTI), "device": {"index": index},
+                               "pixel_format": "Mono8", "features": {"AcquisitionFrameRate": 20.0}},
         "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0, "latency_budget_ms": 150,
-    }], endpoint)
+    } for index, name in enumerate(names)], endpoint)
     daemon = Daemon(cfg)
-    sub = VerdictSubscriber(endpoint, lines=["cam1"], heartbeat_timeout_s=None)
+    sub = VerdictSubscriber(endpoint, lines=names, heartbeat_timeout_s=None)
     try:
         port = int(daemon.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
-        daemon.wait_log(r"ready: cam1: camera up", timeout_s=60)
+        ready = daemon.wait_log(r" ready: (.*)", timeout_s=60).group(1)
+        assert all(f"{name}: camera up" in ready for name in names), ready
         msgs = _collect(sub, 4.0)
-        verdicts = [m.header for m in msgs if m.kind == "verdict"]
-        assert len(verdicts) >= 5, daemon.lines[-10:]
-        _contiguous(msgs, "verdict")
-        for h in verdicts:
-            assert h["verdict"] in ("OK", "NG") and h["score"] is not None and h["error"] is None, (
-                h["frame_id"], h["error"], h["latency_ms"], h["deadline_missed"], daemon.lines[-10:])
-            assert h["acquired_ns"] <= h["published_ns"]
-        ids = [h["frame_id"] for h in verdicts]
-        assert ids == sorted(ids) and len(set(ids)) == len(ids)
-        # The publisher sink runs before the metrics sink: the newest verdict may reach us first.
-        end = time.monotonic() + 3.0
-        while True:
-            scraped = _scrape(port)
-            counted = scraped['inspectd_frames_total{line="cam1",verdict="OK"}'] + \
-                scraped['inspectd_frames_total{line="cam1",verdict="NG"}']
-            if counted >= len(verdicts) or time.monotonic() > end:
-                break
-            time.sleep(0.1)
-        assert scraped['inspectd_camera_connected{line="cam1"}'] == 1
-        assert counted >= len(verdicts)
+        for name in names:
+            mine = [m for m in msgs if m.line == name]
+            verdicts = [m.header for m in mine if m.kind == "verdict"]
+            assert len(verdicts) >= 5, (name, daemon.lines[-10:])
+            _contiguous(mine, "verdict")
+            for h in verdicts:
+                assert h["verdict"] in ("OK", "NG") and h["score"] is not None and h["error"] is None, (
+                    name, h["frame_id"], h["error"], h["latency_ms"], h["deadline_missed"], daemon.lines[-10:])
+                assert h["acquired_ns"] <= h["published_ns"]
+            ids = [h["frame_id"] for h in verdicts]
+            assert ids == sorted(ids) and len(set(ids)) == len(ids)
+            # The publisher sink runs before the metrics sink: the newest verdict may reach us first.
+            end = time.monotonic() + 3.0
+            while True:
+                scraped = _scrape(port)
+                counted = scraped[f'inspectd_frames_total{{line="{name}",verdict="OK"}}'] + \
+                    scraped[f'inspectd_frames_total{{line="{name}",verdict="NG"}}']
+                if counted >= len(verdicts) or time.monotonic() > end:
+                    break
+                time.sleep(0.1)
+            assert scraped[f'inspectd_camera_connected{{line="{name}"}}'] == 1
+            assert counted >= len(verdicts)
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(timeout=5.0) == 0
     finally:
