@@ -11,8 +11,9 @@ running at about 20 fps), read through harvesters exactly as on a line.
 Step 2 is repeated `--runs` times; every run is printed.
 3. what a reconnect costs the other lines of the same daemon: genicam's GenTL calls keep the GIL, so
    while one camera is opened or closed (or looked for and not found) no other Python thread runs.
-   A thread that sleeps 1 ms in a loop measures it: its longest gap during `--cycles` opens and
-   closes of the camera, and during as many failed lookups (a serial that is not there).
+   A thread that sleeps 1 ms in a loop (the daemon's StallWatch) measures it: how late it woke at
+   worst during `--cycles` opens and closes of the camera, and during as many failed lookups (a
+   serial that is not there).
 4. what waiting costs: the CPU a source uses while read() waits on a camera that sends nothing (a
    triggered line between parts; acquisition stopped here), as % of one core.
 """
@@ -23,17 +24,16 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 import cv2
 import genicam
-import numpy as np
 
 from daemon_latency import daemon_run, engine_only
 from inspectd.daemon.sources.genicam import GenicamSource
+from inspectd.daemon.stallwatch import StallWatch
 
 CTI = Path(genicam.__file__).parent / "viky.cti"
 CAMERA_FPS = 20.0  # the simulator's frame rate
@@ -56,23 +56,11 @@ def capture_frames(out: Path, count: int) -> list[Path]:
 
 
 def longest_stall_ms(work: Callable[[], None]) -> float:
-    """The longest gap (ms) of a thread sleeping 1 ms in a loop while `work` runs."""
-    ticks: list[float] = []
-    stop = threading.Event()
-
-    def ticker() -> None:
-        while not stop.is_set():
-            time.sleep(0.001)
-            ticks.append(time.monotonic())
-
-    thread = threading.Thread(target=ticker)
-    thread.start()
-    try:
+    """The longest any other thread waited to run (ms) while `work` ran: a 1 ms StallWatch."""
+    late: list[float] = []
+    with StallWatch(late.append, interval_s=0.001):
         work()
-    finally:
-        stop.set()
-        thread.join()
-    return float(np.diff(ticks).max() * 1e3)
+    return max(late) * 1e3
 
 
 def reconnect_stalls(cycles: int) -> dict[str, float]:

@@ -152,6 +152,10 @@ class Metrics:
         self.shadow_correlation = Gauge("inspectd_shadow_score_correlation",
                                         "Pearson correlation of active vs shadow scores over the last N frames",
                                         ["line"], registry=r)
+        self.interpreter_stall_seconds = Histogram(
+            "inspectd_interpreter_stall_seconds",
+            "How late a thread sleeping 10 ms woke: time no Python thread of the daemon could run "
+            "(a C call keeping the GIL, a CPU taken by other processes)", buckets=LATENCY_BUCKETS, registry=r)
         self.config_generation = Gauge("inspectd_config_generation",
                                        "Generation of what decides verdicts (+1 per audited change)", registry=r)
         self._engine_lock = threading.Lock()

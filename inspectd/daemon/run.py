@@ -25,6 +25,7 @@ from inspectd.daemon.metrics import Metrics, MetricsBindError, MetricsServer
 from inspectd.daemon.pipeline import LinePipeline
 from inspectd.daemon.publish import CurveServerKeys, Publisher
 from inspectd.daemon.sinks import ArchiveSink, DriftSink, MetricsSink, PublisherSink, Sinks
+from inspectd.daemon.stallwatch import StallWatch
 from inspectd.daemon.systemd import SystemdNotifier
 
 log = logging.getLogger("inspectd.run")
@@ -94,6 +95,7 @@ class Daemon:
         self.notifier = notifier or SystemdNotifier()
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
+        self.stall_watch = StallWatch(self.metrics.interpreter_stall_seconds.observe)
         # The read-only live page on the metrics endpoint (daemon/live.py), unless metrics.live is off.
         self.live: LiveView | None = LiveView(host_names=config.metrics.live_hosts) if config.metrics.live else None
         self.publisher: Publisher | None = None
@@ -177,6 +179,7 @@ class Daemon:
         stop_requested = stop_requested or threading.Event()
         m = self.config.metrics
         self.metrics_server = self.metrics.serve(m.host, m.port, live=self.live)
+        self.stall_watch.start()
         if self.live is not None:
             log.info("live view on http://%s:%d/", m.host, self.metrics_server.port)
         if self.publisher is None:
@@ -447,6 +450,7 @@ class Daemon:
             # Verdicts resolved above are queued before the stop marker: they go out first.
             if not self.publisher.stop(timeout=max(0.2, end - time.monotonic())):
                 log.warning("publisher did not stop in time")
+        self.stall_watch.stop()
         started = self.metrics_server is not None  # start() serves metrics first: None = it never ran
         if self.metrics_server is not None:
             self.metrics_server.shutdown(timeout=1.0)

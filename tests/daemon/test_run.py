@@ -254,6 +254,8 @@ def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: P
                 time.sleep(0.1)
             assert scraped[f'inspectd_camera_connected{{line="{name}"}}'] == 1
             assert counted >= len(verdicts)
+        # The stall watch runs: at 100 wake-ups a second, hundreds over the seconds above.
+        assert scraped["inspectd_interpreter_stall_seconds_count"] > 100
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(timeout=5.0) == 0
     finally:

@@ -581,24 +581,16 @@ def test_waiting_for_a_frame_lets_the_other_threads_run() -> None:
     worker does whenever ONNX Runtime hands back a result) keeps its pace beside a reading source.
     Real simulator camera at its 20 fps; waking late by 5 ms or more is Python's switch interval,
     the sign that the GIL was held by the wait."""
+    from inspectd.daemon.stallwatch import StallWatch
+
     src = _open()
-    ticks: list[float] = []
-    stop = threading.Event()
-
-    def ticker() -> None:
-        while not stop.is_set():
-            time.sleep(0.001)
-            ticks.append(time.monotonic())
-
-    t = threading.Thread(target=ticker, daemon=True)
+    late: list[float] = []
     try:
         assert src.read(3.0) is not None
-        t.start()
-        frames = [src.read(3.0) for _ in range(20)]    # about 1 s at 20 fps, mostly waiting
+        with StallWatch(late.append, interval_s=0.001):
+            frames = [src.read(3.0) for _ in range(20)]    # about 1 s at 20 fps, mostly waiting
     finally:
-        stop.set()
-        t.join(2.0)
         src.close()
     assert all(f is not None for f in frames)
-    gaps = np.diff(ticks) * 1e3
-    assert len(gaps) > 200 and float(np.median(gaps)) < 3.0, (len(gaps), float(np.median(gaps)))
+    median_ms = float(np.median(late)) * 1e3
+    assert len(late) > 200 and median_ms < 2.0, (len(late), median_ms)

@@ -11,7 +11,7 @@ from tests.deploy.deployfiles import (PROPOSED_METRICS, dashboard_queries, expor
 
 _SELECTOR_RE = re.compile(r"\b(inspectd_[a-z0-9_]+)(\{[^}]*\})?")
 # Series without a line label.
-_NO_LINE_LABEL = {"inspectd_up"}
+_NO_LINE_LABEL = {"inspectd_up", "inspectd_interpreter_stall_seconds_bucket"}
 
 
 def test_dashboard_structure() -> None:
@@ -75,6 +75,7 @@ def test_dashboard_covers_the_required_views() -> None:
         "inspectd_backend_fallbacks_total",
         "inspectd_latency_budget_seconds",        # latency drawn against the line's own budget ...
         "inspectd_engine_seconds_at_start",       # ... and the engine's time measured at its start
+        "inspectd_interpreter_stall_seconds_bucket",  # time no thread of the daemon could run
     }
     exprs = [expr for _, _, expr in queries]
     assert any("histogram_quantile(0.5," in e for e in exprs) and any("histogram_quantile(0.99," in e for e in exprs)
