@@ -84,6 +84,9 @@ MUTATIONS = [
     ("(increase(inspectd_engine_errors_total[5m])) > 0", "(increase(inspectd_engine_errors_total[5m])) > 5",
      "InspectdEngineErrors"),
     ('reason="malformed"', 'reason=~"malformed|queue_full"', "InspectdMalformedFrames"),
+    # Waking late by more than 50 ms instead of 10: the stalls of a blocking GenTL wait go unseen.
+    ('inspectd_interpreter_stall_seconds_bucket{le="0.01"}', 'inspectd_interpreter_stall_seconds_bucket{le="0.05"}',
+     "InspectdInterpreterStalls"),
     ('reason="camera_skipped"}[5m])) > 0\n            and on (job, box, instance, line) (inspectd_source_triggered == 1)',
      'reason="camera_skipped"}[5m])) > 0', "InspectdPartsSkippedByCamera"),
 ]
