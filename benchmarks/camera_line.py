@@ -7,7 +7,9 @@ running at about 20 fps), read through harvesters exactly as on a line.
 1. engine only: preprocess.prepare + Backend.infer on frames captured from the camera -> p50/p99;
 2. `inspectd run` (child process) acquiring from the camera for `--seconds`, a real ZeroMQ
    subscriber -> acquisition to verdict received p50/p99, queue_ms / infer_ms from the verdict
-   headers, fail-safe verdicts by reason (deadline missed, dropped), the daemon's CPU per frame.
+   headers, fail-safe verdicts by reason (deadline missed, dropped), the daemon's CPU per frame, and
+   the share of its stall watch's wake-ups more than 10 ms late (the InspectdInterpreterStalls alert
+   fires over 5 %).
 Step 2 is repeated `--runs` times; every run is printed.
 3. what a reconnect costs the other lines of the same daemon: genicam's GenTL calls keep the GIL, so
    while one camera is opened or closed (or looked for and not found) no other Python thread runs.
@@ -135,6 +137,7 @@ def main() -> int:
               f"{r['failsafe']:11d}{r['cpu_ms_per_frame']:14.2f}")
     for i, r in enumerate(runs, 1):
         print(f"run {i}: {r['results']} verdicts, fail-safe {r['failsafe']} {r['reasons'] or ''}; "
+              f"stall-watch wake-ups over 10 ms late {100 * r['stalls_over_10ms']:.1f} %; "
               f"RSS {r['rss_mb']:.0f} MiB; exit {r['exit']}")
     for what, ms in stalls.items():
         print(f"other threads stalled by the camera, {what} x {args.cycles}: longest {ms:.1f} ms")

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,7 @@ class DaemonProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "inspectd.cli", "--log-level", "INFO", "run",
                                       "--config", str(path)], stderr=subprocess.PIPE, text=True)
         self.ready = threading.Event()
+        self.metrics_port: int | None = None
         self.log: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -95,6 +97,9 @@ class DaemonProcess:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log.append(line.rstrip())
+            served = re.search(r"metrics on http://[^:]+:(\d+)/metrics", line)
+            if served:
+                self.metrics_port = int(served.group(1))
             if re.search(r" ready: ", line):
                 self.ready.set()
 
@@ -103,6 +108,17 @@ class DaemonProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def stalls_over_10ms(self) -> float:
+        """Share of the daemon's stall-watch wake-ups more than 10 ms late (inspectd_interpreter_stall_seconds)."""
+        if self.metrics_port is None:
+            return float("nan")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        values = {name: float(value) for name, _, value in (line.rpartition(" ") for line in text.splitlines()
+                                                             if line.startswith("inspectd_interpreter_stall"))}
+        count = values.get("inspectd_interpreter_stall_seconds_count", 0.0)
+        in_time = values.get('inspectd_interpreter_stall_seconds_bucket{le="0.01"}', 0.0)
+        return 1.0 - in_time / count if count else float("nan")
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the daemon has used so far."""
@@ -159,6 +175,7 @@ def daemon_run(workdir: Path, bundle: Path, source: dict, n: int, backend: str, 
                     infer_ms.append(header["infer_ms"])
         rss = daemon.rss_mb()
         cpu_last = daemon.cpu_s()
+        stalls = daemon.stalls_over_10ms()
         elapsed = (last - first) if first is not None and last is not None else float("nan")
     finally:
         rc = daemon.stop()
@@ -169,6 +186,7 @@ def daemon_run(workdir: Path, bundle: Path, source: dict, n: int, backend: str, 
             "infer_p50_ms": _pct(infer_ms, 50), "infer_p99_ms": _pct(infer_ms, 99),
             "result_fps": len(lat) / elapsed if elapsed else float("nan"), "rss_mb": rss, "exit": rc,
             "cpu_ms_per_frame": 1000 * (cpu_last - cpu_first) / max(len(lat) + failsafe, 1),
+            "stalls_over_10ms": stalls,
             "reasons": reasons}
 
 
