@@ -216,8 +216,9 @@ def test_run_publishes_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, ti
 def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, tiny_bundle: Path, cameras: int) -> None:
     """The simulator's full 20 fps per camera, the default queue and the demo's 150 ms budget: every
     part gets a real verdict in time, also with two cameras (two acquisition threads) in one daemon.
-    While the source waited for frames inside GenTL, holding the GIL, the engine ran several times
-    slower and parts got the fail-safe verdict. A real camera feature write, read back."""
+    While the source waited for frames inside GenTL, holding the GIL, the engine ran at half speed or
+    worse and parts got the fail-safe verdict (benchmarks/RESULTS.md §20). A real camera feature
+    write, read back."""
     endpoint = f"ipc://{tmp_path}/cam.sock"
     names = [f"cam{i + 1}" for i in range(cameras)]
     cfg = _write_config(tmp_path / "cam.yaml", [{

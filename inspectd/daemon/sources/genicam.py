@@ -96,9 +96,10 @@ def convert_pixels(data: np.ndarray, pixel_format: str, width: int, height: int)
 
 
 # genicam's GenTL calls keep the GIL while they wait for a buffer: a fetch that waits inside GenTL
-# stalls the inference worker and the publisher for as long (the daemon's engine ran several times
-# slower beside a 20 fps camera). So read() never waits there: one non-blocking poll, then a sleep
-# that lets the GIL go. A frame is noticed at most POLL_S after it arrives; each poll costs ~0.1 ms.
+# stalls the inference worker and the publisher for as long (beside a 20 fps camera the engine ran
+# at half speed and most parts missed their deadline: benchmarks/RESULTS.md §20). So read() never
+# waits there: one non-blocking poll, then a sleep that lets the GIL go. A frame is noticed at most
+# POLL_S after it arrives; a camera that sends nothing costs a few % of one core in polls.
 POLL_S = 0.002
 ONE_POLL_S = 5e-5  # try_fetch's own time limit: shorter than one poll, so it polls exactly once
 
