@@ -244,6 +244,8 @@ def main() -> int:
     for i, (lat, thr) in enumerate(runs, 1):
         print(f"run {i}: daemon p99 - engine p99 (paced): {lat['p99_ms'] - eng['p99_ms']:+.2f} ms (target <= +1 ms); "
               f"daemon / engine throughput {100 * thr['result_fps'] / eng['fps']:.1f} % (target >= 95 %); "
+              f"stall-watch wake-ups over 10 ms late {100 * lat['stalls_over_10ms']:.1f} / "
+              f"{100 * thr['stalls_over_10ms']:.1f} %; "
               f"fail-safe paced {lat['failsafe']} {lat['reasons'] or ''}, max rate {thr['failsafe']} "
               f"{thr['reasons'] or ''}; RSS {thr['rss_mb']:.0f} MiB after {thr['results'] + thr['failsafe']} frames; "
               f"exit {lat['exit']}, {thr['exit']}")
