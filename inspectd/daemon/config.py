@@ -137,6 +137,10 @@ class GenicamSourceConfig(_Strict):
                     raise ValueError(f"feature {name!r}: expected a number, string or true/false, got {item!r}")
         return value
     fetch_timeout_s: float = Field(1.0, gt=0)
+    # While waiting for a frame the source asks the camera every poll_ms (genicam's GenTL calls keep
+    # the GIL while they block, so it never waits inside them): a frame waits at most this long, and
+    # each ask costs CPU (at 2 ms a few % of one core per camera: benchmarks/RESULTS.md §20).
+    poll_ms: float = Field(2.0, ge=0.5, le=50.0)
     reconnect_backoff_s: tuple[float, float] = (0.5, 10.0)
 
     @field_validator("reconnect_backoff_s")

@@ -128,6 +128,8 @@ def test_full_config(tmp_path: Path) -> None:
     (("id: line2", "id: 'line 2'"), r"lines\[1\]\.id: .*pattern"),
     (("reconnect_backoff_s: [0.25, 4]", "reconnect_backoff_s: [5, 1]"),
      r"lines\[0\]\.source\.reconnect_backoff_s: expected \[min, max\]"),
+    (("reconnect_backoff_s: [0.25, 4]", "reconnect_backoff_s: [0.25, 4]\n      poll_ms: 0.1"),
+     r"lines\[0\]\.source\.poll_ms: .*greater than or equal to 0\.5"),
     (("encoding: raw", "encoding: jpeg"), r"lines\[0\]\.heatmap\.encoding"),
     (('endpoint: "ipc:///tmp/x.sock"', 'endpoint: "localhost:5555"'), r"zmq\.endpoint: expected a ZeroMQ endpoint"),
     (("port: 0", "port: 70000"), r"metrics\.port: .*less than or equal to 65535"),

@@ -594,3 +594,29 @@ def test_waiting_for_a_frame_lets_the_other_threads_run() -> None:
     assert all(f is not None for f in frames)
     median_ms = float(np.median(late)) * 1e3
     assert len(late) > 200 and median_ms < 2.0, (len(late), median_ms)
+
+
+def test_the_poll_interval_comes_from_the_config_and_sets_how_often_the_camera_is_asked() -> None:
+    """`poll_ms` trades CPU against how long a frame may wait: a source asks the camera about once
+    per poll_ms while nothing comes (real simulator camera, acquisition stopped; the asks counted)."""
+    asks = {}
+    for poll_ms in (2.0, 20.0):
+        src = make_source(GenicamSourceConfig(type="genicam", cti=CTI, device={"index": 0}, poll_ms=poll_ms), "cam")
+        src.open()
+        try:
+            assert src.read(3.0) is not None
+            src._ia.stop()                            # nothing comes any more
+            real, count = src._ia.try_fetch, [0]
+
+            def counted(*args: object, **kwargs: object) -> object:
+                count[0] += 1
+                return real(*args, **kwargs)
+
+            src._ia.try_fetch = counted
+            assert src.read(0.4) is None
+            asks[poll_ms] = count[0]
+        finally:
+            src.close()
+    assert GenicamSource("cam", CTI, {"index": 0}).poll_s == GenicamSourceConfig.model_fields["poll_ms"].default / 1000
+    assert 10 <= asks[20.0] <= 25 and asks[2.0] > 5 * asks[20.0], asks
+

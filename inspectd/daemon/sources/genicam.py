@@ -24,6 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from inspectd.daemon.config import GenicamSourceConfig
 from inspectd.daemon.frame import Frame
 from inspectd.daemon.sources.base import Source, SourceError, SourceLost, SourceStats
 
@@ -98,9 +99,7 @@ def convert_pixels(data: np.ndarray, pixel_format: str, width: int, height: int)
 # genicam's GenTL calls keep the GIL while they wait for a buffer: a fetch that waits inside GenTL
 # stalls the inference worker and the publisher for as long (beside a 20 fps camera the engine ran
 # at half speed and most parts missed their deadline: benchmarks/RESULTS.md §20). So read() never
-# waits there: one non-blocking poll, then a sleep that lets the GIL go. A frame is noticed at most
-# POLL_S after it arrives; a camera that sends nothing costs a few % of one core in polls.
-POLL_S = 0.002
+# waits there: one non-blocking poll, then a sleep of the line's `poll_ms` that lets the GIL go.
 ONE_POLL_S = 5e-5  # try_fetch's own time limit: shorter than one poll, so it polls exactly once
 
 
@@ -230,9 +229,12 @@ class GenicamSource(Source):
     def __init__(self, line: str, cti: str | Path, device: dict[str, Any] | Any,
                  pixel_format: str | None = None, exposure_us: float | None = None,
                  trigger_mode: str | None = None, trigger_source: str | None = None,
-                 features: dict[str, Any] | None = None, trigger_selector: str | None = None) -> None:
+                 features: dict[str, Any] | None = None, trigger_selector: str | None = None,
+                 poll_ms: float | None = None) -> None:
         super().__init__(line)
         self.cti = Path(cti)
+        # Not given (a source made in code, not from a config): the schema's default, the one place defaults live.
+        self.poll_s = (poll_ms if poll_ms is not None else GenicamSourceConfig.model_fields["poll_ms"].default) / 1000
         if not isinstance(device, dict):  # a DeviceSelector model
             device = {k: getattr(device, k) for k in ("serial", "id", "index") if getattr(device, k) is not None}
         if len(device) != 1 or next(iter(device)) not in ("serial", "id", "index"):
@@ -260,7 +262,7 @@ class GenicamSource(Source):
         return cls(line, cfg.cti, cfg.device, pixel_format=cfg.pixel_format, exposure_us=cfg.exposure_us,
                    trigger_mode=trigger.mode if trigger else None,
                    trigger_source=trigger.source if trigger else None, features=cfg.features,
-                   trigger_selector=trigger.selector if trigger else None)
+                   trigger_selector=trigger.selector if trigger else None, poll_ms=cfg.poll_ms)
 
     @property
     def free_running(self) -> bool:  # type: ignore[override]
@@ -292,7 +294,7 @@ class GenicamSource(Source):
                                       f"{_short(exc)}") from None
             from harvesters.core import ImageAcquirer
             _harvesters_on_monotonic_time()
-            self._ia.timeout_period_on_update_event_data_call = 0  # see POLL_S: never wait inside GenTL
+            self._ia.timeout_period_on_update_event_data_call = 0  # see ONE_POLL_S: never wait inside GenTL
             self._ia.add_callback(ImageAcquirer.Events.INCOMPLETE_BUFFER, _incomplete_counter(self.stats))
             self._configure(self._ia.remote_device.node_map)
             self._enable_chunks(self._ia.remote_device.node_map)
@@ -480,7 +482,7 @@ class GenicamSource(Source):
                         return None
                     # After an incomplete buffer the next one may be queued already.
                     waited = self.stats.incomplete_frames == incomplete_before
-                    time.sleep(min(POLL_S, left))
+                    time.sleep(min(self.poll_s, left))
                     continue
                 with buffer:
                     acquired_ns = time.time_ns()
