@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from inspectd.cli import main
 from inspectd.engines.bundle import load_bundle
-from inspectd.engines.runtime.bench import BACKBONE_FILE, LatencyStats, run_bench
+from inspectd.engines.runtime.bench import BACKBONE_FILE, LatencyStats, paced_row, run_bench
 from inspectd.engines.runtime.tensorrt_backend import unavailable_reason as trt_unavailable
 from inspectd.errors import ConfigError
 from tests.engines.test_runtime_toybundle import make_toy_bundle, toy_onnx
@@ -77,6 +78,22 @@ def test_cli_bench_json(toy_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     if trt_unavailable():
         assert set(out["skipped"]) == {"tensorrt"}
     assert out["input_shape"] == [32, 32, 1]
+
+
+def test_bench_at_a_line_rate_paces_its_calls(toy_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--rate: batch-1 calls started at the line's rate, in a row of their own beside the back-to-back ones."""
+    start = time.monotonic()
+    rc = main(["bench", "--bundle", str(toy_path), "--backend", "onnxruntime", "--iterations", "10",
+               "--warmup", "1", "--batch", "2", "--rate", "25", "--json"])
+    took = time.monotonic() - start
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    rows = {(r["name"], r["batch"]): r for r in out["rows"]}
+    assert {("onnxruntime", 1), ("onnxruntime", 2), (paced_row("onnxruntime", 25), 1)} <= set(rows)
+    assert rows[(paced_row("onnxruntime", 25), 1)]["iterations"] == 10
+    assert took >= 9 / 25  # ten calls started 40 ms apart
+    assert main(["bench", "--bundle", str(toy_path), "--rate", "0"]) == 2
+    assert "rate (0.0) must be a positive number" in capsys.readouterr().err
 
 
 def test_cli_bench_bad_iterations_exits_2(toy_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -102,6 +102,24 @@ def time_calls(fn: Callable[[], Any], iterations: int, warmup: int) -> list[floa
     return out
 
 
+def time_paced(fn: Callable[[], Any], iterations: int, warmup: int, period_s: float) -> list[float]:
+    """Seconds per call when calls start `period_s` apart, as a line's frames arrive, after `warmup`
+    back-to-back untimed calls. A CPU left idle between calls may answer slower than back to back."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    next_start = time.perf_counter()
+    for _ in range(iterations):
+        wait = next_start - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+        next_start = t0 + period_s  # a call longer than the period: the next one starts at once
+    return out
+
+
 def time_interleaved(fns: dict[str, Callable[[], Any]], iterations: int, warmup: int) -> dict[str, list[float]]:
     """Like time_calls for several functions, called in turn (a, b, a, b, ...)."""
     for _ in range(warmup):
@@ -154,11 +172,15 @@ def sample_frame(bundle: Bundle, size: tuple[int, int] = DEFAULT_FRAME) -> np.nd
 
 def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations: int = 200, batch: int = 8,
               warmup: int = 20, options: dict[str, dict[str, Any]] | None = None,
-              frame_size: tuple[int, int] = DEFAULT_FRAME, backbone_onnx: os.PathLike | None = None) -> BenchResult:
+              frame_size: tuple[int, int] = DEFAULT_FRAME, backbone_onnx: os.PathLike | None = None,
+              rate: float | None = None) -> BenchResult:
     """Benchmark each requested backend (default: all known) that can run here. The backbone
-    alone is timed from `backbone_onnx` (default: `backbone.onnx` in the bundle, if present)."""
+    alone is timed from `backbone_onnx` (default: `backbone.onnx` in the bundle, if present).
+    `rate`: also time each backend's batch-1 calls started `rate` times a second (a row of its own)."""
     if iterations < 1 or warmup < 0 or batch < 1:
         raise ConfigError(f"iterations ({iterations}) and batch ({batch}) must be >= 1, warmup ({warmup}) >= 0")
+    if rate is not None and not (0 < rate < float("inf")):
+        raise ConfigError(f"rate ({rate}) must be a positive number of calls per second")
     names = list(backends) if backends else list(BACKENDS)
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
@@ -209,6 +231,10 @@ def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations:
                 times = time_interleaved({label: (lambda fn=fn: fn(x)) for label, fn in timed.items()},
                                          iterations, warmup)
                 result.rows.extend(LatencyStats.from_seconds(label, k, t) for label, t in times.items())
+            if rate is not None:
+                x1 = np.ascontiguousarray(inputs[:1])
+                result.rows.append(LatencyStats.from_seconds(
+                    paced_row(name, rate), 1, time_paced(lambda: backend.infer(x1), iterations, warmup, 1.0 / rate)))
         finally:
             backend.close()
             for extra in extra_backends:
@@ -217,6 +243,10 @@ def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations:
 
 
 INT8_ROW = "onnxruntime int8"
+
+
+def paced_row(backend: str, rate: float) -> str:
+    return f"{backend} @ {rate:g} calls/s"
 
 
 def _int8_backend(bundle: Bundle, ort_options: dict[str, Any], result: BenchResult) -> Any:
