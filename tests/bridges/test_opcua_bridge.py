@@ -158,16 +158,20 @@ async def _disconnect_quietly(client: Client) -> None:
 
 
 def test_healthy_goes_false_at_once_while_a_verdict_backlog_is_written(tmp_path: Path, tiny_bundle: Path,
-                                                                       synthetic_parts: Any) -> None:
-    """A burst of 8,000 verdicts, faster than OPC UA writes them (eleven variables and an event
-    each: about 3,000 a second here), then the line goes blind: Healthy must go false early in
-    the backlog's writing, not after it. In-process bridge, a real daemon-side Publisher (ZeroMQ), a
-    real asyncua client."""
+                                                                       synthetic_parts: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of verdicts, faster than OPC UA writes them (eleven variables and an event each),
+    then the line goes blind: Healthy must go false early in the backlog's writing, not after it.
+    In-process bridge, a real daemon-side Publisher (ZeroMQ), a real asyncua client. Each verdict's
+    write is made 0.5 ms slower (the loop blocked, as by a write to a larger address space): on a fast
+    machine the subscriber thread, sharing the GIL with the writing loop, read the burst off ZeroMQ
+    hardly faster than it was written, so there was no backlog left to jump."""
     import threading
 
     from inspectd.bridges.common import load_settings
     from inspectd.bridges.opcua import OpcuaBridge
     from inspectd.daemon.publish import Publisher
+    from tests.bridges.conftest import SubscriberTap
     from tests.daemon.test_client import make_verdict
 
     port = free_port()
@@ -178,7 +182,16 @@ def test_healthy_goes_false_at_once_while_a_verdict_backlog_is_written(tmp_path:
     ok = {"state": "ok", "camera_connected": True, "engine_ready": True}
     pub.set_line_status("line1", ok)
     pub.start()
+    write = OpcuaBridge._apply
+
+    async def slower_write(self: OpcuaBridge, item: tuple) -> None:
+        if item[0] == "verdict":
+            time.sleep(0.0005)  # blocks the loop like a write, without suspending it; other threads run
+        await write(self, item)
+
+    monkeypatch.setattr(OpcuaBridge, "_apply", slower_write)
     bridge = OpcuaBridge(load_settings(cfg, "opcua"))
+    tap = SubscriberTap(bridge.subscriber)
     stop = threading.Event()
     thread = threading.Thread(target=lambda: asyncio.run(bridge.serve(stop)), daemon=True)
     thread.start()
@@ -201,7 +214,9 @@ def test_healthy_goes_false_at_once_while_a_verdict_backlog_is_written(tmp_path:
             n_verdicts = 3000   # a second or more of writing (under QUEUE_SIZE: none may be dropped)
             for i in range(n_verdicts):
                 pub.publish_verdict(make_verdict(i + 1))
-            await asyncio.sleep(0.3)
+            # The bridge has taken every verdict off ZeroMQ (reading is far faster than writing OPC
+            # UA): the blind heartbeat is not behind them in the ZeroMQ stream, only behind the writes.
+            await asyncio.to_thread(tap.wait, lambda t: t.verdicts >= n_verdicts, 30, "the verdicts reached the bridge")
             blind = time.monotonic()
             pub.set_line_status("line1", {**ok, "state": "blind", "camera_connected": False})
             at = await _until(lambda: last("Healthy") is False, 30, "Healthy never went false")
