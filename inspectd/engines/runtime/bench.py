@@ -91,15 +91,8 @@ class BenchResult:
 
 
 def time_calls(fn: Callable[[], Any], iterations: int, warmup: int) -> list[float]:
-    """Seconds per call for `iterations` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+    """Seconds per call for `iterations` back-to-back calls after `warmup` untimed ones."""
+    return time_paced(fn, iterations, warmup, 0.0)
 
 
 def time_paced(fn: Callable[[], Any], iterations: int, warmup: int, period_s: float) -> list[float]:
