@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import genicam
+import yaml
 
 from daemon_latency import daemon_run, engine_only
+from inspectd.daemon.capture import capture
 from inspectd.daemon.sources.genicam import GenicamSource
 from inspectd.daemon.stallwatch import StallWatch
 
@@ -41,20 +42,12 @@ CTI = Path(genicam.__file__).parent / "viky.cti"
 CAMERA_FPS = 20.0  # the simulator's frame rate
 
 
-def capture_frames(out: Path, count: int) -> list[Path]:
-    source = GenicamSource("bench", CTI, {"index": 0})
-    source.open()
-    try:
-        files = []
-        for i in range(count):
-            frame = source.read(3.0)
-            if frame is None or frame.image is None:
-                raise SystemExit(f"{CTI}: no frame from the simulator camera")
-            files.append(out / f"frame{i:03d}.png")
-            cv2.imwrite(str(files[-1]), cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR))
-    finally:
-        source.close()
-    return files
+def capture_frames(work: Path, bundle: Path, source: dict, count: int) -> list[Path]:
+    """`count` frames of the camera, saved as `inspectd capture` saves them."""
+    config = work / "capture.yaml"
+    config.write_text(yaml.safe_dump({"lines": [{"id": "bench", "source": source, "bundle": str(bundle),
+                                                 "threshold": 5.0}]}))
+    return capture(config, "bench", work / "frames", count).files
 
 
 def longest_stall_ms(work: Callable[[], None]) -> float:
@@ -118,8 +111,8 @@ def main() -> int:
     frames = int(args.seconds * CAMERA_FPS)
     with tempfile.TemporaryDirectory(prefix="inspectd-camera-") as tmp:
         work = Path(tmp)
-        (work / "frames").mkdir()
-        eng = engine_only(args.bundle, capture_frames(work / "frames", 20), args.engine_frames, args.backend)
+        eng = engine_only(args.bundle, capture_frames(work, args.bundle, source, 20), args.engine_frames,
+                          args.backend)
         runs = [daemon_run(work, args.bundle, source, frames, args.backend, queue_size=4,
                            timeout_s=args.seconds + 60, budget_ms=args.budget_ms) for _ in range(args.runs)]
     stalls = reconnect_stalls(args.cycles)
