@@ -33,7 +33,7 @@ from typing import Callable
 import genicam
 import yaml
 
-from daemon_latency import daemon_run, engine_only
+from daemon_latency import add_backend_option_arg, backend_options, daemon_run, engine_only
 from inspectd.daemon.capture import capture
 from inspectd.daemon.sources.genicam import GenicamSource
 from inspectd.daemon.stallwatch import StallWatch
@@ -103,7 +103,9 @@ def main() -> int:
     ap.add_argument("--engine-frames", type=int, default=500)
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--cycles", type=int, default=10, help="camera opens / failed lookups in step 3")
+    add_backend_option_arg(ap)
     args = ap.parse_args()
+    options = backend_options(args)
     if not CTI.is_file():
         raise SystemExit(f"{CTI}: the GenTL simulator is not installed (genicam wheel without viky.cti)")
 
@@ -112,14 +114,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="inspectd-camera-") as tmp:
         work = Path(tmp)
         eng = engine_only(args.bundle, capture_frames(work, args.bundle, source, 20), args.engine_frames,
-                          args.backend)
+                          args.backend, options)
         runs = [daemon_run(work, args.bundle, source, frames, args.backend, queue_size=4,
-                           timeout_s=args.seconds + 60, budget_ms=args.budget_ms) for _ in range(args.runs)]
+                           timeout_s=args.seconds + 60, budget_ms=args.budget_ms, options=options)
+                for _ in range(args.runs)]
     stalls = reconnect_stalls(args.cycles)
     idle = [idle_wait_cpu() for _ in range(3)]
 
     print(f"\ninspectd camera line benchmark: bundle {args.bundle}, {CTI.name} at ~{CAMERA_FPS:g} fps, "
-          f"budget {args.budget_ms:g} ms, backend {args.backend}, {os.cpu_count()} CPUs, {args.runs} runs")
+          f"budget {args.budget_ms:g} ms, backend {args.backend}, {os.cpu_count()} CPUs, {args.runs} runs, "
+          f"backend options {options or 'default'}")
     print(f"{'':28}{'p50 ms':>9}{'p99 ms':>9}{'frames/s':>10}{'queue p50/p99':>16}{'infer p50/p99':>16}"
           f"{'fail-safe':>11}{'CPU ms/frame':>14}")
     print(f"{'engine only (prepare + infer)':28}{eng['p50_ms']:9.2f}{eng['p99_ms']:9.2f}{eng['fps']:10.1f}"

@@ -44,13 +44,14 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def engine_only(bundle_path: Path, files: list[Path], n: int, backend_name: str) -> dict:
+def engine_only(bundle_path: Path, files: list[Path], n: int, backend_name: str,
+                options: dict | None = None) -> dict:
     bundle = load_bundle(bundle_path)
     spec = bundle.input_spec
     # The frames a source would hand over: decoded once, H x W (grey) or H x W x 3.
     frames = [preprocess.read_image(p, spec.color_mode)[..., 0] if spec.color_mode == "gray"
               else preprocess.read_image(p, spec.color_mode) for p in files]
-    backend, _ = open_backend(bundle, [backend_name])
+    backend, _ = open_backend(bundle, [backend_name], {backend_name: options or {}})
     with backend:
         for f in frames[:5]:
             backend.infer(preprocess.prepare(f, spec)[None])
@@ -76,14 +77,15 @@ def replay_source(images: Path, fps: float | None) -> dict:
 
 class DaemonProcess:
     def __init__(self, workdir: Path, bundle: Path, source: dict, backend: str, queue_size: int,
-                 budget_ms: float = 1000.0) -> None:
+                 budget_ms: float = 1000.0, options: dict | None = None) -> None:
         stamp = f"{os.getpid()}-{int(time.time() * 1000)}"
         self.endpoint = f"ipc://{workdir}/bench-{stamp}.sock"
         cfg = {"zmq": {"endpoint": self.endpoint, "sndhwm": 100000}, "metrics": {"port": 0},
                "heartbeat_interval_s": 1.0,
                "lines": [{"id": "bench", "bundle": str(bundle), "backends": [backend], "threshold": 5.0,
                           "latency_budget_ms": budget_ms, "queue_size": queue_size,
-                          "heatmap": {"publish": "none"}, "source": source}]}
+                          "heatmap": {"publish": "none"}, "source": source,
+                          **({"backend_options": {backend: options}} if options else {})}]}
         path = workdir / f"bench-{stamp}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         self.proc = subprocess.Popen([sys.executable, "-m", "inspectd.cli", "--log-level", "INFO", "run",
@@ -135,12 +137,12 @@ class DaemonProcess:
 
 
 def daemon_run(workdir: Path, bundle: Path, source: dict, n: int, backend: str, queue_size: int,
-               timeout_s: float, budget_ms: float = 1000.0) -> dict:
+               timeout_s: float, budget_ms: float = 1000.0, options: dict | None = None) -> dict:
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 200000)
     sub.setsockopt(zmq.SUBSCRIBE, b"verdict.bench")
-    daemon = DaemonProcess(workdir, bundle, source, backend, queue_size, budget_ms)
+    daemon = DaemonProcess(workdir, bundle, source, backend, queue_size, budget_ms, options)
     try:
         sub.connect(daemon.endpoint)
         if not daemon.ready.wait(60):
@@ -190,6 +192,21 @@ def daemon_run(workdir: Path, bundle: Path, source: dict, n: int, backend: str, 
             "reasons": reasons}
 
 
+def add_backend_option_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="the line's backend_options for --backend (YAML value), e.g. spin=false; repeatable")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    out = {}
+    for item in args.backend_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--backend-option {item!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True, type=Path)
@@ -201,7 +218,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="per daemon run, seconds")
     ap.add_argument("--pace", type=float, default=0.9, help="paced replay rate, x engine-only throughput")
     ap.add_argument("--runs", type=int, default=3, help="daemon runs (paced + as fast as possible) to report")
+    add_backend_option_arg(ap)
     args = ap.parse_args()
+    options = backend_options(args)
 
     with tempfile.TemporaryDirectory(prefix="inspectd-bench-") as tmp:
         work = Path(tmp)
@@ -220,19 +239,19 @@ def main() -> int:
         if not files:
             raise SystemExit(f"{images}: no images")
 
-        eng = engine_only(args.bundle, files, args.engine_frames, args.backend)
+        eng = engine_only(args.bundle, files, args.engine_frames, args.backend, options)
         paced_fps = max(1.0, args.pace * eng["fps"])
         runs = []
         for _ in range(args.runs):
             lat = daemon_run(work, args.bundle, replay_source(images, paced_fps), args.latency_frames,
-                             args.backend, queue_size=4, timeout_s=args.timeout)
+                             args.backend, queue_size=4, timeout_s=args.timeout, options=options)
             # As fast as possible: the replay is back-pressured by the queue, 2 deep keeps the worker busy.
             thr = daemon_run(work, args.bundle, replay_source(images, None), args.frames, args.backend,
-                             queue_size=2, timeout_s=args.timeout)
+                             queue_size=2, timeout_s=args.timeout, options=options)
             runs.append((lat, thr))
 
     print(f"\ninspectd daemon benchmark: bundle {args.bundle}, {len(files)} images, backend {args.backend}, "
-          f"{os.cpu_count()} CPUs, {args.runs} daemon runs")
+          f"{os.cpu_count()} CPUs, {args.runs} daemon runs, backend options {options or 'default'}")
     print(f"{'':40}{'p50 ms':>9}{'p99 ms':>9}{'frames/s':>10}{'queue p50/p99':>16}{'infer p50/p99':>16}")
     print(f"{'engine only (prepare + infer)':40}{eng['p50_ms']:9.2f}{eng['p99_ms']:9.2f}{eng['fps']:10.1f}"
           f"{'':16}{eng['infer_p50_ms']:8.2f}/{eng['infer_p99_ms']:<7.2f}")

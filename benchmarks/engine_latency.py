@@ -23,6 +23,7 @@ import torch
 
 from inspectd.engines.methods.flow import build_model
 from inspectd.engines.model import ModelConfig
+from inspectd.engines.runtime.onnxruntime_backend import session_options
 
 DESIGNS = {
     "previous default (256x256, 4 coupling steps)": {"steps": 4, "components": 0, "members": 1},
@@ -58,10 +59,8 @@ def _session(mc: ModelConfig, threads: int, backbone_only: bool = False) -> ort.
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.zeros(_input_shape(mc), dtype=torch.uint8),), buf,
                           dynamo=False, opset_version=17, input_names=["images"])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    # The product's session options (onnxruntime_backend.session_options), so the figures are the daemon's.
+    return ort.InferenceSession(buf.getvalue(), session_options(ort, threads), providers=["CPUExecutionProvider"])
 
 
 def main() -> None:

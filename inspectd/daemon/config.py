@@ -196,6 +196,8 @@ class ArchiveConfig(_Strict):
 # the backend's own default; the daemon passes only the keys that are set (model_dump(exclude_none=True)).
 class OnnxRuntimeOptions(_Strict):
     intra_op_threads: int | None = Field(None, ge=0)   # 0 = the documented default (thread_budget)
+    # Pool threads spin between the operators of one call (never after it returns); false: they sleep.
+    spin: bool | None = None
     device: Literal["cpu", "cuda"] | None = None        # cuda: ORT's TensorRT/CUDA providers
     fp16: bool | None = None                            # with device: cuda
     # int8: the bundle's cached INT8 model (inspectd build-engine --backend onnxruntime --precision int8),

@@ -88,3 +88,81 @@ def test_thread_budget_honours_a_restricted_affinity_in_the_daemon_settings(tmp_
     import json
 
     assert json.loads(out.stdout) == [thread_budget(n_cpus), 5]
+
+
+def _matmul_chain() -> bytes:
+    """A graph of 40 MatMul + Relu pairs on 64 x 256 tensors: enough operators for ONNX Runtime's
+    pool threads to work in every call, small enough to build and run in milliseconds."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights, prev = [], [], "x"
+    for i in range(40):
+        weights.append(numpy_helper.from_array((rng.standard_normal((256, 256)) * 0.05).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+        prev = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [64, 256])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _idle_cpu_ms_after_calls(options: object) -> float:
+    """Median CPU time (ms, all threads of this process) used in the 200 ms after a call returns."""
+    import statistics
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(_matmul_chain(), sess_options=options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((64, 256)).astype(np.float32)
+    for _ in range(3):
+        session.run(None, {"x": x})
+    idle = []
+    for _ in range(5):
+        session.run(None, {"x": x})
+        cpu = time.process_time()
+        time.sleep(0.2)
+        idle.append((time.process_time() - cpu) * 1000)
+    return statistics.median(idle)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True,
+                    reason="needs 2 usable CPUs for a pool thread")
+def test_engine_threads_hold_no_core_between_parts() -> None:
+    """The product's sessions spin between the operators of a call but not after it: a line's
+    acquisition and publisher threads get the cores back as soon as the engine answers. Control:
+    ONNX Runtime's own default (spinning goes on after the call) is seen by the same measure."""
+    import onnxruntime as ort
+
+    from inspectd.engines.runtime.onnxruntime_backend import session_options
+
+    product = _idle_cpu_ms_after_calls(session_options(ort, 2))
+    assert product < 5.0, f"{product:.1f} ms of CPU in the 200 ms after a call"
+    own_default = ort.SessionOptions()
+    own_default.intra_op_num_threads = 2
+    spinning = _idle_cpu_ms_after_calls(own_default)
+    assert spinning > 10.0, f"the control did not spin after the call ({spinning:.1f} ms)"
+
+
+def test_spinning_is_on_by_default_and_a_line_may_turn_it_off(tmp_path: Path) -> None:
+    from inspectd.daemon.run import line_settings
+    from inspectd.errors import ConfigError
+
+    bundle = load_bundle(make_toy_bundle(tmp_path / "toy"))
+    line = {"source": {"type": "replay", "path": str(tmp_path)}, "bundle": str(tmp_path), "threshold": 3.0,
+            "backends": ["onnxruntime"]}
+    cfg = config_from_dict({"lines": [dict(line, id="a"),
+                                      dict(line, id="b", backend_options={"onnxruntime": {"spin": False}})]})
+    for line_cfg, spin in zip(cfg.lines, (True, False)):
+        kwargs = line_settings(line_cfg).backend_options["onnxruntime"]
+        with OnnxRuntimeBackend(bundle, **kwargs) as backend:
+            opts = backend._session.get_session_options()
+            assert backend.describe()["spin"] is spin
+            assert opts.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+            assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(ConfigError, match="spin"):
+        config_from_dict({"lines": [dict(line, id="c", backend_options={"onnxruntime": {"spin": "sometimes"}})]})
+    with pytest.raises(ConfigError, match="spin must be true or false"):
+        OnnxRuntimeBackend(bundle, spin="yes")

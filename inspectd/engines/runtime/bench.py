@@ -262,13 +262,9 @@ def _ort_runner(path: os.PathLike, threads: int) -> Callable[[np.ndarray], Any]:
     """The backbone-only graph with the same session options as the reference backend."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    from inspectd.engines.runtime.onnxruntime_backend import session_options
+
+    opts = session_options(ort, threads or (os.cpu_count() or 1))
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT's own exception types

@@ -10,9 +10,15 @@ line uses it (`is_reference`).
 Threads (the documented default, `thread_budget`): the daemon's own threads (acquisition, deadline,
 publisher, replay decoding) need a core too. With 3 or more usable CPUs (os.sched_getaffinity:
 taskset, cgroup cpusets, systemd CPUAffinity=) the engines share usable - 1 of them; with 1 or 2,
-all of them, with thread spinning off (always off: a spinning worker would steal the core the
-acquisition thread needs). Lines running ONNX Runtime split the engine share evenly (at least one
-thread each); `backend_options.onnxruntime.intra_op_threads` sets a line's own.
+all of them. Lines running ONNX Runtime split the engine share evenly (at least one thread each);
+`backend_options.onnxruntime.intra_op_threads` sets a line's own.
+
+Spinning (`spin`, default on): inside one call the pool threads spin between operators instead of
+sleeping, and stop spinning when the call returns (`session.force_spinning_stop`), so they never
+hold a core between parts. Waking a sleeping thread for each of the graph's few hundred operators
+cost 15-40 % of the engine time on the 2-core development VM, most at a slow line's pace
+(benchmarks/RESULTS.md §22); spinning that went on after the call would take the core the
+acquisition and publisher threads need, which is why it stops there.
 """
 
 from __future__ import annotations
@@ -53,6 +59,24 @@ def thread_budget(usable: int, lines_sharing: int = 1) -> int:
     return max(1, engines // max(1, int(lines_sharing)))
 
 
+DEFAULT_SPIN = True
+
+
+def session_options(ort: Any, intra_op_threads: int, spin: bool = DEFAULT_SPIN) -> Any:
+    """The session options of every CPU session the product times or runs: batch 1 on a line PC,
+    one operator at a time with all `intra_op_threads` inside it; pool threads spin between the
+    operators of a call when `spin`, and never after it returns."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    opts.log_severity_level = 3
+    return opts
+
+
 def default_intra_op_threads(lines_sharing: int = 1) -> int:
     """The documented default (thread_budget) for the CPUs this process may use."""
     return thread_budget(usable_cpus(), lines_sharing)
@@ -82,9 +106,10 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, bundle: Bundle, threads: int = 0, device: str = "cpu", fp16: bool = False,
                  intra_op_threads: int | None = None, precision: str = "fp32",
-                 int8_recipe: str | None = None) -> None:
+                 int8_recipe: str | None = None, spin: bool | None = None) -> None:
         """`intra_op_threads` (alias `threads`, kept for the CLIs): threads inside one operator;
         0 / None = the documented default for the CPUs this process may use (thread_budget).
+        `spin`: pool threads spin between the operators of a call (None = DEFAULT_SPIN).
         `precision`: fp32 (model.onnx) or int8 (the cached INT8 model, CPU only)."""
         super().__init__(bundle)
         reason = unavailable_reason()
@@ -106,19 +131,13 @@ class OnnxRuntimeBackend(Backend):
         # A subclass (a test double, a wrapper) is never the reference: it is gated like any backend.
         self.is_reference = type(self).name == NAME and device == "cpu" and precision == "fp32" and not fp16
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Batch 1 on a line PC: one op at a time, all threads inside the op, no thread spinning
-        # that would steal cores from acquisition and publishing.
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         given = intra_op_threads or threads or 0
         if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 0:
             raise ConfigError(f"onnxruntime intra_op_threads (threads) must be an integer >= 0, got {given!r}")
-        wanted = int(given)
-        opts.intra_op_num_threads = wanted or default_intra_op_threads()
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
+        if spin is not None and not isinstance(spin, bool):
+            raise ConfigError(f"onnxruntime spin must be true or false, got {spin!r}")
+        self._spin = DEFAULT_SPIN if spin is None else spin
+        opts = session_options(ort, int(given) or default_intra_op_threads(), self._spin)
         providers = self._providers(ort, device, fp16)
         # FP32: the bytes the manifest vouches for, checked and loaded in one read. A bundle folder
         # overwritten in place since it was loaded (train --force, an rsync) would otherwise be
@@ -165,7 +184,7 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": self._session.get_providers(),
-                "intra_op_threads": self._threads, "precision": self._precision,
+                "intra_op_threads": self._threads, "spin": self._spin, "precision": self._precision,
                 "model": self._model_path.name}
 
     def close(self) -> None:

@@ -1,0 +1,79 @@
+"""ONNX Runtime pool-thread spinning vs engine latency at a line's pace, side by side in one run.
+
+    python benchmarks/ort_spinning.py --bundle BUNDLE [--rates 10,30,0] [--rounds 3] [--iterations 100]
+
+Three settings, each one ONNX Runtime session on the bundle's model.onnx (batch 1, the product's
+thread budget), timed in turn within every round and at every rate (0 = back to back), calls
+started 1/rate apart as a line's parts arrive (`inspectd bench --rate`'s timing):
+- off: pool threads sleep whenever they have no work, also between the operators of one call
+  (the product default before 2026-12-02);
+- spin in call: they spin between operators and stop when the call returns
+  (`session.force_spinning_stop`; `backend_options.onnxruntime.spin`, the default now);
+- spin on: ONNX Runtime's own default, threads also spin on after the call (shown for its cost only).
+Per setting: p50 / p99 of the call, and the CPU the process used per call (all threads) — what the
+setting takes from the daemon's other threads. Every round is printed, not the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from inspectd.daemon.pipeline import timing_frame
+from inspectd.engines.bundle import load_bundle
+from inspectd.engines.runtime.bench import time_paced
+from inspectd.engines.runtime.onnxruntime_backend import default_intra_op_threads, session_options
+
+
+def _session(model: Path, threads: int, setting: str) -> ort.InferenceSession:
+    if setting == "spin on":  # ONNX Runtime's own defaults for spinning (it goes on after the call)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    else:
+        opts = session_options(ort, threads, spin=setting != "off")
+    return ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", required=True, type=Path)
+    ap.add_argument("--rates", default="10,30,0", help="calls per second, comma-separated; 0 = back to back")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iterations", type=int, default=100, help="timed calls per setting, rate and round")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the product's default)")
+    args = ap.parse_args()
+    bundle = load_bundle(args.bundle)
+    threads = args.threads or default_intra_op_threads()
+    frame = timing_frame(bundle)
+    settings = ("off", "spin in call", "spin on")
+    sessions = {s: _session(bundle.model_path, threads, s) for s in settings}
+    input_name = bundle.manifest.model.input_name
+    rates = [float(r) for r in args.rates.split(",")]
+    print(f"bundle {args.bundle}, {threads} intra-op threads, ONNX Runtime {ort.__version__}, "
+          f"{args.iterations} calls per row")
+    print(f"{'round':>5} {'rate':>7} {'setting':14} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/call':>12}  vs off (p50)")
+    for r in range(1, args.rounds + 1):
+        for rate in rates:
+            p50_off = None
+            for name in settings:
+                session = sessions[name]
+                cpu0 = time.process_time()
+                secs = time_paced(lambda: session.run(None, {input_name: frame}), args.iterations, 5,
+                                  1.0 / rate if rate else 0.0)
+                cpu_ms = (time.process_time() - cpu0) * 1000 / (args.iterations + 5)
+                ms = np.asarray(secs) * 1000
+                p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+                p50_off = p50 if name == "off" else p50_off
+                label = f"{rate:g}/s" if rate else "b2b"
+                print(f"{r:5d} {label:>7} {name:14} {p50:8.2f} {p99:8.2f} {cpu_ms:12.2f}  {p50_off / p50:5.2f}x",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
