@@ -93,7 +93,8 @@ class DaemonProcess:
         self.ready = threading.Event()
         self.metrics_port: int | None = None
         self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -130,10 +131,14 @@ class DaemonProcess:
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(10)
+            rc = self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait(5)
+            rc = self.proc.wait(5)
+        self._reader.join(5)  # the log up to the exit; then the pipe is ours to close
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return rc
 
 
 def daemon_run(workdir: Path, bundle: Path, source: dict, n: int, backend: str, queue_size: int,
