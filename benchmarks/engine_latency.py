@@ -51,7 +51,7 @@ def _input_shape(mc: ModelConfig) -> tuple[int, int, int, int]:
     return (1, mc.input_height, mc.input_width, 1 if mc.color_mode == "gray" else 3)
 
 
-def _session(mc: ModelConfig, threads: int, backbone_only: bool = False) -> ort.InferenceSession:
+def _session(mc: ModelConfig, threads: int, backbone_only: bool = False, spin: bool = True) -> ort.InferenceSession:
     buf = io.BytesIO()
     model = build_model(mc).eval()
     module = _Backbone(model).eval() if backbone_only else model
@@ -60,7 +60,7 @@ def _session(mc: ModelConfig, threads: int, backbone_only: bool = False) -> ort.
         torch.onnx.export(module, (torch.zeros(_input_shape(mc), dtype=torch.uint8),), buf,
                           dynamo=False, opset_version=17, input_names=["images"])
     # The product's session options (onnxruntime_backend.session_options), so the figures are the daemon's.
-    return ort.InferenceSession(buf.getvalue(), session_options(ort, threads), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(buf.getvalue(), session_options(ort, threads, spin), providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
@@ -68,18 +68,21 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=200, help="timed runs per design per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--spin", choices=("on", "off"), default="on",
+                    help="pool threads spin inside a call (the product default) or sleep (before 2026-12-02)")
     ap.add_argument("--designs", default=None, help="JSON {name: ModelConfig overrides} (default: built-in)")
     args = ap.parse_args()
     designs = json.loads(args.designs) if args.designs else DESIGNS
     configs = {name: ModelConfig(**o) for name, o in designs.items()}
     ref = next(iter(designs))
-    sessions = {name: _session(mc, args.threads) for name, mc in configs.items()}
+    spin = args.spin == "on"
+    sessions = {name: _session(mc, args.threads, spin=spin) for name, mc in configs.items()}
     backbone = f"backbone only (input of {ref!r})"
-    sessions[backbone] = _session(configs[ref], args.threads, backbone_only=True)
+    sessions[backbone] = _session(configs[ref], args.threads, backbone_only=True, spin=spin)
     configs[backbone] = configs[ref]
     inputs = {name: np.random.default_rng(0).integers(0, 256, _input_shape(mc), np.uint8)
               for name, mc in configs.items()}
-    print(f"{args.threads} intra-op threads, batch 1; ratio = p99 / p99 of {ref!r} in the same round")
+    print(f"{args.threads} intra-op threads, spin {args.spin}, batch 1; ratio = p99 / p99 of {ref!r} in the same round")
     print("| round | design | p50 ms | p99 ms | p99 ratio |\n|---|---|---|---|---|")
     for r in range(args.rounds):
         times: dict[str, list[float]] = {k: [] for k in sessions}

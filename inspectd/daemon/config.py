@@ -197,6 +197,7 @@ class ArchiveConfig(_Strict):
 class OnnxRuntimeOptions(_Strict):
     intra_op_threads: int | None = Field(None, ge=0)   # 0 = the documented default (thread_budget)
     # Pool threads spin between the operators of one call (never after it returns); false: they sleep.
+    # Unset: spin while all the daemon's engine threads fit its CPUs (run.ort_plan).
     spin: bool | None = None
     device: Literal["cpu", "cuda"] | None = None        # cuda: ORT's TensorRT/CUDA providers
     fp16: bool | None = None                            # with device: cuda

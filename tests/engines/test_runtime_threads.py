@@ -146,22 +146,43 @@ def test_engine_threads_hold_no_core_between_parts() -> None:
     assert spinning > 10.0, f"the control did not spin after the call ({spinning:.1f} ms)"
 
 
-def test_spinning_is_on_by_default_and_a_line_may_turn_it_off(tmp_path: Path) -> None:
-    from inspectd.daemon.run import line_settings
+def test_engines_spin_when_their_threads_fit_the_cpus_and_a_line_may_choose(tmp_path: Path) -> None:
+    from inspectd.daemon.run import line_settings, ort_plan
+    from inspectd.engines.runtime.onnxruntime_backend import usable_cpus
     from inspectd.errors import ConfigError
 
+    usable = usable_cpus()
     bundle = load_bundle(make_toy_bundle(tmp_path / "toy"))
     line = {"source": {"type": "replay", "path": str(tmp_path)}, "bundle": str(tmp_path), "threshold": 3.0,
             "backends": ["onnxruntime"]}
-    cfg = config_from_dict({"lines": [dict(line, id="a"),
-                                      dict(line, id="b", backend_options={"onnxruntime": {"spin": False}})]})
-    for line_cfg, spin in zip(cfg.lines, (True, False)):
-        kwargs = line_settings(line_cfg).backend_options["onnxruntime"]
-        with OnnxRuntimeBackend(bundle, **kwargs) as backend:
-            opts = backend._session.get_session_options()
-            assert backend.describe()["spin"] is spin
-            assert opts.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
-            assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+
+    def spins(lines: list[dict]) -> list[bool]:
+        cfg = config_from_dict({"lines": lines})
+        ort_lines, spin = ort_plan(cfg.lines)
+        return [line_settings(c, ort_lines, spin).backend_options["onnxruntime"]["spin"] for c in cfg.lines]
+
+    # One line on the default budget: its threads fit, it spins; the backend does as it is told.
+    one = config_from_dict({"lines": [dict(line, id="a")]}).lines[0]
+    kwargs = line_settings(one, *ort_plan([one])).backend_options["onnxruntime"]
+    assert kwargs["spin"] is True
+    with OnnxRuntimeBackend(bundle, **kwargs) as backend:
+        opts = backend._session.get_session_options()
+        assert backend.describe()["spin"] is True
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    # Two lines that each ask for every CPU: spinning threads would take the CPUs from each other.
+    every = {"onnxruntime": {"intra_op_threads": usable}}
+    assert spins([dict(line, id="a", backend_options=every), dict(line, id="b", backend_options=every)]) == [False] * 2
+    # A configured shadow runs beside the line's engine on one more thread.
+    shadow = {"bundle": str(tmp_path), "threshold": 3.0}
+    assert spins([dict(line, id="a", shadow=shadow)]) == [thread_budget(usable) + 1 <= usable]
+    # What a line sets is kept, either way.
+    assert spins([dict(line, id="a", backend_options={"onnxruntime": {"spin": False}}),
+                  dict(line, id="b", backend_options={"onnxruntime": {"intra_op_threads": usable, "spin": True}})]
+                 ) == [False, True]
+    with OnnxRuntimeBackend(bundle, spin=False) as backend:
+        opts = backend._session.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     with pytest.raises(ConfigError, match="spin"):
         config_from_dict({"lines": [dict(line, id="c", backend_options={"onnxruntime": {"spin": "sometimes"}})]})
     with pytest.raises(ConfigError, match="spin must be true or false"):

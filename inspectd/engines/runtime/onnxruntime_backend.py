@@ -13,12 +13,13 @@ taskset, cgroup cpusets, systemd CPUAffinity=) the engines share usable - 1 of t
 all of them. Lines running ONNX Runtime split the engine share evenly (at least one thread each);
 `backend_options.onnxruntime.intra_op_threads` sets a line's own.
 
-Spinning (`spin`, default on): inside one call the pool threads spin between operators instead of
-sleeping, and stop spinning when the call returns (`session.force_spinning_stop`), so they never
-hold a core between parts. Waking a sleeping thread for each of the graph's few hundred operators
-cost 15-40 % of the engine time on the 2-core development VM, most at a slow line's pace
-(benchmarks/RESULTS.md §22); spinning that went on after the call would take the core the
-acquisition and publisher threads need, which is why it stops there.
+Spinning (`spin`): inside one call the pool threads spin between operators instead of sleeping,
+and stop spinning when the call returns (`session.force_spinning_stop`), so they hold no core
+between parts. Waking a sleeping thread for each of the graph's few hundred operators cost 12-57 %
+of the engine time on the 2-core development VM, most at a slow line's pace (benchmarks/RESULTS.md
+§22). It pays only while each engine thread has a CPU of its own: two spinning two-thread engines on
+2 CPUs ran 40 % fewer calls than sleeping ones. So by default an engine spins when its threads fit
+the usable CPUs (the daemon counts every line's and shadow's engine threads: run.ort_plan).
 """
 
 from __future__ import annotations
@@ -59,13 +60,12 @@ def thread_budget(usable: int, lines_sharing: int = 1) -> int:
     return max(1, engines // max(1, int(lines_sharing)))
 
 
-DEFAULT_SPIN = True
-
-
-def session_options(ort: Any, intra_op_threads: int, spin: bool = DEFAULT_SPIN) -> Any:
-    """The session options of every CPU session the product times or runs: batch 1 on a line PC,
-    one operator at a time with all `intra_op_threads` inside it; pool threads spin between the
-    operators of a call when `spin`, and never after it returns."""
+def session_options(ort: Any, intra_op_threads: int, spin: bool | None = None) -> Any:
+    """The session options of every CPU session the product times or scores with: batch 1 on a line
+    PC, one operator at a time with all `intra_op_threads` inside it; pool threads spin between the
+    operators of a call when `spin` (None: when the threads fit the usable CPUs), never after it returns."""
+    if spin is None:
+        spin = intra_op_threads <= usable_cpus()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -109,7 +109,8 @@ class OnnxRuntimeBackend(Backend):
                  int8_recipe: str | None = None, spin: bool | None = None) -> None:
         """`intra_op_threads` (alias `threads`, kept for the CLIs): threads inside one operator;
         0 / None = the documented default for the CPUs this process may use (thread_budget).
-        `spin`: pool threads spin between the operators of a call (None = DEFAULT_SPIN).
+        `spin`: pool threads spin between the operators of a call (None: when the threads fit the
+        usable CPUs; the daemon decides for all its engines together, run.ort_plan).
         `precision`: fp32 (model.onnx) or int8 (the cached INT8 model, CPU only)."""
         super().__init__(bundle)
         reason = unavailable_reason()
@@ -136,8 +137,9 @@ class OnnxRuntimeBackend(Backend):
             raise ConfigError(f"onnxruntime intra_op_threads (threads) must be an integer >= 0, got {given!r}")
         if spin is not None and not isinstance(spin, bool):
             raise ConfigError(f"onnxruntime spin must be true or false, got {spin!r}")
-        self._spin = DEFAULT_SPIN if spin is None else spin
-        opts = session_options(ort, int(given) or default_intra_op_threads(), self._spin)
+        threads_wanted = int(given) or default_intra_op_threads()
+        self._spin = threads_wanted <= usable_cpus() if spin is None else spin
+        opts = session_options(ort, threads_wanted, self._spin)
         providers = self._providers(ort, device, fp16)
         # FP32: the bytes the manifest vouches for, checked and loaded in one read. A bundle folder
         # overwritten in place since it was loaded (train --force, an rsync) would otherwise be
