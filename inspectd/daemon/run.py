@@ -61,10 +61,11 @@ def line_settings(cfg: LineConfig, ort_lines: int = 1, spin: bool = True) -> Lin
 def ort_plan(lines: Sequence[LineConfig]) -> tuple[int, bool]:
     """(ort_lines, spin) for line_settings: how many lines share ONNX Runtime's CPU budget, and
     whether their engines may spin inside a call. Spinning pays only while every engine thread the
-    daemon runs at once has a CPU of its own — the lines' intra-op threads plus each configured
-    shadow's — else spinning threads take the CPUs from each other (benchmarks/RESULTS.md §22: two
-    spinning two-thread engines on 2 CPUs ran 40 % fewer calls than sleeping ones)."""
-    from inspectd.engines.runtime.onnxruntime_backend import default_intra_op_threads, usable_cpus
+    daemon runs at once has a CPU of the engines' share of its own — the lines' intra-op threads
+    plus each configured shadow's within thread_budget (from 3 CPUs one stays with the daemon's
+    threads) — else spinning threads take the CPUs from each other (benchmarks/RESULTS.md §22: two
+    spinning two-thread engines on 2 CPUs ran a third fewer calls than sleeping ones)."""
+    from inspectd.engines.runtime.onnxruntime_backend import default_intra_op_threads, thread_budget, usable_cpus
 
     ort_lines = [c for c in lines if "onnxruntime" in c.backends]
     threads = 0
@@ -73,7 +74,7 @@ def ort_plan(lines: Sequence[LineConfig]) -> tuple[int, bool]:
         threads += explicit or default_intra_op_threads(len(ort_lines))
         if c.shadow is not None:
             threads += explicit or 1  # recipes.LineRecipes._open_shadow: one thread unless the line sets it
-    return len(ort_lines), threads <= usable_cpus()
+    return len(ort_lines), threads <= thread_budget(usable_cpus())
 
 
 def _daemon_answers(path: Path) -> bool:
