@@ -64,7 +64,7 @@ def ort_plan(lines: Sequence[LineConfig]) -> tuple[int, bool]:
     daemon runs at once has a CPU of the engines' share of its own — the lines' intra-op threads
     plus each configured shadow's within thread_budget (from 3 CPUs one stays with the daemon's
     threads) — else spinning threads take the CPUs from each other (benchmarks/RESULTS.md §22: two
-    spinning two-thread engines on 2 CPUs ran a third fewer calls than sleeping ones)."""
+    spinning two-thread engines on 2 CPUs ran 43-48 % fewer calls than sleeping ones)."""
     from inspectd.engines.runtime.onnxruntime_backend import default_intra_op_threads, thread_budget, usable_cpus
 
     ort_lines = [c for c in lines if "onnxruntime" in c.backends]
