@@ -15,10 +15,10 @@ all of them. Lines running ONNX Runtime split the engine share evenly (at least 
 
 Spinning (`spin`): inside one call the pool threads spin between operators instead of sleeping,
 and stop spinning when the call returns (`session.force_spinning_stop`), so they hold no core
-between parts. Waking a sleeping thread for each of the graph's few hundred operators made a call 11-61 %
-longer on the 2-core development VM, most at a slow line's pace (benchmarks/RESULTS.md
-§22). It pays only while each engine thread has a CPU of its own: two spinning two-thread engines on
-2 CPUs ran 43-48 % fewer calls than sleeping ones. So by default an engine spins when its threads fit
+between parts. Waking a sleeping thread for each of the graph's few hundred operators made a call
+11-61 % longer on the 2-core development VM, most at a slow line's pace (benchmarks/RESULTS.md §22).
+It pays only while each engine thread has a CPU of its own: two spinning two-thread engines on 2
+CPUs ran 43-48 % fewer calls than sleeping ones. So by default an engine spins when its threads fit
 the usable CPUs (the daemon counts every line's and shadow's engine threads: run.ort_plan).
 """
 
