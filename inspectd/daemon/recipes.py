@@ -380,8 +380,8 @@ class LineRecipes:
             if threads > thread_budget(usable_cpus()):
                 # The line's engine was opened to spin for a daemon without this shadow (run.ort_plan).
                 log.warning("line %s: the shadow's engine thread does not fit the engines' %d CPUs beside the "
-                            "line's spinning engine: the line's engine may answer a quarter to a third slower while the "
-                            "shadow is busy (configure the shadow in the line's config, or set "
+                            "line's spinning engine: the line's engine may answer a quarter to a third slower "
+                            "while the shadow is busy (configure the shadow in the line's config, or set "
                             "backend_options.onnxruntime.spin: false, and restart)",
                             self.line, thread_budget(usable_cpus()))
         # Off the critical path (and on one thread): timed, not held against the line's budget.

@@ -9,8 +9,8 @@ import logging
 import signal
 import threading
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from inspectd.daemon.config import (DaemonConfig, LineConfig, config_warnings, load_config,

@@ -137,9 +137,8 @@ class OnnxRuntimeBackend(Backend):
             raise ConfigError(f"onnxruntime intra_op_threads (threads) must be an integer >= 0, got {given!r}")
         if spin is not None and not isinstance(spin, bool):
             raise ConfigError(f"onnxruntime spin must be true or false, got {spin!r}")
-        threads_wanted = int(given) or default_intra_op_threads()
-        self._spin = threads_wanted <= usable_cpus() if spin is None else spin
-        opts = session_options(ort, threads_wanted, self._spin)
+        opts = session_options(ort, int(given) or default_intra_op_threads(), spin)
+        self._spin = opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
         providers = self._providers(ort, device, fp16)
         # FP32: the bytes the manifest vouches for, checked and loaded in one read. A bundle folder
         # overwritten in place since it was loaded (train --force, an rsync) would otherwise be
