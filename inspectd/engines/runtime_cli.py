@@ -52,7 +52,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--batch", type=int, default=8, help="second batch size measured besides batch 1")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads (0 = the daemon's default for the usable CPUs)")
     p.add_argument("--frame", default="1280x1024", metavar="WxH",
                    help="decoded camera frame size for the preprocessing timing (default 1280x1024)")
     p.add_argument("--rate", type=float, default=None, metavar="FPS",

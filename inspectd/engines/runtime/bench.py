@@ -262,9 +262,10 @@ def _ort_runner(path: os.PathLike, threads: int) -> Callable[[np.ndarray], Any]:
     """The backbone-only graph with the same session options as the reference backend."""
     import onnxruntime as ort
 
-    from inspectd.engines.runtime.onnxruntime_backend import session_options
+    from inspectd.engines.runtime.onnxruntime_backend import default_intra_op_threads, session_options
 
-    opts = session_options(ort, threads or (os.cpu_count() or 1))
+    # The backend's own default threads (and with them its spinning rule), not every CPU of the machine.
+    opts = session_options(ort, threads or default_intra_op_threads())
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT's own exception types
