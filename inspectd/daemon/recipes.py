@@ -376,14 +376,15 @@ class LineRecipes:
         if self.cfg.shadow is None and line_ort.get("spin"):
             from inspectd.engines.runtime.onnxruntime_backend import thread_budget, usable_cpus
 
+            budget = thread_budget(usable_cpus())
             threads = int(line_ort.get("intra_op_threads") or 0) + int(opts["onnxruntime"].get("intra_op_threads") or 0)
-            if threads > thread_budget(usable_cpus()):
+            if threads > budget:
                 # The line's engine was opened to spin for a daemon without this shadow (run.ort_plan).
                 log.warning("line %s: the shadow's engine thread does not fit the engines' %d CPUs beside the "
                             "line's spinning engine: the line's engine may answer a quarter to a third slower "
                             "while the shadow is busy (configure the shadow in the line's config, or set "
                             "backend_options.onnxruntime.spin: false, and restart)",
-                            self.line, thread_budget(usable_cpus()))
+                            self.line, budget)
         # Off the critical path (and on one thread): timed, not held against the line's budget.
         return self._open(spec, settings=dataclasses.replace(self.pipeline.settings, backend_options=opts),
                           check_budget=False)
