@@ -1,6 +1,6 @@
 """A line on a real GenTL camera: engine alone vs the daemon acquiring from the camera, in one run.
 
-    python benchmarks/camera_line.py --bundle BUNDLE [--seconds 30] [--runs 3] [--budget-ms 150]
+    python benchmarks/camera_line.py --bundle BUNDLE [--seconds 30] [--runs 3] [--budget-ms 150] [--busy N]
 
 The camera is the GenTL simulator that ships in the genicam wheel (viky.cti: 400x400 RGBa8, free
 running at about 20 fps), read through harvesters exactly as on a line.
@@ -10,7 +10,8 @@ running at about 20 fps), read through harvesters exactly as on a line.
    headers, fail-safe verdicts by reason (deadline missed, dropped), the daemon's CPU per frame, and
    the share of its stall watch's wake-ups more than 10 ms late (the InspectdInterpreterStalls alert
    fires over 5 %).
-Step 2 is repeated `--runs` times; every run is printed.
+Step 2 is repeated `--runs` times; every run is printed. `--busy N`: N other processes keep one CPU
+each busy during every daemon run (an operator's recalibration or eval on the line PC, a backup).
 3. what a reconnect costs the other lines of the same daemon: genicam's GenTL calls keep the GIL, so
    while one camera is opened or closed (or looked for and not found) no other Python thread runs.
    A thread that sleeps 1 ms in a loop (the daemon's StallWatch) measures it: how late it woke at
@@ -23,12 +24,14 @@ Step 2 is repeated `--runs` times; every run is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import genicam
 import yaml
@@ -94,6 +97,18 @@ def idle_wait_cpu(seconds: float = 3.0) -> float:
     return 100 * ((used.user - start.user) + (used.system - start.system)) / (used.elapsed - start.elapsed)
 
 
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """`n` processes that each keep one CPU busy while the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True, type=Path)
@@ -103,6 +118,7 @@ def main() -> int:
     ap.add_argument("--engine-frames", type=int, default=500)
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--cycles", type=int, default=10, help="camera opens / failed lookups in step 3")
+    ap.add_argument("--busy", type=int, default=0, help="processes keeping one CPU each busy during the daemon runs")
     add_backend_option_arg(ap)
     args = ap.parse_args()
     options = backend_options(args)
@@ -115,15 +131,17 @@ def main() -> int:
         work = Path(tmp)
         eng = engine_only(args.bundle, capture_frames(work, args.bundle, source, 20), args.engine_frames,
                           args.backend, options)
-        runs = [daemon_run(work, args.bundle, source, frames, args.backend, queue_size=4,
-                           timeout_s=args.seconds + 60, budget_ms=args.budget_ms, options=options)
-                for _ in range(args.runs)]
+        runs = []
+        for _ in range(args.runs):
+            with busy_processes(args.busy):
+                runs.append(daemon_run(work, args.bundle, source, frames, args.backend, queue_size=4,
+                                       timeout_s=args.seconds + 60, budget_ms=args.budget_ms, options=options))
     stalls = reconnect_stalls(args.cycles)
     idle = [idle_wait_cpu() for _ in range(3)]
 
     print(f"\ninspectd camera line benchmark: bundle {args.bundle}, {CTI.name} at ~{CAMERA_FPS:g} fps, "
           f"budget {args.budget_ms:g} ms, backend {args.backend}, {os.cpu_count()} CPUs, {args.runs} runs, "
-          f"backend options {options or 'default'}")
+          f"backend options {options or 'default'}, {args.busy} busy processes beside the daemon")
     print(f"{'':28}{'p50 ms':>9}{'p99 ms':>9}{'frames/s':>10}{'queue p50/p99':>16}{'infer p50/p99':>16}"
           f"{'fail-safe':>11}{'CPU ms/frame':>14}")
     print(f"{'engine only (prepare + infer)':28}{eng['p50_ms']:9.2f}{eng['p99_ms']:9.2f}{eng['fps']:10.1f}"

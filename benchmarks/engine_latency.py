@@ -51,7 +51,7 @@ def _input_shape(mc: ModelConfig) -> tuple[int, int, int, int]:
     return (1, mc.input_height, mc.input_width, 1 if mc.color_mode == "gray" else 3)
 
 
-def _session(mc: ModelConfig, threads: int, backbone_only: bool = False, spin: bool = True) -> ort.InferenceSession:
+def _session(mc: ModelConfig, threads: int, backbone_only: bool = False, spin: bool = False) -> ort.InferenceSession:
     buf = io.BytesIO()
     model = build_model(mc).eval()
     module = _Backbone(model).eval() if backbone_only else model
@@ -68,8 +68,9 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=200, help="timed runs per design per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--spin", choices=("on", "off"), default="on",
-                    help="pool threads spin inside a call (the product default) or sleep (before 2026-12-02)")
+    ap.add_argument("--spin", choices=("on", "off"), default="off",
+                    help="pool threads sleep between operators (the product default) or spin inside a call "
+                         "(a line's backend_options.onnxruntime.spin: true)")
     ap.add_argument("--designs", default=None, help="JSON {name: ModelConfig overrides} (default: built-in)")
     args = ap.parse_args()
     designs = json.loads(args.designs) if args.designs else DESIGNS

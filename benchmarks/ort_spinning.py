@@ -7,9 +7,10 @@ Three settings, each one ONNX Runtime session on the bundle's model.onnx (batch 
 thread budget), timed in turn within every round and at every rate (0 = back to back), calls
 started 1/rate apart as a line's parts arrive (`inspectd bench --rate`'s timing):
 - off: pool threads sleep whenever they have no work, also between the operators of one call
-  (the product default before 2026-12-02);
+  (the product default);
 - spin in call: they spin between operators and stop when the call returns
-  (`session.force_spinning_stop`; `backend_options.onnxruntime.spin`, the default now);
+  (`session.force_spinning_stop`; a line's `backend_options.onnxruntime.spin: true`; the default
+  from 2026-12-02 until RESULTS.md §23 showed what it does beside a busy process);
 - spin on: ONNX Runtime's own default, threads also spin on after the call (shown for its cost only).
 Per setting: p50 / p99 of the call, and the CPU the process used per call (all threads) — what the
 setting takes from the daemon's other threads. Every round is printed, not the best.

@@ -68,6 +68,24 @@ TINY_METHOD_OPTIONS: dict[str, dict[str, str]] = {
 
 
 @pytest.fixture(scope="session")
+def default_architecture_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: SyntheticSet) -> Path:
+    """A bundle of the product's default architecture (what `inspectd train` builds with no flags: three
+    flows at 384x384), trained for one epoch on the synthetic parts: for tests of behaviour that depends
+    on the size of the engine (its operators, its threads), not on its accuracy."""
+    from inspectd.engines.fitting import one_thread
+    from inspectd.engines.model import ModelConfig
+    from inspectd.engines.model_config import METHOD_SHORT_SIDE
+    from inspectd.engines.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("bundle") / "default-architecture"
+    side = METHOD_SHORT_SIDE["flow"]
+    cfg = TrainConfig(model=ModelConfig(image_height=side, image_width=side), epochs=1, seed=0, select=False)
+    with one_thread():  # see one_torch_thread
+        train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
+    return out
+
+
+@pytest.fixture(scope="session")
 def other_defects(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSet:
     """Defective parts of another seed (test_bad: 12): what the methods that learn from defects
     train on, so every shared check scores them on synthetic_parts' defects, never seen."""

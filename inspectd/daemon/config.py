@@ -196,8 +196,8 @@ class ArchiveConfig(_Strict):
 # the backend's own default; the daemon passes only the keys that are set (model_dump(exclude_none=True)).
 class OnnxRuntimeOptions(_Strict):
     intra_op_threads: int | None = Field(None, ge=0)   # 0 = the documented default (thread_budget)
-    # Pool threads spin between the operators of one call (never after it returns); false: they sleep.
-    # Unset: spin while all the daemon's engine threads fit its CPUs (run.ort_plan).
+    # true: pool threads spin between the operators of one call (never after it returns): faster, but
+    # only on a box that runs nothing else; one busy process beside it makes parts miss the deadline.
     spin: bool | None = None
     device: Literal["cpu", "cuda"] | None = None        # cuda: ORT's TensorRT/CUDA providers
     fp16: bool | None = None                            # with device: cuda

@@ -30,13 +30,13 @@ def check_engines(config: DaemonConfig) -> list[EngineCheck]:
     from inspectd.daemon.line import LineThreshold
     from inspectd.daemon.pipeline import default_backend_opener, engine_time_problem, time_engine, timing_frame
     from inspectd.daemon.recipes import config_specs
-    from inspectd.daemon.run import line_settings, ort_plan
+    from inspectd.daemon.run import line_settings, ort_lines
     from inspectd.engines.bundle import load_bundle
 
-    ort_lines, spin = ort_plan(config.lines)
+    n_ort = ort_lines(config.lines)
     checks = []
     for cfg in config.lines:
-        settings = line_settings(cfg, ort_lines, spin)
+        settings = line_settings(cfg, n_ort)
         for spec in config_specs(cfg).values():
             def check(level: int, message: str, engine_ms: float | None = None) -> None:
                 checks.append(EngineCheck(cfg.id, spec.name, level, message, engine_ms))

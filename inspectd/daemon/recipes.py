@@ -379,7 +379,7 @@ class LineRecipes:
             budget = thread_budget(usable_cpus())
             threads = int(line_ort.get("intra_op_threads") or 0) + int(opts["onnxruntime"].get("intra_op_threads") or 0)
             if threads > budget:
-                # The line's engine was opened to spin for a daemon without this shadow (run.ort_plan).
+                # The line asked its engine to spin (backend_options.onnxruntime.spin), with no CPU for this shadow.
                 log.warning("line %s: the shadow's engine thread does not fit the engines' %d CPUs beside the "
                             "line's spinning engine: the line's engine may answer a quarter to a third slower "
                             "while the shadow is busy (configure the shadow in the line's config, or set "

@@ -41,11 +41,10 @@ PUBLISHER_STALE_INTERVALS = 5
 PUBLISHER_STALE_MIN_S = 5.0
 
 
-def line_settings(cfg: LineConfig, ort_lines: int = 1, spin: bool = True) -> LineSettings:
+def line_settings(cfg: LineConfig, ort_lines: int = 1) -> LineSettings:
     """The pipeline's settings, from the validated config only. ONNX Runtime lines share the CPUs
     this process may run on: without an explicit `intra_op_threads` each of the `ort_lines` gets
-    an equal share (see onnxruntime_backend.default_intra_op_threads); without an explicit `spin`
-    the engine spins inside a call when `spin` (ort_plan: the daemon's engines fit its CPUs)."""
+    an equal share (see onnxruntime_backend.default_intra_op_threads)."""
     options = options_dict(cfg.backend_options)
     if "onnxruntime" in cfg.backends:
         from inspectd.engines.runtime.onnxruntime_backend import default_intra_op_threads
@@ -53,28 +52,13 @@ def line_settings(cfg: LineConfig, ort_lines: int = 1, spin: bool = True) -> Lin
         ort = dict(options.get("onnxruntime", {}))
         if not ort.get("intra_op_threads") and not ort.get("threads"):
             ort["intra_op_threads"] = default_intra_op_threads(ort_lines)
-        ort.setdefault("spin", spin)
         options["onnxruntime"] = ort
     return LineSettings.from_config(cfg, backend_options=options)
 
 
-def ort_plan(lines: Sequence[LineConfig]) -> tuple[int, bool]:
-    """(ort_lines, spin) for line_settings: how many lines share ONNX Runtime's CPU budget, and
-    whether their engines may spin inside a call. Spinning pays only while every engine thread the
-    daemon runs at once has a CPU of the engines' share of its own — the lines' intra-op threads
-    plus each configured shadow's within thread_budget (from 3 CPUs one stays with the daemon's
-    threads) — else spinning threads take the CPUs from each other (benchmarks/RESULTS.md §22: two
-    spinning two-thread engines on 2 CPUs ran 43-48 % fewer calls than sleeping ones)."""
-    from inspectd.engines.runtime.onnxruntime_backend import default_intra_op_threads, thread_budget, usable_cpus
-
-    ort_lines = [c for c in lines if "onnxruntime" in c.backends]
-    threads = 0
-    for c in ort_lines:
-        explicit = c.backend_options.onnxruntime.intra_op_threads if c.backend_options.onnxruntime else None
-        threads += explicit or default_intra_op_threads(len(ort_lines))
-        if c.shadow is not None:
-            threads += explicit or 1  # recipes.LineRecipes._open_shadow: one thread unless the line sets it
-    return len(ort_lines), threads <= thread_budget(usable_cpus())
+def ort_lines(lines: Sequence[LineConfig]) -> int:
+    """How many lines share ONNX Runtime's CPU budget (line_settings)."""
+    return sum("onnxruntime" in c.backends for c in lines)
 
 
 def _daemon_answers(path: Path) -> bool:
@@ -141,7 +125,7 @@ class Daemon:
 
         self._refuse_a_shared_state_dir()
         curve = _curve_keys(self.config)
-        ort_lines, spin = ort_plan(self.config.lines)
+        n_ort = ort_lines(self.config.lines)
         z = self.config.zmq
         self.publisher = Publisher(z.endpoint, sndhwm=z.sndhwm, linger_ms=z.linger_ms,
                                    heartbeat_interval_s=self.config.heartbeat_interval_s, curve=curve,
@@ -158,7 +142,7 @@ class Daemon:
                 if not recipes.fall_back_to_config(exc):
                     raise
                 spec, bundle, threshold = self._open_initial(cfg, recipes)
-            settings = dataclasses.replace(line_settings(cfg, ort_lines, spin), roi=spec.roi)
+            settings = dataclasses.replace(line_settings(cfg, n_ort), roi=spec.roi)
             source = make_source(cfg)
             archive = None
             self.metrics.archive_enabled.labels(line=cfg.id).set(0)

@@ -13,13 +13,14 @@ taskset, cgroup cpusets, systemd CPUAffinity=) the engines share usable - 1 of t
 all of them. Lines running ONNX Runtime split the engine share evenly (at least one thread each);
 `backend_options.onnxruntime.intra_op_threads` sets a line's own.
 
-Spinning (`spin`): inside one call the pool threads spin between operators instead of sleeping,
-and stop spinning when the call returns (`session.force_spinning_stop`), so they hold no core
-between parts. Waking a sleeping thread for each of the graph's few hundred operators made a call
-11-61 % longer on the 2-core development VM, most at a slow line's pace (benchmarks/RESULTS.md §22).
-It pays only while each engine thread has a CPU of its own: two spinning two-thread engines on 2
-CPUs ran 43-48 % fewer calls than sleeping ones. So by default an engine spins when its threads fit
-the usable CPUs (the daemon counts every line's and shadow's engine threads: run.ort_plan).
+Spinning (`spin`, off unless a line asks): inside one call the pool threads spin between operators
+instead of sleeping, and stop spinning when the call returns (`session.force_spinning_stop`), so
+they hold no core between parts. Waking a sleeping thread for each of the graph's few hundred
+operators made a call 11-61 % longer on the 2-core development VM, most at a slow line's pace
+(benchmarks/RESULTS.md §22). But it pays only while every engine thread has a CPU nobody else wants:
+one busy process beside a spinning line engine on 2 CPUs (an operator's recalibration) gave most
+parts the fail-safe verdict, a sleeping engine none (§23). A line PC runs other work, so engines
+sleep; `spin: true` is for a box that runs nothing but the line.
 """
 
 from __future__ import annotations
@@ -60,12 +61,10 @@ def thread_budget(usable: int, lines_sharing: int = 1) -> int:
     return max(1, engines // max(1, int(lines_sharing)))
 
 
-def session_options(ort: Any, intra_op_threads: int, spin: bool | None = None) -> Any:
+def session_options(ort: Any, intra_op_threads: int, spin: bool = False) -> Any:
     """The session options of every CPU session the product times or scores with: batch 1 on a line
     PC, one operator at a time with all `intra_op_threads` inside it; pool threads spin between the
-    operators of a call when `spin` (None: when the threads fit the usable CPUs), never after it returns."""
-    if spin is None:
-        spin = intra_op_threads <= usable_cpus()
+    operators of a call only when `spin`, and never after it returns."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -106,11 +105,11 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, bundle: Bundle, threads: int = 0, device: str = "cpu", fp16: bool = False,
                  intra_op_threads: int | None = None, precision: str = "fp32",
-                 int8_recipe: str | None = None, spin: bool | None = None) -> None:
+                 int8_recipe: str | None = None, spin: bool = False) -> None:
         """`intra_op_threads` (alias `threads`, kept for the CLIs): threads inside one operator;
         0 / None = the documented default for the CPUs this process may use (thread_budget).
-        `spin`: pool threads spin between the operators of a call (None: when the threads fit the
-        usable CPUs; the daemon decides for all its engines together, run.ort_plan).
+        `spin`: pool threads spin between the operators of a call (only on a box that runs nothing
+        else: see the module docstring).
         `precision`: fp32 (model.onnx) or int8 (the cached INT8 model, CPU only)."""
         super().__init__(bundle)
         reason = unavailable_reason()
@@ -135,7 +134,7 @@ class OnnxRuntimeBackend(Backend):
         given = intra_op_threads or threads or 0
         if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 0:
             raise ConfigError(f"onnxruntime intra_op_threads (threads) must be an integer >= 0, got {given!r}")
-        if spin is not None and not isinstance(spin, bool):
+        if not isinstance(spin, bool):
             raise ConfigError(f"onnxruntime spin must be true or false, got {spin!r}")
         opts = session_options(ort, int(given) or default_intra_op_threads(), spin)
         self._spin = opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
