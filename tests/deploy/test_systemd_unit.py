@@ -107,6 +107,8 @@ def test_unit_matches_the_daemon_contract() -> None:
     assert service["ExecStart"] == ["/usr/local/bin/inspectd run --config /etc/inspectd/%i.yaml"]
     assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]   # SIGHUP = reload thresholds
     assert service["EnvironmentFile"] == ["-/etc/inspectd/%i.env"]
+    # The line before an operator's tools on the same PC (RESULTS.md §23), within what nice allows.
+    assert -20 <= int(service["Nice"][0]) < 0
 
     assert service["User"] == ["inspectd"]
     assert set(service["SupplementaryGroups"][0].split()) >= {"video", "plugdev"}
