@@ -264,7 +264,7 @@ def _ort_runner(path: os.PathLike, threads: int) -> Callable[[np.ndarray], Any]:
 
     from inspectd.engines.runtime.onnxruntime_backend import default_intra_op_threads, session_options
 
-    # The backend's own default threads (and with them its spinning rule), not every CPU of the machine.
+    # The backend's own default threads and session options, not every CPU of the machine.
     opts = session_options(ort, threads or default_intra_op_threads())
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
