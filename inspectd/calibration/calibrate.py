@@ -34,6 +34,11 @@ log = logging.getLogger("inspectd.calibration")
 
 # Golden images must score like they did at export time (same ORT CPU path), in normalized units.
 GOLDEN_TOLERANCE = 0.05
+# check_shift: how far (in normalized units, i.e. held-out standard deviations) above the bundle's
+# highest held-out good score the calibration's median may lie. The held-out scores have mean 0, so
+# their highest is >= 0 and good images of the bundle's own setup (median near 0) never get there,
+# however few images were held out (as few as 2, where "above the highest" alone is a coin toss).
+SHIFT_MARGIN = 3.0
 
 
 @dataclass
@@ -52,6 +57,7 @@ class CalibrationRequest:
     batch_size: int = 8
     threads: int = 0
     write_config: bool = True
+    accept_shift: bool = False      # calibrate on good images unlike the bundle's own (check_shift)
 
 
 @dataclass
@@ -119,8 +125,10 @@ def calibrate(req: CalibrationRequest, progress_stream: TextIO | None = None) ->
                    if bad_paths is not None else None)
     good = np.asarray(bundle.normalize(good_raw), dtype=np.float64)
     bad = np.asarray(bundle.normalize(bad_raw), dtype=np.float64) if bad_raw is not None else None
+    shift = check_shift(bundle, req.good, good, req.accept_shift)
 
     report = build_report(req, bundle, good_paths, good, bad_paths, bad, overlap)
+    report["shift"] = shift
     files = write_report(report_dir, report, good, bad)
     update = None
     if req.write_config:
@@ -264,6 +272,36 @@ def score_images(backend: Any, bundle: Bundle, paths: Sequence[Path], batch_size
     finally:
         bar.close()
     return out
+
+
+def check_shift(bundle: Bundle, folder: Path, good: np.ndarray, accept: bool) -> dict[str, Any]:
+    """The calibration's good images must be good parts as the bundle knows them. When their median
+    scores SHIFT_MARGIN above every held-out good image the bundle was validated on (its manifest's
+    highest), the parts, camera or light differ from what it learned, and a threshold set above them
+    would pass defects the bundle could still see: refused (DataError, nothing written) unless
+    `accept`. Returns what the report records."""
+    quantiles = bundle.manifest.score.good_quantiles or {}
+    top = quantiles.get("1.0")
+    median = float(np.median(good))
+    info: dict[str, Any] = {"median": median, "held_out_max": None, "above_held_out": None, "accepted": False}
+    if top is None:  # a bundle without held-out quantiles: nothing to compare with
+        return info
+    held_out_max = float(bundle.normalize(float(top)))
+    above = int((good > held_out_max).sum())
+    info.update(held_out_max=held_out_max, above_held_out=above)
+    if median <= held_out_max + SHIFT_MARGIN:
+        return info
+    if not accept:
+        raise DataError(f"{folder}: {above} of {good.size} good images score above every good image the bundle was "
+                        f"validated on (median normalized score {median:.4g}, the bundle's held-out highest "
+                        f"{held_out_max:.4g}, margin {SHIFT_MARGIN:g}): the parts, camera or light differ from what bundle "
+                        f"{bundle.bundle_id} learned, and a threshold above them would pass defects; retrain on "
+                        f"images of the line as it is now (inspectd train), or --accept-shift to calibrate anyway")
+    log.warning("%s: %d of %d good images score above every held-out good image of bundle %s (median %.4g, "
+                "highest held-out %.4g); calibrating anyway (--accept-shift)", folder, above, good.size,
+                bundle.bundle_id, median, held_out_max)
+    info["accepted"] = True
+    return info
 
 
 def build_report(req: CalibrationRequest, bundle: Bundle, good_paths: Sequence[Path], good: np.ndarray,

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="report folder (default: <state_dir>/<line>/calibration/<UTC time>, state_dir from the config)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default 0.95)")
     p.add_argument("--dry-run", action="store_true", help="report only, leave the config alone")
+    p.add_argument("--accept-shift", action="store_true",
+                   help="calibrate even when the good images score far above every good image the bundle was "
+                        "validated on (other parts, camera or light: retraining is usually the fix)")
     p.add_argument("--batch", type=int, default=8, help="images per inference batch")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
     p.set_defaults(func=_run)
@@ -55,9 +58,15 @@ def _run(args: argparse.Namespace) -> int:
         target_escape=(parse_rate(args.target_escape, "--target-escape", upper=1.0)
                        if args.target_escape is not None else None),
         force_overlap=args.force_overlap, skip_overlap=args.skip_overlap, report_dir=args.report,
-        confidence=args.confidence, batch_size=args.batch, threads=args.threads, write_config=not args.dry_run)
+        confidence=args.confidence, batch_size=args.batch, threads=args.threads, write_config=not args.dry_run,
+        accept_shift=args.accept_shift)
     result = calibrate(req)
     print(result.summary)
+    shift = result.report["shift"]
+    if shift["accepted"]:
+        print(f"shift accepted: {shift['above_held_out']} of {result.report['n_good']} good images score above every "
+              f"held-out good image of the bundle (median {shift['median']:.4g} > {shift['held_out_max']:.4g}): "
+              f"check the camera and light, or retrain (--accept-shift)")
     left_out = result.report["overlap"].get("left_out")
     if left_out:
         split = f"{left_out['good']} good, {left_out['bad']} bad; " if args.bad is not None else ""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from inspectd.calibration.calibrate import SHIFT_MARGIN
 from inspectd.stats import DriftWatch
 from inspectd.cli import main
 from inspectd.daemon.config import load_config
@@ -447,3 +448,43 @@ def test_skip_overlap_that_leaves_no_bad_image_is_refused(tiny_method_bundles, o
                                         r"all 12\)"):
         calibrate(req)
     assert not (tmp_path / "r").exists()
+
+
+def test_good_images_unlike_the_bundles_are_refused_unless_accepted(
+        tiny_bundle: Path, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Calibration images of another setup (here: the light dimmed to a third) score far above the
+    good images the bundle was validated on; a threshold set from them would pass defects, so the
+    calibration stops before writing anything and says why, unless the operator accepts the shift."""
+    folder = tmp_path / "dim"
+    folder.mkdir()
+    rng = np.random.default_rng(1234)
+    for i in range(N_GOOD):
+        cv2.imwrite(str(folder / f"dim_{i:04d}.png"), (render_part(rng, 128)[0] // 3).astype(np.uint8))
+    bundle = load_bundle(tiny_bundle)
+    scores = _normalized_scores(tiny_bundle, folder)
+    held_out_top = float(bundle.normalize(bundle.manifest.score.good_quantiles["1.0"]))
+    assert np.median(scores) > held_out_top + SHIFT_MARGIN  # the premise: unlike the bundle's good parts
+    before = config.read_text()
+    args = ["calibrate", "--bundle", str(tiny_bundle), "--good", str(folder), "--line", "line1",
+            "--target-false-reject", "5%", "--config", str(config)]
+    assert main(args + ["--report", str(tmp_path / "r1")]) == 1
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # after the progress bar
+    assert "score above every good image the bundle was validated on" in err and "--accept-shift" in err
+    _untouched(config, before)
+    assert not (tmp_path / "r1").exists()
+
+    assert main(args + ["--accept-shift", "--report", str(tmp_path / "r2")]) == 0
+    shift = json.loads((tmp_path / "r2" / "report.json").read_text())["shift"]
+    assert shift["accepted"] and shift["above_held_out"] > N_GOOD // 2
+    assert shift["median"] == pytest.approx(float(np.median(scores)), rel=1e-6)
+    assert "shift" in capsys.readouterr().out
+
+
+def test_good_images_like_the_bundles_pass_the_shift_check(tiny_bundle: Path, held_out_good: Path, config: Path,
+                                                           tmp_path: Path) -> None:
+    assert main(["calibrate", "--bundle", str(tiny_bundle), "--good", str(held_out_good), "--line", "line1",
+                 "--target-false-reject", "5%", "--config", str(config), "--dry-run",
+                 "--report", str(tmp_path / "r")]) == 0
+    shift = json.loads((tmp_path / "r" / "report.json").read_text())["shift"]
+    assert not shift["accepted"] and shift["median"] < shift["held_out_max"] + SHIFT_MARGIN
+    assert shift["above_held_out"] < N_GOOD // 2
