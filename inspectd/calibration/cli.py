@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="calibrate even when the good images score far above every good image the bundle was "
                         "validated on (other parts, camera or light: retraining is usually the fix)")
     p.add_argument("--batch", type=int, default=8, help="images per inference batch")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime threads (0 = the daemon's default for the usable CPUs)")
     p.set_defaults(func=_run)
 
 
