@@ -26,9 +26,12 @@ queued heatmaps: one line's heatmaps cannot delay another line's verdicts.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -55,6 +58,62 @@ DEFAULT_QUEUE_SIZE = 10000
 # full heatmap queue never costs a verdict its place.
 DEFAULT_HEATMAP_QUEUE_SIZE = 64
 DROP_REASONS = ("queue_full", "encode_error", "send_error")
+
+
+
+class EndpointServed(Exception):
+    """Another process accepts connections on the ipc:// endpoint's socket file."""
+
+
+class PublisherBindError(InspectdError):
+    """The verdict endpoint cannot be bound: one line naming the cause and the config field to change
+    (zmq.endpoint), in the config file when the caller names it (`in_config`)."""
+
+    def __init__(self, endpoint: str, error: BaseException, config: str = "the config") -> None:
+        self.endpoint, self.error = endpoint, error
+        if isinstance(error, EndpointServed) or getattr(error, "errno", None) == errno.EADDRINUSE:
+            what = "a path of its own" if ipc_path(endpoint) else "a free port"
+            fix = (f"another inspectd (another config or inspectd@ instance) or another program serves it; "
+                   f"give zmq.endpoint in {config} {what}")
+        else:
+            fix = f"{error}; check zmq.endpoint in {config}"
+        super().__init__(f"cannot bind ZeroMQ publisher to {endpoint}: {fix}")
+
+    def in_config(self, config: str) -> "PublisherBindError":
+        """The same error, naming the config file the field is in."""
+        return PublisherBindError(self.endpoint, self.error, config)
+
+
+def ipc_path(endpoint: str) -> str | None:
+    """The socket file of an ipc:// endpoint (None for other transports and Linux abstract names)."""
+    path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else ""
+    return path if path and not path.startswith("@") else None
+
+
+def _served(path: str) -> bool:
+    """Something accepts connections on the Unix socket file `path` (False: no file, a stale one left
+    by a process that is gone, or not a socket). ZeroMQ itself would unlink a live one and bind anew,
+    taking the endpoint from whoever serves it."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except TimeoutError:  # a listener too busy to accept is still a listener
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
 
 OnSent = Callable[[str, dict], None]
 OnDropped = Callable[[str, str, str], None]   # (line, kind verdict|heatmap, reason)
@@ -197,6 +256,8 @@ class Publisher:
         self._start_error: BaseException | None = None
         self._stopping = False
         self._seq: dict[str, int] = {}
+        self._ipc_file: tuple[int, int] | None = None  # the socket file we bound (ipc:// only)
+        self._ipc_lost_said = False
 
     # ---- called from any thread -------------------------------------------------------------
 
@@ -213,7 +274,7 @@ class Publisher:
         if self._start_error is not None:
             self._stopping = True
             self._thread.join(timeout)
-            raise InspectdError(f"cannot bind ZeroMQ publisher to {self.endpoint}: {self._start_error}")
+            raise PublisherBindError(self.endpoint, self._start_error)
 
     def register_line(self, line: str) -> None:
         """Heartbeats go out for every registered line, frames or not."""
@@ -349,9 +410,14 @@ class Publisher:
                 sock.curve_server = True
                 sock.curve_secretkey = self.curve.secret_key
                 sock.curve_publickey = self.curve.public_key
+            path = ipc_path(self.endpoint)
+            if path is not None and _served(path):
+                raise EndpointServed(path)
             sock.bind(self.endpoint)
             self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        except (zmq.ZMQError, ValueError, TypeError) as exc:
+            if path is not None:
+                self._ipc_file = _file_id(path)
+        except (zmq.ZMQError, ValueError, TypeError, EndpointServed) as exc:
             self._start_error = exc
             sock.close(0)
             if auth is not None:
@@ -374,6 +440,7 @@ class Publisher:
             now = time.monotonic()
             if now >= next_heartbeat or self._beat_now:
                 self._beat_now = False
+                self._keep_ipc_file(sock)
                 self._send_heartbeats(sock)
                 # Fixed cadence; after a long stall skip missed beats instead of bursting.
                 next_heartbeat += self.heartbeat_interval_s
@@ -391,6 +458,35 @@ class Publisher:
                 else:
                     continue
             self._send_item(sock, item)
+
+    def _keep_ipc_file(self, sock: zmq.Socket) -> None:
+        """An ipc:// socket file removed under a running daemon (by hand, by a /tmp cleaner) leaves every
+        subscriber that connects from then on unable to reach it, while it looks healthy: bind it anew
+        (a second listener; subscribers already connected keep their connection). A file replaced by
+        another process's socket is said, not fought over."""
+        path = ipc_path(self.endpoint)
+        if path is None or self._ipc_file is None:
+            return
+        now = _file_id(path)
+        if now == self._ipc_file:
+            return
+        if now is not None:
+            if not self._ipc_lost_said:
+                self._ipc_lost_said = True
+                log.error("publisher: %s is now another process's socket: subscribers that connect from now on "
+                          "reach it, not this daemon; stop that process, then restart this daemon", path)
+            return
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            if not self._ipc_lost_said:
+                self._ipc_lost_said = True
+                log.error("publisher: %s was removed and cannot be bound again (%s): subscribers cannot "
+                          "connect until this daemon restarts", path, exc)
+            return
+        self._ipc_file = _file_id(path)
+        self._ipc_lost_said = False
+        log.warning("publisher: %s was removed under the running daemon; bound it again", path)
 
     def _send_item(self, sock: zmq.Socket, item: _Item) -> None:
         v = item.verdict

@@ -24,7 +24,7 @@ from inspectd.daemon.line import LineSettings, LineThreshold, options_dict
 from inspectd.daemon.live import LiveView
 from inspectd.daemon.metrics import Metrics, MetricsBindError, MetricsServer
 from inspectd.daemon.pipeline import LinePipeline
-from inspectd.daemon.publish import CurveServerKeys, Publisher
+from inspectd.daemon.publish import CurveServerKeys, Publisher, PublisherBindError
 from inspectd.daemon.sinks import ArchiveSink, DriftSink, MetricsSink, PublisherSink, Sinks
 from inspectd.daemon.stallwatch import StallWatch
 from inspectd.daemon.systemd import SystemdNotifier
@@ -183,14 +183,16 @@ class Daemon:
         `before_lines()`, if given, runs once the publisher is bound and before any line acquires
         (an embedding program can wait there until its subscriber is connected)."""
         stop_requested = stop_requested or threading.Event()
+        if self.publisher is None:
+            raise RuntimeError("Daemon.build() must run before start()")
+        # The two endpoints first, each refused in one line (held by another daemon) before anything
+        # else has started or logged.
+        self.publisher.start()
         m = self.config.metrics
         self.metrics_server = self.metrics.serve(m.host, m.port, live=self.live)
         self.stall_watch.start()
         if self.live is not None:
             log.info("live view on http://%s:%d/", m.host, self.metrics_server.port)
-        if self.publisher is None:
-            raise RuntimeError("Daemon.build() must run before start()")
-        self.publisher.start()
         if before_lines is not None:
             before_lines()
         for archive in self.archives:
@@ -457,11 +459,11 @@ class Daemon:
             if not self.publisher.stop(timeout=max(0.2, end - time.monotonic())):
                 log.warning("publisher did not stop in time")
         self.stall_watch.stop()
-        started = self.metrics_server is not None  # start() serves metrics first: None = it never ran
+        started = self.metrics_server is not None  # bound after the publisher: None = start() never ran
         if self.metrics_server is not None:
             self.metrics_server.shutdown(timeout=1.0)
         self.notifier.close()
-        if started:  # a start refused (metrics port taken) is its one error line, not "stopped"
+        if started:  # a start refused (an endpoint taken) is its one error line, not "stopped"
             log.info("stopped")
 
 
@@ -500,7 +502,7 @@ def run(config_path: str | Path) -> int:
         try:
             try:
                 daemon.start(stop_requested)
-            except MetricsBindError as exc:  # name the file holding metrics.port / metrics.host
+            except (MetricsBindError, PublisherBindError) as exc:  # name the file holding the field
                 raise exc.in_config(str(config_path)) from None
             threading.Thread(target=reload_loop, name="reload", daemon=True).start()
             while not stop_requested.wait(0.1):

@@ -193,12 +193,83 @@ def test_port_in_use_raises_from_start():
         taken = first.bound_endpoint
         assert taken.startswith("tcp://127.0.0.1:")
         second = Publisher(taken)
-        with pytest.raises(InspectdError, match=f"cannot bind ZeroMQ publisher to {taken}"):
+        with pytest.raises(InspectdError, match=f"cannot bind ZeroMQ publisher to {taken}: another inspectd .* "
+                                                f"give zmq.endpoint in the config a free port"):
             second.start()
         # A refused start leaves nothing running.
         assert not second.publish_verdict(make_verdict(1))
     finally:
         assert first.stop(5)
+
+
+def test_a_served_ipc_endpoint_is_refused_and_its_owner_keeps_it(tmp_path):
+    """ZeroMQ unlinks an ipc:// socket file and binds anew even while another process serves it: the
+    second publisher would take every subscriber that connects from then on. Refused instead."""
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    first = Publisher(endpoint, heartbeat_interval_s=0.05)
+    first.register_line("line1")
+    first.start()
+    try:
+        second = Publisher(endpoint)
+        with pytest.raises(InspectdError, match="another inspectd .* give zmq.endpoint in the config a path of its own"):
+            second.start()
+        late = Sub(endpoint)  # connects after the refusal: still the first publisher's
+        try:
+            assert late.wait_for("heartbeat.line1")[1]["daemon_start_ns"] == first.daemon_start_ns
+        finally:
+            late.sock.close()
+            late.ctx.term()
+    finally:
+        assert first.stop(5)
+
+
+def test_a_stale_ipc_file_of_a_process_that_is_gone_is_replaced(tmp_path):
+    import socket
+
+    path = tmp_path / "pub.sock"
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    gone.bind(str(path))  # the file stays after close, as after a SIGKILL
+    gone.close()
+    pub = Publisher(f"ipc://{path}", heartbeat_interval_s=0.05)
+    pub.register_line("line1")
+    pub.start()
+    sub = Sub(f"ipc://{path}")
+    try:
+        sub.wait_for("heartbeat.line1")
+    finally:
+        sub.sock.close()
+        sub.ctx.term()
+        assert pub.stop(5)
+
+
+def test_an_ipc_file_removed_under_a_running_publisher_is_bound_again(tmp_path, caplog):
+    """Removed by hand or by a /tmp cleaner: subscribers connecting afterwards could not reach a daemon
+    that still looked healthy. Bound again at the next heartbeat; subscribers already connected stay."""
+    path = tmp_path / "pub.sock"
+    pub = Publisher(f"ipc://{path}", heartbeat_interval_s=0.05)
+    pub.register_line("line1")
+    pub.start()
+    early = Sub(f"ipc://{path}")
+    late = None
+    try:
+        early.wait_for("heartbeat.line1")
+        path.unlink()
+        end = time.monotonic() + 5
+        while not path.exists():
+            assert time.monotonic() < end, "the socket file was not bound again"
+            time.sleep(0.02)
+        late = Sub(f"ipc://{path}")
+        late.wait_for("heartbeat.line1")
+        assert pub.publish_verdict(make_verdict(7))
+        assert early.wait_for("verdict.line1")[1]["frame_id"] == 7
+        assert late.wait_for("verdict.line1")[1]["frame_id"] == 7
+        assert any("bound it again" in r.getMessage() for r in caplog.records)
+    finally:
+        for sub in (early, late):
+            if sub is not None:
+                sub.sock.close()
+                sub.ctx.term()
+        assert pub.stop(5)
 
 
 def test_bad_settings_are_clear_errors():

@@ -461,3 +461,46 @@ def test_a_metrics_port_in_use_is_one_line_naming_the_field(tmp_path: Path, tiny
     assert said[0].startswith(f"inspectd run: error: cannot serve metrics on 127.0.0.1:{port}: "), said[0]
     assert "another inspectd" in said[0] and "program" in said[0], said[0]
     assert "metrics.port" in said[0] and str(cfg) in said[0], said[0]
+
+
+def test_a_second_daemon_on_the_same_ipc_endpoint_is_refused_and_the_first_keeps_its_subscribers(
+        tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
+    """Found by hand on a camera line: a second daemon (a copy of the config run by hand, its own
+    state_dir and metrics port as the errors tell) on the same ipc:// endpoint bound it anyway —
+    ZeroMQ replaces the socket file — so subscribers connecting from then on reached the second
+    daemon, and once it stopped (removing the file) nobody could reach the first, which still
+    reported itself healthy. The second is refused (one line naming zmq.endpoint and the file);
+    a subscriber connecting after the refusal gets the first daemon's verdicts."""
+    replay = tmp_path / "replay"
+    shutil.copytree(synthetic_parts.test_good, replay / "good")
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    line = {"id": "line1", "source": {"type": "replay", "path": str(replay), "fps": 20, "loop": True},
+            "bundle": str(tiny_bundle), "backends": ["onnxruntime"], "threshold": 5.0,
+            "latency_budget_ms": 3000, "heatmap": {"publish": "none"}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Daemon(_write_config(tmp_path / "a" / "line.yaml", [line], endpoint))
+    second_cfg = _write_config(tmp_path / "b" / "line.yaml", [line], endpoint)
+    try:
+        first.wait_log(r"ready: line1")
+        second = subprocess.Popen(DAEMON + [str(second_cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True)
+        try:
+            _, stderr = second.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # it serves instead of refusing: stop it as an operator would
+            second.send_signal(signal.SIGTERM)
+            _, stderr = second.communicate(timeout=10)
+        said = [s for s in stderr.splitlines() if s.strip()]
+        sub = VerdictSubscriber(endpoint, lines=["line1"], heartbeat_timeout_s=None)
+        try:
+            verdicts = [m for m in _collect(sub, 3.0) if m.kind == "verdict"]
+        finally:
+            sub.close()
+        assert verdicts, "a subscriber connecting after the second daemon cannot reach the first"
+        assert second.returncode == 1 and len(said) == 1, stderr
+        assert endpoint in said[0] and "another" in said[0], said[0]
+        assert "zmq.endpoint" in said[0] and str(second_cfg) in said[0], said[0]
+        assert first.proc.poll() is None
+    finally:
+        first.proc.send_signal(signal.SIGTERM)
+        first.proc.wait(10)
