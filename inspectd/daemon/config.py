@@ -860,6 +860,40 @@ def config_warnings(config: DaemonConfig, source: str = "<config>") -> list[str]
     return out
 
 
+def _without_thresholds(line: dict[str, Any]) -> dict[str, Any]:
+    line = {k: v for k, v in line.items() if k != "threshold"}
+    line["recipes"] = [{k: v for k, v in r.items() if k != "threshold"} for r in line.get("recipes") or []]
+    if line.get("shadow"):
+        line["shadow"] = {k: v for k, v in line["shadow"].items() if k != "threshold"}
+    return line
+
+
+def _differences(a: Any, b: Any, where: str, out: list[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            _differences(a.get(key), b.get(key), f"{where}.{key}" if where else key, out)
+    elif a != b:
+        out.append(where)
+
+
+def restart_changes(running: DaemonConfig, fresh: DaemonConfig) -> list[str]:
+    """The settings a re-read config changed that a SIGHUP does not apply (it applies thresholds only):
+    dotted field names, lines by id (`lines[press3].latency_budget_ms`). `bridges` belongs to the
+    bridge services, not the daemon."""
+    old = running.model_dump(mode="json", exclude={"bridges"})
+    new = fresh.model_dump(mode="json", exclude={"bridges"})
+    old_lines = {line["id"]: _without_thresholds(line) for line in old.pop("lines")}
+    new_lines = {line["id"]: _without_thresholds(line) for line in new.pop("lines")}
+    out: list[str] = []
+    _differences(old, new, "", out)
+    for line_id in sorted(set(old_lines) | set(new_lines)):
+        if line_id not in new_lines or line_id not in old_lines:
+            out.append(f"lines[{line_id}] ({'removed' if line_id not in new_lines else 'added'})")
+        else:
+            _differences(old_lines[line_id], new_lines[line_id], f"lines[{line_id}]", out)
+    return out
+
+
 def summary(config: DaemonConfig) -> str:
     """'2 lines: line1 (genicam), line2 (replay)' for check-config and the startup log."""
     parts = [f"{line.id} ({line.source.type})" for line in config.lines]

@@ -511,7 +511,23 @@ class LineRecipes:
         if fresh is None or name in (self.state.get("overrides") or {}):
             return None
         spec = config_specs(fresh).get(name)
-        return spec.threshold if spec is not None else None
+        return spec.threshold if spec is not None and self._same_model(spec) else None
+
+    def _same_model(self, fresh: RecipeSpec, say: bool = True) -> bool:
+        """SIGHUP: a threshold goes with the bundle and ROI it was set for. A re-read config that changed
+        those too (a reload does not apply them) must not put its threshold on the engine still serving
+        the old ones: that recipe keeps its threshold, and the operator is told to restart."""
+        running = self.specs.get(fresh.name)
+        changed = [what for what in ("bundle", "roi")
+                   if running is not None and getattr(fresh, what) != getattr(running, what)]
+        if not changed:
+            return True
+        if say:
+            log.error("line %s: recipe %s keeps threshold %s: its %s changed in the config too, which a reload does "
+                      "not apply, and the new threshold goes with %s; restart the daemon to serve them together",
+                      self.line, fresh.name, threshold_json(running.threshold), " and ".join(changed),
+                      "them" if len(changed) > 1 else "it")
+        return False
 
     def reload_waiting(self, fresh: LineConfig | None, who: dict[str, Any]) -> None:
         """SIGHUP for the recipes that are not active (run.py reloads the active one): each spec takes
@@ -523,7 +539,9 @@ class LineRecipes:
             overrides = self.state.get("overrides") or {}
             if fresh is not None:
                 for name, spec in config_specs(fresh).items():
-                    if name in self.specs and name not in overrides:
+                    # the active recipe's mismatch was said by threshold_spec
+                    if (name in self.specs and name not in overrides
+                            and self._same_model(spec, say=name != (self.pipeline and self.pipeline.recipe))):
                         self.specs[name] = dataclasses.replace(self.specs[name], threshold=spec.threshold)
             for pool in (self.standby, self.previous):
                 for name, r in list(pool.items()):

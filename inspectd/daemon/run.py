@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from inspectd.daemon.config import (DaemonConfig, LineConfig, config_warnings, load_config,
+from inspectd.daemon.config import (DaemonConfig, LineConfig, config_warnings, load_config, restart_changes,
                                     summary)
 from inspectd.errors import ConfigError, InspectdError
 from inspectd.daemon.audit import AuditLog, audit_path, local_who
@@ -391,10 +391,16 @@ class Daemon:
         fresh: dict[str, LineConfig] = {}
         if config_path is not None:
             try:
-                fresh = {cfg.id: cfg for cfg in load_config(config_path).lines}
+                reread = load_config(config_path)
             except ConfigError as exc:
                 log.error("threshold reload failed, keeping the current thresholds: %s", exc)
                 return
+            fresh = {cfg.id: cfg for cfg in reread.lines}
+            # An operator who edited more than a threshold and reloaded must not believe it applied.
+            ignored = restart_changes(self.config, reread)
+            if ignored:
+                log.warning("SIGHUP applies thresholds only; changed in %s and not applied until a restart: %s",
+                            config_path, ", ".join(ignored))
         for pipeline in self.lines.values():
             cfg = fresh.get(pipeline.line)
             if config_path is not None and cfg is None:

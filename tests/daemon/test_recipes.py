@@ -417,6 +417,56 @@ def test_sighup_reloads_every_recipes_threshold(tmp_path: Path, tiny_bundle: Pat
     assert records[0]["who"]["via"] == "SIGHUP"
 
 
+def test_a_sighup_after_a_bundle_change_keeps_the_threshold_with_the_bundle_it_was_set_for(
+        tmp_path: Path, tiny_bundle: Path, synthetic_parts: Any) -> None:
+    """Found by hand on a camera line: the operator points a line at a new bundle with its new
+    threshold and reloads (`systemctl reload`). The reload applies thresholds only, so the new
+    threshold judged the old bundle's scores, and nothing said the bundle change was not applied.
+    Now each recipe whose bundle changed keeps its threshold (one error line each), every other
+    change that waits for a restart is named in one warning, and a threshold-only edit still applies."""
+    other = tmp_path / "other_bundle"
+    shutil.copytree(tiny_bundle, other)
+    recipes = [{"name": "C", "bundle": str(tiny_bundle), "threshold": 3.0}]
+    replay = _replay(tmp_path, synthetic_parts)
+    cfg = _config(tmp_path, replay, tiny_bundle, recipes=recipes)
+    sock = socket_path(tmp_path / "state")
+    daemon = Daemon(cfg)
+    col = _Collector(f"ipc://{tmp_path}/pub.sock")
+
+    def threshold_after(since: int, recipe: str = "default") -> float:
+        col.wait(lambda: len([h for h in col.headers()[since:] if h["recipe"] == recipe]) >= 3)
+        return [h for h in col.headers()[since:] if h["recipe"] == recipe][-1]["threshold"]
+
+    try:
+        daemon.wait_log(r"ready: line1")
+        col.wait(lambda: len(col.headers()) >= 3)
+        _config(tmp_path, replay, other, latency_budget_ms=2500, threshold=9.0,
+                recipes=[dict(recipes[0], bundle=str(other), threshold=4.0)])
+        daemon.proc.send_signal(signal.SIGHUP)
+        warned = daemon.wait_log(r"SIGHUP applies thresholds only; changed in .* until a restart: (.*)")
+        assert warned.group(1) == "lines[line1].bundle, lines[line1].latency_budget_ms, lines[line1].recipes"
+        daemon.wait_log(r"line line1: recipe default keeps threshold 5\.0: its bundle changed in the config too")
+        daemon.wait_log(r"line line1: recipe C keeps threshold 3\.0: its bundle changed")
+        assert threshold_after(len(col.headers())) == 5.0
+        assert request(sock, {"op": "recipe", "line": "line1", "name": "C"})["ok"]
+        assert threshold_after(len(col.headers()), "C") == 3.0
+        # The bundles as they run, new thresholds: a threshold-only edit (beside a restart-only one) applies.
+        assert request(sock, {"op": "recipe", "line": "line1", "name": "default"})["ok"]
+        _config(tmp_path, replay, tiny_bundle, latency_budget_ms=2500, threshold=9.0,
+                recipes=[dict(recipes[0], threshold=4.0)])
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"line line1: threshold 5 -> 9 \(from the config\)")
+        assert threshold_after(len(col.headers())) == 9.0
+        assert request(sock, {"op": "recipe", "line": "line1", "name": "C"})["ok"]
+        assert threshold_after(len(col.headers()), "C") == 4.0
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+        col.close()
+    assert len([line for line in daemon.lines if "SIGHUP applies thresholds only" in line]) == 2
+    assert len([line for line in daemon.lines if "keeps threshold" in line]) == 2
+
+
 def test_sighup_reloads_the_shadow_bundles_threshold(tmp_path: Path, tiny_bundle: Path, tiny_method_bundles: Any,
                                                      synthetic_parts: Any) -> None:
     """A shadow candidate recalibrated while it runs (its threshold file rewritten, then SIGHUP) is
