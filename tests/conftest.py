@@ -13,6 +13,7 @@ import pytest
 from inspectd.engines.synthetic import SyntheticSet, make_dataset
 
 TINY_IMAGE_SIZE = 128
+CAMERA_FRAME_SIZE = 400  # viky.cti's simulated cameras: 400x400
 
 
 @pytest.fixture()
@@ -37,24 +38,41 @@ def synthetic_parts(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSet:
                         size=TINY_IMAGE_SIZE, seed=0)
 
 
+def _train_tiny(parts: SyntheticSet, out: Path) -> Path:
+    from inspectd.engines.fitting import one_thread
+    from inspectd.engines.model import ModelConfig
+    from inspectd.engines.train import AUGMENTATIONS, TrainConfig, train
+
+    # 4 coupling steps and augmentation on: a small, fast bundle that still runs the augmented path.
+    cfg = TrainConfig(model=ModelConfig(image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, taps=[4, 10],
+                                        steps=4),
+                      epochs=12, augment=list(AUGMENTATIONS), views=2, seed=0, select=False)
+    with one_thread():  # see one_torch_thread
+        train(parts.train_good, out, cfg, golden_bad_dir=parts.test_bad)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: SyntheticSet) -> Path:
     """A real bundle (Lite0 taps 4+10, 128 px grey, 64x64... map 32x32) trained for a few seconds.
 
     Golden images: 4 held-out good + 4 bad. Treat it as read-only; copy it to modify it.
     """
-    from inspectd.engines.fitting import one_thread
-    from inspectd.engines.model import ModelConfig
-    from inspectd.engines.train import AUGMENTATIONS, TrainConfig, train
+    return _train_tiny(synthetic_parts, tmp_path_factory.mktemp("bundle") / "tiny")
 
-    out = tmp_path_factory.mktemp("bundle") / "tiny"
-    # 4 coupling steps and augmentation on: a small, fast bundle that still runs the augmented path.
-    cfg = TrainConfig(model=ModelConfig(image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, taps=[4, 10],
-                                        steps=4),
-                      epochs=12, augment=list(AUGMENTATIONS), views=2, seed=0, select=False)
-    with one_thread():  # see one_torch_thread
-        train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
-    return out
+
+@pytest.fixture(scope="session")
+def camera_sized_parts(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSet:
+    """Synthetic parts at the GenTL simulator camera's frame size (400x400): a bundle learns the size of
+    the frames it is trained on and refuses others, so bundles for the camera tests train on these."""
+    return make_dataset(tmp_path_factory.mktemp("camera-parts"), n_train=24, n_test_good=0, n_test_bad=4,
+                        size=CAMERA_FRAME_SIZE, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_camera_bundle(tmp_path_factory: pytest.TempPathFactory, camera_sized_parts: SyntheticSet) -> Path:
+    """tiny_bundle's design, trained on 400x400 frames (what the GenTL simulator camera delivers)."""
+    return _train_tiny(camera_sized_parts, tmp_path_factory.mktemp("bundle") / "tiny-camera")
 
 
 # Small, fast trainings of every method besides the flow (its tiny bundle is above): options sized
@@ -68,10 +86,10 @@ TINY_METHOD_OPTIONS: dict[str, dict[str, str]] = {
 
 
 @pytest.fixture(scope="session")
-def default_architecture_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_parts: SyntheticSet) -> Path:
+def default_architecture_bundle(tmp_path_factory: pytest.TempPathFactory, camera_sized_parts: SyntheticSet) -> Path:
     """A bundle of the product's default architecture (what `inspectd train` builds with no flags: three
-    flows at 384x384), trained for one epoch on the synthetic parts: for tests of behaviour that depends
-    on the size of the engine (its operators, its threads), not on its accuracy."""
+    flows at 384x384), trained for one epoch on the camera-sized synthetic parts: for tests of behaviour
+    that depends on the size of the engine (its operators, its threads), not on its accuracy."""
     from inspectd.engines.fitting import one_thread
     from inspectd.engines.model import ModelConfig
     from inspectd.engines.model_config import METHOD_SHORT_SIDE
@@ -81,7 +99,7 @@ def default_architecture_bundle(tmp_path_factory: pytest.TempPathFactory, synthe
     side = METHOD_SHORT_SIDE["flow"]
     cfg = TrainConfig(model=ModelConfig(image_height=side, image_width=side), epochs=1, seed=0, select=False)
     with one_thread():  # see one_torch_thread
-        train(synthetic_parts.train_good, out, cfg, golden_bad_dir=synthetic_parts.test_bad)
+        train(camera_sized_parts.train_good, out, cfg, golden_bad_dir=camera_sized_parts.test_bad)
     return out
 
 

@@ -56,6 +56,7 @@ RUNNER_CLOSE_S = 5.0         # closing a backend that is not stuck
 # Watchdog: a loop that has not moved for this long is hung (camera and engine state do not count).
 PROGRESS_STALE_MIN_S = 10.0
 ENGINE_RETRY_S = (10.0, 300.0)  # an engine that failed to open is tried again after this, doubling up to that
+MALFORMED_LOG_EVERY = 100       # frames malformed for the same reason in a row: one log line each this many
 # A free-running camera silent this long (or 10 read timeouts, if longer) with no driver error is taken
 # for lost and reconnected: some GenTL producers only time out when a GigE camera drops off.
 SILENT_CAMERA_S = 10.0
@@ -269,6 +270,8 @@ class LinePipeline:
         self._backend_opener = backend_opener
         self._failover_after = max(1, int(failover_after_errors))
         self._consecutive_engine_errors = 0
+        self._malformed_why: str | None = None    # the last malformed frame's reason (worker thread)
+        self._malformed_run = 0
         self._stalled = False
         self._excluded_backends: list[str] = []   # failed at run time: never reopened by this line
         # A failed open may be transient (device memory taken, a driver reset): tried again, backing off.
@@ -935,6 +938,15 @@ class LinePipeline:
                 return
             self._fail_safe(item[0], item[1], why, deadline_missed=False, drop_reason="engine_error")
 
+    def _say_malformed(self, frame: Frame, why: str) -> None:
+        """One log line per new reason, then every MALFORMED_LOG_EVERY-th frame: a camera that changed its
+        frame size gives every frame the same reason, 20 a second (each still counted and fail-safe)."""
+        self._malformed_run = self._malformed_run + 1 if why == self._malformed_why else 1
+        self._malformed_why = why
+        if self._malformed_run == 1 or self._malformed_run % MALFORMED_LOG_EVERY == 0:
+            again = f" ({self._malformed_run} frames in a row)" if self._malformed_run > 1 else ""
+            log.warning("line %s: frame %s malformed%s: %s", self.line, frame.frame_id, again, why)
+
     def _process(self, active: ActiveRecipe, key: int, frame: Frame) -> None:
         if not self._keeper.is_pending(key):
             return  # already resolved by its deadline while queued: do not spend the engine on it
@@ -949,7 +961,7 @@ class LinePipeline:
                 raise DataError(frame.meta.get("error") or f"frame image is a {type(image).__name__}, not an array")
             batch = preprocess.prepare(image, active.bundle.input_spec, active.roi)[None]
         except Exception as exc:
-            log.warning("line %s: frame %s malformed: %s", self.line, frame.frame_id, exc)
+            self._say_malformed(frame, str(exc))
             self._fail_safe(key, frame, f"malformed frame: {exc}", deadline_missed=False, drop_reason="malformed")
             return
         queue_ms = (time.monotonic() - frame.acquired_mono) * 1000.0

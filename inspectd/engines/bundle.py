@@ -49,6 +49,16 @@ class InputInfo(_Strict):
     # the map; tile_overlap as the engine records it (input pixels shared by neighbouring tiles).
     tiles: tuple[int, int] | None = None
     tile_overlap: float | None = Field(None, ge=0.0)
+    # (height, width) of every training frame when they all had one size (a camera's): frames of another
+    # size are refused (preprocess.check_frame_size). None: they varied, or an older bundle.
+    frame_size: tuple[int, int] | None = None
+
+    @field_validator("frame_size")
+    @classmethod
+    def _frame_size_valid(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not all(1 <= v <= 1 << 16 for v in value):
+            raise ValueError(f"height and width must each be 1..65536, got {list(value)}")
+        return value
 
     @field_validator("roi")
     @classmethod
@@ -184,7 +194,7 @@ class Bundle:
     @property
     def input_spec(self) -> InputSpec:
         i = self.manifest.input
-        return InputSpec(height=i.height, width=i.width, color_mode=i.color_mode, roi=i.roi)
+        return InputSpec(height=i.height, width=i.width, color_mode=i.color_mode, roi=i.roi, frame_size=i.frame_size)
 
     @property
     def roi(self) -> tuple[int, int, int, int] | None:

@@ -51,14 +51,17 @@ class Scored:
 
 
 def score_folder(backend: OnnxRuntimeBackend, bundle: Bundle, paths: list[Path], label: int,
-                 bar: Progress) -> tuple[list[Scored], int]:
-    items, skipped = [], 0
+                 bar: Progress) -> tuple[list[Scored], list[str]]:
+    """The scored images, and why each of the others was skipped (unreadable, or a frame size the
+    bundle refuses)."""
+    items: list[Scored] = []
+    skipped: list[str] = []
     for p in paths:
         try:
             source = read_image(p, bundle.input_spec.color_mode)
             img = prepare(source, bundle.input_spec)
-        except DataError:
-            skipped += 1
+        except DataError as exc:
+            skipped.append(f"{p}: {exc}" if str(p) not in str(exc) else str(exc))
             bar.update(1)
             continue
         s, m = backend.infer(img[None])
@@ -123,15 +126,19 @@ def evaluate(bundle_dir: str | os.PathLike, good_dir: str | os.PathLike, bad_dir
         good, skip_g = score_folder(backend, bundle, good_paths, 0, bar)
         bad, skip_b = score_folder(backend, bundle, bad_paths, 1, bar)
     bar.close()
-    if not good or not bad:
-        raise DataError("no readable images in --good or --bad")
+    for folder, scored, skipped in (("--good", good, skip_g), ("--bad", bad, skip_b)):
+        if not scored:
+            raise DataError(f"no usable images in {folder}" + (f" ({len(skipped)} skipped, the first: {skipped[0]})"
+                                                                 if skipped else ""))
+    if skip_g or skip_b:
+        print(f"eval: {len(skip_g) + len(skip_b)} images skipped, the first: {(skip_g + skip_b)[0]}", file=sys.stderr)
     items = good + bad
     g = np.array([i.score for i in good])
     b = np.array([i.score for i in bad])
     report: dict[str, Any] = {
         "tool": TOOL,
         "bundle": str(bundle.path), "bundle_id": bundle.bundle_id,
-        "n_good": len(good), "n_bad": len(bad), "skipped": skip_g + skip_b,
+        "n_good": len(good), "n_bad": len(bad), "skipped": len(skip_g) + len(skip_b),
         "training_overlap": overlap,
         "image_auroc": roc_auc(g, b),
     }

@@ -42,6 +42,9 @@ class InputSpec:
     width: int
     color_mode: str  # "gray" (1 channel) or "rgb" (3 channels)
     roi: Roi | None = None
+    # (height, width) of every source frame the bundle was trained on, when they all had one size (a
+    # camera's); None when they varied (a dataset) or for bundles written before it was recorded.
+    frame_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.roi is not None:
@@ -150,9 +153,22 @@ def prepare(image: np.ndarray, spec: InputSpec, roi: Sequence[int] | None = None
     if roi is not None and tuple(int(v) for v in roi) != spec.roi:
         trained = f"the bundle's ROI {list(spec.roi)}" if spec.roi else "a bundle trained on whole frames (no ROI)"
         raise DataError(f"ROI {[int(v) for v in roi]} differs from {trained}")
+    check_frame_size(image, spec)
     image = crop_roi(image, spec.roi)
     image = convert_color(image, spec.color_mode)
     return np.ascontiguousarray(resize(image, spec.height, spec.width))
+
+
+def check_frame_size(image: np.ndarray, spec: InputSpec) -> None:
+    """A frame of another size than every frame the bundle learned from (the camera's Width, Height,
+    binning or sensor ROI changed, or another camera) is resized to the same input all the same, at
+    another scale or field of view: judged by a model that never saw such frames. A DataError instead
+    (the daemon's fail-safe verdict)."""
+    if spec.frame_size is None or tuple(image.shape[:2]) == tuple(spec.frame_size):
+        return
+    h, w = spec.frame_size
+    raise DataError(f"frame of {image.shape[1]}x{image.shape[0]} px, but the bundle was trained on {w}x{h} frames "
+                    f"(the camera's Width/Height, binning or ROI changed?); restore them or train anew")
 
 
 def prepare_mask(mask: np.ndarray, spec: InputSpec, source_shape: tuple[int, int] | None = None) -> np.ndarray:

@@ -29,7 +29,7 @@ from inspectd.engines.methods.flow import FlowMethod
 from inspectd.engines.model import WEIGHTS_FILE, save_weights
 from inspectd.engines.model_config import ModelConfig
 from inspectd.engines.preprocess import (RESIZE_METHOD, InputSpec, fingerprint, list_images, load_prepared,
-                                          sha256_file)
+                                          prepare, read_image, sha256_file)
 from inspectd.engines.synthesize import synthesized_names, synthesized_sources
 from inspectd.errors import BundleError, ConfigError, DataError
 
@@ -108,8 +108,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def read_good_images(folder: str | os.PathLike, spec: InputSpec, what: str = "good",
-                     minimum: int = MIN_GOOD_IMAGES) -> tuple[list[Path], list[np.ndarray], int]:
-    """Read and prepare every image; unreadable ones are skipped and counted, too many refuses."""
+                     minimum: int = MIN_GOOD_IMAGES,
+                     frame_sizes: set[tuple[int, int]] | None = None) -> tuple[list[Path], list[np.ndarray], int]:
+    """Read and prepare every image; unreadable ones are skipped and counted, too many refuses.
+    `frame_sizes`, when given, collects the (height, width) of the source images read."""
     paths = list_images(folder)
     files = [p for p in Path(folder).iterdir()
              if p.is_file() and not p.name.startswith(".") and p.name not in TOOL_RECORDS]
@@ -118,8 +120,11 @@ def read_good_images(folder: str | os.PathLike, spec: InputSpec, what: str = "go
     good_paths, images, skipped = [], [], len(files) - len(paths)
     for p in paths:
         try:
-            images.append(load_prepared(p, spec))
+            source = read_image(p, spec.color_mode)
+            images.append(prepare(source, spec))
             good_paths.append(p)
+            if frame_sizes is not None:
+                frame_sizes.add((int(source.shape[0]), int(source.shape[1])))
         except DataError as exc:
             log.warning("skipping %s", exc)
             skipped += 1
@@ -220,7 +225,8 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
     bad_imgs: list[np.ndarray] = []
     if golden_bad_dir is not None:  # read now: a missing or unreadable folder must not cost the training
         bad_imgs = [load_prepared(p, spec) for p in list_images(golden_bad_dir)[: cfg.golden_count]]
-    paths, images, skipped = read_good_images(good_dir, spec)
+    frame_sizes: set[tuple[int, int]] = set()
+    paths, images, skipped = read_good_images(good_dir, spec, frame_sizes=frame_sizes)
     _seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     hold_idx, train_idx = holdout_split(len(images), rng, cfg)
@@ -275,7 +281,9 @@ def train(good_dir: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
             "flow": fitted.details if method.name == "flow" else None,
             "input": {"height": mc.input_height, "width": mc.input_width, "color_mode": mc.color_mode,
                       "channels": spec.channels, "resize": RESIZE_METHOD, "roi": spec.roi,
-                      "tiles": list(mc.tiles), "tile_overlap": mc.tile_overlap},
+                      "tiles": list(mc.tiles), "tile_overlap": mc.tile_overlap,
+                      # one size (a camera's): frames of another are refused; several (a dataset): none
+                      "frame_size": list(next(iter(frame_sizes))) if len(frame_sizes) == 1 else None},
             "map": {"height": int(hold_maps.shape[1]), "width": int(hold_maps.shape[2]),
                     "smoothing_sigma": mc.smoothing_sigma,
                     "display_lo": display_lo, "display_hi": display_hi},

@@ -296,6 +296,30 @@ def test_malformed_frames_and_engine_errors_get_fail_safe_verdicts(bundle: Bundl
     assert pipe.engine_errors == 12
 
 
+def test_frames_of_another_size_than_the_bundle_learned_get_fail_safe_verdicts_said_once(
+        bundle: Bundle, tmp_path: Path, synthetic_parts: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A camera whose Width/Height, binning or sensor ROI changed (or another camera) gives frames of
+    another size; each was resized to the model's input all the same and judged by a model that never
+    saw such frames. Now each gets the fail-safe verdict naming both sizes, counted as malformed, and
+    the log says it once (then every MALFORMED_LOG_EVERY-th frame), not 20 times a second."""
+    import cv2
+
+    assert bundle.input_spec.frame_size == (128, 128)  # the synthetic parts it was trained on
+    (tmp_path / "good").mkdir()
+    for p in sorted(synthetic_parts.test_good.glob("*.png")):
+        cv2.imwrite(str(tmp_path / "good" / p.name), cv2.resize(cv2.imread(str(p)), (160, 128)))
+    metrics = Metrics()
+    settings = line_settings("wide", latency_budget_ms=2000, backend_preference=("onnxruntime",), queue_size=16)
+    with caplog.at_level("WARNING", logger="inspectd.pipeline"):
+        verdicts, _, _ = _run_line(settings, ReplaySource("wide", tmp_path / "good"), bundle, 12, metrics=metrics)
+    assert all(v.verdict == "NG" and v.score is None for v in verdicts)
+    assert all("frame of 160x128 px, but the bundle was trained on 128x128 frames" in (v.error or "")
+               for v in verdicts), verdicts[0].error
+    assert _sample(metrics, "inspectd_dropped_frames_total", line="wide", reason="malformed") == 12
+    said = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+
+
 def test_a_line_without_a_backend_does_not_stop_another_line(bundle: Bundle, replay_dir: Path) -> None:
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here: the tensorrt-only line would not fail")
@@ -353,7 +377,7 @@ def test_threshold_file_reload_is_atomic_and_a_bad_file_keeps_the_old_value(tmp_
         line_settings("L", latency_budget_ms=10, on_deadline_miss="MAYBE")
 
 
-def test_camera_loss_on_the_gentl_simulator_reconnects_with_backoff(bundle: Bundle) -> None:
+def test_camera_loss_on_the_gentl_simulator_reconnects_with_backoff(tiny_camera_bundle: Path) -> None:
     import genicam
 
     from inspectd.daemon.sources.genicam import GenicamSource
@@ -366,7 +390,8 @@ def test_camera_loss_on_the_gentl_simulator_reconnects_with_backoff(bundle: Bund
     settings = line_settings("cam", latency_budget_ms=1000, backend_preference=("onnxruntime",),
                             queue_size=4, reconnect_min_s=0.2, reconnect_max_s=1.0)
     out = Collector()
-    pipe = LinePipeline(settings, src, bundle, LineThreshold("cam", value=THRESHOLD), out, metrics=metrics).start()
+    pipe = LinePipeline(settings, src, load_bundle(tiny_camera_bundle), LineThreshold("cam", value=THRESHOLD), out,
+                        metrics=metrics).start()
     try:
         assert pipe.wait_ready(30.0)
         out.wait_for(3)

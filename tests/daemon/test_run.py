@@ -212,7 +212,7 @@ def test_run_publishes_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, ti
 
 
 @pytest.mark.skipif(not CTI.is_file(), reason="genicam wheel without viky.cti")
-@pytest.mark.parametrize("cameras,busy,bundle", [(1, 0, "default_architecture_bundle"), (2, 0, "tiny_bundle"),
+@pytest.mark.parametrize("cameras,busy,bundle", [(1, 0, "default_architecture_bundle"), (2, 0, "tiny_camera_bundle"),
                                                  (1, 1, "default_architecture_bundle")],
                          ids=["one camera", "two cameras in one daemon", "one camera beside a busy process"])
 def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, request: pytest.FixtureRequest, cameras: int,

@@ -336,3 +336,43 @@ def test_a_non_square_roi_bundle_goes_through_eval_calibrate_parity_and_the_pipe
     got = {Path(v.meta["path"]).name: v.score for v in verdicts}
     assert all(v.error is None for v in verdicts)
     assert got.keys() == direct.keys() and all(abs(got[k] - direct[k]) < 1e-4 for k in got)
+
+
+def _widened(src: Path, dst: Path, n: int) -> Path:
+    """The first n images of src at 160x128 instead of 128x128, as a camera whose Width changed gives them."""
+    dst.mkdir()
+    for p in list_images(src)[:n]:
+        cv2.imwrite(str(dst / p.name), cv2.resize(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), (160, 128)))
+    return dst
+
+
+def test_frames_of_another_size_than_the_bundle_learned_are_refused_by_eval_and_calibrate(
+        capsys, tmp_path, tiny_bundle, synthetic_parts):
+    """The bundle learned 128x128 frames (the size of every image it was trained on, recorded in its
+    manifest): eval skips other sizes saying why, refuses a folder of nothing else in one line, and
+    calibrate refuses them in one line, writing nothing."""
+    wide = _widened(synthetic_parts.test_good, tmp_path / "wide", 3)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(synthetic_parts.test_good, mixed)
+    for p in wide.iterdir():
+        shutil.copy(p, mixed / p.name)
+    said = "frame of 160x128 px, but the bundle was trained on 128x128 frames"
+    code = main(["eval", "--bundle", str(tiny_bundle), "--good", str(mixed), "--bad", str(synthetic_parts.test_bad),
+                 "--out", str(tmp_path / "r1")])
+    err = capsys.readouterr().err
+    assert code == 0 and f"eval: 3 images skipped, the first: {wide.parent / 'mixed'}" in err and said in err, err
+    assert json.loads((tmp_path / "r1" / "report.json").read_text())["skipped"] == 3
+    code = main(["eval", "--bundle", str(tiny_bundle), "--good", str(wide), "--bad", str(synthetic_parts.test_bad),
+                 "--out", str(tmp_path / "r2")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 1 and len(lines) == 1 and "no usable images in --good (3 skipped" in lines[0] and said in lines[0]
+    config = tmp_path / "lines.yaml"
+    config.write_text(f"lines:\n  - id: line1\n    source: {{type: replay, path: {tmp_path}}}\n"
+                      f"    bundle: {tiny_bundle}\n    threshold: 5.0\n")
+    before = config.read_bytes()
+    every = _widened(synthetic_parts.test_good, tmp_path / "every", 12)
+    code = main(["calibrate", "--bundle", str(tiny_bundle), "--good", str(every), "--line", "line1",
+                 "--target-false-reject", "0.3", "--config", str(config), "--threads", "1"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code != 0 and len(lines) == 1 and said in lines[0], lines
+    assert config.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if "line1" in p.name) == []

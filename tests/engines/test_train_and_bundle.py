@@ -139,3 +139,33 @@ def test_wrong_input_shape_and_dtype_are_named(tiny_bundle):
             backend.infer(np.zeros((1, 64, 64, 1), np.uint8))
         with pytest.raises(InputShapeError, match="expected dtype uint8, got float32"):
             backend.infer(np.zeros((1, 128, 128, 1), np.float32))
+
+
+def test_a_bundle_records_the_one_frame_size_it_learned_and_none_from_a_dataset_of_sizes(tmp_path, tiny_bundle,
+                                                                                         synthetic_parts):
+    """Frames all of one size (a camera's) are recorded, and frames of another size refused by the one
+    preprocessing path; a folder of several sizes (a dataset such as MTD) records none and accepts any."""
+    import cv2
+
+    from inspectd.engines.fitting import one_thread
+    from inspectd.engines.model import ModelConfig
+    from inspectd.engines.preprocess import prepare
+    from inspectd.engines.train import TrainConfig, train
+    from inspectd.errors import DataError
+
+    spec = load_bundle(tiny_bundle).input_spec
+    assert spec.frame_size == (128, 128)
+    with pytest.raises(DataError, match=r"^frame of 96x128 px, but the bundle was trained on 128x128 frames"):
+        prepare(np.zeros((128, 96), np.uint8), spec)
+    assert prepare(np.zeros((128, 128), np.uint8), spec).shape == (128, 128, 1)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(synthetic_parts.train_good, mixed)
+    for p in list_images(mixed)[::2]:
+        cv2.imwrite(str(p), cv2.resize(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), (150, 120)))
+    cfg = TrainConfig(model=ModelConfig(image_height=64, image_width=64, taps=[4, 10], steps=2), epochs=1, seed=0,
+                      select=False)
+    with one_thread():
+        train(mixed, tmp_path / "bundle", cfg)
+    varied = load_bundle(tmp_path / "bundle").input_spec
+    assert varied.frame_size is None
+    assert prepare(np.zeros((128, 96), np.uint8), varied).shape == (64, 64, 1)
