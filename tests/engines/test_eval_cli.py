@@ -300,7 +300,8 @@ def test_a_non_square_roi_bundle_goes_through_eval_calibrate_parity_and_the_pipe
     from tests.helpers import Collector
 
     bundle = load_bundle(roi_bundle)
-    assert bundle.input_spec == InputSpec(64, 96, "gray", roi=ROI) and bundle.map_shape[0] < bundle.map_shape[1]
+    assert bundle.input_spec == InputSpec(64, 96, "gray", roi=ROI, frame_size=(128, 128))
+    assert bundle.map_shape[0] < bundle.map_shape[1]
     # eval: full 128x128 files in, cropped and resized like training; masks cut the same way
     out = tmp_path / "report"
     assert main(["eval", "--bundle", str(roi_bundle), "--good", str(synthetic_parts.test_good), "--bad",
