@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
-    ap.add_argument("--frame", type=int, nargs=2, default=[1280, 1024], metavar=("W", "H"),
+    ap.add_argument("--frame", type=int, nargs=2, default=None, metavar=("W", "H"),
                     help="camera frame size for the preprocessing timing")
     ap.add_argument("--no-backbone", action="store_true", help="skip the backbone-only timing")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw result as JSON here")
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_backbone and not (bundle.path / BACKBONE_FILE).is_file():
             backbone = export_backbone(args.bundle, Path(tmp) / BACKBONE_FILE)
         result = run_bench(bundle, backends=args.backend, iterations=args.iterations, batch=args.batch,
-                           warmup=args.warmup, options=options, frame_size=(args.frame[0], args.frame[1]),
+                           warmup=args.warmup, options=options, frame_size=(args.frame[0], args.frame[1]) if args.frame else None,
                            backbone_onnx=backbone)
     if args.json is not None:
         args.json.write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")

@@ -54,8 +54,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=8, help="second batch size measured besides batch 1")
     p.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads (0 = the daemon's default for the usable CPUs)")
-    p.add_argument("--frame", default="1280x1024", metavar="WxH",
-                   help="decoded camera frame size for the preprocessing timing (default 1280x1024)")
+    p.add_argument("--frame", default=None, metavar="WxH",
+                   help="decoded camera frame size for the preprocessing timing (default: the size the bundle "
+                        "was trained on when all its images had one, else 1280x1024)")
     p.add_argument("--rate", type=float, default=None, metavar="FPS",
                    help="also time batch-1 calls started FPS times a second, as the line's frames arrive "
                         "(a CPU idle between frames can answer slower than back to back); takes "
@@ -187,7 +188,7 @@ def _bench(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     options = {"onnxruntime": {"threads": args.threads}} if args.threads else {}
     result = run_bench(bundle, backends=args.backend, iterations=args.iterations, batch=args.batch,
-                       warmup=args.warmup, options=options, frame_size=parse_frame(args.frame), rate=args.rate)
+                       warmup=args.warmup, options=options, frame_size=parse_frame(args.frame) if args.frame else None, rate=args.rate)
     if args.json:
         json.dump(result.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -67,6 +67,20 @@ def test_bench_refuses_bad_arguments(toy_path: Path) -> None:
         run_bench(bundle, iterations=0)
 
 
+def test_bench_times_preprocessing_on_the_frame_size_the_bundle_learned(tiny_bundle: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A bundle trained on frames of one size refuses others: the bench times prepare() on that size
+    by default, and an explicit other --frame is one line, not a traceback from inside the timing."""
+    result = run_bench(load_bundle(tiny_bundle), backends=["onnxruntime"], iterations=2, batch=1, warmup=0)
+    assert [r.name for r in result.rows if r.name.startswith("preprocess (prepare")] == [
+        "preprocess (prepare 128x128 frame)"]
+    capsys.readouterr()
+    assert main(["bench", "--bundle", str(tiny_bundle), "--backend", "onnxruntime", "--frame", "1280x1024",
+                 "--iterations", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "only the 128x128 frames it was trained on" in err[0], err
+
+
 def test_cli_bench_json(toy_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["bench", "--bundle", str(toy_path), "--backend", "onnxruntime", "--backend", "tensorrt",
                "--iterations", "5", "--warmup", "1", "--batch", "3", "--frame", "64x48", "--json"])

@@ -165,11 +165,13 @@ def sample_frame(bundle: Bundle, size: tuple[int, int] = DEFAULT_FRAME) -> np.nd
 
 def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations: int = 200, batch: int = 8,
               warmup: int = 20, options: dict[str, dict[str, Any]] | None = None,
-              frame_size: tuple[int, int] = DEFAULT_FRAME, backbone_onnx: os.PathLike | None = None,
+              frame_size: tuple[int, int] | None = None, backbone_onnx: os.PathLike | None = None,
               rate: float | None = None) -> BenchResult:
     """Benchmark each requested backend (default: all known) that can run here. The backbone
     alone is timed from `backbone_onnx` (default: `backbone.onnx` in the bundle, if present).
-    `rate`: also time each backend's batch-1 calls started `rate` times a second (a row of its own)."""
+    `rate`: also time each backend's batch-1 calls started `rate` times a second (a row of its own).
+    `frame_size` (width, height) of the frame whose preprocessing is timed: default the size the
+    bundle was trained on when it records one (it refuses any other), else DEFAULT_FRAME."""
     if iterations < 1 or warmup < 0 or batch < 1:
         raise ConfigError(f"iterations ({iterations}) and batch ({batch}) must be >= 1, warmup ({warmup}) >= 0")
     if rate is not None and not (0 < rate < float("inf")):
@@ -184,6 +186,12 @@ def run_bench(bundle: Bundle, backends: Sequence[str] | None = None, iterations:
     batch_sizes = sorted({1, batch})
     inputs = sample_inputs(bundle, max(batch_sizes))
 
+    trained = bundle.input_spec.frame_size  # (height, width)
+    if trained is not None and frame_size is not None and tuple(frame_size) != (trained[1], trained[0]):
+        raise ConfigError(f"frame size {frame_size[0]}x{frame_size[1]}: this bundle takes only the "
+                          f"{trained[1]}x{trained[0]} frames it was trained on")
+    if frame_size is None:
+        frame_size = (trained[1], trained[0]) if trained is not None else DEFAULT_FRAME
     frame = sample_frame(bundle, frame_size)
     fh, fw = frame.shape[:2]
     result.rows.append(LatencyStats.from_seconds(
