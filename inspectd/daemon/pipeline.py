@@ -56,7 +56,7 @@ RUNNER_CLOSE_S = 5.0         # closing a backend that is not stuck
 # Watchdog: a loop that has not moved for this long is hung (camera and engine state do not count).
 PROGRESS_STALE_MIN_S = 10.0
 ENGINE_RETRY_S = (10.0, 300.0)  # an engine that failed to open is tried again after this, doubling up to that
-MALFORMED_LOG_EVERY = 100       # frames malformed for the same reason in a row: one log line each this many
+MALFORMED_LOG_EVERY = 100       # frames malformed (same reason, in a row) or dropped: one log line each this many
 # A free-running camera silent this long (or 10 read timeouts, if longer) with no driver error is taken
 # for lost and reconnected: some GenTL producers only time out when a GigE camera drops off.
 SILENT_CAMERA_S = 10.0
@@ -272,6 +272,7 @@ class LinePipeline:
         self._consecutive_engine_errors = 0
         self._malformed_why: str | None = None    # the last malformed frame's reason (worker thread)
         self._malformed_run = 0
+        self._queue_full_drops = 0                # frames failed safe because the queue was full
         self._stalled = False
         self._excluded_backends: list[str] = []   # failed at run time: never reopened by this line
         # A failed open may be transient (device memory taken, a driver reset): tried again, backing off.
@@ -739,6 +740,20 @@ class LinePipeline:
             # Counted as a drop only if this resolves it: during a stall the deadline got there first.
             self._fail_safe(dropped[0], dropped[1], "dropped: inference queue full", deadline_missed=False,
                             drop_reason="queue_full")
+            self._say_queue_full(dropped[1])
+
+    def _say_queue_full(self, frame: Frame) -> None:
+        """Parts failed safe because frames come faster than the engine judges them had no log line and
+        no alert of their own (the deadline was never reached: no miss either). Said at the first and
+        then every MALFORMED_LOG_EVERY-th (acquisition thread)."""
+        self._queue_full_drops += 1
+        n = self._queue_full_drops
+        if n == 1 or n % MALFORMED_LOG_EVERY == 0:
+            engine_ms = self._active.engine_ms
+            per_frame = f" (its engine took {engine_ms:.1f} ms per frame at start)" if engine_ms else ""
+            log.warning("line %s: frame %s got the fail-safe verdict, inference queue full: frames arrive faster "
+                        "than the engine judges them%s; %d so far. Lower the camera's frame rate or deploy a faster "
+                        "bundle or backend", self.line, frame.frame_id, per_frame, n)
 
     # ---- inference -------------------------------------------------------------------------------
 

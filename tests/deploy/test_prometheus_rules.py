@@ -51,7 +51,7 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
     expected = {"InspectdDown", "InspectdTargetMissing", "InspectdNotReady", "InspectdCameraDown",
                 "InspectdNoFrames", "InspectdDeadlineMisses", "InspectdNgRateSpike", "InspectdScoreDrift",
                 "InspectdBackendFallback", "InspectdEngineErrors", "InspectdMalformedFrames",
-                "InspectdPartsSkippedByCamera"}
+                "InspectdPartsSkippedByCamera", "InspectdQueueFull"}
     assert expected <= set(alert_names())
     assert set(alert_names()) - fires == set(), "alerts never tested firing"
     assert set(alert_names()) - quiet == set(), "alerts never tested staying quiet"
@@ -84,6 +84,8 @@ MUTATIONS = [
     ("(increase(inspectd_engine_errors_total[5m])) > 0", "(increase(inspectd_engine_errors_total[5m])) > 5",
      "InspectdEngineErrors"),
     ('reason="malformed"', 'reason=~"malformed|queue_full"', "InspectdMalformedFrames"),
+    # Parts failed safe by a full queue count no deadline miss: any of them is worth an alert.
+    ('reason="queue_full"}[5m])) > 0', 'reason="queue_full"}[5m])) > 200', "InspectdQueueFull"),
     # Waking late by more than 50 ms instead of 10: the stalls of a blocking GenTL wait go unseen.
     ('inspectd_interpreter_stall_seconds_bucket{le="0.01"}', 'inspectd_interpreter_stall_seconds_bucket{le="0.05"}',
      "InspectdInterpreterStalls"),
