@@ -800,6 +800,8 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
         src = line.source
         if isinstance(src, GenicamSourceConfig) and not src.cti.is_file():
             raise ConfigError(f"{source}: {where}.source.cti: {src.cti} does not exist (GenTL producer file)")
+        if isinstance(src, GenicamSourceConfig):
+            _check_camera_frame_size(source, where, src, [line.bundle] + [r.bundle for r in line.recipes])
         if isinstance(src, ReplaySourceConfig) and not src.path.exists():
             raise ConfigError(f"{source}: {where}.source.path: {src.path} does not exist")
         if isinstance(line.threshold, ThresholdFile) and not line.threshold.file.is_file():
@@ -813,6 +815,21 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
         if curve.allowed_clients_dir is not None and not curve.allowed_clients_dir.is_dir():
             raise ConfigError(f"{source}: zmq.curve.allowed_clients_dir: {curve.allowed_clients_dir} "
                               f"is not a folder")
+
+
+def _check_camera_frame_size(source: str, where: str, src: GenicamSourceConfig, bundles: list[Path]) -> None:
+    """A camera told to deliver another Width or Height than the frames a bundle of the line was trained
+    on would have every frame refused (fail-safe verdicts): said before the line starts."""
+    from inspectd.engines.bundle import read_bundle_frame_size
+
+    for bundle in bundles:
+        trained = read_bundle_frame_size(bundle)
+        for key, size in zip(("Height", "Width"), trained or ()):
+            asked = src.features.get(key)
+            if type(asked) is int and asked != size:
+                raise ConfigError(f"{source}: {where}.source.features.{key}: {asked}, but the bundle {bundle} was "
+                                  f"trained on {trained[1]}x{trained[0]} frames: every frame would get the fail-safe "
+                                  f"verdict; set {key}: {size} or train on frames of this size")
 
 
 _LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")

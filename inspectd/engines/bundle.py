@@ -279,6 +279,16 @@ def read_bundle_roi(path: str | os.PathLike) -> tuple[int, int, int, int] | None
         raise BundleError(f"{manifest_path}: cannot read input.roi ({str(exc).splitlines()[0]})") from None
 
 
+def read_bundle_frame_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The (height, width) of the frames a bundle was trained on, from its manifest without verifying its
+    files (check-config); None when it records none or cannot be read (the daemon verifies at start)."""
+    inp = (_raw_manifest(path) or {}).get("input")
+    size = inp.get("frame_size") if isinstance(inp, dict) else None
+    if isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0 for v in size):
+        return size[0], size[1]
+    return None
+
+
 def load_bundle(path: str | os.PathLike) -> Bundle:
     """Load and verify a bundle: schema, every listed file present with its sha256."""
     root = Path(path)

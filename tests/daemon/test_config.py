@@ -496,3 +496,25 @@ def test_union_member_tags_are_never_part_of_a_field_path(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as info:
         config_from_dict({"lines": [line]}, source="lines.yaml")
     assert str(info.value).startswith("lines.yaml: lines[0].recipes[0].threshold.float: unknown key"), info.value
+
+
+def test_check_config_refuses_a_camera_width_or_height_other_than_the_frames_the_bundle_learned(
+        tmp_path: Path, tiny_camera_bundle: Path) -> None:
+    """The bundle learned 400x400 frames: a camera told to deliver 320 px wide ones would have every
+    frame refused at run time (fail-safe verdicts); check-config and the daemon say so before the start."""
+    import genicam
+
+    cti = Path(genicam.__file__).parent / "viky.cti"
+    line = {"id": "cam1", "bundle": str(tiny_camera_bundle), "threshold": 5.0,
+            "source": {"type": "genicam", "cti": str(cti), "device": {"index": 0}, "features": {"Width": 320}}}
+    cfg = tmp_path / "lines.yaml"
+    cfg.write_text(yaml.safe_dump({"lines": [line]}))
+    res = _cli("check-config", str(cfg))
+    said = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(said) == 1, res.stderr
+    assert said[0] == (f"inspectd check-config: error: {cfg}: lines[0].source.features.Width: 320, but the bundle "
+                       f"{tiny_camera_bundle} was trained on 400x400 frames: every frame would get the fail-safe "
+                       f"verdict; set Width: 400 or train on frames of this size")
+    line["source"]["features"] = {"Width": 400, "Height": 400, "AcquisitionFrameRate": 20.0}
+    cfg.write_text(yaml.safe_dump({"lines": [line]}))
+    assert _cli("check-config", str(cfg)).returncode == 0
