@@ -39,6 +39,8 @@ GOLDEN_TOLERANCE = 0.05
 # their highest is >= 0 and good images of the bundle's own setup (median near 0) never get there,
 # however few images were held out (as few as 2, where "above the highest" alone is a coin toss).
 SHIFT_MARGIN = 3.0
+# check_outliers: Tukey's "far out" fence on the calibration's own good scores.
+OUTLIER_IQR = 3.0
 
 
 @dataclass
@@ -58,6 +60,7 @@ class CalibrationRequest:
     threads: int = 0
     write_config: bool = True
     accept_shift: bool = False      # calibrate on good images unlike the bundle's own (check_shift)
+    accept_outliers: bool = False   # keep good images that score like defects (check_outliers)
 
 
 @dataclass
@@ -126,9 +129,11 @@ def calibrate(req: CalibrationRequest, progress_stream: TextIO | None = None) ->
     good = np.asarray(bundle.normalize(good_raw), dtype=np.float64)
     bad = np.asarray(bundle.normalize(bad_raw), dtype=np.float64) if bad_raw is not None else None
     shift = check_shift(bundle, req.good, good, req.accept_shift)
+    outliers = check_outliers(bundle, req.good, good_paths, good, req.accept_outliers, shifted=shift["accepted"])
 
     report = build_report(req, bundle, good_paths, good, bad_paths, bad, overlap)
     report["shift"] = shift
+    report["outliers"] = outliers
     files = write_report(report_dir, report, good, bad)
     update = None
     if req.write_config:
@@ -274,19 +279,57 @@ def score_images(backend: Any, bundle: Bundle, paths: Sequence[Path], batch_size
     return out
 
 
+def _held_out_max(bundle: Bundle) -> float | None:
+    """The highest normalized score among the good images the bundle held out from training (None for a
+    bundle without held-out quantiles)."""
+    top = (bundle.manifest.score.good_quantiles or {}).get("1.0")
+    return float(bundle.normalize(float(top))) if top is not None else None
+
+
+def check_outliers(bundle: Bundle, folder: Path, good_paths: Sequence[Path], good: np.ndarray,
+                   accept: bool, shifted: bool) -> dict[str, Any]:
+    """A defective part among the good images sets the threshold at its own score: the threshold is an
+    upper order statistic of the good scores (often the highest), so every defect scoring less would
+    pass. Good images far out on both counts — SHIFT_MARGIN above every held-out good image of the
+    bundle, and beyond Tukey's far-out fence of the calibration set itself (Q3 + OUTLIER_IQR x IQR: a
+    bundle that held out few images knows its good tail poorly) — are named and refused (DataError,
+    nothing written) unless `accept`. Not checked when the whole set shifted (`shifted`: check_shift's
+    case, accepted there), where the held-out scores no longer describe them. Returns what the report
+    records."""
+    held_out_max = _held_out_max(bundle)
+    info: dict[str, Any] = {"limit": None, "images": [], "accepted": False, "checked": False}
+    if held_out_max is None or shifted:
+        return info
+    q1, q3 = (float(v) for v in np.quantile(good, [0.25, 0.75]))
+    limit = max(held_out_max + SHIFT_MARGIN, q3 + OUTLIER_IQR * (q3 - q1))
+    order = [int(i) for i in np.argsort(-good) if good[i] > limit]
+    info.update(limit=limit, checked=True, images=[[good_paths[i].name, float(good[i])] for i in order])
+    if not order:
+        return info
+    if not accept:
+        named = ", ".join(f"{good_paths[i].name} {good[i]:.3g}" for i in order[:5])
+        more = f" and {len(order) - 5} more" if len(order) > 5 else ""
+        raise DataError(f"{folder}: {len(order)} of {good.size} good images score like defects, more than "
+                        f"{SHIFT_MARGIN:g} above every good image bundle {bundle.bundle_id} was validated on (normalized: "
+                        f"{named}{more}; its held-out highest {held_out_max:.3g}, and beyond {OUTLIER_IQR:g} "
+                        f"interquartile ranges of these images): one defective part among them would "
+                        f"set the threshold at its own score and pass every defect scoring less; look at them and "
+                        f"remove any that is not good, or --accept-outliers to calibrate with them")
+    info["accepted"] = True
+    return info
+
+
 def check_shift(bundle: Bundle, folder: Path, good: np.ndarray, accept: bool) -> dict[str, Any]:
     """The calibration's good images must be good parts as the bundle knows them. When their median
     scores SHIFT_MARGIN above every held-out good image the bundle was validated on (its manifest's
     highest), the parts, camera or light differ from what it learned, and a threshold set above them
     would pass defects the bundle could still see: refused (DataError, nothing written) unless
     `accept`. Returns what the report records."""
-    quantiles = bundle.manifest.score.good_quantiles or {}
-    top = quantiles.get("1.0")
+    held_out_max = _held_out_max(bundle)
     median = float(np.median(good))
     info: dict[str, Any] = {"median": median, "held_out_max": None, "above_held_out": None, "accepted": False}
-    if top is None:  # a bundle without held-out quantiles: nothing to compare with
+    if held_out_max is None:  # a bundle without held-out quantiles: nothing to compare with
         return info
-    held_out_max = float(bundle.normalize(float(top)))
     above = int((good > held_out_max).sum())
     info.update(held_out_max=held_out_max, above_held_out=above)
     if median <= held_out_max + SHIFT_MARGIN:

@@ -38,6 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--accept-shift", action="store_true",
                    help="calibrate even when the good images score far above every good image the bundle was "
                         "validated on (other parts, camera or light: retraining is usually the fix)")
+    p.add_argument("--accept-outliers", action="store_true",
+                   help="calibrate even when some good images score like defects, far above every good image the "
+                        "bundle was validated on (look at them first: one defective part among them sets the "
+                        "threshold at its own score)")
     p.add_argument("--batch", type=int, default=8, help="images per inference batch")
     p.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime threads (0 = the daemon's default for the usable CPUs)")
@@ -60,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
                        if args.target_escape is not None else None),
         force_overlap=args.force_overlap, skip_overlap=args.skip_overlap, report_dir=args.report,
         confidence=args.confidence, batch_size=args.batch, threads=args.threads, write_config=not args.dry_run,
-        accept_shift=args.accept_shift)
+        accept_shift=args.accept_shift, accept_outliers=args.accept_outliers)
     result = calibrate(req)
     print(result.summary)
     shift = result.report["shift"]
@@ -68,6 +72,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"shift accepted: {shift['above_held_out']} of {result.report['n_good']} good images score above every "
               f"held-out good image of the bundle (median {shift['median']:.4g} > {shift['held_out_max']:.4g}): "
               f"check the camera and light, or retrain (--accept-shift)")
+    outliers = result.report["outliers"]
+    if outliers["accepted"]:
+        print(f"outliers accepted: {len(outliers['images'])} good images scoring like defects were kept (above "
+              f"{outliers['limit']:.4g}: {', '.join(name for name, _ in outliers['images'][:5])}); the threshold "
+              f"is {result.report['threshold']:.4g} (--accept-outliers)")
     left_out = result.report["overlap"].get("left_out")
     if left_out:
         split = f"{left_out['good']} good, {left_out['bad']} bad; " if args.bad is not None else ""

@@ -91,6 +91,11 @@ def format_summary(report: dict[str, Any]) -> str:
         f"  false reject: target {fr['target']:.3%} @ {fr['confidence']:.0%} confidence, upper bound "
         f"{fr['bound']:.3%}, on calibration {fr['good_above']}/{fr['n_good']} good above the threshold",
     ]
+    top = sorted((report.get("images") or {}).get("good") or [], key=lambda item: -item[1])
+    at = [f"{name} {score:.4g}" for name, score in top if score >= report["threshold"] - 1e-6][:5]  # stored rounded
+    if at:  # the order statistic the threshold is: a defect among these would have set it at its own score
+        lines.append(f"  set by the highest good scores: {', '.join(at)} (look at {'them' if len(at) > 1 else 'it'}: "
+                     f"a defective part among the good images sets the threshold at its own score)")
     esc = report.get("escape_at_threshold")
     if esc:
         lines.append(f"  escape (bad passed as OK): {esc['escapes']}/{esc['n_bad']} = {esc['rate']:.2%} "
