@@ -56,7 +56,7 @@ RUNNER_CLOSE_S = 5.0         # closing a backend that is not stuck
 # Watchdog: a loop that has not moved for this long is hung (camera and engine state do not count).
 PROGRESS_STALE_MIN_S = 10.0
 ENGINE_RETRY_S = (10.0, 300.0)  # an engine that failed to open is tried again after this, doubling up to that
-MALFORMED_LOG_EVERY = 100       # frames malformed (same reason, in a row) or dropped: one log line each this many
+REPEAT_LOG_EVERY = 100          # frames malformed (same reason, in a row) or dropped: one log line each this many
 # A free-running camera silent this long (or 10 read timeouts, if longer) with no driver error is taken
 # for lost and reconnected: some GenTL producers only time out when a GigE camera drops off.
 SILENT_CAMERA_S = 10.0
@@ -745,10 +745,10 @@ class LinePipeline:
     def _say_queue_full(self, frame: Frame) -> None:
         """Parts failed safe because frames come faster than the engine judges them had no log line and
         no alert of their own (the deadline was never reached: no miss either). Said at the first and
-        then every MALFORMED_LOG_EVERY-th (acquisition thread)."""
+        then every REPEAT_LOG_EVERY-th (acquisition thread)."""
         self._queue_full_drops += 1
         n = self._queue_full_drops
-        if n == 1 or n % MALFORMED_LOG_EVERY == 0:
+        if n == 1 or n % REPEAT_LOG_EVERY == 0:
             engine_ms = self._active.engine_ms
             per_frame = f" (its engine took {engine_ms:.1f} ms per frame at start)" if engine_ms else ""
             log.warning("line %s: frame %s got the fail-safe verdict, inference queue full: frames arrive faster "
@@ -954,11 +954,11 @@ class LinePipeline:
             self._fail_safe(item[0], item[1], why, deadline_missed=False, drop_reason="engine_error")
 
     def _say_malformed(self, frame: Frame, why: str) -> None:
-        """One log line per new reason, then every MALFORMED_LOG_EVERY-th frame: a camera that changed its
+        """One log line per new reason, then every REPEAT_LOG_EVERY-th frame: a camera that changed its
         frame size gives every frame the same reason, 20 a second (each still counted and fail-safe)."""
         self._malformed_run = self._malformed_run + 1 if why == self._malformed_why else 1
         self._malformed_why = why
-        if self._malformed_run == 1 or self._malformed_run % MALFORMED_LOG_EVERY == 0:
+        if self._malformed_run == 1 or self._malformed_run % REPEAT_LOG_EVERY == 0:
             again = f" ({self._malformed_run} frames in a row)" if self._malformed_run > 1 else ""
             log.warning("line %s: frame %s malformed%s: %s", self.line, frame.frame_id, again, why)
 

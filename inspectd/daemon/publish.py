@@ -60,7 +60,6 @@ DEFAULT_HEATMAP_QUEUE_SIZE = 64
 DROP_REASONS = ("queue_full", "encode_error", "send_error")
 
 
-
 class EndpointServed(Exception):
     """Another process accepts connections on the ipc:// endpoint's socket file."""
 

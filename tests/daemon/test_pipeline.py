@@ -307,7 +307,7 @@ def test_frames_of_another_size_than_the_bundle_learned_get_fail_safe_verdicts_s
     """A camera whose Width/Height, binning or sensor ROI changed (or another camera) gives frames of
     another size; each was resized to the model's input all the same and judged by a model that never
     saw such frames. Now each gets the fail-safe verdict naming both sizes, counted as malformed, and
-    the log says it once (then every MALFORMED_LOG_EVERY-th frame), not 20 times a second."""
+    the log says it once (then every REPEAT_LOG_EVERY-th frame), not 20 times a second."""
     import cv2
 
     assert bundle.input_spec.frame_size == (128, 128)  # the synthetic parts it was trained on
