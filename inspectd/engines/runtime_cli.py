@@ -188,7 +188,8 @@ def _bench(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     options = {"onnxruntime": {"threads": args.threads}} if args.threads else {}
     result = run_bench(bundle, backends=args.backend, iterations=args.iterations, batch=args.batch,
-                       warmup=args.warmup, options=options, frame_size=parse_frame(args.frame) if args.frame else None, rate=args.rate)
+                       warmup=args.warmup, options=options,
+                       frame_size=parse_frame(args.frame) if args.frame else None, rate=args.rate)
     if args.json:
         json.dump(result.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
