@@ -311,8 +311,8 @@ def check_outliers(bundle: Bundle, folder: Path, good_paths: Sequence[Path], goo
         more = f" and {len(order) - 5} more" if len(order) > 5 else ""
         raise DataError(f"{folder}: {len(order)} of {good.size} good images score like defects, more than "
                         f"{SHIFT_MARGIN:g} above every good image bundle {bundle.bundle_id} was validated on "
-                        f"(normalized: {named}{more}; its held-out highest {held_out_max:.3g}, and beyond {OUTLIER_IQR:g} "
-                        f"interquartile ranges of these images): one defective part among them would "
+                        f"(normalized: {named}{more}; its held-out highest {held_out_max:.3g}, and beyond "
+                        f"{OUTLIER_IQR:g} interquartile ranges of these images): one defective part among them would "
                         f"set the threshold at its own score and pass every defect scoring less; look at them and "
                         f"remove any that is not good, or --accept-outliers to calibrate with them")
     info["accepted"] = True
