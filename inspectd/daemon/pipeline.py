@@ -307,6 +307,7 @@ class LinePipeline:
         self.last_activity_mono = now       # acquisition loop progress
         self.last_worker_progress_mono = now
         self.frames_acquired = 0
+        self.last_frame_size: tuple[int, int] | None = None  # (height, width) the source delivers
         self.verdicts = 0
         self.deadline_misses = 0
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -722,6 +723,8 @@ class LinePipeline:
         frame.line = self.line
         key = next(self._keys)
         self.frames_acquired += 1
+        if isinstance(frame.image, np.ndarray) and frame.image.ndim >= 2:
+            self.last_frame_size = (int(frame.image.shape[0]), int(frame.image.shape[1]))
         if self.metrics is not None:
             self.metrics.last_frame_timestamp.labels(line=self.line).set(frame.acquired_ns / 1e9)
         # The clock starts at acquisition, not when the worker gets to the frame. (A keeper already

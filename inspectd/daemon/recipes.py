@@ -348,6 +348,7 @@ class LineRecipes:
                     if isinstance(sb, str):
                         self.standby[name] = str(exc)
                     raise
+            self._refuse_other_frames(new, opened=new is not sb)
             self._save_or_drop(dict(self.state, active=name), None if new is sb else new, deadline)
             old = self.pipeline.activate(new)
             self.standby.pop(name, None)
@@ -362,6 +363,20 @@ class LineRecipes:
                 self.pipeline.retire(old)
             self._record("recipe", self._desc(old), self._desc(new), who, reason)
             return {"line": self.line, "active": self._desc(new), "changed": True}
+
+    def _refuse_other_frames(self, recipe: ActiveRecipe, opened: bool) -> None:
+        """A recipe whose bundle learned frames of another size than the camera delivers now would give
+        every part the fail-safe verdict (preprocess.check_frame_size): refused before anything
+        changes, the engine opened for it closed again (`opened`)."""
+        assert self.pipeline is not None
+        trained, now = recipe.bundle.input_spec.frame_size, self.pipeline.last_frame_size
+        if trained is None or now is None or tuple(trained) == now:
+            return
+        if opened:
+            self.pipeline.retire(recipe)
+        raise RecipeNotReady(f"recipe {recipe.name!r}: its bundle {recipe.bundle.bundle_id} was trained on "
+                             f"{trained[1]}x{trained[0]} frames, line {self.line}'s camera delivers {now[1]}x{now[0]}: "
+                             f"every part would get the fail-safe verdict; nothing changed")
 
     def _open_shadow(self, spec: RecipeSpec) -> ActiveRecipe:
         """The shadow bundle's engine (parity-gated, warm), on one ONNX Runtime intra-op thread unless
@@ -392,6 +407,7 @@ class LineRecipes:
     def _start_shadow(self, spec: RecipeSpec, state: dict[str, Any], deadline: float | None = None) -> Any:
         """set_shadow: open the shadow bundle, persist `state`, start scoring."""
         recipe = self._open_shadow(spec)
+        self._refuse_other_frames(recipe, opened=True)
         self._save_or_drop(state, recipe, deadline)
         return self._install_shadow(spec, recipe)
 

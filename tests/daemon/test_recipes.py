@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from inspectd.client import VerdictSubscriber
+from inspectd.daemon.audit import audit_path
 from inspectd.daemon.control import request, socket_path
 from inspectd.engines.bundle import load_bundle
 from tests.daemon.test_run import _MODULE, Daemon, _scrape
@@ -465,6 +466,35 @@ def test_a_sighup_after_a_bundle_change_keeps_the_threshold_with_the_bundle_it_w
         col.close()
     assert len([line for line in daemon.lines if "SIGHUP applies thresholds only" in line]) == 2
     assert len([line for line in daemon.lines if "keeps threshold" in line]) == 2
+
+
+def test_a_recipe_or_shadow_trained_on_frames_of_another_size_is_refused_at_the_switch(
+        tmp_path: Path, tiny_bundle: Path, tiny_camera_bundle: Path, synthetic_parts: Any) -> None:
+    """The line's camera delivers 128x128 frames; a recipe (or shadow) whose bundle learned 400x400 ones
+    would give every part the fail-safe verdict from the switch on. Refused, nothing changes, the line
+    keeps judging with its recipe."""
+    replay = _replay(tmp_path, synthetic_parts)
+    cfg = _config(tmp_path, replay, tiny_bundle,
+                  recipes=[{"name": "wide", "bundle": str(tiny_camera_bundle), "threshold": 5.0}])
+    sock = socket_path(tmp_path / "state")
+    daemon = Daemon(cfg)
+    col = _Collector(f"ipc://{tmp_path}/pub.sock")
+    try:
+        daemon.wait_log(r"ready: line1")
+        col.wait(lambda: len(col.headers()) >= 3)
+        said = "was trained on 400x400 frames, line line1's camera delivers 128x128"
+        refused = request(sock, {"op": "recipe", "line": "line1", "name": "wide"})
+        assert not refused["ok"] and "recipe 'wide'" in refused["error"] and said in refused["error"], refused
+        refused = request(sock, {"op": "shadow", "line": "line1", "bundle": str(tiny_camera_bundle), "threshold": 5.0})
+        assert not refused["ok"] and said in refused["error"], refused
+        n = len(col.headers())
+        col.wait(lambda: len(col.headers()) >= n + 3)
+        assert all(h["recipe"] == "default" and h["score"] is not None for h in col.headers()[n:])
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(10)
+        col.close()
+    assert not audit_path(tmp_path / "state").exists()  # nothing changed, nothing recorded
 
 
 def test_sighup_reloads_the_shadow_bundles_threshold(tmp_path: Path, tiny_bundle: Path, tiny_method_bundles: Any,
