@@ -53,6 +53,7 @@ WARMUP_CALLS = 2
 TIMED_CALLS = 5
 ENGINE_START_CALLS = WARMUP_CALLS + TIMED_CALLS
 RUNNER_CLOSE_S = 5.0         # closing a backend that is not stuck
+SUBMIT_TAKEN_S = 1.0         # a call handed to an engine's thread is taken within this (or left to the stall bound)
 # Watchdog: a loop that has not moved for this long is hung (camera and engine state do not count).
 PROGRESS_STALE_MIN_S = 10.0
 ENGINE_RETRY_S = (10.0, 300.0)  # an engine that failed to open is tried again after this, doubling up to that
@@ -139,6 +140,28 @@ class ActiveRecipe:
         return t.path if t.path is not None else t.value
 
 
+@dataclasses.dataclass(frozen=True)
+class _Taken:
+    """A frame the worker took from the queue; prepared (its batch, or why it has none) for one recipe."""
+
+    key: int
+    frame: Frame
+    batch: np.ndarray | None = None
+    prepared_for: ActiveRecipe | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """A frame handed to an engine whose answer the worker collects next."""
+
+    active: ActiveRecipe
+    runner: "_EngineRunner"
+    key: int
+    frame: Frame
+    queue_ms: float
+
+
 class EngineStalled(Exception):
     """The backend did not answer within the stall bound (no exception, just no answer)."""
 
@@ -160,6 +183,8 @@ class _EngineRunner:
         self._result: Any = None
         self._error: BaseException | None = None
         self._busy = False      # a call was handed over and has not returned yet
+        self._submitted_mono = 0.0
+        self.last_call_s = 0.0  # how long the last call took on the backend's thread
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{line}", daemon=True)
         self._thread.start()
@@ -176,12 +201,28 @@ class _EngineRunner:
     def call(self, fn: Callable[[], Any], stall_s: float, tick: Callable[[], None]) -> Any:
         """`fn()` run on the backend's thread; EngineStalled after `stall_s` without an answer.
         `tick()` is called while waiting (the worker's own loop is alive: it waits on a bounded call)."""
+        self.submit(fn)
+        return self.collect(stall_s, tick)
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        """Hand `fn` to the backend's thread; returns once that thread has taken it (`collect()`
+        waits for its answer). Waiting for the take matters: a caller that went on with Python
+        work at once would hold the GIL the backend's thread needs to start the call."""
         with self._cond:
             if self._busy:
                 raise EngineBusy("a call given up earlier has not returned yet")
             self._fn, self._result, self._error, self._busy = fn, None, None, True
+            self._submitted_mono = time.monotonic()
             self._cond.notify_all()
-            end = time.monotonic() + stall_s
+            while self._fn is not None and self._thread.is_alive():
+                if time.monotonic() - self._submitted_mono > SUBMIT_TAKEN_S:
+                    break  # not taken yet: collect() bounds the wait
+                self._cond.wait(0.1)
+
+    def collect(self, stall_s: float, tick: Callable[[], None]) -> Any:
+        """The answer of the call submitted last; EngineStalled `stall_s` after it was submitted."""
+        with self._cond:
+            end = self._submitted_mono + stall_s
             while self._busy:
                 left = end - time.monotonic()
                 if left <= 0:
@@ -204,10 +245,17 @@ class _EngineRunner:
         return self.call(adopt, stall_s, tick)
 
     def infer(self, batch: np.ndarray, stall_s: float, tick: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
+        self.start_infer(batch)
+        return self.collect_infer(stall_s, tick)
+
+    def start_infer(self, batch: np.ndarray) -> None:
         backend = self.backend
         if backend is None:
             raise RuntimeError("no backend open")
-        result = self.call(lambda: backend.infer(batch), stall_s, tick)
+        self.submit(lambda: backend.infer(batch))
+
+    def collect_infer(self, stall_s: float, tick: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
+        result = self.collect(stall_s, tick)
         if result is None:
             raise RuntimeError("the engine returned nothing")
         return result
@@ -229,14 +277,18 @@ class _EngineRunner:
                 if self._fn is None:
                     break
                 fn, self._fn = self._fn, None
+                self._cond.notify_all()  # taken (submit() returns)
             result: Any = None
             error: BaseException | None = None
+            t0 = time.perf_counter()
             try:
                 result = fn()
             except BaseException as exc:  # reported to the caller
                 error = exc
+            elapsed = time.perf_counter() - t0
             with self._cond:
                 self._result, self._error, self._busy = result, error, False
+                self.last_call_s = elapsed
                 self._cond.notify_all()
         if self.backend is not None:
             try:
@@ -766,16 +818,36 @@ class LinePipeline:
             if not self._install_runner(first, self._open_engine(first)):
                 self._follow_active()
             counted = first.runner  # the engine whose errors in a row are being counted
+            # With frames waiting, the next one is taken and prepared while the engine judges this
+            # one, and handed to the engine before this one's verdict is built and delivered: that
+            # serial work no longer leaves the engine idle (RESULTS §25). Without a backlog nothing
+            # waits and each frame goes through alone, as before.
+            ahead: _Taken | None = None
+            in_flight: _InFlight | None = None
             while True:
-                item = self._next_item()
-                if item is None:
-                    break
-                active = self._active        # once per frame: engine, bundle, ROI, threshold together
-                if active.runner is not counted:  # a switch (or a new engine): its own count from zero
-                    self._stalled = False
-                    self._consecutive_engine_errors = 0
-                    counted = active.runner
-                self._process(active, *item)
+                if in_flight is None:
+                    taken, ahead = ahead or self._take(), None
+                    if taken is None:
+                        break
+                    active = self._active        # once per frame: engine, bundle, ROI, threshold together
+                    if active.runner is not counted:  # a switch (or a new engine): its own count from zero
+                        self._stalled = False
+                        self._consecutive_engine_errors = 0
+                        counted = active.runner
+                    in_flight = self._start(active, taken)
+                if in_flight is not None:
+                    active = in_flight.active
+                    ahead = ahead or self._take_ahead(active)
+                    outcome = self._collect(in_flight)
+                    following = None
+                    # The same recipe still active and its engine answering: the next frame goes in first.
+                    if outcome is not None and ahead is not None and ahead.error is None and self._active is active:
+                        following, ahead = self._start(active, ahead), None
+                    if outcome is not None:
+                        self._finish(in_flight, *outcome)
+                    in_flight = following
+                    if in_flight is not None:
+                        continue
                 if active.runner is None and self._active is active:
                     self._retry_engine(active)
                 if active.runner is not None and (self._stalled or
@@ -949,6 +1021,36 @@ class LinePipeline:
             self.metrics.queue_depth.labels(line=self.line).set(depth)
         return item
 
+    def _take(self) -> "_Taken | None":
+        """The next frame, waiting for one (None: the worker is stopping and the queue is empty)."""
+        item = self._next_item()
+        return None if item is None else _Taken(*item)
+
+    def _take_ahead(self, active: ActiveRecipe) -> "_Taken | None":
+        """A frame already waiting (never waits for one), prepared for `active`."""
+        with self._queue_cond:
+            if not self._queue:
+                return None
+            key, frame = self._queue.popleft()
+            self._queue_cond.notify_all()  # room for a back-pressured source
+            depth = len(self._queue)
+        self._tick_worker()
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(line=self.line).set(depth)
+        return self._prepared(active, _Taken(key, frame))
+
+    @staticmethod
+    def _prepared(active: ActiveRecipe, taken: "_Taken") -> "_Taken":
+        """`taken` with its batch for `active`'s input and ROI, or the reason there is none."""
+        try:
+            image = taken.frame.image
+            if not isinstance(image, np.ndarray):  # the source's reason when it gave one
+                raise DataError(taken.frame.meta.get("error") or f"frame image is a {type(image).__name__}, not an array")
+            batch = preprocess.prepare(image, active.bundle.input_spec, active.roi)[None]
+        except Exception as exc:
+            return dataclasses.replace(taken, batch=None, prepared_for=active, error=str(exc))
+        return dataclasses.replace(taken, batch=batch, prepared_for=active, error=None)
+
     def _fail_safe_loop(self, why: str) -> None:
         while True:
             item = self._next_item()
@@ -965,42 +1067,57 @@ class LinePipeline:
             again = f" ({self._malformed_run} frames in a row)" if self._malformed_run > 1 else ""
             log.warning("line %s: frame %s malformed%s: %s", self.line, frame.frame_id, again, why)
 
-    def _process(self, active: ActiveRecipe, key: int, frame: Frame) -> None:
+    def _start(self, active: ActiveRecipe, taken: "_Taken") -> "_InFlight | None":
+        """Hand the frame to `active`'s engine; None when it is resolved without it (late already,
+        no engine, malformed, the engine refusing the call)."""
+        key, frame = taken.key, taken.frame
         if not self._keeper.is_pending(key):
-            return  # already resolved by its deadline while queued: do not spend the engine on it
+            return None  # already resolved by its deadline while queued: do not spend the engine on it
         runner = active.runner
         if runner is None:
             self._fail_safe(key, frame, self.failed or "no backend", deadline_missed=False,
                             drop_reason="engine_error")
-            return
-        try:
-            image = frame.image
-            if not isinstance(image, np.ndarray):  # the source's reason when it gave one
-                raise DataError(frame.meta.get("error") or f"frame image is a {type(image).__name__}, not an array")
-            batch = preprocess.prepare(image, active.bundle.input_spec, active.roi)[None]
-        except Exception as exc:
-            self._say_malformed(frame, str(exc))
-            self._fail_safe(key, frame, f"malformed frame: {exc}", deadline_missed=False, drop_reason="malformed")
-            return
+            return None
+        if taken.prepared_for is not active:
+            taken = self._prepared(active, taken)
+        if taken.error is not None or taken.batch is None:
+            why = taken.error or "not prepared"
+            self._say_malformed(frame, why)
+            self._fail_safe(key, frame, f"malformed frame: {why}", deadline_missed=False, drop_reason="malformed")
+            return None
         queue_ms = (time.monotonic() - frame.acquired_mono) * 1000.0
-        t0 = time.perf_counter()
         try:
-            raw_scores, maps = runner.infer(batch, self.stall_after_s, self._tick_worker)
+            runner.start_infer(taken.batch)
+        except Exception as exc:
+            self._engine_failed_on(key, frame, exc)
+            return None
+        return _InFlight(active, runner, key, frame, queue_ms)
+
+    def _collect(self, job: "_InFlight") -> tuple[float, np.ndarray, float] | None:
+        """The engine's raw score, map and call time for the frame in flight; None when it failed
+        (the frame then has its fail-safe verdict)."""
+        try:
+            raw_scores, maps = job.runner.collect_infer(self.stall_after_s, self._tick_worker)
             raw = float(raw_scores[0])
             if not math.isfinite(raw):
                 raise ValueError(f"non-finite score {raw}")
             if not np.isfinite(maps[0]).all():
                 raise ValueError("non-finite values in the anomaly map")
         except Exception as exc:
-            self._engine_failed_on(key, frame, exc)
-            return
+            self._engine_failed_on(job.key, job.frame, exc)
+            return None
         self._consecutive_engine_errors = 0
         if not self.engine_ok:  # a kept backend that answers again
             self._set_engine_ok(True)
-        infer_s = time.perf_counter() - t0
+        infer_s = job.runner.last_call_s
         if self.metrics is not None:
-            self.metrics.inference_seconds.labels(line=self.line, backend=active.backend).observe(infer_s)
-        if not self._keeper.claim(key):
+            self.metrics.inference_seconds.labels(line=self.line, backend=job.active.backend).observe(infer_s)
+        return raw, maps[0], infer_s
+
+    def _finish(self, job: "_InFlight", raw: float, anomaly_map: np.ndarray, infer_s: float) -> None:
+        """The frame's verdict from its engine result, delivered (unless its deadline came first)."""
+        active, frame = job.active, job.frame
+        if not self._keeper.claim(job.key):
             log.debug("line %s: late result for frame %s (%.1f ms after acquisition) not published",
                       self.line, frame.frame_id, (time.monotonic() - frame.acquired_mono) * 1000)
             return
@@ -1008,13 +1125,14 @@ class LinePipeline:
         score = float(active.bundle.normalize(raw))
         verdict = "NG" if score > threshold else "OK"
         # Fixed display range; resizing and encoding happen in the publisher thread.
-        heatmap = active.bundle.heatmap_u8(maps[0]) if self._wants_heatmap(verdict) else None
+        heatmap = active.bundle.heatmap_u8(anomaly_map) if self._wants_heatmap(verdict) else None
         result = Verdict(
             line=self.line, frame_id=frame.frame_id, acquired_ns=frame.acquired_ns, verdict=verdict,
             score=score, raw_score=raw, threshold=threshold,
             latency_ms=(time.monotonic() - frame.acquired_mono) * 1000.0, deadline_missed=False,
             backend=active.backend, bundle_id=active.bundle.bundle_id, heatmap=heatmap, meta=frame.meta,
-            frame=frame, anomaly_map=maps[0], recipe=active.name, queue_ms=queue_ms, infer_ms=infer_s * 1000.0)
+            frame=frame, anomaly_map=anomaly_map, recipe=active.name, queue_ms=job.queue_ms,
+            infer_ms=infer_s * 1000.0)
         self._deliver(result)
         shadow = self.shadow
         if shadow is not None:  # after the verdict went out; never waits (a full shadow queue drops)
