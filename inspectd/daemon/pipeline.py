@@ -337,6 +337,7 @@ class LinePipeline:
                               else max(ENGINE_STALL_MIN_S, ENGINE_STALL_BUDGETS * self._budget_s))
 
         self._queue: collections.deque[tuple[int, Frame]] = collections.deque()
+        self._held: tuple[int, Frame] | None = None  # taken ahead by the worker, not handed over yet
         self._queue_cond = threading.Condition(threading.Lock())
         self._keys = itertools.count()
         self._keeper = DeadlineKeeper(self._on_deadline, name=f"deadline-{self.line}")
@@ -561,7 +562,11 @@ class LinePipeline:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Frames waiting for the engine: queued, or taken ahead by the worker and not yet handed over."""
+        return self._waiting()
+
+    def _waiting(self) -> int:
+        return len(self._queue) + (self._held is not None)
 
     @property
     def late_results(self) -> int:
@@ -724,9 +729,9 @@ class LinePipeline:
 
     def _wait_for_room(self) -> bool:
         with self._queue_cond:
-            if len(self._queue) >= self.settings.queue_size:
+            if self._waiting() >= self.settings.queue_size:
                 self._queue_cond.wait(self.settings.read_timeout_s)
-            room = len(self._queue) < self.settings.queue_size
+            room = self._waiting() < self.settings.queue_size
         self._tick_acquisition()  # waiting on our own worker is not a stall of this loop
         return room
 
@@ -784,10 +789,15 @@ class LinePipeline:
         self._keeper.register(frame, frame.acquired_mono + self._budget_s, key=key)
         dropped: tuple[int, Frame] | None = None
         with self._queue_cond:
-            if len(self._queue) >= self.settings.queue_size:
-                dropped = self._queue.popleft()  # drop oldest: the newest part is the one still in reach
+            if self._waiting() >= self.settings.queue_size:
+                # Drop oldest: the newest part is the one still in reach. A frame the worker took ahead
+                # is the oldest waiting one; resolved here, the worker finds it no longer pending.
+                if self._held is not None:
+                    dropped, self._held = self._held, None
+                else:
+                    dropped = self._queue.popleft()
             self._queue.append((key, frame))
-            depth = len(self._queue)
+            depth = self._waiting()
             self._queue_cond.notify()
         if self.metrics is not None:
             self.metrics.queue_depth.labels(line=self.line).set(depth)
@@ -1016,7 +1026,7 @@ class LinePipeline:
             item = self._queue.popleft()
             self._queue_cond.notify_all()  # room for a back-pressured source
             self._tick_worker()
-            depth = len(self._queue)
+            depth = self._waiting()
         if self.metrics is not None:
             self.metrics.queue_depth.labels(line=self.line).set(depth)
         return item
@@ -1032,12 +1042,21 @@ class LinePipeline:
             if not self._queue:
                 return None
             key, frame = self._queue.popleft()
-            self._queue_cond.notify_all()  # room for a back-pressured source
-            depth = len(self._queue)
+            self._held = (key, frame)  # still waiting (queue_depth, the queue bound) until handed over
+            depth = self._waiting()
         self._tick_worker()
         if self.metrics is not None:
             self.metrics.queue_depth.labels(line=self.line).set(depth)
         return self._prepared(active, _Taken(key, frame))
+
+    def _release_held(self, key: int) -> None:
+        """The frame taken ahead is being handed over (or given up): it no longer waits."""
+        if self._held is None or self._held[0] != key:
+            return
+        with self._queue_cond:
+            if self._held is not None and self._held[0] == key:
+                self._held = None
+                self._queue_cond.notify_all()  # room for a back-pressured source
 
     @staticmethod
     def _prepared(active: ActiveRecipe, taken: "_Taken") -> "_Taken":
@@ -1052,6 +1071,10 @@ class LinePipeline:
         return dataclasses.replace(taken, batch=batch, prepared_for=active, error=None)
 
     def _fail_safe_loop(self, why: str) -> None:
+        with self._queue_cond:
+            held, self._held = self._held, None
+        if held is not None:
+            self._fail_safe(held[0], held[1], why, deadline_missed=False, drop_reason="engine_error")
         while True:
             item = self._next_item()
             if item is None:
@@ -1071,6 +1094,7 @@ class LinePipeline:
         """Hand the frame to `active`'s engine; None when it is resolved without it (late already,
         no engine, malformed, the engine refusing the call)."""
         key, frame = taken.key, taken.frame
+        self._release_held(key)
         if not self._keeper.is_pending(key):
             return None  # already resolved by its deadline while queued: do not spend the engine on it
         runner = active.runner

@@ -255,6 +255,42 @@ def test_skip_policy_and_drop_oldest_when_the_queue_is_full(bundle: Bundle, repl
     assert 12 not in {v.frame_id for v in dropped}
 
 
+def test_a_frame_taken_ahead_still_counts_against_the_queue_bound(bundle: Bundle, replay_dir: Path) -> None:
+    """`queue_size` bounds how many frames wait for the engine, so how stale a judged part can be. The
+    worker takes a waiting frame ahead while the engine runs (to prepare it meanwhile); that frame
+    still waits: it counts in the queue depth and, being the oldest, is dropped first when newer parts
+    arrive. Before: with queue_size 2, three parts waited (the one taken ahead judged after a whole
+    extra engine call while newer parts were dropped)."""
+    engine_s = 0.2
+    settings = line_settings("qa", latency_budget_ms=10_000, backend_preference=("onnxruntime",), queue_size=2)
+    out = Collector()
+    pipe = LinePipeline(settings, ReplaySource("qa", replay_dir / "bad", fps=25), bundle,  # a part every 40 ms
+                        LineThreshold("qa", value=THRESHOLD), out,
+                        backend_opener=_opener(lambda inner: SlowOrtBackend(inner, delay_s=engine_s))).start()
+    depths: list[int] = []
+    try:
+        assert pipe.wait_ready(30.0)
+        while len(out.verdicts) < 12:
+            depths.append(pipe.queue_depth)
+            time.sleep(0.002)
+    finally:
+        pipe.stop(timeout_s=3.0)
+    assert sorted(v.frame_id for v in out.verdicts) == list(range(1, 13))
+    judged = [v for v in out.verdicts if v.score is not None]
+    assert max(v.frame_id for v in judged) == 12  # drop oldest: the newest part is judged
+    assert 2 in depths and max(depths) == 2, sorted(set(depths))
+    dropped = [v for v in out.verdicts if v.error and "queue full" in v.error]
+    assert len(judged) + len(dropped) == 12
+    # From the verdicts alone: when each judged part went to the engine, how many others were waiting
+    # (acquired before, handed over or dropped after)? With queue_size 2: at most one.
+    ms = 1e6
+    started = {v.frame_id: v.acquired_ns + v.queue_ms * ms for v in judged}
+    ended = {**started, **{v.frame_id: v.acquired_ns + v.latency_ms * ms for v in dropped}}
+    acquired = {v.frame_id: v.acquired_ns for v in out.verdicts}
+    others = {f: sum(1 for g in ended if g != f and acquired[g] + ms <= t < ended[g] - ms) for f, t in started.items()}
+    assert max(others.values()) <= 1, others
+
+
 def test_replay_as_fast_as_the_pipeline_takes_is_back_pressured_not_dropped(bundle: Bundle,
                                                                              replay_dir: Path) -> None:
     metrics = Metrics()
