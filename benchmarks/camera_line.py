@@ -1,6 +1,6 @@
 """A line on a real GenTL camera: engine alone vs the daemon acquiring from the camera, in one run.
 
-    python benchmarks/camera_line.py --bundle BUNDLE [--seconds 30] [--runs 3] [--budget-ms 150] [--busy N]
+    python benchmarks/camera_line.py --bundle BUNDLE [--seconds 30] [--runs 3] [--budget-ms 150] [--busy N] [--fps F]
 
 The camera is the GenTL simulator that ships in the genicam wheel (viky.cti: 400x400 RGBa8, free
 running at about 20 fps), read through harvesters exactly as on a line.
@@ -12,6 +12,8 @@ running at about 20 fps), read through harvesters exactly as on a line.
    fires over 5 %).
 Step 2 is repeated `--runs` times; every run is printed. `--busy N`: N other processes keep one CPU
 each busy during every daemon run (an operator's recalibration or eval on the line PC, a backup).
+`--fps F`: the camera set to F frames a second (AcquisitionFrameRate) in step 2, e.g. faster than the
+engine judges them (the queue-full fail-safe verdicts are counted with their reason).
 3. what a reconnect costs the other lines of the same daemon: genicam's GenTL calls keep the GIL, so
    while one camera is opened or closed (or looked for and not found) no other Python thread runs.
    A thread that sleeps 1 ms in a loop (the daemon's StallWatch) measures it: how late it woke at
@@ -122,6 +124,8 @@ def main() -> int:
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--cycles", type=int, default=10, help="camera opens / failed lookups in step 3")
     ap.add_argument("--busy", type=int, default=0, help="processes keeping one CPU each busy during the daemon runs")
+    ap.add_argument("--fps", type=float, default=None,
+                    help=f"the camera's frame rate in the daemon runs (default: its own, ~{CAMERA_FPS:g})")
     add_backend_option_arg(ap)
     args = ap.parse_args()
     options = backend_options(args)
@@ -129,7 +133,8 @@ def main() -> int:
         raise SystemExit(f"{CTI}: the GenTL simulator is not installed (genicam wheel without viky.cti)")
 
     source = {"type": "genicam", "cti": str(CTI), "device": {"index": 0}}
-    frames = int(args.seconds * CAMERA_FPS)
+    line_source = {**source, "features": {"AcquisitionFrameRate": args.fps}} if args.fps else source
+    frames = int(args.seconds * (args.fps or CAMERA_FPS))
     with tempfile.TemporaryDirectory(prefix="inspectd-camera-") as tmp:
         work = Path(tmp)
         eng = engine_only(args.bundle, capture_frames(work, args.bundle, source, 20), args.engine_frames,
@@ -137,12 +142,12 @@ def main() -> int:
         runs = []
         for _ in range(args.runs):
             with busy_processes(args.busy):
-                runs.append(daemon_run(work, args.bundle, source, frames, args.backend, queue_size=4,
+                runs.append(daemon_run(work, args.bundle, line_source, frames, args.backend, queue_size=4,
                                        timeout_s=args.seconds + 60, budget_ms=args.budget_ms, options=options))
     stalls = reconnect_stalls(args.cycles)
     idle = [idle_wait_cpu() for _ in range(3)]
 
-    print(f"\ninspectd camera line benchmark: bundle {args.bundle}, {CTI.name} at ~{CAMERA_FPS:g} fps, "
+    print(f"\ninspectd camera line benchmark: bundle {args.bundle}, {CTI.name} at ~{args.fps or CAMERA_FPS:g} fps, "
           f"budget {args.budget_ms:g} ms, backend {args.backend}, {os.cpu_count()} CPUs, {args.runs} runs, "
           f"backend options {options or 'default'}, {args.busy} busy processes beside the daemon")
     print(f"{'':28}{'p50 ms':>9}{'p99 ms':>9}{'frames/s':>10}{'queue p50/p99':>16}{'infer p50/p99':>16}"
