@@ -3,8 +3,8 @@
 
 Parts pass only while the line is known to be inspecting them. The gate rejects EVERYTHING when:
 
-* the camera is lost, the engine failed, the line is still starting or the daemon is stopping
-  (heartbeat status),
+* the camera is lost, the engine failed, most parts get the fail-safe verdict (deadlines missed,
+  queue full), the line is still starting or the daemon is stopping (heartbeat status),
 * heartbeats stop (daemon dead, network down, wrong endpoint or keys),
 * verdicts were lost (a `seq` gap, also noticed at the next heartbeat) or the daemon restarted:
   then for `--hold` seconds, because the parts whose verdicts were lost cannot be told apart,

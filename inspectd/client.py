@@ -13,7 +13,7 @@ headers and watches the stream's health:
   With `lines=[...]` the clock starts at connect, so a daemon that never comes up is noticed too.
 
 * **line status**: each heartbeat carries the line's status (camera connected, engine ready,
-  state starting|ok|blind|engine_failed). `line_status(line)` / `line_statuses` return the latest
+  state starting|ok|blind|engine_failed|failing_safe). `line_status(line)` / `line_statuses` return the latest
   `LineStatus`, and `on_line_status(line, status)` is called whenever it changes, including when
   heartbeats stop and, with `verdict_timeout_s`, when heartbeats flow but verdicts do not.
   `LineStatus.safe` is True only while the line is known to be inspecting parts.
@@ -118,7 +118,7 @@ class CurveClientKeys:
         return cls(server_public_key=server, public_key=public, secret_key=secret)
 
 
-LINE_STATES = ("starting", "ok", "blind", "engine_failed", "stopping")
+LINE_STATES = ("starting", "ok", "blind", "engine_failed", "failing_safe", "stopping")
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,8 @@ class LineStatus:
             return "camera lost"
         if self.state == "engine_failed":
             return f"engine failed: {self.error}" if self.error else "engine failed"
+        if self.state == "failing_safe":
+            return f"failing parts safe: {self.error}" if self.error else "failing parts safe"
         if self.state == "starting":
             return "line starting"
         if self.state == "stopping":
@@ -195,7 +197,9 @@ def line_status_from_heartbeat(line: str, status: Any) -> LineStatus:
         else:
             state = "unknown"
     error = None
-    if state != "ok":
+    if state == "failing_safe" and isinstance(status.get("failing_safe"), str):
+        error = status["failing_safe"]
+    elif state != "ok":
         error = failed if isinstance(failed, str) and failed else None
         if error is None and isinstance(status.get("last_error"), str):
             error = status["last_error"] or None

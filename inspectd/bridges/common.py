@@ -17,7 +17,7 @@ from inspectd.errors import ConfigError
 log = logging.getLogger("inspectd.bridges")
 
 # Words of the `status` field (MQTT status payload, OPC UA LineStatus variable).
-STATUSES = ("ok", "offline", "blind", "engine_failed", "starting", "stopping", "unknown")
+STATUSES = ("ok", "offline", "blind", "engine_failed", "failing_safe", "starting", "stopping", "unknown")
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ class LiveView:
                 status = {"state": "unknown", "last_error": f"status unavailable: {exc}"}
             keys = ("state", "camera_connected", "engine_ready", "backend", "bundle_id", "threshold",
                     "engine_ms", "latency_budget_ms",
-                    "frames", "verdicts", "deadline_misses", "queue_depth", "last_error", "failed")
+                    "frames", "verdicts", "deadline_misses", "queue_depth", "last_error", "failed", "failing_safe")
             lines.append({"line": state.line, "status": {k: status.get(k) for k in keys}, "counts": counts,
                           "ng": None if ng is None else dict(ng, url=f"/live/{state.line}/ng.png?frame={ng['frame_id']}")})
         return json_value({"seq": seq, "time_ns": time.time_ns(), "lines": lines, "verdicts": verdicts})
@@ -350,6 +350,7 @@ function render(data) {
       rows.push(["engine time", num(s.engine_ms, 1) + " ms of " + num(s.latency_budget_ms, 0) + " ms budget",
                  2 * s.engine_ms > s.latency_budget_ms ? "bad" : "good"]);
     rows.push(["frames", s.frames], ["deadline misses", s.deadline_misses]);
+    if (s.failing_safe) rows.push(["failing safe", s.failing_safe, "bad"]);
     if (s.last_error) rows.push(["last error", s.last_error]);
     for (const r of rows) { c.kv.appendChild(el("span", {}, r[0])); c.kv.appendChild(el("span", r[2] ? {"class": r[2]} : {}, String(r[1]))); }
     c.counts.replaceChildren(el("span", {"class": "good", "id": "ok-" + L.line}, "OK " + L.counts.OK),

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from inspectd.daemon.deadline import DeadlineKeeper
+from inspectd.daemon.failsafe_rate import FailSafeRate
 from inspectd.daemon.frame import Frame, Verdict
 from inspectd.daemon.line import LineSettings, LineThreshold
 from inspectd.daemon.sinks import VerdictSink, as_sink
@@ -372,6 +373,7 @@ class LinePipeline:
         # The source's own counts (they restart when it reopens), as last carried into the metrics.
         self._source_seen = {"incomplete_frames": 0, "skipped_by_camera": 0}
         self._count_lock = threading.Lock()  # verdict counters from two threads
+        self._fail_safe_rate = FailSafeRate(self.line)  # most parts failing safe: state "failing_safe"
 
         if metrics is not None:
             metrics.init_line(self.line, threshold.value, self._budget_s)
@@ -576,8 +578,9 @@ class LinePipeline:
     def state(self) -> str:
         """starting | ok | blind (camera down, a source that will deliver no more frames, or an
         acquisition loop stuck in a driver call) | engine_failed (no backend, or the one in use
-        fails or stalls with no alternative left) | stopping (the daemon is stopping: no new part
-        is taken; frames already taken still get their verdicts)."""
+        fails or stalls with no alternative left) | failing_safe (camera and engine up, but most
+        of the last seconds' parts got the fail-safe verdict: failsafe_rate.py) | stopping (the
+        daemon is stopping: no new part is taken; frames already taken still get their verdicts)."""
         if self._stop_acquisition.is_set():
             return "stopping"
         if self.engine_resolved.is_set() and not self.engine_ok:
@@ -586,6 +589,8 @@ class LinePipeline:
             return "starting"
         if not self.camera_connected or getattr(self.source, "exhausted", False) or self.acquisition_stuck:
             return "blind"
+        if self._fail_safe_rate.reason() is not None:
+            return "failing_safe"
         return "ok"
 
     @property
@@ -608,7 +613,8 @@ class LinePipeline:
                 "dropped": dict(self.dropped), "engine_errors": self.engine_errors,
                 "engine_stalls": self.engine_stalls, "late_results": self.late_results,
                 "ready": self.engine_resolved.is_set() and self.source_ready.is_set(),
-                "failed": self.failed, "last_error": self.last_error}
+                "failed": self.failed, "last_error": self.last_error,
+                "failing_safe": self._fail_safe_rate.reason()}
 
     def healthy(self, stale_s: float | None = None) -> bool:
         """For the systemd watchdog: the line's threads are alive and their loops make progress.
@@ -1225,6 +1231,7 @@ class LinePipeline:
                 self.deadline_misses += 1
         if verdict.deadline_missed:
             log.warning("line %s: frame %s deadline missed -> %s", self.line, verdict.frame_id, verdict.verdict)
+        self._fail_safe_rate.record(verdict.score is None, verdict.error)
         try:
             self.sink.accept(verdict)
         except Exception:  # Sinks isolates its own; a bare callable sink may still raise

@@ -244,7 +244,7 @@ def test_skip_policy_and_drop_oldest_when_the_queue_is_full(bundle: Bundle, repl
     opener = _opener(lambda inner: SlowOrtBackend(inner, delay_s=0.15))
     with caplog.at_level("WARNING", logger="inspectd.pipeline"):
         verdicts, out, _ = _run_line(settings, source, bundle, 12, opener=opener, metrics=metrics, settle_s=0.5)
-    said = [r.getMessage() for r in caplog.records if "inference queue full" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "got the fail-safe verdict, inference queue full" in r.getMessage()]
     assert len(said) == 1 and "frames arrive faster than the engine judges them" in said[0], said
     assert sorted(v.frame_id for v in out.verdicts) == list(range(1, 13))  # every frame: one verdict
     dropped = [v for v in out.verdicts if v.error and "queue full" in v.error]
@@ -414,7 +414,7 @@ def test_frames_of_another_size_than_the_bundle_learned_get_fail_safe_verdicts_s
     assert all("frame of 160x128 px, but the bundle was trained on 128x128 frames" in (v.error or "")
                for v in verdicts), verdicts[0].error
     assert _sample(metrics, "inspectd_dropped_frames_total", line="wide", reason="malformed") == 12
-    said = [r for r in caplog.records if "malformed" in r.getMessage()]
+    said = [r for r in caplog.records if "malformed" in str(r.msg)]  # the malformed-frame line itself
     assert len(said) == 1, [r.getMessage() for r in said]
 
 
@@ -657,3 +657,42 @@ def test_an_exhausted_replay_is_a_disconnected_camera_and_a_blind_line(bundle: B
         pipe.stop(timeout_s=3.0)
     assert sorted(v.frame_id for v in verdicts) == [1, 2, 3, 4] and len(out.verdicts) == 4
     assert all(v.error is None and not v.deadline_missed for v in out.verdicts)
+
+
+def test_a_line_failing_most_parts_safe_says_so_in_its_status_until_it_judges_again(
+        bundle: Bundle, replay_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Camera up, engine up, but the engine too slow for the budget: every part got the fail-safe
+    verdict while the heartbeat said "ok", so a reject gate kept trusting the line. Now the state is
+    "failing_safe" with why (a reject gate reads it as not safe), said once in the log, and it goes
+    back to "ok" once the parts are judged again."""
+    from inspectd.client import line_status_from_heartbeat
+
+    settings = line_settings("f", backend_preference=("onnxruntime",), queue_size=2, latency_budget_ms=60)
+    slow: list[SlowOrtBackend] = []
+    opener = _opener(lambda inner: slow.append(SlowOrtBackend(inner, delay_s=0.2)) or slow[-1])
+    out = Collector()
+    pipe = LinePipeline(settings, ReplaySource("f", replay_dir / "good", fps=20, loop=True), bundle,
+                        LineThreshold("f", value=THRESHOLD), _sinks(out, None), backend_opener=opener).start()
+    try:
+        with caplog.at_level("INFO", logger="inspectd.pipeline"):
+            assert pipe.wait_ready(30.0)
+            out.wait_for(12)
+            status = pipe.status()
+            assert status["state"] == "failing_safe", status
+            assert status["camera_connected"] is True and status["engine_ready"] is True
+            assert "fail-safe verdict" in status["failing_safe"] and "no result within 60 ms" in status["failing_safe"]
+            seen = line_status_from_heartbeat("f", status)  # as a reject gate reads the heartbeat
+            assert not seen.safe and seen.reason.startswith("failing parts safe: ")
+            slow[0].delay_s = 0.0  # the engine is fast again: parts are judged
+            end = time.monotonic() + 15.0
+            while pipe.status()["state"] != "ok" and time.monotonic() < end:
+                time.sleep(0.1)
+            status = pipe.status()
+            assert status["state"] == "ok" and status["failing_safe"] is None, status
+            assert line_status_from_heartbeat("f", status).safe
+    finally:
+        pipe.stop(timeout_s=3.0)
+    said = [r.getMessage() for r in caplog.records if "is failing its parts safe" in r.getMessage()]
+    assert len(said) == 1 and "line f is failing its parts safe" in said[0], said
+    assert any("line f judges its parts again" in r.getMessage() for r in caplog.records)
+    assert any(v.error is None for v in out.verdicts[-5:])  # judged again at the end

@@ -198,6 +198,10 @@ def test_engine_errors_of_the_recipe_switched_away_from_do_not_count_against_the
         recipes.switch("A", WHO)
         _wait(lambda: sum(1 for v in got.verdicts if v.recipe == "A" and v.error is None) >= 3, 20,
               "A judging parts")
-        assert pipe.engine_errors == 5 and pipe.active.backend == "tensorrt" and pipe.state == "ok"
+        assert pipe.engine_errors == 5 and pipe.active.backend == "tensorrt"
+        # Five of the last few seconds' parts failed safe: the line says so until A's judged parts
+        # outnumber them (failsafe_rate.py), then it is ok on the same backend.
+        _wait(lambda: pipe.state == "ok", 10, "the line ok again")
+        assert pipe.engine_errors == 5 and pipe.active.backend == "tensorrt"
     finally:
         pipe.stop()
