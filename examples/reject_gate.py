@@ -3,7 +3,7 @@
 
 Parts pass only while the line is known to be inspecting them. The gate rejects EVERYTHING when:
 
-* the camera is lost, the engine failed, most parts get the fail-safe verdict (deadlines missed,
+* the camera is lost, the engine failed, many parts get the fail-safe verdict (deadlines missed,
   queue full), the line is still starting or the daemon is stopping (heartbeat status),
 * heartbeats stop (daemon dead, network down, wrong endpoint or keys),
 * verdicts were lost (a `seq` gap, also noticed at the next heartbeat) or the daemon restarted:

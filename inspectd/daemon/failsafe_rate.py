@@ -1,14 +1,15 @@
 """Is a line failing its parts safe? A sliding window over the outcomes of its verdicts.
 
-A line whose camera and engine are up can still give most parts the fail-safe verdict: deadlines
+A line whose camera and engine are up can still give many of its parts the fail-safe verdict: deadlines
 missed (an overloaded box), the queue full (a camera faster than the engine), frames the bundle
 cannot judge (a camera reconfigured to another size). Those parts are rejected, not inspected. The
 heartbeat then says "failing_safe" (with why), so a reject gate stops trusting the line as a whole
 instead of reading "ok" while it scraps every part; the counters and alerts say how many.
 
-Entering takes most of the last few seconds' parts (a late part now and then is not a failing line);
-leaving takes the share back under a tenth, or no fail-safe verdict for a whole window (a triggered
-line that went quiet), so the state does not flap at a share near the threshold.
+Entering takes a quarter of the last 5 s of parts, and at least 5 (a late part now and then is not a
+failing line; a camera faster than the engine that loses 40 % of its parts is); leaving takes the
+share back to a twentieth, or no fail-safe verdict for a whole window (a triggered line that went
+quiet), so the state does not flap at a share near the threshold.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ log = logging.getLogger("inspectd.pipeline")
 
 WINDOW_S = 5.0
 MIN_FAILED = 5          # fewer fail-safe verdicts than this in the window never make a failing line
-ENTER_SHARE = 0.5       # at least this share of the window's verdicts failed safe: failing
-LEAVE_SHARE = 0.1       # at most this share (or none in the window): no longer failing
+ENTER_SHARE = 0.25      # at least this share of the window's verdicts failed safe: failing
+LEAVE_SHARE = 0.05      # at most this share (or none in the window): no longer failing
 MAX_EVENTS = 100_000    # bounds the window at absurd frame rates (20 kHz for 5 s)
 
 
@@ -58,14 +59,17 @@ class FailSafeRate:
             self._update()
 
     def reason(self) -> str | None:
-        """Why the line is failing its parts safe, in one line; None when it is not."""
+        """Why the line is failing its parts safe, in one line that stays the same while the cause
+        does (a reject gate acts on a change); None when it is not failing."""
         now = self._clock()
         with self._lock:
             self._prune(now)
             self._update(may_enter=False)  # entering is record()'s: a verdict does it
-            return self._reason() if self._failing else None
+            if not self._failing:
+                return None
+            return self._last_why or "fail-safe verdicts"  # the last part's reason
 
-    def _reason(self) -> str:
+    def _counts(self) -> str:
         why = f" (last: {self._last_why})" if self._last_why else ""
         return (f"{self._failed} of the last {len(self._events)} parts ({self._window_s:g} s) got the "
                 f"fail-safe verdict{why}")
@@ -78,7 +82,7 @@ class FailSafeRate:
               and self._failed >= ENTER_SHARE * len(self._events)):
             self._failing = True
             log.error("line %s is failing its parts safe: %s; its heartbeat says failing_safe until they are "
-                      "judged again", self._line, self._reason())
+                      "judged again", self._line, self._counts())
 
     def _prune(self, now: float) -> None:
         while self._events and now - self._events[0][0] > self._window_s:

@@ -373,7 +373,7 @@ class LinePipeline:
         # The source's own counts (they restart when it reopens), as last carried into the metrics.
         self._source_seen = {"incomplete_frames": 0, "skipped_by_camera": 0}
         self._count_lock = threading.Lock()  # verdict counters from two threads
-        self._fail_safe_rate = FailSafeRate(self.line)  # most parts failing safe: state "failing_safe"
+        self._fail_safe_rate = FailSafeRate(self.line)  # many parts failing safe: state "failing_safe"
 
         if metrics is not None:
             metrics.init_line(self.line, threshold.value, self._budget_s)
@@ -578,8 +578,8 @@ class LinePipeline:
     def state(self) -> str:
         """starting | ok | blind (camera down, a source that will deliver no more frames, or an
         acquisition loop stuck in a driver call) | engine_failed (no backend, or the one in use
-        fails or stalls with no alternative left) | failing_safe (camera and engine up, but most
-        of the last seconds' parts got the fail-safe verdict: failsafe_rate.py) | stopping (the
+        fails or stalls with no alternative left) | failing_safe (camera and engine up, but a
+        quarter or more of the last 5 s of parts got the fail-safe verdict: failsafe_rate.py) | stopping (the
         daemon is stopping: no new part is taken; frames already taken still get their verdicts)."""
         if self._stop_acquisition.is_set():
             return "stopping"
