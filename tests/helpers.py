@@ -192,3 +192,25 @@ def header_bomb_jpeg() -> bytes:
     sof = data.find(b"\xff\xc0")
     data[sof + 5] = data[sof + 7] = 0xF0
     return bytes(data)
+
+
+def train_colour_bundle(grey_parts: Path, out: Path) -> Path:
+    """A small "rgb" bundle (64 px, one flow member, one epoch: seconds) trained on `grey_parts`
+    tinted to colour (written to `out`/../<out name>-colour, returned first). For the tests of what a
+    colour bundle does with mono frames."""
+    import cv2
+
+    from inspectd.engines.fitting import one_thread
+    from inspectd.engines.model import ModelConfig
+    from inspectd.engines.train import TrainConfig, train
+
+    colour = out.parent / f"{out.name}-colour"
+    colour.mkdir(parents=True)
+    for p in sorted(grey_parts.glob("*.png")):
+        grey = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+        cv2.imwrite(str(colour / p.name), np.dstack([grey * 0.5, grey * 0.8, grey]).astype(np.uint8))
+    cfg = TrainConfig(model=ModelConfig(image_height=64, image_width=64, taps=[4], members=1, color_mode="rgb"),
+                      epochs=1, views=1, seed=0, select=False)
+    with one_thread():
+        train(colour, out, cfg)
+    return colour

@@ -819,9 +819,18 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
 
 def _check_camera_frame_size(source: str, where: str, src: GenicamSourceConfig, bundles: list[Path]) -> None:
     """A camera told to deliver another Width or Height than the frames a bundle of the line was trained
-    on would have every frame refused (fail-safe verdicts): said before the line starts."""
-    from inspectd.engines.bundle import read_bundle_frame_size
+    on, or mono frames to a bundle trained on colour ones, would have every frame refused (fail-safe
+    verdicts): said before the line starts."""
+    from inspectd.engines.bundle import read_bundle_color_mode, read_bundle_frame_size
 
+    for key, asked in (("pixel_format", src.pixel_format), ("features.PixelFormat", src.features.get("PixelFormat"))):
+        if not (isinstance(asked, str) and asked.startswith("Mono")):
+            continue
+        for bundle in bundles:
+            if read_bundle_color_mode(bundle) == "rgb":
+                raise ConfigError(f"{source}: {where}.source.{key}: {asked}, but the bundle {bundle} was trained on "
+                                  f"colour frames: every frame would get the fail-safe verdict; set a colour pixel "
+                                  f"format or train on mono frames")
     for bundle in bundles:
         trained = read_bundle_frame_size(bundle)
         for key, size in zip(("Height", "Width"), trained or ()):

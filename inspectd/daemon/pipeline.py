@@ -362,6 +362,7 @@ class LinePipeline:
         self.last_worker_progress_mono = now
         self.frames_acquired = 0
         self.last_frame_size: tuple[int, int] | None = None  # (height, width) the source delivers
+        self.last_frame_channels: int | None = None          # 1 (mono) or 3 (colour)
         self.verdicts = 0
         self.deadline_misses = 0
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -788,6 +789,7 @@ class LinePipeline:
         self.frames_acquired += 1
         if isinstance(frame.image, np.ndarray) and frame.image.ndim >= 2:
             self.last_frame_size = (int(frame.image.shape[0]), int(frame.image.shape[1]))
+            self.last_frame_channels = 1 if frame.image.ndim == 2 else int(frame.image.shape[2])
         if self.metrics is not None:
             self.metrics.last_frame_timestamp.labels(line=self.line).set(frame.acquired_ns / 1e9)
         # The clock starts at acquisition, not when the worker gets to the frame. (A keeper already

@@ -365,17 +365,22 @@ class LineRecipes:
             return {"line": self.line, "active": self._desc(new), "changed": True}
 
     def _refuse_other_frames(self, recipe: ActiveRecipe, opened: bool) -> None:
-        """A recipe whose bundle learned frames of another size than the camera delivers now would give
-        every part the fail-safe verdict (preprocess.check_frame_size): refused before anything
-        changes, the engine opened for it closed again (`opened`)."""
+        """A recipe whose bundle learned frames of another size than the camera delivers now, or colour
+        frames where the camera delivers mono ones, would give every part the fail-safe verdict
+        (preprocess.prepare): refused before anything changes, the engine opened for it closed again
+        (`opened`)."""
         assert self.pipeline is not None
-        trained, now = recipe.bundle.input_spec.frame_size, self.pipeline.last_frame_size
-        if trained is None or now is None or tuple(trained) == now:
+        spec = recipe.bundle.input_spec
+        trained, now = spec.frame_size, self.pipeline.last_frame_size
+        if trained is not None and now is not None and tuple(trained) != now:
+            why = f"was trained on {trained[1]}x{trained[0]} frames, line {self.line}'s camera delivers {now[1]}x{now[0]}"
+        elif spec.color_mode == "rgb" and self.pipeline.last_frame_channels == 1:
+            why = f"was trained on colour frames, line {self.line}'s camera delivers mono frames"
+        else:
             return
         if opened:
             self.pipeline.retire(recipe)
-        raise RecipeNotReady(f"recipe {recipe.name!r}: its bundle {recipe.bundle.bundle_id} was trained on "
-                             f"{trained[1]}x{trained[0]} frames, line {self.line}'s camera delivers {now[1]}x{now[0]}: "
+        raise RecipeNotReady(f"recipe {recipe.name!r}: its bundle {recipe.bundle.bundle_id} {why}: "
                              f"every part would get the fail-safe verdict; nothing changed")
 
     def _open_shadow(self, spec: RecipeSpec) -> ActiveRecipe:

@@ -289,6 +289,14 @@ def read_bundle_frame_size(path: str | os.PathLike) -> tuple[int, int] | None:
     return None
 
 
+def read_bundle_color_mode(path: str | os.PathLike) -> str | None:
+    """"gray" or "rgb" from a bundle's manifest without verifying its files (check-config); None when
+    it cannot be read (the daemon verifies at start)."""
+    inp = (_raw_manifest(path) or {}).get("input")
+    mode = inp.get("color_mode") if isinstance(inp, dict) else None
+    return mode if isinstance(mode, str) else None
+
+
 def load_bundle(path: str | os.PathLike) -> Bundle:
     """Load and verify a bundle: schema, every listed file present with its sha256."""
     root = Path(path)

@@ -23,6 +23,8 @@ from inspectd.errors import DataError, InspectdError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp")
 COLOR_MODES = ("gray", "rgb")
+MONO_FOR_COLOUR = ("a mono frame (one channel), but the bundle was trained on colour frames (the camera's "
+                   "PixelFormat changed?); set a colour pixel format again or train on mono frames")
 # Recorded in the manifest; changing it changes every score, so it is part of the bundle contract.
 RESIZE_METHOD = "cv2.INTER_AREA"
 # The backbone's coarsest tap has stride 32: other sizes would leave ragged feature cells.
@@ -104,8 +106,11 @@ def read_image(path: str | os.PathLike, color_mode: str) -> np.ndarray:
 def convert_color(image: np.ndarray, color_mode: str) -> np.ndarray:
     """Convert a decoded frame (H x W mono, H x W x 1, or H x W x 3 RGB) to `color_mode`.
 
-    Camera sources deliver RGB order; grey frames become 3 channels only inside the graph
-    (for an "rgb" bundle a Mono8 camera is replicated here, explicitly).
+    Camera sources deliver RGB order; grey frames become 3 channels only inside the graph. A mono
+    frame for an "rgb" bundle is a DataError (the daemon's fail-safe verdict): such a bundle learned
+    from colour images (`inspectd train` makes a "gray" bundle of images whose channels are equal),
+    so a camera switched to Mono8 would be judged by a model that never saw a grey part (measured on
+    the GenTL simulator: every frame NG, at 20 to 2,000 times the threshold; RESULTS.md §26).
     """
     image = _as_hwc(image)
     channels = image.shape[2]
@@ -118,7 +123,7 @@ def convert_color(image: np.ndarray, color_mode: str) -> np.ndarray:
         if channels == 3:
             return image
         if channels == 1:
-            return np.repeat(image, 3, axis=2)
+            raise DataError(MONO_FOR_COLOUR)
     else:
         raise DataError(f"unknown colour mode {color_mode!r} (expected one of {COLOR_MODES})")
     raise DataError(f"cannot convert a frame with {channels} channels to {color_mode}")

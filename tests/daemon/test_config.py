@@ -518,3 +518,28 @@ def test_check_config_refuses_a_camera_width_or_height_other_than_the_frames_the
     line["source"]["features"] = {"Width": 400, "Height": 400, "AcquisitionFrameRate": 20.0}
     cfg.write_text(yaml.safe_dump({"lines": [line]}))
     assert _cli("check-config", str(cfg)).returncode == 0
+
+
+def test_check_config_refuses_a_mono_pixel_format_for_a_bundle_trained_on_colour(
+        tmp_path: Path, synthetic_parts) -> None:
+    """Mono8 frames to a bundle trained on colour ones would all get the fail-safe verdict at run time
+    (preprocess.convert_color): check-config and the daemon say so before the start, for the source's
+    pixel_format and for a PixelFormat feature alike."""
+    import genicam
+
+    from tests.helpers import train_colour_bundle
+
+    train_colour_bundle(synthetic_parts.test_good, tmp_path / "rgb")
+    cti = Path(genicam.__file__).parent / "viky.cti"
+    cfg = tmp_path / "lines.yaml"
+    for key, source in (("pixel_format", {"pixel_format": "Mono8"}),
+                        ("features.PixelFormat", {"features": {"PixelFormat": "Mono8"}})):
+        line = {"id": "cam1", "bundle": str(tmp_path / "rgb"), "threshold": 5.0,
+                "source": {"type": "genicam", "cti": str(cti), "device": {"index": 0}, **source}}
+        cfg.write_text(yaml.safe_dump({"lines": [line]}))
+        res = _cli("check-config", str(cfg))
+        said = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(said) == 1, res.stderr
+        assert said[0] == (f"inspectd check-config: error: {cfg}: lines[0].source.{key}: Mono8, but the bundle "
+                           f"{tmp_path / 'rgb'} was trained on colour frames: every frame would get the fail-safe "
+                           f"verdict; set a colour pixel format or train on mono frames")

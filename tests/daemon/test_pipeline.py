@@ -27,7 +27,7 @@ from inspectd.engines.preprocess import load_stored
 from inspectd.engines.runtime import Backend, EngineInfo, open_backend
 from inspectd.errors import ConfigError
 
-from tests.helpers import Collector, sample as _sample
+from tests.helpers import Collector, sample as _sample, train_colour_bundle
 from tests.reliability.conftest import line_settings
 
 THRESHOLD = 5.0
@@ -696,3 +696,21 @@ def test_a_line_failing_most_parts_safe_says_so_in_its_status_until_it_judges_ag
     assert len(said) == 1 and "line f is failing its parts safe" in said[0], said
     assert any("line f judges its parts again" in r.getMessage() for r in caplog.records)
     assert any(v.error is None for v in out.verdicts[-5:])  # judged again at the end
+
+
+def test_mono_frames_for_a_bundle_trained_on_colour_get_fail_safe_verdicts(tmp_path: Path, replay_dir: Path) -> None:
+    """A colour bundle fed mono frames (a camera switched to Mono8, a replay of grey files) had them
+    replicated to three channels and judged by a model that never saw a grey part (on the GenTL
+    simulator: every frame NG at 20 to 2,000 times the threshold). Now each gets the fail-safe verdict
+    saying so."""
+    colour = train_colour_bundle(replay_dir / "good", tmp_path / "rgb")
+    rgb_bundle = load_bundle(tmp_path / "rgb")
+    assert rgb_bundle.input_spec.color_mode == "rgb"
+    settings = line_settings("mono", latency_budget_ms=2000, backend_preference=("onnxruntime",), queue_size=16)
+    verdicts, _, _ = _run_line(settings, ReplaySource("mono", replay_dir / "good"), rgb_bundle, 6)
+    assert all(v.score is None and v.verdict == "NG" for v in verdicts), [v.error for v in verdicts]
+    assert all("a mono frame (one channel), but the bundle was trained on colour frames" in (v.error or "")
+               for v in verdicts), verdicts[0].error
+    # The same parts in colour are judged.
+    verdicts, _, _ = _run_line(settings, ReplaySource("mono", colour), rgb_bundle, 6)
+    assert all(v.score is not None for v in verdicts), [v.error for v in verdicts]

@@ -470,12 +470,16 @@ def test_a_sighup_after_a_bundle_change_keeps_the_threshold_with_the_bundle_it_w
 
 def test_a_recipe_or_shadow_trained_on_frames_of_another_size_is_refused_at_the_switch(
         tmp_path: Path, tiny_bundle: Path, tiny_camera_bundle: Path, synthetic_parts: Any) -> None:
-    """The line's camera delivers 128x128 frames; a recipe (or shadow) whose bundle learned 400x400 ones
-    would give every part the fail-safe verdict from the switch on. Refused, nothing changes, the line
-    keeps judging with its recipe."""
+    """The line's camera delivers 128x128 mono frames; a recipe (or shadow) whose bundle learned 400x400
+    ones, or colour ones, would give every part the fail-safe verdict from the switch on. Refused,
+    nothing changes, the line keeps judging with its recipe."""
+    from tests.helpers import train_colour_bundle
+
     replay = _replay(tmp_path, synthetic_parts)
+    train_colour_bundle(synthetic_parts.test_good, tmp_path / "rgb")
     cfg = _config(tmp_path, replay, tiny_bundle,
-                  recipes=[{"name": "wide", "bundle": str(tiny_camera_bundle), "threshold": 5.0}])
+                  recipes=[{"name": "wide", "bundle": str(tiny_camera_bundle), "threshold": 5.0},
+                           {"name": "colour", "bundle": str(tmp_path / "rgb"), "threshold": 5.0}])
     sock = socket_path(tmp_path / "state")
     daemon = Daemon(cfg)
     col = _Collector(f"ipc://{tmp_path}/pub.sock")
@@ -487,6 +491,9 @@ def test_a_recipe_or_shadow_trained_on_frames_of_another_size_is_refused_at_the_
         assert not refused["ok"] and "recipe 'wide'" in refused["error"] and said in refused["error"], refused
         refused = request(sock, {"op": "shadow", "line": "line1", "bundle": str(tiny_camera_bundle), "threshold": 5.0})
         assert not refused["ok"] and said in refused["error"], refused
+        refused = request(sock, {"op": "recipe", "line": "line1", "name": "colour"})
+        assert not refused["ok"] and "recipe 'colour'" in refused["error"], refused
+        assert "was trained on colour frames, line line1's camera delivers mono frames" in refused["error"], refused
         n = len(col.headers())
         col.wait(lambda: len(col.headers()) >= n + 3)
         assert all(h["recipe"] == "default" and h["score"] is not None for h in col.headers()[n:])

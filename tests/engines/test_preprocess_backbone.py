@@ -12,12 +12,16 @@ from inspectd.engines.preprocess import InputSpec, convert_color, prepare, read_
 from inspectd.errors import DataError
 
 
-def test_grey_frames_become_three_channels_explicitly():
+def test_colour_frames_become_grey_for_a_grey_bundle_and_mono_frames_are_refused_by_a_colour_one():
     grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    rgb = convert_color(grey, "rgb")
-    assert rgb.shape == (3, 4, 3) and all(np.array_equal(rgb[..., c], grey) for c in range(3))
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    assert np.array_equal(convert_color(rgb, "rgb"), rgb)
     back = convert_color(rgb, "gray")
     assert back.shape == (3, 4, 1) and np.array_equal(back[..., 0], grey)
+    assert np.array_equal(convert_color(grey, "gray")[..., 0], grey)
+    for mono in (grey, grey[:, :, None]):  # a colour bundle never saw a grey part: not replicated
+        with pytest.raises(DataError, match="a mono frame .* trained on colour frames"):
+            convert_color(mono, "rgb")
 
 
 def test_read_image_is_rgb_order_and_handles_unicode_paths(tmp_path):
