@@ -13,7 +13,8 @@ One MQTT connection per line, so each line's status topic has its own last will 
 retained): a bridge that dies or loses the broker leaves every line it served marked offline.
 The status says "offline" when the daemon's heartbeats stop for `stale_after_s` (default two
 heartbeat intervals), "blind" when the camera is lost, "engine_failed" when the engine failed,
-"failing_safe" while a quarter or more of the parts get the fail-safe verdict, "stopping" while the daemon stops.
+"failing_safe" while a quarter or more of the parts get the fail-safe verdict, "stopping" while
+the daemon stops.
 paho's network thread reconnects to a restarted broker (backoff 1 .. 5 s); on every (re)connect
 the current status is published again, so a broker without persistence gets it back. A failed
 connection attempt (nothing listening, refused, TLS, not authorised) or a lost connection is one

@@ -1,8 +1,8 @@
 """Is a line failing its parts safe? A sliding window over the outcomes of its verdicts.
 
-A line whose camera and engine are up can still give many of its parts the fail-safe verdict: deadlines
-missed (an overloaded box), the queue full (a camera faster than the engine), frames the bundle
-cannot judge (a camera reconfigured to another size). Those parts are rejected, not inspected. The
+A line whose camera and engine are up can still give many of its parts the fail-safe verdict:
+deadlines missed (an overloaded box), the queue full (a camera faster than the engine), frames the
+bundle cannot judge (a camera reconfigured to another size or to mono). Those parts are rejected, not inspected. The
 heartbeat then says "failing_safe" (with why), so a reject gate stops trusting the line as a whole
 instead of reading "ok" while it scraps every part; the counters and alerts say how many.
 

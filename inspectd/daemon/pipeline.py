@@ -580,8 +580,9 @@ class LinePipeline:
         """starting | ok | blind (camera down, a source that will deliver no more frames, or an
         acquisition loop stuck in a driver call) | engine_failed (no backend, or the one in use
         fails or stalls with no alternative left) | failing_safe (camera and engine up, but a
-        quarter or more of the last 5 s of parts got the fail-safe verdict: failsafe_rate.py) | stopping (the
-        daemon is stopping: no new part is taken; frames already taken still get their verdicts)."""
+        quarter or more of the last 5 s of parts got the fail-safe verdict: failsafe_rate.py) |
+        stopping (the daemon is stopping: no new part is taken; frames already taken still get their
+        verdicts)."""
         if self._stop_acquisition.is_set():
             return "stopping"
         if self.engine_resolved.is_set() and not self.engine_ok:

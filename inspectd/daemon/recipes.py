@@ -373,7 +373,8 @@ class LineRecipes:
         spec = recipe.bundle.input_spec
         trained, now = spec.frame_size, self.pipeline.last_frame_size
         if trained is not None and now is not None and tuple(trained) != now:
-            why = f"was trained on {trained[1]}x{trained[0]} frames, line {self.line}'s camera delivers {now[1]}x{now[0]}"
+            why = (f"was trained on {trained[1]}x{trained[0]} frames, line {self.line}'s camera delivers "
+                   f"{now[1]}x{now[0]}")
         elif spec.color_mode == "rgb" and self.pipeline.last_frame_channels == 1:
             why = f"was trained on colour frames, line {self.line}'s camera delivers mono frames"
         else:

@@ -244,7 +244,8 @@ def test_skip_policy_and_drop_oldest_when_the_queue_is_full(bundle: Bundle, repl
     opener = _opener(lambda inner: SlowOrtBackend(inner, delay_s=0.15))
     with caplog.at_level("WARNING", logger="inspectd.pipeline"):
         verdicts, out, _ = _run_line(settings, source, bundle, 12, opener=opener, metrics=metrics, settle_s=0.5)
-    said = [r.getMessage() for r in caplog.records if "got the fail-safe verdict, inference queue full" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records
+            if "got the fail-safe verdict, inference queue full" in r.getMessage()]
     assert len(said) == 1 and "frames arrive faster than the engine judges them" in said[0], said
     assert sorted(v.frame_id for v in out.verdicts) == list(range(1, 13))  # every frame: one verdict
     dropped = [v for v in out.verdicts if v.error and "queue full" in v.error]
