@@ -638,8 +638,9 @@ class LinePipeline:
         engine = f"FAILED ({self.failed})" if self.failed else (
             self.backend_name if self.engine_ok or not self.engine_resolved.is_set()
             else f"{self.backend_name} NOT READY")
+        failing = self._fail_safe_rate.reason()
         return (f"{self.line}: camera {cam}, {engine}, {self.verdicts} verdicts, "
-                f"{self.deadline_misses} deadline misses")
+                f"{self.deadline_misses} deadline misses" + (f", FAILING SAFE ({failing})" if failing else ""))
 
     # ---- acquisition -----------------------------------------------------------------------------
 

@@ -684,13 +684,14 @@ def test_a_line_failing_most_parts_safe_says_so_in_its_status_until_it_judges_ag
             assert status["failing_safe"] == "no result within 60 ms"  # the last fail-safe verdict's reason
             seen = line_status_from_heartbeat("f", status)  # as a reject gate reads the heartbeat
             assert not seen.safe and seen.reason == "failing parts safe: no result within 60 ms"
+            assert pipe.summary().endswith(", FAILING SAFE (no result within 60 ms)")  # systemctl status
             slow[0].delay_s = 0.0  # the engine is fast again: parts are judged
             end = time.monotonic() + 15.0
             while pipe.status()["state"] != "ok" and time.monotonic() < end:
                 time.sleep(0.1)
             status = pipe.status()
             assert status["state"] == "ok" and status["failing_safe"] is None, status
-            assert line_status_from_heartbeat("f", status).safe
+            assert line_status_from_heartbeat("f", status).safe and "FAILING" not in pipe.summary()
     finally:
         pipe.stop(timeout_s=3.0)
     said = [r.getMessage() for r in caplog.records if "is failing its parts safe" in r.getMessage()]
