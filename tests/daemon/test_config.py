@@ -498,23 +498,34 @@ def test_union_member_tags_are_never_part_of_a_field_path(tmp_path: Path) -> Non
     assert str(info.value).startswith("lines.yaml: lines[0].recipes[0].threshold.float: unknown key"), info.value
 
 
-def test_check_config_refuses_a_camera_width_or_height_other_than_the_frames_the_bundle_learned(
-        tmp_path: Path, tiny_camera_bundle: Path) -> None:
-    """The bundle learned 400x400 frames: a camera told to deliver 320 px wide ones would have every
-    frame refused at run time (fail-safe verdicts); check-config and the daemon say so before the start."""
+def _camera_line(bundle: Path, **source: object) -> dict:
+    """A line on the GenTL simulator camera (the genicam wheel's viky.cti) with `source` keys added."""
     import genicam
 
     cti = Path(genicam.__file__).parent / "viky.cti"
-    line = {"id": "cam1", "bundle": str(tiny_camera_bundle), "threshold": 5.0,
-            "source": {"type": "genicam", "cti": str(cti), "device": {"index": 0}, "features": {"Width": 320}}}
-    cfg = tmp_path / "lines.yaml"
+    return {"id": "cam1", "bundle": str(bundle), "threshold": 5.0,
+            "source": {"type": "genicam", "cti": str(cti), "device": {"index": 0}, **source}}
+
+
+def _check_config_error(cfg: Path, line: dict) -> str:
+    """check-config on a config of this one line: refused (exit 2) with one line, returned."""
     cfg.write_text(yaml.safe_dump({"lines": [line]}))
     res = _cli("check-config", str(cfg))
     said = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(said) == 1, res.stderr
-    assert said[0] == (f"inspectd check-config: error: {cfg}: lines[0].source.features.Width: 320, but the bundle "
-                       f"{tiny_camera_bundle} was trained on 400x400 frames: every frame would get the fail-safe "
-                       f"verdict; set Width: 400 or train on frames of this size")
+    return said[0]
+
+
+def test_check_config_refuses_a_camera_width_or_height_other_than_the_frames_the_bundle_learned(
+        tmp_path: Path, tiny_camera_bundle: Path) -> None:
+    """The bundle learned 400x400 frames: a camera told to deliver 320 px wide ones would have every
+    frame refused at run time (fail-safe verdicts); check-config and the daemon say so before the start."""
+    cfg = tmp_path / "lines.yaml"
+    line = _camera_line(tiny_camera_bundle, features={"Width": 320})
+    assert _check_config_error(cfg, line) == (
+        f"inspectd check-config: error: {cfg}: lines[0].source.features.Width: 320, but the bundle "
+        f"{tiny_camera_bundle} was trained on 400x400 frames: every frame would get the fail-safe "
+        f"verdict; set Width: 400 or train on frames of this size")
     line["source"]["features"] = {"Width": 400, "Height": 400, "AcquisitionFrameRate": 20.0}
     cfg.write_text(yaml.safe_dump({"lines": [line]}))
     assert _cli("check-config", str(cfg)).returncode == 0
@@ -525,21 +536,13 @@ def test_check_config_refuses_a_mono_pixel_format_for_a_bundle_trained_on_colour
     """Mono8 frames to a bundle trained on colour ones would all get the fail-safe verdict at run time
     (preprocess.convert_color): check-config and the daemon say so before the start, for the source's
     pixel_format and for a PixelFormat feature alike."""
-    import genicam
-
     from tests.helpers import train_colour_bundle
 
     train_colour_bundle(synthetic_parts.test_good, tmp_path / "rgb")
-    cti = Path(genicam.__file__).parent / "viky.cti"
     cfg = tmp_path / "lines.yaml"
     for key, source in (("pixel_format", {"pixel_format": "Mono8"}),
                         ("features.PixelFormat", {"features": {"PixelFormat": "Mono8"}})):
-        line = {"id": "cam1", "bundle": str(tmp_path / "rgb"), "threshold": 5.0,
-                "source": {"type": "genicam", "cti": str(cti), "device": {"index": 0}, **source}}
-        cfg.write_text(yaml.safe_dump({"lines": [line]}))
-        res = _cli("check-config", str(cfg))
-        said = res.stderr.strip().splitlines()
-        assert res.returncode == 2 and len(said) == 1, res.stderr
-        assert said[0] == (f"inspectd check-config: error: {cfg}: lines[0].source.{key}: Mono8, but the bundle "
-                           f"{tmp_path / 'rgb'} was trained on colour frames: every frame would get the fail-safe "
-                           f"verdict; set a colour pixel format or train on mono frames")
+        assert _check_config_error(cfg, _camera_line(tmp_path / "rgb", **source)) == (
+            f"inspectd check-config: error: {cfg}: lines[0].source.{key}: Mono8, but the bundle "
+            f"{tmp_path / 'rgb'} was trained on colour frames: every frame would get the fail-safe "
+            f"verdict; set a colour pixel format or train on mono frames")

@@ -1,0 +1,112 @@
+"""OpenVINO on this CPU beside the product's ONNX Runtime FP32 engine: speed, accuracy and the parity
+gate's figure for each precision, side by side in one run (issue 16: pick the runtime and precision
+by measurement). A probe, not a backend: needs `pip install openvino` (not a dependency of inspectd).
+
+    python benchmarks/openvino_probe.py --bundle B --split DIR [--rounds 3] [--iterations 60]
+
+Engines (batch 1, 2 threads each, latency hint):
+- `ort fp32`: the product's engine (OnnxRuntimeBackend with its defaults): the reference;
+- `ov fp32` / `ov bf16`: model.onnx compiled by OpenVINO with that inference precision (bf16 runs on
+  AMX / AVX-512 BF16 where the CPU has them);
+- `ort int8 R` / `ov int8 R`: every INT8 model in the bundle's engine cache (`inspectd build-engine
+  --backend onnxruntime --precision int8 --recipe R`: ONNX QDQ), run by either runtime (OpenVINO keeps
+  the unquantised rest in FP32).
+Reported per engine: p50 per round and throughput / the reference's in the same round; image AUROC on
+DIR/test_good vs DIR/test_bad (normalised as the bundle does; the dataset's standard split); the
+largest normalised score difference from the reference on the bundle's golden images (the parity
+gate's measure; its tolerance is 0.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from inspectd.engines import preprocess
+from inspectd.engines.bundle import load_bundle
+from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend, session_options
+from inspectd.stats import roc_auc
+
+THREADS = 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--split", type=Path, required=True, help="folder with test_good/ and test_bad/")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iterations", type=int, default=60)
+    args = ap.parse_args()
+    try:
+        import openvino as ov
+    except ImportError:
+        raise SystemExit("openvino_probe: needs OpenVINO (pip install openvino)") from None
+    import onnxruntime as ort
+
+    bundle = load_bundle(args.bundle)
+    spec = bundle.input_spec
+    good_files = preprocess.list_images(args.split / "test_good")
+    bad_files = preprocess.list_images(args.split / "test_bad")
+    test = [preprocess.load_prepared(p, spec)[None] for p in [*good_files, *bad_files]]
+    golden = [preprocess.load_stored(p, spec)[None] for p in [*bundle.golden_images()[0], *bundle.golden_images()[1]]]
+    core = ov.Core()
+
+    def ov_engine(path: Path, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY",
+                                                         "INFERENCE_PRECISION_HINT": precision})
+        request = compiled.create_infer_request()
+        return lambda x: np.asarray(request.infer({0: x})[0]).reshape(-1)
+
+    def ort_engine(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+        session = ort.InferenceSession(str(path), session_options(ort, THREADS), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: np.asarray(session.run(None, {name: x})[0]).reshape(-1)
+
+    reference = OnnxRuntimeBackend(bundle, intra_op_threads=THREADS)
+    engines: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "ort fp32 (product)": lambda x: np.asarray(reference.infer(x)[0]).reshape(-1),
+        "ov fp32": ov_engine(bundle.model_path, "f32"),
+        "ov bf16": ov_engine(bundle.model_path, "bf16"),
+    }
+    for path in sorted((bundle.path / "engines").glob("*_int8_*.onnx")):
+        recipe = path.name.split("_int8_")[1].rsplit(f"_{spec.height}x", 1)[0]
+        engines[f"ort int8 {recipe}"] = ort_engine(path)
+        engines[f"ov int8 {recipe}"] = ov_engine(path, "f32")
+
+    for run in engines.values():
+        for x in golden[:2] * 5:
+            run(x)
+    scores = {k: np.concatenate([run(x) for x in test]) for k, run in engines.items()}
+    gold = {k: np.concatenate([run(x) for x in golden]) for k, run in engines.items()}
+    p50 = {k: [] for k in engines}
+    for _ in range(args.rounds):
+        for k, run in engines.items():
+            t = []
+            for i in range(args.iterations):
+                x = test[i % len(test)]
+                t0 = time.perf_counter()
+                run(x)
+                t.append((time.perf_counter() - t0) * 1e3)
+            p50[k].append(float(np.median(t)))
+    ref_key = "ort fp32 (product)"
+    n_good = len(good_files)
+    print(f"bundle {bundle.bundle_id} ({spec.height}x{spec.width}), {len(good_files)} good + {len(bad_files)} bad test "
+          f"images, {len(golden)} golden, OpenVINO {ov.__version__}, ONNX Runtime {ort.__version__}")
+    print("| engine | p50 ms per round | throughput / ort fp32 per round | image AUROC | max normalised score diff "
+          "on golden (gate 0.05) |\n|---|---|---|---|---|")
+    for k in engines:
+        norm = bundle.normalize(scores[k])
+        auroc = roc_auc(norm[:n_good], norm[n_good:])
+        diff = float(np.max(np.abs(bundle.normalize(gold[k]) - bundle.normalize(gold[ref_key]))))
+        ratios = [r / v for r, v in zip(p50[ref_key], p50[k])]
+        print(f"| {k} | {' / '.join(f'{v:.1f}' for v in p50[k])} | {' / '.join(f'{r:.2f}' for r in ratios)} | "
+              f"{auroc:.4f} | {diff:.4f} |")
+    reference.close()
+
+
+if __name__ == "__main__":
+    main()
