@@ -195,9 +195,9 @@ def header_bomb_jpeg() -> bytes:
 
 
 def train_colour_bundle(grey_parts: Path, out: Path) -> Path:
-    """A small "rgb" bundle (64 px, one flow member, one epoch: seconds) trained on `grey_parts`
-    tinted to colour (written to `out`/../<out name>-colour, returned first). For the tests of what a
-    colour bundle does with mono frames."""
+    """A small "rgb" bundle at `out` (64 px, one flow member, one epoch: seconds) trained on
+    `grey_parts` tinted to colour; returns the folder of those colour images (beside `out`, named
+    <out>-colour). For the tests of what a colour bundle does with mono frames."""
     import cv2
 
     from inspectd.engines.fitting import one_thread

@@ -42,7 +42,7 @@ def test_a_late_part_now_and_then_is_not_a_failing_line(caplog: pytest.LogCaptur
     assert not any(_feed(rate, clock, "xxxx")) and not _changes(caplog)
 
 
-def test_most_parts_failing_safe_enter_once_and_say_why(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_quarter_of_the_parts_failing_safe_enters_once_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     rate = FailSafeRate("l1", clock=clock)
     failing = _feed(rate, clock, "." * 15 + "x" * 5)
@@ -64,7 +64,8 @@ def test_judged_parts_again_leave_it_and_a_quiet_line_leaves_it_after_one_window
     _feed(rate, clock, "x" * 20)
     failing = _feed(rate, clock, "." * 200)  # 10 s of judged parts
     assert failing[0] and not failing[-1]
-    assert 90 <= failing.index(False) <= 100  # when the 20 have fallen to a twentieth of the window (100 parts in 5 s)
+    # Left when the 20 have fallen to a twentieth of the window (100 parts in 5 s).
+    assert 90 <= failing.index(False) <= 100
     # Failing again after a pause, then the parts stop coming (a triggered line): over after one window.
     clock.t += 6.0
     assert all(_feed(rate, clock, "x" * 10)[4:])

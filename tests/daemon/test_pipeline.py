@@ -660,7 +660,7 @@ def test_an_exhausted_replay_is_a_disconnected_camera_and_a_blind_line(bundle: B
     assert all(v.error is None and not v.deadline_missed for v in out.verdicts)
 
 
-def test_a_line_failing_most_parts_safe_says_so_in_its_status_until_it_judges_again(
+def test_a_line_failing_many_parts_safe_says_so_in_its_status_until_it_judges_again(
         bundle: Bundle, replay_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Camera up, engine up, but the engine too slow for the budget: every part got the fail-safe
     verdict while the heartbeat said "ok", so a reject gate kept trusting the line. Now the state is
