@@ -10,7 +10,10 @@ Engines (batch 1, 2 threads each, latency hint):
   AMX / AVX-512 BF16 where the CPU has them);
 - `ort int8 R` / `ov int8 R`: every INT8 model in the bundle's engine cache (`inspectd build-engine
   --backend onnxruntime --precision int8 --recipe R`: ONNX QDQ), run by either runtime (OpenVINO keeps
-  the unquantised rest in FP32).
+  the unquantised rest in FP32);
+- `ov bf16 backbone + fp32 head` (flow bundles with a projection): model.onnx cut where the flow's
+  input begins (the embedding the `centre0` projection reads), the backbone part compiled in BF16,
+  the flow and map head in FP32, run one after the other.
 Reported per engine: p50 per round and throughput / the reference's in the same round; image AUROC on
 DIR/test_good vs DIR/test_bad (normalised as the bundle does; the dataset's standard split); the
 largest normalised score difference from the reference on the bundle's golden images (the parity
@@ -20,6 +23,7 @@ gate's measure; its tolerance is 0.05).
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,6 +36,23 @@ from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend, ses
 from inspectd.stats import roc_auc
 
 THREADS = 2
+
+
+def _split_at_embedding(model_path: Path, folder: Path) -> tuple[Path, Path] | None:
+    """model.onnx as (images -> embedding, embedding -> score + map), cut at the tensor the flow's
+    projection (`centre0`) reads; None for a graph without one (another method, no projection)."""
+    import onnx
+    from onnx.utils import extract_model
+
+    graph = onnx.load(str(model_path)).graph
+    cut = next((n.input[0] for n in graph.node if n.op_type == "Sub" and list(n.input[1:]) == ["centre0"]), None)
+    if cut is None:
+        return None
+    inputs = [i.name for i in graph.input]
+    outputs = [o.name for o in graph.output]
+    extract_model(str(model_path), str(folder / "backbone.onnx"), inputs, [cut])
+    extract_model(str(model_path), str(folder / "head.onnx"), [cut], outputs)
+    return folder / "backbone.onnx", folder / "head.onnx"
 
 
 def main() -> None:
@@ -72,6 +93,16 @@ def main() -> None:
         "ov fp32": ov_engine(bundle.model_path, "f32"),
         "ov bf16": ov_engine(bundle.model_path, "bf16"),
     }
+    split = _split_at_embedding(bundle.model_path, Path(tempfile.mkdtemp(prefix="ov-probe-")))
+    if split is not None:
+        backbone = core.compile_model(str(split[0]), "CPU", {"INFERENCE_NUM_THREADS": THREADS,
+                                                              "PERFORMANCE_HINT": "LATENCY",
+                                                              "INFERENCE_PRECISION_HINT": "bf16"})
+        head = core.compile_model(str(split[1]), "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY",
+                                                          "INFERENCE_PRECISION_HINT": "f32"})
+        first, second = backbone.create_infer_request(), head.create_infer_request()
+        engines["ov bf16 backbone + fp32 head"] = (
+            lambda x: np.asarray(second.infer({0: first.infer({0: x})[0]})["score"]).reshape(-1))
     for path in sorted((bundle.path / "engines").glob("*_int8_*.onnx")):
         recipe = path.name.split("_int8_")[1].rsplit(f"_{spec.height}x", 1)[0]
         engines[f"ort int8 {recipe}"] = ort_engine(path)
