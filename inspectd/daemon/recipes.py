@@ -140,7 +140,7 @@ class LineRecipes:
         self.line = cfg.id
         self.state_dir = Path(state_dir)
         self.audit = audit
-        self.pipeline: LinePipeline | None = None
+        self._pipeline: LinePipeline | None = None  # attach()
         self.publisher: Any = None
         self.metrics: Any = None
         # One change at a time: switch / shadow / promote / rollback and the SIGHUP reload (run.py
@@ -189,8 +189,15 @@ class LineRecipes:
 
     # ---- start -----------------------------------------------------------------------------------
 
+    @property
+    def pipeline(self) -> LinePipeline:
+        """The line's pipeline: attach() gives it before the daemon runs any recipe operation."""
+        if self._pipeline is None:
+            raise RuntimeError(f"line {self.line}: a recipe operation before the line was attached")
+        return self._pipeline
+
     def attach(self, pipeline: LinePipeline, publisher: Any, metrics: Any) -> None:
-        self.pipeline, self.publisher, self.metrics = pipeline, publisher, metrics
+        self._pipeline, self.publisher, self.metrics = pipeline, publisher, metrics
         if metrics is not None:
             metrics.set_recipe(self.line, self.initial.name)
 
@@ -199,7 +206,6 @@ class LineRecipes:
         threading.Thread(target=self._start, name=f"recipes-{self.line}", daemon=True).start()
 
     def _start(self) -> None:
-        assert self.pipeline is not None
         self.pipeline.engine_resolved.wait()
         for spec in list(self.specs.values()):
             if spec.preload and spec.name != self.pipeline.recipe:
@@ -233,7 +239,6 @@ class LineRecipes:
     def _park_preload(self, name: str, opened: ActiveRecipe | str) -> None:
         """A preload's outcome into standby, unless a switch got there first (then its engine is
         closed). Its threshold is read again: a SIGHUP during the open could not reach it."""
-        assert self.pipeline is not None
         with self.lock:
             taken = name == self.pipeline.recipe or isinstance(self.standby.get(name), ActiveRecipe)
             if taken:
@@ -253,7 +258,6 @@ class LineRecipes:
               check_budget: bool = True) -> ActiveRecipe:
         from inspectd.engines.bundle import check_line_roi, load_bundle
 
-        assert self.pipeline is not None
         try:
             bundle = load_bundle(spec.bundle)
             check_line_roi(spec.roi, bundle.roi, f"recipe {spec.name} roi", bundle.path)
@@ -287,7 +291,6 @@ class LineRecipes:
             self._save_state(state)
         except RecipeNotReady:
             if opened is not None:
-                assert self.pipeline is not None
                 self.pipeline.retire(opened)
             raise
 
@@ -311,7 +314,6 @@ class LineRecipes:
     # ---- operations ------------------------------------------------------------------------------
 
     def list(self) -> dict[str, Any]:
-        assert self.pipeline is not None
         active = self.pipeline.active
         out = []
         for name, spec in self.specs.items():
@@ -327,7 +329,6 @@ class LineRecipes:
 
     def switch(self, name: str, who: dict[str, Any], reason: str | None = None,
                deadline: float | None = None) -> dict[str, Any]:
-        assert self.pipeline is not None
         with self.lock:
             if name not in self.specs:
                 raise RecipeNotReady(f"unknown recipe {name!r} (line {self.line} has: {', '.join(self.specs)})")
@@ -369,7 +370,6 @@ class LineRecipes:
         frames where the camera delivers mono ones, would give every part the fail-safe verdict
         (preprocess.prepare): refused before anything changes, the engine opened for it closed again
         (`opened`)."""
-        assert self.pipeline is not None
         spec = recipe.bundle.input_spec
         trained, now = spec.frame_size, self.pipeline.last_frame_size
         if trained is not None and now is not None and tuple(trained) != now:
@@ -387,7 +387,6 @@ class LineRecipes:
     def _open_shadow(self, spec: RecipeSpec) -> ActiveRecipe:
         """The shadow bundle's engine (parity-gated, warm), on one ONNX Runtime intra-op thread unless
         the line sets it: the shadow must not take the CPUs from the line."""
-        assert self.pipeline is not None
         opts = {k: dict(v) for k, v in self.pipeline.settings.backend_options.items()}
         explicit = (self.cfg.backend_options.onnxruntime is not None
                     and self.cfg.backend_options.onnxruntime.intra_op_threads is not None)
@@ -421,7 +420,6 @@ class LineRecipes:
         """Start the shadow scorer on an opened engine (under the lock), stopping the one it replaces."""
         from inspectd.daemon.shadow import ShadowScorer
 
-        assert self.pipeline is not None
         sc = self.cfg.shadow
         scorer = ShadowScorer(self.line, recipe, self.publisher, self.metrics,
                               queue_size=sc.queue_size if sc else 2, window=sc.correlation_window if sc else 200)
@@ -435,7 +433,6 @@ class LineRecipes:
 
     def set_shadow(self, bundle: str | None, threshold: Any, who: dict[str, Any],
                    reason: str | None = None, deadline: float | None = None) -> dict[str, Any]:
-        assert self.pipeline is not None
         with self.lock:
             old = self.shadow.stats() if self.shadow is not None else None
             if bundle is None:
@@ -458,7 +455,6 @@ class LineRecipes:
                 deadline: float | None = None) -> dict[str, Any]:
         """The shadow bundle becomes the active recipe's bundle (with its calibrated threshold file),
         after the parity gate passes on the line's backends; the old one is kept for rollback."""
-        assert self.pipeline is not None
         with self.lock:
             spec = self.shadow_spec
             if spec is None:
@@ -494,7 +490,6 @@ class LineRecipes:
 
     def rollback(self, who: dict[str, Any], reason: str | None = None,
                  deadline: float | None = None) -> dict[str, Any]:
-        assert self.pipeline is not None
         with self.lock:
             current = self.pipeline.active
             warm = self.previous.get(current.name)
@@ -528,7 +523,6 @@ class LineRecipes:
     def threshold_spec(self, fresh: LineConfig | None) -> float | Path | None:
         """SIGHUP: the active recipe's threshold as the re-read config gives it (None: re-read the
         current file; a promoted bundle's threshold file is not in the config)."""
-        assert self.pipeline is not None
         name = self.pipeline.recipe
         if fresh is None or name in (self.state.get("overrides") or {}):
             return None
