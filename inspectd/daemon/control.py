@@ -138,10 +138,12 @@ class ControlServer:
         return uid == 0 or uid == os.geteuid() or gid == sock_gid or sock_gid in groups
 
     def _serve(self) -> None:
-        assert self._sock is not None
+        sock = self._sock  # start() sets it before this thread starts
+        if sock is None:
+            return
         while not self._stop.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except socket.timeout:
                 continue
             except OSError:

@@ -124,7 +124,8 @@ class ScheduledSteps:
         if apply is not None:
             apply(lr)
         else:
-            assert self.opt is not None, "ScheduledSteps without an optimizer needs apply"
+            if self.opt is None:
+                raise RuntimeError("ScheduledSteps without an optimizer needs apply")
             for g in self.opt.param_groups:
                 g["lr"] = lr
             self.opt.zero_grad(set_to_none=True)
