@@ -110,7 +110,7 @@ def convert_color(image: np.ndarray, color_mode: str) -> np.ndarray:
     frame for an "rgb" bundle is a DataError (the daemon's fail-safe verdict): such a bundle learned
     from colour images (`inspectd train` makes a "gray" bundle of images whose channels are equal),
     so a camera switched to Mono8 would be judged by a model that never saw a grey part (measured on
-    the GenTL simulator: every frame NG, at 20 to 2,000 times the threshold; RESULTS.md §26).
+    the GenTL simulator: every frame NG, median score 147 times the threshold; RESULTS.md §26).
     """
     image = _as_hwc(image)
     channels = image.shape[2]

@@ -703,8 +703,8 @@ def test_a_line_failing_many_parts_safe_says_so_in_its_status_until_it_judges_ag
 def test_mono_frames_for_a_bundle_trained_on_colour_get_fail_safe_verdicts(tmp_path: Path, replay_dir: Path) -> None:
     """A colour bundle fed mono frames (a camera switched to Mono8, a replay of grey files) had them
     replicated to three channels and judged by a model that never saw a grey part (on the GenTL
-    simulator: every frame NG at 20 to 2,000 times the threshold). Now each gets the fail-safe verdict
-    saying so."""
+    simulator: every frame NG, the median at 147 times the threshold). Now each gets the fail-safe
+    verdict saying so."""
     colour = train_colour_bundle(replay_dir / "good", tmp_path / "rgb")
     rgb_bundle = load_bundle(tmp_path / "rgb")
     assert rgb_bundle.input_spec.color_mode == "rgb"
