@@ -8,9 +8,9 @@ Engines (batch 1, 2 threads each, latency hint):
 - `ort fp32`: the product's engine (OnnxRuntimeBackend with its defaults): the reference;
 - `ov fp32` / `ov bf16`: model.onnx compiled by OpenVINO with that inference precision (bf16 runs on
   AMX / AVX-512 BF16 where the CPU has them);
-- `ort int8 R` / `ov int8 R`: every INT8 model in the bundle's engine cache (`inspectd build-engine
-  --backend onnxruntime --precision int8 --recipe R`: ONNX QDQ), run by either runtime (OpenVINO keeps
-  the unquantised rest in FP32);
+- `ort int8 R` / `ov int8 R`: every INT8 model of the bundle's engine cache that is valid here
+  (`inspectd build-engine --backend onnxruntime --precision int8 --recipe R`: ONNX QDQ; looked up and
+  loaded as the daemon does), run by either runtime (OpenVINO keeps the unquantised rest in FP32);
 - `ov bf16 backbone + fp32 head` (flow bundles with a projection): model.onnx cut where the flow's
   input begins (the embedding the `centre0` projection reads), the backbone part compiled in BF16,
   the flow and map head in FP32, run one after the other.
@@ -26,13 +26,15 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from inspectd.engines import preprocess
 from inspectd.engines.bundle import load_bundle
-from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend, session_options
+from inspectd.engines.runtime import ort_int8
+from inspectd.engines.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from inspectd.errors import BackendUnavailable
 from inspectd.stats import roc_auc
 
 THREADS = 2
@@ -76,36 +78,37 @@ def main() -> None:
     golden = [preprocess.load_stored(p, spec)[None] for p in [*bundle.golden_images()[0], *bundle.golden_images()[1]]]
     core = ov.Core()
 
+    def ov_compiled(path: Path, precision: str) -> Any:
+        return core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY",
+                                                     "INFERENCE_PRECISION_HINT": precision})
+
     def ov_engine(path: Path, precision: str) -> Callable[[np.ndarray], np.ndarray]:
-        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY",
-                                                         "INFERENCE_PRECISION_HINT": precision})
-        request = compiled.create_infer_request()
+        request = ov_compiled(path, precision).create_infer_request()
         return lambda x: np.asarray(request.infer({0: x})[0]).reshape(-1)
 
-    def ort_engine(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-        session = ort.InferenceSession(str(path), session_options(ort, THREADS), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: np.asarray(session.run(None, {name: x})[0]).reshape(-1)
+    def scores_of(backend: OnnxRuntimeBackend) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda x: np.asarray(backend.infer(x)[0]).reshape(-1)
 
-    reference = OnnxRuntimeBackend(bundle, intra_op_threads=THREADS)
+    backends = [OnnxRuntimeBackend(bundle, intra_op_threads=THREADS)]  # the reference
     engines: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        "ort fp32 (product)": lambda x: np.asarray(reference.infer(x)[0]).reshape(-1),
+        "ort fp32 (product)": scores_of(backends[0]),
         "ov fp32": ov_engine(bundle.model_path, "f32"),
         "ov bf16": ov_engine(bundle.model_path, "bf16"),
     }
-    split = _split_at_embedding(bundle.model_path, Path(tempfile.mkdtemp(prefix="ov-probe-")))
-    if split is not None:
-        backbone = core.compile_model(str(split[0]), "CPU", {"INFERENCE_NUM_THREADS": THREADS,
-                                                              "PERFORMANCE_HINT": "LATENCY",
-                                                              "INFERENCE_PRECISION_HINT": "bf16"})
-        head = core.compile_model(str(split[1]), "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY",
-                                                          "INFERENCE_PRECISION_HINT": "f32"})
-        first, second = backbone.create_infer_request(), head.create_infer_request()
-        engines["ov bf16 backbone + fp32 head"] = (
-            lambda x: np.asarray(second.infer({0: first.infer({0: x})[0]})["score"]).reshape(-1))
-    for path in sorted((bundle.path / "engines").glob("*_int8_*.onnx")):
-        recipe = path.name.split("_int8_")[1].rsplit(f"_{spec.height}x", 1)[0]
-        engines[f"ort int8 {recipe}"] = ort_engine(path)
+    with tempfile.TemporaryDirectory(prefix="ov-probe-") as tmp:  # read by compile_model only
+        split = _split_at_embedding(bundle.model_path, Path(tmp))
+        if split is not None:
+            first = ov_compiled(split[0], "bf16").create_infer_request()
+            second = ov_compiled(split[1], "f32").create_infer_request()
+            engines["ov bf16 backbone + fp32 head"] = (
+                lambda x: np.asarray(second.infer({0: first.infer({0: x})[0]})["score"]).reshape(-1))
+    for recipe in ort_int8.RECIPES:  # the bundle's verified INT8 engines, as the daemon loads them
+        try:
+            path = ort_int8.cached_int8(bundle, recipe)
+        except BackendUnavailable:
+            continue  # not built (inspectd build-engine ... --precision int8 --recipe R), or stale
+        backends.append(OnnxRuntimeBackend(bundle, intra_op_threads=THREADS, precision="int8", int8_recipe=recipe))
+        engines[f"ort int8 {recipe}"] = scores_of(backends[-1])
         engines[f"ov int8 {recipe}"] = ov_engine(path, "f32")
 
     for run in engines.values():
@@ -136,7 +139,8 @@ def main() -> None:
         ratios = [r / v for r, v in zip(p50[ref_key], p50[k])]
         print(f"| {k} | {' / '.join(f'{v:.1f}' for v in p50[k])} | {' / '.join(f'{r:.2f}' for r in ratios)} | "
               f"{auroc:.4f} | {diff:.4f} |")
-    reference.close()
+    for backend in backends:
+        backend.close()
 
 
 if __name__ == "__main__":
