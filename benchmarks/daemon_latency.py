@@ -20,6 +20,7 @@ daemon throughput >= 95 % of engine-only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import yaml
@@ -45,17 +47,25 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def engine_only(bundle_path: Path, files: list[Path], n: int, backend_name: str,
-                options: dict | None = None) -> dict:
+@contextlib.contextmanager
+def warm_engine(bundle_path: Path, files: list[Path], backend_name: str,
+                options: dict | None = None) -> Iterator[tuple[Any, list[np.ndarray], Any]]:
+    """(input spec, frames, backend): the frames a source would hand over (decoded once, H x W grey
+    or H x W x 3) and the bundle's engine, opened and warmed up on them; closed on exit."""
     bundle = load_bundle(bundle_path)
     spec = bundle.input_spec
-    # The frames a source would hand over: decoded once, H x W (grey) or H x W x 3.
     frames = [preprocess.read_image(p, spec.color_mode)[..., 0] if spec.color_mode == "gray"
               else preprocess.read_image(p, spec.color_mode) for p in files]
     backend, _ = open_backend(bundle, [backend_name], {backend_name: options or {}})
     with backend:
         for f in frames[:5]:
             backend.infer(preprocess.prepare(f, spec)[None])
+        yield spec, frames, backend
+
+
+def engine_only(bundle_path: Path, files: list[Path], n: int, backend_name: str,
+                options: dict | None = None) -> dict:
+    with warm_engine(bundle_path, files, backend_name, options) as (spec, frames, backend):
         lat: list[float] = []
         infer_only: list[float] = []
         t_start = time.perf_counter()
@@ -78,17 +88,10 @@ def engine_paced(bundle_path: Path, files: list[Path], n: int, fps: float, backe
     (as the paced replay delivers them), each judged as soon as the engine is free, the oldest
     dropped when more than `queue_size` wait. Latency = arrival -> engine done: its own time plus
     the wait behind slower neighbours, with no acquisition, hand-over or publishing at all."""
-    bundle = load_bundle(bundle_path)
-    spec = bundle.input_spec
-    frames = [preprocess.read_image(p, spec.color_mode)[..., 0] if spec.color_mode == "gray"
-              else preprocess.read_image(p, spec.color_mode) for p in files]
     period = 1.0 / fps
     lat: list[float] = []
     dropped = 0
-    backend, _ = open_backend(bundle, [backend_name], {backend_name: options or {}})
-    with backend:
-        for f in frames[:5]:
-            backend.infer(preprocess.prepare(f, spec)[None])
+    with warm_engine(bundle_path, files, backend_name, options) as (spec, frames, backend):
         t_start = time.perf_counter() + 0.05
         i = 0
         while i < n:
