@@ -801,7 +801,7 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
         if isinstance(src, GenicamSourceConfig) and not src.cti.is_file():
             raise ConfigError(f"{source}: {where}.source.cti: {src.cti} does not exist (GenTL producer file)")
         if isinstance(src, GenicamSourceConfig):
-            _check_camera_frame_size(source, where, src, [line.bundle] + [r.bundle for r in line.recipes])
+            _check_camera_frames(source, where, src, [line.bundle] + [r.bundle for r in line.recipes])
         if isinstance(src, ReplaySourceConfig) and not src.path.exists():
             raise ConfigError(f"{source}: {where}.source.path: {src.path} does not exist")
         if isinstance(line.threshold, ThresholdFile) and not line.threshold.file.is_file():
@@ -817,7 +817,7 @@ def check_paths(config: DaemonConfig, source: str = "<config>") -> None:
                               f"is not a folder")
 
 
-def _check_camera_frame_size(source: str, where: str, src: GenicamSourceConfig, bundles: list[Path]) -> None:
+def _check_camera_frames(source: str, where: str, src: GenicamSourceConfig, bundles: list[Path]) -> None:
     """A camera told to deliver another Width or Height than the frames a bundle of the line was trained
     on, or mono frames to a bundle trained on colour ones, would have every frame refused (fail-safe
     verdicts): said before the line starts."""
