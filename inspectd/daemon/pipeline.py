@@ -583,6 +583,11 @@ class LinePipeline:
         quarter or more of the last 5 s of parts got the fail-safe verdict: failsafe_rate.py) |
         stopping (the daemon is stopping: no new part is taken; frames already taken still get their
         verdicts)."""
+        return self._state(self._fail_safe_rate.reason())
+
+    def _state(self, failing_safe: str | None) -> str:
+        """`state` given the failing-safe reason already read (one read per heartbeat, so its state
+        and its `failing_safe` always agree)."""
         if self._stop_acquisition.is_set():
             return "stopping"
         if self.engine_resolved.is_set() and not self.engine_ok:
@@ -591,7 +596,7 @@ class LinePipeline:
             return "starting"
         if not self.camera_connected or getattr(self.source, "exhausted", False) or self.acquisition_stuck:
             return "blind"
-        if self._fail_safe_rate.reason() is not None:
+        if failing_safe is not None:
             return "failing_safe"
         return "ok"
 
@@ -607,7 +612,9 @@ class LinePipeline:
 
     def status(self) -> dict[str, Any]:
         """The heartbeat's `status` dict (contract: README, ZeroMQ table)."""
-        return {"state": self.state, "camera_connected": self.camera_connected, "engine_ready": self.engine_ok,
+        failing_safe = self._fail_safe_rate.reason()
+        return {"state": self._state(failing_safe), "camera_connected": self.camera_connected,
+                "engine_ready": self.engine_ok,
                 "frames": self.frames_acquired, "verdicts": self.verdicts, "backend": self.backend_name,
                 "bundle_id": self.bundle.bundle_id, "threshold": self.threshold.value, "recipe": self.recipe,
                 "engine_ms": self.engine_ms, "latency_budget_ms": self.settings.latency_budget_ms,
@@ -615,8 +622,7 @@ class LinePipeline:
                 "dropped": dict(self.dropped), "engine_errors": self.engine_errors,
                 "engine_stalls": self.engine_stalls, "late_results": self.late_results,
                 "ready": self.engine_resolved.is_set() and self.source_ready.is_set(),
-                "failed": self.failed, "last_error": self.last_error,
-                "failing_safe": self._fail_safe_rate.reason()}
+                "failed": self.failed, "last_error": self.last_error, "failing_safe": failing_safe}
 
     def healthy(self, stale_s: float | None = None) -> bool:
         """For the systemd watchdog: the line's threads are alive and their loops make progress.
