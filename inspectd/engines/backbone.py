@@ -7,13 +7,14 @@ strictly. Weights are never downloaded: they come from an installed package or a
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,21 @@ class MBConv(nn.Module):
         return y
 
 
+@contextlib.contextmanager
+def full_precision(x: torch.Tensor) -> Iterator[None]:
+    """Autocast off inside, when it is on for x's device (a reduced-precision engine): for the
+    layers such an engine keeps in FP32, the stem and the blocks up to the first feature tap. The
+    methods read the first tap almost directly, and 16-bit rounding there moved MTD scores five
+    times more than rounding everywhere after it (RESULTS.md §27); runtime/precision.py keeps the
+    same layers FP32 in TensorRT engines."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        yield
+        return
+    with torch.autocast(device, enabled=False):
+        yield
+
+
 class EfficientNetFeatures(nn.Module):
     """The network up to the last tapped block; returns the outputs of the tapped blocks."""
 
@@ -138,10 +154,14 @@ class EfficientNetFeatures(nn.Module):
         self.tap_channels = [specs[t].c_out for t in taps]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.act(self._bn0(self._conv_stem(x)))
         out = []
-        for i, block in enumerate(self._blocks):
-            x = block(x)
+        with full_precision(x):  # the stem and the blocks up to the first tap
+            x = self.act(self._bn0(self._conv_stem(x)))
+            for block in self._blocks[: self.taps[0] + 1]:
+                x = block(x)
+        out.append(x)
+        for i in range(self.taps[0] + 1, len(self._blocks)):
+            x = self._blocks[i](x)
             if i in self.taps:
                 out.append(x)
         return out

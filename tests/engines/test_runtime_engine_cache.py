@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from inspectd.engines.runtime.engine_cache import EngineCache, EngineKey, StaleEngine
+from inspectd.engines.runtime.precision import PRECISION_POLICY
 from inspectd.errors import BackendUnavailable
 
 KEY = EngineKey(gpu_name="NVIDIA Jetson Orin NX", compute_capability="8.7", tensorrt_version="10.3.0",
@@ -23,7 +24,7 @@ def test_each_key_field_changes_the_file(tmp_path: Path) -> None:
     variants = [replace(KEY, gpu_name="NVIDIA GeForce RTX 4090"), replace(KEY, compute_capability="8.9"),
                 replace(KEY, tensorrt_version="10.4.0"), replace(KEY, onnx_sha256="cd" * 32),
                 replace(KEY, precision="int8"), replace(KEY, input_shape=(1, 256, 256, 1)),
-                replace(KEY, input_shape=(8, 256, 256, 3))]
+                replace(KEY, input_shape=(8, 256, 256, 3)), replace(KEY, precision_policy=PRECISION_POLICY)]
     paths = {cache.engine_path(k) for k in [KEY, *variants]}
     assert len(paths) == 1 + len(variants)
     assert cache.engine_path(KEY) == cache.engine_path(EngineKey.from_dict(KEY.as_dict()))  # stable
@@ -56,6 +57,21 @@ def test_missing_engine_names_the_engines_that_are_there(tmp_path: Path) -> None
     other = replace(KEY, gpu_name="NVIDIA GeForce RTX 3060", compute_capability="8.6")
     with pytest.raises(StaleEngine, match=r"no cached engine for NVIDIA GeForce RTX 3060.*Jetson Orin NX"):
         cache.lookup(other)
+
+
+def test_an_engine_built_before_the_precision_policy_is_rebuilt_not_loaded(tmp_path: Path) -> None:
+    """Engines built before FP16 builds kept the first layers in FP32 (and TF32 off) have no
+    policy in their sidecar: they are named as such and not loaded."""
+    cache = EngineCache(tmp_path)
+    old = cache.store(KEY, ENGINE)
+    sidecar = json.loads(cache.sidecar_path(KEY).read_text())
+    del sidecar["key"]["precision_policy"]  # as written before the field existed
+    cache.sidecar_path(KEY).write_text(json.dumps(sidecar))
+    assert EngineKey.from_dict(sidecar["key"]) == KEY and cache.lookup(KEY) == old  # still readable ...
+    current = replace(KEY, precision_policy=PRECISION_POLICY)
+    with pytest.raises(StaleEngine, match=r"no cached engine for .*fp16 \(fp32-to-first-tap,no-tf32\).*"
+                                          r"cached engines here are for: .*fp16 \(no precision policy\)"):
+        cache.lookup(current)  # ... but not for a build with today's policy
 
 
 def test_truncated_engine_is_refused(tmp_path: Path) -> None:

@@ -144,9 +144,12 @@ def make_fake_trt(cuda: FakeCuda, bundle_shape: tuple[int, int, int]) -> types.M
     trt.__version__ = "10.3.0"
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8", TF32="TF32",
+                                            PREFER_PRECISION_CONSTRAINTS="PREFER_PRECISION_CONSTRAINTS")
+    trt.float32, trt.float16, trt.int32 = "float32", "float16", "int32"
     trt.nptype = lambda dt: dt
     trt.builds = []
+    trt.networks = []
 
     class Logger:
         WARNING = 2
@@ -245,12 +248,15 @@ def make_fake_trt(cuda: FakeCuda, bundle_shape: tuple[int, int, int]) -> types.M
         def set_flag(self, flag: str) -> None:
             self.flags.append(flag)
 
+        def clear_flag(self, flag: str) -> None:
+            self.flags.append("-" + flag)
+
     class Builder:
         def __init__(self, logger: Logger) -> None:
             pass
 
-        def create_network(self, flags: int) -> object:
-            return object()
+        def create_network(self, flags: int) -> "Network":
+            return Network()
 
         def create_builder_config(self) -> Config:
             return Config()
@@ -261,6 +267,7 @@ def make_fake_trt(cuda: FakeCuda, bundle_shape: tuple[int, int, int]) -> types.M
         def build_serialized_network(self, network: object, config: Config) -> bytes:
             cuda._record("build_serialized_network")
             trt.builds.append(list(config.flags))
+            trt.networks.append(network)
             calib = getattr(config, "int8_calibrator", None)
             if calib is not None and calib.read_calibration_cache() is None:
                 # Like TensorRT: pull batches until None, then hand back a calibration cache.
@@ -270,14 +277,53 @@ def make_fake_trt(cuda: FakeCuda, bundle_shape: tuple[int, int, int]) -> types.M
                 calib.write_calibration_cache(b"FAKE-CALIBRATION")
             return b"FAKE-ENGINE:%d:" % config.profile.max_batch + b"\x00" * 64
 
+    class Tensor:
+        def __init__(self, name: str, dtype: str) -> None:
+            self.name, self.dtype = name, dtype
+
+    class Layer:
+        """What the ONNX parser makes of one node: named after it, float outputs (int for Shape)."""
+
+        def __init__(self, node: Any) -> None:
+            self.name, self.precision, self.output_types = node.name, None, {}
+            dtype = "int32" if node.op_type in ("Shape", "ConstantOfShape") else "float32"
+            self.inputs = [Tensor(t, "float32") for t in node.input]
+            self.outputs = [Tensor(t, dtype) for t in node.output]
+            self.num_inputs, self.num_outputs = len(self.inputs), len(self.outputs)
+
+        def get_input(self, i: int) -> Tensor:
+            return self.inputs[i]
+
+        def get_output(self, i: int) -> Tensor:
+            return self.outputs[i]
+
+        def set_output_type(self, i: int, dtype: str) -> None:
+            self.output_types[i] = dtype
+
+    class Network:
+        def __init__(self) -> None:
+            self.layers: list[Layer] = []
+
+        @property
+        def num_layers(self) -> int:
+            return len(self.layers)
+
+        def get_layer(self, i: int) -> Layer:
+            return self.layers[i]
+
     class OnnxParser:
         num_errors = 0
 
-        def __init__(self, network: object, logger: Logger) -> None:
-            pass
+        def __init__(self, network: Network, logger: Logger) -> None:
+            self.network = network
 
         def parse(self, data: bytes) -> bool:
-            return data[:2] != b"\x00\x00"
+            if data[:2] == b"\x00\x00":
+                return False
+            import onnx
+
+            self.network.layers = [Layer(n) for n in onnx.load_from_string(data).graph.node]
+            return True
 
     class IInt8EntropyCalibrator2:
         def __init__(self) -> None:
@@ -313,11 +359,11 @@ def test_all_cuda_work_on_one_thread_with_its_context(fakes: tuple[Bundle, FakeC
 
     bundle, cuda, trt = fakes
     build_engine(bundle, precision="fp16", max_batch=4)
-    assert trt.builds == [["FP16"]]  # built once, fp16, ahead of time
+    assert trt.builds == [["-TF32", "FP16"]]  # built once, fp16 (TF32 off), ahead of time
     cuda.calls.clear()
     backend = TensorRTBackend(bundle, precision="fp16", max_batch=4)
     try:
-        assert trt.builds == [["FP16"]]  # the backend loaded it, it did not build
+        assert len(trt.builds) == 1  # the backend loaded it, it did not build
         # The real parity gate against real ONNX Runtime: the fake engine computes the toy model.
         report = parity_gate(backend, bundle, threshold=5.0)
         assert report.passed
@@ -352,7 +398,7 @@ def test_engine_cache_reused_then_corrupt_engine_refused_until_build_engine(fake
 
     bundle, cuda, trt = fakes
     path = build_engine(bundle, precision="int8", max_batch=2)
-    assert trt.builds == [["FP16", "INT8"]]
+    assert trt.builds == [["-TF32", "FP16", "INT8"]]
     assert trt.calibration_batches == len(bundle.manifest.calibration_images)  # every image, batch 1
     assert [p.read_bytes() for p in (bundle.path / "engines").glob("calib_*.cache")] == [b"FAKE-CALIBRATION"]
     assert path.parent == bundle.path / "engines" and "fake-gpu_sm87_trt10.3.0_int8_b2x32x32x1_" in path.name
@@ -538,3 +584,41 @@ def test_int8_build_recalibrates_when_the_calibration_cache_is_truncated(fakes: 
     assert trt.calibration_batches == n_images  # calibrated again, not fed the truncated cache
     assert cache.read_bytes() == b"FAKE-CALIBRATION"
     assert len(trt.builds) == 3 and all(ctx.detached for ctx in cuda.contexts)
+
+
+def test_reduced_precision_builds_keep_the_layers_up_to_the_first_tap_in_fp32(
+        fakes: tuple[Bundle, FakeCuda, Any], tiny_bundle: Path, tmp_path: Path) -> None:
+    """What the builder is told, layer by layer, for the real tiny bundle's graph (FAKE TensorRT:
+    its ONNX parser makes one layer per ONNX node, named after it, as TensorRT's does). FP16 rounding
+    of those layers moved MTD scores past the parity gate (RESULTS.md §27)."""
+    import shutil
+
+    import onnx
+
+    from inspectd.engines.runtime.precision import block_index, first_tap
+    from inspectd.engines.runtime.tensorrt_backend import build_engine
+
+    _, _, trt = fakes
+    shutil.copytree(tiny_bundle, tmp_path / "tiny")
+    bundle = load_bundle(tmp_path / "tiny")
+    tap = first_tap(bundle)
+    nodes = onnx.load(str(bundle.model_path)).graph.node
+    backbone_upto_tap = {n.name for n in nodes if n.name.startswith("/backbone/") and block_index(n.name) <= tap}
+    assert tap is not None and tap < max(block_index(n.name) for n in nodes)  # later blocks exist
+
+    build_engine(bundle, precision="fp16", max_batch=1)
+    network = trt.networks[-1]
+    kept = {layer.name for layer in network.layers if layer.precision == "float32"}
+    assert backbone_upto_tap <= kept  # the stem and every block up to the first tap ...
+    assert all(n.startswith(("/adapter/", "/backbone/")) and block_index(n) <= tap for n in kept)  # ... and nothing after
+    assert any(n.startswith("/adapter/") for n in kept)  # the input normalisation feeds the stem
+    for layer in network.layers:
+        if layer.name in kept:  # float outputs FP32, integer ones left alone
+            assert layer.output_types == {i: "float32" for i, t in enumerate(layer.outputs) if t.dtype == "float32"}
+        else:
+            assert layer.precision is None and layer.output_types == {}
+    assert trt.builds[-1] == ["-TF32", "FP16", "PREFER_PRECISION_CONSTRAINTS"]
+
+    build_engine(bundle, precision="fp32", max_batch=1)
+    assert all(layer.precision is None for layer in trt.networks[-1].layers)
+    assert trt.builds[-1] == ["-TF32"]  # FP32 layers exact: no TF32

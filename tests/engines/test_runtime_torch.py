@@ -80,3 +80,42 @@ def test_reference_reproduces_export_time_golden_scores(tiny_bundle: Path) -> No
 def test_cli_check_engine_torch_cpu(tiny_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-engine", "--bundle", str(tiny_bundle), "--backend", "torch", "--option", "device=cpu"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("PASS: backend torch vs onnxruntime-cpu")
+
+
+def test_autocast_keeps_the_layers_up_to_the_first_tap_in_fp32() -> None:
+    """Under autocast (a reduced-precision engine) the stem and the blocks up to the first tap run
+    in FP32 and hand FP32 to the rest, which runs in FP16 (runtime/precision.py says why)."""
+    import torch
+
+    from inspectd.engines.backbone import EfficientNetFeatures
+
+    net = EfficientNetFeatures("efficientnet-lite0", taps=(4, 10)).eval()
+    seen: dict[str, torch.dtype] = {}
+    net._conv_stem.register_forward_hook(lambda m, i, o: seen.__setitem__("stem", o.dtype))
+    for k, block in enumerate(net._blocks):
+        block.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        first, second = net(torch.rand(1, 3, 64, 64))
+    assert seen["stem"] == torch.float32 and all(seen[k] == torch.float32 for k in range(5))
+    assert all(seen[k] == torch.float16 for k in range(5, 11))
+    assert first.dtype == torch.float32 and second.dtype == torch.float16
+    with torch.no_grad():  # no autocast: FP32 throughout, as the export sees it
+        assert all(t.dtype == torch.float32 for t in net(torch.rand(1, 3, 64, 64)))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_an_fp16_engine_of_the_default_architecture_passes_the_parity_gate(default_architecture_bundle: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """FP16 arithmetic (torch autocast on this CPU: what a GPU's FP16 engine computes, without a GPU)
+    on the product's default architecture. With the first layers in FP16 too its golden scores
+    moved by 0.127 normalised units and its maps by 2.1 % of the display range: the gate (0.05,
+    2 %) refused it, and a GPU line would have fallen back to its CPU backend."""
+    bundle = load_bundle(default_architecture_bundle)
+    with TorchBackend(bundle, device="cpu", fp16=True) as backend:
+        assert backend.describe()["precision"] == "fp16-autocast"
+        report = parity_gate(backend, bundle)
+        assert report.passed and report.max_score_diff > 0  # passes, and it really ran in FP16
+    # The operator's check before deploying to a GPU line, on the training machine:
+    assert main(["check-engine", "--bundle", str(default_architecture_bundle), "--backend", "torch",
+                 "--option", "device=cpu", "--option", "fp16=true"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("PASS: backend torch vs onnxruntime-cpu")

@@ -58,7 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inspectd.engines.backbone import STAGES, VARIANTS, EfficientNetFeatures, block_specs, load_backbone
+from inspectd.engines.backbone import (STAGES, VARIANTS, EfficientNetFeatures, block_specs, full_precision,
+                                       load_backbone)
 from inspectd.engines.fitting import PartGraph, batches, extract_features, one_thread
 from inspectd.engines.methods.base import FitData, Fitted, MethodBase
 from inspectd.engines.model import InputAdapter, MapHead, tile_images
@@ -157,15 +158,18 @@ class ClassifierModel(nn.Module):
     def early(self, tiles: torch.Tensor) -> torch.Tensor:
         """Frozen part: uint8 -> features at the input of the first fine-tuned block (what is cached)."""
         bb = self.backbone
-        x = bb.act(bb._bn0(bb._conv_stem(self.adapter(tiles))))
-        for block in bb._blocks[: self.split]:
-            x = block(x)
+        x = self.adapter(tiles)
+        with full_precision(x):  # its one feature tap is the last block: the backbone stays FP32
+            x = bb.act(bb._bn0(bb._conv_stem(x)))
+            for block in bb._blocks[: self.split]:
+                x = block(x)
         return x
 
     def late(self, x: torch.Tensor) -> torch.Tensor:
         """Fine-tuned part: cached features -> last feature maps A (N, K, h, w)."""
-        for block in self.backbone._blocks[self.split:]:
-            x = block(x)
+        with full_precision(x):
+            for block in self.backbone._blocks[self.split:]:
+                x = block(x)
         return x
 
     def logits(self, feats: torch.Tensor) -> torch.Tensor:

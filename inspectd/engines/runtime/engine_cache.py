@@ -42,6 +42,9 @@ class EngineKey:
     onnx_sha256: str
     precision: str  # fp32 | fp16 | int8
     input_shape: tuple[int, ...]  # (max_batch, H, W, C), NHWC uint8
+    # What the builder kept in full precision (runtime/precision.py): engines built before the
+    # policy existed (no such field) ran everything in FP16 / TF32 and are rebuilt, not loaded.
+    precision_policy: str = ""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -61,7 +64,8 @@ class EngineKey:
     def from_dict(cls, d: dict[str, Any]) -> "EngineKey":
         return cls(gpu_name=str(d["gpu_name"]), compute_capability=str(d["compute_capability"]),
                    tensorrt_version=str(d["tensorrt_version"]), onnx_sha256=str(d["onnx_sha256"]),
-                   precision=str(d["precision"]), input_shape=tuple(int(v) for v in d["input_shape"]))
+                   precision=str(d["precision"]), input_shape=tuple(int(v) for v in d["input_shape"]),
+                   precision_policy=str(d.get("precision_policy", "")))
 
     def digest(self) -> str:
         canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
@@ -80,7 +84,8 @@ class EngineKey:
     def describe(self) -> str:
         b, h, w, c = self.input_shape
         return (f"{self.gpu_name} (sm {self.compute_capability}), TensorRT {self.tensorrt_version}, "
-                f"{self.precision}, input up to {b}x{h}x{w}x{c}, onnx {self.onnx_sha256[:12]}")
+                f"{self.precision} ({self.precision_policy or 'no precision policy'}), input up to {b}x{h}x{w}x{c}, "
+                f"onnx {self.onnx_sha256[:12]}")
 
 
 class EngineCache:

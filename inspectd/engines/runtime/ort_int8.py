@@ -42,6 +42,7 @@ import numpy as np
 from inspectd.engines.bundle import Bundle
 from inspectd.engines.preprocess import fingerprint, list_images, load_prepared, load_stored
 from inspectd.engines.runtime.engine_cache import EngineCache, StaleEngine
+from inspectd.engines.runtime.precision import block_index, first_tap
 from inspectd.errors import BackendUnavailable, DataError, InspectdError
 
 log = logging.getLogger("inspectd.runtime.ort_int8")
@@ -183,7 +184,7 @@ def select_nodes(model: Any, recipe: str = DEFAULT_RECIPE,
     backbone = [n for n in nodes if n.name.startswith("/backbone/")]
     if recipe == "backbone-late":
         start = -1 if first_tap is None else int(first_tap)
-        backbone = [n for n in backbone if _block(n.name) > start]
+        backbone = [n for n in backbone if block_index(n.name) > start]
     if recipe == "backbone-conv":
         return ["Conv"], [n.name for n in backbone if n.op_type == "Conv"]
     chosen = [n for n in backbone if n.op_type in BACKBONE_OPS]
@@ -309,17 +310,6 @@ def build_int8(bundle: Bundle, calibration: str | os.PathLike | None = None, rec
     path = cache.store(key, data, extra=extra)
     log.info("int8 engine for bundle %s written to %s (%s)", bundle.bundle_id, path, why)
     return path, why
-
-
-def _block(name: str) -> int:
-    """The backbone block index in a node name (`/backbone/_blocks.7/...` -> 7); -1 for the stem."""
-    m = re.match(r"/backbone/_blocks\.(\d+)/", name)
-    return int(m.group(1)) if m else -1
-
-
-def first_tap(bundle: Bundle) -> int | None:
-    taps = list(getattr(getattr(bundle.manifest, "backbone", None), "taps", None) or [])
-    return min(int(t) for t in taps) if taps else None
 
 
 def _method(bundle: Bundle) -> str:

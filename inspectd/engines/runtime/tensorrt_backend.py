@@ -7,7 +7,9 @@ for the engine profile's max batch; larger batches are split. `close()` frees bu
 engine and context inside that thread, pops and detaches the context and joins the thread.
 
 Engines come from the bundle's engine cache (engine_cache.py): keyed by GPU, compute
-capability, TensorRT version, ONNX sha256, precision and input shape. The backend never builds:
+capability, TensorRT version, ONNX sha256, precision, input shape and precision policy (FP16 and
+INT8 engines keep the layers up to the first feature tap in FP32, TF32 off: precision.py). The
+backend never builds:
 a missing, stale or corrupt engine is refused with the reason (BackendUnavailable, so a line
 falls back to its next backend and counts the fallback). A build takes minutes and would starve
 the daemon's watchdog; engines are built only by `inspectd build-engine` (`build_engine`).
@@ -29,6 +31,7 @@ from inspectd.engines.bundle import Bundle
 from inspectd.engines.preprocess import fingerprint, list_images, load_prepared, load_stored
 from inspectd.engines.runtime.base import Backend
 from inspectd.engines.runtime.engine_cache import EngineCache, EngineKey, StaleEngine
+from inspectd.engines.runtime.precision import PRECISION_POLICY, first_tap, full_precision_nodes, trt_layers
 from inspectd.errors import BackendUnavailable, DataError, InspectdError
 from inspectd.fileio import atomic_write
 
@@ -106,7 +109,7 @@ def engine_key(bundle: Bundle, precision: str, max_batch: int, device: int = 0) 
     gpu, cc = device_key_facts(device)
     return EngineKey(gpu_name=gpu, compute_capability=cc, tensorrt_version=trt.__version__,
                      onnx_sha256=bundle.manifest.model.sha256, precision=precision,
-                     input_shape=(max_batch, *bundle.input_spec.shape))
+                     input_shape=(max_batch, *bundle.input_spec.shape), precision_policy=PRECISION_POLICY)
 
 
 # --------------------------------------------------------------------------- runtime
@@ -350,8 +353,15 @@ def _build_serialized(trt: Any, bundle: Bundle, key: EngineKey, workspace_mb: in
         config.set_timing_cache(timing_cache, False)
 
     calibrator = None
+    # FP32 layers are there to be exact: TF32 (on by default) rounds their inputs to FP16's mantissa.
+    config.clear_flag(trt.BuilderFlag.TF32)
     if key.precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)  # int8 layers fall back to fp16, not fp32
+        kept = keep_full_precision(trt, network, full_precision_nodes(trt_layers(network), first_tap(bundle)))
+        if kept:
+            # Prefer, not obey: a layer TensorRT cannot run in FP32 there is a warning, not a failed build.
+            config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        log.info("%s: %d layers up to the first feature tap kept in FP32", bundle.path, kept)
     if key.precision == "int8":
         images = _calibration_paths(bundle, calib_images)
         # Keyed by model and image set: another calibration folder must not reuse old scales.
@@ -374,6 +384,22 @@ def _build_serialized(trt: Any, bundle: Bundle, key: EngineKey, workspace_mb: in
             log.warning("%s: cannot write the timing cache (%s); the next build times its layers again",
                         timing_path, exc)
     return bytes(serialized)
+
+
+def keep_full_precision(trt: Any, network: Any, names: set[str]) -> int:
+    """Mark the network's layers named in `names` FP32 (their math and their float outputs); return
+    how many."""
+    kept = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.name not in names:
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype in (trt.float32, trt.float16):
+                layer.set_output_type(j, trt.float32)
+        kept += 1
+    return kept
 
 
 def _calibration_paths(bundle: Bundle, folder: str | Path | None) -> list[Path]:

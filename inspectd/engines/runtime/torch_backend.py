@@ -1,6 +1,10 @@
 """PyTorch backend (training extra): the same model on a CUDA GPU without TensorRT, and a GPU
 reference. FP16 via autocast and a CUDA graph captured at a fixed batch on CUDA; plain FP32
-eager on CPU (allowed only when asked for explicitly, e.g. by tests).
+eager on CPU (allowed only when asked for explicitly, e.g. by tests). Under autocast the layers up
+to the first feature tap stay FP32 (backbone.full_precision; runtime/precision.py says why), and
+cuDNN's TF32 is off. `fp16=True` on CPU runs the same autocast there: FP16 arithmetic without a
+GPU, so `inspectd check-engine --backend torch --option device=cpu --option fp16=true` tells on
+the training machine whether a bundle's FP16 engine can pass the parity gate.
 
 The model comes from `inspectd.engines.model.build_from_bundle(bundle) -> nn.Module`, whose
 forward takes the same uint8 N x H x W x C tensor as model.onnx and returns
@@ -36,7 +40,7 @@ def unavailable_reason(device: str = "cuda") -> str | None:
 class TorchBackend(Backend):
     name = NAME
 
-    def __init__(self, bundle: Bundle, device: str = "cuda", fp16: bool = True, cuda_graph: bool = True,
+    def __init__(self, bundle: Bundle, device: str = "cuda", fp16: bool | None = None, cuda_graph: bool = True,
                  graph_batch: int = 1, threads: int = 0) -> None:
         super().__init__(bundle)
         reason = unavailable_reason(device)
@@ -53,13 +57,18 @@ class TorchBackend(Backend):
         self._cuda = self._device.type == "cuda"
         if threads and not self._cuda:
             torch.set_num_threads(int(threads))
+        if self._cuda:
+            # Process-wide, and this backend is the daemon's only torch user: FP32 layers exact.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         try:
             model = build_from_bundle(bundle)
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise BundleError(f"{bundle.path}: cannot build the torch model: {str(exc).splitlines()[0]}") from None
         self._model = model.eval().to(self._device)
-        # FP16 only where it pays (tensor cores); the parity gate checks it against ONNX Runtime.
-        self._fp16 = bool(fp16) and self._cuda
+        # By default FP16 only where it pays (tensor cores); the parity gate checks it against
+        # ONNX Runtime. On CPU only when asked for: an emulation of a GPU's FP16 engine.
+        self._fp16 = self._cuda if fp16 is None else bool(fp16)
         self._graph: Any = None
         self._graph_batch = int(graph_batch)
         self._static_in: Any = None
