@@ -6,8 +6,9 @@ by measurement). A probe, not a backend: needs `pip install openvino` (not a dep
 
 Engines (batch 1, 2 threads each, latency hint):
 - `ort fp32`: the product's engine (OnnxRuntimeBackend with its defaults): the reference;
-- `ov fp32` / `ov bf16`: model.onnx compiled by OpenVINO with that inference precision (bf16 runs on
-  AMX / AVX-512 BF16 where the CPU has them);
+- `ov fp32` / `ov bf16` / `ov fp16`: model.onnx compiled by OpenVINO with that inference precision
+  (bf16 runs on AMX / AVX-512 BF16 where the CPU has them; fp16, only on CPUs with AVX-512 FP16 or
+  AMX-FP16, is the precision of the TensorRT FP16 engines a GPU line runs);
 - `ort int8 R` / `ov int8 R`: every INT8 model of the bundle's engine cache that is valid here
   (`inspectd build-engine --backend onnxruntime --precision int8 --recipe R`: ONNX QDQ; looked up and
   loaded as the daemon does), run by either runtime (OpenVINO keeps the unquantised rest in FP32);
@@ -95,6 +96,8 @@ def main() -> None:
         "ov fp32": ov_engine(bundle.model_path, "f32"),
         "ov bf16": ov_engine(bundle.model_path, "bf16"),
     }
+    if "FP16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # AVX512-FP16 / AMX-FP16 CPUs
+        engines["ov fp16"] = ov_engine(bundle.model_path, "f16")
     with tempfile.TemporaryDirectory(prefix="ov-probe-") as tmp:  # read by compile_model only
         split = _split_at_embedding(bundle.model_path, Path(tmp))
         if split is not None:
