@@ -4,7 +4,8 @@ images like ONNX Runtime on CPU (the reference the thresholds were calibrated wi
 Tolerances (stated, and printed in every report):
 - score: |normalized score difference| <= SCORE_TOLERANCE = 0.05 normalized units (5 % of the
   standard deviation of held-out good scores: far below any sensible OK/NG margin, far above
-  FP16 rounding of a well-conditioned model);
+  FP16 rounding of a well-conditioned model; the flow is one only with the layers up to its first
+  feature tap in FP32: runtime/precision.py);
 - map: max |map difference| / (display_hi - display_lo) <= MAP_TOLERANCE = 0.02 (2 % of the
   fixed heatmap display range, i.e. about 5 grey levels in the published heatmap);
 - verdict: OK/NG identical for every image at the line threshold, when one is given.
