@@ -96,6 +96,10 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--split", type=Path, required=True, help="folder with test_good/ and test_bad/")
     ap.add_argument("--limit", type=int, default=60, help="test images per class for the difference figures")
+    ap.add_argument("--gate-with-calibration", action="store_true",
+                    help="the gate columns over the golden images and the bundle's stored calibration images "
+                         "(what a gate on more images would decide)")
+    ap.add_argument("--skip-auroc", action="store_true", help="no AUROC column (the slowest part)")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     bundle = load_bundle(args.bundle)
@@ -103,7 +107,10 @@ def main() -> None:
     good = preprocess.list_images(args.split / "test_good")
     bad = preprocess.list_images(args.split / "test_bad")
     sample = [preprocess.load_prepared(p, spec)[None] for p in good[: args.limit] + bad[: args.limit]]
-    golden = [preprocess.load_stored(p, spec)[None] for p, _ in golden_set(bundle)]  # what the gate scores
+    gate_paths = [p for p, _ in golden_set(bundle)]  # what the gate scores
+    if args.gate_with_calibration:
+        gate_paths += [bundle.path / p for p in bundle.manifest.calibration_images]
+    golden = [preprocess.load_stored(p, spec)[None] for p in gate_paths]
     span = max(bundle.manifest.map.display_hi - bundle.manifest.map.display_lo, 1e-12)
 
     reference = OnnxRuntimeBackend(bundle, intra_op_threads=THREADS)
@@ -145,8 +152,9 @@ def main() -> None:
     ref_sample, _ = run(reference.infer, sample)
     ref_auroc = None
     n_good = min(args.limit, len(good))
-    print(f"bundle {bundle.bundle_id} ({spec.height}x{spec.width}), first tap: block {tap}; {len(golden)} golden "
-          f"images; differences on {len(sample)} test images ({n_good} good + {len(sample) - n_good} bad)")
+    print(f"bundle {bundle.bundle_id} ({spec.height}x{spec.width}), first tap: block {tap}; {len(golden)} gate "
+          f"images{' (golden + calibration)' if args.gate_with_calibration else ''}; differences on {len(sample)} "
+          f"test images ({n_good} good + {len(sample) - n_good} bad)")
     print("| engine (emulated on CPU) | golden: max score diff (gate 0.05) | golden: max map diff / display range "
           "(gate 0.02) | test: median / p95 / max score diff | good test images: max | image AUROC |\n|---|---|---|---|---|---|")
     for name, infer, patch, with_auroc in engines:
@@ -154,7 +162,7 @@ def main() -> None:
             gold, gold_maps = run(infer, golden)
             scores, _ = run(infer, sample)
             auroc = ""
-            if with_auroc:
+            if with_auroc and not args.skip_auroc:
                 if ref_auroc is None:
                     all_images = [preprocess.load_prepared(p, spec)[None] for p in good + bad]
                     ref_all, _ = run(reference.infer, all_images)
