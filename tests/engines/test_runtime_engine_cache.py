@@ -69,7 +69,7 @@ def test_an_engine_built_before_the_precision_policy_is_rebuilt_not_loaded(tmp_p
     cache.sidecar_path(KEY).write_text(json.dumps(sidecar))
     assert EngineKey.from_dict(sidecar["key"]) == KEY and cache.lookup(KEY) == old  # still readable ...
     current = replace(KEY, precision_policy=PRECISION_POLICY)
-    with pytest.raises(StaleEngine, match=r"no cached engine for .*fp16 \(fp32-to-first-tap,no-tf32\).*"
+    with pytest.raises(StaleEngine, match=r"no cached engine for .*fp16 \(fp32-to-first-tap,int8-late-backbone-only,no-tf32\).*"
                                           r"cached engines here are for: .*fp16 \(no precision policy\)"):
         cache.lookup(current)  # ... but not for a build with today's policy
 

@@ -1,5 +1,6 @@
 """What a reduced-precision engine keeps in FP32: everything the bundle's first feature tap is
-computed from (the input adapter, the backbone's stem and its blocks up to the first tap).
+computed from (the input adapter, the backbone's stem and its blocks up to the first tap); INT8
+engines also keep the method's head out of INT8 (FP16).
 
 Why (RESULTS.md §26-27, the MTD default bundle on this CPU): the methods read the first tap almost
 directly, and the good parts' features vary little against their magnitude, so rounding there is
@@ -21,7 +22,7 @@ import re
 from typing import Any, Iterable, Sequence
 
 # Recorded in every TensorRT engine's cache key: engines built without it are rebuilt, not loaded.
-PRECISION_POLICY = "fp32-to-first-tap,no-tf32"
+PRECISION_POLICY = "fp32-to-first-tap,int8-late-backbone-only,no-tf32"
 
 # (name, input tensor names, output tensor names): an ONNX node or a TensorRT layer, in graph order.
 Node = tuple[str, Sequence[str], Sequence[str]]
@@ -63,6 +64,24 @@ def full_precision_nodes(nodes: Sequence[Node], tap: int | None) -> set[str]:
         keep.add(name)
         todo.extend(inputs)
     return keep
+
+
+def layer_precisions(nodes: Sequence[Node], tap: int | None, precision: str) -> dict[str, str]:
+    """Node name -> the precision a `precision` build pins it to ("float32" / "float16"); nodes not
+    named are left to the builder. fp16: the first tap's ancestors FP32. int8: the same, and every
+    node outside the backbone (the method's head: flow, density, map) FP16, so that only the backbone
+    blocks after the first tap may run in INT8 — ONNX Runtime's default INT8 recipe ("backbone-late")
+    for the same reasons: the flow's convolutions in INT8 gave AUROC 0.50 (RESULTS.md §12). A graph
+    with no backbone block after the first tap keeps its head unpinned (there would be nothing left
+    for INT8)."""
+    if precision not in ("fp16", "int8"):
+        return {}
+    pins = dict.fromkeys(full_precision_nodes(nodes, tap), "float32")
+    if precision == "int8" and tap is not None and any(block_index(n[0]) > tap for n in nodes):
+        for name, _, _ in nodes:
+            if name not in pins and not name.startswith("/backbone/"):
+                pins[name] = "float16"
+    return pins
 
 
 def onnx_nodes(graph: Any) -> list[Node]:

@@ -8,7 +8,8 @@ engine and context inside that thread, pops and detaches the context and joins t
 
 Engines come from the bundle's engine cache (engine_cache.py): keyed by GPU, compute
 capability, TensorRT version, ONNX sha256, precision, input shape and precision policy (FP16 and
-INT8 engines keep the layers up to the first feature tap in FP32, TF32 off: precision.py). The
+INT8 engines keep the layers up to the first feature tap in FP32, INT8 ones their head in FP16,
+TF32 off: precision.py). The
 backend never builds:
 a missing, stale or corrupt engine is refused with the reason (BackendUnavailable, so a line
 falls back to its next backend and counts the fallback). A build takes minutes and would starve
@@ -31,7 +32,7 @@ from inspectd.engines.bundle import Bundle
 from inspectd.engines.preprocess import fingerprint, list_images, load_prepared, load_stored
 from inspectd.engines.runtime.base import Backend
 from inspectd.engines.runtime.engine_cache import EngineCache, EngineKey, StaleEngine
-from inspectd.engines.runtime.precision import PRECISION_POLICY, first_tap, full_precision_nodes, trt_layers
+from inspectd.engines.runtime.precision import PRECISION_POLICY, first_tap, layer_precisions, trt_layers
 from inspectd.errors import BackendUnavailable, DataError, InspectdError
 from inspectd.fileio import atomic_write
 
@@ -357,11 +358,14 @@ def _build_serialized(trt: Any, bundle: Bundle, key: EngineKey, workspace_mb: in
     config.clear_flag(trt.BuilderFlag.TF32)
     if key.precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)  # int8 layers fall back to fp16, not fp32
-        kept = keep_full_precision(trt, network, full_precision_nodes(trt_layers(network), first_tap(bundle)))
-        if kept:
-            # Prefer, not obey: a layer TensorRT cannot run in FP32 there is a warning, not a failed build.
+        pins = layer_precisions(trt_layers(network), first_tap(bundle), key.precision)
+        pinned = pin_precisions(trt, network, pins)
+        if pinned:
+            # Prefer, not obey: a layer TensorRT cannot run as pinned is a warning, not a failed build.
             config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-        log.info("%s: %d layers up to the first feature tap kept in FP32", bundle.path, kept)
+        log.info("%s: %d layers pinned to FP32 (up to the first feature tap), %d to FP16 (the head, for int8)",
+                 bundle.path, sum(1 for p in pinned.values() if p == "float32"),
+                 sum(1 for p in pinned.values() if p == "float16"))
     if key.precision == "int8":
         images = _calibration_paths(bundle, calib_images)
         # Keyed by model and image set: another calibration folder must not reuse old scales.
@@ -386,20 +390,24 @@ def _build_serialized(trt: Any, bundle: Bundle, key: EngineKey, workspace_mb: in
     return bytes(serialized)
 
 
-def keep_full_precision(trt: Any, network: Any, names: set[str]) -> int:
-    """Mark the network's layers named in `names` FP32 (their math and their float outputs); return
-    how many."""
-    kept = 0
+def pin_precisions(trt: Any, network: Any, pins: dict[str, str]) -> dict[str, str]:
+    """Pin each network layer named in `pins` (with a float output) to its precision, math and float
+    outputs; return what was pinned (layer name -> precision)."""
+    floats = (trt.float32, trt.float16)
+    pinned = {}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.name not in names:
-            continue
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            if layer.get_output(j).dtype in (trt.float32, trt.float16):
-                layer.set_output_type(j, trt.float32)
-        kept += 1
-    return kept
+        want = pins.get(layer.name)
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if want is None or not any(t.dtype in floats for t in outputs):
+            continue  # not pinned, or a shape/integer layer
+        dtype = getattr(trt, want)
+        layer.precision = dtype
+        for j, tensor in enumerate(outputs):
+            if tensor.dtype in floats:
+                layer.set_output_type(j, dtype)
+        pinned[layer.name] = want
+    return pinned
 
 
 def _calibration_paths(bundle: Bundle, folder: str | Path | None) -> list[Path]:
