@@ -16,8 +16,9 @@ from socketserver import ThreadingMixIn
 from typing import Any, Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, make_wsgi_app
 
+from inspectd.client import LINE_STATES
 from inspectd.daemon.live import BIND_HOST_KEY, LOCAL_ADDRESS_KEY
 from inspectd.errors import InspectdError
 
@@ -156,6 +157,11 @@ class Metrics:
             "inspectd_interpreter_stall_seconds",
             "How late a thread sleeping 10 ms woke: time no Python thread of the daemon could run "
             "(a C call keeping the GIL, a CPU taken by other processes)", buckets=LATENCY_BUCKETS, registry=r)
+        # The heartbeat's status.state, for a dashboard's state-over-time panel: one series per state,
+        # 1 for the current one. Each cause of a not-ok state has its own alert (camera down, engine
+        # not ready, deadline misses, queue full, malformed frames).
+        self.line_state = Enum("inspectd_line_state", "The line's state, as its heartbeat says it (1 = current)",
+                               ["line"], states=list(LINE_STATES), registry=r)
         self.config_generation = Gauge("inspectd_config_generation",
                                        "Generation of what decides verdicts (+1 per audited change)", registry=r)
         self._engine_lock = threading.Lock()
@@ -179,6 +185,7 @@ class Metrics:
             for reason in PUBLISH_DROP_REASONS:
                 self.publish_dropped.labels(line=line, topic=topic, reason=reason)
         self.engine_ready.labels(line=line).set(0)
+        self.line_state.labels(line=line).state("starting")
         if threshold is not None:
             self.threshold.labels(line=line).set(threshold)
         if latency_budget_s is not None:

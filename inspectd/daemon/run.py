@@ -198,7 +198,7 @@ class Daemon:
         for archive in self.archives:
             archive.start()
         for pipeline in self.lines.values():
-            self.publisher.set_line_status(pipeline.line, pipeline.status())
+            self._report_status(pipeline)
             pipeline.start()
         for recipes in self.recipes.values():
             recipes.start_background()   # preloaded recipes and the shadow bundle, after the line's engine
@@ -355,6 +355,13 @@ class Daemon:
         stale = max(PUBLISHER_STALE_MIN_S, PUBLISHER_STALE_INTERVALS * self.config.heartbeat_interval_s)
         return now - since <= stale
 
+    def _report_status(self, pipeline: LinePipeline, now: bool = False) -> None:
+        """The line's status to its heartbeats (at once with `now`) and its state to the metrics."""
+        status = pipeline.status()
+        self.metrics.line_state.labels(line=pipeline.line).state(status["state"])
+        if self.publisher is not None:
+            self.publisher.set_line_status(pipeline.line, status, now=now)
+
     def _supervise(self) -> None:
         """Heartbeat status, STATUS=, and (after READY) WATCHDOG=1 while the loops make progress."""
         interval = min(self.config.heartbeat_interval_s, 1.0)
@@ -364,8 +371,7 @@ class Daemon:
         while not self._stop_supervisor.wait(interval):
             try:
                 for pipeline in self.lines.values():
-                    if self.publisher is not None:
-                        self.publisher.set_line_status(pipeline.line, pipeline.status())
+                    self._report_status(pipeline)
                 healthy = self.healthy()
                 if wd is not None and self._ready.is_set() and healthy:
                     self.notifier.watchdog()
@@ -442,8 +448,7 @@ class Daemon:
         for pipeline in self.lines.values():
             pipeline.request_stop()
             pipeline.shadow = None
-            if self.publisher is not None:  # a reject gate must stop trusting the line now, not at the next beat
-                self.publisher.set_line_status(pipeline.line, pipeline.status(), now=True)
+            self._report_status(pipeline, now=True)  # a reject gate must stop trusting the line now, not at the next beat
         self._stop_supervisor.set()
         if self.control is not None:
             self.control.stop()

@@ -18,7 +18,7 @@ CONTRACT_METRICS = [
     "inspectd_camera_connected", "inspectd_camera_reconnects", "inspectd_incomplete_frames",
     "inspectd_engine_info", "inspectd_last_frame_timestamp_seconds", "inspectd_backend_fallbacks",
     "inspectd_engine_errors", "inspectd_archive_enabled", "inspectd_archive_errors", "inspectd_score_drift",
-    "inspectd_queue_depth", "inspectd_up", "inspectd_latency_budget_seconds",
+    "inspectd_queue_depth", "inspectd_up", "inspectd_latency_budget_seconds", "inspectd_line_state",
 ]
 
 
@@ -66,6 +66,8 @@ def test_every_contract_metric_is_exposed(served):
     assert got[("inspectd_threshold", (("line", "line1"),))] == 4.5
     assert got[("inspectd_latency_budget_seconds", (("line", "line1"),))] == 0.05
     assert got[("inspectd_up", ())] == 1
+    states = {dict(labels)["inspectd_line_state"]: v for (name, labels), v in got.items() if name == "inspectd_line_state"}
+    assert states == {"starting": 1, "ok": 0, "blind": 0, "engine_failed": 0, "failing_safe": 0, "stopping": 0}
 
 
 def test_values_move_between_scrapes(served):

@@ -27,9 +27,19 @@ import zmq
 from inspectd.daemon.config import config_from_dict
 from inspectd.daemon.run import Daemon
 from tests.engines.test_runtime_toybundle import make_toy_bundle
+from tests.daemon.test_metrics import scrape
 from tests.helpers import sample
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def line_state(daemon: Daemon) -> str:
+    """The state inspectd_line_state marks current for line "cam", by a real HTTP scrape of /metrics."""
+    got = scrape(daemon.metrics_server.url)
+    (state,) = [dict(labels)["inspectd_line_state"] for (name, labels), v in got.items()
+                if name == "inspectd_line_state" and dict(labels)["line"] == "cam" and v == 1]
+    return state
+
 EXAMPLE = ROOT / "examples" / "reject_gate.py"
 CTI = Path(genicam.__file__).parent / "viky.cti"
 
@@ -130,9 +140,12 @@ def test_example_rejects_all_while_the_camera_is_lost(tmp_path: Path, toy_bundle
         time.sleep(1.5)
         assert sample(daemon.metrics, "inspectd_camera_connected", line="cam") == 0
         assert not any(ln.startswith("RESUME") for ln in gate.lines[gate.lines.index("REJECT ALL: camera lost"):])
+        assert line_state(daemon) == "blind"       # what a Grafana state panel shows (a real scrape)
 
         shutil.copy(CTI, cti)                      # the camera comes back
         gate.expect("RESUME: cam ok", 15)
+        time.sleep(0.5)                            # the next heartbeat
+        assert line_state(daemon) == "ok"
 
         daemon.stop()                              # the daemon goes away: heartbeats stop
         stopped = True

@@ -76,6 +76,7 @@ def test_dashboard_covers_the_required_views() -> None:
         "inspectd_latency_budget_seconds",        # latency drawn against the line's own budget ...
         "inspectd_engine_seconds_at_start",       # ... and the engine's time measured at its start
         "inspectd_interpreter_stall_seconds_bucket",  # time no thread of the daemon could run
+        "inspectd_line_state",                    # the heartbeat's state over time
     }
     exprs = [expr for _, _, expr in queries]
     assert any("histogram_quantile(0.5," in e for e in exprs) and any("histogram_quantile(0.99," in e for e in exprs)
