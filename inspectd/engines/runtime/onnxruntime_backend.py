@@ -173,8 +173,9 @@ class OnnxRuntimeBackend(Backend):
             }))
         if "CUDAExecutionProvider" in available:
             # FP32 without TF32 (on by default): TF32's 10-bit mantissa moved MTD scores past the
-            # parity gate's tolerance (precision.py). TensorRT's own FP16 keeps no layer in FP32
-            # here (no per-layer control): its engines meet the gate or the line falls back.
+            # parity gate's tolerance (precision.py). The TensorRT provider above has no per-layer
+            # precision: its FP16 engines meet the gate or the line falls back (the tensorrt backend
+            # keeps the first layers FP32).
             chosen.append(("CUDAExecutionProvider", {"use_tf32": "0"}))
         if not chosen:
             raise BackendUnavailable(f"onnxruntime has no GPU execution provider (has {', '.join(available)})")

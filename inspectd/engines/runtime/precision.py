@@ -2,14 +2,14 @@
 computed from (the input adapter, the backbone's stem and its blocks up to the first tap); INT8
 engines also keep the method's head out of INT8 (FP16).
 
-Why (RESULTS.md §26-27, the MTD default bundle on this CPU): the methods read the first tap almost
-directly, and the good parts' features vary little against their magnitude, so rounding there is
-amplified into the score. 16-bit rounding of the whole engine (FP16, emulated with torch autocast
-and with OpenVINO's f16 on an AVX-512 FP16 CPU) moved normalised golden scores by 0.063-0.070,
-past the parity gate's 0.05; with these layers in FP32 by 0.013. TF32 (10-bit mantissa inputs,
-what TensorRT and cuDNN use for FP32 layers on Ampere and later GPUs by default) moved them by
-0.072, so FP32 layers run with TF32 off. INT8 (ort_int8 recipe "backbone-late") keeps the same
-layers unquantised for the same reason.
+Why (RESULTS.md §27, the MTD default bundle, FP16 emulated on a CPU): the methods read the first
+tap almost directly, and the good parts' features vary little against their magnitude, so rounding
+there is amplified into the score. 16-bit rounding of the whole engine (torch autocast, and
+OpenVINO's f16 on an AVX-512 FP16 CPU) moved normalised golden scores by 0.063-0.070, past the
+parity gate's 0.05; with these layers in FP32 by 0.013. TF32 (10-bit mantissa inputs, what TensorRT
+and cuDNN use for FP32 layers on Ampere and later GPUs by default) moved them by 0.070, so FP32
+layers run with TF32 off. INT8 (ort_int8 recipe "backbone-late") keeps the same layers unquantised
+for the same reason (§12).
 
 The rule is the same for every method: the bundle manifest's backbone taps, and the graph's node
 (or TensorRT layer) names, `/backbone/_blocks.N/...`, which the ONNX export gives every backbone.
@@ -82,11 +82,6 @@ def layer_precisions(nodes: Sequence[Node], tap: int | None, precision: str) -> 
             if name not in pins and not name.startswith("/backbone/"):
                 pins[name] = "float16"
     return pins
-
-
-def onnx_nodes(graph: Any) -> list[Node]:
-    """An ONNX GraphProto's top-level nodes as Node tuples."""
-    return [(n.name, list(n.input), list(n.output)) for n in graph.node]
 
 
 def trt_layers(network: Any) -> list[Node]:
