@@ -54,27 +54,27 @@ def _tf32(t: torch.Tensor) -> torch.Tensor:
 def _patched(through: int | None, tf32: bool) -> Iterator[None]:
     """`through`: keep the stem and blocks 0..through in FP32 under autocast (-2: nothing; None:
     the product's own rule). `tf32`: every convolution rounds its inputs and weights to TF32."""
-    saved_fp, saved_conv, saved_forward = backbone_mod.full_precision, F.conv2d, backbone_mod.EfficientNetFeatures.forward
+    full_precision = backbone_mod.full_precision
+    saved_conv, saved_forward = F.conv2d, backbone_mod.EfficientNetFeatures.forward
     if through is not None:
         def forward(self: Any, x: torch.Tensor) -> list[torch.Tensor]:
             out = []
-            with saved_fp(x) if through >= -1 else contextlib.nullcontext():
+            with full_precision(x) if through >= -1 else contextlib.nullcontext():
                 x = self.act(self._bn0(self._conv_stem(x)))
             for i, block in enumerate(self._blocks):
-                with saved_fp(x) if i <= through else contextlib.nullcontext():
-                    x = block(x.float() if i <= through else x)
+                with full_precision(x) if i <= through else contextlib.nullcontext():
+                    x = block(x)
                 if i in self.taps:
                     out.append(x)
             return out
         backbone_mod.EfficientNetFeatures.forward = forward
-    if tf32:
+    if tf32:  # torch.nn.functional: what nn.Conv2d and the flow's projection call
         F.conv2d = lambda x, w, *a, **k: saved_conv(_tf32(x), _tf32(w), *a, **k)
-        torch.nn.modules.conv.F.conv2d = F.conv2d
     try:
         yield
     finally:
         backbone_mod.EfficientNetFeatures.forward = saved_forward
-        F.conv2d = torch.nn.modules.conv.F.conv2d = saved_conv
+        F.conv2d = saved_conv
 
 
 def _bf16(bundle: Any) -> Engine:

@@ -11,7 +11,8 @@ capability, TensorRT version, ONNX sha256, precision, input shape and precision 
 INT8 engines keep the layers up to the first feature tap in FP32, INT8 ones their head in FP16,
 TF32 off: precision.py). The backend never builds: a missing, stale or corrupt engine is refused
 with the reason (BackendUnavailable, so a line falls back to its next backend and counts the
-fallback). A build takes minutes and would starve the daemon's watchdog; engines are built only by `inspectd build-engine` (`build_engine`).
+fallback). A build takes minutes and would starve the daemon's watchdog; engines are built only
+by `inspectd build-engine` (`build_engine`).
 """
 
 from __future__ import annotations
