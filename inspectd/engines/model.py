@@ -98,6 +98,7 @@ class MapHead(nn.Module):
         self.stride = (c.tile_stride[0] // c.map_stride, c.tile_stride[1] // c.map_stride)
         self.reduction = c.reduction
         self.shift = tuple(int(v) for v in c.map_shift)  # (down, right) in map pixels
+        self.score_before_shift = c.score_before_shift  # the score sees every cell at its full value
         self.topk = max(1, int(round(c.topk_fraction * self.frame_map[0] * self.frame_map[1])))
         self.register_buffer("nll_mean", torch.zeros(n_maps))
         self.register_buffer("nll_std", torch.ones(n_maps))
@@ -132,21 +133,29 @@ class MapHead(nn.Module):
             if tuple(m.shape[-2:]) != self.tile_map:
                 m = F.interpolate(m, size=self.tile_map, mode="bilinear", align_corners=False)
             acc = m if acc is None else acc + m
-        amap = shift_map(self.stitch((acc / len(maps))[:, 0])[:, None], self.shift)
+        stitched = self.stitch((acc / len(maps))[:, 0])[:, None]
+        if self.score_before_shift:
+            amap = self.smooth(stitched)
+            return self.reduce(amap[:, 0]), shift_map(amap, self.shift)[:, 0]
+        amap = self.smooth(shift_map(stitched, self.shift))[:, 0]  # bundles before: the shifted map's score
+        return self.reduce(amap), amap
+
+    def smooth(self, amap: torch.Tensor) -> torch.Tensor:
         r = self.kernel.numel() // 2
         if r > 0:
             amap = F.pad(amap, (r, r, r, r), mode="replicate")
             amap = F.conv2d(amap, self.kernel.view(1, 1, 1, -1))
             amap = F.conv2d(amap, self.kernel.view(1, 1, -1, 1))
-        amap = amap[:, 0]
+        return amap
+
+    def reduce(self, amap: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) maps -> image scores by the configured reduction."""
         flat = amap.flatten(1)
         if self.reduction == "topk":
-            score = flat.topk(self.topk, dim=1).values.mean(dim=1)
-        elif self.reduction == "mean":
-            score = flat.mean(dim=1)
-        else:
-            score = flat.max(dim=1).values
-        return score, amap
+            return flat.topk(self.topk, dim=1).values.mean(dim=1)
+        if self.reduction == "mean":
+            return flat.mean(dim=1)
+        return flat.max(dim=1).values
 
 
 def map_heads(model: nn.Module) -> dict[str, MapHead]:

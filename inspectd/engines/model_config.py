@@ -62,6 +62,10 @@ class ModelConfig:
     # Per-map-head shifts by module name (e.g. cutpaste_head / ae_head), overriding map_shift for
     # engines whose sources look in different places; empty: every head at map_shift.
     head_shifts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # The image score reduces the map before it is shifted: a shift moves the cells at one edge of
+    # the frame partly out of it, and a defect there lost up to a third of its score (RESULTS.md
+    # §28). False: bundles written before, whose graphs score the shifted map.
+    score_before_shift: bool = True
     # Per-position anomaly: "nll" = 0.5|z|^2 - log|det J| (the training loss), or "z2" = 0.5|z|^2
     # alone (DifferNet / CS-Flow score with the Jacobian term dropped).
     score_term: str = "z2"
@@ -107,6 +111,7 @@ class ModelConfig:
         d.setdefault("components", 0)  # bundles written before the projection model every channel
         d.setdefault("positional", 0)  # bundles written before position channels existed have none
         d.setdefault("members", 1)  # bundles written before ensembles have one flow per embedding
+        d.setdefault("score_before_shift", False)  # bundles written before score their shifted map
         if "head_shifts" in d:
             d["head_shifts"] = {str(k): tuple(v) for k, v in d["head_shifts"].items()}
         known = {f for f in cls.__dataclass_fields__}

@@ -129,3 +129,57 @@ def test_head_shifts_are_checked() -> None:
     with pytest.raises(ValueError, match="head_shifts.ae_head"):
         ModelConfig(head_shifts={"ae_head": (0, 9)}).check()
     assert ModelConfig(map_shift=(1, 1), head_shifts={"ae_head": (0, -2)}).shift_of("cutpaste_head") == (1, 1)
+
+
+@pytest.mark.parametrize("reduction", ["max", "topk", "mean"])
+def test_a_defect_at_the_frame_edge_keeps_its_score_wherever_the_map_is_drawn(reduction: str) -> None:
+    """Shifting the map up / left moves the first rows and columns of cells partly out of the frame;
+    the image score is taken before that, so a defect seen only by those cells keeps its whole score."""
+    base = ModelConfig(image_height=64, image_width=64, smoothing_sigma=1.0, reduction=reduction)
+    source = torch.zeros(1, 4, 4)
+    source[0, 0, 0] = 10.0                  # a defect only the top-left cell sees
+    scores = {shift: MapHead(ModelConfig(**{**base.to_dict(), "tiles": (1, 1), "map_shift": shift}), 1)([source])[0]
+              for shift in ((0, 0), (-3, -2), (3, 2))}
+    torch.testing.assert_close(scores[(-3, -2)], scores[(0, 0)])
+    torch.testing.assert_close(scores[(3, 2)], scores[(0, 0)])
+
+
+def test_bundles_written_before_score_their_shifted_map_as_their_graphs_do() -> None:
+    """A manifest without score_before_shift is an older bundle: its model.onnx scores the shifted map,
+    so the engine rebuilt from its weights (torch backend, parity gate) must too."""
+    old = ModelConfig.from_dict({"image_height": 64, "image_width": 64, "map_shift": [-3, -2],
+                                 "smoothing_sigma": 1.0, "reduction": "max"})
+    assert old.score_before_shift is False and ModelConfig().score_before_shift is True
+    assert ModelConfig.from_dict(ModelConfig().to_dict()).score_before_shift is True
+    source = torch.zeros(1, 4, 4)
+    source[0, 0, 0] = 10.0
+    score, amap = MapHead(old, 1)([source])
+    torch.testing.assert_close(score, amap.flatten(1).max(dim=1).values)  # the cropped map's maximum
+    assert score.item() < MapHead(ModelConfig.from_dict({**old.to_dict(), "score_before_shift": True}), 1)([source])[0].item()
+
+
+def test_the_exported_engine_scores_a_corner_defect_as_it_does_unshifted(tiny_bundle, tmp_path) -> None:
+    """Real bundle, real export, real ONNX Runtime: a dark spot in the frame's top-left corner scores the
+    same whether the bundle's map is drawn where it was trained or shifted up and left."""
+    import onnxruntime as ort
+
+    from inspectd.engines.bundle import INPUT_NAME, load_bundle
+    from inspectd.engines.export import export_onnx
+    from inspectd.engines.model import build_from_bundle
+    from inspectd.engines.preprocess import load_prepared
+
+    bundle = load_bundle(tiny_bundle)
+    frame = load_prepared(bundle.golden_images()[0][0], bundle.input_spec)  # a held-out good part
+    spot = frame.copy()
+    spot[2:14, 2:14] = 0
+    scores = {}
+    for shift in ((0, 0), (-4, -4)):
+        model = build_from_bundle(bundle)
+        model.config.map_shift = shift
+        place_maps(model, model.config)
+        path = tmp_path / f"shift{shift[0]}.onnx"
+        export_onnx(model, path)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        scores[shift] = [float(session.run(None, {INPUT_NAME: x[None]})[0][0]) for x in (frame, spot)]
+    assert scores[(0, 0)][1] > scores[(0, 0)][0]   # the spot is seen
+    assert scores[(-4, -4)][1] == pytest.approx(scores[(0, 0)][1], rel=1e-4)
