@@ -4,6 +4,7 @@
     python benchmarks/map_probes.py cutpaste-weights --bundle /tmp/bench/cutpaste-ae-mtd-heads/bundle \
         --split /tmp/bench/mtd/split
     python benchmarks/map_probes.py ae-error --bundle /tmp/bench/cpae-mtd-aeseed/bundle --split /tmp/bench/cpae-mtd-aeseed/split
+    python benchmarks/map_probes.py edge --bundle /tmp/s19/mtd/bundle --split /tmp/s19/mtd/split
 
 reductions: the bundle's maps (ONNX Runtime) on its label-free validation set (the held-out good
 images named in its manifest + the synthetic defects `inspectd train` makes from them) and on the
@@ -19,6 +20,11 @@ ae-error: a cutpaste-ae bundle's trained autoencoder with other measures of its 
 difference (squared error as shipped, absolute error, 1 - SSIM), each standardised per position on
 the bundle's good training images, reduced by top-k / max / mean, alone and added to the CutPaste
 score at validation's best ratio (the product's `combine=validation` rule).
+edge: how much of a defect's image score the map shift cost, by where the defect lies. The bundle's
+held-out good images (never a test image), each with one dark disc (radius `--radius` input px,
+60 grey levels darker) at the centre, at each corner and at the middle of each edge; scored by the
+bundle's engine (PyTorch, its weights) with the image score taken from the shifted map (bundles
+before RESULTS.md §28) and from the map before the shift (the product since).
 """
 
 from __future__ import annotations
@@ -219,15 +225,52 @@ def ae_error(args: argparse.Namespace) -> None:
                   f"{max(aurocs):.4f}, test {_auroc(both[best]['test_good'], both[best]['test_bad']):.4f}")
 
 
+def _disc(image: np.ndarray, cy: int, cx: int, radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[:image.shape[0], :image.shape[1]]
+    out = image.astype(np.int16)
+    out[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius * radius] -= 60
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def edge(args: argparse.Namespace) -> None:
+    bundle = load_bundle(args.bundle)
+    model = build_from_bundle(bundle)
+    images, _, _ = _images(args.bundle, args.split)
+    held_out = images["val_good"]
+    h, w = held_out[0].shape[:2]
+    r = args.radius
+    places = {"centre": (h // 2, w // 2), "top-left": (r, r), "top": (r, w // 2), "top-right": (r, w - 1 - r),
+              "left": (h // 2, r), "right": (h // 2, w - 1 - r), "bottom-left": (h - 1 - r, r),
+              "bottom": (h - 1 - r, w // 2), "bottom-right": (h - 1 - r, w - 1 - r)}
+    print(f"{args.bundle}: map shift {list(model.config.map_shift)} map px, reduction {model.config.reduction}, "
+          f"{len(held_out)} held-out good images, disc radius {r} px")
+    good = {}
+    for rule in (False, True):
+        model.head.score_before_shift = rule
+        good[rule] = np.mean([model(torch.from_numpy(im)[None])[0].item() for im in held_out])
+    print(f"{'no disc':13s} shifted map {good[False]:8.3f}  before the shift {good[True]:8.3f}")
+    for name, (cy, cx) in places.items():
+        scores = {}
+        for rule in (False, True):
+            model.head.score_before_shift = rule
+            scores[rule] = np.array([model(torch.from_numpy(_disc(im, cy, cx, r))[None])[0].item() for im in held_out])
+        print(f"{name:13s} shifted map {scores[False].mean():8.3f}  before the shift {scores[True].mean():8.3f}  "
+              f"ratio of means {scores[False].mean() / scores[True].mean():.3f}  "
+              f"lowest ratio {np.min(scores[False] / scores[True]):.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", choices=["reductions", "cutpaste-weights", "ae-error"])
+    ap.add_argument("probe", choices=["reductions", "cutpaste-weights", "ae-error", "edge"])
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--split", type=Path, required=True, help="folder with train_good/, test_good/, test_bad/ [, masks/]")
     ap.add_argument("--margin", type=int, default=48, help="input px kept clear of the defect (reductions)")
+    ap.add_argument("--radius", type=int, default=8, help="radius of the dark disc in input px (edge)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    {"reductions": reductions, "cutpaste-weights": cutpaste_weights, "ae-error": ae_error}[args.probe](args)
+    {"reductions": reductions, "cutpaste-weights": cutpaste_weights, "ae-error": ae_error,
+     "edge": edge}[args.probe](args)
 
 
 if __name__ == "__main__":
