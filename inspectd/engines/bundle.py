@@ -103,6 +103,7 @@ class FlowInfo(_Strict):
     score_term: str
     components: int = 0  # principal components the flow models (0: every channel; older bundles)
     members: int = 1     # flows averaged per embedding (1: older bundles)
+    edge_pad: int = 0    # input px mirrored below and right of the frame (ModelConfig.edge_pad; 0: older bundles)
 
 
 class MethodInfo(_Strict):

@@ -89,10 +89,15 @@ class MapHead(nn.Module):
     frame -> image score. Each source is standardised by its statistics on good training positions
     (nll_mean / nll_std: the names of the first method's buffers, kept so older bundles load)."""
 
-    def __init__(self, config: ModelConfig, n_maps: int) -> None:
+    def __init__(self, config: ModelConfig, n_maps: int, source_pad: int = 0) -> None:
+        """`source_pad`: input pixels the sources' grids extend below and right of the tile
+        (ModelConfig.edge_pad of an engine that pads its input; untiled engines only)."""
         super().__init__()
         c = config
         self.tile_map = (c.image_height // c.map_stride, c.image_width // c.map_stride)
+        self.pad = source_pad // c.map_stride  # map pixels past the tile's bottom and right edges
+        if self.pad and tuple(c.tiles) != (1, 1):
+            raise ValueError("a map head with padded sources takes untiled engines only")
         self.frame_map = (c.input_height // c.map_stride, c.input_width // c.map_stride)
         self.tiles = tuple(c.tiles)
         self.stride = (c.tile_stride[0] // c.map_stride, c.tile_stride[1] // c.map_stride)
@@ -128,16 +133,21 @@ class MapHead(nn.Module):
     def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """maps: per source (N*T, h, w) at any resolution."""
         acc = None
+        size = (self.tile_map[0] + self.pad, self.tile_map[1] + self.pad)
         for i, source in enumerate(maps):
             m = (source.unsqueeze(1) - self.nll_mean[i]) / self.nll_std[i]
-            if tuple(m.shape[-2:]) != self.tile_map:
-                m = F.interpolate(m, size=self.tile_map, mode="bilinear", align_corners=False)
+            if tuple(m.shape[-2:]) != size:
+                m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
             acc = m if acc is None else acc + m
         stitched = self.stitch((acc / len(maps))[:, 0])[:, None]
         if self.score_before_shift:
+            # Every cell at its full value, the padded ones too (they look inside the frame); the map is
+            # then drawn where the cells look and cut back to the frame.
             amap = self.smooth(stitched)
-            return self.reduce(amap[:, 0]), shift_map(amap, self.shift)[:, 0]
-        amap = self.smooth(shift_map(stitched, self.shift))[:, 0]  # bundles before: the shifted map's score
+            h, w = self.tile_map if self.pad else amap.shape[-2:]
+            return self.reduce(amap[:, 0]), shift_map(amap, self.shift)[:, 0, :h, :w]
+        # Bundles before: the score of the shifted map (they have no padded sources).
+        amap = self.smooth(shift_map(stitched, self.shift))[:, 0]
         return self.reduce(amap), amap
 
     def smooth(self, amap: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,11 @@ class ModelConfig:
     fused_stride: int = 32
     neighbourhood: int = 1          # k x k average of each tap before fusion (local context)
     positional: int = 0             # sinusoidal position channels given to every subnet (0: none)
+    # Input pixels of mirrored image added below and right of the frame before the backbone (the
+    # flow; untiled engines). A stride-2 layer centres its output j on input pixel 2j, so cell i of a
+    # stride-32 grid looks at the top-left of its block and no cell looks at the frame's last ~30 px
+    # rows and columns: one more row and column of cells do (RESULTS.md §28). 0: as bundles before.
+    edge_pad: int = 0
     # The flow models each embedding's top `components` principal components (0: every channel,
     # standardised, as bundles before it). 256 of Lite0's 472 fused channels won label-free
     # validation on MTD and KSDD (RESULTS.md §6b).
@@ -133,6 +138,11 @@ class ModelConfig:
             raise ValueError(f"fusion must be 'separate' or 'fused', not {self.fusion!r}")
         if self.fused_stride not in (8, 16, 32):
             raise ValueError(f"fused_stride {self.fused_stride}: choose 8, 16 or 32")
+        if self.edge_pad not in (0, 32, 64) or self.edge_pad >= min(self.image_height, self.image_width):
+            raise ValueError(f"edge_pad {self.edge_pad}: 0, 32 or 64 input pixels, less than the input's short side")
+        if self.edge_pad and tiled:
+            raise ValueError(f"edge_pad {self.edge_pad}: only for untiled engines (tiles 1x1); neighbouring "
+                             f"tiles already overlap")
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
             raise ValueError(f"neighbourhood {self.neighbourhood}: an odd size >= 1")
         for name, shift in [("map_shift", self.map_shift)] + [(f"head_shifts.{k}", v) for k, v in self.head_shifts.items()]:

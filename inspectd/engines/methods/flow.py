@@ -57,7 +57,7 @@ class FlowModel(nn.Module):
         self.config = config
         self.adapter = InputAdapter(*backbone.norm, channels=1 if config.color_mode == "gray" else 3)
         self.backbone = backbone
-        th, tw = config.image_height, config.image_width
+        th, tw = config.image_height + config.edge_pad, config.image_width + config.edge_pad
         if config.fusion == "separate":
             channels = list(backbone.tap_channels)
             self.grids = [(th // s, tw // s) for s in backbone.tap_strides]
@@ -86,11 +86,14 @@ class FlowModel(nn.Module):
             ScaleFlow(c, config.steps, config.hidden_ratio, config.kernel_size, config.clamp,
                       config.seed * 10 + i + 100 * m, cond_channels=config.positional)
             for m in range(config.members) for i, c in enumerate(channels))
-        self.head = MapHead(config, len(channels))
+        self.head = MapHead(config, len(channels), source_pad=config.edge_pad)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Raw backbone taps of every tile."""
-        return self.backbone(self.adapter(tile_images(images, self.config)))
+        """Raw backbone taps of every tile (ModelConfig.edge_pad: the frame's last rows and columns
+        mirrored below and right of it first: texture that continues)."""
+        x = self.adapter(tile_images(images, self.config))
+        p = self.config.edge_pad
+        return self.backbone(F.pad(x, (0, p, 0, p), mode="reflect") if p else x)
 
     def embed(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Taps -> what the flows model (before standardisation): what training caches."""
@@ -330,7 +333,8 @@ class FlowOptions:
 class FlowMethod(MethodBase):
     name = "flow"
     train_flags = frozenset({"augment", "views", "steps", "members", "hidden_ratio", "components", "positional",
-                             "fusion", "kernel_size", "score_term", "reduction", "backbone", "weights", "taps"})
+                             "edge_pad", "fusion", "kernel_size", "score_term", "reduction", "backbone", "weights",
+                             "taps"})
     summary = "EfficientNet features + normalizing flow (paper 000)"
     options_cls = FlowOptions
     default_epochs = 20
@@ -341,7 +345,7 @@ class FlowMethod(MethodBase):
         return Fitted(model, loss, selection, details={
             "steps": mc.steps, "hidden_ratio": mc.hidden_ratio, "kernel_size": mc.kernel_size, "clamp": mc.clamp,
             "fusion": mc.fusion if mc.fusion == "separate" else f"fused at stride {mc.fused_stride}",
-            "components": mc.components, "members": mc.members,
+            "components": mc.components, "members": mc.members, "edge_pad": mc.edge_pad,
             "score_term": mc.score_term})
 
     def build(self, model_config: ModelConfig, options: dict[str, Any]) -> nn.Module:
