@@ -24,7 +24,8 @@ edge: how much of a defect's image score the map shift cost, by where the defect
 held-out good images (never a test image), each with one dark disc (radius `--radius` input px,
 60 grey levels darker) at the centre, at each corner and at the middle of each edge; scored by the
 bundle's engine (PyTorch, its weights) with the image score taken from the shifted map (bundles
-before RESULTS.md §28) and from the map before the shift (the product since).
+before RESULTS.md §28) and from the map before the shift (the product since); coverage = what the
+disc adds to the latter score at that place, as a share of what it adds at the centre.
 """
 
 from __future__ import annotations
@@ -255,9 +256,13 @@ def edge(args: argparse.Namespace) -> None:
         for rule in (False, True):
             model.head.score_before_shift = rule
             scores[rule] = np.array([model(torch.from_numpy(_disc(im, cy, cx, r))[None])[0].item() for im in held_out])
+        if name == "centre":
+            centre = scores[True].mean()
+        # coverage: what the disc adds to the product's score here, as a share of what it adds at the centre
         print(f"{name:13s} shifted map {scores[False].mean():8.3f}  before the shift {scores[True].mean():8.3f}  "
               f"ratio of means {scores[False].mean() / scores[True].mean():.3f}  "
-              f"lowest ratio {np.min(scores[False] / scores[True]):.3f}")
+              f"lowest ratio {np.min(scores[False] / scores[True]):.3f}  "
+              f"coverage {(scores[True].mean() - good[True]) / (centre - good[True]):.3f}")
 
 
 def main() -> None:
