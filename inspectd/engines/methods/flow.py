@@ -27,8 +27,7 @@ from torch import nn
 
 from inspectd.engines.backbone import EfficientNetFeatures, load_backbone
 from inspectd.engines.coupling import ScaleFlow
-from inspectd.engines.fitting import (ScheduledSteps, augment, batches, extract_features, reduce_maps,
-                                      validation_auroc)
+from inspectd.engines.fitting import ScheduledSteps, augment, batches, extract_features, validation_auroc
 from inspectd.engines.methods.base import FitData, Fitted, MethodBase
 from inspectd.engines.model import InputAdapter, MapHead, resample_grid, tile_images
 from inspectd.engines.model_config import ModelConfig
@@ -258,13 +257,21 @@ def _fit_candidate(cfg: "TrainConfig", cache: list[torch.Tensor], train_imgs: Se
 
 
 @torch.no_grad()
-def _validation_maps(model: FlowModel, cache: list[torch.Tensor], n_tiles: int, device: torch.device,
-                     batch: int = 16) -> torch.Tensor:
-    maps = []
-    for i in range(0, cache[0].shape[0], batch * n_tiles):
-        feats = [c[i:i + batch * n_tiles].to(device).float() for c in cache]
-        maps.append(model.head(model.nll_maps(feats))[1].flatten(1).cpu())
-    return torch.cat(maps)
+def _validation_scores(model: FlowModel, cache: list[torch.Tensor], n_tiles: int, reductions: Sequence[str],
+                       device: torch.device, batch: int = 16) -> dict[str, np.ndarray]:
+    """The engine's image score of every validation image under each reduction, as its head takes
+    it (every cell, before the map shift: more than the map it draws when ModelConfig.edge_pad)."""
+    scores: dict[str, list[np.ndarray]] = {red: [] for red in reductions}
+    kept = model.head.reduction
+    try:
+        for i in range(0, cache[0].shape[0], batch * n_tiles):
+            maps = model.nll_maps([c[i:i + batch * n_tiles].to(device).float() for c in cache])
+            for red in reductions:
+                model.head.reduction = red
+                scores[red].append(model.head(maps)[0].cpu().numpy())
+    finally:
+        model.head.reduction = kept
+    return {red: np.concatenate(parts) for red, parts in scores.items()}
 
 
 def selection_candidates(cfg: "TrainConfig") -> list["TrainConfig"]:
@@ -301,11 +308,10 @@ def fit_selected(cfg: "TrainConfig", train_imgs: Sequence[np.ndarray], hold_imgs
         model, loss = _fit_candidate(cand, base_cache, train_imgs, device)
         if val_cache is None:
             return model, loss, {"enabled": False}
-        maps = _validation_maps(model.eval(), val_cache[0], n_tiles, device)
+        scores = _validation_scores(model.eval(), val_cache[0], n_tiles, reductions, device)
         n_good = val_cache[1]
         for red in reductions:
-            scores = reduce_maps(maps, red, model.head.topk)
-            auroc = validation_auroc(scores, n_good)
+            auroc = validation_auroc(scores[red], n_good)
             rows.append({"epochs": cand.epochs, "reduction": red, "validation_auroc": round(auroc, 4)})
             # Ties keep the earlier (predeclared order: fewer epochs, mean before top-k before max).
             if best is None or auroc > best[0] + 1e-9:
