@@ -25,7 +25,8 @@ held-out good images (never a test image), each with one dark disc (radius `--ra
 60 grey levels darker) at the centre, at each corner and at the middle of each edge; scored by the
 bundle's engine (PyTorch, its weights) with the image score taken from the shifted map (bundles
 before RESULTS.md §28) and from the map before the shift (the product since); coverage = what the
-disc adds to the latter score at that place, as a share of what it adds at the centre.
+disc adds to the latter score at that place, as a share of what it adds at the centre. Also both
+rules' AUROC on the bundle's label-free validation set.
 """
 
 from __future__ import annotations
@@ -251,6 +252,13 @@ def edge(args: argparse.Namespace) -> None:
         model.head.score_before_shift = rule
         good[rule] = np.mean([model(torch.from_numpy(im)[None])[0].item() for im in held_out])
     print(f"{'no disc':13s} shifted map {good[False]:8.3f}  before the shift {good[True]:8.3f}")
+    # Both rules on the label-free validation set (held-out good + synthetic defects made from them).
+    val = images["val_good"] + images["val_bad"]
+    for rule in (False, True):
+        model.head.score_before_shift = rule
+        v = np.array([model(torch.from_numpy(im)[None])[0].item() for im in val])
+        print(f"validation AUROC, score {'before the shift' if rule else 'of the shifted map'}: "
+              f"{_auroc(v[:len(held_out)], v[len(held_out):]):.4f}")
     for name, (cy, cx) in places.items():
         scores = {}
         for rule in (False, True):
