@@ -90,3 +90,31 @@ def test_the_train_cli_refuses_a_bad_edge_pad_in_one_line(tmp_path, capsys) -> N
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--edge-pad" in err and "16" in err
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_selection_scores_each_reduction_as_the_engines_head_does() -> None:
+    """Label-free selection compares reductions on the image score the engine will give: for an unpadded
+    engine that is the reduction of the map it draws (before any shift), for a padded one it also
+    counts the padded row and column of cells, which the drawn map leaves out."""
+    from inspectd.engines.fitting import reduce_maps
+    from inspectd.engines.methods.flow import _validation_scores
+
+    torch.manual_seed(0)
+    for pad in (0, 32):
+        model = _model(pad)
+        for p in model.flows.parameters():
+            p.data.normal_(0, 0.05)  # a flow that is not the identity
+        cache = [torch.randn(6, 40 + 112 + 320, *model.grids[0])]
+        model.head.reduction = "mean"
+        scores = _validation_scores(model, cache, 1, ["topk", "max"], torch.device("cpu"))
+        assert model.head.reduction == "mean"  # the engine's own reduction is left as it was
+        with torch.no_grad():
+            drawn = model.head(model.nll_maps(cache))[1].flatten(1)
+            for red, got in scores.items():
+                model.head.reduction = red
+                np.testing.assert_allclose(got, model.head(model.nll_maps(cache))[0].numpy(), rtol=1e-6)
+                if pad == 0:
+                    np.testing.assert_allclose(got, reduce_maps(drawn, red, model.head.topk), rtol=1e-6)
+                elif red == "max":  # the padded cells count: the score is at least the drawn map's peak
+                    assert np.all(got >= drawn.max(dim=1).values.numpy() - 1e-6)
