@@ -4,7 +4,7 @@
     python benchmarks/map_probes.py cutpaste-weights --bundle /tmp/bench/cutpaste-ae-mtd-heads/bundle \
         --split /tmp/bench/mtd/split
     python benchmarks/map_probes.py ae-error --bundle /tmp/bench/cpae-mtd-aeseed/bundle --split /tmp/bench/cpae-mtd-aeseed/split
-    python benchmarks/map_probes.py edge --bundle /tmp/s19/mtd/bundle --split /tmp/s19/mtd/split
+    python benchmarks/map_probes.py edge --bundle /tmp/s21/mtd/bundle --split /tmp/s21/mtd/split
 
 reductions: the bundle's maps (ONNX Runtime) on its label-free validation set (the held-out good
 images named in its manifest + the synthetic defects `inspectd train` makes from them) and on the
@@ -263,7 +263,8 @@ def edge(args: argparse.Namespace) -> None:
         scores = {}
         for rule in (False, True):
             model.head.score_before_shift = rule
-            scores[rule] = np.array([model(torch.from_numpy(_disc(im, cy, cx, r))[None])[0].item() for im in held_out])
+            scores[rule] = np.array([model(torch.from_numpy(_disc(im, cy, cx, r))[None])[0].item()
+                                     for im in held_out])
         if name == "centre":
             centre = scores[True].mean()
         # coverage: what the disc adds to the product's score here, as a share of what it adds at the centre

@@ -5,7 +5,8 @@
       -> float, grey replicated to 3 channels, backbone normalisation      (InputAdapter)
       -> the method's per-position maps (methods/<name>.py)
       -> each map standardised, upsampled, averaged, stitched, smoothed    (MapHead)
-      -> image score = mean, top-k mean or max of the map
+      -> image score = mean, top-k mean or max of the map; then the map is drawn where its cells
+         look (the shift), which moves border cells partly out of the frame: hence score first
 
 Every constant lives in the graph, so the exported ONNX model needs nothing but the uint8 image.
 build_from_bundle rebuilds any bundle's engine in PyTorch (the torch backend) through its method.

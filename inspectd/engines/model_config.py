@@ -139,7 +139,8 @@ class ModelConfig:
         if self.fused_stride not in (8, 16, 32):
             raise ValueError(f"fused_stride {self.fused_stride}: choose 8, 16 or 32")
         if self.edge_pad not in (0, 32, 64) or self.edge_pad >= min(self.image_height, self.image_width):
-            raise ValueError(f"edge_pad {self.edge_pad}: 0, 32 or 64 input pixels, less than the input's short side")
+            raise ValueError(f"edge_pad {self.edge_pad}: 0, 32 or 64 input pixels, less than the input's "
+                             f"short side")
         if self.edge_pad and tiled:
             raise ValueError(f"edge_pad {self.edge_pad}: only for untiled engines (tiles 1x1); neighbouring "
                              f"tiles already overlap")

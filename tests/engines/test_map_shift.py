@@ -155,7 +155,8 @@ def test_bundles_written_before_score_their_shifted_map_as_their_graphs_do() -> 
     source[0, 0, 0] = 10.0
     score, amap = MapHead(old, 1)([source])
     torch.testing.assert_close(score, amap.flatten(1).max(dim=1).values)  # the cropped map's maximum
-    assert score.item() < MapHead(ModelConfig.from_dict({**old.to_dict(), "score_before_shift": True}), 1)([source])[0].item()
+    new = ModelConfig.from_dict({**old.to_dict(), "score_before_shift": True})
+    assert score.item() < MapHead(new, 1)([source])[0].item()
 
 
 def test_the_exported_engine_scores_a_corner_defect_as_it_does_unshifted(tiny_bundle, tmp_path) -> None:
