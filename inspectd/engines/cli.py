@@ -15,8 +15,8 @@ from inspectd.errors import ConfigError, DataError
 _DEFAULT = ModelConfig()  # the one source of the engine's defaults
 # Train flags only some methods use (each method's train_flags says which); the rest apply to all.
 METHOD_SPECIFIC_FLAGS = ("augment", "views", "steps", "members", "hidden_ratio", "components", "positional",
-                         "edge_pad", "fusion",
-                         "kernel_size", "score_term", "reduction", "backbone", "weights", "taps")
+                         "edge_pad", "fusion", "kernel_size", "score_term", "reduction", "backbone", "weights",
+                         "taps")
 
 
 def _positive_int(text: str) -> int:

@@ -131,8 +131,9 @@ class MapHead(nn.Module):
             out = part if out is None else out + part
         return out * self.inv_count
 
-    def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """maps: per source (N*T, h, w) at any resolution."""
+    def stitched(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """maps: per source (N*T, h, w) at any resolution -> standardised, upsampled, averaged and
+        stitched (N, 1, H, W); past the frame's bottom and right edges by the padded sources, if any."""
         acc = None
         size = (self.tile_map[0] + self.pad, self.tile_map[1] + self.pad)
         for i, source in enumerate(maps):
@@ -140,16 +141,22 @@ class MapHead(nn.Module):
             if tuple(m.shape[-2:]) != size:
                 m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
             acc = m if acc is None else acc + m
-        stitched = self.stitch((acc / len(maps))[:, 0])[:, None]
-        if self.score_before_shift:
-            # Every cell at its full value, the padded ones too (they look inside the frame); the map is
-            # then drawn where the cells look and cut back to the frame.
-            amap = self.smooth(stitched)
-            h, w = self.tile_map if self.pad else amap.shape[-2:]
-            return self.reduce(amap[:, 0]), shift_map(amap, self.shift)[:, 0, :h, :w]
-        # Bundles before: the score of the shifted map (they have no padded sources).
-        amap = self.smooth(shift_map(stitched, self.shift))[:, 0]
-        return self.reduce(amap), amap
+        return self.stitch((acc / len(maps))[:, 0])[:, None]
+
+    def scored_map(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """What the image score reduces (ModelConfig.score_before_shift): the smoothed stitched map
+        before it is drawn where its cells look, every cell at its full value, the padded ones too
+        (they look inside the frame). (N, 1, H, W)."""
+        return self.smooth(self.stitched(maps))
+
+    def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """maps: per source (N*T, h, w) at any resolution -> (image score, the frame's map)."""
+        if not self.score_before_shift:  # bundles before: the score of the shifted map (no padded sources)
+            amap = self.smooth(shift_map(self.stitched(maps), self.shift))[:, 0]
+            return self.reduce(amap), amap
+        amap = self.scored_map(maps)
+        h, w = self.frame_map  # the drawn map, cut back to the frame
+        return self.reduce(amap[:, 0]), shift_map(amap, self.shift)[:, 0, :h, :w]
 
     def smooth(self, amap: torch.Tensor) -> torch.Tensor:
         r = self.kernel.numel() // 2
@@ -159,12 +166,13 @@ class MapHead(nn.Module):
             amap = F.conv2d(amap, self.kernel.view(1, 1, -1, 1))
         return amap
 
-    def reduce(self, amap: torch.Tensor) -> torch.Tensor:
-        """(N, H, W) maps -> image scores by the configured reduction."""
+    def reduce(self, amap: torch.Tensor, reduction: str | None = None) -> torch.Tensor:
+        """(N, H, W) maps -> image scores by `reduction` (default: the configured one)."""
+        reduction = reduction or self.reduction
         flat = amap.flatten(1)
-        if self.reduction == "topk":
+        if reduction == "topk":
             return flat.topk(self.topk, dim=1).values.mean(dim=1)
-        if self.reduction == "mean":
+        if reduction == "mean":
             return flat.mean(dim=1)
         return flat.max(dim=1).values
 

@@ -259,18 +259,14 @@ def _fit_candidate(cfg: "TrainConfig", cache: list[torch.Tensor], train_imgs: Se
 @torch.no_grad()
 def _validation_scores(model: FlowModel, cache: list[torch.Tensor], n_tiles: int, reductions: Sequence[str],
                        device: torch.device, batch: int = 16) -> dict[str, np.ndarray]:
-    """The engine's image score of every validation image under each reduction, as its head takes
-    it (every cell, before the map shift: more than the map it draws when ModelConfig.edge_pad)."""
+    """The engine's image score of every validation image under each reduction, reduced from what its
+    head scores (MapHead.scored_map: every cell, before the map shift; more than the map it draws
+    when ModelConfig.edge_pad)."""
     scores: dict[str, list[np.ndarray]] = {red: [] for red in reductions}
-    kept = model.head.reduction
-    try:
-        for i in range(0, cache[0].shape[0], batch * n_tiles):
-            maps = model.nll_maps([c[i:i + batch * n_tiles].to(device).float() for c in cache])
-            for red in reductions:
-                model.head.reduction = red
-                scores[red].append(model.head(maps)[0].cpu().numpy())
-    finally:
-        model.head.reduction = kept
+    for i in range(0, cache[0].shape[0], batch * n_tiles):
+        amap = model.head.scored_map(model.nll_maps([c[i:i + batch * n_tiles].to(device).float() for c in cache]))
+        for red in reductions:
+            scores[red].append(model.head.reduce(amap[:, 0], red).cpu().numpy())
     return {red: np.concatenate(parts) for red, parts in scores.items()}
 
 
