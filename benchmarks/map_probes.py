@@ -247,18 +247,18 @@ def edge(args: argparse.Namespace) -> None:
               "bottom": (h - 1 - r, w // 2), "bottom-right": (h - 1 - r, w - 1 - r)}
     print(f"{args.bundle}: map shift {list(model.config.map_shift)} map px, reduction {model.config.reduction}, "
           f"{len(held_out)} held-out good images, disc radius {r} px")
-    good = {}
-    for rule in (False, True):
-        model.head.score_before_shift = rule
-        good[rule] = np.mean([model(torch.from_numpy(im)[None])[0].item() for im in held_out])
-    print(f"{'no disc':13s} shifted map {good[False]:8.3f}  before the shift {good[True]:8.3f}")
-    # Both rules on the label-free validation set (held-out good + synthetic defects made from them).
+    # Both rules on the label-free validation set (held-out good first, then the synthetic defects
+    # made from them); the held-out good images' mean score is the "no disc" row.
     val = images["val_good"] + images["val_bad"]
+    good, aurocs = {}, {}
     for rule in (False, True):
         model.head.score_before_shift = rule
         v = np.array([model(torch.from_numpy(im)[None])[0].item() for im in val])
-        print(f"validation AUROC, score {'before the shift' if rule else 'of the shifted map'}: "
-              f"{_auroc(v[:len(held_out)], v[len(held_out):]):.4f}")
+        good[rule] = v[:len(held_out)].mean()
+        aurocs[rule] = _auroc(v[:len(held_out)], v[len(held_out):])
+    print(f"{'no disc':13s} shifted map {good[False]:8.3f}  before the shift {good[True]:8.3f}")
+    for rule in (False, True):
+        print(f"validation AUROC, score {'before the shift' if rule else 'of the shifted map'}: {aurocs[rule]:.4f}")
     for name, (cy, cx) in places.items():
         scores = {}
         for rule in (False, True):

@@ -26,10 +26,7 @@ def _corner_shares(model: FlowModel, cell: int) -> tuple[float, float]:
     """How much of what fused cell (cell, cell) sees comes from the frame's top-left and its bottom-right
     16 x 16 px corner: their shares of |d cell / d frame pixel|."""
     frame = (torch.rand(4, SIZE, SIZE, 1, generator=torch.Generator().manual_seed(0)) * 255).requires_grad_(True)
-    x = model.adapter.scale * frame.permute(0, 3, 1, 2).expand(-1, 3, -1, -1) + model.adapter.offset
-    p = model.config.edge_pad
-    x = torch.nn.functional.pad(x, (0, p, 0, p), mode="reflect") if p else x
-    features = model.embed(model.backbone(x))[0][:, :, cell, cell]
+    features = model.embed(model.features(frame))[0][:, :, cell, cell]  # the engine's own input path
     (g,) = torch.autograd.grad(features.abs().sum(), frame)
     w = g.abs().sum(dim=(0, 3))
     return float(w[:16, :16].sum() / w.sum()), float(w[-16:, -16:].sum() / w.sum())
