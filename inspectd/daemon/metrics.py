@@ -16,10 +16,11 @@ from socketserver import ThreadingMixIn
 from typing import Any, Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, ProcessCollector, make_wsgi_app
 
 from inspectd.client import LINE_STATES
 from inspectd.daemon.live import BIND_HOST_KEY, LOCAL_ADDRESS_KEY
+from inspectd.engines.runtime.onnxruntime_backend import usable_cpus
 from inspectd.errors import InspectdError
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,13 @@ class Metrics:
                                        "Verdicts/heatmaps the publisher did not send (a seq gap for subscribers)",
                                        ["line", "topic", "reason"], registry=r)
         self.up = Gauge("inspectd_up", "1 while the daemon runs", registry=r)
+        # The daemon's CPU (process_cpu_seconds_total, with its memory and file descriptors) against
+        # the CPUs it may use: an engine's latency hides what a part costs the box, and a line that
+        # needs half of it loses parts as soon as anything else runs (benchmarks/RESULTS.md §29).
+        ProcessCollector(registry=r)
+        self.usable_cpus = Gauge("inspectd_usable_cpus", "CPUs this process may run on (its affinity mask)",
+                                 registry=r)
+        self.usable_cpus.set_function(usable_cpus)
         # Recipes, shadow bundles, audit (daemon/recipes.py, daemon/shadow.py, daemon/audit.py).
         self.recipe_info = Gauge("inspectd_recipe_info", "Active recipe of the line (value 1)", ["line", "recipe"],
                                  registry=r)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -19,6 +21,7 @@ CONTRACT_METRICS = [
     "inspectd_engine_info", "inspectd_last_frame_timestamp_seconds", "inspectd_backend_fallbacks",
     "inspectd_engine_errors", "inspectd_archive_enabled", "inspectd_archive_errors", "inspectd_score_drift",
     "inspectd_queue_depth", "inspectd_up", "inspectd_latency_budget_seconds", "inspectd_line_state",
+    "inspectd_usable_cpus", "process_cpu_seconds",
 ]
 
 
@@ -92,6 +95,34 @@ def test_values_move_between_scrapes(served):
     assert after[("inspectd_end_to_end_seconds_bucket", (("le", "0.01"), ("line", "line1")))] == 0
     assert after[("inspectd_anomaly_score_count", (("line", "line1"),))] == 2
 
+
+
+def test_the_daemons_cpu_time_and_usable_cpus_are_scraped(served):
+    """What InspectdCpuHeadroomLow divides: the process's CPU seconds grow with the work it does,
+    and the usable CPUs follow its affinity mask (taskset, CPUAffinity=) at each scrape."""
+    m, server = served
+    before = scrape(server.url)
+    end = time.process_time() + 0.3
+    while time.process_time() < end:   # 0.3 s of this process's CPU
+        pass
+    after = scrape(server.url)
+    cpu = ("process_cpu_seconds_total", ())
+    assert after[cpu] - before[cpu] >= 0.25
+    usable = ("inspectd_usable_cpus", ())
+    assert after[usable] == len(os.sched_getaffinity(0))
+    everything = os.sched_getaffinity(0)
+
+    def pin(cpus: set[int]) -> None:   # every thread of the process, as taskset -p -a does
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except ProcessLookupError:   # a thread that ended since the listing
+                pass
+    try:
+        pin({min(everything)})
+        assert scrape(server.url)[usable] == 1
+    finally:
+        pin(everything)
 
 def test_engine_info_keeps_one_series_per_line(served):
     m, server = served

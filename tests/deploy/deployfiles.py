@@ -24,7 +24,8 @@ DASHBOARD = DEPLOY / "grafana" / "inspectd-dashboard.json"
 # is exported since issue 11). Keep it empty: an alert on a metric nobody exports never fires.
 PROPOSED_METRICS: frozenset[str] = frozenset()
 
-_METRIC_RE = re.compile(r"\binspectd_[a-z0-9_]+\b")
+# The daemon's own metrics and the process metrics its registry exports (process_cpu_seconds_total).
+_METRIC_RE = re.compile(r"\b(?:inspectd|process)_[a-z0-9_]+\b")
 
 
 def load_dashboard() -> dict[str, Any]:
@@ -81,7 +82,7 @@ def alert_names() -> list[str]:
 
 
 def metric_names(expr: str) -> set[str]:
-    """inspectd_* metric names used in a PromQL expression."""
+    """inspectd_* and process_* metric names used in a PromQL expression."""
     return set(_METRIC_RE.findall(expr))
 
 

@@ -9,9 +9,10 @@ import re
 from tests.deploy.deployfiles import (PROPOSED_METRICS, dashboard_queries, exported_metric_names,
                                       iter_panels, load_dashboard, metric_names, substitute)
 
-_SELECTOR_RE = re.compile(r"\b(inspectd_[a-z0-9_]+)(\{[^}]*\})?")
-# Series without a line label.
-_NO_LINE_LABEL = {"inspectd_up", "inspectd_interpreter_stall_seconds_bucket"}
+_SELECTOR_RE = re.compile(r"\b((?:inspectd|process)_[a-z0-9_]+)(\{[^}]*\})?")
+# Series without a line label (the daemon's, not a line's).
+_NO_LINE_LABEL = {"inspectd_up", "inspectd_interpreter_stall_seconds_bucket", "inspectd_usable_cpus",
+                  "process_cpu_seconds_total"}
 
 
 def test_dashboard_structure() -> None:

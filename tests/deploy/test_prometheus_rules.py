@@ -89,6 +89,8 @@ MUTATIONS = [
     # Waking late by more than 50 ms instead of 10: the stalls of a blocking GenTL wait go unseen.
     ('inspectd_interpreter_stall_seconds_bucket{le="0.01"}', 'inspectd_interpreter_stall_seconds_bucket{le="0.05"}',
      "InspectdInterpreterStalls"),
+    # Against all of the box's CPUs instead of half: a line at 1.2 of 2 CPUs goes unseen (§29).
+    ("(0.5 * inspectd_usable_cpus)", "(1.0 * inspectd_usable_cpus)", "InspectdCpuHeadroomLow"),
     ('reason="camera_skipped"}[5m])) > 0\n            and on (job, box, instance, line) (inspectd_source_triggered == 1)',
      'reason="camera_skipped"}[5m])) > 0', "InspectdPartsSkippedByCamera"),
 ]
