@@ -5,6 +5,7 @@
         --split /tmp/bench/mtd/split
     python benchmarks/map_probes.py ae-error --bundle /tmp/bench/cpae-mtd-aeseed/bundle --split /tmp/bench/cpae-mtd-aeseed/split
     python benchmarks/map_probes.py edge --bundle /tmp/s21/mtd/bundle --split /tmp/s21/mtd/split
+    python benchmarks/map_probes.py positions --bundle /tmp/s22/mtd/bundle --split /tmp/s22/mtd/split
 
 reductions: the bundle's maps (ONNX Runtime) on its label-free validation set (the held-out good
 images named in its manifest + the synthetic defects `inspectd train` makes from them) and on the
@@ -27,6 +28,12 @@ bundle's engine (PyTorch, its weights) with the image score taken from the shift
 before RESULTS.md §28) and from the map before the shift (the product since); coverage = what the
 disc adds to the latter score at that place, as a share of what it adds at the centre. Also both
 rules' AUROC on the bundle's label-free validation set.
+positions: is the flow's map stationary? The map the engine's image score reduces (MapHead.scored_map:
+every cell, before the shift) on the bundle's training images (never the held-out ones): its mean and
+standard deviation per map position, border rows and columns against the interior; where the
+held-out good images' maxima fall; and the bundle's reduction on maps standardised per position by
+those training statistics (mean only, and mean and std), against the maps as shipped, on the
+label-free validation set and the test split (the test reported only).
 """
 
 from __future__ import annotations
@@ -274,9 +281,56 @@ def edge(args: argparse.Namespace) -> None:
               f"coverage {(scores[True].mean() - good[True]) / (centre - good[True]):.3f}")
 
 
+def _scored_maps(model: torch.nn.Module, images: list[np.ndarray], batch: int = 8) -> np.ndarray:
+    """(N, H, W) maps that the engine's image score reduces (MapHead.scored_map), by a hook on its head."""
+    got: list[np.ndarray] = []
+    hook = model.head.register_forward_hook(
+        lambda head, inputs, output: got.append(head.scored_map(inputs[0])[:, 0].numpy()))
+    try:
+        with torch.no_grad():
+            for part in batches(len(images), batch):
+                model(torch.from_numpy(np.stack(images[part])))
+    finally:
+        hook.remove()
+    return np.concatenate(got)
+
+
+def positions(args: argparse.Namespace) -> None:
+    bundle = load_bundle(args.bundle)
+    model = build_from_bundle(bundle).eval()
+    spec = bundle.input_spec
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    hold = set(manifest["training"]["holdout_names"])
+    train = [prepare(read_image(p, spec.color_mode), spec) for p in list_images(args.split / "train_good")
+             if p.name not in hold]
+    images, kinds, _ = _images(args.bundle, args.split)
+    fit = _scored_maps(model, train)
+    mean, std = fit.mean(0), fit.std(0, ddof=1)
+    h, w = mean.shape
+    border = np.zeros((h, w), bool)
+    border[[0, -1], :] = True
+    border[:, [0, -1]] = True
+    print(f"{args.bundle}: {len(train)} training images (held-out excluded), map {h}x{w}, "
+          f"reduction {model.config.reduction}")
+    print(f"per-position mean: interior {mean[~border].mean():.3f} (sd over positions {mean[~border].std():.3f}), "
+          f"border {mean[border].mean():.3f}; rows top..bottom " + " ".join(f"{v:.2f}" for v in mean.mean(1)))
+    print(f"per-position std:  interior {std[~border].mean():.3f}, border {std[border].mean():.3f}; "
+          f"cols left..right " + " ".join(f"{v:.2f}" for v in std.mean(0)))
+    maps = {k: _scored_maps(model, images[k]) for k in SETS}
+    peaks = maps["val_good"].reshape(len(maps["val_good"]), -1).argmax(1)
+    on_border = border.reshape(-1)[peaks].mean()
+    print(f"held-out good images' maxima on the border: {on_border:.2f} of them (border is {border.mean():.2f} "
+          f"of the map)")
+    variants = {"as shipped": lambda m: m, "per-position mean": lambda m: m - mean,
+                "per-position z": lambda m: (m - mean) / std}
+    for name, f in variants.items():
+        red = {k: model.head.reduce(torch.from_numpy(f(maps[k])).float()).numpy() for k in SETS}
+        _report(name, red, kinds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", choices=["reductions", "cutpaste-weights", "ae-error", "edge"])
+    ap.add_argument("probe", choices=["reductions", "cutpaste-weights", "ae-error", "edge", "positions"])
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--split", type=Path, required=True, help="folder with train_good/, test_good/, test_bad/ [, masks/]")
     ap.add_argument("--margin", type=int, default=48, help="input px kept clear of the defect (reductions)")
@@ -284,7 +338,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"reductions": reductions, "cutpaste-weights": cutpaste_weights, "ae-error": ae_error,
-     "edge": edge}[args.probe](args)
+     "edge": edge, "positions": positions}[args.probe](args)
 
 
 if __name__ == "__main__":
