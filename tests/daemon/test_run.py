@@ -269,10 +269,11 @@ def test_end_to_end_on_the_gentl_simulator_camera(tmp_path: Path, request: pytes
             assert scraped[f'inspectd_camera_connected{{line="{name}"}}'] == 1
             assert counted >= len(verdicts)
         # The stall watch runs: at 100 wake-ups a second, hundreds over the seconds above; and no C call
-        # keeps the GIL while it waits (§20: most wake-ups were late; 0.1 % are on this machine, §29).
+        # keeps the GIL while it waits (§20: most wake-ups were late; 0.1 % are on this machine, §29;
+        # the InspectdInterpreterStalls alert's 5 % is the line drawn here too).
         wakeups = scraped["inspectd_interpreter_stall_seconds_count"]
         late = wakeups - scraped['inspectd_interpreter_stall_seconds_bucket{le="0.01"}']
-        assert wakeups > 100 and late <= 0.02 * wakeups, (late, wakeups)
+        assert wakeups > 100 and late <= 0.05 * wakeups, (late, wakeups)
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(timeout=5.0) == 0
     finally:
