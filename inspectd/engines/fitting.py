@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from inspectd.engines.export import OPSET
+from inspectd.engines.model import reduce_flat
 from inspectd.errors import DataError
 from inspectd.progress import Progress
 
@@ -159,12 +160,8 @@ def score_images(model: torch.nn.Module, images: Sequence[np.ndarray], device: t
 
 
 def reduce_maps(maps: torch.Tensor, reduction: str, k: int) -> np.ndarray:
-    """(N, P) flattened maps -> image scores by the head's reduction."""
-    if reduction == "mean":
-        return maps.mean(1).numpy()
-    if reduction == "max":
-        return maps.max(1).values.numpy()
-    return maps.topk(k, dim=1).values.mean(1).numpy()
+    """(N, P) flattened maps -> image scores by the head's reduction (model.reduce_flat)."""
+    return reduce_flat(maps, reduction, k).numpy()
 
 
 def validation_auroc(scores: np.ndarray, n_good: int) -> float:

@@ -168,13 +168,17 @@ class MapHead(nn.Module):
 
     def reduce(self, amap: torch.Tensor, reduction: str | None = None) -> torch.Tensor:
         """(N, H, W) maps -> image scores by `reduction` (default: the configured one)."""
-        reduction = reduction or self.reduction
-        flat = amap.flatten(1)
-        if reduction == "topk":
-            return flat.topk(self.topk, dim=1).values.mean(dim=1)
-        if reduction == "mean":
-            return flat.mean(dim=1)
-        return flat.max(dim=1).values
+        return reduce_flat(amap.flatten(1), reduction or self.reduction, self.topk)
+
+
+def reduce_flat(flat: torch.Tensor, reduction: str, k: int) -> torch.Tensor:
+    """(N, P) flattened maps -> image scores: the mean of the top `k` values ("topk"), the mean or the
+    max. The engine's head and label-free selection reduce with this one rule."""
+    if reduction == "topk":
+        return flat.topk(k, dim=1).values.mean(dim=1)
+    if reduction == "mean":
+        return flat.mean(dim=1)
+    return flat.max(dim=1).values
 
 
 def map_heads(model: nn.Module) -> dict[str, MapHead]:
