@@ -6,9 +6,12 @@ Split (declared, seed 0): 56 defective images to train, drawn across the five de
 proportion to their sizes (largest remainder), the rest of the defective images to test; good
 images as for every MTD benchmark (split_train_good.txt to train, of which `inspectd train` holds
 10 % out; the other good images to test). Each placement is `inspectd train --method classifier
---bad <the 56>` with the same number of gradient steps: A trains `--epochs-a` passes over the good
-set; B and C (one pasted copy per image, `pastes=1`, so a set twice as large) half as many. Generated
-textures are the backgrounds (MTD has no background folder).
+--bad <the 56> --option placement=<P>` with the product's defaults for everything else (epochs,
+pastes: B and C train on their larger pasted sets for the same number of passes, so more steps, as
+the paper's larger sets B and C did). `--equal-steps N` is the earlier study's setting instead: A
+trains N passes, B and C (one pasted copy per image, `pastes=1`, a set twice as large) N // 2, so
+every placement takes the same number of gradient steps. Generated textures are the backgrounds
+(MTD has no background folder).
 
 Reported per placement, scored through ONNX Runtime (the deployed graph):
   - threshold: the 99th percentile of the held-out good images' scores (manifest good_quantiles)
@@ -242,7 +245,9 @@ def main() -> None:
     ap.add_argument("--placements", default="A,B,C")
     ap.add_argument("--defects", type=int, default=56)
     ap.add_argument("--image-size", default="256")
-    ap.add_argument("--epochs-a", type=int, default=4, help="passes for A; B and C get half (same steps)")
+    ap.add_argument("--equal-steps", type=int, default=0, metavar="N",
+                    help="the earlier study: A trains N passes, B and C N // 2 with pastes=1 (the same "
+                         "gradient steps); default 0: every placement at the product's defaults")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shift-seed", type=int, default=1301, help="the shifted test set's draws (declared)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -258,13 +263,17 @@ def main() -> None:
           f"{len(test_bad)} defects + {len(test_good)} good to test", file=sys.stderr)
     rows = []
     for placement in [p.strip().upper() for p in args.placements.split(",") if p.strip()]:
-        epochs = args.epochs_a if placement == "A" else max(1, args.epochs_a // 2)
+        if args.equal_steps:
+            epochs = args.equal_steps if placement == "A" else max(1, args.equal_steps // 2)
+            study = ["--option", f"epochs={epochs}", "--option", "pastes=1"]
+        else:
+            epochs, study = None, []  # the product's own (ClassifierOptions)
         out = args.out / f"bundle-{placement}"
         t0 = time.monotonic()
         code = inspectd_main(["train", "--method", "classifier", "--good", str(dirs["train_good"]),
                               "--bad", str(bad_dir), "--out", str(out), "--image-size", args.image_size, "--seed", str(args.seed), "--force",
-                              "--option", f"placement={placement}", "--option", f"epochs={epochs}",
-                              "--option", "pastes=1", *[a for o in args.option for a in ("--option", o)]])
+                              "--option", f"placement={placement}", *study,
+                              *[a for o in args.option for a in ("--option", o)]])
         if code != 0:
             raise SystemExit(f"training {placement} failed ({code})")
         train_s = time.monotonic() - t0
@@ -290,7 +299,9 @@ def main() -> None:
             return None if m is None else m > 127
 
         shifted = evaluate(sess, bundle, thr, s_good, s_bad, shifted_mask)
-        row = {"placement": placement, "epochs": epochs, "train_s": round(train_s, 1),
+        row = {"placement": placement, "epochs": epochs or bundle.manifest.method.options.get("epochs"),
+               "pastes": bundle.manifest.method.options.get("pastes"),
+               "equal_steps": args.equal_steps, "train_s": round(train_s, 1),
                "eval_s": round(time.monotonic() - t1, 1),
                "threshold_p99_holdout_good": round(thr, 4),
                "original": original, "shifted": shifted,
@@ -299,7 +310,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     name = "results-" + "".join(r["placement"] for r in rows) + ".json"
     (args.out / name).write_text(json.dumps({"rows": rows, "defects": args.defects, "seed": args.seed,
-                                             "options": args.option,
+                                             "options": args.option, "equal_steps": args.equal_steps,
                                              "shift_seed": args.shift_seed, "image_size": args.image_size,
                                              "host": platform.node()}, indent=2))
 

@@ -6,6 +6,7 @@
     python benchmarks/map_probes.py ae-error --bundle /tmp/bench/cpae-mtd-aeseed/bundle --split /tmp/bench/cpae-mtd-aeseed/split
     python benchmarks/map_probes.py edge --bundle /tmp/s21/mtd/bundle --split /tmp/s21/mtd/split
     python benchmarks/map_probes.py positions --bundle /tmp/s22/mtd/bundle --split /tmp/s22/mtd/split
+    python benchmarks/map_probes.py score-term --bundle /tmp/s22/mtd/bundle --split /tmp/s22/mtd/split
 
 reductions: the bundle's maps (ONNX Runtime) on its label-free validation set (the held-out good
 images named in its manifest + the synthetic defects `inspectd train` makes from them) and on the
@@ -34,12 +35,18 @@ standard deviation per map position, border rows and columns against the interio
 held-out good images' maxima fall; and the bundle's reduction on maps standardised per position by
 those training statistics (mean only, and mean and std), against the maps as shipped, on the
 label-free validation set and the test split (the test reported only).
+score-term: a flow bundle's own trained members scored by each per-position term (ModelConfig.score_term:
+"z2" = 0.5|z|^2, what the product ships, and "nll" = 0.5|z|^2 - log|det J|, the density the flows
+were trained to fit), each reduced by mean / top-k / max, on the label-free validation set and the
+test split (the test reported only). The head's standardisation is one offset and scale per
+source, so an AUROC does not depend on it and the bundle's own is kept for both terms.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -328,9 +335,22 @@ def positions(args: argparse.Namespace) -> None:
         _report(name, red, kinds)
 
 
+def score_term(args: argparse.Namespace) -> None:
+    bundle = load_bundle(args.bundle)
+    model = build_from_bundle(bundle).eval()
+    images, kinds, _ = _images(args.bundle, args.split)
+    print(f"{args.bundle}: shipped score_term {model.config.score_term}, reduction {model.config.reduction}")
+    for term in ("z2", "nll"):
+        model.config = replace(model.config, score_term=term)
+        maps = {k: torch.from_numpy(_scored_maps(model, images[k])).float() for k in SETS}
+        for r in ("mean", "topk", "max"):
+            _report(f"{term}, {r}", {k: model.head.reduce(maps[k], r).numpy() for k in SETS}, kinds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", choices=["reductions", "cutpaste-weights", "ae-error", "edge", "positions"])
+    ap.add_argument("probe", choices=["reductions", "cutpaste-weights", "ae-error", "edge", "positions",
+                                           "score-term"])
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--split", type=Path, required=True, help="folder with train_good/, test_good/, test_bad/ [, masks/]")
     ap.add_argument("--margin", type=int, default=48, help="input px kept clear of the defect (reductions)")
@@ -338,7 +358,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"reductions": reductions, "cutpaste-weights": cutpaste_weights, "ae-error": ae_error,
-     "edge": edge, "positions": positions}[args.probe](args)
+     "edge": edge, "positions": positions, "score-term": score_term}[args.probe](args)
 
 
 if __name__ == "__main__":
