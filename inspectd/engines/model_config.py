@@ -41,6 +41,10 @@ class ModelConfig:
     fusion: str = "fused"
     fused_stride: int = 32
     neighbourhood: int = 1          # k x k average of each tap before fusion (local context)
+    # How a finer tap reaches the fused grid: "avg" pools each block to its mean; "avgmax" adds the
+    # block's maximum as further channels (a defect smaller than the block is averaged away by the
+    # mean but keeps its strongest response in the max).
+    pool: str = "avg"
     positional: int = 0             # sinusoidal position channels given to every subnet (0: none)
     # Input pixels of mirrored image added below and right of the frame before the backbone (the
     # flow; untiled engines). A stride-2 layer centres its output j on input pixel 2j, so cell i of a
@@ -144,6 +148,8 @@ class ModelConfig:
         if self.edge_pad and tiled:
             raise ValueError(f"edge_pad {self.edge_pad}: only for untiled engines (tiles 1x1); neighbouring "
                              f"tiles already overlap")
+        if self.pool not in ("avg", "avgmax"):
+            raise ValueError(f"pool must be 'avg' or 'avgmax', not {self.pool!r}")
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
             raise ValueError(f"neighbourhood {self.neighbourhood}: an odd size >= 1")
         for name, shift in [("map_shift", self.map_shift)] + [(f"head_shifts.{k}", v) for k, v in self.head_shifts.items()]:

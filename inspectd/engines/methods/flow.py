@@ -62,6 +62,9 @@ class FlowModel(nn.Module):
             self.grids = [(th // s, tw // s) for s in backbone.tap_strides]
         else:
             channels = [sum(backbone.tap_channels)]
+            if config.pool == "avgmax":  # the block maxima of every tap finer than the fused grid
+                channels = [channels[0] + sum(c for c, s in zip(backbone.tap_channels, backbone.tap_strides)
+                                              if s < config.fused_stride)]
             self.grids = [(th // config.fused_stride, tw // config.fused_stride)]
         # The flow models each embedding's top principal components (a fixed 1x1 projection fitted
         # on the training positions): the directions good parts vary least in are left out, where
@@ -101,7 +104,10 @@ class FlowModel(nn.Module):
             feats = [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
         if self.config.fusion == "separate":
             return feats
-        return [torch.cat([resample_grid(f, self.grids[0]) for f in feats], dim=1)]
+        fused = [resample_grid(f, self.grids[0]) for f in feats]
+        if self.config.pool == "avgmax":
+            fused += [block_max(f, self.grids[0]) for f in feats if f.shape[-2] > self.grids[0][0]]
+        return [torch.cat(fused, dim=1)]
 
     def cond(self, i: int, n: int) -> torch.Tensor | None:
         pe = getattr(self, f"pos{i}")
@@ -138,6 +144,14 @@ class FlowModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.nll_maps(self.embed(self.features(images))))
+
+
+def block_max(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A finer feature map (N, C, h, w) onto the coarser grid `size` by each block's maximum."""
+    h, w = int(f.shape[-2]), int(f.shape[-1])
+    if h % size[0] or w % size[1]:
+        raise ValueError(f"pool avgmax: a {h}x{w} tap does not divide onto the {size[0]}x{size[1]} grid")
+    return F.max_pool2d(f, kernel_size=(h // size[0], w // size[1]))
 
 
 def build_model(config: ModelConfig, weights: str | None = None) -> FlowModel:
