@@ -104,6 +104,7 @@ class FlowInfo(_Strict):
     components: int = 0  # principal components the flow models (0: every channel; older bundles)
     members: int = 1     # flows averaged per embedding (1: older bundles)
     edge_pad: int = 0    # input px mirrored below and right of the frame (ModelConfig.edge_pad; 0: older bundles)
+    pool: str = "avg"    # how finer taps reach the fused grid (ModelConfig.pool; avg: older bundles)
 
 
 class MethodInfo(_Strict):

@@ -15,7 +15,7 @@ from inspectd.errors import ConfigError, DataError
 _DEFAULT = ModelConfig()  # the one source of the engine's defaults
 # Train flags only some methods use (each method's train_flags says which); the rest apply to all.
 METHOD_SPECIFIC_FLAGS = ("augment", "views", "steps", "members", "hidden_ratio", "components", "positional",
-                         "edge_pad", "fusion", "kernel_size", "score_term", "reduction", "backbone", "weights",
+                         "edge_pad", "pool", "fusion", "kernel_size", "score_term", "reduction", "backbone", "weights",
                          "taps")
 
 
@@ -97,6 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edge-pad", type=int, choices=[0, 32, 64], default=_DEFAULT.edge_pad,
                    help="input px of the frame mirrored below and right of it, so that cells look at "
                         "its last rows and columns (untiled engines; default %(default)s)")
+    p.add_argument("--pool", choices=["avg", "avgmax"], default=_DEFAULT.pool,
+                   help="how finer taps reach the fused grid: each block's mean, or its mean and its maximum "
+                        "(default %(default)s)")
     p.add_argument("--fusion", choices=["fused", "separate"], default=_DEFAULT.fusion,
                    help=f"fused: taps resampled to one grid (stride {_DEFAULT.fused_stride}) and modelled jointly "
                         "(default); separate: one flow per tap")
@@ -257,7 +260,7 @@ def _train(args: argparse.Namespace) -> int:
                             tiles=tiles, tile_overlap=args.tile_overlap, color_mode=color, steps=args.steps,
                             hidden_ratio=args.hidden_ratio, members=args.members, components=args.components,
                             seed=args.seed, positional=args.positional, edge_pad=args.edge_pad,
-                            fusion=args.fusion,
+                            fusion=args.fusion, pool=args.pool,
                             kernel_size=args.kernel_size, score_term=args.score_term,
                             reduction=args.reduction or "mean")
     try:

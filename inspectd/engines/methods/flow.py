@@ -349,8 +349,8 @@ class FlowOptions:
 class FlowMethod(MethodBase):
     name = "flow"
     train_flags = frozenset({"augment", "views", "steps", "members", "hidden_ratio", "components", "positional",
-                             "edge_pad", "fusion", "kernel_size", "score_term", "reduction", "backbone", "weights",
-                             "taps"})
+                             "edge_pad", "pool", "fusion", "kernel_size", "score_term", "reduction", "backbone",
+                             "weights", "taps"})
     summary = "EfficientNet features + normalizing flow (paper 000)"
     options_cls = FlowOptions
     default_epochs = 20
@@ -362,7 +362,7 @@ class FlowMethod(MethodBase):
             "steps": mc.steps, "hidden_ratio": mc.hidden_ratio, "kernel_size": mc.kernel_size, "clamp": mc.clamp,
             "fusion": mc.fusion if mc.fusion == "separate" else f"fused at stride {mc.fused_stride}",
             "components": mc.components, "members": mc.members, "edge_pad": mc.edge_pad,
-            "score_term": mc.score_term})
+            "pool": mc.pool, "score_term": mc.score_term})
 
     def build(self, model_config: ModelConfig, options: dict[str, Any]) -> nn.Module:
         return FlowModel(model_config, EfficientNetFeatures(model_config.backbone, model_config.taps))
